@@ -1,0 +1,133 @@
+"""Per-group geometry shared by every optimizer.
+
+A *grouping* says how a parameter splits into scale-invariant groups (SPEC §1):
+
+* ``"channel"``  -- each output channel / neuron is one group (BatchNorm, InstanceNorm);
+* ``"groups:G"`` -- G contiguous blocks of output channels (GroupNorm with G groups);
+* ``"tensor"``   -- the whole tensor is one group (LayerNorm over the features).
+
+A suffix ``"@1"`` (``"channel@1"``, ``"groups:G@1"``) marks weights whose output channels lie on
+dimension 1 (``ConvTranspose``).  :func:`rows` turns a parameter into a *view* whose first dimension
+indexes the groups; per-group scalars are kept with ``keepdim`` shape ``(R, 1, ..., 1)`` so they
+broadcast against that view.  Nothing here copies a parameter or synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_TINY = 1e-30
+
+
+def parse_grouping(grouping: str) -> tuple[str, int, int]:
+    """Split a grouping string into ``(kind, blocks, channel_dim)``; raise ``ValueError`` if bad."""
+    if not isinstance(grouping, str):
+        raise ValueError(f"grouping must be a string, got {grouping!r}")
+    body, _, dim = grouping.partition("@")
+    if dim not in ("", "1"):
+        raise ValueError(f"grouping {grouping!r}: only '@1' may follow the kind")
+    kind, _, count = body.partition(":")
+    if kind in ("channel", "tensor") and not count:
+        return kind, 0, int(dim or 0)
+    if kind == "groups" and count.isdigit() and int(count) > 0:
+        return kind, int(count), int(dim or 0)
+    raise ValueError(
+        f"invalid grouping {grouping!r}: expected 'channel', 'groups:G', 'tensor' (optionally '@1')"
+    )
+
+
+def rows(t: Tensor, grouping: str) -> Tensor:
+    """View of ``t`` with one group per index of dimension 0 (never a copy)."""
+    kind, blocks, dim = parse_grouping(grouping)
+    if kind == "tensor":
+        return t.unsqueeze(0)
+    if t.dim() <= dim:
+        raise ValueError(f"grouping {grouping!r} needs a tensor with more than {dim} dimensions")
+    v = t.transpose(0, dim) if dim else t
+    if kind == "groups":
+        if v.shape[0] % blocks:
+            raise ValueError(f"grouping {grouping!r}: {v.shape[0]} channels do not split into {blocks}")
+        v = v.unflatten(0, (blocks, -1))
+    return v if v.dim() > 1 else v.unsqueeze(1)
+
+
+def num_groups(t: Tensor, grouping: str) -> int:
+    return rows(t, grouping).shape[0]
+
+
+def _dims(v: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, v.dim()))
+
+
+def dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-group inner product ``<a_i, b_i>`` in keepdim shape."""
+    return torch.linalg.vecdot(a.flatten(1), b.flatten(1)).view(-1, *[1] * (a.dim() - 1))
+
+
+def sqnorm(a: Tensor) -> Tensor:
+    """Per-group squared norm ``‖a_i‖²`` in keepdim shape."""
+    return dot(a, a)
+
+
+def norm(a: Tensor) -> Tensor:
+    """Per-group norm ``‖a_i‖`` in keepdim shape."""
+    return torch.linalg.vector_norm(a, dim=_dims(a), keepdim=True)
+
+
+def group_size(v: Tensor) -> int:
+    """Number of entries ``d`` of one group of the view ``v``."""
+    return math.prod(v.shape[1:])
+
+
+def safe_inv(b: Tensor) -> Tensor:
+    """``1 / b`` where ``b > 0`` and 0 where ``b == 0``: zero groups never produce NaN."""
+    return torch.where(b > 0, b.clamp_min(_TINY).reciprocal(), torch.zeros_like(b))
+
+
+def normalize_(v: Tensor) -> Tensor:
+    """Scale every group of the view ``v`` to unit norm in place; zero groups stay zero."""
+    return v.mul_(safe_inv(norm(v)))
+
+
+def tangent(y: Tensor, g: Tensor) -> Tensor:
+    """``proj(y, g) = g − <y, g> y`` for unit rows ``y`` (new tensor)."""
+    return torch.addcmul(g, y, dot(y, g), value=-1.0)
+
+
+def sphere_exp(y: Tensor, h: Tensor) -> Tensor:
+    """Exponential map ``y cos‖h‖ + h sin‖h‖/‖h‖`` on the unit sphere (new tensor)."""
+    n = norm(h)
+    return torch.addcmul(y * torch.cos(n), h, torch.sinc(n / math.pi))
+
+
+def transport_self(y: Tensor, h: Tensor) -> Tensor:
+    """Parallel transport of ``h`` along the geodesic ``exp(y, t h)`` to ``t = 1``:
+    ``(u cos‖h‖ − y sin‖h‖)‖h‖`` with ``u = h/‖h‖`` (new tensor)."""
+    n = norm(h)
+    return torch.addcmul(h * torch.cos(n), y, -n * torch.sin(n))
+
+
+def transport(y: Tensor, h1: Tensor, h2: Tensor) -> Tensor:
+    """Transport of ``h1`` along ``exp(y, t h2)``:
+    ``h1 − <u, h1>(y sin‖h2‖ + u(1 − cos‖h2‖))`` with ``u = h2/‖h2‖`` (new tensor)."""
+    n = norm(h2)
+    c = dot(h2, h1)
+    sinc = torch.sinc(n / math.pi)
+    half = 0.5 * torch.sinc(n / (2 * math.pi)) ** 2  # (1 − cos n)/n²
+    out = torch.addcmul(h1, y, -c * sinc)
+    return out.addcmul_(h2, -c * half)
+
+
+def clip(h: Tensor, limit: float) -> Tensor:
+    """``h · min(1, limit/‖h‖)`` per group (new tensor)."""
+    return h * (limit / norm(h)).clamp_max(1.0)
+
+
+def rescale_transport(a: Tensor, x_old: Tensor, x_new: Tensor) -> Tensor:
+    """Roburin eq. (18): ``(<x_new, x_old> a − <x_new, a> x_old) / <x_new, x_new>`` (new tensor)."""
+    out = a * dot(x_new, x_old)
+    out.addcmul_(x_old, dot(x_new, a), value=-1.0)
+    return out.mul_(safe_inv(sqnorm(x_new)))

@@ -1,0 +1,125 @@
+"""Riemannian SGD and Adam on the sphere/Grassmann manifold: SGDG and AdamG (Cho & Lee, 2017)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import step_count
+from .geometry import (clip, normalize_, sphere_exp, sqnorm, tangent, transport,
+                       transport_self)
+from .sphere import _SphereOptimizer
+
+
+def _direction(group, w, g):
+    """``h = clip(proj(y, g + 2ω ∂/∂Y ½‖YYᵀ − I‖²_F), ν)`` for the rows ``y`` of one tensor."""
+    omega = group["ortho"]
+    if omega and w.shape[0] > 1:
+        y = w.flatten(1)
+        gram = y @ y.T
+        gram.diagonal().sub_(1.0)
+        g = g + (4.0 * omega) * (gram @ y).view_as(w)
+    return clip(tangent(w, g), group["clip"])
+
+
+class SGDG(_SphereOptimizer):
+    r"""SGD with momentum on the sphere, "SGDG" (Cho & Lee 2017; baseline in Yi).
+
+    Rows ``y`` are unit-normalised at their first step, then::
+
+        h  = clip(proj(y, g + 2ω ∂/∂Y ½‖YYᵀ−I‖²_F), ν)
+        m' = β m − η h;   y ← exp(y, m');   m ← pt(y, m')
+
+    ``ortho`` = ω is the orthogonality penalty among the rows of one tensor (not weight decay),
+    ``clip`` = ν the gradient clipping.  Non-invariant groups follow SGD with ``momentum``.
+    """
+
+    def __init__(self, params, lr: float = 0.2, momentum: float = 0.9, clip: float = 0.1,
+                 ortho: float = 0.1, weight_decay: float = 0.0, *, grouping=None,
+                 check_finite: bool = True, foreach=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, clip=clip, ortho=ortho,
+                                      weight_decay=weight_decay, grouping=grouping,
+                                      check_finite=check_finite, foreach=foreach))
+
+    def _init_state(self, group, w, state):
+        normalize_(w)
+        state["momentum_buffer"] = torch.zeros_like(w)
+
+    def _update_one(self, group, w, g, state):
+        m = state["momentum_buffer"]
+        m.mul_(group["momentum"]).add_(_direction(group, w, g), alpha=-group["lr"])
+        new = sphere_exp(w, m)
+        m.copy_(transport_self(w, m))
+        w.copy_(new)
+
+    def _update_many(self, group, ws, gs, states):
+        ms = [st["momentum_buffer"] for st in states]
+        torch._foreach_mul_(ms, group["momentum"])
+        torch._foreach_add_(ms, [_direction(group, w, g) for w, g in zip(ws, gs)],
+                            alpha=-group["lr"])
+        new = [sphere_exp(w, m) for w, m in zip(ws, ms)]
+        torch._foreach_copy_(ms, [transport_self(w, m) for w, m in zip(ws, ms)])
+        torch._foreach_copy_(ws, new)
+
+
+class AdamG(_SphereOptimizer):
+    r"""Adam on the sphere, "AdamG" (Cho & Lee 2017; baseline in Yi and Roburin).
+
+    With ``h`` as in :class:`SGDG` and one scalar second moment per row::
+
+        m' = β1 m + (1−β1) h;   v' = β2 v + (1−β2)‖h‖²
+        Δ  = −η √(1−β2^t)/(1−β1^t) · m'/√(v'+ε)
+        y ← exp(y, Δ);   m ← pt2(y, m', Δ);   v ← v'
+
+    Non-invariant groups follow Adam with their own ``lr``, ``betas``, ``eps``, ``weight_decay``.
+    """
+
+    counterpart = "adam"
+
+    def __init__(self, params, lr: float = 0.05, betas=(0.9, 0.99), eps: float = 1e-8,
+                 clip: float = 0.1, ortho: float = 0.1, weight_decay: float = 0.0, *,
+                 grouping=None, check_finite: bool = True, foreach=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, clip=clip, ortho=ortho,
+                                      weight_decay=weight_decay, grouping=grouping,
+                                      check_finite=check_finite, foreach=foreach))
+
+    def _init_state(self, group, w, state):
+        normalize_(w)
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(w)
+        state["exp_avg_sq"] = torch.zeros_like(sqnorm(w))
+
+    @staticmethod
+    def _scale(group, step) -> float:
+        beta1, beta2 = group["betas"]
+        t = float(step)  # a CPU scalar, as in torch.optim.Adam: no device synchronisation
+        return -group["lr"] * (1 - beta2**t) ** 0.5 / (1 - beta1**t)
+
+    def _update_one(self, group, w, g, state):
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        h = _direction(group, w, g)
+        m.lerp_(h, 1 - beta1)
+        v.mul_(beta2).add_(sqnorm(h), alpha=1 - beta2)
+        delta = m * (self._scale(group, state["step"]) * (v + group["eps"]).rsqrt())
+        new = sphere_exp(w, delta)
+        m.copy_(transport(w, m, delta))
+        w.copy_(new)
+
+    def _update_many(self, group, ws, gs, states):
+        beta1, beta2 = group["betas"]
+        steps = step_count(states)
+        ms = [st["exp_avg"] for st in states]
+        vs = [st["exp_avg_sq"] for st in states]
+        hs = [_direction(group, w, g) for w, g in zip(ws, gs)]
+        torch._foreach_lerp_(ms, hs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_add_(vs, [sqnorm(h) for h in hs], alpha=1 - beta2)
+        rs = torch._foreach_rsqrt(torch._foreach_add(vs, group["eps"]))
+        torch._foreach_mul_(rs, [self._scale(group, s) for s in steps])
+        deltas = torch._foreach_mul(ms, rs)
+        new = [sphere_exp(w, d) for w, d in zip(ws, deltas)]
+        torch._foreach_copy_(ms, [transport(w, m, d) for w, m, d in zip(ws, ms, deltas)])
+        torch._foreach_copy_(ws, new)
+
+
