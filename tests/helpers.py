@@ -1,0 +1,76 @@
+"""Tiny models and data shared by the tests."""
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import psiopt
+
+
+class RowNormLinear(nn.Module):
+    """Linear layer whose rows are normalised in forward: exactly scale-invariant per row."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin))
+
+    def forward(self, x):
+        return F.linear(x, self.weight / self.weight.norm(dim=1, keepdim=True))
+
+
+class ExactNet(nn.Module):
+    """x → tanh(RowNormLinear) → Linear: invariant ``hidden.weight`` rows, exact in float64."""
+
+    def __init__(self, cin=6, hidden=5, cout=3):
+        super().__init__()
+        self.hidden = RowNormLinear(cin, hidden)
+        self.out = nn.Linear(hidden, cout)
+
+    def forward(self, x):
+        return self.out(torch.tanh(2 * self.hidden(x)))
+
+
+def exact_setup(seed=0, n=64, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = ExactNet().to(dtype)
+    x = torch.randn(n, 6, dtype=dtype)
+    y = torch.randn(n, 3, dtype=dtype)
+    return model, x, y
+
+
+def exact_groups(model, **kw):
+    return psiopt.param_groups(model, mapping={"hidden.weight": "channel"}, **kw)
+
+
+def bn_net(seed=0, dtype=torch.float64):
+    """Small network with channel, groups and tensor groupings and non-invariant parameters."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, bias=False), nn.GroupNorm(4, 8), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 12, bias=False), nn.LayerNorm(12), nn.ReLU(),
+        nn.Linear(12, 3),
+    ).to(dtype)
+
+
+def bn_data(seed=1, n=32, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 8, 8, generator=g, dtype=dtype)
+    return x, (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()
+
+
+def train(model, opt, x, y, steps, loss=F.cross_entropy):
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        value = loss(model(x), y)
+        value.backward()
+        opt.step()
+        losses.append(value.item())
+    return losses
+
+
+def clone(model):
+    return copy.deepcopy(model)
