@@ -1,8 +1,14 @@
 """psiopt: optimizers that respect the scale symmetry of normalized neural networks."""
 
 from .base import ScaleInvariantOptimizer
-from .discovery import (GroupCheck, InvarianceReport, check_invariance, find_scale_invariant,
-                        param_groups, unit_normalize_)
+from .discovery import (
+                        GroupCheck,
+                        InvarianceReport,
+                        check_invariance,
+                        find_scale_invariant,
+                        param_groups,
+                        unit_normalize_,
+)
 from .grassmann import SGDG, AdamG
 from .quotient import PSISGD
 from .registry import REGISTRY, create_optimizer, list_optimizers

@@ -1,0 +1,195 @@
+"""torch.optim conventions, reference-vs-vectorized agreement, bad input, and training smoke tests."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import psiopt
+from helpers import bn_data, bn_net, train
+
+PSIOPT_CLASSES = [psiopt.PSISGD, psiopt.UnitNormSGD, psiopt.ProjectedSGD, psiopt.SGDG,
+                  psiopt.AdamG, psiopt.AdamS, psiopt.AdamSRT, psiopt.SGDMRT, psiopt.AdamGStar]
+EXTRA = {psiopt.PSISGD: {"momentum": 0.9}, psiopt.ProjectedSGD: {"momentum": 0.9}}
+
+
+def groups(model, x):
+    return psiopt.param_groups(model, x, lr=0.05, weight_decay=1e-3, invariant_lr=0.05)
+
+
+@pytest.mark.parametrize("cls", PSIOPT_CLASSES, ids=lambda c: c.__name__)
+def test_reference_and_vectorized_paths_agree_in_float64(cls):
+    x, y = bn_data()
+    models = [bn_net(), bn_net()]
+    opts = [cls(groups(m, x), foreach=f, **EXTRA.get(cls, {})) for m, f in zip(models, (False, True))]
+    for _ in range(15):
+        for m, opt in zip(models, opts):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+    worst = max((a - b).abs().max().item() / (a.abs().max().item() + 1e-30)
+                for a, b in zip(models[0].parameters(), models[1].parameters()))
+    assert worst <= 1e-12
+    assert not torch.equal(next(models[0].parameters()), next(bn_net().parameters()))
+
+
+def test_psi_coupled_l2_paths_agree():
+    x, y = bn_data()
+    models = [bn_net(), bn_net()]
+    opts = [psiopt.PSISGD(psiopt.param_groups(m, x, invariant_weight_decay=1e-2), lr=0.1,
+                          momentum=0.9, foreach=f) for m, f in zip(models, (False, True))]
+    for m, opt in zip(models, opts):
+        train(m, opt, x, y, 10)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", psiopt.list_optimizers())
+def test_state_dict_round_trip_continues_exactly(name):
+    x, y = bn_data()
+    model = bn_net()
+    opt = psiopt.create_optimizer(model, name, x)
+    train(model, opt, x, y, 5)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())
+    train(model, opt, x, y, 5)
+
+    other = bn_net(seed=7)
+    other_opt = psiopt.create_optimizer(other, name, x)
+    other.load_state_dict(saved_model)
+    other_opt.load_state_dict(saved_opt)
+    train(other, other_opt, x, y, 5)
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls", PSIOPT_CLASSES, ids=lambda c: c.__name__)
+def test_lr_scheduler_changes_the_step(cls):
+    x, y = bn_data()
+    a, b = bn_net(), bn_net()
+    opt_a = cls(groups(a, x))
+    sched = torch.optim.lr_scheduler.StepLR(opt_a, step_size=1, gamma=0.1)
+    train(a, opt_a, x, y, 1)
+    sched.step()
+    assert opt_a.param_groups[0]["lr"] == pytest.approx(0.005)
+    train(a, opt_a, x, y, 1)
+    opt_b = cls(groups(b, x))
+    train(b, opt_b, x, y, 1)
+    for group in opt_b.param_groups:
+        group["lr"] *= 0.1
+    train(b, opt_b, x, y, 1)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    c = bn_net()
+    opt_c = cls(groups(c, x))
+    train(c, opt_c, x, y, 2)
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+@pytest.mark.parametrize("cls", PSIOPT_CLASSES, ids=lambda c: c.__name__)
+def test_closure_and_parameters_without_grad(cls):
+    x, y = bn_data()
+    model = bn_net()
+    opt = cls(groups(model, x))
+    frozen = model[0].weight
+    before = frozen.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        frozen.grad = None
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+    assert torch.equal(frozen, before) and frozen not in opt.state
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"lr": -1.0}, "lr"), ({"momentum": 1.5}, "momentum"), ({"weight_decay": -1}, "weight_decay"),
+    ({"max_norm": 0.0}, "max_norm"), ({"grouping": "rows"}, "grouping"),
+])
+def test_invalid_hyperparameters_name_the_argument(kwargs, word):
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=word):
+        psiopt.PSISGD([{"params": [p], "grouping": "channel"}], **kwargs)
+
+
+@pytest.mark.parametrize("cls, kwargs, word", [
+    (psiopt.AdamS, {"betas": (1.0, 0.9)}, "betas"), (psiopt.AdamSRT, {"eps": -1.0}, "eps"),
+    (psiopt.SGDG, {"clip": 0.0}, "clip"), (psiopt.AdamG, {"ortho": -1.0}, "ortho"),
+    (psiopt.UnitNormSGD, {"weight_decay": 1e-4}, "weight_decay"),
+])
+def test_invalid_hyperparameters_other_classes(cls, kwargs, word):
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=word):
+        cls([{"params": [p], "grouping": "channel"}], **kwargs)
+
+
+def test_registry_errors():
+    model = bn_net()
+    x, _ = bn_data()
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        psiopt.create_optimizer(model, "sgdx", x)
+    with pytest.raises(ValueError, match="unknown hyperparameter"):
+        psiopt.create_optimizer(model, "psi-sgd", x, betas=(0.9, 0.9))
+
+
+def test_plain_parameters_warn():
+    with pytest.warns(UserWarning, match="grouping"):
+        psiopt.PSISGD(bn_net().parameters())
+
+
+@pytest.mark.parametrize("name", psiopt.list_optimizers())
+def test_every_registered_optimizer_lowers_the_loss(name):
+    x, y = bn_data(n=64, dtype=torch.float32)
+    model = bn_net(dtype=torch.float32)
+    opt = psiopt.create_optimizer(model, name, x)
+    losses = train(model, opt, x, y, 60)
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    # paper defaults, full batch: PSI-SGD at lr 1.0 oscillates here, so compare the best loss
+    # of the second half of training with the first loss
+    assert min(losses[30:]) < 0.8 * losses[0], losses[::10]
+
+
+@pytest.mark.parametrize("cls", PSIOPT_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("foreach", [False, True])
+def test_zero_rows_never_produce_nan(cls, foreach):
+    x, y = bn_data()
+    model = bn_net()
+    with torch.no_grad():
+        model[0].weight[2].zero_()
+        model[3].weight[:2].zero_()  # one whole GroupNorm group
+    opt = cls(groups(model, x), foreach=foreach)
+    train(model, opt, x, y, 5)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.count_nonzero(model[0].weight[2]) == 0 or cls is psiopt.ProjectedSGD
+
+
+@pytest.mark.parametrize("cls", PSIOPT_CLASSES, ids=lambda c: c.__name__)
+def test_non_finite_gradient_raises_and_updates_nothing(cls):
+    x, y = bn_data()
+    model = bn_net()
+    opt = cls(groups(model, x))
+    train(model, opt, x, y, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[3].weight.grad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="3.weight"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_sparse_and_complex_gradients_raise():
+    emb = torch.nn.Embedding(5, 3, sparse=True)
+    opt = psiopt.PSISGD([{"params": [emb.weight], "grouping": "channel"}])
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    z = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.complex64))
+    z.grad = torch.ones_like(z)
+    with pytest.raises(RuntimeError, match="complex"):
+        psiopt.AdamS([{"params": [z], "grouping": "channel"}]).step()
