@@ -1,0 +1,108 @@
+"""Diagnostics for scale-invariant groups: norms and effective learning rates (SPEC §2).
+
+Two effective learning rates per group, both from one optimizer step ``x_k → x_{k+1}``:
+
+* ``measured``: ``tan∠(x_k, x_{k+1}) / ‖∇L(u_k)‖`` with ``∇L(u_k) = r_k g_k`` — the step taken on
+  the unit sphere per unit of the current spherical gradient.  It is defined for every optimizer,
+  equals Arora's ``η/‖w‖²`` for plain SGD, ``η`` for PSI-SGD and UN, and is what the plots show.
+* ``theorem2``: Roburin Theorem 2 (eq. 11) for schemes ``x_{k+1} = x_k − η a ⊘ b`` (SGD, SGD-M,
+  SGD-MRT, Adam, Adam-S, Adam-SRT): ``η_e = η/(r² β) · (1 − <x_k − x_{k+1}, x_k>/r²)^(-1)`` with
+  ``β = d^{-1/2}‖b‖`` (1 for the SGD family).  This is Table 1 (e.g. ``η/r²`` for SGD,
+  ``η/(r²(1−ηλ))`` with L2), with ``<c, u>`` read off the step itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .geometry import dot, norm, rows, safe_inv, sqnorm
+from .transport import AdamS, AdamSRT, SGDMRT
+
+
+def invariant_parameters(optimizer) -> list[tuple[str, torch.Tensor, str]]:
+    """``(name, parameter, grouping)`` of every parameter in a group with a ``grouping``."""
+    out = []
+    for gi, group in enumerate(optimizer.param_groups):
+        if group.get("grouping"):
+            names = group.get("param_names") or [f"group{gi}.{j}" for j in range(len(group["params"]))]
+            out += [(n, p, group["grouping"]) for n, p in zip(names, group["params"])]
+    return out
+
+
+def measured_effective_lr(x_old, x_new, grad) -> torch.Tensor:
+    """Per-group ``tan∠(x_old, x_new) / (‖x_old‖ ‖g‖)`` for grouped views (flat result)."""
+    u_old, u_new = x_old * safe_inv(norm(x_old)), x_new * safe_inv(norm(x_new))
+    cos = dot(u_old, u_new)
+    tan = norm(u_new - cos * u_old) * safe_inv(cos)
+    return (tan * safe_inv(norm(x_old) * norm(grad))).flatten()
+
+
+def theorem2_effective_lr(x_old, x_new, lr: float, beta) -> torch.Tensor:
+    """Roburin eq. (11) with ``η<c,u>/(r²β) = <x_old − x_new, x_old>/r²`` (flat result)."""
+    r2 = sqnorm(x_old)
+    radial = dot(x_old - x_new, x_old) * safe_inv(r2)
+    return (lr * safe_inv(r2 * beta * (1 - radial))).flatten()
+
+
+def scheduling_beta(optimizer, p: torch.Tensor, view: torch.Tensor, grouping: str, before=None):
+    """``β = d^{-1/2}‖b‖`` per group after a step, or ``None`` if the optimizer is not of the form
+    ``x − η a ⊘ b``.  ``before`` is the grouped view of ``p`` before the step (for Adam-SRT)."""
+    state = optimizer.state.get(p, {})
+    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    if isinstance(optimizer, (torch.optim.SGD, SGDMRT)):
+        return torch.ones_like(sqnorm(view))
+    if isinstance(optimizer, AdamS):
+        t = float(state["step"])
+        v = state["exp_avg_sq"]
+        if isinstance(optimizer, AdamSRT):
+            v = v * sqnorm(view) * safe_inv(sqnorm(before))  # undo the rescaling after the step
+        return (v / (1 - group["betas"][1] ** t)).sqrt() + group["eps"]
+    if type(optimizer) is torch.optim.Adam:
+        t = float(state["step"])
+        b = (state["exp_avg_sq"] / (1 - group["betas"][1] ** t)).sqrt() + group["eps"]
+        b = rows(b, grouping)
+        return norm(b) / math.sqrt(b[0].numel())
+    return None
+
+
+class StepProbe:
+    """Wraps one optimizer step: call :meth:`before` just before ``step()`` and :meth:`after`
+    just after; returns per-layer summaries (mean row norm, median effective learning rates)."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.layers = invariant_parameters(optimizer)
+        self.saved = {}
+
+    def before(self) -> None:
+        self.saved = {name: (p.detach().clone(), p.grad.detach().clone())
+                      for name, p, _ in self.layers if p.grad is not None}
+
+    @torch.no_grad()
+    def after(self) -> dict[str, dict]:
+        out = {}
+        for name, p, grouping in self.layers:
+            if name not in self.saved:
+                continue
+            old, grad = (rows(t, grouping) for t in self.saved[name])
+            new = rows(p.detach(), grouping)
+            lr = next(g["lr"] for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
+            entry = {"norm": norm(old).mean().item(),
+                     "eff_lr": measured_effective_lr(old, new, grad).median().item()}
+            beta = scheduling_beta(self.optimizer, p, new, grouping, before=old)
+            if beta is not None:
+                entry["eff_lr_theorem2"] = theorem2_effective_lr(old, new, float(lr), beta).median().item()
+            out[name] = entry
+        self.saved = {}
+        return out
+
+
+def summarize(layers: dict[str, dict]) -> dict:
+    """Medians over layers of the per-layer summaries (for one number per epoch)."""
+    if not layers:
+        return {}
+    keys = {k for entry in layers.values() for k in entry}
+    return {k: float(torch.tensor([e[k] for e in layers.values() if k in e]).median())
+            for k in sorted(keys)}

@@ -1,0 +1,223 @@
+"""Training loop with diagnostics, run directories and exact resume.
+
+A run directory holds ``config.json`` (every setting and the environment), ``metrics.jsonl`` (one
+JSON object per epoch) and ``checkpoint.pt`` (written atomically each epoch: model, optimizer,
+scheduler, RNG state and metrics).  Shuffling and augmentation draw from a generator seeded by
+``(seed, epoch)``, so a resumed run gives exactly the metrics of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .data import batches, load_dataset
+from .diagnostics import StepProbe, invariant_parameters, summarize
+from .geometry import rows
+from .models import create_model, glorot_
+from .registry import create_optimizer
+
+INITS = ("default", "glorot", "unbalanced")
+
+
+@dataclass
+class RunConfig:
+    """Every setting of one training run (what ``psiopt train`` takes)."""
+
+    dataset: str = "synthetic"
+    model: str = "mlp-bn"
+    optimizer: str = "sgd"
+    epochs: int = 1
+    batch_size: int = 128
+    seed: int = 0
+    subset: int | None = None
+    hyper: dict = field(default_factory=dict)  # optimizer keywords (lr, invariant_lr, ...)
+    milestones: list = field(default_factory=list)  # epochs at which lr is multiplied by gamma
+    gamma: float = 0.1
+    init: str = "default"
+    model_kwargs: dict = field(default_factory=dict)
+    data_dir: str | None = None
+    threads: int | None = None
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < (0 if name == "epochs" else 1):
+                raise ValueError(f"invalid {name}: {getattr(self, name)}")
+        if self.init not in INITS:
+            raise ValueError(f"unknown init {self.init!r}; choose from {', '.join(INITS)}")
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"psiopt": __version__, "git_commit": commit, "torch": torch.__version__,
+            "python": sys.version.split()[0], "machine": platform.platform(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+
+
+def initialise(model: nn.Module, how: str, groups: list[dict]) -> None:
+    """``glorot``: Glorot-uniform weights (Arora App. D); ``unbalanced``: Yi Fig. 1, the first
+    half of the rows of every invariant weight ×1e4, the second half ×1e-4."""
+    if how == "glorot":
+        glorot_(model)
+    elif how == "unbalanced":
+        with torch.no_grad():
+            for group in groups:
+                for p in group["params"] if group.get("grouping") else []:
+                    v = rows(p, group["grouping"])
+                    half = max(v.shape[0] // 2, 1)
+                    v[:half].mul_(1e4)
+                    v[half:].mul_(1e-4)
+
+
+def _loss(out, y, regression: bool):
+    return F.mse_loss(out, y) if regression else F.cross_entropy(out, y)
+
+
+@torch.no_grad()
+def evaluate(model, x, y, regression: bool, batch_size: int = 1024) -> tuple[float, float | None]:
+    model.eval()
+    loss, correct = torch.zeros(()), torch.zeros(())
+    for xb, yb in batches(x, y, batch_size):
+        out = model(xb)
+        loss += _loss(out, yb, regression) * len(xb)
+        if not regression:
+            correct += (out.argmax(1) == yb).sum()
+    model.train()
+    return loss.item() / len(x), None if regression else correct.item() / len(x)
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, unit="batch",
+                disable=not sys.stderr.isatty() if enabled is None else not enabled)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_metrics(path: Path, metrics: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    os.replace(tmp, path)
+
+
+def build(config: RunConfig):
+    """Dataset, model, optimizer and scheduler for ``config`` (seeded)."""
+    config.validate()
+    torch.manual_seed(config.seed)
+    data = load_dataset(config.dataset, config.data_dir, config.subset, seed=config.seed)
+    model = create_model(config.model, in_channels=data.in_channels,
+                         num_classes=data.num_classes or 1, image_size=data.image_size,
+                         **config.model_kwargs)
+    if config.init == "glorot":
+        initialise(model, "glorot", [])
+    optimizer = create_optimizer(model, config.optimizer, data.train_x[:16], **config.hyper)
+    if config.init == "unbalanced":
+        initialise(model, "unbalanced", optimizer.param_groups)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones),
+                                                     config.gamma)
+    return data, model, optimizer, scheduler
+
+
+def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
+          progress: bool | None = None, log=print) -> list[dict]:
+    """Train per ``config``, writing the run directory ``out_dir``; return the metrics."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(out_dir)
+    ckpt_path = out / "checkpoint.pt"
+    if out.exists() and (out / "metrics.jsonl").exists() and not resume:
+        raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
+    data, model, optimizer, scheduler = build(config)
+    metrics, start = [], 0
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+        metrics, start = ckpt["metrics"], ckpt["epoch"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**asdict(config), "environment": environment()},
+                                                indent=2))
+    _write_metrics(out / "metrics.jsonl", metrics)
+    regression = data.task == "regression"
+    probe = StepProbe(optimizer)
+    n_batches = -(-len(data.train_x) // config.batch_size)
+    for epoch in range(start, config.epochs):
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        loss_sum, correct, grad_sq, seen = torch.zeros(()), torch.zeros(()), torch.zeros(()), 0
+        layers: dict = {}
+        started = time.perf_counter()
+        bar = _progress(n_batches, f"{config.optimizer} epoch {epoch + 1}/{config.epochs}", progress)
+        for i, (xb, yb) in enumerate(batches(data.train_x, data.train_y, config.batch_size, gen,
+                                             augment=data.augment)):
+            out_b = model(xb)
+            loss = _loss(out_b, yb, regression)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grad_sq += torch.stack(torch._foreach_norm(grads)).square().sum()
+            last = i == n_batches - 1
+            if last:
+                probe.before()
+            optimizer.step()
+            if last:
+                layers = probe.after()
+            with torch.no_grad():
+                loss_sum += loss.detach() * len(xb)
+                if not regression:
+                    correct += (out_b.argmax(1) == yb).sum()
+            seen += len(xb)
+            if bar.n % 20 == 0 or last:
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(loss=f"{loss.item():.3f}", samples_per_s=f"{seen / elapsed:.0f}")
+            bar.update()
+        bar.close()
+        scheduler.step()
+        seconds = time.perf_counter() - started
+        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, regression)
+        record = {
+            "epoch": epoch + 1, "train_loss": loss_sum.item() / seen,
+            "train_acc": None if regression else correct.item() / seen,
+            "test_loss": test_loss, "test_acc": test_acc, "seconds": seconds,
+            "samples_per_s": seen / seconds, "grad_norm": (grad_sq.item() / n_batches) ** 0.5,
+            "lr": optimizer.param_groups[0]["lr"], **summarize(layers), "layers": layers,
+        }
+        metrics.append(record)
+        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                      "epoch": epoch + 1, "metrics": metrics}, ckpt_path)
+        _write_metrics(out / "metrics.jsonl", metrics)
+        acc = "" if regression else f" test acc {test_acc:.4f}"
+        log(f"[{config.optimizer} seed {config.seed}] epoch {epoch + 1}/{config.epochs}: "
+            f"train loss {record['train_loss']:.4f} test loss {test_loss:.4f}{acc} "
+            f"({seconds:.1f} s)")
+    return metrics
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+__all__ = ["RunConfig", "train", "build", "evaluate", "read_metrics", "invariant_parameters"]
