@@ -16,8 +16,15 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q
 
+DEMO_OPTIMIZERS := sgd,adam,sgdg,psi-sgd,psi-sgdm,un-sgd,adamsrt
+FASHION := /usr/share/datasets/fashion-mnist
+
 demo: $(STAMP)
-	$(PY) -m psiopt.demo
+	@test -d $(FASHION) || { if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get install -y -q dataset-fashion-mnist; \
+	  fi; } || echo "could not install dataset-fashion-mnist; the demo falls back to synthetic data"
+	$(VENV)/bin/psiopt compare --dataset fashion-mnist --fallback-dataset synthetic --model mlp-bn \
+	  --optimizers $(DEMO_OPTIMIZERS) --seeds 1 --epochs 20 --milestones 10,15 --out runs/demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

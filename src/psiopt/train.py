@@ -53,7 +53,7 @@ class RunConfig:
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < (0 if name == "epochs" else 1):
-                raise ValueError(f"invalid {name}: {getattr(self, name)}")
+                raise ValueError(f"invalid {name}: {getattr(self, name)} (must be at least {0 if name == 'epochs' else 1})")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; choose from {', '.join(INITS)}")
 

@@ -1,0 +1,204 @@
+"""The ``psiopt`` command line: list, train, compare, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .data import DATASETS, DataError, is_available
+from .models import list_models
+from .recipes import RECIPES
+from .registry import REGISTRY, list_optimizers
+from .train import INITS, RunConfig, train
+
+
+class UsageError(Exception):
+    """A user error: reported as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _choice(kind: str, value: str, valid) -> str:
+    if value not in valid:
+        raise UsageError(f"unknown {kind} {value!r}; choose from {', '.join(valid)}")
+    return value
+
+
+def _number(text: str):
+    parts = [float(p) for p in text.split(",")]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _hyper(args) -> dict:
+    hyper = {}
+    for key in ("lr", "invariant_lr", "weight_decay", "invariant_weight_decay", "momentum"):
+        if getattr(args, key) is not None:
+            hyper[key] = getattr(args, key)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set takes key=value, got {item!r}")
+        try:
+            hyper[key.replace("-", "_")] = _number(value)
+        except ValueError:
+            raise UsageError(f"--set {key}: {value!r} is not a number") from None
+    return hyper
+
+
+def _milestones(text: str | None) -> list[int]:
+    try:
+        return [int(m) for m in text.split(",")] if text else []
+    except ValueError:
+        raise UsageError(f"--milestones takes epochs like 60,120,160, got {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--model", default="mlp-bn")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--subset", type=int, default=None, help="train on the first N samples")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--fallback-dataset", default=None,
+                   help="dataset to use when --dataset is not installed")
+    p.add_argument("--lr", type=float, help="learning rate of every group")
+    p.add_argument("--invariant-lr", type=float, help="learning rate of invariant groups only")
+    p.add_argument("--weight-decay", type=float, help="L2 on non-invariant parameters")
+    p.add_argument("--invariant-weight-decay", type=float, help="L2 on invariant parameters")
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other optimizer hyperparameter, e.g. --set betas=0.9,0.99")
+    p.add_argument("--milestones", default=None, help="epochs where lr is multiplied by --gamma")
+    p.add_argument("--gamma", type=float, default=None)
+    p.add_argument("--init", default=None, help=f"one of {', '.join(INITS)}")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def parser() -> Parser:
+    top = Parser(prog="psiopt", description="Scale-invariant optimizers: train and compare.")
+    sub = top.add_subparsers(dest="command", parser_class=Parser)
+    ls = sub.add_parser("list", help="optimizers, models, datasets, recipes")
+    ls.add_argument("--data-dir", default=None)
+    t = sub.add_parser("train", help="train one model with one optimizer")
+    _common(t)
+    t.add_argument("--optimizer", default="sgd")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true")
+    c = sub.add_parser("compare", help="train every optimizer × seed, then write a report")
+    _common(c)
+    c.add_argument("--optimizers", default=None)
+    c.add_argument("--seeds", type=int, default=1)
+    c.add_argument("--recipe", default=None, help=f"one of {', '.join(RECIPES)}")
+    c.add_argument("--budget", default="small", help="recipe budget: small or full")
+    r = sub.add_parser("report", help="regenerate summary.md and plots of a run directory")
+    r.add_argument("directory")
+    return top
+
+
+def cmd_list(data_dir=None) -> None:
+    print("optimizers:")
+    for name, spec in REGISTRY.items():
+        print(f"  {name:12s} {spec.paper}")
+    print("models:\n  " + ", ".join(list_models()))
+    print("datasets:")
+    for name in DATASETS:
+        print(f"  {name:15s} {'present' if is_available(name, data_dir) else 'not found'}")
+    print("recipes (psiopt compare --recipe NAME [--budget small|full]):")
+    for name, recipe in RECIPES.items():
+        print(f"  {name:22s} {recipe['claim']}")
+
+
+def _dataset(args) -> str:
+    _choice("dataset", args.dataset, DATASETS)
+    if not is_available(args.dataset, args.data_dir):
+        if args.fallback_dataset:
+            _choice("dataset", args.fallback_dataset, DATASETS)
+            print(f"psiopt: {args.dataset} not found; using {args.fallback_dataset} instead "
+                  "(for Fashion-MNIST: apt-get install dataset-fashion-mnist)", file=sys.stderr)
+            return args.fallback_dataset
+    return args.dataset
+
+
+def _config(args, optimizer: str, seed: int) -> RunConfig:
+    return RunConfig(dataset=_dataset(args), model=_choice("model", args.model, list_models()),
+                     optimizer=optimizer, epochs=args.epochs if args.epochs is not None else 1,
+                     batch_size=args.batch_size or 128, seed=seed, subset=args.subset,
+                     hyper=_hyper(args), milestones=_milestones(args.milestones),
+                     gamma=args.gamma if args.gamma is not None else 0.1,
+                     init=_choice("init", args.init or "default", INITS),
+                     data_dir=args.data_dir, threads=args.threads)
+
+
+def cmd_train(args) -> None:
+    config = _config(args, _choice("optimizer", args.optimizer, list_optimizers()), args.seed)
+    out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.optimizer}-s{args.seed}")
+    metrics = train(config, out, resume=args.resume, progress=False if args.no_progress else None)
+    print(f"run directory: {out} ({len(metrics)} epochs)")
+
+
+def _apply_recipe(args) -> None:
+    recipe = RECIPES[_choice("recipe", args.recipe, list(RECIPES))]
+    preset = recipe[_choice("budget", args.budget, ["small", "full"])]
+    defaults = parser()._subparsers._group_actions[0].choices["compare"].parse_args([])
+    for key, value in preset.items():
+        if getattr(args, key) == getattr(defaults, key):
+            setattr(args, key, value)
+    print(f"recipe {args.recipe} ({args.budget}): {recipe['claim']}")
+
+
+def cmd_compare(args) -> None:
+    if args.recipe:
+        _apply_recipe(args)
+    if not args.optimizers:
+        raise UsageError("--optimizers is required (or --recipe)")
+    names = [_choice("optimizer", n.strip(), list_optimizers()) for n in args.optimizers.split(",")]
+    if args.seeds < 1:
+        raise UsageError(f"invalid --seeds: {args.seeds} (must be at least 1)")
+    configs = [_config(args, name, seed) for name in names for seed in range(args.seeds)]
+    out = Path(args.out or f"runs/compare-{configs[0].dataset}-{configs[0].model}")
+    for config in configs:
+        config.validate()
+    for config in configs:
+        train(config, out / config.optimizer / f"seed{config.seed}", resume=True,
+              progress=False if args.no_progress else None)
+    _report(out)
+
+
+def _report(directory) -> None:
+    from .report import write_report
+
+    summary, plots, table = write_report(directory)
+    print(table)
+    print(f"summary: {summary}")
+    for path in plots:
+        print(f"plot: {path}")
+
+
+def main(argv=None) -> int:
+    try:
+        args = parser().parse_args(argv)
+        if args.command == "list":
+            cmd_list(args.data_dir)
+        elif args.command == "train":
+            cmd_train(args)
+        elif args.command == "compare":
+            cmd_compare(args)
+        elif args.command == "report":
+            _report(args.directory)
+        else:
+            parser().print_help()
+            return 2
+    except (UsageError, ValueError, DataError, FileExistsError) as e:
+        print(f"psiopt: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
