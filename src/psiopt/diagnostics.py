@@ -18,7 +18,7 @@ import math
 import torch
 
 from .geometry import dot, norm, rows, safe_inv, sqnorm
-from .transport import AdamS, AdamSRT, SGDMRT
+from .transport import SGDMRT, AdamS, AdamSRT
 
 
 def invariant_parameters(optimizer) -> list[tuple[str, torch.Tensor, str]]:

@@ -30,40 +30,49 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summary_table(runs: dict[str, list[list[dict]]]) -> str:
-    """Markdown table sorted by final test accuracy (test loss for regression)."""
-    regression = next(iter(runs.values()))[0][-1]["test_acc"] is None
+    """Markdown table sorted by final test accuracy (test loss for regression); runs that
+    diverged are listed last with the epoch at which they stopped."""
+    regression = all(e.get("test_acc") is None for seeds in runs.values() for m in seeds for e in m)
+    key, scale = ("test_loss", 1) if regression else ("test_acc", 100)
     rows = []
     for name, seeds in runs.items():
-        final = [m[-1]["test_loss" if regression else "test_acc"] for m in seeds]
-        best = [min(e["test_loss"] for e in m) if regression else max(e["test_acc"] for e in m)
-                for m in seeds]
-        train_loss = _mean_std([m[-1]["train_loss"] for m in seeds])[0]
+        finals = [m[-1][key] for m in seeds]
+        ok = [f for f in finals if f is not None]
+        values = [e[key] for m in seeds for e in m if e.get(key) is not None]
+        best = (min(values) if regression else max(values)) if values else None
+        losses = [m[-1]["train_loss"] for m in seeds if m[-1]["train_loss"] is not None]
         seconds = _mean_std([e["seconds"] for m in seeds for e in m])[0]
-        rows.append((name, _mean_std(final), max(best) if not regression else min(best),
-                     train_loss, seconds, len(seeds), len(seeds[0])))
-    rows.sort(key=lambda r: r[1][0], reverse=not regression)
-    scale = 1 if regression else 100
+        diverged = [m[-1]["epoch"] for m in seeds if m[-1].get("diverged")]
+        rows.append((name, _mean_std(ok) if ok else None, best, losses, seconds, len(seeds),
+                     max(len(m) for m in seeds), diverged))
+    worst = math.inf if regression else -math.inf
+    rows.sort(key=lambda r: (r[1][0] if r[1] else worst) * (1 if regression else -1))
     what = "test loss" if regression else "test acc (%)"
     lines = [f"| optimizer | final {what} | best {what} | final train loss | s/epoch | seeds | epochs |",
              "|---|---|---|---|---|---|---|"]
-    for name, (mean, std), best, train_loss, seconds, n_seeds, epochs in rows:
-        lines.append(f"| {name} | {mean * scale:.2f} ± {std * scale:.2f} | {best * scale:.2f} | "
-                     f"{train_loss:.4f} | {seconds:.2f} | {n_seeds} | {epochs} |")
+    for name, stats, best, losses, seconds, n_seeds, epochs, diverged in rows:
+        final = f"{stats[0] * scale:.2f} ± {stats[1] * scale:.2f}" if stats else "—"
+        if diverged:
+            final += f" (diverged: {len(diverged)} run(s), epoch {min(diverged)})"
+        best_text = f"{best * scale:.2f}" if best is not None else "—"
+        loss_text = f"{_mean_std(losses)[0]:.4f}" if losses else "—"
+        lines.append(f"| {name} | {final} | {best_text} | {loss_text} | {seconds:.2f} | {n_seeds} "
+                     f"| {epochs} |")
     return "\n".join(lines)
 
 
 def _band(ax, seeds: list[list[dict]], key: str, label: str) -> bool:
-    series = [[e.get(key) for e in m] for m in seeds]
-    n = min(len(s) for s in series)
-    cols = [[s[i] for s in series if s[i] is not None] for i in range(n)]
-    if not all(cols):
+    n = max(len(m) for m in seeds)
+    cols = [[m[i].get(key) for m in seeds if i < len(m) and m[i].get(key) is not None]
+            for i in range(n)]
+    points = [(i + 1, _mean_std(c)) for i, c in enumerate(cols) if c]
+    if not points:
         return False
-    stats = [_mean_std(c) for c in cols]
-    epochs = list(range(1, n + 1))
-    mean = [m for m, _ in stats]
+    epochs = [e for e, _ in points]
+    mean = [m for _, (m, _) in points]
     line = ax.plot(epochs, mean, label=label, marker="o" if n < 15 else None)[0]
     if len(seeds) > 1:
-        ax.fill_between(epochs, [m - s for m, s in stats], [m + s for m, s in stats],
+        ax.fill_between(epochs, [m - s for _, (m, s) in points], [m + s for _, (m, s) in points],
                         color=line.get_color(), alpha=0.2)
     return True
 
@@ -75,7 +84,7 @@ def plot(runs: dict[str, list[list[dict]]], out_dir: str | Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    regression = next(iter(runs.values()))[0][-1]["test_acc"] is None
+    regression = all(e.get("test_acc") is None for seeds in runs.values() for m in seeds for e in m)
     specs = [("test_loss" if regression else "test_acc", "test loss" if regression else
               "test accuracy", regression),
              ("train_loss", "train loss", True),

@@ -9,6 +9,7 @@ scheduler, RNG state and metrics).  Shuffling and augmentation draw from a gener
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -53,7 +54,8 @@ class RunConfig:
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < (0 if name == "epochs" else 1):
-                raise ValueError(f"invalid {name}: {getattr(self, name)} (must be at least {0 if name == 'epochs' else 1})")
+                least = 0 if name == "epochs" else 1
+                raise ValueError(f"invalid {name}: {getattr(self, name)} (must be at least {least})")
         if self.init not in INITS:
             raise ValueError(f"unknown init {self.init!r}; choose from {', '.join(INITS)}")
 
@@ -162,57 +164,76 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
     _write_metrics(out / "metrics.jsonl", metrics)
     regression = data.task == "regression"
     probe = StepProbe(optimizer)
-    n_batches = -(-len(data.train_x) // config.batch_size)
     for epoch in range(start, config.epochs):
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        loss_sum, correct, grad_sq, seen = torch.zeros(()), torch.zeros(()), torch.zeros(()), 0
-        layers: dict = {}
+        if metrics and metrics[-1].get("diverged"):
+            break
         started = time.perf_counter()
-        bar = _progress(n_batches, f"{config.optimizer} epoch {epoch + 1}/{config.epochs}", progress)
-        for i, (xb, yb) in enumerate(batches(data.train_x, data.train_y, config.batch_size, gen,
-                                             augment=data.augment)):
-            out_b = model(xb)
-            loss = _loss(out_b, yb, regression)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grad_sq += torch.stack(torch._foreach_norm(grads)).square().sum()
-            last = i == n_batches - 1
-            if last:
-                probe.before()
-            optimizer.step()
-            if last:
-                layers = probe.after()
-            with torch.no_grad():
-                loss_sum += loss.detach() * len(xb)
-                if not regression:
-                    correct += (out_b.argmax(1) == yb).sum()
-            seen += len(xb)
-            if bar.n % 20 == 0 or last:
-                elapsed = time.perf_counter() - started
-                bar.set_postfix(loss=f"{loss.item():.3f}", samples_per_s=f"{seen / elapsed:.0f}")
-            bar.update()
-        bar.close()
+        try:
+            record = _epoch(config, data, model, optimizer, probe, epoch, progress)
+        except FloatingPointError as e:  # raised by psiopt optimizers on a non-finite gradient
+            record = {"train_loss": None, "train_acc": None, "error": str(e)}
         scheduler.step()
         seconds = time.perf_counter() - started
-        test_loss, test_acc = evaluate(model, data.test_x, data.test_y, regression)
-        record = {
-            "epoch": epoch + 1, "train_loss": loss_sum.item() / seen,
-            "train_acc": None if regression else correct.item() / seen,
-            "test_loss": test_loss, "test_acc": test_acc, "seconds": seconds,
-            "samples_per_s": seen / seconds, "grad_norm": (grad_sq.item() / n_batches) ** 0.5,
-            "lr": optimizer.param_groups[0]["lr"], **summarize(layers), "layers": layers,
-        }
+        diverged = record["train_loss"] is None or not math.isfinite(record["train_loss"])
+        if diverged:
+            record.update(test_loss=None, test_acc=None, diverged=True)
+        else:
+            record["test_loss"], record["test_acc"] = evaluate(model, data.test_x, data.test_y,
+                                                               regression)
+        record = {"epoch": epoch + 1, **record, "seconds": seconds,
+                  "lr": optimizer.param_groups[0]["lr"]}
         metrics.append(record)
         _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                       "epoch": epoch + 1, "metrics": metrics}, ckpt_path)
         _write_metrics(out / "metrics.jsonl", metrics)
-        acc = "" if regression else f" test acc {test_acc:.4f}"
-        log(f"[{config.optimizer} seed {config.seed}] epoch {epoch + 1}/{config.epochs}: "
-            f"train loss {record['train_loss']:.4f} test loss {test_loss:.4f}{acc} "
-            f"({seconds:.1f} s)")
+        head = f"[{config.optimizer} seed {config.seed}] epoch {epoch + 1}/{config.epochs}:"
+        if diverged:
+            log(f"{head} diverged (non-finite loss or gradient); training of this run stops")
+            continue
+        acc = "" if regression else f" test acc {record['test_acc']:.4f}"
+        log(f"{head} train loss {record['train_loss']:.4f} test loss {record['test_loss']:.4f}"
+            f"{acc} ({seconds:.1f} s)")
     return metrics
+
+
+def _epoch(config, data, model, optimizer, probe, epoch, progress) -> dict:
+    """One pass over the training set; returns the epoch's training metrics."""
+    regression = data.task == "regression"
+    gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    loss_sum, correct, grad_sq, seen = torch.zeros(()), torch.zeros(()), torch.zeros(()), 0
+    n_batches = -(-len(data.train_x) // config.batch_size)
+    layers: dict = {}
+    started = time.perf_counter()
+    bar = _progress(n_batches, f"{config.optimizer} epoch {epoch + 1}/{config.epochs}", progress)
+    for i, (xb, yb) in enumerate(batches(data.train_x, data.train_y, config.batch_size, gen,
+                                         augment=data.augment)):
+        out = model(xb)
+        loss = _loss(out, yb, regression)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grad_sq += torch.stack(torch._foreach_norm(grads)).square().sum()
+        last = i == n_batches - 1
+        if last:
+            probe.before()
+        optimizer.step()
+        if last:
+            layers = probe.after()
+        with torch.no_grad():
+            loss_sum += loss.detach() * len(xb)
+            if not regression:
+                correct += (out.argmax(1) == yb).sum()
+        seen += len(xb)
+        if i % 20 == 0 or last:
+            rate = seen / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{loss.item():.3f}", samples_per_s=f"{rate:.0f}")
+        bar.update()
+    bar.close()
+    return {"train_loss": loss_sum.item() / seen,
+            "train_acc": None if regression else correct.item() / seen,
+            "samples_per_s": seen / (time.perf_counter() - started),
+            "grad_norm": (grad_sq.item() / n_batches) ** 0.5, **summarize(layers), "layers": layers}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

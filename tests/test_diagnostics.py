@@ -1,0 +1,85 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+import psiopt
+from helpers import exact_groups, exact_setup
+from psiopt.diagnostics import StepProbe, measured_effective_lr, scheduling_beta, theorem2_effective_lr
+from psiopt.geometry import rows
+
+
+def one_step(opt, model, x, y):
+    w_old = model.hidden.weight.detach().clone()
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    g = model.hidden.weight.grad.clone()
+    opt.step()
+    return w_old, g, model.hidden.weight.detach()
+
+
+def test_measured_effective_lr_is_arora_eta_over_norm_squared_for_sgd():
+    model, x, y = exact_setup()
+    opt = torch.optim.SGD(exact_groups(model), lr=0.3)
+    w_old, g, w_new = one_step(opt, model, x, y)
+    got = measured_effective_lr(w_old, w_new, g)
+    assert torch.allclose(got, 0.3 / w_old.pow(2).sum(1), rtol=1e-10)
+
+
+def test_theorem2_matches_table1_for_sgd_with_l2():
+    model, x, y = exact_setup()
+    eta, lam = 0.3, 0.05
+    opt = torch.optim.SGD(exact_groups(model, invariant_weight_decay=lam), lr=eta)
+    w_old, _, w_new = one_step(opt, model, x, y)
+    beta = scheduling_beta(opt, model.hidden.weight, w_new, "channel")
+    got = theorem2_effective_lr(w_old, w_new, eta, beta)
+    assert torch.allclose(got, eta / (w_old.pow(2).sum(1) * (1 - eta * lam)), rtol=1e-10)
+
+
+def test_theorem2_effective_lr_predicts_adams_step_on_the_sphere():
+    """Roburin eq. (12): u_{k+1} = (u_k − η_e c⊥)/√(1 + (η_e‖c⊥‖)²), exactly."""
+    model, x, y = exact_setup()
+    eta = 0.05
+    opt = torch.optim.Adam(exact_groups(model), lr=eta, weight_decay=1e-2)
+    for _ in range(3):
+        one_step(opt, model, x, y)
+    w_old, _, w_new = one_step(opt, model, x, y)
+    p = model.hidden.weight
+    state, (b1, b2) = opt.state[p], opt.param_groups[0]["betas"]
+    t = float(state["step"])
+    a = state["exp_avg"] / (1 - b1**t)
+    b = (state["exp_avg_sq"] / (1 - b2**t)).sqrt() + opt.param_groups[0]["eps"]
+    beta = scheduling_beta(opt, p, w_new, "channel")
+    assert torch.allclose(beta.flatten(), b.norm(dim=1) / math.sqrt(b.shape[1]))
+    r = w_old.norm(dim=1, keepdim=True)
+    u = w_old / r
+    c = r * a / (b / beta)
+    c_perp = c - (c * u).sum(1, keepdim=True) * u
+    eta_e = theorem2_effective_lr(w_old, w_new, eta, beta)[:, None]
+    predicted = (u - eta_e * c_perp) / (1 + (eta_e * c_perp.norm(dim=1, keepdim=True)) ** 2).sqrt()
+    assert torch.allclose(predicted, w_new / w_new.norm(dim=1, keepdim=True), atol=1e-12)
+
+
+def test_adamsrt_beta_undoes_the_v_rescaling():
+    model, x, y = exact_setup()
+    opt = psiopt.AdamSRT(exact_groups(model), lr=0.05, eps=0.0)
+    w_old, _, w_new = one_step(opt, model, x, y)
+    beta = scheduling_beta(opt, model.hidden.weight, w_new, "channel", before=w_old)
+    g = model.hidden.weight.grad
+    v = (1 - 0.999) * g.pow(2).sum(1) / g.shape[1]
+    assert torch.allclose(beta.flatten(), (v / (1 - 0.999)).sqrt(), rtol=1e-10)
+
+
+def test_probe_reports_every_invariant_layer():
+    model, x, y = exact_setup()
+    opt = psiopt.PSISGD(exact_groups(model), lr=0.5)
+    probe = StepProbe(opt)
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    probe.before()
+    opt.step()
+    layers = probe.after()
+    assert set(layers) == {"hidden.weight"}
+    assert abs(layers["hidden.weight"]["eff_lr"] - 0.5) < 1e-9  # PSI-SGD: η_e = η
+    assert "eff_lr_theorem2" not in layers["hidden.weight"]
+    assert rows(model.hidden.weight, "channel").shape[0] == 5
