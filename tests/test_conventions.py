@@ -172,7 +172,7 @@ def test_zero_rows_never_produce_nan(cls, foreach):
 def test_non_finite_gradient_raises_and_updates_nothing(cls):
     x, y = bn_data()
     model = bn_net()
-    opt = cls(groups(model, x))
+    opt = cls(groups(model, x), check_finite=True)
     train(model, opt, x, y, 1)
     before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
@@ -193,3 +193,15 @@ def test_sparse_and_complex_gradients_raise():
     z.grad = torch.ones_like(z)
     with pytest.raises(RuntimeError, match="complex"):
         psiopt.AdamS([{"params": [z], "grouping": "channel"}]).step()
+
+
+def test_non_finite_gradient_propagates_by_default_like_torch_optim():
+    x, y = bn_data()
+    model = bn_net()
+    opt = psiopt.PSISGD(groups(model, x))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[3].weight.grad[0, 0, 0, 0] = float("nan")
+    opt.step()
+    blocks = psiopt.geometry.rows(model[3].weight.detach(), "groups:4")  # GroupNorm(4, 8)
+    assert torch.isnan(blocks[0]).all() and torch.isfinite(blocks[1:]).all()

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam as _adam
 from torch.optim.sgd import sgd as _sgd
 
-from .geometry import parse_grouping, rows
+from .geometry import RowBuffers, parse_grouping, rows
 
 #: hyperparameter -> (low, high, low inclusive, high inclusive)
 _RANGES = {
@@ -49,21 +49,21 @@ class ScaleInvariantOptimizer(Optimizer):
 
     Options common to every subclass:
 
-    * ``check_finite`` (default ``True``): before updating, one fused check over all gradients;
-      a NaN/inf gradient raises :class:`FloatingPointError` naming the parameters and nothing is
-      updated.  This costs one host read per step; pass ``False`` to skip it (then non-finite
-      gradients propagate, as in torch.optim).
+    * ``check_finite`` (default ``False``): as in torch.optim, non-finite gradients propagate.
+      With ``True``, one fused check over all gradients runs before updating; a NaN/inf gradient
+      raises :class:`FloatingPointError` naming the parameters and nothing is updated.  The check
+      costs one host synchronisation and one read of the gradients per step.
     * ``foreach`` (default ``None`` = vectorized): ``False`` selects the per-tensor reference path.
+      Groups whose tensors differ in dtype or device also take the reference path.
     """
 
     counterpart = "sgd"  # or "adam"
 
     def __init__(self, params, defaults: dict):
-        defaults = {"grouping": None, "check_finite": True, "foreach": None, **defaults}
+        defaults = {"grouping": None, "check_finite": False, "foreach": None, **defaults}
         for key, value in defaults.items():
             self._check_hyper(key, value)
         super().__init__(params, defaults)
-        self._names = {}
         if not any(g["grouping"] for g in self.param_groups):
             warnings.warn(
                 f"{type(self).__name__}: no parameter group declares a 'grouping', so every "
@@ -125,7 +125,7 @@ class ScaleInvariantOptimizer(Optimizer):
 
     def _check_finite(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
         grads = [g for _, g in pairs]
-        peaks = torch._foreach_norm(grads, float("inf"))
+        peaks = torch._foreach_norm(grads)  # inf/NaN (or a norm overflowing the dtype)
         if bool(torch.isfinite(torch.stack(peaks)).all()):
             return
         bad = [self._name(p) for (p, _), m in zip(pairs, peaks) if not torch.isfinite(m)]
@@ -155,11 +155,21 @@ class ScaleInvariantOptimizer(Optimizer):
         for w, state in zip(ws, states):
             if not state:
                 self._init_state(group, w, state)
-        if self._foreach(group):
-            self._update_many(group, ws, gs, states)
+        if self._foreach(group) and len({(w.dtype, w.device) for w in ws}) == 1:
+            self._update_many(group, ws, gs, states, self._buffers(group, ws))
         else:
             for w, g, state in zip(ws, gs, states):
                 self._update_one(group, w, g, state)
+
+    def _buffers(self, group: dict, ws: list[Tensor]) -> RowBuffers:
+        """The group's :class:`RowBuffers`, rebuilt when its tensors change (not saved)."""
+        key = tuple((w.data_ptr(), w.shape, w.dtype) for w in ws)
+        cache = self.__dict__.setdefault("_row_buffers", {})
+        cached = cache.get(id(group))
+        if cached is None or cached[0] != key:
+            cached = (key, RowBuffers(ws))
+            cache[id(group)] = cached
+        return cached[1]
 
     def _init_state(self, group: dict, w: Tensor, state: dict) -> None:
         raise NotImplementedError
@@ -167,7 +177,8 @@ class ScaleInvariantOptimizer(Optimizer):
     def _update_one(self, group: dict, w: Tensor, g: Tensor, state: dict) -> None:
         raise NotImplementedError
 
-    def _update_many(self, group, ws: list[Tensor], gs: list[Tensor], states: list[dict]) -> None:
+    def _update_many(self, group, ws: list[Tensor], gs: list[Tensor], states: list[dict],
+                     rb: RowBuffers) -> None:
         raise NotImplementedError
 
     # -- non-invariant groups: torch.optim's own SGD / Adam ---------------------------------------

@@ -64,12 +64,12 @@ def _dims(v: Tensor) -> tuple[int, ...]:
 
 def dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-group inner product ``<a_i, b_i>`` in keepdim shape."""
-    return torch.linalg.vecdot(a.flatten(1), b.flatten(1)).view(-1, *[1] * (a.dim() - 1))
+    return torch.mul(a, b).sum(_dims(a), keepdim=True)
 
 
 def sqnorm(a: Tensor) -> Tensor:
     """Per-group squared norm ``‖a_i‖²`` in keepdim shape."""
-    return dot(a, a)
+    return norm(a).square()
 
 
 def norm(a: Tensor) -> Tensor:
@@ -131,3 +131,76 @@ def rescale_transport(a: Tensor, x_old: Tensor, x_new: Tensor) -> Tensor:
     out = a * dot(x_new, x_old)
     out.addcmul_(x_old, dot(x_new, a), value=-1.0)
     return out.mul_(safe_inv(sqnorm(x_new)))
+
+
+class RowBuffers:
+    """Flat buffers of per-group scalars for a fixed list of grouped views.
+
+    Each named buffer is one flat tensor with a keepdim view per tensor, created once; reductions
+    write into the views (one op per tensor) and all per-group scalar arithmetic is then a few
+    ops on the flat tensor, whatever the number of tensors.  Used by the vectorized paths.
+    """
+
+    def __init__(self, views: list[Tensor]):
+        self.sizes = [v.shape[0] for v in views]
+        self.shapes = [(v.shape[0],) + (1,) * (v.dim() - 1) for v in views]
+        self.dims = [_dims(v) for v in views]
+        self.like = views[0]
+        self._buffers: dict[str, tuple[Tensor, list[Tensor]]] = {}
+
+    def get(self, name: str) -> tuple[Tensor, list[Tensor]]:
+        """``(flat, views)`` of the buffer ``name``."""
+        if name not in self._buffers:
+            flat = self.like.new_empty(sum(self.sizes))
+            views = [c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes)]
+            self._buffers[name] = (flat, views)
+        return self._buffers[name]
+
+    def norms(self, xs: list[Tensor], name: str) -> Tensor:
+        """Per-group norms of ``xs`` into buffer ``name``; returns its flat tensor."""
+        flat, views = self.get(name)
+        for x, out, dims in zip(xs, views, self.dims):
+            torch.linalg.vector_norm(x, dim=dims, keepdim=True, out=out)
+        return flat
+
+    def dots(self, xs: list[Tensor], ys: list[Tensor], name: str) -> Tensor:
+        """Per-group inner products into buffer ``name``; returns its flat tensor."""
+        flat, views = self.get(name)
+        for x, y, out, dims in zip(xs, ys, views, self.dims):
+            torch.sum(torch.mul(x, y), dim=dims, keepdim=True, out=out)
+        return flat
+
+    def put(self, name: str, value: Tensor) -> list[Tensor]:
+        """Copy a flat ``value`` into buffer ``name``; returns the per-tensor views."""
+        flat, views = self.get(name)
+        flat.copy_(value)
+        return views
+
+    def gather(self, tensors: list[Tensor]) -> Tensor:
+        """Concatenate per-tensor keepdim scalars (e.g. state) into one flat tensor."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def per_tensor(self, name: str, values: list[float]) -> Tensor:
+        """Flat buffer ``name`` holding ``values[i]`` on every group of tensor ``i``."""
+        flat, _ = self.get(name)
+        sizes = torch.tensor(self.sizes)
+        flat.copy_(torch.repeat_interleave(torch.tensor(values, dtype=flat.dtype), sizes))
+        return flat
+
+
+def geodesic_step_(ys: list[Tensor], ms: list[Tensor], k: Tensor, rb: RowBuffers) -> None:
+    """Vectorized ``y ← exp(y, k m)`` and ``m ← pt(y, k m)/k`` for unit rows ``y`` (in place).
+
+    With ``n = |k|‖m‖``: ``y ← y cos n + k sinc(n) m`` and ``m ← m cos n − k‖m‖² sinc(n) y``,
+    which is :func:`sphere_exp` with :func:`transport_self` (``k = 1``, SGDG) and with
+    :func:`transport` for ``h1 = m``, ``h2 = k m`` (AdamG).  ``k`` is a flat per-group tensor.
+    """
+    mn = rb.norms(ms, "m_norm")
+    n = mn * k.abs()
+    sinc = torch.sinc(n / math.pi)
+    cos_parts = rb.put("cos", torch.cos(n))
+    forward = torch._foreach_mul(ms, rb.put("k_sinc", k * sinc))
+    torch._foreach_mul_(ms, cos_parts)
+    torch._foreach_addcmul_(ms, ys, rb.put("back", -k * mn.square() * sinc))
+    torch._foreach_mul_(ys, cos_parts)
+    torch._foreach_add_(ys, forward)

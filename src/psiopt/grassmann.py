@@ -5,19 +5,35 @@ from __future__ import annotations
 import torch
 
 from .base import step_count
-from .geometry import clip, normalize_, sphere_exp, sqnorm, tangent, transport, transport_self
+from .geometry import (clip, geodesic_step_, normalize_, sphere_exp, sqnorm, tangent, transport,
+                       transport_self)
 from .sphere import _SphereOptimizer
+
+
+def _penalised(group, w, g):
+    """``g + 2ω ∂/∂Y ½‖YYᵀ − I‖²_F = g + 4ω (YYᵀ − I) Y`` for the rows ``Y`` of one tensor."""
+    omega = group["ortho"]
+    if not omega or w.shape[0] == 1:
+        return g
+    y = w.flatten(1)
+    gram = y @ y.T
+    gram.diagonal().sub_(1.0)
+    return g + (4.0 * omega) * (gram @ y).view_as(w)
 
 
 def _direction(group, w, g):
     """``h = clip(proj(y, g + 2ω ∂/∂Y ½‖YYᵀ − I‖²_F), ν)`` for the rows ``y`` of one tensor."""
-    omega = group["ortho"]
-    if omega and w.shape[0] > 1:
-        y = w.flatten(1)
-        gram = y @ y.T
-        gram.diagonal().sub_(1.0)
-        g = g + (4.0 * omega) * (gram @ y).view_as(w)
-    return clip(tangent(w, g), group["clip"])
+    return clip(tangent(w, _penalised(group, w, g)), group["clip"])
+
+
+def _directions(group, ws, gs, rb):
+    """Vectorized :func:`_direction`; also returns the flat norms of the clipped directions."""
+    gs = [_penalised(group, w, g) for w, g in zip(ws, gs)]
+    hs = torch._foreach_addcmul(gs, ws, rb.put("radial", -rb.dots(ws, gs, "dot")))
+    n = rb.norms(hs, "h_norm")
+    factor = (group["clip"] / n).clamp_max_(1.0)
+    torch._foreach_mul_(hs, rb.put("clip", factor))
+    return hs, n.mul_(factor)
 
 
 class SGDG(_SphereOptimizer):
@@ -34,7 +50,7 @@ class SGDG(_SphereOptimizer):
 
     def __init__(self, params, lr: float = 0.2, momentum: float = 0.9, clip: float = 0.1,
                  ortho: float = 0.1, weight_decay: float = 0.0, *, grouping=None,
-                 check_finite: bool = True, foreach=None):
+                 check_finite: bool = False, foreach=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, clip=clip, ortho=ortho,
                                       weight_decay=weight_decay, grouping=grouping,
                                       check_finite=check_finite, foreach=foreach))
@@ -50,14 +66,12 @@ class SGDG(_SphereOptimizer):
         m.copy_(transport_self(w, m))
         w.copy_(new)
 
-    def _update_many(self, group, ws, gs, states):
+    def _update_many(self, group, ws, gs, states, rb):
         ms = [st["momentum_buffer"] for st in states]
+        hs, _ = _directions(group, ws, gs, rb)
         torch._foreach_mul_(ms, group["momentum"])
-        torch._foreach_add_(ms, [_direction(group, w, g) for w, g in zip(ws, gs)],
-                            alpha=-group["lr"])
-        new = [sphere_exp(w, m) for w, m in zip(ws, ms)]
-        torch._foreach_copy_(ms, [transport_self(w, m) for w, m in zip(ws, ms)])
-        torch._foreach_copy_(ws, new)
+        torch._foreach_add_(ms, hs, alpha=-group["lr"])
+        geodesic_step_(ws, ms, rb.get("one")[0].fill_(1.0), rb)
 
 
 class AdamG(_SphereOptimizer):
@@ -76,7 +90,7 @@ class AdamG(_SphereOptimizer):
 
     def __init__(self, params, lr: float = 0.05, betas=(0.9, 0.99), eps: float = 1e-8,
                  clip: float = 0.1, ortho: float = 0.1, weight_decay: float = 0.0, *,
-                 grouping=None, check_finite: bool = True, foreach=None):
+                 grouping=None, check_finite: bool = False, foreach=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, clip=clip, ortho=ortho,
                                       weight_decay=weight_decay, grouping=grouping,
                                       check_finite=check_finite, foreach=foreach))
@@ -105,20 +119,16 @@ class AdamG(_SphereOptimizer):
         m.copy_(transport(w, m, delta))
         w.copy_(new)
 
-    def _update_many(self, group, ws, gs, states):
+    def _update_many(self, group, ws, gs, states, rb):
         beta1, beta2 = group["betas"]
         steps = step_count(states)
         ms = [st["exp_avg"] for st in states]
         vs = [st["exp_avg_sq"] for st in states]
-        hs = [_direction(group, w, g) for w, g in zip(ws, gs)]
+        hs, h_norm = _directions(group, ws, gs, rb)
         torch._foreach_lerp_(ms, hs, 1 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_add_(vs, [sqnorm(h) for h in hs], alpha=1 - beta2)
-        rs = torch._foreach_rsqrt(torch._foreach_add(vs, group["eps"]))
-        torch._foreach_mul_(rs, [self._scale(group, s) for s in steps])
-        deltas = torch._foreach_mul(ms, rs)
-        new = [sphere_exp(w, d) for w, d in zip(ws, deltas)]
-        torch._foreach_copy_(ms, [transport(w, m, d) for w, m, d in zip(ws, ms, deltas)])
-        torch._foreach_copy_(ws, new)
+        v = rb.gather(vs).mul_(beta2).add_(h_norm.square_(), alpha=1 - beta2)
+        torch._foreach_copy_(vs, rb.put("v", v))
+        scale = rb.per_tensor("scale", [self._scale(group, s) for s in steps])
+        geodesic_step_(ws, ms, scale * (v + group["eps"]).rsqrt(), rb)  # Δ = k m', k < 0
 
 

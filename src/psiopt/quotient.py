@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import ScaleInvariantOptimizer
-from .geometry import sqnorm
+from .geometry import norm
 
 
 class PSISGD(ScaleInvariantOptimizer):
@@ -23,43 +23,54 @@ class PSISGD(ScaleInvariantOptimizer):
     norm (the direction, and so the network, is unchanged).  A zero group stays zero.
 
     Non-invariant groups follow SGD with their own ``lr``, ``momentum`` and ``weight_decay``.
-    State: ``velocity`` (one buffer per invariant parameter, in the grouped view's shape).
+    State: ``velocity`` (one buffer per invariant parameter, in the grouped view's shape; only
+    while ``momentum > 0``).
     """
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0,
-                 max_norm: float = 1e4, *, grouping=None, check_finite: bool = True, foreach=None):
+                 max_norm: float = 1e4, *, grouping=None, check_finite: bool = False, foreach=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       max_norm=max_norm, grouping=grouping,
                                       check_finite=check_finite, foreach=foreach))
 
     def _init_state(self, group, w, state):
-        state["velocity"] = torch.zeros_like(w)
+        state["step"] = torch.tensor(0.0)
 
     @staticmethod
-    def _guard(n2, max_norm):
-        return torch.where(n2 > max_norm**2, n2.rsqrt(), torch.ones_like(n2))
+    def _guard(n, max_norm):
+        """Per-group factor ``s``: ``1/‖w‖`` above ``max_norm``, else 1."""
+        return torch.where(n > max_norm, n.reciprocal(), torch.ones_like(n))
 
     def _update_one(self, group, w, g, state):
         lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
-        n2 = sqnorm(w)
+        state["step"] += 1
+        n = norm(w)
         if wd:
             g = g.add(w, alpha=wd)
-        s = self._guard(n2, group["max_norm"])
-        u = state["velocity"]
-        u.mul_(rho).add_(g * (-lr * n2))
-        w.add_(u).mul_(s)
-        u.mul_(s)
+        s = self._guard(n, group["max_norm"])
+        step = g * (-lr * n * n)
+        if rho:
+            u = state.setdefault("velocity", torch.zeros_like(w))
+            step = u.mul_(rho).add_(step)
+        w.add_(step).mul_(s)
+        if rho:
+            u.mul_(s)
 
-    def _update_many(self, group, ws, gs, states):
+    def _update_many(self, group, ws, gs, states, rb):
         lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
-        n2 = [sqnorm(w) for w in ws]
+        torch._foreach_add_([st["step"] for st in states], 1.0)
+        n = rb.norms(ws, "norm")
         if wd:
             gs = torch._foreach_add(gs, ws, alpha=wd)
-        s = [self._guard(n, group["max_norm"]) for n in n2]
-        us = [st["velocity"] for st in states]
-        coef = torch._foreach_mul(n2, s)
-        torch._foreach_mul_(coef, -lr)
-        torch._foreach_mul_(us, torch._foreach_mul(s, rho))
-        torch._foreach_addcmul_(us, gs, coef)
-        torch._foreach_mul_(ws, s)
-        torch._foreach_add_(ws, us)
+        s = self._guard(n, group["max_norm"])
+        s_parts = rb.put("guard", s)
+        coef = rb.put("coef", n.square_().mul_(s).mul_(-lr))
+        if not rho:  # w ← s·w − η s ‖w‖² g
+            torch._foreach_mul_(ws, s_parts)
+            torch._foreach_addcmul_(ws, gs, coef)
+            return
+        us = [st.setdefault("velocity", torch.zeros_like(w)) for st, w in zip(states, ws)]
+        torch._foreach_mul_(us, rb.put("rho_guard", s.mul_(rho)))
+        torch._foreach_addcmul_(us, gs, coef)  # u ← s (ρu − η‖w‖²g)
+        for w, u, f in zip(ws, us, s_parts):
+            torch.addcmul(u, w, f, out=w)  # w ← s·w + u, one pass

@@ -32,7 +32,7 @@ class UnitNormSGD(_SphereOptimizer):
     """
 
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
-                 *, grouping=None, check_finite: bool = True, foreach=None):
+                 *, grouping=None, check_finite: bool = False, foreach=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       grouping=grouping, check_finite=check_finite,
                                       foreach=foreach))
@@ -46,11 +46,13 @@ class UnitNormSGD(_SphereOptimizer):
         w.add_(g - dot(w, g) * w, alpha=-group["lr"])
         normalize_(w)
 
-    def _update_many(self, group, ws, gs, states):
+    def _update_many(self, group, ws, gs, states, rb):
+        lr = group["lr"]
         step_count(states)
-        tangents = torch._foreach_addcmul(gs, ws, [dot(w, g) for w, g in zip(ws, gs)], value=-1.0)
-        torch._foreach_add_(ws, tangents, alpha=-group["lr"])
-        torch._foreach_mul_(ws, [safe_inv(norm(w)) for w in ws])
+        # w − λ(g − <w,g>w) = (1 + λ<w,g>) w − λ g, then back to the sphere
+        torch._foreach_mul_(ws, rb.put("scale", rb.dots(ws, gs, "dot").mul_(lr).add_(1.0)))
+        torch._foreach_add_(ws, gs, alpha=-lr)
+        torch._foreach_mul_(ws, rb.put("inv", safe_inv(rb.norms(ws, "norm"))))
 
 
 class ProjectedSGD(_SphereOptimizer):
@@ -62,21 +64,23 @@ class ProjectedSGD(_SphereOptimizer):
     """
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
-                 *, grouping=None, check_finite: bool = True, foreach=None):
+                 *, grouping=None, check_finite: bool = False, foreach=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       grouping=grouping, check_finite=check_finite,
                                       foreach=foreach))
 
     def _invariant(self, group, params, grads):
         ws = [rows(p, group["grouping"]) for p in params]
-        before = [norm(w) for w in ws]
+        if not self._foreach(group):
+            before = [norm(w) for w in ws]
+            self._counterpart(group, params, grads)
+            for w, b in zip(ws, before):
+                w.mul_(b * safe_inv(norm(w)))
+            return
+        rb = self._buffers(group, ws)
+        before = rb.norms(ws, "before")
         self._counterpart(group, params, grads)
-        ratio = [b * safe_inv(norm(w)) for b, w in zip(before, ws)]
-        if self._foreach(group):
-            torch._foreach_mul_(ws, ratio)
-        else:
-            for w, r in zip(ws, ratio):
-                w.mul_(r)
+        torch._foreach_mul_(ws, rb.put("ratio", before * safe_inv(rb.norms(ws, "after"))))
 
 
 class AdamGStar(_SphereOptimizer):
@@ -96,7 +100,7 @@ class AdamGStar(_SphereOptimizer):
     _decay_ok = True
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
-                 *, grouping=None, check_finite: bool = True, foreach=None):
+                 *, grouping=None, check_finite: bool = False, foreach=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       grouping=grouping, check_finite=check_finite,
                                       foreach=foreach))
@@ -121,13 +125,11 @@ class AdamGStar(_SphereOptimizer):
         normalize_(w)
         v.mul_(beta).add_(sqnorm(g))
 
-    def _update_many(self, group, ws, gs, states):
+    def _update_many(self, group, ws, gs, states, rb):
         beta, eta = self.sphere_hyper(group["lr"], group["weight_decay"])
         step_count(states)
         vs = [st["v"] for st in states]
-        coef = [safe_inv(v.sqrt()) for v in vs]
-        torch._foreach_mul_(coef, -eta)
-        torch._foreach_addcmul_(ws, gs, coef)
-        torch._foreach_mul_(ws, [safe_inv(norm(w)) for w in ws])
-        torch._foreach_mul_(vs, beta)
-        torch._foreach_add_(vs, [sqnorm(g) for g in gs])
+        v = rb.gather(vs)
+        torch._foreach_addcmul_(ws, gs, rb.put("coef", safe_inv(v.sqrt()).mul_(-eta)))
+        torch._foreach_mul_(ws, rb.put("inv", safe_inv(rb.norms(ws, "norm"))))
+        torch._foreach_copy_(vs, rb.put("v", v.mul_(beta).add_(rb.norms(gs, "gnorm").square_())))

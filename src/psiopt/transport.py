@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 
 from .base import ScaleInvariantOptimizer, step_count
-from .geometry import dot, group_size, rescale_transport, safe_inv, sqnorm
+from .geometry import group_size, rescale_transport, safe_inv, sqnorm
 
 
-def _project_(a, x):
-    """``a ← a − <x, a>/‖x‖² · x`` per row (the fast form of RT, see module docstring)."""
-    return a.addcmul_(x, -dot(x, a) * safe_inv(sqnorm(x)))
+def _project_many_(bufs, xs, x_sqnorm, rb):
+    """``a ← a − <x, a>/‖x‖² · x`` per row, vectorized (the fast form of RT, see above)."""
+    coef = -rb.dots(xs, bufs, "radial") * safe_inv(x_sqnorm)
+    torch._foreach_addcmul_(bufs, xs, rb.put("project", coef))
 
 
 class AdamS(ScaleInvariantOptimizer):
@@ -35,7 +36,7 @@ class AdamS(ScaleInvariantOptimizer):
     _transport = False
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, *, grouping=None, check_finite: bool = True,
+                 weight_decay: float = 0.0, *, grouping=None, check_finite: bool = False,
                  foreach=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       grouping=grouping, check_finite=check_finite,
@@ -70,7 +71,7 @@ class AdamS(ScaleInvariantOptimizer):
         m.copy_(rescale_transport(m, old, w))
         v.mul_(sqnorm(old) * safe_inv(sqnorm(w)))
 
-    def _update_many(self, group, ws, gs, states):
+    def _update_many(self, group, ws, gs, states, rb):
         beta1, beta2 = group["betas"]
         steps = step_count(states)
         ms = [st["exp_avg"] for st in states]
@@ -78,24 +79,21 @@ class AdamS(ScaleInvariantOptimizer):
         if group["weight_decay"]:
             gs = torch._foreach_add(gs, ws, alpha=group["weight_decay"])
         torch._foreach_lerp_(ms, gs, 1 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_add_(vs, [sqnorm(g) * ((1 - beta2) / group_size(w))
-                                 for w, g in zip(ws, gs)])
+        inv_d = rb.per_tensor("inv_d", [1.0 / group_size(w) for w in ws])
+        v = rb.gather(vs).mul_(beta2).add_(rb.norms(gs, "g_norm").square_().mul_(inv_d),
+                                           alpha=1 - beta2)
         hyper = [self._hyper(group, s) for s in steps]
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_mul_(denom, [vh for _, vh in hyper])
-        torch._foreach_add_(denom, group["eps"])
-        coef = torch._foreach_reciprocal(denom)
-        torch._foreach_mul_(coef, [-lh for lh, _ in hyper])
+        lr_hat = rb.per_tensor("lr_hat", [lh for lh, _ in hyper])
+        v_hat = rb.per_tensor("v_hat", [vh for _, vh in hyper])
+        coef = rb.put("coef", -lr_hat / (v.sqrt() * v_hat + group["eps"]))
         if self._transport:
-            before = [sqnorm(w) for w in ws]
+            before = rb.norms(ws, "before").square()
         torch._foreach_addcmul_(ws, ms, coef)
         if self._transport:
-            after = [sqnorm(w) for w in ws]
-            for m, w in zip(ms, ws):
-                _project_(m, w)
-            torch._foreach_mul_(vs, [b * safe_inv(a) for b, a in zip(before, after)])
-
+            after = rb.norms(ws, "after").square_()
+            _project_many_(ms, ws, after, rb)
+            v.mul_(before * safe_inv(after))
+        torch._foreach_copy_(vs, rb.put("v", v))
 
 class AdamSRT(AdamS):
     r"""Adam-SRT (Roburin §4.2, eqs. 19–21, Algorithm 1): Adam-S, then after each step::
@@ -118,7 +116,7 @@ class SGDMRT(ScaleInvariantOptimizer):
     """
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
-                 *, grouping=None, check_finite: bool = True, foreach=None):
+                 *, grouping=None, check_finite: bool = False, foreach=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       grouping=grouping, check_finite=check_finite,
                                       foreach=foreach))
@@ -135,12 +133,11 @@ class SGDMRT(ScaleInvariantOptimizer):
         w.add_(buf, alpha=-group["lr"])
         buf.copy_(rescale_transport(buf, old, w))
 
-    def _update_many(self, group, ws, gs, states):
+    def _update_many(self, group, ws, gs, states, rb):
         bufs = [st["momentum_buffer"] for st in states]
         torch._foreach_mul_(bufs, group["momentum"])
         torch._foreach_add_(bufs, gs)
         if group["weight_decay"]:
             torch._foreach_add_(bufs, ws, alpha=group["weight_decay"])
         torch._foreach_add_(ws, bufs, alpha=-group["lr"])
-        for buf, w in zip(bufs, ws):
-            _project_(buf, w)
+        _project_many_(bufs, ws, rb.norms(ws, "norm").square_(), rb)

@@ -1,0 +1,244 @@
+"""Step-time benchmark against torch.optim (``psiopt bench`` / ``make bench``).
+
+Every psiopt optimizer is timed interleaved with its torch.optim counterpart (SGD-momentum with
+``foreach=True`` for the SGD family, Adam with ``foreach=True`` for the Adam family) in the same
+process, on the parameters of real models with random gradients tangent to the weights (as BN
+gradients are); ratios of medians are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .discovery import find_scale_invariant, param_groups
+from .geometry import dot, rows, safe_inv, sqnorm
+from .models import MLP, create_model
+from .registry import REGISTRY, create_optimizer
+
+ADAM_FAMILY = {"adams", "adamsrt", "adamg", "adam", "adamw"}
+SETS = {
+    "resnet56": lambda: (create_model("resnet56"), torch.randn(2, 3, 32, 32)),
+    "vgg16-bn": lambda: (create_model("vgg16-bn"), torch.randn(2, 3, 32, 32)),
+    "mlp-ln": lambda: (MLP(1024, 10, widths=(1024, 1024, 1024), norm="layer", bias=False),
+                       torch.randn(4, 1024)),
+}
+
+
+def parameter_set(name: str, seed: int = 0):
+    """Model, its invariant mapping, and fixed random gradients tangent to the invariant rows."""
+    torch.manual_seed(seed)
+    model, x = SETS[name]()
+    mapping = find_scale_invariant(model, x)
+    for pname, p in model.named_parameters():
+        g = torch.randn_like(p)
+        if pname in mapping:
+            w, gv = rows(p.detach(), mapping[pname]), rows(g, mapping[pname])
+            gv.sub_(w * dot(w, gv) * safe_inv(sqnorm(w)))
+        p.grad = g
+    return model, mapping
+
+
+def _clone(model, mapping):
+    import copy
+
+    twin = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    return twin
+
+
+def _counterpart(name: str, model, mapping):
+    groups = param_groups(model, mapping=mapping)
+    if name in ADAM_FAMILY:
+        return torch.optim.Adam(groups, lr=1e-3, foreach=True)
+    return torch.optim.SGD(groups, lr=0.1, momentum=0.9, foreach=True)
+
+
+def _time(step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def compare_steps(makers: dict, steps: int = 30, warmup: int = 5) -> dict[str, float]:
+    """Median step time of each optimizer, the steps of all of them interleaved."""
+    opts = {k: make() for k, make in makers.items()}
+    times = {k: [] for k in opts}
+    for i in range(warmup + steps):
+        for k, opt in opts.items():
+            t = _time(opt.step)
+            if i >= warmup:
+                times[k].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor))
+
+
+def peak_extra_bytes(opt) -> int:
+    """Peak of memory allocated and not yet freed during one step (torch profiler, CPU)."""
+    from torch.autograd.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        opt.step()
+    running = peak = 0
+    for event in sorted(prof.function_events, key=lambda e: e.time_range.start):
+        running += event.self_cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+def _peers(name: str, model, mapping):
+    """AdamP/SGDP and geoopt's RiemannianSGD on the sphere, when installed."""
+    peers = {}
+    if importlib.util.find_spec("adamp"):
+        from adamp import SGDP, AdamP
+
+        cls = AdamP if name in ADAM_FAMILY else SGDP
+        kw = {"lr": 1e-3} if name in ADAM_FAMILY else {"lr": 0.1, "momentum": 0.9}
+        peers["adamp" if name in ADAM_FAMILY else "sgdp"] = lambda: cls(
+            _clone(model, mapping).parameters(), **kw)
+    return peers
+
+
+def bench_optimizers(set_name: str, steps: int = 30, names=None, check_finite=True) -> list[dict]:
+    model, mapping = parameter_set(set_name)
+    rows_out = []
+    for name in names or [n for n in REGISTRY if n not in ("sgd", "adam", "adamw")]:
+        family = "adam" if name in ADAM_FAMILY else "sgd"
+        extra = {} if REGISTRY[name].cls.__module__.startswith("torch") else {
+            "check_finite": check_finite}
+        makers = {
+            "psiopt": lambda: create_optimizer(_clone(model, mapping), name, mapping=mapping,
+                                               **extra),
+            "torch": lambda: _counterpart(family, _clone(model, mapping), mapping),
+            **_peers(family, model, mapping),
+        }
+        medians = compare_steps(makers, steps)
+        opt = makers["psiopt"]()
+        ref = makers["torch"]()
+        opt.step()
+        ref.step()
+        row = {"set": set_name, "optimizer": name, "counterpart": f"torch {family}",
+               "ms": medians["psiopt"] * 1e3, "torch_ms": medians["torch"] * 1e3,
+               "ratio": medians["psiopt"] / medians["torch"],
+               "state_mb": state_bytes(opt) / 2**20, "torch_state_mb": state_bytes(ref) / 2**20,
+               "peak_mb": peak_extra_bytes(opt) / 2**20,
+               "torch_peak_mb": peak_extra_bytes(ref) / 2**20}
+        for peer in set(medians) - {"psiopt", "torch"}:
+            row[f"vs_{peer}"] = medians["psiopt"] / medians[peer]
+        rows_out.append(row)
+    return rows_out
+
+
+def bench_training_step(steps: int = 12, batch: int = 128) -> list[dict]:
+    """Whole resnet20 step (forward, backward, step), interleaved: ratios against torch."""
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    base = create_model("resnet20")
+    mapping = find_scale_invariant(base, x[:4])
+    out = []
+    for name, family in (("psi-sgdm", "sgd"), ("adamsrt", "adam")):
+        models = {k: _clone_plain(base) for k in ("psiopt", "torch")}
+        opts = {"psiopt": create_optimizer(models["psiopt"], name, mapping=mapping),
+                "torch": _counterpart(family, models["torch"], mapping)}
+
+        def make_step(k):
+            def step():
+                opts[k].zero_grad()
+                F.cross_entropy(models[k](x), y).backward()
+                opts[k].step()
+            return step
+
+        times = {k: [] for k in opts}
+        for i in range(steps + 2):
+            for k in opts:
+                t = _time(make_step(k))
+                if i >= 2:
+                    times[k].append(t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out.append({"optimizer": name, "counterpart": f"torch {family}",
+                    "ms": med["psiopt"] * 1e3, "torch_ms": med["torch"] * 1e3,
+                    "ratio": med["psiopt"] / med["torch"]})
+    return out
+
+
+def _clone_plain(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def compiled_step(set_name: str = "resnet56", name: str = "psi-sgdm", steps: int = 20) -> dict:
+    """Eager versus ``torch.compile``d step (``check_finite=False``: the check needs the host)."""
+    model, mapping = parameter_set(set_name)
+    eager = create_optimizer(_clone(model, mapping), name, mapping=mapping, check_finite=False)
+    comp = create_optimizer(_clone(model, mapping), name, mapping=mapping, check_finite=False)
+    fn = torch.compile(comp.step)
+    start = time.perf_counter()
+    fn()
+    compile_s = time.perf_counter() - start
+    medians = compare_steps({"eager": lambda: eager, "compiled": lambda: type(
+        "C", (), {"step": staticmethod(fn)})()}, steps)
+    return {"set": set_name, "optimizer": name, "eager_ms": medians["eager"] * 1e3,
+            "compiled_ms": medians["compiled"] * 1e3, "compile_s": compile_s}
+
+
+def format_table(rows_: list[dict]) -> str:
+    peers = sorted({k for r in rows_ for k in r if k.startswith("vs_")})
+    head = ("| set | optimizer | counterpart | ms | torch ms | ratio | state MB (torch) "
+            "| peak extra MB (torch) |" + "".join(f" ratio {p[3:]} |" for p in peers))
+    lines = [head, "|" + "---|" * (8 + len(peers))]
+    for r in rows_:
+        lines.append(f"| {r['set']} | {r['optimizer']} | {r['counterpart']} | {r['ms']:.2f} | "
+                     f"{r['torch_ms']:.2f} | {r['ratio']:.2f} | {r['state_mb']:.1f} "
+                     f"({r['torch_state_mb']:.1f}) | {r['peak_mb']:.1f} ({r['torch_peak_mb']:.1f}) |"
+                     + "".join(f" {r[p]:.2f} |" if p in r else " — |" for p in peers))
+    return "\n".join(lines)
+
+
+def run(out: str | Path | None = "docs/performance.md", steps: int = 30, sets=None,
+        compile_check: bool = True, log=print) -> str:
+    threads = torch.get_num_threads()
+    parts = [f"# Performance\n\nMachine: {platform.platform()}, {platform.processor() or 'cpu'}, "
+             f"{threads} threads; torch {torch.__version__}; float32 on CPU.\n",
+             "Re-run with `make bench` (or `psiopt bench`). Median step time over "
+             f"{steps} steps after 5 warm-up steps, interleaved with the torch.optim counterpart "
+             "in the same process; ratio = psiopt / torch (lower is better).\n"]
+    all_rows = []
+    for set_name in sets or list(SETS):
+        log(f"benchmarking {set_name} ...")
+        all_rows += bench_optimizers(set_name, steps)
+    parts.append("## Optimizer step\n\n" + format_table(all_rows) + "\n")
+    log(format_table(all_rows))
+    log("benchmarking whole resnet20 training steps ...")
+    whole = bench_training_step()
+    lines = ["| optimizer | counterpart | ms | torch ms | ratio |", "|---|---|---|---|---|"]
+    lines += [f"| {r['optimizer']} | {r['counterpart']} | {r['ms']:.1f} | {r['torch_ms']:.1f} | "
+              f"{r['ratio']:.3f} |" for r in whole]
+    parts.append("## Whole training step (resnet20, batch 128, 32×32×3)\n\n" + "\n".join(lines) + "\n")
+    log("\n".join(lines))
+    if compile_check:
+        try:
+            c = compiled_step()
+            text = (f"`torch.compile` of the {c['optimizer']} step on {c['set']}: eager "
+                    f"{c['eager_ms']:.2f} ms, compiled {c['compiled_ms']:.2f} ms "
+                    f"(compilation {c['compile_s']:.0f} s).")
+        except Exception as e:  # report, do not fail the benchmark
+            text = f"`torch.compile` of the step failed: {type(e).__name__}: {e}"
+        parts.append("## torch.compile\n\n" + text + "\n")
+        log(text)
+    report = "\n".join(parts)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(report)
+    return report
