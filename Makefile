@@ -26,5 +26,9 @@ demo: $(STAMP)
 	$(VENV)/bin/psiopt compare --dataset fashion-mnist --fallback-dataset synthetic --model mlp-bn \
 	  --optimizers $(DEMO_OPTIMIZERS) --seeds 1 --epochs 20 --milestones 10,15 --out runs/demo
 
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[compare]" || echo "adamp/geoopt not installed: peers skipped"
+	$(VENV)/bin/psiopt bench
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

@@ -119,7 +119,7 @@ class ScaleInvariantOptimizer(Optimizer):
         g = p.grad
         if g.is_sparse:
             raise RuntimeError("psiopt optimizers do not support sparse gradients")
-        if torch.is_complex(g) or torch.is_complex(p):
+        if g.dtype.is_complex or p.dtype.is_complex:
             raise RuntimeError("psiopt optimizers do not support complex parameters or gradients")
         return g
 
@@ -163,7 +163,7 @@ class ScaleInvariantOptimizer(Optimizer):
 
     def _buffers(self, group: dict, ws: list[Tensor]) -> RowBuffers:
         """The group's :class:`RowBuffers`, rebuilt when its tensors change (not saved)."""
-        key = tuple((w.data_ptr(), w.shape, w.dtype) for w in ws)
+        key = [w.data_ptr() for w in ws]
         cache = self.__dict__.setdefault("_row_buffers", {})
         cached = cache.get(id(group))
         if cached is None or cached[0] != key:

@@ -12,10 +12,14 @@ import importlib.util
 import platform
 import statistics
 import time
+import weakref
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .discovery import find_scale_invariant, param_groups
 from .geometry import dot, rows, safe_inv, sqnorm
@@ -84,17 +88,40 @@ def state_bytes(opt) -> int:
                if isinstance(t, torch.Tensor))
 
 
-def peak_extra_bytes(opt) -> int:
-    """Peak of memory allocated and not yet freed during one step (torch profiler, CPU)."""
-    from torch.autograd.profiler import profile
+class _AllocationTracker(TorchDispatchMode):
+    """Counts the bytes of every tensor an op creates (not written into an input) until the
+    tensor is freed; ``peak`` is the most alive at once."""
 
-    with profile(profile_memory=True) as prof:
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self.live: dict[int, int] = {}
+
+    def _free(self, ptr: int) -> None:
+        self.current -= self.live.pop(ptr, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr and ptr not in inputs and ptr not in self.live:
+                    self.live[ptr] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(t, self._free, ptr)
+        return out
+
+
+def peak_extra_bytes(opt) -> int:
+    """Peak bytes of temporaries (tensors created and still alive) during one step."""
+    tracker = _AllocationTracker()
+    with tracker:
         opt.step()
-    running = peak = 0
-    for event in sorted(prof.function_events, key=lambda e: e.time_range.start):
-        running += event.self_cpu_memory_usage
-        peak = max(peak, running)
-    return peak
+    return tracker.peak
 
 
 def _peers(name: str, model, mapping):
@@ -107,7 +134,35 @@ def _peers(name: str, model, mapping):
         kw = {"lr": 1e-3} if name in ADAM_FAMILY else {"lr": 0.1, "momentum": 0.9}
         peers["adamp" if name in ADAM_FAMILY else "sgdp"] = lambda: cls(
             _clone(model, mapping).parameters(), **kw)
+    if importlib.util.find_spec("geoopt") and name not in ADAM_FAMILY:
+        peers["geoopt"] = partial(_geoopt_sgd, model, mapping)
     return peers
+
+
+def _geoopt_sgd(model, mapping):
+    """geoopt's RiemannianSGD with every invariant row a point of its Sphere manifold."""
+    import geoopt
+
+    params = []
+    for name, p in model.named_parameters():
+        if name in mapping:
+            rows_ = rows(p.detach(), mapping[name]).flatten(1)
+            q = geoopt.ManifoldParameter(rows_ / rows_.norm(dim=1, keepdim=True),
+                                         manifold=geoopt.Sphere())
+            q.grad = rows(p.grad, mapping[name]).flatten(1).clone()
+        else:
+            q = torch.nn.Parameter(p.detach().clone())
+            q.grad = p.grad.clone()
+        params.append(q)
+    return geoopt.optim.RiemannianSGD(params, lr=0.1, momentum=0.9)
+
+
+def _psiopt(name, model, mapping, extra):
+    return create_optimizer(_clone(model, mapping), name, mapping=mapping, **extra)
+
+
+def _counterpart_of(family, model, mapping):
+    return _counterpart(family, _clone(model, mapping), mapping)
 
 
 def bench_optimizers(set_name: str, steps: int = 30, names=None, check_finite=True) -> list[dict]:
@@ -118,9 +173,8 @@ def bench_optimizers(set_name: str, steps: int = 30, names=None, check_finite=Tr
         extra = {} if REGISTRY[name].cls.__module__.startswith("torch") else {
             "check_finite": check_finite}
         makers = {
-            "psiopt": lambda: create_optimizer(_clone(model, mapping), name, mapping=mapping,
-                                               **extra),
-            "torch": lambda: _counterpart(family, _clone(model, mapping), mapping),
+            "psiopt": partial(_psiopt, name, model, mapping, extra),
+            "torch": partial(_counterpart_of, family, model, mapping),
             **_peers(family, model, mapping),
         }
         medians = compare_steps(makers, steps)
@@ -152,17 +206,10 @@ def bench_training_step(steps: int = 12, batch: int = 128) -> list[dict]:
         opts = {"psiopt": create_optimizer(models["psiopt"], name, mapping=mapping),
                 "torch": _counterpart(family, models["torch"], mapping)}
 
-        def make_step(k):
-            def step():
-                opts[k].zero_grad()
-                F.cross_entropy(models[k](x), y).backward()
-                opts[k].step()
-            return step
-
         times = {k: [] for k in opts}
         for i in range(steps + 2):
             for k in opts:
-                t = _time(make_step(k))
+                t = _time(partial(_train_step, models[k], opts[k], x, y))
                 if i >= 2:
                     times[k].append(t)
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -170,6 +217,12 @@ def bench_training_step(steps: int = 12, batch: int = 128) -> list[dict]:
                     "ms": med["psiopt"] * 1e3, "torch_ms": med["torch"] * 1e3,
                     "ratio": med["psiopt"] / med["torch"]})
     return out
+
+
+def _train_step(model, opt, x, y):
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
 
 
 def _clone_plain(model):
@@ -187,10 +240,14 @@ def compiled_step(set_name: str = "resnet56", name: str = "psi-sgdm", steps: int
     start = time.perf_counter()
     fn()
     compile_s = time.perf_counter() - start
-    medians = compare_steps({"eager": lambda: eager, "compiled": lambda: type(
-        "C", (), {"step": staticmethod(fn)})()}, steps)
+    medians = compare_steps({"eager": lambda: eager, "compiled": lambda: _Stepper(fn)}, steps)
     return {"set": set_name, "optimizer": name, "eager_ms": medians["eager"] * 1e3,
             "compiled_ms": medians["compiled"] * 1e3, "compile_s": compile_s}
+
+
+class _Stepper:
+    def __init__(self, fn):
+        self.step = fn
 
 
 def format_table(rows_: list[dict]) -> str:

@@ -98,6 +98,11 @@ def parser() -> Parser:
     c.add_argument("--budget", default="small", help="recipe budget: small or full")
     r = sub.add_parser("report", help="regenerate summary.md and plots of a run directory")
     r.add_argument("directory")
+    b = sub.add_parser("bench", help="step time against torch.optim; writes docs/performance.md")
+    b.add_argument("--steps", type=int, default=30)
+    b.add_argument("--sets", default=None, help="comma-separated: resnet56,vgg16-bn,mlp-ln")
+    b.add_argument("--out", default="docs/performance.md")
+    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
     return top
 
 
@@ -191,6 +196,12 @@ def main(argv=None) -> int:
             cmd_compare(args)
         elif args.command == "report":
             _report(args.directory)
+        elif args.command == "bench":
+            from .bench import SETS, run
+
+            sets = [_choice("parameter set", n, list(SETS)) for n in args.sets.split(",")] \
+                if args.sets else None
+            run(args.out, steps=args.steps, sets=sets, compile_check=not args.no_compile)
         else:
             parser().print_help()
             return 2

@@ -14,6 +14,7 @@ broadcast against that view.  Nothing here copies a parameter or synchronises wi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor
 _TINY = 1e-30
 
 
+@functools.lru_cache(maxsize=256)
 def parse_grouping(grouping: str) -> tuple[str, int, int]:
     """Split a grouping string into ``(kind, blocks, channel_dim)``; raise ``ValueError`` if bad."""
     if not isinstance(grouping, str):
@@ -41,6 +43,8 @@ def parse_grouping(grouping: str) -> tuple[str, int, int]:
 
 def rows(t: Tensor, grouping: str) -> Tensor:
     """View of ``t`` with one group per index of dimension 0 (never a copy)."""
+    if grouping == "channel" and t.dim() > 1:
+        return t  # the common case, no view needed
     kind, blocks, dim = parse_grouping(grouping)
     if kind == "tensor":
         return t.unsqueeze(0)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import step_count
-from .geometry import (clip, geodesic_step_, normalize_, sphere_exp, sqnorm, tangent, transport,
-                       transport_self)
+from .geometry import clip, geodesic_step_, normalize_, sphere_exp, sqnorm, tangent, transport, transport_self
 from .sphere import _SphereOptimizer
 
 

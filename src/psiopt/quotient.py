@@ -34,7 +34,7 @@ class PSISGD(ScaleInvariantOptimizer):
                                       check_finite=check_finite, foreach=foreach))
 
     def _init_state(self, group, w, state):
-        state["step"] = torch.tensor(0.0)
+        pass  # the velocity is created at the first step with momentum
 
     @staticmethod
     def _guard(n, max_norm):
@@ -43,14 +43,14 @@ class PSISGD(ScaleInvariantOptimizer):
 
     def _update_one(self, group, w, g, state):
         lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
-        state["step"] += 1
         n = norm(w)
         if wd:
             g = g.add(w, alpha=wd)
         s = self._guard(n, group["max_norm"])
         step = g * (-lr * n * n)
         if rho:
-            u = state.setdefault("velocity", torch.zeros_like(w))
+            u = state["velocity"] if "velocity" in state else state.setdefault(
+                "velocity", torch.zeros_like(w))
             step = u.mul_(rho).add_(step)
         w.add_(step).mul_(s)
         if rho:
@@ -58,7 +58,6 @@ class PSISGD(ScaleInvariantOptimizer):
 
     def _update_many(self, group, ws, gs, states, rb):
         lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
-        torch._foreach_add_([st["step"] for st in states], 1.0)
         n = rb.norms(ws, "norm")
         if wd:
             gs = torch._foreach_add(gs, ws, alpha=wd)
@@ -69,7 +68,8 @@ class PSISGD(ScaleInvariantOptimizer):
             torch._foreach_mul_(ws, s_parts)
             torch._foreach_addcmul_(ws, gs, coef)
             return
-        us = [st.setdefault("velocity", torch.zeros_like(w)) for st, w in zip(states, ws)]
+        us = [st["velocity"] if "velocity" in st else st.setdefault("velocity", torch.zeros_like(w))
+              for st, w in zip(states, ws)]
         torch._foreach_mul_(us, rb.put("rho_guard", s.mul_(rho)))
         torch._foreach_addcmul_(us, gs, coef)  # u ← s (ρu − η‖w‖²g)
         for w, u, f in zip(ws, us, s_parts):
