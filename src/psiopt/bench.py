@@ -165,13 +165,21 @@ def _counterpart_of(family, model, mapping):
     return _counterpart(family, _clone(model, mapping), mapping)
 
 
-def bench_optimizers(set_name: str, steps: int = 30, names=None, check_finite=True) -> list[dict]:
+#: extra rows: label -> (registered name, hyperparameters)
+VARIANTS = {"sgdg ω=0": ("sgdg", {"ortho": 0.0}), "adamg ω=0": ("adamg", {"ortho": 0.0}),
+            "psi-sgdm checked": ("psi-sgdm", {"check_finite": True})}
+
+
+def default_names() -> list[str]:
+    return [n for n in REGISTRY if n not in ("sgd", "adam", "adamw")] + list(VARIANTS)
+
+
+def bench_optimizers(set_name: str, steps: int = 30, names=None) -> list[dict]:
     model, mapping = parameter_set(set_name)
     rows_out = []
-    for name in names or [n for n in REGISTRY if n not in ("sgd", "adam", "adamw")]:
+    for label in names or default_names():
+        name, extra = VARIANTS.get(label, (label, {}))
         family = "adam" if name in ADAM_FAMILY else "sgd"
-        extra = {} if REGISTRY[name].cls.__module__.startswith("torch") else {
-            "check_finite": check_finite}
         makers = {
             "psiopt": partial(_psiopt, name, model, mapping, extra),
             "torch": partial(_counterpart_of, family, model, mapping),
@@ -182,7 +190,7 @@ def bench_optimizers(set_name: str, steps: int = 30, names=None, check_finite=Tr
         ref = makers["torch"]()
         opt.step()
         ref.step()
-        row = {"set": set_name, "optimizer": name, "counterpart": f"torch {family}",
+        row = {"set": set_name, "optimizer": label, "counterpart": f"torch {family}",
                "ms": medians["psiopt"] * 1e3, "torch_ms": medians["torch"] * 1e3,
                "ratio": medians["psiopt"] / medians["torch"],
                "state_mb": state_bytes(opt) / 2**20, "torch_state_mb": state_bytes(ref) / 2**20,

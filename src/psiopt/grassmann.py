@@ -15,9 +15,8 @@ def _penalised(group, w, g):
     if not omega or w.shape[0] == 1:
         return g
     y = w.flatten(1)
-    gram = y @ y.T
-    gram.diagonal().sub_(1.0)
-    return g + (4.0 * omega) * (gram @ y).view_as(w)
+    penalty = torch.addmm(y, y @ y.T, y, beta=-1.0)  # (YYᵀ − I) Y
+    return g.add(penalty.view_as(w), alpha=4.0 * omega)
 
 
 def _direction(group, w, g):
