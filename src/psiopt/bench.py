@@ -8,6 +8,7 @@ gradients are); ratios of medians are printed, never asserted.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import platform
 import statistics
@@ -50,8 +51,6 @@ def parameter_set(name: str, seed: int = 0):
 
 
 def _clone(model, mapping):
-    import copy
-
     twin = copy.deepcopy(model)
     for p, q in zip(model.parameters(), twin.parameters()):
         q.grad = p.grad.clone()
@@ -210,7 +209,7 @@ def bench_training_step(steps: int = 12, batch: int = 128) -> list[dict]:
     mapping = find_scale_invariant(base, x[:4])
     out = []
     for name, family in (("psi-sgdm", "sgd"), ("adamsrt", "adam")):
-        models = {k: _clone_plain(base) for k in ("psiopt", "torch")}
+        models = {k: copy.deepcopy(base) for k in ("psiopt", "torch")}
         opts = {"psiopt": create_optimizer(models["psiopt"], name, mapping=mapping),
                 "torch": _counterpart(family, models["torch"], mapping)}
 
@@ -231,12 +230,6 @@ def _train_step(model, opt, x, y):
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     opt.step()
-
-
-def _clone_plain(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def compiled_step(set_name: str = "resnet56", name: str = "psi-sgdm", steps: int = 20) -> dict:

@@ -58,10 +58,6 @@ def rows(t: Tensor, grouping: str) -> Tensor:
     return v if v.dim() > 1 else v.unsqueeze(1)
 
 
-def num_groups(t: Tensor, grouping: str) -> int:
-    return rows(t, grouping).shape[0]
-
-
 def _dims(v: Tensor) -> tuple[int, ...]:
     return tuple(range(1, v.dim()))
 

@@ -1,0 +1,37 @@
+"""The benchmark's own machinery (no timing assertions: speed is reported, not tested)."""
+
+import torch
+
+from psiopt import bench
+from psiopt.geometry import dot, rows
+from psiopt.models import MLP
+
+
+def test_parameter_set_gradients_are_tangent(monkeypatch):
+    monkeypatch.setitem(bench.SETS, "tiny", lambda: (MLP(8, 3, widths=(6,)), torch.randn(4, 8)))
+    model, mapping = bench.parameter_set("tiny")
+    assert mapping == {"net.1.weight": "channel"}
+    w = model.net[1].weight
+    assert dot(rows(w, "channel"), rows(w.grad, "channel")).abs().max() < 1e-5
+
+
+def test_bench_rows_and_table(monkeypatch):
+    monkeypatch.setitem(bench.SETS, "tiny", lambda: (MLP(8, 3, widths=(6,)), torch.randn(4, 8)))
+    out = bench.bench_optimizers("tiny", steps=2, names=["psi-sgdm", "adamsrt", "sgdg ω=0"])
+    assert [r["optimizer"] for r in out] == ["psi-sgdm", "adamsrt", "sgdg ω=0"]
+    assert all(r["ratio"] > 0 and r["torch_ms"] > 0 for r in out)
+    assert out[1]["state_mb"] < out[1]["torch_state_mb"]  # Adam-SRT: no full second moment
+    table = bench.format_table(out)
+    assert table.count("\n") == 4 and "| tiny | psi-sgdm |" in table
+
+
+def test_allocation_tracker_counts_temporaries():
+    w = [torch.zeros(1000) for _ in range(3)]
+
+    class Opt:
+        def step(self):
+            a = torch._foreach_mul(w, 2.0)  # 3 × 4000 bytes alive at once
+            del a
+            torch._foreach_mul_(w, 2.0)  # in place: nothing new
+
+    assert bench.peak_extra_bytes(Opt()) == 12000
