@@ -205,3 +205,19 @@ def test_non_finite_gradient_propagates_by_default_like_torch_optim():
     opt.step()
     w = model[3].weight.detach()
     assert torch.isnan(w).sum() == 1 and torch.isnan(w[0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_psi_paths_agree_when_the_guard_fires(momentum):
+    x, y = bn_data()
+    models = [bn_net(), bn_net()]
+    opts = [psiopt.PSISGD(psiopt.param_groups(m, x), lr=0.5, momentum=momentum, max_norm=0.3,
+                          guard_every=3, foreach=f) for m, f in zip(models, (False, True))]
+    for m, opt in zip(models, opts):
+        train(m, opt, x, y, 10)
+    w = psiopt.geometry.rows(models[1][0].weight.detach(), "channel")
+    assert psiopt.geometry.norm(w).max() < 1.5  # renormalised (by the pre-step norm) at step 9
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="guard_every"):
+        psiopt.PSISGD(psiopt.param_groups(models[0], x), guard_every=0)
