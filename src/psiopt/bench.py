@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .discovery import find_scale_invariant, param_groups
-from .geometry import dot, rows, safe_inv, sqnorm
+from .geometry import dot, norm, rows, safe_inv, sqnorm
 from .models import MLP, create_model
 from .registry import REGISTRY, create_optimizer
 
@@ -37,7 +37,12 @@ SETS = {
 
 
 def parameter_set(name: str, seed: int = 0):
-    """Model, its invariant mapping, and fixed random gradients tangent to the invariant rows."""
+    """Model, its invariant mapping, and fixed random gradients shaped like real ones.
+
+    Invariant rows get gradients tangent to the row with ``‖g‖ = 0.01/‖w‖`` (a BN gradient is
+    orthogonal to the weight and shrinks as the weight grows), the rest ``0.01·N(0, 1)``; so every
+    optimizer stays finite over the timed steps at its default learning rate.
+    """
     torch.manual_seed(seed)
     model, x = SETS[name]()
     mapping = find_scale_invariant(model, x)
@@ -46,6 +51,9 @@ def parameter_set(name: str, seed: int = 0):
         if pname in mapping:
             w, gv = rows(p.detach(), mapping[pname]), rows(g, mapping[pname])
             gv.sub_(w * dot(w, gv) * safe_inv(sqnorm(w)))
+            gv.mul_(0.01 * safe_inv(norm(gv) * norm(w)))
+        else:
+            g.mul_(0.01)
         p.grad = g
     return model, mapping
 
