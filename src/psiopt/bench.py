@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 import platform
 import statistics
 import time
@@ -78,8 +79,9 @@ def _time(step) -> float:
     return time.perf_counter() - start
 
 
-def compare_steps(makers: dict, steps: int = 30, warmup: int = 5) -> dict[str, float]:
-    """Median step time of each optimizer, the steps of all of them interleaved."""
+def compare_steps(makers: dict, steps: int = 30, warmup: int = 5) -> dict[str, list[float]]:
+    """Step times of each optimizer over ``steps`` rounds; in each round every optimizer steps
+    once, one after the other, so that each round's times share the machine's state."""
     opts = {k: make() for k, make in makers.items()}
     times = {k: [] for k in opts}
     for i in range(warmup + steps):
@@ -87,7 +89,12 @@ def compare_steps(makers: dict, steps: int = 30, warmup: int = 5) -> dict[str, f
             t = _time(opt.step)
             if i >= warmup:
                 times[k].append(t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of ``a/b``: robust to the machine speeding up or slowing down."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def state_bytes(opt) -> int:
@@ -192,19 +199,20 @@ def bench_optimizers(set_name: str, steps: int = 30, names=None) -> list[dict]:
             "torch": partial(_counterpart_of, family, model, mapping),
             **_peers(family, model, mapping),
         }
-        medians = compare_steps(makers, steps)
+        times = compare_steps(makers, steps)
+        medians = {k: statistics.median(v) for k, v in times.items()}
         opt = makers["psiopt"]()
         ref = makers["torch"]()
         opt.step()
         ref.step()
         row = {"set": set_name, "optimizer": label, "counterpart": f"torch {family}",
                "ms": medians["psiopt"] * 1e3, "torch_ms": medians["torch"] * 1e3,
-               "ratio": medians["psiopt"] / medians["torch"],
+               "ratio": paired_ratio(times["psiopt"], times["torch"]),
                "state_mb": state_bytes(opt) / 2**20, "torch_state_mb": state_bytes(ref) / 2**20,
                "peak_mb": peak_extra_bytes(opt) / 2**20,
                "torch_peak_mb": peak_extra_bytes(ref) / 2**20}
         for peer in set(medians) - {"psiopt", "torch"}:
-            row[f"vs_{peer}"] = medians["psiopt"] / medians[peer]
+            row[f"vs_{peer}"] = paired_ratio(times["psiopt"], times[peer])
         rows_out.append(row)
     return rows_out
 
@@ -230,7 +238,7 @@ def bench_training_step(steps: int = 12, batch: int = 128) -> list[dict]:
         med = {k: statistics.median(v) for k, v in times.items()}
         out.append({"optimizer": name, "counterpart": f"torch {family}",
                     "ms": med["psiopt"] * 1e3, "torch_ms": med["torch"] * 1e3,
-                    "ratio": med["psiopt"] / med["torch"]})
+                    "ratio": paired_ratio(times["psiopt"], times["torch"])})
     return out
 
 
@@ -242,6 +250,7 @@ def _train_step(model, opt, x, y):
 
 def compiled_step(set_name: str = "resnet56", name: str = "psi-sgdm", steps: int = 20) -> dict:
     """Eager versus ``torch.compile``d step (``check_finite=False``: the check needs the host)."""
+    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break notices
     model, mapping = parameter_set(set_name)
     eager = create_optimizer(_clone(model, mapping), name, mapping=mapping, check_finite=False)
     comp = create_optimizer(_clone(model, mapping), name, mapping=mapping, check_finite=False)
@@ -249,7 +258,8 @@ def compiled_step(set_name: str = "resnet56", name: str = "psi-sgdm", steps: int
     start = time.perf_counter()
     fn()
     compile_s = time.perf_counter() - start
-    medians = compare_steps({"eager": lambda: eager, "compiled": lambda: _Stepper(fn)}, steps)
+    times = compare_steps({"eager": lambda: eager, "compiled": lambda: _Stepper(fn)}, steps)
+    medians = {k: statistics.median(v) for k, v in times.items()}
     return {"set": set_name, "optimizer": name, "eager_ms": medians["eager"] * 1e3,
             "compiled_ms": medians["compiled"] * 1e3, "compile_s": compile_s}
 
@@ -300,9 +310,14 @@ def run(out: str | Path | None = "docs/performance.md", steps: int = 30, sets=No
     threads = torch.get_num_threads()
     parts = [f"# Performance\n\nMachine: {platform.platform()}, {platform.processor() or 'cpu'}, "
              f"{threads} threads; torch {torch.__version__}; float32 on CPU.\n",
-             "Re-run with `make bench` (or `psiopt bench`). Median step time over "
-             f"{steps} steps after 5 warm-up steps, interleaved with the torch.optim counterpart "
-             "in the same process; ratio = psiopt / torch (lower is better).\n"]
+             "Re-run with `make bench` (or `psiopt bench`). Each optimizer works on its own copy "
+             "of the parameters with fixed gradients shaped like BN gradients (tangent to the "
+             "rows, norm 0.01/‖w‖). In each of "
+             f"{steps} rounds (after 5 warm-up rounds) psiopt, its torch.optim counterpart and the "
+             "peers each take one step; `ms` is the median step time, `ratio` the median over "
+             "rounds of psiopt/torch (lower is better), `ratio adamp/sgdp/geoopt` the same "
+             "against the peers. State is the optimizer's memory; peak extra is the most memory "
+             "held by temporaries during one step.\n"]
     all_rows = []
     for set_name in sets or list(SETS):
         log(f"benchmarking {set_name} ...")

@@ -99,7 +99,7 @@ def parser() -> Parser:
     r = sub.add_parser("report", help="regenerate summary.md and plots of a run directory")
     r.add_argument("directory")
     b = sub.add_parser("bench", help="step time against torch.optim; writes docs/performance.md")
-    b.add_argument("--steps", type=int, default=30)
+    b.add_argument("--steps", type=int, default=60)
     b.add_argument("--sets", default=None, help="comma-separated: resnet56,vgg16-bn,mlp-ln")
     b.add_argument("--out", default="docs/performance.md")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
