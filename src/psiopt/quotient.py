@@ -28,9 +28,9 @@ class PSISGD(ScaleInvariantOptimizer):
     the weights; norms grow slowly, so the default checks every 16 steps.
 
     Non-invariant groups follow SGD with their own ``lr``, ``momentum`` and ``weight_decay``.
-    State of an invariant parameter (with momentum): the velocity ``u = velocity_scale ·
-    velocity``, kept as a buffer and one scale per group so that the vectorized path updates it
-    in one pass (the scale is folded back into the buffer on guard steps).
+    State of an invariant parameter: ``step`` and, with momentum, ``velocity``: the velocity is
+    ``u = ρ^(step % k) · velocity`` (``k`` the guard period), so that the vectorized path updates
+    it in one pass; the scale is folded back into the buffer on guard steps.
     """
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0,
@@ -47,65 +47,72 @@ class PSISGD(ScaleInvariantOptimizer):
         state["step"] = torch.tensor(0.0)
 
     @staticmethod
-    def _velocity(state, w):
-        if "velocity" not in state:
-            state["velocity"] = torch.zeros_like(w)
-            state["velocity_scale"] = torch.ones_like(norm(w))
-        return state["velocity"], state["velocity_scale"]
-
-    @staticmethod
-    def _guard_step(group, step) -> bool:
-        """Whether this step checks the guard (``step`` is a CPU scalar: no device sync)."""
+    def _period(group) -> int:
+        """Steps between guard checks, short enough that the velocity scale ρ^k stays ≥ 1e-3
+        (the buffer then never exceeds the velocity by more than 1e3, even in float16)."""
         every, rho = group["guard_every"], group["momentum"]
-        if 0 < rho < 1:  # fold the velocity scale before ρ^k can underflow
-            every = min(every, max(1, int(30 * math.log(10) / -math.log(rho))))
-        return int(step) % every == 0
+        if 0 < rho < 1:
+            every = min(every, max(1, int(3 * math.log(10) / -math.log(rho))))
+        return every
 
     @staticmethod
     def _guard(n, max_norm):
         """Per-group factor ``s``: ``1/‖w‖`` above ``max_norm``, else 1."""
         return torch.where(n > max_norm, n.reciprocal(), torch.ones_like(n))
 
+    @staticmethod
+    def _velocities(states, ws) -> list:
+        try:
+            return [st["velocity"] for st in states]
+        except KeyError:
+            return [st.setdefault("velocity", torch.zeros_like(w)) for st, w in zip(states, ws)]
+
     def _update_one(self, group, w, g, state):
         lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
+        period = self._period(group)
+        t = int(state["step"])  # a CPU scalar, as in torch.optim: no device synchronisation
         state["step"] += 1
+        guard = (t + 1) % period == 0
         n = norm(w)
         if wd:
             g = g.add(w, alpha=wd)
         step = g * (-lr * n * n)
         if rho:
-            v, scale = self._velocity(state, w)
-            step = v.mul_(scale * rho).add_(step)  # the velocity, with its scale folded in
-            scale.fill_(1.0)
+            (v,) = self._velocities([state], [w])
+            step = v.mul_(rho ** (t % period + 1)).add_(step)  # ρ·u − η‖w‖²g, u = ρ^(t%k)·v
         w.add_(step)
-        if self._guard_step(group, state["step"]):
+        if guard:
             s = self._guard(n, group["max_norm"])
             w.mul_(s)
             if rho:
                 v.mul_(s)
+        elif rho:
+            v.div_(rho ** ((t + 1) % period))
 
     def _update_many(self, group, ws, gs, states, rb):
         lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
-        guard = self._guard_step(group, step_count(states)[0])
+        period = self._period(group)
+        ts = {int(t) for t in torch.stack(step_count(states)).tolist()}
+        if len(ts) > 1:  # parameters stepped unevenly (missing gradients): per-tensor path
+            for w, g, st in zip(ws, gs, states):
+                st["step"] -= 1
+                self._update_one(group, w, g, st)
+            return
+        t = ts.pop() - 1
+        guard = (t + 1) % period == 0
         n = rb.norms(ws, "norm")
         if wd:
             gs = torch._foreach_add(gs, ws, alpha=wd)
-        n2 = n.square()
-        if not rho:  # w ← w − η ‖w‖² g, then the guard
-            torch._foreach_addcmul_(ws, gs, rb.put("coef", n2.mul_(-lr)))
-        else:  # u = σ v:  ρu − η‖w‖²g = σ' (v − η‖w‖²/(ρσ) g),  σ' = ρσ
-            vs, scales = zip(*(self._velocity(st, w) for st, w in zip(states, ws)))
-            sigma = rb.gather(scales)
-            torch._foreach_addcmul_(vs, gs, rb.put("coef", n2.mul_(-lr / rho).div_(sigma)))
-            sigma.mul_(rho)
-            torch._foreach_addcmul_(ws, vs, rb.put("sigma", sigma))
-        if not guard:
+        coef = n.square().mul_(-lr)
+        if not rho:  # w ← w − η ‖w‖² g
+            torch._foreach_addcmul_(ws, gs, rb.put("coef", coef))
+        else:  # the velocity is u = ρ^(t % k) · v: ρu − η‖w‖²g = ρ^(t%k+1) (v − η‖w‖²/ρ^(t%k+1) g)
+            scale = rho ** (t % period + 1)
+            vs = self._velocities(states, ws)
+            torch._foreach_addcmul_(vs, gs, rb.put("coef", coef.div_(scale)))
+            torch._foreach_add_(ws, vs, alpha=scale)
+        if guard:  # fold the scale (and the guard) into the buffer
+            s = self._guard(n, group["max_norm"])
+            torch._foreach_mul_(ws, rb.put("guard", s))
             if rho:
-                torch._foreach_copy_(scales, rb.get("sigma")[1])
-            return
-        s = self._guard(n, group["max_norm"])
-        torch._foreach_mul_(ws, rb.put("guard", s))
-        if rho:  # fold the scale (and the guard) into the buffer
-            torch._foreach_mul_(vs, rb.put("sigma", sigma.mul_(s)))
-            torch._foreach_mul_(scales, 0.0)
-            torch._foreach_add_(scales, 1.0)
+                torch._foreach_mul_(vs, rb.put("fold", s.mul_(scale)))
