@@ -20,9 +20,11 @@ DEMO_OPTIMIZERS := sgd,adam,sgdg,psi-sgd,psi-sgdm,un-sgd,adamsrt
 FASHION := /usr/share/datasets/fashion-mnist
 
 demo: $(STAMP)
-	@test -d $(FASHION) || { if [ "$$(id -u)" = 0 ]; then apt-get install -y -q dataset-fashion-mnist; \
-	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo apt-get install -y -q dataset-fashion-mnist; \
-	  fi; } || echo "could not install dataset-fashion-mnist; the demo falls back to synthetic data"
+	@test -d $(FASHION) || { if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	  else SUDO=none; fi; [ "$$SUDO" != none ] && $$SUDO apt-get update -q \
+	  && $$SUDO apt-get install -y -q dataset-fashion-mnist; } \
+	  || echo "could not install dataset-fashion-mnist; the demo falls back to synthetic data"
 	$(VENV)/bin/psiopt compare --dataset fashion-mnist --fallback-dataset synthetic --model mlp-bn \
 	  --optimizers $(DEMO_OPTIMIZERS) --seeds 1 --epochs 20 --milestones 10,15 --out runs/demo
 

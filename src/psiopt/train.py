@@ -15,7 +15,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -143,8 +143,8 @@ def build(config: RunConfig):
 def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
           progress: bool | None = None, log=print) -> list[dict]:
     """Train per ``config``, writing the run directory ``out_dir``; return the metrics."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    config = replace(config, threads=config.threads or os.cpu_count() or 1)  # recorded
+    torch.set_num_threads(config.threads)
     out = Path(out_dir)
     ckpt_path = out / "checkpoint.pt"
     if out.exists() and (out / "metrics.jsonl").exists() and not resume:
