@@ -225,9 +225,12 @@ def _epoch(config, data, model, optimizer, probe, epoch, progress) -> dict:
             if not regression:
                 correct += (out.argmax(1) == yb).sum()
         seen += len(xb)
-        if i % 20 == 0 or last:
+        if not bar.disable and (i % 20 == 0 or last):
             rate = seen / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{loss.item():.3f}", samples_per_s=f"{rate:.0f}")
+            shown = {"loss": f"{loss.item():.3f}", "samples_per_s": f"{rate:.0f}"}
+            if not regression:
+                shown["acc"] = f"{correct.item() / seen:.3f}"
+            bar.set_postfix(shown)
         bar.update()
     bar.close()
     return {"train_loss": loss_sum.item() / seen,
