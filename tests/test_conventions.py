@@ -117,6 +117,12 @@ def test_invalid_hyperparameters_name_the_argument(kwargs, word):
         psiopt.PSISGD([{"params": [p], "grouping": "channel"}], **kwargs)
 
 
+def test_grouping_that_does_not_fit_the_shape_is_rejected_at_construction():
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="do not split"):
+        psiopt.PSISGD([p], grouping="groups:2")
+
+
 @pytest.mark.parametrize("cls, kwargs, word", [
     (psiopt.AdamS, {"betas": (1.0, 0.9)}, "betas"), (psiopt.AdamSRT, {"eps": -1.0}, "eps"),
     (psiopt.SGDG, {"clip": 0.0}, "clip"), (psiopt.AdamG, {"ortho": -1.0}, "ortho"),

@@ -91,6 +91,10 @@ class ScaleInvariantOptimizer(Optimizer):
             if key != "params":
                 self._check_hyper(key, value)
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if group["grouping"] is not None:
+            for p in group["params"]:
+                rows(p, group["grouping"])  # raises ValueError if the shape does not fit
 
     # -- step ---------------------------------------------------------------------------------
     @torch.no_grad()
