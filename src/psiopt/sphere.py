@@ -11,14 +11,14 @@ from .geometry import dot, norm, normalize_, rows, safe_inv, sqnorm
 class _SphereOptimizer(ScaleInvariantOptimizer):
     """Rows live on a sphere: weight decay has no meaning on them."""
 
+    _decay_ok = False
+
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if group["grouping"] is not None and group["weight_decay"] and not self._decay_ok:
             raise ValueError(f"invalid weight_decay for an invariant group of {type(self).__name__}:"
                              f" {group['weight_decay']!r} (rows are kept on a sphere; use 0)")
-
-    _decay_ok = False
 
 
 class UnitNormSGD(_SphereOptimizer):

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import __version__
 from .data import batches, load_dataset
-from .diagnostics import StepProbe, invariant_parameters, summarize
+from .diagnostics import StepProbe, summarize
 from .geometry import rows
 from .models import create_model, glorot_
 from .registry import create_optimizer
@@ -244,4 +244,4 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-__all__ = ["RunConfig", "train", "build", "evaluate", "read_metrics", "invariant_parameters"]
+__all__ = ["RunConfig", "train", "build", "evaluate", "read_metrics"]

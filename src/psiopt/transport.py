@@ -63,13 +63,11 @@ class AdamS(ScaleInvariantOptimizer):
         v.mul_(beta2).add_(sqnorm(g), alpha=(1 - beta2) / group_size(w))
         lr_hat, v_hat = self._hyper(group, state["step"])
         coef = -lr_hat / (v.sqrt() * v_hat + group["eps"])
-        if not self._transport:
-            w.addcmul_(m, coef)
-            return
-        old = w.clone()
+        old = w.clone() if self._transport else None
         w.addcmul_(m, coef)
-        m.copy_(rescale_transport(m, old, w))
-        v.mul_(sqnorm(old) * safe_inv(sqnorm(w)))
+        if self._transport:
+            m.copy_(rescale_transport(m, old, w))
+            v.mul_(sqnorm(old) * safe_inv(sqnorm(w)))
 
     def _update_many(self, group, ws, gs, states, rb):
         beta1, beta2 = group["betas"]
