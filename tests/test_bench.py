@@ -2,9 +2,9 @@
 
 import torch
 
-from psiopt import bench
-from psiopt.geometry import dot, rows
-from psiopt.models import MLP
+from psiopt.experiments import bench
+from psiopt.optim.geometry import dot, rows
+from psiopt.experiments.models import MLP
 
 
 def test_parameter_set_gradients_are_tangent(monkeypatch):

@@ -4,12 +4,12 @@ import sys
 
 import pytest
 
-from psiopt.cli import main
-from psiopt.train import RunConfig, read_metrics, train
+from psiopt.experiments.cli import main
+from psiopt.experiments.train import RunConfig, read_metrics, train
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "psiopt.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "psiopt", *args], capture_output=True,
                           text=True, timeout=300)
 
 

@@ -221,8 +221,8 @@ def test_psi_paths_agree_when_the_guard_fires(momentum):
                           guard_every=3, foreach=f) for m, f in zip(models, (False, True))]
     for m, opt in zip(models, opts):
         train(m, opt, x, y, 10)
-    w = psiopt.geometry.rows(models[1][0].weight.detach(), "channel")
-    assert psiopt.geometry.norm(w).max() < 1.5  # renormalised (by the pre-step norm) at step 9
+    w = psiopt.optim.geometry.rows(models[1][0].weight.detach(), "channel")
+    assert psiopt.optim.geometry.norm(w).max() < 1.5  # renormalised (by the pre-step norm) at step 9
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="guard_every"):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from psiopt import data
-from psiopt.data import DataError, augment_batch, batches, load_dataset
+from psiopt.experiments import data
+from psiopt.experiments.data import DataError, augment_batch, batches, load_dataset
 
 
 def write_idx(path, array, compress):

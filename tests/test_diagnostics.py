@@ -5,8 +5,8 @@ import torch.nn.functional as F
 
 import psiopt
 from helpers import exact_groups, exact_setup
-from psiopt.diagnostics import StepProbe, measured_effective_lr, scheduling_beta, theorem2_effective_lr
-from psiopt.geometry import rows
+from psiopt.optim.diagnostics import StepProbe, measured_effective_lr, scheduling_beta, theorem2_effective_lr
+from psiopt.optim.geometry import rows
 
 
 def one_step(opt, model, x, y):

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import psiopt
-from psiopt.models import create_model
+from psiopt.experiments.models import create_model
 
 
 def found(model, *shape):

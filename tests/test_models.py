@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import psiopt
-from psiopt.models import create_model, list_models
+from psiopt.experiments.models import create_model, list_models
 
 # name -> (input shape, number of invariant parameters, names that must / must not be invariant)
 CASES = {
@@ -52,4 +52,4 @@ def test_models_take_other_inputs_and_options():
     with pytest.raises(ValueError, match="unknown model"):
         create_model("resnet19")
     with pytest.raises(ValueError, match="6n\\+2"):
-        psiopt.models.CifarResNet(depth=21)
+        psiopt.experiments.models.CifarResNet(depth=21)

@@ -14,6 +14,7 @@ declare them by hand with ``overrides`` and confirm with :func:`check_invariance
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils._pytree import tree_leaves
 
-from .geometry import norm, normalize_, parse_grouping, rows
+from .geometry import CANCELLED, is_invariant, norm, parse_grouping, rows, safe_inv
 
 _LAYERS = (nn.Linear, _ConvNd)
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
@@ -114,14 +115,50 @@ def _use_grouping(layer: nn.Module, y: Tensor, norm_layer: nn.Module) -> str | N
     return kind if kind == "tensor" else kind + suffix
 
 
-def find_scale_invariant(model: nn.Module, example_inputs) -> dict[str, str]:
-    """Map the name of every scale-invariant parameter to its grouping.
+@dataclass(eq=False)
+class NormStats:
+    """Running statistics of a BatchNorm/InstanceNorm layer fed by the rows of an invariant weight.
 
-    ``example_inputs`` is what ``model`` is called with: a tensor, a tuple of positional
-    arguments, or a dict of keyword arguments.  Values are ``"channel"``, ``"groups:G"`` or
-    ``"tensor"`` (see :mod:`psiopt.geometry`; ``"@1"`` marks ConvTranspose weights).  Parameters
-    absent from the result are not scale-invariant.
+    Scaling row ``i`` by ``s_i`` scales channel ``i`` of the layer's input around the cancelled
+    bias ``b`` (zero without a bias), so the eval-mode network is unchanged when the statistics
+    follow: ``mean ← s (mean − b) + b`` and ``var ← s² var``.  For a ``"tensor"`` group one factor
+    applies to every channel.
     """
+
+    norm: nn.Module
+    bias: Tensor | None
+
+    @torch.no_grad()
+    def rescale_(self, factors: Tensor) -> None:
+        """Follow a rescaling of the rows by ``factors`` (one per row, or a single one)."""
+        mean, var = self.norm.running_mean, self.norm.running_var
+        if mean is None or var is None:
+            return
+        s = factors.reshape(-1).to(mean.dtype)
+        if self.bias is None:
+            mean.mul_(s)
+        else:
+            b = self.bias.detach().to(mean.dtype)
+            mean.sub_(b).mul_(s).add_(b)
+        var.mul_(s.square())
+
+
+@torch.no_grad()
+def rescale_rows_(view: Tensor, factors: Tensor, stats=()) -> None:
+    """Multiply the groups of ``view`` by ``factors`` (keepdim, one per group) in place, and let
+    the running statistics in ``stats`` (:class:`NormStats`) follow."""
+    view.mul_(factors)
+    for st in stats:
+        st.rescale_(factors)
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    return getattr(module, "running_mean", None) is not None
+
+
+def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[str, list[NormStats]]]:
+    """``(mapping, stats)``: the grouping of every invariant weight and cancelled bias, and the
+    running statistics each invariant weight feeds."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layer_calls, norm_inputs = [], {}
@@ -145,36 +182,59 @@ def find_scale_invariant(model: nn.Module, example_inputs) -> dict[str, str]:
             h.remove()
     counts, leaves = _graph(_outputs(out))
 
-    uses: dict[int, list] = {}
+    uses: dict[int, list] = {}  # id(weight) -> [(grouping or None, layer, norm layer)]
     for layer, y in layer_calls:
-        weight = layer.weight
-        if not isinstance(weight, nn.Parameter):
+        if not isinstance(layer.weight, nn.Parameter):
             continue
-        grouping = None
+        grouping, norm_layer = None, None
         if isinstance(y, Tensor) and y.grad_fn is not None and counts[y.grad_fn] == 1:
             norm_layer, x = norm_inputs.get(id(y), (None, None))
             if x is y:
                 grouping = _use_grouping(layer, y, norm_layer)
-        uses.setdefault(id(weight), []).append(grouping)
+        uses.setdefault(id(layer.weight), []).append((grouping, layer, norm_layer))
 
-    found = {}
-    for name, p in model.named_parameters():
-        groupings = uses.get(id(p), [None])
+    def used_only_there(p, n_uses) -> bool:
         node = leaves.get(id(p))
-        if None in groupings or len(set(groupings)) != 1 or node is None:
+        return node is not None and counts[node] == n_uses
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    mapping, stats = {}, {}
+    for name, p in model.named_parameters():
+        calls = uses.get(id(p))
+        groupings = {g for g, _, _ in calls or [(None, None, None)]}
+        if None in groupings or len(groupings) != 1 or not used_only_there(p, len(calls)):
             continue
-        if counts[node] == len(groupings):  # no use outside the recorded layer calls
-            found[name] = groupings[0]
-    return found
+        mapping[name] = groupings.pop()
+        stats[name] = [NormStats(norm, layer.bias) for _, layer, norm in calls
+                       if _has_running_stats(norm)]
+        biases = {id(layer.bias): layer.bias for _, layer, _ in calls if layer.bias is not None}
+        for bias in biases.values():  # only a cancelled bias survives _use_grouping
+            if isinstance(bias, nn.Parameter) and id(bias) in names and used_only_there(bias, len(calls)):
+                mapping[names[id(bias)]] = CANCELLED
+    return mapping, stats
+
+
+def find_scale_invariant(model: nn.Module, example_inputs) -> dict[str, str]:
+    """Map the name of every scale-invariant parameter to its grouping.
+
+    ``example_inputs`` is what ``model`` is called with: a tensor, a tuple of positional
+    arguments, or a dict of keyword arguments.  Values are ``"channel"``, ``"groups:G"`` or
+    ``"tensor"`` (see :mod:`psiopt.optim.geometry`; ``"@1"`` marks ConvTranspose weights), and
+    ``"cancelled"`` for a bias that the following normalisation removes (its gradient is rounding
+    noise: psiopt optimizers never update it).  Parameters absent from the result are not
+    scale-invariant.
+    """
+    return _discover(model, example_inputs)[0]
 
 
 def _mapping(model: nn.Module, groups_or_mapping) -> dict[str, str]:
+    """The declared invariant groupings (cancelled biases and ``None`` left out)."""
     if isinstance(groups_or_mapping, dict):
-        return dict(groups_or_mapping)
+        return {k: v for k, v in groups_or_mapping.items() if is_invariant(v)}
     names = {id(p): n for n, p in model.named_parameters()}
     out = {}
     for group in groups_or_mapping:
-        if group.get("grouping"):
+        if is_invariant(group.get("grouping")):
             for p in group["params"]:
                 out[names[id(p)]] = group["grouping"]
     return out
@@ -186,9 +246,10 @@ def _check_mapping(model: nn.Module, mapping: dict) -> dict[str, nn.Parameter]:
     if unknown:
         raise ValueError(f"unknown parameter name(s) {unknown}; the model has {sorted(params)}")
     for name, grouping in mapping.items():
-        if grouping is not None:
-            parse_grouping(grouping)
-            rows(params[name], grouping)
+        if is_invariant(grouping):
+            rows(params[name], grouping)  # raises ValueError for a bad grouping or shape
+        elif grouping not in (None, CANCELLED):
+            raise ValueError(f"invalid grouping {grouping!r} for {name}")
     return params
 
 
@@ -198,16 +259,28 @@ def param_groups(model: nn.Module, example_inputs=None, *, mapping: dict | None 
                  invariant_weight_decay: float = 0.0) -> list[dict]:
     """torch-style parameter groups: one per grouping of invariant parameters, then the rest.
 
-    ``mapping`` replaces discovery (then ``example_inputs`` is not needed); ``overrides`` maps
-    parameter names to a grouping (declare a parameter invariant) or ``None`` (declare it not
-    invariant).  ``lr``/``weight_decay`` go to the non-invariant group, ``invariant_lr`` and
-    ``invariant_weight_decay`` (default 0: no L2 on invariant weights) to the invariant groups;
-    anything left unset takes the optimizer's defaults.  Every group carries ``param_names``.
+    ``mapping`` replaces discovery; ``overrides`` maps parameter names to a grouping (declare a
+    parameter invariant) or ``None`` (declare it not invariant).  ``lr``/``weight_decay`` go to
+    the non-invariant group, ``invariant_lr`` and ``invariant_weight_decay`` (default 0: no L2 on
+    invariant weights) to the invariant groups; anything left unset takes the optimizer's
+    defaults.  Every group carries ``param_names``.
+
+    Biases cancelled by a normalisation go to a group with ``grouping="cancelled"`` and
+    ``lr=0``: psiopt optimizers never update it (and a torch.optim optimizer given these groups
+    leaves it alone too).  With ``example_inputs``, invariant groups also carry ``norm_stats``:
+    the running statistics their rows feed, which follow every rescaling psiopt does so that the
+    eval-mode network is unchanged (kept out of ``state_dict``).
     """
-    if mapping is None:
-        if example_inputs is None:
-            raise ValueError("param_groups needs example_inputs (or an explicit mapping)")
-        mapping = find_scale_invariant(model, example_inputs)
+    stats: dict[str, list[NormStats]] = {}
+    if example_inputs is not None:
+        found, stats = _discover(model, example_inputs)
+        mapping = found if mapping is None else mapping
+    elif mapping is None:
+        raise ValueError("param_groups needs example_inputs (or an explicit mapping)")
+    elif any(_has_running_stats(m) for m in model.modules()):
+        warnings.warn("param_groups: without example_inputs the running statistics of the model's "
+                      "normalisation layers cannot follow rows that psiopt rescales; pass "
+                      "example_inputs", stacklevel=2)
     mapping = {**mapping, **(overrides or {})}
     _check_mapping(model, mapping)
     buckets: dict = {}
@@ -217,23 +290,32 @@ def param_groups(model: nn.Module, example_inputs=None, *, mapping: dict | None 
             bucket["params"].append(p)
             bucket["param_names"].append(name)
     groups = []
-    for grouping, bucket in sorted(buckets.items(), key=lambda kv: kv[0] is None):
+    order = {CANCELLED: 1, None: 2}
+    for grouping, bucket in sorted(buckets.items(), key=lambda kv: order.get(kv[0], 0)):
         group = {**bucket, "grouping": grouping}
-        chosen = (invariant_lr, invariant_weight_decay) if grouping else (lr, weight_decay)
-        for key, value in zip(("lr", "weight_decay"), chosen):
-            if value is not None:
-                group[key] = value
+        if grouping == CANCELLED:
+            group.update(lr=0.0, weight_decay=0.0)
+        elif grouping is None:
+            group.update({k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None})
+        else:
+            group.update({k: v for k, v in (("lr", invariant_lr), ("weight_decay", invariant_weight_decay))
+                          if v is not None})
+            if example_inputs is not None:
+                group["norm_stats"] = [stats.get(n, []) for n in bucket["param_names"]]
         groups.append(group)
     return groups
 
 
 @torch.no_grad()
 def unit_normalize_(groups: list[dict]) -> None:
-    """Scale every invariant group (rows of groups with a ``grouping``) to unit norm, in place."""
+    """Scale every invariant group to unit norm in place (zero groups stay zero); the running
+    statistics listed in a group's ``norm_stats`` follow."""
     for group in groups:
-        if group.get("grouping"):
-            for p in group["params"]:
-                normalize_(rows(p, group["grouping"]))
+        if is_invariant(group.get("grouping")):
+            links = group.get("norm_stats") or [()] * len(group["params"])
+            for p, st in zip(group["params"], links):
+                v = rows(p, group["grouping"])
+                rescale_rows_(v, safe_inv(norm(v)), st)
 
 
 @dataclass
@@ -283,7 +365,11 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
     is ``loss_fn(output)`` or, by default, a fixed random projection of the outputs.  Groups above
     ``tol`` are failures.  The model's parameters, buffers and modes are restored.
     """
-    mapping = {k: v for k, v in _mapping(model, groups_or_mapping).items() if v}
+    mapping = _mapping(model, groups_or_mapping)
+    if not mapping:
+        raise ValueError("check_invariance: nothing to check: no parameter is declared "
+                         "scale-invariant (pass param groups with a 'grouping' or a mapping "
+                         "{name: grouping}, e.g. from find_scale_invariant)")
     params = _check_mapping(model, mapping)
 
     def loss_of(out) -> Tensor:
@@ -323,4 +409,4 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
 
 
 __all__ = ["find_scale_invariant", "param_groups", "check_invariance", "unit_normalize_",
-           "InvarianceReport", "GroupCheck"]
+           "rescale_rows_", "NormStats", "InvarianceReport", "GroupCheck"]

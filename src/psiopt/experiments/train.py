@@ -22,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
+from .. import __version__
 from .data import batches, load_dataset
-from .diagnostics import StepProbe, summarize
-from .geometry import rows
+from ..optim.diagnostics import StepProbe, summarize
+from ..optim.discovery import rescale_rows_
+from ..optim.geometry import is_invariant, rows
 from .models import create_model, glorot_
-from .registry import create_optimizer
+from ..optim.registry import create_optimizer
 
 INITS = ("default", "glorot", "unbalanced")
 
@@ -76,14 +77,17 @@ def initialise(model: nn.Module, how: str, groups: list[dict]) -> None:
     half of the rows of every invariant weight ×1e4, the second half ×1e-4."""
     if how == "glorot":
         glorot_(model)
-    elif how == "unbalanced":
-        with torch.no_grad():
-            for group in groups:
-                for p in group["params"] if group.get("grouping") else []:
-                    v = rows(p, group["grouping"])
-                    half = max(v.shape[0] // 2, 1)
-                    v[:half].mul_(1e4)
-                    v[half:].mul_(1e-4)
+    elif how == "unbalanced":  # an equivalent network: running statistics follow the rows
+        for group in groups:
+            if not is_invariant(group.get("grouping")):
+                continue
+            links = group.get("norm_stats") or [()] * len(group["params"])
+            for p, stats in zip(group["params"], links):
+                v = rows(p, group["grouping"])
+                factors = torch.full((v.shape[0],) + (1,) * (v.dim() - 1), 1e-4,
+                                     dtype=v.dtype, device=v.device)
+                factors[: max(v.shape[0] // 2, 1)] = 1e4
+                rescale_rows_(v, factors, stats)
 
 
 def _loss(out, y, regression: bool):

@@ -4,7 +4,8 @@ A *grouping* says how a parameter splits into scale-invariant groups (SPEC §1):
 
 * ``"channel"``  -- each output channel / neuron is one group (BatchNorm, InstanceNorm);
 * ``"groups:G"`` -- G contiguous blocks of output channels (GroupNorm with G groups);
-* ``"tensor"``   -- the whole tensor is one group (LayerNorm over the features).
+* ``"tensor"``   -- the whole tensor is one group (LayerNorm over the features);
+* ``"cancelled"`` -- not a grouping: a bias whose effect the normalisation removes (never updated).
 
 A suffix ``"@1"`` (``"channel@1"``, ``"groups:G@1"``) marks weights whose output channels lie on
 dimension 1 (``ConvTranspose``).  :func:`rows` turns a parameter into a *view* whose first dimension
@@ -21,6 +22,15 @@ import torch
 from torch import Tensor
 
 _TINY = 1e-30
+
+#: grouping of a parameter that has no effect on the output (a bias cancelled by the mean of the
+#: normalisation that follows): psiopt optimizers never update it.
+CANCELLED = "cancelled"
+
+
+def is_invariant(grouping) -> bool:
+    """True for a grouping that declares scale-invariant groups (not ``None``, not cancelled)."""
+    return grouping is not None and grouping != CANCELLED
 
 
 @functools.lru_cache(maxsize=256)
@@ -133,74 +143,64 @@ def rescale_transport(a: Tensor, x_old: Tensor, x_new: Tensor) -> Tensor:
     return out.mul_(safe_inv(sqnorm(x_new)))
 
 
-class RowBuffers:
-    """Flat buffers of per-group scalars for a fixed list of grouped views.
+class RowLayout:
+    """Per-group scalars of a fixed list of grouped views, kept as one flat tensor.
 
-    Each named buffer is one flat tensor with a keepdim view per tensor, created once; reductions
-    write into the views (one op per tensor) and all per-group scalar arithmetic is then a few
-    ops on the flat tensor, whatever the number of tensors.  Used by the vectorized paths.
+    A flat tensor holds one scalar per group of every view, in order; :meth:`split` gives its
+    keepdim views per tensor (no copy), so per-group arithmetic is a few ops on the flat tensor and
+    applying it to the tensors is one ``torch._foreach_*`` call.  The layout holds shapes only:
+    every method returns a new tensor owned by the caller, nothing is shared between calls.
     """
 
     def __init__(self, views: list[Tensor]):
         self.sizes = [v.shape[0] for v in views]
         self.shapes = [(v.shape[0],) + (1,) * (v.dim() - 1) for v in views]
         self.dims = [_dims(v) for v in views]
-        self.like = views[0]
-        self._buffers: dict[str, tuple[Tensor, list[Tensor]]] = {}
+        self.group_sizes = [group_size(v) for v in views]
+        self._like = views[0]
 
-    def get(self, name: str) -> tuple[Tensor, list[Tensor]]:
-        """``(flat, views)`` of the buffer ``name``."""
-        if name not in self._buffers:
-            flat = self.like.new_empty(sum(self.sizes))
-            views = [c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes)]
-            self._buffers[name] = (flat, views)
-        return self._buffers[name]
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Keepdim per-tensor views of a flat per-group tensor (no copy)."""
+        return [c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes)]
 
-    def norms(self, xs: list[Tensor], name: str) -> Tensor:
-        """Per-group norms of ``xs`` into buffer ``name``; returns its flat tensor."""
-        flat, views = self.get(name)
-        for x, out, dims in zip(xs, views, self.dims):
-            torch.linalg.vector_norm(x, dim=dims, keepdim=True, out=out)
+    def _reduce(self, op, *lists: list[Tensor]) -> Tensor:
+        flat = self._like.new_empty(sum(self.sizes))
+        for args, out, dims in zip(zip(*lists), self.split(flat), self.dims):
+            op(*args, dims, out)
         return flat
 
-    def dots(self, xs: list[Tensor], ys: list[Tensor], name: str) -> Tensor:
-        """Per-group inner products into buffer ``name``; returns its flat tensor."""
-        flat, views = self.get(name)
-        for x, y, out, dims in zip(xs, ys, views, self.dims):
-            torch.sum(torch.mul(x, y), dim=dims, keepdim=True, out=out)
-        return flat
+    def norms(self, xs: list[Tensor]) -> Tensor:
+        """Flat per-group norms ``‖x_i‖`` (one reduction per tensor)."""
+        return self._reduce(lambda x, d, out: torch.linalg.vector_norm(x, dim=d, keepdim=True, out=out), xs)
 
-    def put(self, name: str, value: Tensor) -> list[Tensor]:
-        """Copy a flat ``value`` into buffer ``name``; returns the per-tensor views."""
-        flat, views = self.get(name)
-        flat.copy_(value)
-        return views
+    def dots(self, xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+        """Flat per-group inner products ``<x_i, y_i>``."""
+        return self._reduce(lambda x, y, d, out: torch.sum(torch.mul(x, y), dim=d, keepdim=True, out=out),
+                            xs, ys)
 
     def gather(self, tensors: list[Tensor]) -> Tensor:
         """Concatenate per-tensor keepdim scalars (e.g. state) into one flat tensor."""
         return torch.cat([t.reshape(-1) for t in tensors])
 
-    def per_tensor(self, name: str, values: list[float]) -> Tensor:
-        """Flat buffer ``name`` holding ``values[i]`` on every group of tensor ``i``."""
-        flat, _ = self.get(name)
-        sizes = torch.tensor(self.sizes)
-        flat.copy_(torch.repeat_interleave(torch.tensor(values, dtype=flat.dtype), sizes))
+    def scale_per_tensor_(self, flat: Tensor, values: list[float]) -> Tensor:
+        """Multiply the groups of tensor ``i`` by the Python number ``values[i]``, in place."""
+        torch._foreach_mul_(self.split(flat), values)
         return flat
 
 
-def geodesic_step_(ys: list[Tensor], ms: list[Tensor], k: Tensor, rb: RowBuffers) -> None:
+def geodesic_step_(ys: list[Tensor], ms: list[Tensor], k: Tensor, layout: RowLayout) -> None:
     """Vectorized ``y ← exp(y, k m)`` and ``m ← pt(y, k m)/k`` for unit rows ``y`` (in place).
 
     With ``n = |k|‖m‖``: ``y ← y cos n + k sinc(n) m`` and ``m ← m cos n − k‖m‖² sinc(n) y``,
     which is :func:`sphere_exp` with :func:`transport_self` (``k = 1``, SGDG) and with
     :func:`transport` for ``h1 = m``, ``h2 = k m`` (AdamG).  ``k`` is a flat per-group tensor.
     """
-    mn = rb.norms(ms, "m_norm")
+    mn = layout.norms(ms)
     n = mn * k.abs()
     sinc = torch.sinc(n / math.pi)
-    cos_parts = rb.put("cos", torch.cos(n))
-    forward = torch._foreach_mul(ms, rb.put("k_sinc", k * sinc))
+    cos_parts = layout.split(torch.cos(n))
+    forward = torch._foreach_mul(ms, layout.split(k * sinc))
     torch._foreach_mul_(ms, cos_parts)
-    torch._foreach_addcmul_(ms, ys, rb.put("back", -k * mn.square() * sinc))
+    torch._foreach_addcmul_(ms, ys, layout.split(-k * mn.square() * sinc))
     torch._foreach_mul_(ys, cos_parts)
     torch._foreach_add_(ys, forward)

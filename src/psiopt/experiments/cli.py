@@ -9,7 +9,7 @@ from pathlib import Path
 from .data import DATASETS, DataError, is_available
 from .models import list_models
 from .recipes import RECIPES
-from .registry import REGISTRY, list_optimizers
+from ..optim.registry import REGISTRY, list_optimizers
 from .train import INITS, RunConfig, train
 
 

@@ -13,19 +13,16 @@ Two effective learning rates per group, both from one optimizer step ``x_k → x
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .geometry import dot, norm, rows, safe_inv, sqnorm
-from .transport import SGDMRT, AdamS, AdamSRT
+from .geometry import dot, is_invariant, norm, rows, safe_inv, sqnorm
 
 
 def invariant_parameters(optimizer) -> list[tuple[str, torch.Tensor, str]]:
     """``(name, parameter, grouping)`` of every parameter in a group with a ``grouping``."""
     out = []
     for gi, group in enumerate(optimizer.param_groups):
-        if group.get("grouping"):
+        if is_invariant(group.get("grouping")):
             names = group.get("param_names") or [f"group{gi}.{j}" for j in range(len(group["params"]))]
             out += [(n, p, group["grouping"]) for n, p in zip(names, group["params"])]
     return out
@@ -46,25 +43,12 @@ def theorem2_effective_lr(x_old, x_new, lr: float, beta) -> torch.Tensor:
     return (lr * safe_inv(r2 * beta * (1 - radial))).flatten()
 
 
-def scheduling_beta(optimizer, p: torch.Tensor, view: torch.Tensor, grouping: str, before=None):
-    """``β = d^{-1/2}‖b‖`` per group after a step, or ``None`` if the optimizer is not of the form
-    ``x − η a ⊘ b``.  ``before`` is the grouped view of ``p`` before the step (for Adam-SRT)."""
-    state = optimizer.state.get(p, {})
-    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
-    if isinstance(optimizer, (torch.optim.SGD, SGDMRT)):
-        return torch.ones_like(sqnorm(view))
-    if isinstance(optimizer, AdamS):
-        t = float(state["step"])
-        v = state["exp_avg_sq"]
-        if isinstance(optimizer, AdamSRT):
-            v = v * sqnorm(view) * safe_inv(sqnorm(before))  # undo the rescaling after the step
-        return (v / (1 - group["betas"][1] ** t)).sqrt() + group["eps"]
-    if type(optimizer) is torch.optim.Adam:
-        t = float(state["step"])
-        b = (state["exp_avg_sq"] / (1 - group["betas"][1] ** t)).sqrt() + group["eps"]
-        b = rows(b, grouping)
-        return norm(b) / math.sqrt(b[0].numel())
-    return None
+def scheduling_beta(optimizer, p: torch.Tensor, view: torch.Tensor, before: torch.Tensor):
+    """``β = d^{-1/2}‖b‖`` per group for the last step of ``p`` as the optimizer states it
+    (its ``scheduling_beta`` method), or ``None`` if the step is not of the form ``x − η a ⊘ b``
+    or the optimizer does not say (e.g. a plain torch.optim optimizer)."""
+    method = getattr(optimizer, "scheduling_beta", None)
+    return method(p, view, before) if method is not None else None
 
 
 class StepProbe:
@@ -91,7 +75,7 @@ class StepProbe:
             lr = next(g["lr"] for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
             entry = {"norm": norm(old).mean().item(),
                      "eff_lr": measured_effective_lr(old, new, grad).median().item()}
-            beta = scheduling_beta(self.optimizer, p, new, grouping, before=old)
+            beta = scheduling_beta(self.optimizer, p, new, old)
             if beta is not None:
                 entry["eff_lr_theorem2"] = theorem2_effective_lr(old, new, float(lr), beta).median().item()
             out[name] = entry

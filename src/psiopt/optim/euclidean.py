@@ -1,9 +1,13 @@
-"""Euclidean methods made consistent with the sphere (Roburin et al.): Adam-S, Adam-SRT, SGD-MRT.
+"""Euclidean SGD and Adam steps corrected for the scale symmetry: PSGD (Arora et al.) and Adam-S,
+Adam-SRT, SGD-MRT (Roburin et al.).
 
 RT (rescale + transport, Roburin eq. 18) maps a buffer ``a`` from ``x_old`` to ``x_new``.  When the
 step itself is ``x_new = x_old − c·a`` for a per-row scalar ``c`` (true for Adam-S and SGD-M), RT
 reduces to the tangent projection ``a − <x_new, a>/‖x_new‖² · x_new``, which the vectorized paths
 use (no copy of the weights); the reference paths apply eq. 18 literally.
+
+These are Euclidean steps: a zero row with a nonzero gradient moves off zero exactly as under
+torch's SGD or Adam (PSGD then scales it back to its norm, zero).
 """
 
 from __future__ import annotations
@@ -11,13 +15,47 @@ from __future__ import annotations
 import torch
 
 from .base import ScaleInvariantOptimizer, step_count
-from .geometry import group_size, rescale_transport, safe_inv, sqnorm
+from .geometry import group_size, norm, rescale_transport, safe_inv, sqnorm
 
 
-def _project_many_(bufs, xs, x_sqnorm, rb):
+def _project_many_(bufs, xs, x_sqnorm, layout):
     """``a ← a − <x, a>/‖x‖² · x`` per row, vectorized (the fast form of RT, see above)."""
-    coef = -rb.dots(xs, bufs, "radial") * safe_inv(x_sqnorm)
-    torch._foreach_addcmul_(bufs, xs, rb.put("project", coef))
+    coef = -layout.dots(xs, bufs) * safe_inv(x_sqnorm)
+    torch._foreach_addcmul_(bufs, xs, layout.split(coef))
+
+
+class ProjectedSGD(ScaleInvariantOptimizer):
+    r"""Projected SGD, "PSGD" (Arora et al., Appendix D).
+
+    A plain SGD step (torch.optim's, with ``momentum`` if set), then every invariant group is
+    rescaled back to the norm it had before the step.  This removes SGD's auto rate-tuning
+    (the growth ``‖w_{t+1}‖² = ‖w_t‖² + η²‖g‖²`` of Arora Lemma 2.4).  Weight decay has no
+    meaning on invariant groups (the projection undoes it).
+    """
+
+    invariant_zero = ("weight_decay",)
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
+                 *, grouping=None, check_finite: bool = False, foreach=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      grouping=grouping, check_finite=check_finite,
+                                      foreach=foreach))
+
+    def _init_state(self, group, w, state):
+        pass
+
+    def _update_one(self, group, w, g, state, stats):
+        before = norm(w)
+        self._sgd(group, [w], [g], [state], foreach=False)
+        w.mul_(before * safe_inv(norm(w)))
+
+    def _update_many(self, group, ws, gs, states, layout, stats):
+        before = layout.norms(ws)
+        self._sgd(group, ws, gs, states, foreach=True)
+        torch._foreach_mul_(ws, layout.split(before.mul_(safe_inv(layout.norms(ws)))))
+
+    def scheduling_beta(self, p, view, before):
+        return None  # the projection is not of the form x − η a ⊘ b
 
 
 class AdamS(ScaleInvariantOptimizer):
@@ -53,7 +91,7 @@ class AdamS(ScaleInvariantOptimizer):
         t = float(step)  # a CPU scalar, as in torch.optim.Adam: no device synchronisation
         return group["lr"] / (1 - beta1**t), (1 - beta2**t) ** -0.5
 
-    def _update_one(self, group, w, g, state):
+    def _update_one(self, group, w, g, state, stats):
         beta1, beta2 = group["betas"]
         state["step"] += 1
         m, v = state["exp_avg"], state["exp_avg_sq"]
@@ -69,7 +107,7 @@ class AdamS(ScaleInvariantOptimizer):
             m.copy_(rescale_transport(m, old, w))
             v.mul_(sqnorm(old) * safe_inv(sqnorm(w)))
 
-    def _update_many(self, group, ws, gs, states, rb):
+    def _update_many(self, group, ws, gs, states, layout, stats):
         beta1, beta2 = group["betas"]
         steps = step_count(states)
         ms = [st["exp_avg"] for st in states]
@@ -77,21 +115,29 @@ class AdamS(ScaleInvariantOptimizer):
         if group["weight_decay"]:
             gs = torch._foreach_add(gs, ws, alpha=group["weight_decay"])
         torch._foreach_lerp_(ms, gs, 1 - beta1)
-        inv_d = rb.per_tensor("inv_d", [1.0 / group_size(w) for w in ws])
-        v = rb.gather(vs).mul_(beta2).add_(rb.norms(gs, "g_norm").square_().mul_(inv_d),
-                                           alpha=1 - beta2)
+        g2 = layout.scale_per_tensor_(layout.norms(gs).square_(),
+                                      [(1 - beta2) / d for d in layout.group_sizes])
+        v = layout.gather(vs).mul_(beta2).add_(g2)
         hyper = [self._hyper(group, s) for s in steps]
-        lr_hat = rb.per_tensor("lr_hat", [lh for lh, _ in hyper])
-        v_hat = rb.per_tensor("v_hat", [vh for _, vh in hyper])
-        coef = rb.put("coef", -lr_hat / (v.sqrt() * v_hat + group["eps"]))
+        denom = layout.scale_per_tensor_(v.sqrt(), [vh for _, vh in hyper]).add_(group["eps"])
+        coef = layout.scale_per_tensor_(denom.reciprocal_(), [-lh for lh, _ in hyper])
         if self._transport:
-            before = rb.norms(ws, "before").square()
-        torch._foreach_addcmul_(ws, ms, coef)
+            before = layout.norms(ws).square_()
+        torch._foreach_addcmul_(ws, ms, layout.split(coef))
         if self._transport:
-            after = rb.norms(ws, "after").square_()
-            _project_many_(ms, ws, after, rb)
-            v.mul_(before * safe_inv(after))
-        torch._foreach_copy_(vs, rb.put("v", v))
+            after = layout.norms(ws).square_()
+            _project_many_(ms, ws, after, layout)
+            v.mul_(before.mul_(safe_inv(after)))
+        torch._foreach_copy_(vs, layout.split(v))
+
+    def scheduling_beta(self, p, view, before):
+        state = self.state[p]
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        v = state["exp_avg_sq"]
+        if self._transport:  # undo the rescaling after the step
+            v = v * sqnorm(view) * safe_inv(sqnorm(before))
+        return (v / (1 - group["betas"][1] ** float(state["step"]))).sqrt() + group["eps"]
+
 
 class AdamSRT(AdamS):
     r"""Adam-SRT (Roburin §4.2, eqs. 19–21, Algorithm 1): Adam-S, then after each step::
@@ -122,7 +168,7 @@ class SGDMRT(ScaleInvariantOptimizer):
     def _init_state(self, group, w, state):
         state["momentum_buffer"] = torch.zeros_like(w)
 
-    def _update_one(self, group, w, g, state):
+    def _update_one(self, group, w, g, state, stats):
         buf = state["momentum_buffer"]
         buf.mul_(group["momentum"]).add_(g)
         if group["weight_decay"]:
@@ -131,11 +177,17 @@ class SGDMRT(ScaleInvariantOptimizer):
         w.add_(buf, alpha=-group["lr"])
         buf.copy_(rescale_transport(buf, old, w))
 
-    def _update_many(self, group, ws, gs, states, rb):
+    def _update_many(self, group, ws, gs, states, layout, stats):
         bufs = [st["momentum_buffer"] for st in states]
         torch._foreach_mul_(bufs, group["momentum"])
         torch._foreach_add_(bufs, gs)
         if group["weight_decay"]:
             torch._foreach_add_(bufs, ws, alpha=group["weight_decay"])
         torch._foreach_add_(ws, bufs, alpha=-group["lr"])
-        _project_many_(bufs, ws, rb.norms(ws, "norm").square_(), rb)
+        _project_many_(bufs, ws, layout.norms(ws).square_(), layout)
+
+    def scheduling_beta(self, p, view, before):
+        return torch.ones_like(sqnorm(view))
+
+
+__all__ = ["ProjectedSGD", "AdamS", "AdamSRT", "SGDMRT"]

@@ -14,6 +14,7 @@ import logging
 import platform
 import statistics
 import time
+import warnings
 import weakref
 from functools import partial
 from pathlib import Path
@@ -23,10 +24,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .discovery import find_scale_invariant, param_groups
-from .geometry import dot, norm, rows, safe_inv, sqnorm
+from ..optim.discovery import find_scale_invariant
+from ..optim.geometry import dot, is_invariant, norm, rows, safe_inv, sqnorm
 from .models import MLP, create_model
-from .registry import REGISTRY, create_optimizer
+from ..optim.registry import REGISTRY, create_optimizer
 
 ADAM_FAMILY = {"adams", "adamsrt", "adamg", "adam", "adamw"}
 SETS = {
@@ -46,7 +47,7 @@ def parameter_set(name: str, seed: int = 0):
     """
     torch.manual_seed(seed)
     model, x = SETS[name]()
-    mapping = find_scale_invariant(model, x)
+    mapping = _invariant_mapping(model, x)
     for pname, p in model.named_parameters():
         g = torch.randn_like(p)
         if pname in mapping:
@@ -59,6 +60,10 @@ def parameter_set(name: str, seed: int = 0):
     return model, mapping
 
 
+def _invariant_mapping(model, x) -> dict[str, str]:
+    return {k: v for k, v in find_scale_invariant(model, x).items() if is_invariant(v)}
+
+
 def _clone(model, mapping):
     twin = copy.deepcopy(model)
     for p, q in zip(model.parameters(), twin.parameters()):
@@ -67,7 +72,7 @@ def _clone(model, mapping):
 
 
 def _counterpart(name: str, model, mapping):
-    groups = param_groups(model, mapping=mapping)
+    groups = list(model.parameters())
     if name in ADAM_FAMILY:
         return torch.optim.Adam(groups, lr=1e-3, foreach=True)
     return torch.optim.SGD(groups, lr=0.1, momentum=0.9, foreach=True)
@@ -171,8 +176,15 @@ def _geoopt_sgd(model, mapping):
     return geoopt.optim.RiemannianSGD(params, lr=0.1, momentum=0.9)
 
 
+def _create(model, name, mapping, **extra):
+    """``create_optimizer`` from a known mapping (the benchmark has no eval-mode network to keep)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return create_optimizer(model, name, mapping=mapping, **extra)
+
+
 def _psiopt(name, model, mapping, extra):
-    return create_optimizer(_clone(model, mapping), name, mapping=mapping, **extra)
+    return _create(_clone(model, mapping), name, mapping, **extra)
 
 
 def _counterpart_of(family, model, mapping):
@@ -222,11 +234,11 @@ def bench_training_step(steps: int = 12, batch: int = 128) -> list[dict]:
     torch.manual_seed(0)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     base = create_model("resnet20")
-    mapping = find_scale_invariant(base, x[:4])
+    mapping = _invariant_mapping(base, x[:4])
     out = []
     for name, family in (("psi-sgdm", "sgd"), ("adamsrt", "adam")):
         models = {k: copy.deepcopy(base) for k in ("psiopt", "torch")}
-        opts = {"psiopt": create_optimizer(models["psiopt"], name, mapping=mapping),
+        opts = {"psiopt": _create(models["psiopt"], name, mapping),
                 "torch": _counterpart(family, models["torch"], mapping)}
 
         times = {k: [] for k in opts}
@@ -252,8 +264,8 @@ def compiled_step(set_name: str = "resnet56", name: str = "psi-sgdm", steps: int
     """Eager versus ``torch.compile``d step (``check_finite=False``: the check needs the host)."""
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # graph-break notices
     model, mapping = parameter_set(set_name)
-    eager = create_optimizer(_clone(model, mapping), name, mapping=mapping, check_finite=False)
-    comp = create_optimizer(_clone(model, mapping), name, mapping=mapping, check_finite=False)
+    eager = _create(_clone(model, mapping), name, mapping, check_finite=False)
+    comp = _create(_clone(model, mapping), name, mapping, check_finite=False)
     fn = torch.compile(comp.step)
     start = time.perf_counter()
     fn()

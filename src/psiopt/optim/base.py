@@ -1,0 +1,339 @@
+"""Base class shared by every psiopt optimizer.
+
+Parameter groups that carry a ``grouping`` (see :mod:`psiopt.optim.geometry`) are scale-invariant
+and follow the subclass's rule; every other group follows the ordinary counterpart (SGD with
+momentum or Adam, through torch.optim's own functional code) with its own ``lr`` and
+``weight_decay``.  Groups with ``grouping="cancelled"`` (biases a normalisation removes) are never
+updated.
+
+Each subclass writes its invariant rule twice: ``_update_one`` is the plain per-tensor reference
+path (``foreach=False``), ``_update_many`` the vectorized path over lists with ``torch._foreach_*``
+(the default).  Tests check that the two agree in float64, in parameters and state.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.adam import adam as _torch_adam
+from torch.optim.sgd import sgd as _torch_sgd
+
+from .discovery import rescale_rows_
+from .geometry import CANCELLED, RowLayout, is_invariant, parse_grouping, rows
+
+#: hyperparameter -> (low, high, low inclusive, high inclusive)
+_RANGES = {
+    "lr": (0.0, math.inf, True, False),
+    "weight_decay": (0.0, math.inf, True, False),
+    "momentum": (0.0, 1.0, True, False),
+    "eps": (0.0, math.inf, True, False),
+    "max_norm": (0.0, math.inf, False, True),
+    "clip": (0.0, math.inf, False, True),
+    "ortho": (0.0, math.inf, True, False),
+}
+_FLAGS = ("check_finite", "fixed_norm")
+#: group keys that are not hyperparameters (never validated as such, never saved)
+_NOT_SAVED = ("norm_stats",)
+
+
+def _check_range(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"invalid {name}: {value!r} (must be a real number)")
+    low, high, low_in, high_in = _RANGES[name]
+    v = float(value)
+    ok = (v > low or (low_in and v == low)) and (v < high or (high_in and v == high))
+    if not ok or math.isnan(v):
+        lo, hi = "[" if low_in else "(", "]" if high_in else ")"
+        raise ValueError(f"invalid {name}: {value!r} (must lie in {lo}{low}, {high}{hi})")
+
+
+def check_hyper(key: str, value) -> None:
+    """Raise ``ValueError`` naming ``key`` if ``value`` is not a valid setting for it."""
+    if key in _RANGES:
+        _check_range(key, value)
+    elif key == "betas":
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise ValueError(f"invalid betas: {value!r} (need a pair, e.g. (0.9, 0.999))")
+        for b in value:
+            if isinstance(b, bool) or not isinstance(b, numbers.Real) or not 0.0 <= b < 1.0:
+                raise ValueError(f"invalid betas: {value!r} (each must lie in [0, 1))")
+    elif key == "guard_every":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"invalid guard_every: {value!r} (must be an integer >= 1)")
+    elif key in _FLAGS:
+        if not isinstance(value, bool):
+            raise ValueError(f"invalid {key}: {value!r} (must be True or False)")
+    elif key == "foreach":
+        if value not in (None, True, False):
+            raise ValueError(f"invalid foreach: {value!r} (must be None, True or False)")
+    elif key == "grouping" and value not in (None, CANCELLED):
+        parse_grouping(value)
+
+
+class GroupHandling:
+    """``add_param_group``, ``state_dict`` and ``load_state_dict`` for psiopt's parameter groups.
+
+    * ``invariant_defaults``: settings a group with a ``grouping`` takes before ``defaults``
+      (:func:`psiopt.create_optimizer` stores the registry's settings there, so an added group
+      gets them);
+    * a group without ``param_names`` added to an optimizer whose groups have them (or the
+      reverse) gets placeholder names instead of torch's error;
+    * ``norm_stats`` (live references to normalisation layers) stay out of ``state_dict`` and
+      survive ``load_state_dict``.
+    """
+
+    invariant_defaults: dict = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        if is_invariant(param_group.get("grouping")):
+            for key, value in self.invariant_defaults.items():
+                param_group.setdefault(key, value)
+        named = [("param_names" in g) for g in self.param_groups]
+        if named and all(named) and "param_names" not in param_group:
+            param_group["param_names"] = self._placeholder_names(len(self.param_groups), param_group)
+        elif named and not any(named) and "param_names" in param_group:
+            for i, g in enumerate(self.param_groups):
+                g["param_names"] = self._placeholder_names(i, g)
+        super().add_param_group(param_group)
+
+    @staticmethod
+    def _placeholder_names(index: int, group: dict) -> list[str]:
+        params = group["params"]
+        count = 1 if isinstance(params, Tensor) else len(list(params))
+        return [f"param_groups[{index}][{j}]" for j in range(count)]
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        for group in out["param_groups"]:
+            for key in _NOT_SAVED:
+                group.pop(key, None)
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        kept = [{k: g[k] for k in _NOT_SAVED if k in g} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, extra in zip(self.param_groups, kept):
+            group.update(extra)
+
+
+class ScaleInvariantOptimizer(GroupHandling, Optimizer):
+    """Common machinery: validation, lazy state, closure, gradient checks, counterpart updates.
+
+    Options common to every subclass:
+
+    * ``check_finite`` (default ``False``): as in torch.optim, non-finite gradients propagate.
+      With ``True``, one fused check over all gradients runs before updating; a NaN/inf gradient
+      raises :class:`FloatingPointError` naming the parameters and nothing is updated.  The check
+      costs one host synchronisation and one read of the gradients per step.
+    * ``foreach`` (default ``None`` = vectorized): ``False`` selects the per-tensor reference path.
+      Groups whose tensors differ in dtype or device also take the reference path.
+
+    Every group is validated in full before anything is changed; subclasses that keep rows on the
+    unit sphere normalise them once all groups are valid (:meth:`_prepare`).
+    """
+
+    counterpart = "sgd"  # or "adam"
+    #: hyperparameters that have no meaning on invariant groups: they must be 0 there
+    invariant_zero: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict):
+        defaults = {"grouping": None, "check_finite": False, "foreach": None, **defaults}
+        for key, value in defaults.items():
+            check_hyper(key, value)
+        self._ready = False
+        super().__init__(params, defaults)
+        self._ready = True
+        for group in self.param_groups:
+            self._prepare(group)
+        if not any(is_invariant(g["grouping"]) for g in self.param_groups):
+            warnings.warn(
+                f"{type(self).__name__}: no parameter group declares a 'grouping', so every "
+                "parameter is updated by the ordinary counterpart; build the groups with "
+                "psiopt.param_groups(model, example_inputs)",
+                stacklevel=2,
+            )
+
+    # -- validation (nothing is changed before every check has passed) -----------------------
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        merged = {**self.defaults, **self.invariant_defaults, **param_group} if is_invariant(
+            param_group.get("grouping")) else {**self.defaults, **param_group}
+        self._validate(merged)
+        super().add_param_group(param_group)
+        if self._ready:
+            self._prepare(self.param_groups[-1])
+
+    def _validate(self, group: dict) -> None:
+        for key, value in group.items():
+            if key not in ("params", "param_names") + _NOT_SAVED:
+                check_hyper(key, value)
+        grouping = group["grouping"]
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if is_invariant(grouping):
+            for key in self.invariant_zero:
+                if group.get(key):
+                    raise ValueError(
+                        f"invalid {key} for an invariant group of {type(self).__name__}: "
+                        f"{group[key]!r} (it has no meaning there; use 0, or set it for the other "
+                        f"parameters only with other_{key})")
+            for p in params:
+                rows(p, grouping)  # raises ValueError if the shape does not fit
+        stats = group.get("norm_stats")
+        if stats is not None and len(stats) != len(params):
+            raise ValueError("norm_stats must list the running statistics of every parameter")
+
+    def _prepare(self, group: dict) -> None:
+        """Called once per group after every group is valid (sphere methods normalise here)."""
+
+    @staticmethod
+    def _stats(group: dict, index: list[int]) -> list:
+        """The running statistics fed by parameters ``index`` of ``group`` (see ``norm_stats``)."""
+        stats = group.get("norm_stats")
+        return [stats[i] for i in index] if stats else [()] * len(index)
+
+    def _rescale(self, group: dict, index: int, view: Tensor, factors: Tensor) -> None:
+        """Rescale the groups of parameter ``index`` of ``group``; running statistics follow."""
+        rescale_rows_(view, factors, self._stats(group, [index])[0])
+
+    # -- step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for group in self.param_groups:
+            if group["grouping"] == CANCELLED:
+                continue
+            index = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            if index:
+                params = [group["params"][i] for i in index]
+                work.append((group, index, params, [self._grad(p) for p in params]))
+        if any(group["check_finite"] for group, *_ in work):
+            self._check_finite([t for g, _, ps, gs in work if g["check_finite"] for t in zip(ps, gs)])
+        for group, index, params, grads in work:
+            if group["grouping"] is None:
+                self._counterpart(group, params, grads)
+            else:
+                self._invariant(group, index, params, grads)
+        return loss
+
+    @staticmethod
+    def _grad(p: Tensor) -> Tensor:
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError("psiopt optimizers do not support sparse gradients")
+        if g.dtype.is_complex or p.dtype.is_complex:
+            raise RuntimeError("psiopt optimizers do not support complex parameters or gradients")
+        return g
+
+    def _check_finite(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
+        grads = [g for _, g in pairs]
+        peaks = torch._foreach_norm(grads)  # inf/NaN (or a norm overflowing the dtype)
+        if bool(torch.isfinite(torch.stack(peaks)).all()):
+            return
+        bad = [self._name(p) for (p, _), m in zip(pairs, peaks) if not torch.isfinite(m)]
+        raise FloatingPointError(
+            f"non-finite gradient in {', '.join(bad)}; nothing was updated "
+            "(check the loss, lower the learning rate, or pass check_finite=False)"
+        )
+
+    def _name(self, p: Tensor) -> str:
+        for i, group in enumerate(self.param_groups):
+            for j, q in enumerate(group["params"]):
+                if q is p:
+                    names = group.get("param_names")
+                    return names[j] if names else f"param_groups[{i}]['params'][{j}]"
+        return "a parameter"
+
+    # -- invariant groups -------------------------------------------------------------------------
+    def _invariant(self, group: dict, index: list[int], params: list[Tensor],
+                   grads: list[Tensor]) -> None:
+        grouping = group["grouping"]
+        ws = [rows(p, grouping) for p in params]
+        gs = [rows(g, grouping) for g in grads]
+        states = [self.state[p] for p in params]
+        stats = self._stats(group, index)
+        for w, state in zip(ws, states):
+            if not state:
+                self._init_state(group, w, state)
+        vectorized = group["foreach"] is not False and len({(w.dtype, w.device) for w in ws}) == 1
+        if vectorized:
+            self._update_many(group, ws, gs, states, self._layout(group, ws), stats)
+        else:
+            for w, g, state, st in zip(ws, gs, states, stats):
+                self._update_one(group, w, g, state, st)
+
+    def _layout(self, group: dict, ws: list[Tensor]) -> RowLayout:
+        """The :class:`RowLayout` of these views, cached per group and shapes (it holds shapes only)."""
+        key = (id(group), tuple(w.shape for w in ws))
+        cache = self.__dict__.setdefault("_layouts", {})
+        if key not in cache:
+            cache[key] = RowLayout(ws)
+        return cache[key]
+
+    def _init_state(self, group: dict, w: Tensor, state: dict) -> None:
+        state["step"] = torch.tensor(0.0)
+
+    def _update_one(self, group: dict, w: Tensor, g: Tensor, state: dict, stats) -> None:
+        """Reference path for one grouped view ``w``; ``stats``: the running statistics it feeds
+        (for an update that rescales rows, see :func:`psiopt.optim.discovery.rescale_rows_`)."""
+        raise NotImplementedError
+
+    def _update_many(self, group, ws: list[Tensor], gs: list[Tensor], states: list[dict],
+                     layout: RowLayout, stats: list) -> None:
+        """Vectorized path over the group's views (same arguments as :meth:`_update_one`)."""
+        raise NotImplementedError
+
+    # -- diagnostics --------------------------------------------------------------------------------
+    def scheduling_beta(self, p: Tensor, view: Tensor, before: Tensor) -> Tensor | None:
+        """Roburin Theorem 2's ``β = d^{-1/2}‖b‖`` per group for the last step of invariant ``p``,
+        when that step has the form ``x − η a ⊘ b`` (keepdim shape), else ``None``.  ``view`` and
+        ``before`` are ``p``'s grouped views after and before the step."""
+        return None
+
+    # -- non-invariant groups: torch.optim's own SGD / Adam ---------------------------------------
+    def _counterpart(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        states = [self.state[p] for p in params]
+        foreach = group["foreach"] is not False
+        if self.counterpart == "sgd":
+            self._sgd(group, params, grads, states, foreach)
+            return
+        for p, s in zip(params, states):
+            if not s:
+                s["step"] = torch.tensor(0.0)
+                s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        _torch_adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                    [], [s["step"] for s in states], foreach=foreach, amsgrad=False, beta1=beta1,
+                    beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                    eps=group["eps"], maximize=False)
+
+    @staticmethod
+    def _sgd(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
+             foreach: bool) -> None:
+        """torch.optim's SGD (momentum, L2) on ``params``; buffers kept in ``states``."""
+        bufs = [s.get("momentum_buffer") for s in states]
+        _torch_sgd(params, grads, bufs, foreach=foreach, weight_decay=group["weight_decay"],
+                   momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=False,
+                   maximize=False)
+        if group["momentum"]:
+            for s, b in zip(states, bufs):
+                s["momentum_buffer"] = b
+
+
+def step_count(states: list[dict]) -> list[Tensor]:
+    """Advance and return the per-parameter step counters (CPU tensors, as in torch.optim)."""
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, 1.0)
+    return steps

@@ -1,0 +1,138 @@
+"""Optimizers by name, with the papers' default hyperparameters."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .base import check_hyper
+from .baselines import SGD, Adam, AdamW
+from .discovery import param_groups, unit_normalize_
+from .euclidean import SGDMRT, AdamS, AdamSRT, ProjectedSGD
+from .geometry import CANCELLED, is_invariant
+from .quotient import PSISGD
+from .sphere import SGDG, AdamG, AdamGStar, UnitNormSGD
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How a registered name is built: class, hyperparameters of invariant / other groups."""
+
+    cls: type
+    paper: str
+    invariant: dict = field(default_factory=dict)
+    other: dict = field(default_factory=dict)
+    unit_start: bool = False  # unit-normalise invariant rows before training (B-SGD)
+    shared_decay: bool = False  # ``weight_decay`` applies to every group (AdamG*: Theorem 4)
+
+    @property
+    def baseline(self) -> bool:
+        """A torch.optim update rule (invariant groups are not treated specially)."""
+        return self.cls in (SGD, Adam, AdamW)
+
+
+_SGD = {"lr": 0.1, "momentum": 0.9}
+_ADAM = {"lr": 1e-3}
+REGISTRY: dict[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec(SGD, "baseline (torch.optim, foreach)", _SGD, _SGD),
+    "adam": OptimizerSpec(Adam, "baseline (torch.optim, foreach)", _ADAM, _ADAM),
+    "adamw": OptimizerSpec(AdamW, "baseline (torch.optim, foreach)",
+                           {"lr": 1e-3, "weight_decay": 0.0}, {"lr": 1e-3, "weight_decay": 1e-2}),
+    "psi-sgd": OptimizerSpec(PSISGD, "Yi et al., PSI-SGD (eq. 10)", {"lr": 1.0, "momentum": 0.0},
+                             _SGD),
+    "psi-sgdm": OptimizerSpec(PSISGD, "Yi et al., PSI-SGDM (eq. 11, Alg. 1)",
+                              {"lr": 0.1, "momentum": 0.9}, _SGD),
+    "un-sgd": OptimizerSpec(UnitNormSGD, "Badrinarayanan et al., UN (eq. 2)", {"lr": 0.01},
+                            {"lr": 0.01, "momentum": 0.0}),
+    "b-sgd": OptimizerSpec(SGD, "Badrinarayanan et al., B-SGD", {"lr": 0.01}, {"lr": 0.01},
+                           unit_start=True),
+    "psgd": OptimizerSpec(ProjectedSGD, "Arora et al., projected SGD (App. D)", {"lr": 0.1},
+                          {"lr": 0.1}),
+    "sgdg": OptimizerSpec(SGDG, "Cho & Lee, SGDG (baseline in Yi)", {"lr": 0.2}, _SGD),
+    "adamg": OptimizerSpec(AdamG, "Cho & Lee, AdamG (baseline in Yi, Roburin)", {"lr": 0.05},
+                           {"lr": 1e-3, "betas": (0.9, 0.999)}),
+    "adams": OptimizerSpec(AdamS, "Roburin et al., Adam-S (eq. 15)", _ADAM, _ADAM),
+    "adamsrt": OptimizerSpec(AdamSRT, "Roburin et al., Adam-SRT (eqs. 19-21)", _ADAM, _ADAM),
+    "sgdmrt": OptimizerSpec(SGDMRT, "Roburin et al., SGD-MRT (App. E.2)", _SGD, _SGD),
+    "adamg-star": OptimizerSpec(AdamGStar, "Roburin et al., AdamG* (Theorem 4: SGD+L2 on the sphere)",
+                                {"lr": 0.1, "weight_decay": 5e-4},
+                                {"lr": 0.1, "momentum": 0.0, "weight_decay": 5e-4},
+                                shared_decay=True),
+}
+
+
+def list_optimizers() -> list[str]:
+    """Registered optimizer names, in a stable order."""
+    return list(REGISTRY)
+
+
+def _spec(name: str) -> OptimizerSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(REGISTRY)}") from None
+
+
+def settings(name: str, **hyper) -> tuple[dict, dict]:
+    """``(invariant, other)``: the hyperparameters ``create_optimizer(…, name, **hyper)`` gives
+    the invariant groups and the other groups (registry defaults merged in), validated."""
+    spec = _spec(name)
+    invariant, other = dict(spec.invariant), dict(spec.other)
+    if spec.baseline:
+        invariant.setdefault("foreach", True)
+        other.setdefault("foreach", True)
+    for key, value in hyper.items():
+        if key.startswith("invariant_"):
+            invariant[key[len("invariant_"):]] = value
+        elif key.startswith("other_") or (key == "weight_decay" and not spec.shared_decay):
+            other[key.removeprefix("other_")] = value
+        else:
+            invariant[key] = other[key] = value
+    valid = set(inspect.signature(spec.cls).parameters) - {"params"}
+    unknown = sorted((set(invariant) | set(other)) - valid)
+    if unknown:
+        raise ValueError(f"{name}: unknown hyperparameter(s) {unknown}; valid: {sorted(valid)}")
+    for key, value in [*invariant.items(), *other.items()]:
+        check_hyper(key, value)
+    return invariant, other
+
+
+def create_optimizer(model_or_param_groups, name: str, example_inputs=None, *,
+                     mapping: dict | None = None, overrides: dict | None = None,
+                     **hyper) -> torch.optim.Optimizer:
+    """Build optimizer ``name`` for a model (discovering its invariant groups) or param groups.
+
+    Hyperparameters: a plain key (``lr=0.05``) sets every group; ``invariant_<key>`` only the
+    scale-invariant groups and ``other_<key>`` only the rest.  ``weight_decay`` is the exception:
+    it applies to the non-invariant groups only (use ``invariant_weight_decay`` for coupled L2 on
+    invariant weights), except for ``adamg-star``, where Theorem 4 uses the same λ everywhere.
+    Unset keys take the paper's defaults (see ``REGISTRY``); groups added later with
+    ``add_param_group`` take them too.  Everything is validated before the model is touched.
+    Biases cancelled by a normalisation are never updated (psiopt optimizers skip their group;
+    the torch.optim baselines are not given it).
+    """
+    spec = _spec(name)
+    invariant, other = settings(name, **hyper)
+    if isinstance(model_or_param_groups, nn.Module):
+        groups = param_groups(model_or_param_groups, example_inputs, mapping=mapping,
+                              overrides=overrides)
+    else:
+        items = list(model_or_param_groups)
+        groups = ([dict(g) for g in items] if items and isinstance(items[0], dict)
+                  else [{"params": items}])
+    for group in groups:
+        grouping = group.get("grouping")
+        if grouping != CANCELLED:
+            group.update(invariant if is_invariant(grouping) else other)
+    stats_groups = groups
+    if spec.baseline:
+        groups = [{k: v for k, v in g.items() if k != "norm_stats"} for g in groups
+                  if g.get("grouping") != CANCELLED]
+    optimizer = spec.cls(groups, **other)
+    optimizer.invariant_defaults = invariant
+    if spec.unit_start:  # only once the optimizer has accepted every group
+        unit_normalize_(stats_groups)
+    return optimizer

@@ -1,0 +1,277 @@
+"""Methods that keep every scale-invariant row on the unit sphere: UN, SGDG, AdamG and AdamG*.
+
+Rows are unit-normalised when their group is added to the optimizer (at construction), before
+any gradient is computed, so the first step already uses the gradient at the unit row; the
+running statistics of the normalisation layers they feed follow (see ``norm_stats`` in
+:func:`psiopt.param_groups`), so the eval-mode network is unchanged by it.  A zero row has no
+direction: it stays zero (state ``live`` is 0 for it, 1 for every other row).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import ScaleInvariantOptimizer, step_count
+from .geometry import (
+    clip,
+    geodesic_step_,
+    is_invariant,
+    norm,
+    normalize_,
+    rows,
+    safe_inv,
+    sphere_exp,
+    sqnorm,
+    tangent,
+    transport,
+    transport_self,
+)
+
+
+class _SphereOptimizer(ScaleInvariantOptimizer):
+    """Rows live on the unit sphere: normalised once every group is valid; weight decay (and,
+    where the rule has none, momentum) have no meaning on them."""
+
+    invariant_zero = ("weight_decay",)
+
+    def _prepare(self, group):
+        if not is_invariant(group["grouping"]):
+            return
+        with torch.no_grad():
+            for i, p in enumerate(group["params"]):
+                view = rows(p, group["grouping"])
+                r0 = norm(view)
+                self._prepare_row_state(group, self.state[p], r0)
+                self._rescale(group, i, view, safe_inv(r0))
+
+    def _prepare_row_state(self, group, state, r0) -> None:
+        """State known before normalising (AdamG* needs ``r₀``)."""
+
+    @staticmethod
+    def _live(w) -> torch.Tensor:
+        return (sqnorm(w) > 0).to(w.dtype)
+
+
+class UnitNormSGD(_SphereOptimizer):
+    r"""Unit-norm manifold SGD, "UN" (Badrinarayanan et al., eq. 2).
+
+    Rows are unit-normalised at construction, then::
+
+        g̃ = g − <w, g> w;      w ← (w − λ g̃) / ‖w − λ g̃‖
+
+    Non-invariant groups follow SGD with their own ``momentum`` (the rule has none for rows).
+    """
+
+    invariant_zero = ("weight_decay", "momentum")
+
+    def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
+                 *, grouping=None, check_finite: bool = False, foreach=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      grouping=grouping, check_finite=check_finite,
+                                      foreach=foreach))
+
+    def _init_state(self, group, w, state):
+        state["step"] = torch.tensor(0.0)
+        state["live"] = self._live(w)
+
+    def _update_one(self, group, w, g, state, stats):
+        state["step"] += 1
+        w.add_(tangent(w, g) * state["live"], alpha=-group["lr"])
+        normalize_(w)
+
+    def _update_many(self, group, ws, gs, states, layout, stats):
+        lr = group["lr"]
+        step_count(states)
+        live = layout.gather([st["live"] for st in states])
+        # w − λ(g − <w,g>w) = (1 + λ<w,g>) w − λ g, then back to the sphere
+        torch._foreach_mul_(ws, layout.split(layout.dots(ws, gs).mul_(lr).add_(1.0)))
+        torch._foreach_addcmul_(ws, gs, layout.split(live.mul_(-lr)))
+        torch._foreach_mul_(ws, layout.split(safe_inv(layout.norms(ws))))
+
+
+class AdamGStar(_SphereOptimizer):
+    r"""AdamG*, the unit-sphere scheme equivalent to SGD with L2 (Roburin Theorem 4).
+
+    Built from the hyperparameters of the SGD it mimics: with SGD learning rate ``lr`` = η and
+    L2 ``weight_decay`` = λ, invariant rows follow::
+
+        x̂ = x − η* g/√v;   x ← x̂/‖x̂‖;   v ← β v + ‖g‖²
+        β = (1 − ηλ)⁴,  η* = (2β)^(-1/2),  v₀ = r₀⁴ / (2η² β^(1/2))
+
+    where ``r₀`` is each row's norm when the optimizer is built; ``v₀`` is taken from it and the
+    row is then unit-normalised, before any gradient is computed.  The direction sequence matches
+    SGD+L2 from the raw rows to second order; the mapping assumes a constant ``lr``.
+    Non-invariant groups follow SGD with the same ``lr`` and ``weight_decay`` and no momentum
+    (Theorem 4 as written); ``momentum`` applies to them only.
+    """
+
+    invariant_zero = ("momentum",)
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
+                 *, grouping=None, check_finite: bool = False, foreach=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      grouping=grouping, check_finite=check_finite,
+                                      foreach=foreach))
+
+    @staticmethod
+    def sphere_hyper(lr: float, weight_decay: float) -> tuple[float, float]:
+        """``(β, η*)`` of Theorem 4 for SGD learning rate ``lr`` and L2 ``weight_decay``."""
+        beta = (1.0 - lr * weight_decay) ** 4
+        return beta, (2.0 * beta) ** -0.5
+
+    def _prepare_row_state(self, group, state, r0):
+        beta, _ = self.sphere_hyper(group["lr"], group["weight_decay"])
+        state["step"] = torch.tensor(0.0)
+        state["v"] = r0.square().square().div_(2.0 * group["lr"] ** 2 * beta**0.5)
+        state["live"] = (r0 > 0).to(r0.dtype)
+
+    def _init_state(self, group, w, state):  # state lost (e.g. cleared): the row is unit, r₀ = 1
+        self._prepare_row_state(group, state, norm(w))
+
+    def _update_one(self, group, w, g, state, stats):
+        beta, eta = self.sphere_hyper(group["lr"], group["weight_decay"])
+        state["step"] += 1
+        v = state["v"]
+        w.add_(g * (-eta * safe_inv(v.sqrt()) * state["live"]))
+        normalize_(w)
+        v.mul_(beta).add_(sqnorm(g))
+
+    def _update_many(self, group, ws, gs, states, layout, stats):
+        beta, eta = self.sphere_hyper(group["lr"], group["weight_decay"])
+        step_count(states)
+        vs = [st["v"] for st in states]
+        v = layout.gather(vs)
+        coef = safe_inv(v.sqrt()).mul_(layout.gather([st["live"] for st in states])).mul_(-eta)
+        torch._foreach_addcmul_(ws, gs, layout.split(coef))
+        torch._foreach_mul_(ws, layout.split(safe_inv(layout.norms(ws))))
+        torch._foreach_copy_(vs, layout.split(v.mul_(beta).add_(layout.norms(gs).square_())))
+
+
+# -- Cho & Lee: SGDG and AdamG ----------------------------------------------------------------------
+def _penalised(group, w, g):
+    """``g + ω ∂/∂Y ½‖YYᵀ − I‖²_F = g + 2ω (YYᵀ − I) Y`` for the rows ``Y`` of one tensor."""
+    omega = group["ortho"]
+    if not omega or w.shape[0] == 1:
+        return g
+    y = w.flatten(1)
+    penalty = torch.addmm(y, y @ y.T, y, beta=-1.0)  # (YYᵀ − I) Y
+    return g.add(penalty.view_as(w), alpha=2.0 * omega)
+
+
+def _direction(group, w, g, live):
+    """``h = clip(proj(y, g + ω ∂/∂Y ½‖YYᵀ − I‖²_F), ν)`` for the rows ``y`` of one tensor."""
+    return clip(tangent(w, _penalised(group, w, g)), group["clip"]) * live
+
+
+def _directions(group, ws, gs, live, layout):
+    """Vectorized :func:`_direction`; also returns the flat norms of the clipped directions."""
+    gs = [_penalised(group, w, g) for w, g in zip(ws, gs)]
+    hs = torch._foreach_addcmul(gs, ws, layout.split(-layout.dots(ws, gs)))
+    n = layout.norms(hs)
+    factor = (group["clip"] / n).clamp_max_(1.0).mul_(live)
+    torch._foreach_mul_(hs, layout.split(factor))
+    return hs, n.mul_(factor)
+
+
+class SGDG(_SphereOptimizer):
+    r"""SGD with momentum on the sphere, "SGDG" (Cho & Lee 2017; baseline in Yi).
+
+    Rows ``y`` are unit-normalised at construction, then::
+
+        h  = clip(proj(y, g + ω ∂/∂Y ½‖YYᵀ−I‖²_F), ν)
+        m' = β m − η h;   y ← exp(y, m');   m ← pt(y, m')
+
+    ``ortho`` = ω weighs the orthogonality penalty ``½ω‖YYᵀ−I‖²_F`` among the rows of one tensor
+    (gradient ``2ω(YYᵀ−I)Y``), the convention of Cho & Lee's own code (TensorFlow original and
+    PyTorch port); it is not weight decay.  ``clip`` = ν is the gradient clipping.
+    Non-invariant groups follow SGD with ``momentum``.
+    """
+
+    def __init__(self, params, lr: float = 0.2, momentum: float = 0.9, clip: float = 0.1,
+                 ortho: float = 0.1, weight_decay: float = 0.0, *, grouping=None,
+                 check_finite: bool = False, foreach=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, clip=clip, ortho=ortho,
+                                      weight_decay=weight_decay, grouping=grouping,
+                                      check_finite=check_finite, foreach=foreach))
+
+    def _init_state(self, group, w, state):
+        state["momentum_buffer"] = torch.zeros_like(w)
+        state["live"] = self._live(w)
+
+    def _update_one(self, group, w, g, state, stats):
+        m = state["momentum_buffer"]
+        m.mul_(group["momentum"]).add_(_direction(group, w, g, state["live"]), alpha=-group["lr"])
+        new = sphere_exp(w, m)
+        m.copy_(transport_self(w, m))
+        w.copy_(new)
+
+    def _update_many(self, group, ws, gs, states, layout, stats):
+        ms = [st["momentum_buffer"] for st in states]
+        live = layout.gather([st["live"] for st in states])
+        hs, _ = _directions(group, ws, gs, live, layout)
+        torch._foreach_mul_(ms, group["momentum"])
+        torch._foreach_add_(ms, hs, alpha=-group["lr"])
+        geodesic_step_(ws, ms, torch.ones_like(live), layout)
+
+
+class AdamG(_SphereOptimizer):
+    r"""Adam on the sphere, "AdamG" (Cho & Lee 2017; baseline in Yi and Roburin).
+
+    With ``h`` as in :class:`SGDG` and one scalar second moment per row::
+
+        m' = β1 m + (1−β1) h;   v' = β2 v + (1−β2)‖h‖²
+        Δ  = −η √(1−β2^t)/(1−β1^t) · m'/√(v'+ε)
+        y ← exp(y, Δ);   m ← pt2(y, m', Δ);   v ← v'
+
+    Non-invariant groups follow Adam with their own ``lr``, ``betas``, ``eps``, ``weight_decay``.
+    """
+
+    counterpart = "adam"
+
+    def __init__(self, params, lr: float = 0.05, betas=(0.9, 0.99), eps: float = 1e-8,
+                 clip: float = 0.1, ortho: float = 0.1, weight_decay: float = 0.0, *,
+                 grouping=None, check_finite: bool = False, foreach=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, clip=clip, ortho=ortho,
+                                      weight_decay=weight_decay, grouping=grouping,
+                                      check_finite=check_finite, foreach=foreach))
+
+    def _init_state(self, group, w, state):
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(w)
+        state["exp_avg_sq"] = torch.zeros_like(sqnorm(w))
+        state["live"] = self._live(w)
+
+    @staticmethod
+    def _scale(group, step) -> float:
+        beta1, beta2 = group["betas"]
+        t = float(step)  # a CPU scalar, as in torch.optim.Adam: no device synchronisation
+        return -group["lr"] * (1 - beta2**t) ** 0.5 / (1 - beta1**t)
+
+    def _update_one(self, group, w, g, state, stats):
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        h = _direction(group, w, g, state["live"])
+        m.lerp_(h, 1 - beta1)
+        v.mul_(beta2).add_(sqnorm(h), alpha=1 - beta2)
+        delta = m * (self._scale(group, state["step"]) * (v + group["eps"]).rsqrt())
+        new = sphere_exp(w, delta)
+        m.copy_(transport(w, m, delta))
+        w.copy_(new)
+
+    def _update_many(self, group, ws, gs, states, layout, stats):
+        beta1, beta2 = group["betas"]
+        steps = step_count(states)
+        ms = [st["exp_avg"] for st in states]
+        vs = [st["exp_avg_sq"] for st in states]
+        live = layout.gather([st["live"] for st in states])
+        hs, h_norm = _directions(group, ws, gs, live, layout)
+        torch._foreach_lerp_(ms, hs, 1 - beta1)
+        v = layout.gather(vs).mul_(beta2).add_(h_norm.square_(), alpha=1 - beta2)
+        torch._foreach_copy_(vs, layout.split(v))
+        k = layout.scale_per_tensor_((v + group["eps"]).rsqrt_(),
+                                     [self._scale(group, s) for s in steps])
+        geodesic_step_(ws, ms, k, layout)  # Δ = k m', k < 0
+
+
+__all__ = ["UnitNormSGD", "AdamGStar", "SGDG", "AdamG"]
