@@ -93,7 +93,8 @@ def test_closure_and_parameters_without_grad(cls):
     model = bn_net()
     opt = cls(groups(model, x))
     frozen = model[0].weight
-    before = frozen.detach().clone()
+    before = frozen.detach().clone()  # after construction (sphere methods normalise rows there)
+    state_before = copy.deepcopy(dict(opt.state.get(frozen, {})))
 
     def closure():
         opt.zero_grad()
@@ -104,7 +105,10 @@ def test_closure_and_parameters_without_grad(cls):
 
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and loss.ndim == 0
-    assert torch.equal(frozen, before) and frozen not in opt.state
+    assert torch.equal(frozen, before)
+    state_after = dict(opt.state.get(frozen, {}))
+    assert state_after.keys() == state_before.keys()
+    assert all(torch.equal(state_after[k], v) for k, v in state_before.items())
 
 
 @pytest.mark.parametrize("kwargs, word", [
@@ -160,18 +164,39 @@ def test_every_registered_optimizer_lowers_the_loss(name):
     assert min(losses[30:]) < 0.8 * losses[0], losses[::10]
 
 
-@pytest.mark.parametrize("cls", PSIOPT_CLASSES, ids=lambda c: c.__name__)
+#: zero rows stay exactly zero under these (steps scale with ‖w‖, or rows have no direction);
+#: the others take Euclidean steps and move a zero row as torch's SGD/Adam would (README)
+ZERO_STAYS = {"psi-sgd", "psi-sgdm", "psgd", "un-sgd", "sgdg", "adamg", "adamg-star"}
+
+
+def zero_row_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),  # with a bias
+        torch.nn.Conv2d(8, 8, 3, bias=False), torch.nn.GroupNorm(4, 8), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 3)).double()
+
+
 @pytest.mark.parametrize("foreach", [False, True])
-def test_zero_rows_never_produce_nan(cls, foreach):
+@pytest.mark.parametrize("name", psiopt.list_optimizers())
+def test_zero_rows_behave_as_the_readme_says(name, foreach):
     x, y = bn_data()
-    model = bn_net()
+    model = zero_row_net()
     with torch.no_grad():
         model[0].weight[2].zero_()
         model[3].weight[:2].zero_()  # one whole GroupNorm group
-    opt = cls(groups(model, x), foreach=foreach)
+        model[1].bias.fill_(0.5)  # so that the ReLU passes the zero channels' gradient
+        model[4].bias.fill_(0.5)
+    opt = psiopt.create_optimizer(model, name, x, foreach=foreach)
+    F.cross_entropy(model(x), y).backward()
+    assert model[0].weight.grad[2].abs().max() > 0  # the zero row does get a gradient
     train(model, opt, x, y, 5)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert torch.count_nonzero(model[0].weight[2]) == 0 or cls is psiopt.ProjectedSGD
+    rows = (model[0].weight[2], model[3].weight[:2])
+    if name in ZERO_STAYS:
+        assert all(torch.count_nonzero(r) == 0 for r in rows)
+    else:
+        assert all(torch.count_nonzero(r) > 0 for r in rows)
 
 
 @pytest.mark.parametrize("cls", PSIOPT_CLASSES, ids=lambda c: c.__name__)
@@ -227,3 +252,102 @@ def test_psi_paths_agree_when_the_guard_fires(momentum):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="guard_every"):
         psiopt.PSISGD(psiopt.param_groups(models[0], x), guard_every=0)
+
+
+# -- validation before mutation, registry settings for added groups (issue 7, items 2, 8, 9) -------
+def test_momentum_on_rows_of_rules_without_momentum_is_rejected():
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    for cls in (psiopt.UnitNormSGD, psiopt.AdamGStar):
+        with pytest.raises(ValueError, match="momentum"):
+            cls([{"params": [p], "grouping": "channel"}], momentum=0.9)
+        cls([{"params": [p], "grouping": "channel", "momentum": 0.0},
+             {"params": [torch.nn.Parameter(torch.randn(2))]}], momentum=0.9)  # others: fine
+    model = bn_net()
+    x, _ = bn_data()
+    with pytest.raises(ValueError, match="momentum"):
+        psiopt.create_optimizer(model, "un-sgd", x, momentum=0.9)
+    psiopt.create_optimizer(model, "un-sgd", x, other_momentum=0.9)
+
+
+@pytest.mark.parametrize("bad, word", [
+    ({"grouping": "groups:3"}, "do not split"), ({"guard_every": 0}, "guard_every"),
+    ({"lr": -0.1}, "lr"), ({"momentum": "0.9"}, "momentum"), ({"fixed_norm": 1}, "fixed_norm"),
+])
+def test_add_param_group_validates_before_appending(bad, word):
+    model = bn_net()
+    x, _ = bn_data()
+    opt = psiopt.PSISGD(psiopt.param_groups(model, x))
+    count = len(opt.param_groups)
+    extra = torch.nn.Parameter(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=word):
+        opt.add_param_group({"params": [extra], "grouping": "channel", **bad})
+    assert len(opt.param_groups) == count
+
+
+@pytest.mark.parametrize("cls, kwargs, word", [
+    (psiopt.AdamS, {"betas": 0.9}, "betas"), (psiopt.AdamG, {"betas": (0.9,)}, "betas"),
+    (psiopt.PSISGD, {"guard_every": 2.5}, "guard_every"), (psiopt.PSISGD, {"lr": None}, "lr"),
+])
+def test_malformed_hyperparameters_raise_value_error(cls, kwargs, word):
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=word):
+        cls([{"params": [p], "grouping": "channel"}], **kwargs)
+    with pytest.raises(ValueError, match=word):
+        cls([{"params": [p], "grouping": "channel", **kwargs}])
+
+
+def test_nothing_is_changed_before_everything_is_valid():
+    model = bn_net()
+    x, _ = bn_data()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="bogus"):
+        psiopt.create_optimizer(model, "b-sgd", x, bogus=1)
+    with pytest.raises(ValueError, match="lr"):
+        psiopt.create_optimizer(model, "un-sgd", x, other_lr=-1.0)
+    groups = psiopt.param_groups(model, x)
+    groups[-1]["weight_decay"] = -1.0  # the last group is bad: the first must not be normalised
+    with pytest.raises(ValueError, match="weight_decay"):
+        psiopt.SGDG(groups)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_projected_sgd_takes_a_group_mixing_dtypes(foreach):
+    a = torch.nn.Parameter(torch.randn(3, 4))
+    b = torch.nn.Parameter(torch.randn(2, 5, dtype=torch.float64))
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    norms = [a.norm(dim=1).clone(), b.norm(dim=1).clone()]
+    psiopt.ProjectedSGD([a, b], grouping="channel", lr=0.1, foreach=foreach).step()
+    assert torch.allclose(a.norm(dim=1), norms[0]) and torch.allclose(b.norm(dim=1), norms[1])
+
+
+@pytest.mark.parametrize("name", psiopt.list_optimizers())
+def test_add_param_group_on_a_registry_optimizer_takes_the_registry_settings(name):
+    from psiopt.optim.registry import settings
+
+    model = bn_net()
+    x, _ = bn_data()
+    opt = psiopt.create_optimizer(model, name, x)
+    head = torch.nn.Linear(3, 4).double()
+    extra = torch.nn.Linear(3, 5, bias=False).double()
+    opt.add_param_group({"params": list(head.parameters())})
+    opt.add_param_group({"params": [extra.weight], "grouping": "channel"})
+    invariant, other = settings(name)
+    for group, expected in zip(opt.param_groups[-2:], (other, invariant)):
+        assert {k: group[k] for k in expected} == expected
+        assert len(group["param_names"]) == len(group["params"])
+    opt.zero_grad()
+    F.cross_entropy(model(x) + head(model(x)).sum() * 0 + extra(model(x)).sum() * 0,
+                    bn_data()[1]).backward()
+    opt.step()
+
+
+def test_adamg_star_through_the_registry_is_theorem4_as_written():
+    model = bn_net()
+    x, _ = bn_data()
+    opt = psiopt.create_optimizer(model, "adamg-star", x, lr=0.01, weight_decay=0.025)
+    for group in opt.param_groups:
+        if group["grouping"] != "cancelled":
+            assert (group["lr"], group["weight_decay"]) == (0.01, 0.025)
+            assert group["momentum"] == 0.0

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import psiopt
 from helpers import exact_groups, exact_setup
+from psiopt.optim.baselines import SGD, Adam
 from psiopt.optim.diagnostics import StepProbe, measured_effective_lr, scheduling_beta, theorem2_effective_lr
 from psiopt.optim.geometry import rows
 
@@ -29,9 +30,9 @@ def test_measured_effective_lr_is_arora_eta_over_norm_squared_for_sgd():
 def test_theorem2_matches_table1_for_sgd_with_l2():
     model, x, y = exact_setup()
     eta, lam = 0.3, 0.05
-    opt = torch.optim.SGD(exact_groups(model, invariant_weight_decay=lam), lr=eta)
+    opt = SGD(exact_groups(model, invariant_weight_decay=lam), lr=eta)
     w_old, _, w_new = one_step(opt, model, x, y)
-    beta = scheduling_beta(opt, model.hidden.weight, w_new, "channel")
+    beta = scheduling_beta(opt, model.hidden.weight, w_new, w_old)
     got = theorem2_effective_lr(w_old, w_new, eta, beta)
     assert torch.allclose(got, eta / (w_old.pow(2).sum(1) * (1 - eta * lam)), rtol=1e-10)
 
@@ -40,7 +41,7 @@ def test_theorem2_effective_lr_predicts_adams_step_on_the_sphere():
     """Roburin eq. (12): u_{k+1} = (u_k − η_e c⊥)/√(1 + (η_e‖c⊥‖)²), exactly."""
     model, x, y = exact_setup()
     eta = 0.05
-    opt = torch.optim.Adam(exact_groups(model), lr=eta, weight_decay=1e-2)
+    opt = Adam(exact_groups(model), lr=eta, weight_decay=1e-2)
     for _ in range(3):
         one_step(opt, model, x, y)
     w_old, _, w_new = one_step(opt, model, x, y)
@@ -49,7 +50,7 @@ def test_theorem2_effective_lr_predicts_adams_step_on_the_sphere():
     t = float(state["step"])
     a = state["exp_avg"] / (1 - b1**t)
     b = (state["exp_avg_sq"] / (1 - b2**t)).sqrt() + opt.param_groups[0]["eps"]
-    beta = scheduling_beta(opt, p, w_new, "channel")
+    beta = scheduling_beta(opt, p, w_new, w_old)
     assert torch.allclose(beta.flatten(), b.norm(dim=1) / math.sqrt(b.shape[1]))
     r = w_old.norm(dim=1, keepdim=True)
     u = w_old / r
@@ -64,7 +65,7 @@ def test_adamsrt_beta_undoes_the_v_rescaling():
     model, x, y = exact_setup()
     opt = psiopt.AdamSRT(exact_groups(model), lr=0.05, eps=0.0)
     w_old, _, w_new = one_step(opt, model, x, y)
-    beta = scheduling_beta(opt, model.hidden.weight, w_new, "channel", before=w_old)
+    beta = scheduling_beta(opt, model.hidden.weight, w_new, w_old)
     g = model.hidden.weight.grad
     v = (1 - 0.999) * g.pow(2).sum(1) / g.shape[1]
     assert torch.allclose(beta.flatten(), (v / (1 - 0.999)).sqrt(), rtol=1e-10)

@@ -33,12 +33,13 @@ def test_vgg_conv_bn_relu():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
-    assert found(model, 2, 3, 8, 8) == {"0.weight": "channel", "3.weight": "channel"}
+    assert found(model, 2, 3, 8, 8) == {"0.weight": "channel", "0.bias": "cancelled",
+                                        "3.weight": "channel"}
 
 
 def test_mlp_batchnorm1d_bias_is_cancelled():
     model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 2))
-    assert found(model, 4, 5) == {"0.weight": "channel"}
+    assert found(model, 4, 5) == {"0.weight": "channel", "0.bias": "cancelled"}
 
 
 @pytest.mark.parametrize("bias, expected", [(False, {"0.weight": "groups:2"}), (True, {})])
@@ -50,7 +51,7 @@ def test_groupnorm_with_and_without_bias(bias, expected):
 
 def test_groupnorm_with_one_channel_per_group_is_per_channel():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.GroupNorm(4, 4))
-    assert found(model, 2, 3, 6, 6) == {"0.weight": "channel"}
+    assert found(model, 2, 3, 6, 6) == {"0.weight": "channel", "0.bias": "cancelled"}
 
 
 @pytest.mark.parametrize("bias, expected", [(False, {"0.weight": "tensor"}), (True, {})])
@@ -62,13 +63,14 @@ def test_layernorm_with_and_without_bias(bias, expected):
 def test_instancenorm_and_layernorm_over_spatial_dims_are_per_channel():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4), nn.Conv2d(4, 4, 1),
                           nn.LayerNorm(4))
-    assert found(model, 2, 3, 6, 6) == {"0.weight": "channel", "2.weight": "channel"}
+    assert found(model, 2, 3, 6, 6) == {"0.weight": "channel", "2.weight": "channel",
+                                        "0.bias": "cancelled", "2.bias": "cancelled"}
 
 
 def test_conv_transpose_then_bn_groups_on_dim_one():
     model = nn.Sequential(nn.ConvTranspose2d(3, 5, 3), nn.BatchNorm2d(5))
     mapping = found(model, 2, 3, 4, 4)
-    assert mapping == {"0.weight": "channel@1"}
+    assert mapping == {"0.weight": "channel@1", "0.bias": "cancelled"}
     assert psiopt.check_invariance(model, torch.randn(4, 3, 4, 4), mapping).ok
 
 
@@ -124,7 +126,8 @@ class Branchy(nn.Module):
 
 
 def test_python_control_flow():
-    assert found(Branchy(), 5, 4) == {"layers.0.weight": "channel", "layers.2.weight": "channel"}
+    assert found(Branchy(), 5, 4) == {"layers.0.weight": "channel", "layers.2.weight": "channel",
+                                      "layers.0.bias": "cancelled", "layers.2.bias": "cancelled"}
 
 
 def test_residual_sum_before_norm_is_not_invariant():
@@ -176,13 +179,16 @@ def test_param_groups_options_and_overrides():
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
     groups = psiopt.param_groups(model, torch.randn(8, 4), lr=0.1, weight_decay=5e-4,
                                  invariant_lr=1.0)
-    inv, rest = groups
+    inv, cancelled, rest = groups
     assert inv["grouping"] == "channel" and inv["param_names"] == ["0.weight"]
     assert (inv["lr"], inv["weight_decay"]) == (1.0, 0.0)
+    assert [len(s) for s in inv["norm_stats"]] == [1]  # 0.weight feeds the BatchNorm's statistics
+    assert cancelled["grouping"] == "cancelled" and cancelled["param_names"] == ["0.bias"]
+    assert (cancelled["lr"], cancelled["weight_decay"]) == (0.0, 0.0)
     assert rest["grouping"] is None and (rest["lr"], rest["weight_decay"]) == (0.1, 5e-4)
-    assert len(rest["params"]) == 5
+    assert len(rest["params"]) == 4
     groups = psiopt.param_groups(model, torch.randn(8, 4), overrides={"0.weight": None})
-    assert len(groups) == 1 and groups[0]["grouping"] is None
+    assert [g["grouping"] for g in groups] == ["cancelled", None]
     with pytest.raises(ValueError, match="unknown parameter"):
         psiopt.param_groups(model, mapping={"nope": "channel"})
     with pytest.raises(ValueError, match="invalid grouping"):
@@ -191,3 +197,18 @@ def test_param_groups_options_and_overrides():
         psiopt.param_groups(model, mapping={"0.weight": "groups:4"})
     with pytest.raises(ValueError, match="example_inputs"):
         psiopt.param_groups(model)
+
+
+def test_check_invariance_without_declared_groups_says_so():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    with pytest.raises(ValueError, match="no parameter is declared"):
+        psiopt.check_invariance(model, torch.randn(8, 4), {})
+    with pytest.raises(ValueError, match="no parameter is declared"):
+        psiopt.check_invariance(model, torch.randn(8, 4), {"0.bias": "cancelled"})
+
+
+def test_mapping_without_inputs_warns_that_statistics_cannot_follow():
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6))
+    with pytest.warns(UserWarning, match="running statistics"):
+        groups = psiopt.param_groups(model, mapping={"0.weight": "channel"})
+    assert "norm_stats" not in groups[0]

@@ -35,8 +35,13 @@ def test_model_output_and_invariant_parameters(name):
                          image_size=shape[-1] if len(shape) == 4 else 1)
     x = torch.randn(*shape)
     assert model(x).shape == (shape[0], 1 if name == "toy-elu" else 10)
-    mapping = psiopt.find_scale_invariant(model, x)
+    found = psiopt.find_scale_invariant(model, x)
+    mapping = {k: v for k, v in found.items() if v != "cancelled"}
+    cancelled = {k for k, v in found.items() if v == "cancelled"}
     assert len(mapping) == count
+    # a cancelled bias belongs to an invariant layer with a bias
+    assert {k.removesuffix(".bias") + ".weight" for k in cancelled} <= set(mapping)
+    assert all(k.endswith(".bias") for k in cancelled)
     assert all(mapping[n] == "channel" for n in must)
     assert not set(must_not) & set(mapping)
 

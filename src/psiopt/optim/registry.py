@@ -77,13 +77,16 @@ def _spec(name: str) -> OptimizerSpec:
 
 
 def settings(name: str, **hyper) -> tuple[dict, dict]:
-    """``(invariant, other)``: the hyperparameters ``create_optimizer(…, name, **hyper)`` gives
-    the invariant groups and the other groups (registry defaults merged in), validated."""
+    """``(invariant, other)``: every hyperparameter ``create_optimizer(…, name, **hyper)`` gives
+    the invariant groups and the other groups (class defaults, then the registry's, then
+    ``hyper``), validated."""
     spec = _spec(name)
-    invariant, other = dict(spec.invariant), dict(spec.other)
+    signature = {k: p for k, p in inspect.signature(spec.cls).parameters.items()
+                 if k not in ("params", "grouping")}  # groupings come from discovery
+    defaults = {k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty}
     if spec.baseline:
-        invariant.setdefault("foreach", True)
-        other.setdefault("foreach", True)
+        defaults["foreach"] = True
+    invariant, other = {**defaults, **spec.invariant}, {**defaults, **spec.other}
     for key, value in hyper.items():
         if key.startswith("invariant_"):
             invariant[key[len("invariant_"):]] = value
@@ -91,10 +94,9 @@ def settings(name: str, **hyper) -> tuple[dict, dict]:
             other[key.removeprefix("other_")] = value
         else:
             invariant[key] = other[key] = value
-    valid = set(inspect.signature(spec.cls).parameters) - {"params"}
-    unknown = sorted((set(invariant) | set(other)) - valid)
+    unknown = sorted((set(invariant) | set(other)) - set(signature))
     if unknown:
-        raise ValueError(f"{name}: unknown hyperparameter(s) {unknown}; valid: {sorted(valid)}")
+        raise ValueError(f"{name}: unknown hyperparameter(s) {unknown}; valid: {sorted(signature)}")
     for key, value in [*invariant.items(), *other.items()]:
         check_hyper(key, value)
     return invariant, other
@@ -131,7 +133,8 @@ def create_optimizer(model_or_param_groups, name: str, example_inputs=None, *,
     if spec.baseline:
         groups = [{k: v for k, v in g.items() if k != "norm_stats"} for g in groups
                   if g.get("grouping") != CANCELLED]
-    optimizer = spec.cls(groups, **other)
+    optimizer = spec.cls(groups)
+    optimizer.defaults.update(other)  # for groups added later
     optimizer.invariant_defaults = invariant
     if spec.unit_start:  # only once the optimizer has accepted every group
         unit_normalize_(stats_groups)

@@ -1,0 +1,75 @@
+"""Eval-mode accuracy against accuracy after recomputing BatchNorm statistics, PSI-SGD(M).
+
+Measures how far the running statistics lag behind the weights (psiopt issue 7, item 6):
+Fashion-MNIST, mlp-bn, batch 128, 20 epochs, lr ×0.1 at epochs 10 and 15, one thread.
+
+    python scripts/psi_norm_stats.py --seeds 0 1 2 --out runs/psi-norm-stats
+"""
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from psiopt.experiments.train import RunConfig, build, evaluate, recompute_norm_stats, train
+
+SETTINGS = {
+    "psi-sgd fixed_norm": ("psi-sgd", {"invariant_fixed_norm": True}),
+    "psi-sgd literal (eq. 10 + guard)": ("psi-sgd", {"invariant_fixed_norm": False}),
+    "psi-sgdm fixed_norm": ("psi-sgdm", {"invariant_fixed_norm": True}),
+    "psi-sgdm literal (eq. 11 + guard)": ("psi-sgdm", {"invariant_fixed_norm": False}),
+}
+
+
+CHECKPOINTS = (1, 5, 10, 15, 20)
+
+
+def measure(name: str, hyper: dict, seed: int, epochs: int, out: Path) -> dict[int, dict]:
+    """Train once; at each epoch of ``CHECKPOINTS``, test accuracy (%) of the saved model in
+    eval mode and after recomputing its BatchNorm statistics on the training set."""
+    config = RunConfig(dataset="fashion-mnist", model="mlp-bn", optimizer=name, epochs=epochs,
+                       seed=seed, hyper=hyper, milestones=[epochs // 2, 3 * epochs // 4], threads=1)
+    saved = []
+
+    def snapshot(_line):  # called after each epoch, once checkpoint.pt is written
+        saved.append(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+
+    train(config, out, log=snapshot)
+    data, model, _, _ = build(config)
+    results = {}
+    for epoch in CHECKPOINTS:
+        model.load_state_dict(saved[epoch - 1])
+        _, eval_acc = evaluate(model, data.test_x, data.test_y, regression=False)
+        recompute_norm_stats(model, data.train_x)
+        _, recomputed_acc = evaluate(model, data.test_x, data.test_y, regression=False)
+        results[epoch] = {"eval": 100 * eval_acc, "recomputed": 100 * recomputed_acc}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("runs/psi-norm-stats"))
+    args = parser.parse_args()
+    print("| setting | epoch | eval-mode acc (%) | recomputed BN acc (%) | gap mean (max) |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for label, (name, hyper) in SETTINGS.items():
+        runs = [measure(name, hyper, s, args.epochs, args.out / label.split()[0] / label.split()[1]
+                        / f"seed{s}") for s in args.seeds]
+        for epoch in CHECKPOINTS:
+            ev = [r[epoch]["eval"] for r in runs]
+            rc = [r[epoch]["recomputed"] for r in runs]
+            gap = [b - a for a, b in zip(ev, rc)]
+            rows.append({"setting": label, "epoch": epoch, "eval": ev, "recomputed": rc})
+            print(f"| {label} | {epoch} | {statistics.mean(ev):.2f} ± {statistics.stdev(ev):.2f} | "
+                  f"{statistics.mean(rc):.2f} ± {statistics.stdev(rc):.2f} | "
+                  f"{statistics.mean(gap):+.2f} ({max(gap):+.2f}) |", flush=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

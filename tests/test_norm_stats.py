@@ -1,0 +1,129 @@
+"""The eval-mode network: cancelled biases are never trained, and every rescaling of rows that
+psiopt does (PSI overflow guard, unit-normalisation of the sphere methods and B-SGD, the harness's
+unbalanced initialisation) carries the running statistics along (issue 7, items 5 and 6)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import psiopt
+from helpers import train
+from psiopt.experiments.train import initialise, recompute_norm_stats
+
+
+class Mixed(nn.Module):
+    """Linear+bias → BN (channel, cancelled bias), conv → BN, and a linear over the last
+    dimension → BatchNorm1d over dimension 1 (a "tensor" group feeding every channel)."""
+
+    def __init__(self, eps=1e-5):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8, eps=eps)
+        self.conv = nn.Conv1d(2, 4, 2, bias=False)
+        self.bn_conv = nn.BatchNorm1d(4, eps=eps)
+        self.seq = nn.Linear(3, 3, bias=False)
+        self.bn_seq = nn.BatchNorm1d(2, eps=eps)
+        self.head = nn.Linear(8 + 4 * 2 + 2 * 3, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.bn(self.fc(x)))
+        b = torch.relu(self.bn_conv(self.conv(x.view(-1, 2, 3))))
+        c = torch.relu(self.bn_seq(self.seq(x.view(-1, 2, 3))))
+        return self.head(torch.cat([a, b.flatten(1), c.flatten(1)], 1))
+
+
+def setup(seed=0, eps=1e-5):
+    torch.manual_seed(seed)
+    model = Mixed(eps).double()
+    x = torch.randn(64, 6, dtype=torch.float64) * 3 + 1
+    y = torch.randint(0, 3, (64,))
+    warm = torch.optim.SGD(model.parameters(), lr=0.05)
+    train(model, warm, x, y, 30)  # running statistics far from their initial 0 / 1
+    return model, x, y
+
+
+def eval_out(model, x):
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train()
+    return out
+
+
+def test_discovery_links_rows_to_the_statistics_they_feed():
+    model, x, _ = setup()
+    mapping = psiopt.find_scale_invariant(model, x)
+    assert mapping == {"fc.weight": "channel", "fc.bias": "cancelled", "conv.weight": "channel",
+                       "seq.weight": "tensor"}
+    groups = psiopt.param_groups(model, x)
+    links = {n: s for g in groups if "norm_stats" in g for n, s in zip(g["param_names"], g["norm_stats"])}
+    assert {n: [st.norm for st in s] for n, s in links.items()} == {
+        "fc.weight": [model.bn], "conv.weight": [model.bn_conv], "seq.weight": [model.bn_seq]}
+    assert links["fc.weight"][0].bias is model.fc.bias
+
+
+# BatchNorm's eps makes the network only nearly invariant: with eps = 1e-5 a rescaling changes
+# the train-mode output too, by as much as the eval-mode one; with eps = 1e-12 both are exact.
+TOLERANCE = [(1e-5, 1e-4), (1e-12, 1e-10)]
+
+
+@pytest.mark.parametrize("eps, tol", TOLERANCE)
+@pytest.mark.parametrize("foreach", [False, True])
+def test_forced_guard_leaves_the_eval_mode_network_unchanged(foreach, eps, tol):
+    model, x, _ = setup(eps=eps)
+    norms = model.fc.weight.norm(dim=1).clone()
+    opt = psiopt.PSISGD(psiopt.param_groups(model, x), lr=1e-12, fixed_norm=False, max_norm=1e-3,
+                        guard_every=1, foreach=foreach)
+    opt.zero_grad()
+    F.cross_entropy(model(x), torch.zeros(64, dtype=torch.long)).backward()
+    before = eval_out(model, x)  # after the forward pass that updated the statistics
+    opt.step()
+    assert torch.allclose(model.fc.weight.norm(dim=1), torch.ones(8, dtype=torch.float64))
+    assert (norms - 1).abs().min() > 0.05  # the guard really rescaled every row
+    after = eval_out(model, x)
+    assert (after - before).abs().max() <= tol * before.abs().max()
+
+
+@pytest.mark.parametrize("eps, tol", TOLERANCE)
+@pytest.mark.parametrize("name", ["un-sgd", "sgdg", "adamg", "adamg-star", "b-sgd"])
+def test_unit_normalisation_at_construction_leaves_the_eval_mode_network_unchanged(name, eps, tol):
+    model, x, _ = setup(eps=eps)
+    before = eval_out(model, x)
+    assert (model.fc.weight.norm(dim=1) - 1).abs().min() > 0.05
+    psiopt.create_optimizer(model, name, x)
+    assert torch.allclose(model.fc.weight.norm(dim=1), torch.ones(8, dtype=torch.float64))
+    assert torch.allclose(model.seq.weight.norm(), torch.tensor(1.0, dtype=torch.float64))
+    after = eval_out(model, x)
+    assert (after - before).abs().max() <= tol * before.abs().max()
+
+
+def test_unbalanced_initialisation_is_an_equivalent_network_in_eval_mode_too():
+    model, x, _ = setup(eps=1e-12)
+    before = eval_out(model, x)
+    initialise(model, "unbalanced", psiopt.param_groups(model, x))
+    assert model.fc.weight[0].norm() > 100 and model.fc.weight[-1].norm() < 1e-2
+    after = eval_out(model, x)  # eps = 1e-12 against variances ~1e-8 of the ×1e-4 rows: 1e-4
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+
+
+@pytest.mark.parametrize("name", psiopt.list_optimizers())
+def test_cancelled_biases_are_never_updated(name):
+    """A bias before BatchNorm gets rounding noise times 1/σ as its gradient; with a tiny eps
+    that noise is large.  No registered optimizer may train it."""
+    model, x, y = setup(eps=1e-12)
+    bias = model.fc.bias.detach().clone()
+    opt = psiopt.create_optimizer(model, name, x)
+    train(model, opt, x, y, 10)
+    assert torch.equal(model.fc.bias, bias)
+    assert not torch.equal(model.head.bias, setup(eps=1e-12)[0].head.bias)  # others do move
+
+
+def test_recompute_norm_stats_gives_the_exact_training_set_statistics():
+    model, x, _ = setup()
+    recompute_norm_stats(model, x, batch_size=64)
+    with torch.no_grad():
+        h = model.fc(x)
+    assert torch.allclose(model.bn.running_mean, h.mean(0))
+    assert torch.allclose(model.bn.running_var, h.var(0))
+    assert model.bn.momentum == 0.1 and model.training
