@@ -6,9 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test demo bench clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins this machine's torch build (a CPU wheel from a local file); the package
+# itself accepts a range of torch versions.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -28,7 +30,7 @@ demo: $(STAMP)
 	  --optimizers $(DEMO_OPTIMIZERS) --seeds 1 --epochs 20 --milestones 10,15 --out runs/demo
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[compare]" || echo "adamp/geoopt not installed: peers skipped"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[compare]" || echo "adamp/geoopt not installed: peers skipped"
 	$(VENV)/bin/psiopt bench
 
 clean:

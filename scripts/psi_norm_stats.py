@@ -20,6 +20,7 @@ SETTINGS = {
     "psi-sgd literal (eq. 10 + guard)": ("psi-sgd", {"invariant_fixed_norm": False}),
     "psi-sgdm fixed_norm": ("psi-sgdm", {"invariant_fixed_norm": True}),
     "psi-sgdm literal (eq. 11 + guard)": ("psi-sgdm", {"invariant_fixed_norm": False}),
+    "sgd control (lr 0.1, momentum 0.9)": ("sgd", {}),
 }
 
 
@@ -53,11 +54,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("runs/psi-norm-stats"))
+    parser.add_argument("--only", default="", help="run the settings whose label contains this")
     args = parser.parse_args()
     print("| setting | epoch | eval-mode acc (%) | recomputed BN acc (%) | gap mean (max) |")
     print("|---|---|---|---|---|")
     rows = []
     for label, (name, hyper) in SETTINGS.items():
+        if args.only not in label:
+            continue
         runs = [measure(name, hyper, s, args.epochs, args.out / label.split()[0] / label.split()[1]
                         / f"seed{s}") for s in args.seeds]
         for epoch in CHECKPOINTS:

@@ -71,9 +71,17 @@ def test_compare_regression_recipe(tmp_path):
                  "--out", str(tmp_path), "--no-progress"]) == 0
     summary = (tmp_path / "summary.md").read_text()
     assert "final test loss" in summary
-    # PSI-SGD at the paper's lr 1.0 diverges on this toy problem: the run stops and says so
-    assert "| psi-sgd | — (diverged" in summary
-    assert read_metrics(tmp_path / "psi-sgd" / "seed0")[-1]["diverged"] is True
+    for name in ("sgd", "psi-sgd"):  # the summary says what the metrics say, whatever happened
+        diverged = bool(read_metrics(tmp_path / name / "seed0")[-1].get("diverged"))
+        assert (f"| {name} | — (diverged" in summary) == diverged
+
+
+def test_a_diverging_run_stops_and_is_reported(tmp_path):
+    assert main(["compare", "--recipe", "yi-fig4", "--epochs", "3", "--optimizers", "sgd",
+                 "--lr", "1e30", "--out", str(tmp_path), "--no-progress"]) == 0
+    metrics = read_metrics(tmp_path / "sgd" / "seed0")
+    assert [m.get("diverged", False) for m in metrics] == [True]  # stopped after the first epoch
+    assert "| sgd | — (diverged" in (tmp_path / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("args, words", [

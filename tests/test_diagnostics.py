@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -77,10 +78,29 @@ def test_probe_reports_every_invariant_layer():
     probe = StepProbe(opt)
     opt.zero_grad()
     F.mse_loss(model(x), y).backward()
+    mean_norm = rows(model.hidden.weight, "channel").norm(dim=1).mean().item()
     probe.before()
     opt.step()
     layers = probe.after()
     assert set(layers) == {"hidden.weight"}
     assert abs(layers["hidden.weight"]["eff_lr"] - 0.5) < 1e-9  # PSI-SGD: η_e = η
-    assert "eff_lr_theorem2" not in layers["hidden.weight"]
-    assert rows(model.hidden.weight, "channel").shape[0] == 5
+    assert "eff_lr_theorem2" not in layers["hidden.weight"]  # not of the form x − η a ⊘ b
+    assert layers["hidden.weight"]["norm"] == pytest.approx(mean_norm, rel=1e-12)  # before the step
+
+
+def test_every_optimizer_states_its_own_effective_lr_factor():
+    """Theorem 2's β comes from the optimizer (no class switch in the diagnostics): SGD-MRT and
+    SGD are 1, Adam-S/SRT and Adam per group, PSI-SGD and a plain torch optimizer none."""
+    model, x, y = exact_setup()
+    expected = {"sgdmrt": True, "sgd": True, "adams": True, "adamsrt": True, "adam": True,
+                "psi-sgd": False, "adamw": False, "psgd": False}
+    for name, has in expected.items():
+        m = exact_setup()[0]
+        opt = psiopt.create_optimizer(m, name, mapping={"hidden.weight": "channel"})
+        w_old, _, w_new = one_step(opt, m, x, y)
+        beta = scheduling_beta(opt, m.hidden.weight, rows(w_new, "channel"), rows(w_old, "channel"))
+        assert (beta is not None) == has, name
+        if has:
+            assert beta.shape == (5, 1) and bool((beta > 0).all())
+    plain = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert scheduling_beta(plain, model.hidden.weight, model.hidden.weight, model.hidden.weight) is None
