@@ -4,10 +4,9 @@ import pytest
 import torch
 
 import psiopt
-
 from psiopt.experiments import bench
-from psiopt.optim.geometry import dot, rows
 from psiopt.experiments.models import MLP
+from psiopt.optim.geometry import dot, rows
 
 
 def test_parameter_set_gradients_are_tangent(monkeypatch):

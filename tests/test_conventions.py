@@ -351,3 +351,10 @@ def test_adamg_star_through_the_registry_is_theorem4_as_written():
         if group["grouping"] != "cancelled":
             assert (group["lr"], group["weight_decay"]) == (0.01, 0.025)
             assert group["momentum"] == 0.0
+
+
+def test_a_generator_of_parameters_is_read_once():
+    model = bn_net()
+    opt = psiopt.PSISGD([{"params": model[0].parameters(), "grouping": "channel"},
+                         {"params": (p for p in model[1:].parameters())}])
+    assert [len(g["params"]) for g in opt.param_groups] == [1, len(list(model[1:].parameters()))]

@@ -127,3 +127,18 @@ def test_recompute_norm_stats_gives_the_exact_training_set_statistics():
     assert torch.allclose(model.bn.running_mean, h.mean(0))
     assert torch.allclose(model.bn.running_var, h.var(0))
     assert model.bn.momentum == 0.1 and model.training
+
+
+@pytest.mark.parametrize("name", ["un-sgd", "adamg-star"])
+def test_harness_applies_the_unbalanced_init_before_the_sphere_normalisation(name):
+    from psiopt.experiments.train import RunConfig, build
+
+    _, _, opt, _ = build(RunConfig(dataset="synthetic", model="mlp-bn", optimizer=name,
+                                   init="unbalanced", subset=64, threads=1))
+    groups = [g for g in opt.param_groups if g["grouping"] == "channel"]
+    assert groups
+    for p in groups[0]["params"]:
+        assert torch.allclose(p.norm(dim=1), torch.ones(p.shape[0]), atol=1e-5)
+    if name == "adamg-star":  # v0 ∝ r0⁴ was taken from the unbalanced rows
+        v = opt.state[groups[0]["params"][0]]["v"].flatten()
+        assert v.max() / v.min() > 1e30

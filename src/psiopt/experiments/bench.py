@@ -26,8 +26,8 @@ from torch.utils._pytree import tree_leaves
 
 from ..optim.discovery import find_scale_invariant
 from ..optim.geometry import dot, is_invariant, norm, rows, safe_inv, sqnorm
-from .models import MLP, create_model
 from ..optim.registry import REGISTRY, create_optimizer
+from .models import MLP, create_model
 
 ADAM_FAMILY = {"adams", "adamsrt", "adamg", "adam", "adamw"}
 SETS = {
@@ -193,7 +193,9 @@ def _counterpart_of(family, model, mapping):
 
 #: extra rows: label -> (registered name, hyperparameters)
 VARIANTS = {"sgdg ω=0": ("sgdg", {"ortho": 0.0}), "adamg ω=0": ("adamg", {"ortho": 0.0}),
-            "psi-sgdm checked": ("psi-sgdm", {"check_finite": True})}
+            "psi-sgdm checked": ("psi-sgdm", {"check_finite": True}),
+            "psi-sgd literal": ("psi-sgd", {"invariant_fixed_norm": False}),
+            "psi-sgdm literal": ("psi-sgdm", {"invariant_fixed_norm": False})}
 
 
 def default_names() -> list[str]:

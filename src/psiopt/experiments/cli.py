@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..optim.registry import REGISTRY, list_optimizers
 from .data import DATASETS, DataError, is_available
 from .models import list_models
 from .recipes import RECIPES
-from ..optim.registry import REGISTRY, list_optimizers
 from .train import INITS, RunConfig, train
 
 

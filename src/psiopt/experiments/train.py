@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
-from .data import batches, load_dataset
 from ..optim.diagnostics import StepProbe, summarize
-from ..optim.discovery import rescale_rows_
+from ..optim.discovery import param_groups, rescale_rows_
 from ..optim.geometry import is_invariant, rows
-from .models import create_model, glorot_
 from ..optim.registry import create_optimizer
+from .data import batches, load_dataset
+from .models import create_model, glorot_
 
 INITS = ("default", "glorot", "unbalanced")
 
@@ -154,11 +154,12 @@ def build(config: RunConfig):
     model = create_model(config.model, in_channels=data.in_channels,
                          num_classes=data.num_classes or 1, image_size=data.image_size,
                          **config.model_kwargs)
+    example = data.train_x[:16]
     if config.init == "glorot":
         initialise(model, "glorot", [])
-    optimizer = create_optimizer(model, config.optimizer, data.train_x[:16], **config.hyper)
-    if config.init == "unbalanced":
-        initialise(model, "unbalanced", optimizer.param_groups)
+    elif config.init == "unbalanced":  # before the optimizer: sphere methods normalise rows there
+        initialise(model, "unbalanced", param_groups(model, example))
+    optimizer = create_optimizer(model, config.optimizer, example, **config.hyper)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones),
                                                      config.gamma)
     return data, model, optimizer, scheduler

@@ -162,6 +162,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if not isinstance(param_group["params"], (Tensor, set)):  # a generator is read once
+            param_group["params"] = list(param_group["params"])
         merged = {**self.defaults, **self.invariant_defaults, **param_group} if is_invariant(
             param_group.get("grouping")) else {**self.defaults, **param_group}
         self._validate(merged)

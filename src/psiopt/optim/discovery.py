@@ -25,7 +25,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils._pytree import tree_leaves
 
-from .geometry import CANCELLED, is_invariant, norm, parse_grouping, rows, safe_inv
+from .geometry import CANCELLED, is_invariant, norm, rows, safe_inv
 
 _LAYERS = (nn.Linear, _ConvNd)
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from .base import ScaleInvariantOptimizer, step_count
-from .discovery import rescale_rows_
 from .geometry import norm, safe_inv
 
 
@@ -113,7 +112,10 @@ class PSISGD(ScaleInvariantOptimizer):
         n = layout.norms(ws)
         r0 = None
         if group["fixed_norm"]:
-            r0 = layout.gather([st.setdefault("norm", v) for st, v in zip(states, layout.split(n.clone()))])
+            if any("norm" not in st for st in states):  # fixed_norm switched on later
+                for st, v in zip(states, layout.split(n)):
+                    st.setdefault("norm", v.clone())
+            r0 = layout.gather([st["norm"] for st in states])
         s, follow = self._factor(group, n, states, r0)
         coef = n.square().mul_(-lr)
         if s is not None:
@@ -138,4 +140,4 @@ class PSISGD(ScaleInvariantOptimizer):
             torch._foreach_addcmul_(ws, gs, layout.split(coef))
 
 
-__all__ = ["PSISGD", "rescale_rows_"]
+__all__ = ["PSISGD"]
