@@ -76,11 +76,15 @@ def check_hyper(key: str, value) -> None:
 
 
 class GroupHandling:
-    """``add_param_group``, ``state_dict`` and ``load_state_dict`` for psiopt's parameter groups.
+    """Parameter-group handling shared by every psiopt optimizer (torch.optim baselines included).
 
+    * a ``params`` generator is read once; every group is validated (:meth:`_validate`) when it
+      is added, and groups given at construction are prepared (:meth:`_prepare`: the sphere
+      methods and B-SGD unit-normalise rows there) only once all of them are valid;
     * ``invariant_defaults``: settings a group with a ``grouping`` takes before ``defaults``
       (:func:`psiopt.create_optimizer` stores the registry's settings there, so an added group
       gets them);
+    * groups with ``grouping="cancelled"`` (biases a normalisation removes) are never updated;
     * a group without ``param_names`` added to an optimizer whose groups have them (or the
       reverse) gets placeholder names instead of torch's error;
     * ``norm_stats`` (live references to normalisation layers) stay out of ``state_dict`` and
@@ -89,23 +93,57 @@ class GroupHandling:
 
     invariant_defaults: dict = {}
 
+    def __init__(self, params, *args, **kwargs):
+        self._ready = False
+        super().__init__(params, *args, **kwargs)
+        self._ready = True
+        for group in self.param_groups:
+            self._prepare(group)
+
     def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if not isinstance(param_group["params"], (Tensor, set)):  # a generator is read once
+            param_group["params"] = list(param_group["params"])
         if is_invariant(param_group.get("grouping")):
             for key, value in self.invariant_defaults.items():
                 param_group.setdefault(key, value)
+        self._validate({**self.defaults, **param_group})
         named = [("param_names" in g) for g in self.param_groups]
+        renamed = []
         if named and all(named) and "param_names" not in param_group:
             param_group["param_names"] = self._placeholder_names(len(self.param_groups), param_group)
         elif named and not any(named) and "param_names" in param_group:
-            for i, g in enumerate(self.param_groups):
+            renamed = self.param_groups
+            for i, g in enumerate(renamed):
                 g["param_names"] = self._placeholder_names(i, g)
-        super().add_param_group(param_group)
+        try:
+            super().add_param_group(param_group)
+        except Exception:
+            for g in renamed:  # torch refused the group: the others stay as they were
+                del g["param_names"]
+            raise
+        if getattr(self, "_ready", True):  # (not set on an unpickled optimizer)
+            self._prepare(self.param_groups[-1])
+
+    def _validate(self, group: dict) -> None:
+        """Raise ``ValueError`` if ``group`` (merged with the defaults) is not valid."""
+        stats = group.get("norm_stats")
+        params = group["params"]
+        if stats is not None and len(stats) != (1 if isinstance(params, Tensor) else len(params)):
+            raise ValueError("norm_stats must list the running statistics of every parameter")
+
+    def _prepare(self, group: dict) -> None:
+        """Called once per group after every group is valid (sphere methods normalise here)."""
 
     @staticmethod
     def _placeholder_names(index: int, group: dict) -> list[str]:
         params = group["params"]
-        count = 1 if isinstance(params, Tensor) else len(list(params))
+        count = 1 if isinstance(params, Tensor) else len(params)
         return [f"param_groups[{index}][{j}]" for j in range(count)]
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "invariant_defaults": self.invariant_defaults}
 
     def state_dict(self) -> dict:
         out = super().state_dict()
@@ -134,7 +172,9 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       Groups whose tensors differ in dtype or device also take the reference path.
 
     Every group is validated in full before anything is changed; subclasses that keep rows on the
-    unit sphere normalise them once all groups are valid (:meth:`_prepare`).
+    unit sphere normalise them once all groups are valid (:meth:`_prepare`).  A setting with no
+    meaning for the rule (``invariant_zero``) is refused when the group is added and again at
+    each step (a scheduler may have written it since).
     """
 
     counterpart = "sgd"  # or "adam"
@@ -145,11 +185,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         defaults = {"grouping": None, "check_finite": False, "foreach": None, **defaults}
         for key, value in defaults.items():
             check_hyper(key, value)
-        self._ready = False
         super().__init__(params, defaults)
-        self._ready = True
-        for group in self.param_groups:
-            self._prepare(group)
         if not any(is_invariant(g["grouping"]) for g in self.param_groups):
             warnings.warn(
                 f"{type(self).__name__}: no parameter group declares a 'grouping', so every "
@@ -159,40 +195,26 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             )
 
     # -- validation (nothing is changed before every check has passed) -----------------------
-    def add_param_group(self, param_group: dict) -> None:
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        if not isinstance(param_group["params"], (Tensor, set)):  # a generator is read once
-            param_group["params"] = list(param_group["params"])
-        merged = {**self.defaults, **self.invariant_defaults, **param_group} if is_invariant(
-            param_group.get("grouping")) else {**self.defaults, **param_group}
-        self._validate(merged)
-        super().add_param_group(param_group)
-        if self._ready:
-            self._prepare(self.param_groups[-1])
-
     def _validate(self, group: dict) -> None:
+        super()._validate(group)
         for key, value in group.items():
             if key not in ("params", "param_names") + _NOT_SAVED:
                 check_hyper(key, value)
         grouping = group["grouping"]
-        params = group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
         if is_invariant(grouping):
-            for key in self.invariant_zero:
-                if group.get(key):
-                    raise ValueError(
-                        f"invalid {key} for an invariant group of {type(self).__name__}: "
-                        f"{group[key]!r} (it has no meaning there; use 0, or set it for the other "
-                        f"parameters only with other_{key})")
-            for p in params:
+            self._check_rule(group)
+            params = group["params"]
+            for p in [params] if isinstance(params, Tensor) else params:
                 rows(p, grouping)  # raises ValueError if the shape does not fit
-        stats = group.get("norm_stats")
-        if stats is not None and len(stats) != len(params):
-            raise ValueError("norm_stats must list the running statistics of every parameter")
 
-    def _prepare(self, group: dict) -> None:
-        """Called once per group after every group is valid (sphere methods normalise here)."""
+    def _check_rule(self, group: dict) -> None:
+        """Raise ``ValueError`` if an invariant group sets what the rule cannot honour."""
+        for key in self.invariant_zero:
+            if group.get(key):
+                raise ValueError(
+                    f"invalid {key} for an invariant group of {type(self).__name__}: "
+                    f"{group[key]!r} (it has no meaning there; use 0, or set it for the other "
+                    f"parameters only with other_{key})")
 
     @staticmethod
     def _stats(group: dict, index: list[int]) -> list:
@@ -260,6 +282,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     # -- invariant groups -------------------------------------------------------------------------
     def _invariant(self, group: dict, index: list[int], params: list[Tensor],
                    grads: list[Tensor]) -> None:
+        self._check_rule(group)  # a scheduler may have written a setting since the group was added
         grouping = group["grouping"]
         ws = [rows(p, grouping) for p in params]
         gs = [rows(g, grouping) for g in grads]
@@ -270,14 +293,14 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 self._init_state(group, w, state)
         vectorized = group["foreach"] is not False and len({(w.dtype, w.device) for w in ws}) == 1
         if vectorized:
-            self._update_many(group, ws, gs, states, self._layout(group, ws), stats)
+            self._update_many(group, ws, gs, states, self._layout(ws), stats)
         else:
             for w, g, state, st in zip(ws, gs, states, stats):
                 self._update_one(group, w, g, state, st)
 
-    def _layout(self, group: dict, ws: list[Tensor]) -> RowLayout:
-        """The :class:`RowLayout` of these views, cached per group and shapes (it holds shapes only)."""
-        key = (id(group), tuple(w.shape for w in ws))
+    def _layout(self, ws: list[Tensor]) -> RowLayout:
+        """The :class:`RowLayout` of these views, cached by their shapes, dtype and device."""
+        key = (tuple(w.shape for w in ws), ws[0].dtype, ws[0].device)
         cache = self.__dict__.setdefault("_layouts", {})
         if key not in cache:
             cache[key] = RowLayout(ws)

@@ -1,26 +1,49 @@
-"""torch.optim's SGD, Adam and AdamW as the baselines of the registry.
+"""torch.optim's SGD, Adam and AdamW as the baselines of the registry, and B-SGD.
 
 The update is torch's own (foreach); these subclasses add psiopt's parameter-group handling
 (:class:`~psiopt.optim.base.GroupHandling`: registry settings for added groups, placeholder names,
-``norm_stats`` kept out of ``state_dict``) and state their effective-learning-rate factor for
-:mod:`psiopt.optim.diagnostics`.
+``norm_stats`` kept out of ``state_dict``), leave groups with ``grouping="cancelled"`` unchanged,
+and state their effective-learning-rate factor for :mod:`psiopt.optim.diagnostics`.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 
 from .base import GroupHandling
-from .geometry import norm, rows, sqnorm
+from .discovery import unit_normalize_
+from .geometry import CANCELLED, norm, rows, sqnorm
+
+
+def _freeze_cancelled(optimizer, args, kwargs) -> None:
+    """Step pre-hook: a cancelled group takes a zero step whatever a scheduler wrote into it."""
+    for group in optimizer.param_groups:
+        if group.get("grouping") == CANCELLED:
+            group["lr"] = 0.0
+            group["weight_decay"] = 0.0
+
+
+class _Baseline(GroupHandling):
+    """torch.optim's update on every group; groups of cancelled biases get ``lr = 0`` and no
+    weight decay before every step (a zero step: their gradient is rounding noise)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_step_pre_hook(_freeze_cancelled)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.register_step_pre_hook(_freeze_cancelled)  # hooks are not pickled
 
 
 def _group_of(optimizer, p) -> dict:
     return next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
 
 
-class SGD(GroupHandling, torch.optim.SGD):
+class SGD(_Baseline, torch.optim.SGD):
     """torch.optim.SGD (momentum and coupled L2 included)."""
 
     def scheduling_beta(self, p, view, before):
@@ -28,7 +51,19 @@ class SGD(GroupHandling, torch.optim.SGD):
         return torch.ones_like(sqnorm(view))
 
 
-class Adam(GroupHandling, torch.optim.Adam):
+class BSGD(SGD):
+    """B-SGD (Badrinarayanan et al.'s baseline): torch's SGD from unit-normalised rows.
+
+    The rows of every invariant group are unit-normalised when the group is added (at
+    construction, once every group is valid), with the running statistics listed in its
+    ``norm_stats``; after that the update is plain SGD.
+    """
+
+    def _prepare(self, group):
+        unit_normalize_([group])
+
+
+class Adam(_Baseline, torch.optim.Adam):
     """torch.optim.Adam (coupled L2)."""
 
     def scheduling_beta(self, p, view, before):
@@ -39,11 +74,14 @@ class Adam(GroupHandling, torch.optim.Adam):
         return norm(b) / math.sqrt(b[0].numel())
 
 
-class AdamW(GroupHandling, torch.optim.AdamW):
+class AdamW(_Baseline, torch.optim.AdamW):
     """torch.optim.AdamW (decoupled weight decay: not of the form ``x − η a ⊘ b``)."""
 
     def scheduling_beta(self, p, view, before):
         return None
 
 
-__all__ = ["SGD", "Adam", "AdamW"]
+__all__ = ["SGD", "BSGD", "Adam", "AdamW"]
+
+for _cls in (SGD, BSGD, Adam, AdamW):  # the mixins pass arguments through: show torch's signature
+    _cls.__signature__ = inspect.signature(next(c for c in _cls.__mro__ if c.__module__.startswith("torch.")))

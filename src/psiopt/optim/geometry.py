@@ -148,8 +148,9 @@ class RowLayout:
 
     A flat tensor holds one scalar per group of every view, in order; :meth:`split` gives its
     keepdim views per tensor (no copy), so per-group arithmetic is a few ops on the flat tensor and
-    applying it to the tensors is one ``torch._foreach_*`` call.  The layout holds shapes only:
-    every method returns a new tensor owned by the caller, nothing is shared between calls.
+    applying it to the tensors is one ``torch._foreach_*`` call.  The layout holds the views'
+    shapes, dtype and device only (no tensor): every method returns a new tensor owned by the
+    caller, nothing is shared between calls.
     """
 
     def __init__(self, views: list[Tensor]):
@@ -157,14 +158,14 @@ class RowLayout:
         self.shapes = [(v.shape[0],) + (1,) * (v.dim() - 1) for v in views]
         self.dims = [_dims(v) for v in views]
         self.group_sizes = [group_size(v) for v in views]
-        self._like = views[0]
+        self.dtype, self.device = views[0].dtype, views[0].device
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Keepdim per-tensor views of a flat per-group tensor (no copy)."""
         return [c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes)]
 
     def _reduce(self, op, *lists: list[Tensor]) -> Tensor:
-        flat = self._like.new_empty(sum(self.sizes))
+        flat = torch.empty(sum(self.sizes), dtype=self.dtype, device=self.device)
         for args, out, dims in zip(zip(*lists), self.split(flat), self.dims):
             op(*args, dims, out)
         return flat

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from .base import check_hyper
-from .baselines import SGD, Adam, AdamW
-from .discovery import param_groups, unit_normalize_
+from .baselines import BSGD, SGD, Adam, AdamW
+from .discovery import param_groups
 from .euclidean import SGDMRT, AdamS, AdamSRT, ProjectedSGD
 from .geometry import CANCELLED, is_invariant
 from .quotient import PSISGD
@@ -25,13 +25,12 @@ class OptimizerSpec:
     paper: str
     invariant: dict = field(default_factory=dict)
     other: dict = field(default_factory=dict)
-    unit_start: bool = False  # unit-normalise invariant rows before training (B-SGD)
     shared_decay: bool = False  # ``weight_decay`` applies to every group (AdamG*: Theorem 4)
 
     @property
     def baseline(self) -> bool:
         """A torch.optim update rule (invariant groups are not treated specially)."""
-        return self.cls in (SGD, Adam, AdamW)
+        return issubclass(self.cls, (SGD, Adam, AdamW))
 
 
 _SGD = {"lr": 0.1, "momentum": 0.9}
@@ -47,8 +46,7 @@ REGISTRY: dict[str, OptimizerSpec] = {
                               {"lr": 0.1, "momentum": 0.9}, _SGD),
     "un-sgd": OptimizerSpec(UnitNormSGD, "Badrinarayanan et al., UN (eq. 2)", {"lr": 0.01},
                             {"lr": 0.01, "momentum": 0.0}),
-    "b-sgd": OptimizerSpec(SGD, "Badrinarayanan et al., B-SGD", {"lr": 0.01}, {"lr": 0.01},
-                           unit_start=True),
+    "b-sgd": OptimizerSpec(BSGD, "Badrinarayanan et al., B-SGD", {"lr": 0.01}, {"lr": 0.01}),
     "psgd": OptimizerSpec(ProjectedSGD, "Arora et al., projected SGD (App. D)", {"lr": 0.1},
                           {"lr": 0.1}),
     "sgdg": OptimizerSpec(SGDG, "Cho & Lee, SGDG (baseline in Yi)", {"lr": 0.2}, _SGD),
@@ -76,6 +74,19 @@ def _spec(name: str) -> OptimizerSpec:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(REGISTRY)}") from None
 
 
+def _explicit(spec: OptimizerSpec, hyper: dict) -> tuple[dict, dict]:
+    """``hyper`` split into what it sets on the invariant groups and on the others."""
+    invariant, other = {}, {}
+    for key, value in hyper.items():
+        if key.startswith("invariant_"):
+            invariant[key[len("invariant_"):]] = value
+        elif key.startswith("other_") or (key == "weight_decay" and not spec.shared_decay):
+            other[key.removeprefix("other_")] = value
+        else:
+            invariant[key] = other[key] = value
+    return invariant, other
+
+
 def settings(name: str, **hyper) -> tuple[dict, dict]:
     """``(invariant, other)``: every hyperparameter ``create_optimizer(…, name, **hyper)`` gives
     the invariant groups and the other groups (class defaults, then the registry's, then
@@ -86,14 +97,9 @@ def settings(name: str, **hyper) -> tuple[dict, dict]:
     defaults = {k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty}
     if spec.baseline:
         defaults["foreach"] = True
-    invariant, other = {**defaults, **spec.invariant}, {**defaults, **spec.other}
-    for key, value in hyper.items():
-        if key.startswith("invariant_"):
-            invariant[key[len("invariant_"):]] = value
-        elif key.startswith("other_") or (key == "weight_decay" and not spec.shared_decay):
-            other[key.removeprefix("other_")] = value
-        else:
-            invariant[key] = other[key] = value
+    set_invariant, set_other = _explicit(spec, hyper)
+    invariant = {**defaults, **spec.invariant, **set_invariant}
+    other = {**defaults, **spec.other, **set_other}
     unknown = sorted((set(invariant) | set(other)) - set(signature))
     if unknown:
         raise ValueError(f"{name}: unknown hyperparameter(s) {unknown}; valid: {sorted(signature)}")
@@ -112,30 +118,26 @@ def create_optimizer(model_or_param_groups, name: str, example_inputs=None, *,
     it applies to the non-invariant groups only (use ``invariant_weight_decay`` for coupled L2 on
     invariant weights), except for ``adamg-star``, where Theorem 4 uses the same λ everywhere.
     Unset keys take the paper's defaults (see ``REGISTRY``); groups added later with
-    ``add_param_group`` take them too.  Everything is validated before the model is touched.
-    Biases cancelled by a normalisation are never updated (psiopt optimizers skip their group;
-    the torch.optim baselines are not given it).
+    ``add_param_group`` take them too.  Given parameter groups, a key a group sets itself wins
+    over the paper's default, and a keyword passed here wins over both.  Everything is validated
+    before the model is touched.  Biases cancelled by a normalisation are never updated.
     """
     spec = _spec(name)
     invariant, other = settings(name, **hyper)
     if isinstance(model_or_param_groups, nn.Module):
         groups = param_groups(model_or_param_groups, example_inputs, mapping=mapping,
                               overrides=overrides)
+        explicit = invariant, other  # the groups carry param_groups' defaults only
     else:
         items = list(model_or_param_groups)
         groups = ([dict(g) for g in items] if items and isinstance(items[0], dict)
                   else [{"params": items}])
+        explicit = _explicit(spec, hyper)
     for group in groups:
-        grouping = group.get("grouping")
-        if grouping != CANCELLED:
-            group.update(invariant if is_invariant(grouping) else other)
-    stats_groups = groups
-    if spec.baseline:
-        groups = [{k: v for k, v in g.items() if k != "norm_stats"} for g in groups
-                  if g.get("grouping") != CANCELLED]
+        if group.get("grouping") != CANCELLED:
+            side = 0 if is_invariant(group.get("grouping")) else 1
+            group.update({**(invariant, other)[side], **group, **explicit[side]})
     optimizer = spec.cls(groups)
     optimizer.defaults.update(other)  # for groups added later
     optimizer.invariant_defaults = invariant
-    if spec.unit_start:  # only once the optimizer has accepted every group
-        unit_normalize_(stats_groups)
     return optimizer
