@@ -139,6 +139,6 @@ def test_harness_applies_the_unbalanced_init_before_the_sphere_normalisation(nam
     assert groups
     for p in groups[0]["params"]:
         assert torch.allclose(p.norm(dim=1), torch.ones(p.shape[0]), atol=1e-5)
-    if name == "adamg-star":  # v0 ∝ r0⁴ was taken from the unbalanced rows
-        v = opt.state[groups[0]["params"][0]]["v"].flatten()
+    if name == "adamg-star":  # r4 = r0⁴ was taken from the unbalanced rows
+        v = opt.state[groups[0]["params"][0]]["r4"].flatten()
         assert v.max() / v.min() > 1e30

@@ -118,11 +118,13 @@ SETTINGS = {
     "missing-grads": Setting(drop_grads=True),
     "psi-guard": Setting(_GUARD),
     "psi-guard-missing-grads": Setting(_GUARD, drop_grads=True),
+    # coupled L2 scales with ‖w‖² under PSI (fc.weight: ‖w‖ ≈ 8, lr 1): 1e-2 diverges in 8 steps
+    "psi-literal-l2": Setting({"fixed_norm": False, "invariant_weight_decay": 1e-4}),
 }
 
 _COMMON = ("defaults", "weight-decay", "frozen-layer", "missing-grads")
 _SGD_MOMENTUM = ("other-momentum", "invariant-momentum")
-_PSI = (*_COMMON, *_SGD_MOMENTUM, "invariant-weight-decay", "psi-guard", "psi-guard-missing-grads")
+_PSI = (*_COMMON, *_SGD_MOMENTUM, "psi-guard", "psi-guard-missing-grads", "psi-literal-l2")
 #: optimizer -> the settings it accepts (every other setting must raise ValueError)
 TABLE = {
     "sgd": (*_COMMON, *_SGD_MOMENTUM, "invariant-weight-decay"),
@@ -148,6 +150,8 @@ REJECTED = {
     "adamg": ("invariant-weight-decay",),
     "adamg-star": ("invariant-momentum",),
 }
+#: settings refused because of another setting (PSI: coupled L2 needs fixed_norm=False)
+CONFLICTS = {"psi-sgd": ("invariant-weight-decay",), "psi-sgdm": ("invariant-weight-decay",)}
 CASES = [(name, setting) for name, settings in TABLE.items() for setting in settings]
 OUTSIDE = [(name, setting) for name in TABLE for setting in SETTINGS if setting not in TABLE[name]]
 
@@ -241,8 +245,9 @@ def expected_steps(setting, name):
 # -- (a) reference vs vectorized ----------------------------------------------------------------------
 def test_table_lists_every_registered_optimizer():
     assert list(TABLE) == psiopt.list_optimizers()
-    assert set(REJECTED) <= set(TABLE)
-    assert all(s in SETTINGS for settings in [*TABLE.values(), *REJECTED.values()] for s in settings)
+    assert set(REJECTED) | set(CONFLICTS) <= set(TABLE)
+    assert all(s in SETTINGS for settings in [*TABLE.values(), *REJECTED.values(), *CONFLICTS.values()]
+               for s in settings)
     for name, spec in psiopt.REGISTRY.items():
         rejected = {setting_key(s) for s in REJECTED.get(name, ())}
         assert rejected == set(getattr(spec.cls, "invariant_zero", ())), name
@@ -259,7 +264,7 @@ def test_matrix_net_has_every_grouping_kind():
 def test_settings_outside_the_table_are_rejected_before_touching_the_model(case):
     name, setting = case
     hyper, key = SETTINGS[setting].hyper, setting_key(setting)
-    invariant_zero = setting in REJECTED.get(name, ())
+    invariant_zero = setting in REJECTED.get(name, ()) + CONFLICTS.get(name, ())
     model, (x, _) = matrix_net(), matrix_data()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=f"invalid {key} for an invariant group" if invariant_zero

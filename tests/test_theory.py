@@ -214,6 +214,28 @@ def test_roburin_theorem4_sgd_with_l2_equals_adamg_star(eta, lam):
     assert (directions(start) - sphere.hidden.weight).abs().max() > 1e-2  # the rows turned
 
 
+@pytest.mark.parametrize("schedule", ["multistep", "through-zero"])
+def test_roburin_theorem4_holds_under_a_learning_rate_schedule(schedule):
+    """The same scheduler on both sides: SGD+L2 whose η drops ×0.1 twice (or goes to 0 and
+    back) and AdamG* stay on one direction sequence."""
+    (model, sgd), (sphere, star), x, y = thm4_pair(0.1, 2.5e-3)
+    def make(opt):
+        if schedule == "multistep":
+            return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[100, 200], gamma=0.1)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: [1.0, 0.0, 0.3][min(t // 100, 2)])
+    schedulers = [make(sgd), make(star)]
+    gaps = []
+    for t in range(1, 301):
+        step_all(((model, sgd), (sphere, star)), x, y)
+        for s in schedulers:
+            s.step()
+        if t % 100 == 0:
+            gaps.append((directions(model.hidden.weight) - sphere.hidden.weight).abs().max().item())
+    print(f"Roburin Thm 4 under {schedule}: direction gap after 100/200/300 steps {gaps}")
+    assert star.param_groups[0]["lr"] == sgd.param_groups[0]["lr"] != 0.1
+    assert max(gaps) <= 1e-8
+
+
 def test_cho_lee_orthogonality_term_is_the_gradient_of_half_omega_squared_norm():
     """SGDG with ω equals SGDG without, given the gradient of ½ω‖YYᵀ − I‖²_F added by autograd."""
     torch.manual_seed(0)

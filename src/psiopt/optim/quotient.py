@@ -21,6 +21,7 @@ class PSISGD(ScaleInvariantOptimizer):
     velocity ``u`` is stored as it is (state ``momentum_buffer``, kept from the first step with
     ``momentum ≠ 0``), so eq. 11 holds exactly whatever the momentum schedule does.
     ``weight_decay`` on an invariant group is Yi's coupled L2 (Table 2); the default is none.
+    L2 makes the loss depend on the norm, so it needs ``fixed_norm=False`` (refused otherwise).
     A zero group stays zero.
 
     Norms.  Under eq. 10 the norms grow geometrically (``‖w + u‖² = ‖w‖²(1 + η²‖∇L(w/‖w‖)‖²)``
@@ -36,7 +37,8 @@ class PSISGD(ScaleInvariantOptimizer):
     * ``fixed_norm=False``: eq. 10–11 literally, with Yi's overflow guard (§6.2): every
       ``guard_every`` steps, a group whose norm exceeds ``max_norm`` is divided, with its
       velocity, by its norm; the running statistics it feeds follow that rescaling, so the
-      eval-mode network is unchanged by it.
+      eval-mode network is unchanged by it.  ``max_norm`` and ``guard_every`` are used in this
+      mode only.
 
     Measured with ``python scripts/psi_norm_stats.py`` (Fashion-MNIST, ``mlp-bn``, batch 128, 20
     epochs, lr ×0.1 at epochs 10 and 15, seeds 0–2, one thread; registry settings: PSI-SGD lr 1.0,
@@ -70,6 +72,14 @@ class PSISGD(ScaleInvariantOptimizer):
                                       fixed_norm=fixed_norm, max_norm=max_norm,
                                       guard_every=guard_every, grouping=grouping,
                                       check_finite=check_finite, foreach=foreach))
+
+    def _check_rule(self, group):
+        if group["fixed_norm"] and group["weight_decay"]:
+            raise ValueError(
+                f"invalid weight_decay for an invariant group of PSISGD with fixed_norm=True: "
+                f"{group['weight_decay']!r} (coupled L2 makes the loss depend on the norm, so "
+                "rescaling rows to their first norm would change the trajectory; pass "
+                "fixed_norm=False to run eq. 10-11 with L2 literally)")
 
     def _init_state(self, group, w, state):
         state["step"] = torch.tensor(0.0)
@@ -109,7 +119,7 @@ class PSISGD(ScaleInvariantOptimizer):
                 for st in stats:
                     st.rescale_(s)
         if wd:  # L2 at the point s·w
-            g = g.add(w * (wd if s is None else wd * s.square()))
+            g = g.add(w, alpha=wd) if s is None else g.addcmul(w, s.square() * wd)
         step = g * coef
         if self._has_velocity(group, [state]):
             u = state.setdefault("momentum_buffer", torch.zeros_like(w))

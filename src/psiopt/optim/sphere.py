@@ -92,17 +92,24 @@ class UnitNormSGD(_SphereOptimizer):
 class AdamGStar(_SphereOptimizer):
     r"""AdamG*, the unit-sphere scheme equivalent to SGD with L2 (Roburin Theorem 4).
 
-    Built from the hyperparameters of the SGD it mimics: with SGD learning rate ``lr`` = η and
-    L2 ``weight_decay`` = λ, invariant rows follow::
+    Built from the hyperparameters of the SGD it mimics (learning rate ``lr`` = η, L2
+    ``weight_decay`` = λ), Roburin's scheme for invariant rows is::
 
         x̂ = x − η* g/√v;   x ← x̂/‖x̂‖;   v ← β v + ‖g‖²
         β = (1 − ηλ)⁴,  η* = (2β)^(-1/2),  v₀ = r₀⁴ / (2η² β^(1/2))
 
-    where ``r₀`` is each row's norm when the optimizer is built; ``v₀`` is taken from it and the
-    row is then unit-normalised, before any gradient is computed.  The direction sequence matches
-    SGD+L2 from the raw rows to second order; the mapping assumes a constant ``lr``.
-    Non-invariant groups follow SGD with the same ``lr`` and ``weight_decay`` and no momentum
-    (Theorem 4 as written); ``momentum`` applies to them only.
+    with ``r₀`` each row's norm when the optimizer is built.  ``v`` stands for
+    ``r⁴/(2η²β^(1/2))``, ``r`` the norm of the SGD iterate the row is the direction of; psiopt
+    stores ``r4 = 2η²β^(1/2) v`` instead (state ``r4``), which does not depend on η::
+
+        x̂ = x − η g / ((1 − ηλ) √r4);   x ← x̂/‖x̂‖;   r4 ← (1 − ηλ)⁴ r4 + 2η²(1 − ηλ)² ‖g‖²
+
+    For a constant η this is the scheme above term for term; when η or λ changes (a learning-rate
+    scheduler) it keeps following SGD+L2 with that schedule, where a stored ``v`` would be on the
+    old η's scale.  ``r4`` is taken from ``r₀`` and the row is then unit-normalised, before any
+    gradient is computed, so the direction sequence matches SGD+L2 from the raw rows to second
+    order.  Non-invariant groups follow SGD with the same ``lr`` and ``weight_decay`` and no
+    momentum (Theorem 4 as written); ``momentum`` applies to them only.
     """
 
     invariant_zero = ("momentum",)
@@ -113,38 +120,43 @@ class AdamGStar(_SphereOptimizer):
                                       grouping=grouping, check_finite=check_finite,
                                       foreach=foreach))
 
-    @staticmethod
-    def sphere_hyper(lr: float, weight_decay: float) -> tuple[float, float]:
-        """``(β, η*)`` of Theorem 4 for SGD learning rate ``lr`` and L2 ``weight_decay``."""
-        beta = (1.0 - lr * weight_decay) ** 4
-        return beta, (2.0 * beta) ** -0.5
+    def _check_rule(self, group):
+        super()._check_rule(group)
+        if group["lr"] * group["weight_decay"] >= 1.0:
+            raise ValueError(f"invalid lr·weight_decay for AdamGStar: {group['lr']}·"
+                             f"{group['weight_decay']} (SGD+L2 needs lr·weight_decay < 1)")
 
     def _prepare_row_state(self, group, state, r0):
-        beta, _ = self.sphere_hyper(group["lr"], group["weight_decay"])
         state["step"] = torch.tensor(0.0)
-        state["v"] = r0.square().square().div_(2.0 * group["lr"] ** 2 * beta**0.5)
+        state["r4"] = r0.square().square()
         state["live"] = (r0 > 0).to(r0.dtype)
 
     def _init_state(self, group, w, state):  # state lost (e.g. cleared): the row is unit, r₀ = 1
         self._prepare_row_state(group, state, norm(w))
 
+    @staticmethod
+    def _coefficients(group) -> tuple[float, float, float]:
+        """``(−η/(1 − ηλ), (1 − ηλ)⁴, 2η²(1 − ηλ)²)``: step factor on ``g/√r4`` and ``r4``'s update."""
+        lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
+        return -lr / decay, decay**4, 2.0 * (lr * decay) ** 2
+
     def _update_one(self, group, w, g, state, stats):
-        beta, eta = self.sphere_hyper(group["lr"], group["weight_decay"])
+        step, keep, add = self._coefficients(group)
         state["step"] += 1
-        v = state["v"]
-        w.add_(g * (-eta * safe_inv(v.sqrt()) * state["live"]))
+        r4 = state["r4"]
+        w.add_(g * (step * safe_inv(r4.sqrt()) * state["live"]))
         normalize_(w)
-        v.mul_(beta).add_(sqnorm(g))
+        r4.mul_(keep).add_(sqnorm(g), alpha=add)
 
     def _update_many(self, group, ws, gs, states, layout, stats):
-        beta, eta = self.sphere_hyper(group["lr"], group["weight_decay"])
+        step, keep, add = self._coefficients(group)
         step_count(states)
-        vs = [st["v"] for st in states]
-        v = layout.gather(vs)
-        coef = safe_inv(v.sqrt()).mul_(layout.gather([st["live"] for st in states])).mul_(-eta)
+        r4s = [st["r4"] for st in states]
+        r4 = layout.gather(r4s)
+        coef = safe_inv(r4.sqrt()).mul_(layout.gather([st["live"] for st in states])).mul_(step)
         torch._foreach_addcmul_(ws, gs, layout.split(coef))
         torch._foreach_mul_(ws, layout.split(safe_inv(layout.norms(ws))))
-        torch._foreach_copy_(vs, layout.split(v.mul_(beta).add_(layout.norms(gs).square_())))
+        torch._foreach_copy_(r4s, layout.split(r4.mul_(keep).add_(layout.norms(gs).square_(), alpha=add)))
 
 
 # -- Cho & Lee: SGDG and AdamG ----------------------------------------------------------------------
