@@ -278,8 +278,14 @@ def test_projected_sgd_takes_a_group_mixing_dtypes(foreach):
     assert torch.allclose(a.norm(dim=1), norms[0]) and torch.allclose(b.norm(dim=1), norms[1])
 
 
+UNIT_START = {"un-sgd", "sgdg", "adamg", "adamg-star", "b-sgd"}  # rows normalised when added
+STAY_UNIT = UNIT_START - {"b-sgd"}  # ... and kept on the sphere by every step (B-SGD: plain SGD)
+
+
 @pytest.mark.parametrize("name", psiopt.list_optimizers())
 def test_add_param_group_on_a_registry_optimizer_takes_the_registry_settings(name):
+    """Generators (read once), the registry's settings, placeholder names, and rows normalised
+    when the group is added (and, for the sphere methods, after a step)."""
     from psiopt.optim.registry import settings
 
     model = bn_net()
@@ -287,16 +293,122 @@ def test_add_param_group_on_a_registry_optimizer_takes_the_registry_settings(nam
     opt = psiopt.create_optimizer(model, name, x)
     head = torch.nn.Linear(3, 4).double()
     extra = torch.nn.Linear(3, 5, bias=False).double()
-    opt.add_param_group({"params": list(head.parameters())})
-    opt.add_param_group({"params": [extra.weight], "grouping": "channel"})
+    with torch.no_grad():
+        extra.weight.mul_(3.0)
+    opt.add_param_group({"params": head.parameters()})
+    opt.add_param_group({"params": extra.parameters(), "grouping": "channel"})
     invariant, other = settings(name)
-    for group, expected in zip(opt.param_groups[-2:], (other, invariant)):
+    for group, expected, count in zip(opt.param_groups[-2:], (other, invariant), (2, 1)):
+        assert len(group["params"]) == count
         assert {k: group[k] for k in expected} == expected
         assert len(group["param_names"]) == len(group["params"])
+    unit = torch.allclose(extra.weight.norm(dim=1), torch.ones(5, dtype=torch.float64), atol=1e-12)
+    assert unit == (name in UNIT_START)
+    before = [p.detach().clone() for p in (*head.parameters(), extra.weight)]
     opt.zero_grad()
-    F.cross_entropy(model(x) + head(model(x)).sum() * 0 + extra(model(x)).sum() * 0,
-                    bn_data()[1]).backward()
+    out = model(x)
+    F.cross_entropy(out + 1e-2 * head(out)[:, :3] + 1e-2 * extra(out)[:, :3], bn_data()[1]).backward()
     opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, (*head.parameters(), extra.weight)))
+    if name in STAY_UNIT:
+        assert torch.allclose(extra.weight.norm(dim=1), torch.ones(5, dtype=torch.float64), atol=1e-12)
+
+
+def test_create_optimizer_from_groups_keeps_what_the_groups_set():
+    """Registry defaults fill in what a group lacks; a group's own key wins over them; a keyword
+    passed to create_optimizer wins over both."""
+    model = bn_net()
+    x, _ = bn_data()
+    groups = psiopt.param_groups(model, x)
+    groups[-1]["lr"] = 0.123
+    groups[-1]["momentum"] = 0.5
+    opt = psiopt.create_optimizer(groups, "psi-sgdm")
+    inv, rest = opt.param_groups[0], opt.param_groups[-1]
+    assert (inv["lr"], inv["momentum"]) == (0.1, 0.9)  # registry
+    assert (rest["lr"], rest["momentum"], rest["weight_decay"]) == (0.123, 0.5, 0.0)
+    opt = psiopt.create_optimizer(psiopt.param_groups(model, x), "psi-sgdm", lr=0.5, other_momentum=0.3)
+    assert (opt.param_groups[0]["lr"], opt.param_groups[-1]["lr"]) == (0.5, 0.5)
+    assert opt.param_groups[-1]["momentum"] == 0.3
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "b-sgd", "psi-sgd", "un-sgd"])
+def test_cancelled_groups_stay_put_whatever_a_scheduler_writes(name):
+    """OneCycleLR sets every group's lr from max_lr; a cancelled bias with a large gradient
+    must still not move (torch baselines: forced to a zero step; psiopt: skipped)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(),
+                                torch.nn.Linear(6, 3))  # the first bias is cancelled
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    opt = psiopt.create_optimizer(model, name, x, other_momentum=0.0) if name == "un-sgd" else \
+        psiopt.create_optimizer(model, name, x)
+    cancelled = [g for g in opt.param_groups if g["grouping"] == "cancelled"]
+    assert len(cancelled) == 1
+    bias = cancelled[0]["params"][0]
+    start = bias.detach().clone()
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=10,
+                                                cycle_momentum=False)
+    for _ in range(5):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        bias.grad = torch.ones_like(bias)
+        opt.step()
+        sched.step()
+    assert torch.equal(bias, start)
+
+
+def test_a_cancelled_group_added_to_a_baseline_is_not_trained():
+    w, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = psiopt.optim.baselines.Adam([w], lr=0.1)
+    opt.add_param_group({"params": [b], "grouping": "cancelled", "lr": 0.1})
+    start = b.detach().clone()
+    w.grad, b.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    assert torch.equal(b, start) and not torch.equal(w.detach(), start)
+
+
+def test_placeholder_names_are_not_left_behind_when_torch_refuses_a_group():
+    a = torch.nn.Parameter(torch.randn(3))
+    opt = psiopt.optim.baselines.SGD([a], lr=0.1)
+    with pytest.raises(ValueError, match="appear in more than one"):
+        opt.add_param_group({"params": [a], "param_names": ["a"]})
+    assert "param_names" not in opt.param_groups[0] and len(opt.param_groups) == 1
+
+
+def test_settings_a_scheduler_writes_are_checked_at_each_step():
+    """OneCycleLR's cycle_momentum writes a momentum into UN's invariant group; coupled L2 added
+    to a fixed-norm PSI group: refused at the next step, nothing updated."""
+    model = bn_net()
+    x, y = bn_data()
+    opt = psiopt.create_optimizer(model, "un-sgd", x)
+    torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=10)
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match="invalid momentum for an invariant group of UnitNormSGD"):
+        opt.step()
+    opt = psiopt.create_optimizer(model, "psi-sgd", x)
+    opt.param_groups[0]["weight_decay"] = 1e-3
+    with pytest.raises(ValueError, match="fixed_norm=False"):
+        opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="fixed_norm=False"):
+        psiopt.create_optimizer(model, "psi-sgdm", x, invariant_weight_decay=1e-3)
+    psiopt.create_optimizer(model, "psi-sgdm", x, invariant_weight_decay=1e-3, fixed_norm=False)
+    with pytest.raises(ValueError, match="lr·weight_decay"):
+        psiopt.create_optimizer(model, "adamg-star", x, lr=1.0, weight_decay=1.0)
+
+
+def test_an_optimizer_survives_pickling():
+    import pickle
+
+    model = bn_net()
+    x, y = bn_data()
+    for name in ("sgd", "b-sgd", "psi-sgdm"):
+        opt = psiopt.create_optimizer(model, name, x, lr=0.01)
+        again = pickle.loads(pickle.dumps(opt))
+        assert again.invariant_defaults == opt.invariant_defaults
+        assert [len(h) for h in (again._optimizer_step_pre_hooks,)] == \
+            [len(opt._optimizer_step_pre_hooks)]
+        again.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, 3))], "grouping": "channel"})
 
 
 def test_adamg_star_through_the_registry_is_theorem4_as_written():

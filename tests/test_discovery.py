@@ -168,6 +168,7 @@ def test_check_invariance_passes_true_groups_and_flags_wrong_ones():
 
 
 def test_manual_override_of_a_non_invariant_parameter_is_caught():
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
     x = torch.randn(8, 4)
     groups = psiopt.param_groups(model, x, overrides={"3.weight": "channel"})

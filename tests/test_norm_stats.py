@@ -9,7 +9,7 @@ from torch import nn
 
 import psiopt
 from helpers import train
-from psiopt.experiments.train import initialise, recompute_norm_stats
+from psiopt.experiments.train import initialise
 
 
 class Mixed(nn.Module):
@@ -114,19 +114,13 @@ def test_cancelled_biases_are_never_updated(name):
     model, x, y = setup(eps=1e-12)
     bias = model.fc.bias.detach().clone()
     opt = psiopt.create_optimizer(model, name, x)
-    train(model, opt, x, y, 10)
+    for _ in range(10):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        model.fc.bias.grad = torch.ones_like(bias)  # any optimizer that steps it would move it
+        opt.step()
     assert torch.equal(model.fc.bias, bias)
     assert not torch.equal(model.head.bias, setup(eps=1e-12)[0].head.bias)  # others do move
-
-
-def test_recompute_norm_stats_gives_the_exact_training_set_statistics():
-    model, x, _ = setup()
-    recompute_norm_stats(model, x, batch_size=64)
-    with torch.no_grad():
-        h = model.fc(x)
-    assert torch.allclose(model.bn.running_mean, h.mean(0))
-    assert torch.allclose(model.bn.running_var, h.var(0))
-    assert model.bn.momentum == 0.1 and model.training
 
 
 @pytest.mark.parametrize("name", ["un-sgd", "adamg-star"])

@@ -72,10 +72,14 @@ def test_fixed_norm_follows_the_directions_of_eq_10_11(momentum):
 
 
 def eq11_reference(model, x, y, lr, schedule):
-    """Yi eq. 11 written out: u ← ρ_t u − η ‖w‖² g;  w ← w + u (rows of hidden.weight)."""
+    """Yi eq. 11 written out: u ← ρ_t u − η ‖w‖² g;  w ← w + u (rows of hidden.weight), the
+    velocity starting (at 0) at the first ρ_t ≠ 0, as torch.optim.SGD's momentum buffer does."""
     u = torch.zeros_like(model.hidden.weight)
     opt = torch.optim.SGD(model.out.parameters(), lr=lr, momentum=0.9)
+    started = False
     for rho in schedule:
+        u = u if started else torch.zeros_like(u)  # no velocity is kept before the first ρ ≠ 0
+        started = started or rho != 0
         opt.zero_grad()
         model.hidden.weight.grad = None
         F.mse_loss(model(x), y).backward()
@@ -86,10 +90,12 @@ def eq11_reference(model, x, y, lr, schedule):
         opt.step()
 
 
+@pytest.mark.parametrize("start", [[], [0.0, 0.0]], ids=["from-0.9", "from-0"])
 @pytest.mark.parametrize("foreach", [False, True])
-def test_psi_sgdm_follows_eq11_under_a_momentum_schedule(foreach):
-    """ρ 0.9 → 0.5 → 0 → 0.7 (OneCycleLR-like changes, ρ = 0 in between): eq. 11 exactly."""
-    schedule = [0.9] * 5 + [0.5] * 5 + [0.0] * 2 + [0.7] * 4
+def test_psi_sgdm_follows_eq11_under_a_momentum_schedule(foreach, start):
+    """ρ 0.9 → 0.5 → 0 → 0.7 (OneCycleLR-like changes, ρ = 0 in between; or first two steps at
+    ρ = 0, where no velocity exists yet): eq. 11 exactly."""
+    schedule = start + [0.9] * 5 + [0.5] * 5 + [0.0] * 2 + [0.7] * 4
     model, x, y = exact_setup()
     reference = clone(model)
     eq11_reference(reference, x, y, 0.1, schedule)

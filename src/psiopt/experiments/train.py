@@ -108,25 +108,6 @@ def evaluate(model, x, y, regression: bool, batch_size: int = 1024) -> tuple[flo
 
 
 @torch.no_grad()
-def recompute_norm_stats(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> None:
-    """Replace the running statistics of every BatchNorm/InstanceNorm layer by their exact
-    average over ``x`` (train-mode forward passes, no parameter changes); the model's modes and
-    the layers' momenta are restored."""
-    layers = [m for m in model.modules() if getattr(m, "running_mean", None) is not None]
-    momenta = [m.momentum for m in layers]
-    modes = [(m, m.training) for m in model.modules()]
-    for m in layers:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches
-    model.train()
-    for xb, _ in batches(x, x, batch_size):
-        model(xb)
-    for m, momentum in zip(layers, momenta):
-        m.momentum = momentum
-    for m, mode in modes:
-        m.training = mode
-
-
 def _progress(total: int, desc: str, enabled: bool | None):
     from tqdm import tqdm
 

@@ -324,7 +324,7 @@ class GroupCheck:
 
     name: str
     grouping: str
-    loss_change: float  # max relative change of the output when groups are rescaled
+    loss_change: float  # max relative change of the outputs (or loss) when groups are rescaled
     cosine: float  # max over groups of |<∇, w>| / (‖∇‖ ‖w‖)
     worst_group: int  # index of the group with the largest cosine
 
@@ -361,9 +361,10 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
     For every declared parameter and every ``c`` in ``scales``, the even-indexed groups and then
     the odd-indexed groups are multiplied by ``c`` (so a wrong ``"channel"`` declaration on a
     weight that is only invariant as a whole is caught), and the relative change of the loss is
-    recorded; the gradient's radial part ``|<∇, w>|/(‖∇‖‖w‖)`` is measured per group.  The loss
-    is ``loss_fn(output)`` or, by default, a fixed random projection of the outputs.  Groups above
-    ``tol`` are failures.  The model's parameters, buffers and modes are restored.
+    recorded (of every output entry, relative to the largest output, or of ``loss_fn(output)``);
+    the gradient's radial part ``|<∇, w>|/(‖∇‖‖w‖)`` is measured per group, for ``loss_fn`` or
+    by default a fixed random projection of the outputs.  Groups above ``tol`` are failures.  The
+    model's parameters, buffers and modes are restored.
     """
     mapping = _mapping(model, groups_or_mapping)
     if not mapping:
@@ -372,21 +373,25 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
                          "{name: grouping}, e.g. from find_scale_invariant)")
     params = _check_mapping(model, mapping)
 
-    def loss_of(out) -> Tensor:
+    def observed(out) -> Tensor:
+        """What rescaling must not change: ``loss_fn(out)``, or every output entry."""
         if loss_fn is not None:
-            return loss_fn(out)
-        flat = torch.cat([t.reshape(-1) for t in _outputs(out)])
-        gen = torch.Generator(device="cpu").manual_seed(1234)
-        return flat @ torch.randn(flat.numel(), generator=gen, dtype=flat.dtype).to(flat.device)
+            return loss_fn(out).reshape(1)
+        return torch.cat([t.reshape(-1) for t in _outputs(out)])
 
-    def loss_at() -> Tensor:
+    def observed_at() -> Tensor:
         with _pristine(model), torch.no_grad():
-            return loss_of(_call(model, example_inputs)).double()
+            return observed(_call(model, example_inputs)).double()
 
     with _pristine(model), torch.enable_grad():
-        base_loss = loss_of(_call(model, example_inputs))
-        grads = torch.autograd.grad(base_loss, [params[n] for n in mapping], allow_unused=True)
-    base = base_loss.detach().double()
+        out = observed(_call(model, example_inputs))
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        weights = (torch.ones(1, dtype=out.dtype) if loss_fn is not None
+                   else torch.randn(out.numel(), generator=gen, dtype=out.dtype))
+        grads = torch.autograd.grad(out @ weights.to(out.device), [params[n] for n in mapping],
+                                    allow_unused=True)
+    base = out.detach().double()
+    scale = base.abs().max().clamp_min(1e-12)
     checks = []
     for (name, grouping), grad in zip(mapping.items(), grads):
         p = params[name]
@@ -398,7 +403,7 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
                 factors = torch.ones(view.shape[0], dtype=p.dtype, device=p.device)
                 factors[parity::2] = c
                 view.mul_(factors.view(-1, *[1] * (view.dim() - 1)))
-                change = max(change, float((loss_at() - base).abs() / base.abs().clamp_min(1e-12)))
+                change = max(change, float((observed_at() - base).abs().max() / scale))
                 p.data.copy_(saved)
         g = rows(grad if grad is not None else torch.zeros_like(p), grouping)
         w = view.double()

@@ -54,13 +54,12 @@ class PSISGD(ScaleInvariantOptimizer):
 
     So at this budget the norm growth is not what makes the statistics lag: at PSI-SGD's lr 1.0
     they lag by 1–2 points in both modes (the rows turn fast: the effective learning rate on the
-    sphere is η), PSI-SGDM's by 0.2–0.6; the two modes' gaps differ by at most 0.22 points, in
+    sphere is η), PSI-SGDM's by 0.15–0.6; the two modes' gaps differ by at most 0.22 points, in
     either direction (within the seed noise), and once the learning rate has dropped the gap is
-    ≤ 0.1 point either way.  ``fixed_norm``
-    stays the default because it removes the norm growth and with it the overflow guard, at the
-    cost of one more pass over the weights per step; to evaluate mid-training at a high
-    learning rate, recompute the statistics first
-    (:func:`psiopt.experiments.train.recompute_norm_stats`).
+    ≤ 0.1 point either way.  ``fixed_norm`` stays the default because it removes the norm growth
+    and with it the overflow guard, at the cost of one more pass over the weights per step; to
+    evaluate mid-training at a high learning rate, recompute the statistics first
+    (``torch.optim.swa_utils.update_bn``, as the script does).
 
     Non-invariant groups follow SGD with their own ``lr``, ``momentum`` and ``weight_decay``.
     """
