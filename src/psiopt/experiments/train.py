@@ -107,7 +107,6 @@ def evaluate(model, x, y, regression: bool, batch_size: int = 1024) -> tuple[flo
     return loss.item() / len(x), None if regression else correct.item() / len(x)
 
 
-@torch.no_grad()
 def _progress(total: int, desc: str, enabled: bool | None):
     from tqdm import tqdm
 
