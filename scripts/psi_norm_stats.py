@@ -36,8 +36,9 @@ def measure(name: str, hyper: dict, seed: int, epochs: int, out: Path) -> dict[i
     """Train once; at each of :func:`checkpoints`, test accuracy (%) of the saved model in eval
     mode and after recomputing its BatchNorm statistics on the training set (torch's
     ``update_bn``: the average of per-batch means and unbiased variances, batches of 1024)."""
+    milestones = sorted({m for m in (epochs // 2, 3 * epochs // 4) if m >= 1})
     config = RunConfig(dataset="fashion-mnist", model="mlp-bn", optimizer=name, epochs=epochs,
-                       seed=seed, hyper=hyper, milestones=[epochs // 2, 3 * epochs // 4], threads=1)
+                       seed=seed, hyper=hyper, milestones=milestones, threads=1)
     saved = []
 
     def snapshot(_line):  # called after each epoch, once checkpoint.pt is written

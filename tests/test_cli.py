@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from psiopt.experiments.cli import main
-from psiopt.experiments.train import RunConfig, read_metrics, train
+from psiopt.experiments.train import RunConfig, RunError, read_metrics, train
 
 
 def run_cli(*args):
@@ -47,7 +47,7 @@ def test_resume_gives_the_uninterrupted_metrics(tmp_path, optimizer):
 def test_existing_run_needs_resume(tmp_path):
     config = RunConfig(subset=128, epochs=1)
     train(config, tmp_path, log=lambda *_: None)
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(RunError, match="--resume"):
         train(config, tmp_path, log=lambda *_: None)
 
 
@@ -107,3 +107,145 @@ def test_list_shows_dataset_presence():
     assert result.returncode == 0
     assert "synthetic       present" in result.stdout and "cifar10" in result.stdout
     assert "roburin-table2" in result.stdout
+
+
+# -- a run directory never reports what did not happen (issue 8, part 1) --------------------------
+QUICK = ["--dataset", "synthetic", "--subset", "128", "--epochs", "1", "--no-progress"]
+
+
+def snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file()}
+
+
+def refused(capsys, argv, *words):
+    """``psiopt argv`` exits 2 with one line naming ``words``."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("psiopt: error:"), err
+    assert all(w in err[0] for w in words), err[0]
+
+
+def test_compare_into_a_directory_made_with_other_settings_is_refused(tmp_path, capsys):
+    argv = ["compare", *QUICK, "--optimizers", "sgd,psi-sgd", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    before = snapshot(tmp_path)
+    refused(capsys, [*argv, "--lr", "0.05"], "sgd", "hyper", "0.05")
+    assert snapshot(tmp_path) == before
+    assert main(argv) == 0  # the same settings: the finished runs are reused as they are
+    assert {k: v for k, v in snapshot(tmp_path).items() if k.suffix != ".md" and k.suffix != ".png"} \
+        == {k: v for k, v in before.items() if k.suffix != ".md" and k.suffix != ".png"}
+
+
+@pytest.mark.parametrize("change, words", [
+    (["--lr", "0.5"], ["hyper", "0.5"]), (["--seed", "3"], ["seed", "0 → 3"]),
+    (["--optimizer", "adam"], ["optimizer", "'sgd' → 'adam'"]),
+])
+def test_resume_with_other_settings_is_refused_and_touches_nothing(tmp_path, capsys, change, words):
+    argv = ["train", *QUICK, "--optimizer", "sgd", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    before = snapshot(tmp_path)
+    argv = [a for a in argv if a not in ("--optimizer", "sgd")]
+    refused(capsys, [*argv, "--resume", *(["--optimizer", "sgd"] if "--optimizer" not in change
+                                          else []), *change], *words)
+    assert snapshot(tmp_path) == before
+
+
+def test_resume_with_more_epochs_continues_and_records_it(tmp_path):
+    argv = ["train", *QUICK, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert main([*[a if a != "1" else "2" for a in argv], "--resume"]) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["epochs"] == 2 and config["resumed"][0]["at_epoch"] == 1
+    assert [m["epoch"] for m in read_metrics(tmp_path)] == [1, 2]
+    before = snapshot(tmp_path)
+    assert main([*argv, "--resume"]) == 2  # fewer epochs than were trained
+    assert snapshot(tmp_path) == before
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
+    argv = ["train", *QUICK, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (tmp_path / "checkpoint.pt").unlink()
+    before = snapshot(tmp_path)
+    refused(capsys, [*argv, "--resume"], "no checkpoint.pt")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("broken, words", [
+    ("checkpoint.pt", ["checkpoint.pt", "cannot be loaded"]),
+    ("metrics.jsonl", ["metrics.jsonl, line 1", "not a JSON record"]),
+    ("config.json", ["config.json", "cannot be read"]),
+])
+def test_corrupt_run_files_are_named(tmp_path, capsys, broken, words):
+    argv = ["train", *QUICK, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    path = tmp_path / broken
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    refused(capsys, [*argv, "--epochs", "2", "--resume"], *words)
+
+
+def test_a_recipe_keeps_the_flags_the_user_gave(tmp_path, capsys):
+    assert main(["compare", "--recipe", "yi-table1", "--model", "mlp-bn", "--dataset", "synthetic",
+                 "--optimizers", "sgd", "--subset", "64", "--epochs", "1", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    config = json.loads((tmp_path / "sgd" / "seed0" / "config.json").read_text())
+    assert (config["model"], config["dataset"], config["epochs"]) == ("mlp-bn", "synthetic", 1)
+    assert "your flags kept: --dataset synthetic, --model mlp-bn" in capsys.readouterr().out
+
+
+def test_a_last_batch_of_one_sample_is_left_out(tmp_path):
+    assert main(["train", "--dataset", "synthetic", "--subset", "129", "--batch-size", "128",
+                 "--no-progress", "--out", str(tmp_path)]) == 0
+    (record,) = read_metrics(tmp_path)
+    assert record["train_samples"] == 128
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--batch-size", "0"], ["invalid batch_size: 0"]),
+    (["--threads", "-1"], ["invalid threads: -1"]),
+    (["--set", "betas=0.9"], ["invalid betas: 0.9"]),
+    (["--optimizer", "sgd", "--lr", "-0.1"], ["invalid lr: -0.1"]),
+    (["--optimizer", "un-sgd", "--momentum", "0.9"], ["invalid momentum for an invariant group"]),
+    (["--milestones", "3,2"], ["invalid milestones"]),
+])
+def test_bad_settings_are_one_line_usage_errors(tmp_path, capsys, flags, words):
+    refused(capsys, ["train", *QUICK, "--optimizer", "adam", *flags, "--out", str(tmp_path / "r")],
+            *words)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_truncated_gz_file_is_named(tmp_path, capsys):
+    import gzip
+
+    for split, n in (("train", 8), ("t10k", 4)):
+        header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (n, 28, 28))
+        (tmp_path / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(n * 784)))
+        labels = bytes([0, 0, 8, 1]) + n.to_bytes(4, "big") + bytes(n)
+        (tmp_path / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(bad.read_bytes()[:-20])
+    refused(capsys, ["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-progress",
+                     "--out", str(tmp_path / "r")], str(bad), "cannot read IDX file")
+
+
+def test_errors_that_are_not_the_users_keep_their_traceback(monkeypatch, tmp_path):
+    import psiopt.experiments.cli as cli
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli, "train", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["train", *QUICK, "--out", str(tmp_path)])
+
+
+def test_the_run_records_what_ran(tmp_path):
+    assert main(["train", *QUICK, "--optimizer", "psi-sgdm", "--out", str(tmp_path)]) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    settings = config["optimizer_settings"]
+    assert (settings["invariant"]["lr"], settings["invariant"]["momentum"]) == (0.1, 0.9)
+    assert (settings["other"]["lr"], settings["other"]["momentum"]) == (0.1, 0.9)
+    assert config["threads"] == 1 and config["environment"]["threads"] == 1
+    (record,) = read_metrics(tmp_path)
+    assert record["lr"] == {"channel": 0.1, "other": 0.1} and record["threads"] == 1

@@ -10,11 +10,20 @@ from ..optim.registry import REGISTRY, list_optimizers
 from .data import DATASETS, DataError, is_available
 from .models import list_models
 from .recipes import RECIPES
-from .train import INITS, RunConfig, train
+from .train import INITS, RunConfig, RunError, check_run_dir, train
 
 
 class UsageError(Exception):
     """A user error: reported as one line, exit status 2."""
+
+
+#: errors that are the user's (bad flag, missing or malformed data, run directory mismatch):
+#: one line, exit status 2; anything else is a bug and keeps its traceback
+USER_ERRORS = (UsageError, DataError, RunError)
+#: flags a recipe may fill in, with the value when neither the user nor a recipe sets them
+DEFAULTS = {"dataset": "synthetic", "model": "mlp-bn", "epochs": 1, "batch_size": 128,
+            "milestones": None, "gamma": 0.1, "init": "default", "subset": None, "seeds": 1,
+            "optimizers": None, "threads": 1}
 
 
 class Parser(argparse.ArgumentParser):
@@ -29,7 +38,10 @@ def _choice(kind: str, value: str, valid) -> str:
 
 
 def _number(text: str):
-    parts = [float(p) for p in text.split(",")]
+    """``0.1`` → 0.1, ``0.9,0.99`` → (0.9, 0.99), ``true``/``false`` → bool, ``16`` → 16."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    parts = [int(p) if p.strip().lstrip("-").isdigit() else float(p) for p in text.split(",")]
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
@@ -57,10 +69,10 @@ def _milestones(text: str | None) -> list[int]:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="synthetic")
-    p.add_argument("--model", default="mlp-bn")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--dataset", default=None, help="default: synthetic")
+    p.add_argument("--model", default=None, help="default: mlp-bn")
+    p.add_argument("--epochs", type=int, default=None, help="default: 1")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 128")
     p.add_argument("--subset", type=int, default=None, help="train on the first N samples")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--fallback-dataset", default=None,
@@ -73,9 +85,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any other optimizer hyperparameter, e.g. --set betas=0.9,0.99")
     p.add_argument("--milestones", default=None, help="epochs where lr is multiplied by --gamma")
-    p.add_argument("--gamma", type=float, default=None)
+    p.add_argument("--gamma", type=float, default=None, help="default: 0.1")
     p.add_argument("--init", default=None, help=f"one of {', '.join(INITS)}")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads per run (default 1: honest timings on a shared machine)")
     p.add_argument("--out", default=None)
     p.add_argument("--no-progress", action="store_true")
 
@@ -93,7 +106,7 @@ def parser() -> Parser:
     c = sub.add_parser("compare", help="train every optimizer × seed, then write a report")
     _common(c)
     c.add_argument("--optimizers", default=None)
-    c.add_argument("--seeds", type=int, default=1)
+    c.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 1)")
     c.add_argument("--recipe", default=None, help=f"one of {', '.join(RECIPES)}")
     c.add_argument("--budget", default="small", help="recipe budget: small or full")
     r = sub.add_parser("report", help="regenerate summary.md and plots of a run directory")
@@ -130,17 +143,28 @@ def _dataset(args) -> str:
     return args.dataset
 
 
+def _fill_defaults(args) -> None:
+    for key, value in DEFAULTS.items():
+        if getattr(args, key, value) is None:
+            setattr(args, key, value)
+
+
 def _config(args, optimizer: str, seed: int) -> RunConfig:
-    return RunConfig(dataset=_dataset(args), model=_choice("model", args.model, list_models()),
-                     optimizer=optimizer, epochs=args.epochs if args.epochs is not None else 1,
-                     batch_size=args.batch_size or 128, seed=seed, subset=args.subset,
-                     hyper=_hyper(args), milestones=_milestones(args.milestones),
-                     gamma=args.gamma if args.gamma is not None else 0.1,
-                     init=_choice("init", args.init or "default", INITS),
-                     data_dir=args.data_dir, threads=args.threads)
+    config = RunConfig(dataset=_dataset(args), model=_choice("model", args.model, list_models()),
+                       optimizer=optimizer, epochs=args.epochs, batch_size=args.batch_size,
+                       seed=seed, subset=args.subset, hyper=_hyper(args),
+                       milestones=_milestones(args.milestones), gamma=args.gamma,
+                       init=_choice("init", args.init, INITS), data_dir=args.data_dir,
+                       threads=args.threads)
+    try:
+        config.validate()
+    except RunError as e:
+        raise UsageError(str(e)) from None
+    return config
 
 
 def cmd_train(args) -> None:
+    _fill_defaults(args)
     config = _config(args, _choice("optimizer", args.optimizer, list_optimizers()), args.seed)
     out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.optimizer}-s{args.seed}")
     metrics = train(config, out, resume=args.resume, progress=False if args.no_progress else None)
@@ -148,18 +172,23 @@ def cmd_train(args) -> None:
 
 
 def _apply_recipe(args) -> None:
+    """Fill in the recipe's settings for every flag the user did not give (theirs win)."""
     recipe = RECIPES[_choice("recipe", args.recipe, list(RECIPES))]
     preset = recipe[_choice("budget", args.budget, ["small", "full"])]
-    defaults = parser()._subparsers._group_actions[0].choices["compare"].parse_args([])
+    kept = []
     for key, value in preset.items():
-        if getattr(args, key) == getattr(defaults, key):
+        if getattr(args, key) is None:
             setattr(args, key, value)
-    print(f"recipe {args.recipe} ({args.budget}): {recipe['claim']}")
+        elif getattr(args, key) != value:
+            kept.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
+    print(f"recipe {args.recipe} ({args.budget}): {recipe['claim']}"
+          + (f"; your flags kept: {', '.join(kept)}" if kept else ""))
 
 
 def cmd_compare(args) -> None:
     if args.recipe:
         _apply_recipe(args)
+    _fill_defaults(args)
     if not args.optimizers:
         raise UsageError("--optimizers is required (or --recipe)")
     names = [_choice("optimizer", n.strip(), list_optimizers()) for n in args.optimizers.split(",")]
@@ -167,8 +196,8 @@ def cmd_compare(args) -> None:
         raise UsageError(f"invalid --seeds: {args.seeds} (must be at least 1)")
     configs = [_config(args, name, seed) for name in names for seed in range(args.seeds)]
     out = Path(args.out or f"runs/compare-{configs[0].dataset}-{configs[0].model}")
-    for config in configs:
-        config.validate()
+    for config in configs:  # every run directory is checked before any is touched
+        check_run_dir(config, out / config.optimizer / f"seed{config.seed}", resume=True)
     for config in configs:
         train(config, out / config.optimizer / f"seed{config.seed}", resume=True,
               progress=False if args.no_progress else None)
@@ -205,7 +234,7 @@ def main(argv=None) -> int:
         else:
             parser().print_help()
             return 2
-    except (UsageError, ValueError, DataError, FileExistsError) as e:
+    except USER_ERRORS as e:
         print(f"psiopt: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except OSError as e:
+    except (OSError, EOFError, zlib.error) as e:  # missing, unreadable, truncated or corrupt .gz
         raise DataError(f"{path}: cannot read IDX file ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
@@ -249,12 +250,15 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4,
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
-            generator: torch.Generator | None = None, augment: bool = False):
-    """Yield ``(x, y)`` mini-batches; shuffled (and augmented) when a generator is given."""
+            generator: torch.Generator | None = None, augment: bool = False, min_size: int = 1):
+    """Yield ``(x, y)`` mini-batches; shuffled (and augmented) when a generator is given.  A last
+    batch smaller than ``min_size`` is left out (training: BatchNorm needs two samples)."""
     n = len(x)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
+        if len(idx) < min_size:
+            return
         xb = x[idx]
         if augment and generator is not None:
             xb = augment_batch(xb, generator)

@@ -1,9 +1,12 @@
 """Training loop with diagnostics, run directories and exact resume.
 
-A run directory holds ``config.json`` (every setting and the environment), ``metrics.jsonl`` (one
-JSON object per epoch) and ``checkpoint.pt`` (written atomically each epoch: model, optimizer,
-scheduler, RNG state and metrics).  Shuffling and augmentation draw from a generator seeded by
-``(seed, epoch)``, so a resumed run gives exactly the metrics of an uninterrupted one.
+A run directory holds ``config.json`` (every setting, the hyperparameters the optimizer actually
+uses, the environment), ``metrics.jsonl`` (one JSON object per epoch) and ``checkpoint.pt``
+(written atomically each epoch: model, optimizer, scheduler, RNG state and metrics).  Shuffling
+and augmentation draw from a generator seeded by ``(seed, epoch)``, so a resumed run gives exactly
+the metrics of an uninterrupted one.  A run directory is only ever continued with the settings it
+was created with (more epochs and another thread count aside); anything else raises
+:class:`RunError` naming the differing keys, before any file is touched.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -25,12 +28,18 @@ from torch import nn
 from .. import __version__
 from ..optim.diagnostics import StepProbe, summarize
 from ..optim.discovery import param_groups, rescale_rows_
-from ..optim.geometry import is_invariant, rows
-from ..optim.registry import create_optimizer
+from ..optim.geometry import CANCELLED, is_invariant, rows
+from ..optim.registry import create_optimizer, settings
 from .data import batches, load_dataset
 from .models import create_model, glorot_
 
 INITS = ("default", "glorot", "unbalanced")
+#: settings a run directory may be continued with when they differ
+RESUMABLE = ("epochs", "threads")
+
+
+class RunError(ValueError):
+    """A run cannot go ahead as asked (bad setting, run directory mismatch, unreadable file)."""
 
 
 @dataclass
@@ -50,15 +59,33 @@ class RunConfig:
     init: str = "default"
     model_kwargs: dict = field(default_factory=dict)
     data_dir: str | None = None
-    threads: int | None = None
+    threads: int = 1  # one thread: the default that gives honest timings on a shared machine
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < (0 if name == "epochs" else 1):
-                least = 0 if name == "epochs" else 1
-                raise ValueError(f"invalid {name}: {getattr(self, name)} (must be at least {least})")
+        """Raise :class:`RunError` naming the first setting that is not valid."""
+        least = {"epochs": 0, "batch_size": 1, "threads": 1, "subset": 2}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value is None and name == "subset":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise RunError(f"invalid {name}: {value!r} (must be an integer of at least {low})")
         if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}; choose from {', '.join(INITS)}")
+            raise RunError(f"unknown init {self.init!r}; choose from {', '.join(INITS)}")
+        if not (isinstance(self.gamma, (int, float)) and self.gamma > 0):
+            raise RunError(f"invalid gamma: {self.gamma!r} (must be positive)")
+        if any(not isinstance(m, int) or m < 1 for m in self.milestones) or \
+                list(self.milestones) != sorted(set(self.milestones)):
+            raise RunError(f"invalid milestones: {self.milestones!r} (increasing epochs >= 1)")
+        try:
+            settings(self.optimizer, **self.hyper)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+
+    def resolved(self) -> dict:
+        """Every hyperparameter the optimizer uses, per side (paper defaults merged in)."""
+        invariant, other = settings(self.optimizer, **self.hyper)
+        return {"invariant": invariant, "other": other}
 
 
 def environment() -> dict:
@@ -139,33 +166,91 @@ def build(config: RunConfig):
         initialise(model, "glorot", [])
     elif config.init == "unbalanced":  # before the optimizer: sphere methods normalise rows there
         initialise(model, "unbalanced", param_groups(model, example))
-    optimizer = create_optimizer(model, config.optimizer, example, **config.hyper)
+    try:
+        optimizer = create_optimizer(model, config.optimizer, example, **config.hyper)
+    except ValueError as e:  # a setting the rule cannot honour (validated before any change)
+        raise RunError(f"{config.optimizer}: {e}") from None
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones),
                                                      config.gamma)
     return data, model, optimizer, scheduler
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path}: cannot be read ({e}); move the run directory away") from None
+
+
+def _identity(record: dict) -> dict:
+    """The settings of a run that must not change when it is continued (JSON-normalised)."""
+    keys = [f.name for f in fields(RunConfig) if f.name not in RESUMABLE]
+    return json.loads(json.dumps({k: record.get(k) for k in keys}))
+
+
+def check_run_dir(config: RunConfig, out_dir: str | Path, resume: bool) -> dict | None:
+    """Raise :class:`RunError` unless ``out_dir`` may be used for ``config``; return the
+    directory's recorded config when the run is to be continued, else ``None``."""
+    out = Path(out_dir)
+    path = out / "config.json"
+    if not path.exists():
+        if (out / "metrics.jsonl").exists() or (out / "checkpoint.pt").exists():
+            raise RunError(f"{out} holds run files but no config.json; choose another --out")
+        return None
+    recorded = _read_json(path)
+    if not resume:
+        raise RunError(f"{out} already holds a run; pass --resume to continue it or choose "
+                       "another --out")
+    old, new = _identity(recorded), _identity(asdict(config))
+    differ = [f"{k} ({old[k]!r} → {new[k]!r})" for k in new if old.get(k) != new[k]]
+    if differ:
+        raise RunError(f"{out} was created with other settings: {', '.join(differ)}; a run is "
+                       "only continued with its own settings (choose another --out)")
+    if read_metrics(out) and not (out / "checkpoint.pt").exists():
+        raise RunError(f"{out} has metrics but no checkpoint.pt, so it cannot be continued "
+                       "exactly; choose another --out")
+    return recorded
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as e:  # truncated, corrupt, or not a checkpoint: say which file
+        raise RunError(f"{path}: cannot be loaded ({type(e).__name__}: {e}); move the run "
+                       "directory away or choose another --out") from None
+
+
 def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
           progress: bool | None = None, log=print) -> list[dict]:
     """Train per ``config``, writing the run directory ``out_dir``; return the metrics."""
-    config = replace(config, threads=config.threads or os.cpu_count() or 1)  # recorded
-    torch.set_num_threads(config.threads)
+    config.validate()
     out = Path(out_dir)
-    ckpt_path = out / "checkpoint.pt"
-    if out.exists() and (out / "metrics.jsonl").exists() and not resume:
-        raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
+    recorded = check_run_dir(config, out, resume)
+    torch.set_num_threads(config.threads)
     data, model, optimizer, scheduler = build(config)
+    ckpt_path = out / "checkpoint.pt"
     metrics, start = [], 0
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+    if recorded is not None and ckpt_path.exists():
+        ckpt = _load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
         metrics, start = ckpt["metrics"], ckpt["epoch"]
+        if start >= config.epochs == recorded["epochs"]:
+            return metrics  # a finished run, asked for again: every file stays as it is
+        if start > config.epochs:
+            raise RunError(f"{out} has already trained {start} epochs; --epochs {config.epochs} "
+                           "would not describe it")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**asdict(config), "environment": environment()},
-                                                indent=2))
+    record = {**asdict(config), "optimizer_settings": config.resolved(),
+              "environment": environment()}
+    if recorded is not None:  # the first session's environment stays; later ones are listed
+        record["environment"] = recorded["environment"]
+        record["resumed"] = [*recorded.get("resumed", []),
+                             {"at_epoch": start, "threads": config.threads,
+                              "environment": environment()}]
+    (out / "config.json").write_text(json.dumps(record, indent=2))
     _write_metrics(out / "metrics.jsonl", metrics)
     regression = data.task == "regression"
     probe = StepProbe(optimizer)
@@ -177,6 +262,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
             record = _epoch(config, data, model, optimizer, probe, epoch, progress)
         except FloatingPointError as e:  # raised by psiopt optimizers on a non-finite gradient
             record = {"train_loss": None, "train_acc": None, "error": str(e)}
+        lrs = _group_lrs(optimizer)  # the rates this epoch used
         scheduler.step()
         seconds = time.perf_counter() - started
         diverged = record["train_loss"] is None or not math.isfinite(record["train_loss"])
@@ -185,8 +271,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         else:
             record["test_loss"], record["test_acc"] = evaluate(model, data.test_x, data.test_y,
                                                                regression)
-        record = {"epoch": epoch + 1, **record, "seconds": seconds,
-                  "lr": optimizer.param_groups[0]["lr"]}
+        record = {"epoch": epoch + 1, **record, "seconds": seconds, "lr": lrs,
+                  "threads": torch.get_num_threads()}
         metrics.append(record)
         _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
@@ -202,17 +288,24 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
     return metrics
 
 
+def _group_lrs(optimizer) -> dict:
+    """``{grouping or "other": lr}`` of every trained group."""
+    return {g.get("grouping") or "other": g["lr"] for g in optimizer.param_groups
+            if g.get("grouping") != CANCELLED}
+
+
 def _epoch(config, data, model, optimizer, probe, epoch, progress) -> dict:
     """One pass over the training set; returns the epoch's training metrics."""
     regression = data.task == "regression"
     gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
     loss_sum, correct, grad_sq, seen = torch.zeros(()), torch.zeros(()), torch.zeros(()), 0
-    n_batches = -(-len(data.train_x) // config.batch_size)
+    n = len(data.train_x)
+    n_batches = n // config.batch_size + (n % config.batch_size > 1)  # a last single sample is left out
     layers: dict = {}
     started = time.perf_counter()
     bar = _progress(n_batches, f"{config.optimizer} epoch {epoch + 1}/{config.epochs}", progress)
     for i, (xb, yb) in enumerate(batches(data.train_x, data.train_y, config.batch_size, gen,
-                                         augment=data.augment)):
+                                         augment=data.augment, min_size=2)):
         out = model(xb)
         loss = _loss(out, yb, regression)
         optimizer.zero_grad(set_to_none=True)
@@ -240,13 +333,23 @@ def _epoch(config, data, model, optimizer, probe, epoch, progress) -> dict:
     bar.close()
     return {"train_loss": loss_sum.item() / seen,
             "train_acc": None if regression else correct.item() / seen,
-            "samples_per_s": seen / (time.perf_counter() - started),
+            "train_samples": seen, "samples_per_s": seen / (time.perf_counter() - started),
             "grad_norm": (grad_sq.item() / n_batches) ** 0.5, **summarize(layers), "layers": layers}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The per-epoch records of a run directory (``[]`` when it has none yet)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.exists():
+        return []
+    out = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except ValueError as e:
+                raise RunError(f"{path}, line {number}: not a JSON record ({e})") from None
+    return out
 
 
-__all__ = ["RunConfig", "train", "build", "evaluate", "read_metrics"]
+__all__ = ["RunConfig", "RunError", "train", "build", "evaluate", "read_metrics", "check_run_dir"]
