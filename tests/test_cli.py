@@ -249,3 +249,17 @@ def test_the_run_records_what_ran(tmp_path):
     assert config["threads"] == 1 and config["environment"]["threads"] == 1
     (record,) = read_metrics(tmp_path)
     assert record["lr"] == {"channel": 0.1, "other": 0.1} and record["threads"] == 1
+
+
+def test_summary_states_each_runs_settings_and_the_plots_mark_lr_drops(tmp_path):
+    assert main(["compare", *QUICK, "--epochs", "3", "--milestones", "2", "--optimizers",
+                 "adam,psi-sgdm", "--lr", "0.01", "--out", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "synthetic / mlp-bn: 3 epochs, batch 128, first 128 training samples, lr ×0.1 at epochs 2" \
+        in summary
+    assert "| adam | 0.01 | — | 0 | betas=(0.9, 0.999)" in summary.replace("[0.9, 0.999]", "(0.9, 0.999)")
+    assert "| psi-sgdm | 0.01 | 0.9 | 0 |" in summary
+    results = summary.split("## Settings")[0]
+    table = [line.split(" | ")[0].strip("| ") for line in results.splitlines() if line.startswith("| ")][1:]
+    accuracy = {name: read_metrics(tmp_path / name / "seed0")[-1]["test_acc"] for name in table}
+    assert list(accuracy.values()) == sorted(accuracy.values(), reverse=True)  # rank order

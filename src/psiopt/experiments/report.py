@@ -4,22 +4,32 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
-from .train import read_metrics
+from .train import RunError, read_metrics
+
+#: hyperparameters shown in the settings table (the others are listed when set)
+_SHOWN = ("lr", "momentum", "weight_decay")
+_QUIET = {"foreach", "check_finite", "maximize", "differentiable", "fused", "capturable",
+          "dampening", "nesterov", "amsgrad", "decoupled_weight_decay"}
 
 
-def load_runs(root: str | Path) -> dict[str, list[list[dict]]]:
-    """``{optimizer: [metrics of each seed]}`` for a compare directory or a single run."""
+def load_runs(root: str | Path) -> dict[str, list[tuple[dict, list[dict]]]]:
+    """``{optimizer: [(config, metrics) of each seed]}`` for a compare directory or one run."""
     root = Path(root)
     found: dict[str, list] = {}
     for path in sorted(root.glob("**/metrics.jsonl")):
-        config = json.loads((path.parent / "config.json").read_text())
+        config_path = path.parent / "config.json"
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError) as e:
+            raise RunError(f"{config_path}: cannot be read ({e})") from None
         metrics = read_metrics(path.parent)
         if metrics:
-            found.setdefault(config["optimizer"], []).append(metrics)
+            found.setdefault(config["optimizer"], []).append((config, metrics))
     if not found:
-        raise ValueError(f"no runs with metrics under {root}")
+        raise RunError(f"no runs with metrics under {root}")
     return found
 
 
@@ -29,41 +39,94 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def summary_table(runs: dict[str, list[list[dict]]]) -> str:
-    """Markdown table sorted by final test accuracy (test loss for regression); runs that
-    diverged are listed last with the epoch at which they stopped."""
-    regression = all(e.get("test_acc") is None for seeds in runs.values() for m in seeds for e in m)
+def _regression(runs) -> bool:
+    return all(e.get("test_acc") is None for seeds in runs.values() for _, m in seeds for e in m)
+
+
+def _ranked(runs) -> list[str]:
+    """Optimizer names, best final test metric first (diverged runs last)."""
+    regression = _regression(runs)
+    key = "test_loss" if regression else "test_acc"
+
+    def score(name):
+        finals = [m[-1][key] for _, m in runs[name] if m[-1].get(key) is not None]
+        if not finals:
+            return math.inf
+        mean = _mean_std(finals)[0]
+        return mean if regression else -mean
+
+    return sorted(runs, key=score)
+
+
+def summary_table(runs) -> str:
+    """Markdown table in rank order of the final test accuracy (test loss for regression); runs
+    that diverged are listed with the epoch at which they stopped."""
+    regression = _regression(runs)
     key, scale = ("test_loss", 1) if regression else ("test_acc", 100)
-    rows = []
-    for name, seeds in runs.items():
-        finals = [m[-1][key] for m in seeds]
-        ok = [f for f in finals if f is not None]
+    what = "test loss" if regression else "test acc (%)"
+    lines = [f"| optimizer | final {what} | best {what} | final train loss | s/epoch | seeds | epochs |",
+             "|---|---|---|---|---|---|---|"]
+    for name in _ranked(runs):
+        seeds = [m for _, m in runs[name]]
+        ok = [m[-1][key] for m in seeds if m[-1].get(key) is not None]
         values = [e[key] for m in seeds for e in m if e.get(key) is not None]
         best = (min(values) if regression else max(values)) if values else None
         losses = [m[-1]["train_loss"] for m in seeds if m[-1]["train_loss"] is not None]
         seconds = _mean_std([e["seconds"] for m in seeds for e in m])[0]
         diverged = [m[-1]["epoch"] for m in seeds if m[-1].get("diverged")]
-        rows.append((name, _mean_std(ok) if ok else None, best, losses, seconds, len(seeds),
-                     max(len(m) for m in seeds), diverged))
-    worst = math.inf if regression else -math.inf
-    rows.sort(key=lambda r: (r[1][0] if r[1] else worst) * (1 if regression else -1))
-    what = "test loss" if regression else "test acc (%)"
-    lines = [f"| optimizer | final {what} | best {what} | final train loss | s/epoch | seeds | epochs |",
-             "|---|---|---|---|---|---|---|"]
-    for name, stats, best, losses, seconds, n_seeds, epochs, diverged in rows:
-        final = f"{stats[0] * scale:.2f} ± {stats[1] * scale:.2f}" if stats else "—"
+        final = f"{_mean_std(ok)[0] * scale:.2f} ± {_mean_std(ok)[1] * scale:.2f}" if ok else "—"
         if diverged:
             final += f" (diverged: {len(diverged)} run(s), epoch {min(diverged)})"
         best_text = f"{best * scale:.2f}" if best is not None else "—"
         loss_text = f"{_mean_std(losses)[0]:.4f}" if losses else "—"
-        lines.append(f"| {name} | {final} | {best_text} | {loss_text} | {seconds:.2f} | {n_seeds} "
-                     f"| {epochs} |")
+        lines.append(f"| {name} | {final} | {best_text} | {loss_text} | {seconds:.2f} | "
+                     f"{len(seeds)} | {max(len(m) for m in seeds)} |")
     return "\n".join(lines)
 
 
-def _band(ax, seeds: list[list[dict]], key: str, label: str) -> bool:
+def _side(settings: dict | None, key: str) -> str:
+    if not settings:
+        return "—"
+    inv, other = (settings[side].get(key) for side in ("invariant", "other"))
+    inv, other = ("—" if v is None else f"{v:g}" for v in (inv, other))
+    return inv if inv == other else f"{inv} / {other}"
+
+
+def settings_table(runs) -> str:
+    """What each optimizer ran with: hyperparameters (invariant / other groups when they
+    differ, as the run recorded them), seeds, and any other setting that is not a default."""
+    lines = ["| optimizer | lr | momentum | weight decay | other settings | seeds |",
+             "|---|---|---|---|---|---|"]
+    for name in _ranked(runs):
+        config = runs[name][0][0]
+        settings = config.get("optimizer_settings")
+        extra = []
+        if settings:
+            inv, other = settings["invariant"], settings["other"]
+            for k in dict.fromkeys([*inv, *other]):
+                if k in _SHOWN or k in _QUIET or not (inv.get(k) or other.get(k)):
+                    continue
+                same = inv.get(k) == other.get(k)
+                extra.append(f"{k}={inv.get(k)}" if same else f"{k}={inv.get(k)} / {other.get(k)}")
+        seeds = ", ".join(str(c["seed"]) for c, _ in runs[name])
+        lines.append(f"| {name} | {_side(settings, 'lr')} | {_side(settings, 'momentum')} | "
+                     f"{_side(settings, 'weight_decay')} | {'; '.join(extra) or '—'} | {seeds} |")
+    return "\n".join(lines)
+
+
+def _setting(config: dict) -> str:
+    """One line: data, model, budget and schedule of a run."""
+    schedule = (f"lr ×{config['gamma']:g} at epochs {', '.join(map(str, config['milestones']))}"
+                if config["milestones"] else "constant lr")
+    subset = f", first {config['subset']} training samples" if config.get("subset") else ""
+    return (f"{config['dataset']} / {config['model']}: {config['epochs']} epochs, batch "
+            f"{config['batch_size']}{subset}, {schedule}, init {config['init']}, "
+            f"{config.get('threads', '?')} thread(s)")
+
+
+def _band(ax, seeds: list[list[dict]], key: str, label: str, scale: float) -> bool:
     n = max(len(m) for m in seeds)
-    cols = [[m[i].get(key) for m in seeds if i < len(m) and m[i].get(key) is not None]
+    cols = [[m[i].get(key) * scale for m in seeds if i < len(m) and m[i].get(key) is not None]
             for i in range(n)]
     points = [(i + 1, _mean_std(c)) for i, c in enumerate(cols) if c]
     if not points:
@@ -77,26 +140,34 @@ def _band(ax, seeds: list[list[dict]], key: str, label: str) -> bool:
     return True
 
 
-def plot(runs: dict[str, list[list[dict]]], out_dir: str | Path) -> list[Path]:
-    """Write ``accuracy.png`` (or ``test_loss.png``), ``train_loss.png``, ``effective_lr.png``."""
+def plot(runs, out_dir: str | Path) -> list[Path]:
+    """Write ``accuracy.png`` (or ``test_loss.png``), ``train_loss.png``, ``eff_lr.png``: mean
+    and spread over seeds per epoch, legend in rank order, lr drops marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    regression = all(e.get("test_acc") is None for seeds in runs.values() for m in seeds for e in m)
-    specs = [("test_loss" if regression else "test_acc", "test loss" if regression else
-              "test accuracy", regression),
-             ("train_loss", "train loss", True),
-             ("eff_lr", "effective learning rate (median over invariant layers)", True)]
+    regression = _regression(runs)
+    config = next(iter(runs.values()))[0][0]
+    specs = [("test_loss", "test loss", True, 1) if regression else
+             ("test_acc", "test accuracy (%)", False, 100),
+             ("train_loss", "train loss", True, 1),
+             ("eff_lr", "effective learning rate (median over invariant layers)", True, 1)]
     paths = []
-    for key, title, log in specs:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        drawn = [_band(ax, seeds, key, name) for name, seeds in runs.items()]
+    for key, what, log, scale in specs:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        drawn = [_band(ax, [m for _, m in runs[name]], key, name, scale) for name in _ranked(runs)]
         if not any(drawn):
             plt.close(fig)
             continue
-        ax.set(xlabel="epoch", ylabel=title, title=title)
+        for i, milestone in enumerate(config["milestones"]):
+            ax.axvline(milestone + 0.5, color="grey", ls=":", lw=1,
+                       label=f"lr ×{config['gamma']:g}" if i == 0 else None)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="epoch", ylabel=what)
+        ax.set_title("\n".join([what, *textwrap.wrap(_setting(config), 90)]), fontsize=8)
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
@@ -114,9 +185,10 @@ def write_report(root: str | Path) -> tuple[Path, list[Path], str]:
     root = Path(root)
     runs = load_runs(root)
     table = summary_table(runs)
-    config = json.loads(next(root.glob("**/config.json")).read_text())
-    header = (f"# {config['dataset']} / {config['model']}\n\n"
-              f"Budget: {len(next(iter(runs.values()))[0])} epochs, batch {config['batch_size']}, "
-              f"subset {config['subset']}; seeds per optimizer as listed.\n\n")
-    (root / "summary.md").write_text(header + table + "\n")
+    settings = sorted({_setting(c) for seeds in runs.values() for c, _ in seeds})
+    header = (f"# {' | '.join(settings)}\n\n" if len(settings) == 1 else
+              "# Runs with different settings\n\n" + "".join(f"* {s}\n" for s in settings) + "\n")
+    text = (header + "## Results\n\n" + table + "\n\n## Settings (invariant / other groups)\n\n"
+            + settings_table(runs) + "\n")
+    (root / "summary.md").write_text(text)
     return root / "summary.md", plot(runs, root), table
