@@ -65,13 +65,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.out.exists():
         sys.exit(f"{args.out} exists: choose another --out (runs are not overwritten)")
+    chosen = {label: v for label, v in SETTINGS.items() if args.only in label}
+    if not chosen:
+        sys.exit(f"--only {args.only!r} matches none of: {', '.join(SETTINGS)}")
     spread = statistics.stdev if len(args.seeds) > 1 else (lambda values: 0.0)
     print("| setting | epoch | eval-mode acc (%) | recomputed BN acc (%) | gap mean (max) |")
     print("|---|---|---|---|---|")
     rows = []
-    for label, (name, hyper) in SETTINGS.items():
-        if args.only not in label:
-            continue
+    for label, (name, hyper) in chosen.items():
         runs = [measure(name, hyper, s, args.epochs, args.out / label.split()[0] / label.split()[1]
                         / f"seed{s}") for s in args.seeds]
         for epoch in checkpoints(args.epochs):

@@ -360,10 +360,10 @@ def test_a_cancelled_group_added_to_a_baseline_is_not_trained():
     w, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
     opt = psiopt.optim.baselines.Adam([w], lr=0.1)
     opt.add_param_group({"params": [b], "grouping": "cancelled", "lr": 0.1})
-    start = b.detach().clone()
+    starts = w.detach().clone(), b.detach().clone()
     w.grad, b.grad = torch.ones(3), torch.ones(3)
     opt.step()
-    assert torch.equal(b, start) and not torch.equal(w.detach(), start)
+    assert torch.equal(b, starts[1]) and not torch.equal(w, starts[0])
 
 
 def test_placeholder_names_are_not_left_behind_when_torch_refuses_a_group():
@@ -379,16 +379,19 @@ def test_settings_a_scheduler_writes_are_checked_at_each_step():
     to a fixed-norm PSI group: refused at the next step, nothing updated."""
     model = bn_net()
     x, y = bn_data()
-    opt = psiopt.create_optimizer(model, "un-sgd", x)
+    groups = psiopt.param_groups(model, x)
+    opt = psiopt.create_optimizer(groups[::-1], "un-sgd")  # the ordinary group first
     torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=10)
     before = [p.detach().clone() for p in model.parameters()]
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(ValueError, match="invalid momentum for an invariant group of UnitNormSGD"):
         opt.step()
     opt = psiopt.create_optimizer(model, "psi-sgd", x)
-    opt.param_groups[0]["weight_decay"] = 1e-3
+    assert [g["grouping"] for g in opt.param_groups][:3] == ["channel", "groups:4", "tensor"]
+    opt.param_groups[2]["weight_decay"] = 1e-3  # the first two groups are fine
     with pytest.raises(ValueError, match="fixed_norm=False"):
         opt.step()
+    assert not opt.state
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="fixed_norm=False"):
         psiopt.create_optimizer(model, "psi-sgdm", x, invariant_weight_decay=1e-3)
@@ -406,8 +409,9 @@ def test_an_optimizer_survives_pickling():
         opt = psiopt.create_optimizer(model, name, x, lr=0.01)
         again = pickle.loads(pickle.dumps(opt))
         assert again.invariant_defaults == opt.invariant_defaults
-        assert [len(h) for h in (again._optimizer_step_pre_hooks,)] == \
-            [len(opt._optimizer_step_pre_hooks)]
+        for _ in range(3):
+            again.load_state_dict(opt.state_dict())
+        assert len(again._optimizer_step_pre_hooks) == len(opt._optimizer_step_pre_hooks)
         again.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, 3))], "grouping": "channel"})
 
 
@@ -426,3 +430,40 @@ def test_a_generator_of_parameters_is_read_once():
     opt = psiopt.PSISGD([{"params": model[0].parameters(), "grouping": "channel"},
                          {"params": (p for p in model[1:].parameters())}])
     assert [len(g["params"]) for g in opt.param_groups] == [1, len(list(model[1:].parameters()))]
+
+
+def test_adamg_star_from_param_groups_refuses_two_lambdas():
+    """param_groups gives invariant groups weight_decay=0: Theorem 4 needs one λ, so the groups
+    path must not silently train the rows without it; weight_decay=λ sets every group."""
+    model = bn_net()
+    x, _ = bn_data()
+    with pytest.raises(ValueError, match="one weight_decay"):
+        psiopt.create_optimizer(psiopt.param_groups(model, x), "adamg-star")
+    opt = psiopt.create_optimizer(psiopt.param_groups(model, x), "adamg-star", weight_decay=1e-3)
+    assert {g["weight_decay"] for g in opt.param_groups} == {1e-3}
+
+
+def test_adamg_star_reads_the_state_of_earlier_versions():
+    """Earlier versions saved Roburin's v = r4/(2η²(1 − ηλ)²); loading it gives the same steps."""
+    model, x = bn_net(), bn_data()[0]
+    opt = psiopt.create_optimizer(model, "adamg-star", x, lr=0.05, weight_decay=1e-3)
+    train(model, opt, x, bn_data()[1], 2)
+    saved = copy.deepcopy(opt.state_dict())
+    for state in saved["state"].values():
+        if "r4" in state:
+            state["v"] = state.pop("r4") / (2 * 0.05**2 * (1 - 0.05 * 1e-3) ** 2)
+    twin = copy.deepcopy(model)
+    other = psiopt.create_optimizer(twin, "adamg-star", x, lr=0.05, weight_decay=1e-3)
+    other.load_state_dict(saved)
+    train(model, opt, x, bn_data()[1], 3)
+    train(twin, other, x, bn_data()[1], 3)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_named_parameters_are_taken_as_torch_does():
+    model = bn_net()
+    opt = psiopt.PSISGD([{"params": list(model[0].named_parameters()), "grouping": "channel"},
+                         {"params": model[1:].named_parameters()}])
+    assert opt.param_groups[0]["param_names"] == ["weight"]
+    assert len(opt.param_groups[1]["params"]) == len(list(model[1:].parameters()))

@@ -105,6 +105,10 @@ class GroupHandling:
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         if not isinstance(param_group["params"], (Tensor, set)):  # a generator is read once
             param_group["params"] = list(param_group["params"])
+        params = param_group["params"]
+        if params and all(isinstance(p, tuple) for p in params):  # named, as torch >= 2.6 takes
+            param_group["param_names"] = [name for name, _ in params]
+            param_group["params"] = [p for _, p in params]
         if is_invariant(param_group.get("grouping")):
             for key, value in self.invariant_defaults.items():
                 param_group.setdefault(key, value)
@@ -242,6 +246,9 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             if index:
                 params = [group["params"][i] for i in index]
                 work.append((group, index, params, [self._grad(p) for p in params]))
+        for group, *_ in work:  # a scheduler may have written a setting since the group was added
+            if group["grouping"] is not None:
+                self._check_rule(group)
         if any(group["check_finite"] for group, *_ in work):
             self._check_finite([t for g, _, ps, gs in work if g["check_finite"] for t in zip(ps, gs)])
         for group, index, params, grads in work:
@@ -282,7 +289,6 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     # -- invariant groups -------------------------------------------------------------------------
     def _invariant(self, group: dict, index: list[int], params: list[Tensor],
                    grads: list[Tensor]) -> None:
-        self._check_rule(group)  # a scheduler may have written a setting since the group was added
         grouping = group["grouping"]
         ws = [rows(p, grouping) for p in params]
         gs = [rows(g, grouping) for g in grads]

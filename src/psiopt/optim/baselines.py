@@ -32,11 +32,15 @@ class _Baseline(GroupHandling):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.register_step_pre_hook(_freeze_cancelled)
+        self._hook()
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self.register_step_pre_hook(_freeze_cancelled)  # hooks are not pickled
+    def __setstate__(self, state: dict) -> None:  # unpickling (hooks are not pickled), and
+        super().__setstate__(state)                # torch's load_state_dict
+        self._hook()
+
+    def _hook(self) -> None:
+        if _freeze_cancelled not in self._optimizer_step_pre_hooks.values():
+            self.register_step_pre_hook(_freeze_cancelled)
 
 
 def _group_of(optimizer, p) -> dict:

@@ -59,7 +59,7 @@ class PSISGD(ScaleInvariantOptimizer):
     ≤ 0.1 point either way.  ``fixed_norm`` stays the default because it removes the norm growth
     and with it the overflow guard, at the cost of one more pass over the weights per step; to
     evaluate mid-training at a high learning rate, recompute the statistics first
-    (``torch.optim.swa_utils.update_bn``, as the script does).
+    (``torch.optim.swa_utils.update_bn``, as the script does; it covers BatchNorm layers only).
 
     Non-invariant groups follow SGD with their own ``lr``, ``momentum`` and ``weight_decay``.
     """
@@ -73,6 +73,7 @@ class PSISGD(ScaleInvariantOptimizer):
                                       check_finite=check_finite, foreach=foreach))
 
     def _check_rule(self, group):
+        super()._check_rule(group)
         if group["fixed_norm"] and group["weight_decay"]:
             raise ValueError(
                 f"invalid weight_decay for an invariant group of PSISGD with fixed_norm=True: "

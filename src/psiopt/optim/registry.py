@@ -137,6 +137,13 @@ def create_optimizer(model_or_param_groups, name: str, example_inputs=None, *,
         if group.get("grouping") != CANCELLED:
             side = 0 if is_invariant(group.get("grouping")) else 1
             group.update({**(invariant, other)[side], **group, **explicit[side]})
+    decays = {g["weight_decay"] for g in groups if g.get("grouping") != CANCELLED}
+    if spec.shared_decay and not isinstance(model_or_param_groups, nn.Module) and len(decays) > 1:
+        raise ValueError(  # param_groups' weight_decay=0 on invariant groups would silently win
+            f"{name}: Theorem 4 takes one weight_decay, but the groups have {sorted(decays)} "
+            "(param_groups gives invariant groups weight_decay=0 unless asked); pass "
+            f"weight_decay=λ, which sets every group, or build {spec.cls.__name__} directly for "
+            "a λ per group")
     optimizer = spec.cls(groups)
     optimizer.defaults.update(other)  # for groups added later
     optimizer.invariant_defaults = invariant

@@ -126,6 +126,17 @@ class AdamGStar(_SphereOptimizer):
             raise ValueError(f"invalid lr·weight_decay for AdamGStar: {group['lr']}·"
                              f"{group['weight_decay']} (SGD+L2 needs lr·weight_decay < 1)")
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Also reads the state of earlier psiopt versions, which saved Roburin's ``v``:
+        ``r4 = 2η²(1 − ηλ)² v``."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            _, _, scale = self._coefficients(group)
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "v" in state and "r4" not in state:
+                    state["r4"] = state.pop("v").mul_(scale)
+
     def _prepare_row_state(self, group, state, r0):
         state["step"] = torch.tensor(0.0)
         state["r4"] = r0.square().square()
