@@ -364,7 +364,9 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
     recorded (of every output entry, relative to the largest output, or of ``loss_fn(output)``);
     the gradient's radial part ``|<∇, w>|/(‖∇‖‖w‖)`` is measured per group, for ``loss_fn`` or
     by default a fixed random projection of the outputs.  Groups above ``tol`` are failures.  The
-    model's parameters, buffers and modes are restored.
+    model's parameters, buffers and modes are restored.  BatchNorm's ``eps`` breaks invariance
+    for a row whose output variance over the batch is not large against it (relative effect
+    about ``eps/σ²``): with tiny batches such a row can be reported, and rightly so.
     """
     mapping = _mapping(model, groups_or_mapping)
     if not mapping:
