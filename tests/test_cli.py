@@ -71,9 +71,14 @@ def test_compare_regression_recipe(tmp_path):
                  "--out", str(tmp_path), "--no-progress"]) == 0
     summary = (tmp_path / "summary.md").read_text()
     assert "final test loss" in summary
+    rows = {line.split(" | ")[0].strip("| "): line
+            for line in summary.split("## Settings")[0].splitlines()}
     for name in ("sgd", "psi-sgd"):  # the summary says what the metrics say, whatever happened
-        diverged = bool(read_metrics(tmp_path / name / "seed0")[-1].get("diverged"))
-        assert (f"| {name} | — (diverged" in summary) == diverged
+        diverged = [bool(read_metrics(tmp_path / name / f"seed{s}")[-1].get("diverged"))
+                    for s in range(3)]
+        assert ("diverged: " in rows[name]) == any(diverged)
+        if any(diverged):
+            assert f"diverged: {sum(diverged)} run(s)" in rows[name]
 
 
 def test_a_diverging_run_stops_and_is_reported(tmp_path):
@@ -263,3 +268,50 @@ def test_summary_states_each_runs_settings_and_the_plots_mark_lr_drops(tmp_path)
     table = [line.split(" | ")[0].strip("| ") for line in results.splitlines() if line.startswith("| ")][1:]
     accuracy = {name: read_metrics(tmp_path / name / "seed0")[-1]["test_acc"] for name in table}
     assert list(accuracy.values()) == sorted(accuracy.values(), reverse=True)  # rank order
+
+
+# -- recipes (issue 8, part 2) ---------------------------------------------------------------------
+def _recipe_argv(name, tmp_path, *extra):
+    from psiopt.experiments.recipes import RECIPES
+
+    data = [] if RECIPES[name]["small"]["dataset"] == "toy-regression" else ["--dataset", "synthetic"]
+    return ["compare", "--recipe", name, *data, "--subset", "64", "--epochs", "1", "--seeds", "1",
+            "--no-progress", "--out", str(tmp_path), *extra]
+
+
+@pytest.mark.parametrize("name", ["yi-fig1", "yi-fig4", "yi-table1", "badrinarayanan-table2",
+                                  "roburin-table2"])
+def test_every_recipe_runs_end_to_end_on_a_tiny_subset(tmp_path, name):
+    from psiopt.experiments.recipes import RECIPES
+
+    assert main(_recipe_argv(name, tmp_path)) == 0
+    variants = RECIPES[name]["variants"] or {"": {}}
+    optimizers = RECIPES[name]["small"]["optimizers"].split(",")
+    for variant, flags in variants.items():
+        assert (tmp_path / variant / "summary.md").exists()
+        for opt in optimizers:
+            config = json.loads((tmp_path / variant / opt / "seed0" / "config.json").read_text())
+            assert all(config[k] == v for k, v in flags.items())
+
+
+def test_every_recipe_list_matches_the_tests():
+    from psiopt.experiments.recipes import RECIPES
+
+    tested = test_every_recipe_runs_end_to_end_on_a_tiny_subset.pytestmark[0].args[1]
+    assert sorted(tested) == sorted(RECIPES)
+
+
+@pytest.mark.parametrize("name", ["yi-fig1", "yi-fig4", "yi-table1", "badrinarayanan-table2",
+                                  "roburin-table2"])
+def test_every_full_recipe_validates_without_data(tmp_path, monkeypatch, name):
+    import psiopt.experiments.cli as cli
+    from psiopt.experiments.recipes import RECIPES
+
+    seen = []
+    monkeypatch.setattr(cli, "train", lambda config, out, **kw: seen.append(config))
+    monkeypatch.setattr(cli, "_report", lambda directory: None)
+    assert main(["compare", "--recipe", name, "--budget", "full", "--out", str(tmp_path)]) == 0
+    full = RECIPES[name]["full"]
+    assert len(seen) == len(full["optimizers"].split(",")) * full.get("seeds", 1) * \
+        max(1, len(RECIPES[name]["variants"]))
+    assert all(c.epochs == full["epochs"] and c.dataset == full["dataset"] for c in seen)

@@ -171,8 +171,9 @@ def cmd_train(args) -> None:
     print(f"run directory: {out} ({len(metrics)} epochs)")
 
 
-def _apply_recipe(args) -> None:
-    """Fill in the recipe's settings for every flag the user did not give (theirs win)."""
+def _apply_recipe(args) -> dict:
+    """Fill in the recipe's settings for every flag the user did not give (theirs win); return
+    the recipe's variants (``{name: flags}``)."""
     recipe = RECIPES[_choice("recipe", args.recipe, list(RECIPES))]
     preset = recipe[_choice("budget", args.budget, ["small", "full"])]
     kept = []
@@ -183,25 +184,35 @@ def _apply_recipe(args) -> None:
             kept.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
     print(f"recipe {args.recipe} ({args.budget}): {recipe['claim']}"
           + (f"; your flags kept: {', '.join(kept)}" if kept else ""))
+    return recipe["variants"]
 
 
 def cmd_compare(args) -> None:
-    if args.recipe:
-        _apply_recipe(args)
+    variants = _apply_recipe(args) if args.recipe else {}
     _fill_defaults(args)
     if not args.optimizers:
         raise UsageError("--optimizers is required (or --recipe)")
     names = [_choice("optimizer", n.strip(), list_optimizers()) for n in args.optimizers.split(",")]
     if args.seeds < 1:
         raise UsageError(f"invalid --seeds: {args.seeds} (must be at least 1)")
-    configs = [_config(args, name, seed) for name in names for seed in range(args.seeds)]
-    out = Path(args.out or f"runs/compare-{configs[0].dataset}-{configs[0].model}")
-    for config in configs:  # every run directory is checked before any is touched
-        check_run_dir(config, out / config.optimizer / f"seed{config.seed}", resume=True)
-    for config in configs:
-        train(config, out / config.optimizer / f"seed{config.seed}", resume=True,
-              progress=False if args.no_progress else None)
-    _report(out)
+    arms = []  # (directory, configs) of each variant
+    for variant, flags in (variants or {"": {}}).items():
+        given = {k: getattr(args, k) for k in flags}
+        for key, value in flags.items():
+            setattr(args, key, value)
+        configs = [_config(args, name, seed) for name in names for seed in range(args.seeds)]
+        for key, value in given.items():
+            setattr(args, key, value)
+        arms.append((variant, configs))
+    first = arms[0][1][0]
+    out = Path(args.out or f"runs/compare-{args.recipe or first.dataset + '-' + first.model}")
+    runs = [(out / variant / c.optimizer / f"seed{c.seed}", c) for variant, cs in arms for c in cs]
+    for directory, config in runs:  # every run directory is checked before any is touched
+        check_run_dir(config, directory, resume=True)
+    for directory, config in runs:
+        train(config, directory, resume=True, progress=False if args.no_progress else None)
+    for variant, _ in arms:
+        _report(out / variant)
 
 
 def _report(directory) -> None:

@@ -124,20 +124,21 @@ def _setting(config: dict) -> str:
             f"{config.get('threads', '?')} thread(s)")
 
 
-def _band(ax, seeds: list[list[dict]], key: str, label: str, scale: float) -> bool:
+def _band(ax, seeds: list[list[dict]], key: str, label: str, scale: float) -> list[float]:
+    """Plot the mean (and spread) over seeds per epoch; return the plotted means."""
     n = max(len(m) for m in seeds)
     cols = [[m[i].get(key) * scale for m in seeds if i < len(m) and m[i].get(key) is not None]
             for i in range(n)]
     points = [(i + 1, _mean_std(c)) for i, c in enumerate(cols) if c]
     if not points:
-        return False
+        return []
     epochs = [e for e, _ in points]
     mean = [m for _, (m, _) in points]
     line = ax.plot(epochs, mean, label=label, marker="o" if n < 15 else None)[0]
     if len(seeds) > 1:
         ax.fill_between(epochs, [m - s for _, (m, s) in points], [m + s for _, (m, s) in points],
                         color=line.get_color(), alpha=0.2)
-    return True
+    return mean
 
 
 def plot(runs, out_dir: str | Path) -> list[Path]:
@@ -158,8 +159,8 @@ def plot(runs, out_dir: str | Path) -> list[Path]:
     paths = []
     for key, what, log, scale in specs:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        drawn = [_band(ax, [m for _, m in runs[name]], key, name, scale) for name in _ranked(runs)]
-        if not any(drawn):
+        drawn = [v for name in _ranked(runs) for v in _band(ax, [m for _, m in runs[name]], key, name, scale)]
+        if not drawn:
             plt.close(fig)
             continue
         for i, milestone in enumerate(config["milestones"]):
@@ -168,7 +169,7 @@ def plot(runs, out_dir: str | Path) -> list[Path]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="epoch", ylabel=what)
         ax.set_title("\n".join([what, *textwrap.wrap(_setting(config), 90)]), fontsize=8)
-        if log:
+        if log and min(drawn) > 0:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
