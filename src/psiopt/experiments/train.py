@@ -266,8 +266,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         scheduler.step()
         seconds = time.perf_counter() - started
         diverged = record["train_loss"] is None or not math.isfinite(record["train_loss"])
-        if diverged:
-            record.update(test_loss=None, test_acc=None, diverged=True)
+        if diverged:  # no non-finite number is written (metrics.jsonl stays strict JSON)
+            record.update(train_loss=None, test_loss=None, test_acc=None, diverged=True)
         else:
             record["test_loss"], record["test_acc"] = evaluate(model, data.test_x, data.test_y,
                                                                regression)
