@@ -260,8 +260,8 @@ def test_summary_states_each_runs_settings_and_the_plots_mark_lr_drops(tmp_path)
     assert main(["compare", *QUICK, "--epochs", "3", "--milestones", "2", "--optimizers",
                  "adam,psi-sgdm", "--lr", "0.01", "--out", str(tmp_path)]) == 0
     summary = (tmp_path / "summary.md").read_text()
-    assert "synthetic / mlp-bn: 3 epochs, batch 128, first 128 training samples, lr ×0.1 at epochs 2" \
-        in summary
+    assert "synthetic / mlp-bn: 3 epochs, batch 128, first 128 training and 100 test samples, " \
+        "lr ×0.1 at epochs 2" in summary
     assert "| adam | 0.01 | — | 0 | betas=(0.9, 0.999)" in summary.replace("[0.9, 0.999]", "(0.9, 0.999)")
     assert "| psi-sgdm | 0.01 | 0.9 | 0 |" in summary
     results = summary.split("## Settings")[0]
@@ -298,7 +298,38 @@ def test_every_recipe_list_matches_the_tests():
     from psiopt.experiments.recipes import RECIPES
 
     tested = test_every_recipe_runs_end_to_end_on_a_tiny_subset.pytestmark[0].args[1]
-    assert sorted(tested) == sorted(RECIPES)
+    studies = test_every_study_recipe_runs_and_its_full_protocol_binds.pytestmark[0].args[1]
+    assert sorted([*tested, *studies]) == sorted(RECIPES)
+
+
+@pytest.mark.parametrize("name", ["roburin-thm4"])
+def test_every_study_recipe_runs_and_its_full_protocol_binds(tmp_path, name):
+    import inspect
+
+    from psiopt.experiments.recipes import RECIPES
+    from psiopt.experiments.studies import STUDIES, run_study
+
+    recipe = RECIPES[name]
+    study = STUDIES[recipe["study"]]
+    for budget in ("small", "full"):
+        inspect.signature(study).bind(tmp_path, **recipe[budget])
+    tiny = {**recipe["small"], "dataset": "synthetic", "subset": 64, "steps": 12}
+    text = run_study(recipe["study"], tiny, tmp_path / "run")
+    assert "step 12" in text and (tmp_path / "run" / "summary.md").read_text() == text
+    assert (tmp_path / "run" / "thm4.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [line for line in text.splitlines() if line.startswith("| default") or line.startswith("| 1e")]
+    assert len(rows) == len(recipe["small"]["lrs"]) * len(recipe["small"]["decays"]) * \
+        len(recipe["small"]["bn_eps"])
+
+
+def test_roburin_thm4_study_is_exact_at_the_first_step_with_exact_invariance(tmp_path):
+    """With BN eps ≈ 0 the first step of SGD+L2 and AdamG* agree to rounding (Theorem 4)."""
+    from psiopt.experiments.studies import thm4
+
+    thm4(tmp_path, "synthetic", "mlp-bn", lrs=[0.05], decays=[1e-2], bn_eps=[1e-12], steps=1,
+         subset=64)
+    (result,) = json.loads((tmp_path / "thm4.json").read_text())
+    assert result["angles"]["1"] < 1e-9
 
 
 @pytest.mark.parametrize("name", ["yi-fig1", "yi-fig4", "yi-table1", "badrinarayanan-table2",

@@ -187,7 +187,37 @@ def _apply_recipe(args) -> dict:
     return recipe["variants"]
 
 
+def cmd_study(args) -> None:
+    """A recipe that is not a comparison of final accuracies (see ``studies``)."""
+    from .studies import run_study
+
+    recipe = RECIPES[args.recipe]
+    params = dict(recipe[_choice("budget", args.budget, ["small", "full"])])
+    for key in ("dataset", "model", "subset", "data_dir"):
+        if getattr(args, key, None) is not None:
+            params[key] = getattr(args, key)
+    if args.epochs is not None or args.optimizers is not None or args.seeds is not None:
+        raise UsageError(f"recipe {args.recipe} takes --dataset, --model, --subset, --data-dir "
+                         "and --out only")
+    torch_threads(args.threads or 1)
+    out = Path(args.out or f"runs/{args.recipe}")
+    if (out / "summary.md").exists():
+        raise RunError(f"{out} already holds this study; choose another --out")
+    print(f"recipe {args.recipe} ({args.budget}): {recipe['claim']}")
+    print(run_study(recipe["study"], params, out))
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    if n < 1:
+        raise UsageError(f"invalid threads: {n} (must be at least 1)")
+    torch.set_num_threads(n)
+
+
 def cmd_compare(args) -> None:
+    if args.recipe and "study" in RECIPES.get(args.recipe, {}):
+        return cmd_study(args)
     variants = _apply_recipe(args) if args.recipe else {}
     _fill_defaults(args)
     if not args.optimizers:

@@ -15,6 +15,11 @@ def _recipe(claim: str, full: dict, variants: dict | None = None, **small) -> di
     return {"claim": claim, "full": full, "small": {**full, **small}, "variants": variants or {}}
 
 
+def _study(claim: str, study: str, full: dict, **small) -> dict:
+    """A recipe run by :func:`psiopt.experiments.studies.run_study` instead of ``compare``."""
+    return {"claim": claim, "study": study, "full": full, "small": {**full, **small}}
+
+
 _CPU = {"dataset": "fashion-mnist", "epochs": 10, "subset": 10000, "milestones": "3,6,8"}
 
 RECIPES = {
@@ -44,4 +49,9 @@ RECIPES = {
              optimizers="sgd,adam,adamw,adamg,adams,adamsrt,sgdmrt",
              epochs=405, milestones="135,225,315", gamma=0.1),
         **_CPU),
+    "roburin-thm4": _study(
+        "Roburin Thm. 4: SGD+L2 and AdamG* follow the same directions (to second order)",
+        "thm4", dict(dataset="cifar10", model="resnet20", lrs=[0.01, 0.1], decays=[5e-4, 5e-3],
+                     bn_eps=[None, 1e-12], steps=20000, subset=None),
+        dataset="fashion-mnist", model="mlp-bn", decays=[1e-3, 1e-2], steps=2000, subset=10000),
 }

@@ -118,7 +118,8 @@ def _setting(config: dict) -> str:
     """One line: data, model, budget and schedule of a run."""
     schedule = (f"lr ×{config['gamma']:g} at epochs {', '.join(map(str, config['milestones']))}"
                 if config["milestones"] else "constant lr")
-    subset = f", first {config['subset']} training samples" if config.get("subset") else ""
+    n = config.get("subset")
+    subset = f", first {n} training and {max(n // 5, 100)} test samples" if n else ""
     return (f"{config['dataset']} / {config['model']}: {config['epochs']} epochs, batch "
             f"{config['batch_size']}{subset}, {schedule}, init {config['init']}, "
             f"{config.get('threads', '?')} thread(s)")
