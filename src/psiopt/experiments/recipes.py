@@ -54,4 +54,12 @@ RECIPES = {
         "thm4", dict(dataset="cifar10", model="resnet20", lrs=[0.01, 0.1], decays=[5e-4, 5e-3],
                      bn_eps=[None, 1e-12], steps=20000, subset=None),
         dataset="fashion-mnist", model="mlp-bn", decays=[1e-3, 1e-2], steps=2000, subset=10000),
+    "effective-lr": _study(
+        "Roburin Table 1 / Arora: the effective lr of invariant layers is η/‖w‖² for SGD and as "
+        "Theorem 2 says for SGD-M, Adam, Adam-SRT (with momentum ~1/(1−ρ) more per step)",
+        "effective_lr", dict(dataset="cifar10", model="resnet20",
+                             optimizers=["sgd:momentum=0", "sgd", "sgdmrt", "adam", "adams",
+                                         "adamsrt", "psi-sgd"],
+                             steps=5000, subset=None),
+        dataset="fashion-mnist", model="mlp-bn", steps=2000, subset=10000),
 }

@@ -3,6 +3,8 @@
 * ``thm4``: Roburin Theorem 4 in training: SGD+L2 (lr η, L2 λ, no momentum) from the model's raw
   rows against AdamG* built from the same (η, λ), on the same mini-batches; the largest angle
   between corresponding row directions over the iterations, for several ηλ.
+* ``effective_lr``: the effective learning rate of the invariant layers measured from the steps
+  (:mod:`psiopt.optim.diagnostics`) against Roburin's Theorem 2 / Table 1 and Arora's ``η/‖w‖²``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..optim.geometry import is_invariant, rows
+from ..optim.diagnostics import StepProbe
+from ..optim.geometry import is_invariant, norm, rows
 from ..optim.registry import create_optimizer
 from .data import batches, load_dataset
 from .models import create_model
@@ -118,7 +121,69 @@ def _plot_thm4(path: Path, results: list[dict]) -> None:
     plt.close(fig)
 
 
-STUDIES = {"thm4": thm4}
+def effective_lr(out: Path, dataset: str, model: str, optimizers: list[str], steps: int,
+                 subset: int | None, batch_size: int = 128, seed: int = 0, data_dir=None) -> str:
+    """Median over the invariant layers (of the median over rows) of the measured effective lr,
+    Roburin's Theorem 2 value and Arora's ``η/‖w‖²`` at a few iterations.  ``optimizers`` are
+    registry names with their defaults, or ``"name:key=value,..."`` (e.g. ``"sgd:momentum=0"``).
+    The measured value is the step per unit of the *current* spherical gradient; Theorem 2's is
+    per unit of the step's own direction (with momentum, the buffer), so the two agree at the
+    first step and differ by about the momentum's accumulation after it."""
+    data = load_dataset(dataset, data_dir, subset, seed=seed)
+    marks = sorted({t for t in (1, 10, 100, 1000, steps) if t <= steps})
+    results = {}
+    for name in optimizers:
+        torch.manual_seed(seed)
+        net = create_model(model, in_channels=data.in_channels, num_classes=data.num_classes,
+                           image_size=data.image_size)
+        base_name, _, given = name.partition(":")  # "sgd:momentum=0": registry name + settings
+        hyper = {k: float(v) for k, v in (item.split("=") for item in given.split(",") if item)}
+        opt = create_optimizer(net, base_name, data.train_x[:16], **hyper)
+        probe, rows_at, t, epoch = StepProbe(opt), {}, 0, 0
+        while t < steps:
+            gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+            for xb, yb in batches(data.train_x, data.train_y, batch_size, gen, min_size=2):
+                opt.zero_grad()
+                F.cross_entropy(net(xb), yb).backward()
+                t += 1
+                if t in marks:
+                    arora = _median([opt_lr(opt, p) / norm(rows(p.detach(), g)).square().median()
+                                     for _, p, g in probe.layers])
+                    probe.before()
+                opt.step()
+                if t in marks:
+                    layers = probe.after().values()
+                    rows_at[t] = {"measured": _median([e["eff_lr"] for e in layers]),
+                                  "theorem2": _median([e.get("eff_lr_theorem2") for e in layers]),
+                                  "arora": arora}
+                if t == steps:
+                    break
+            epoch += 1
+        results[name] = rows_at
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "effective_lr.json").write_text(json.dumps(results, indent=2))
+    lines = ["| optimizer | step | measured | Theorem 2 | η/‖w‖² | measured / Theorem 2 | "
+             "measured / (η/‖w‖²) |", "|---|---|---|---|---|---|---|"]
+    for name, rows_at in results.items():
+        for t, r in rows_at.items():
+            ratio = (f"{r['measured'] / r['theorem2']:.3f}" if r["theorem2"] else "—")
+            th2 = f"{r['theorem2']:.3e}" if r["theorem2"] else "—"
+            lines.append(f"| {name} | {t} | {r['measured']:.3e} | {th2} | {r['arora']:.3e} | "
+                         f"{ratio} | {r['measured'] / r['arora']:.3f} |")
+    return "\n".join(lines)
+
+
+def opt_lr(optimizer, p) -> float:
+    """The learning rate of the group holding ``p``."""
+    return next(g["lr"] for g in optimizer.param_groups if any(q is p for q in g["params"]))
+
+
+def _median(values: list) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return float(torch.tensor(values).median()) if values else None
+
+
+STUDIES = {"thm4": thm4, "effective_lr": effective_lr}
 
 
 def run_study(name: str, params: dict, out: Path) -> str:
@@ -130,4 +195,4 @@ def run_study(name: str, params: dict, out: Path) -> str:
     return text
 
 
-__all__ = ["run_study", "STUDIES", "thm4"]
+__all__ = ["run_study", "STUDIES", "thm4", "effective_lr"]
