@@ -271,6 +271,9 @@ def test_summary_states_each_runs_settings_and_the_plots_mark_lr_drops(tmp_path)
 
 
 # -- recipes (issue 8, part 2) ---------------------------------------------------------------------
+COMPARE_RECIPES = ["yi-fig1", "yi-fig4", "yi-table1", "badrinarayanan-table2", "roburin-table2",
+                   "arora-lr-sweep"]
+
 def _recipe_argv(name, tmp_path, *extra):
     from psiopt.experiments.recipes import RECIPES
 
@@ -279,8 +282,7 @@ def _recipe_argv(name, tmp_path, *extra):
             "--no-progress", "--out", str(tmp_path), *extra]
 
 
-@pytest.mark.parametrize("name", ["yi-fig1", "yi-fig4", "yi-table1", "badrinarayanan-table2",
-                                  "roburin-table2"])
+@pytest.mark.parametrize("name", COMPARE_RECIPES)
 def test_every_recipe_runs_end_to_end_on_a_tiny_subset(tmp_path, name):
     from psiopt.experiments.recipes import RECIPES
 
@@ -289,9 +291,15 @@ def test_every_recipe_runs_end_to_end_on_a_tiny_subset(tmp_path, name):
     optimizers = RECIPES[name]["small"]["optimizers"].split(",")
     for variant, flags in variants.items():
         assert (tmp_path / variant / "summary.md").exists()
-        for opt in optimizers:
+        for opt in flags.get("optimizers", ",".join(optimizers)).split(","):
             config = json.loads((tmp_path / variant / opt / "seed0" / "config.json").read_text())
-            assert all(config[k] == v for k, v in flags.items())
+            for key, value in flags.items():
+                if key in ("init", "model", "grouping"):
+                    assert config[key] == value
+                elif key in ("lr", "invariant_lr"):
+                    assert config["hyper"][key] == value
+                elif key == "model_kwarg":
+                    assert config["model_kwargs"] == {"batch_norm": False}
 
 
 def test_every_recipe_list_matches_the_tests():
@@ -340,8 +348,7 @@ def test_roburin_thm4_study_is_exact_at_the_first_step_with_exact_invariance(tmp
     assert result["angles"]["1"] < 1e-9
 
 
-@pytest.mark.parametrize("name", ["yi-fig1", "yi-fig4", "yi-table1", "badrinarayanan-table2",
-                                  "roburin-table2"])
+@pytest.mark.parametrize("name", COMPARE_RECIPES)
 def test_every_full_recipe_validates_without_data(tmp_path, monkeypatch, name):
     import psiopt.experiments.cli as cli
     from psiopt.experiments.recipes import RECIPES
@@ -351,6 +358,7 @@ def test_every_full_recipe_validates_without_data(tmp_path, monkeypatch, name):
     monkeypatch.setattr(cli, "_report", lambda directory: None)
     assert main(["compare", "--recipe", name, "--budget", "full", "--out", str(tmp_path)]) == 0
     full = RECIPES[name]["full"]
-    assert len(seen) == len(full["optimizers"].split(",")) * full.get("seeds", 1) * \
-        max(1, len(RECIPES[name]["variants"]))
+    arms = RECIPES[name]["variants"] or {"": {}}
+    per_arm = [len(flags.get("optimizers", full["optimizers"]).split(",")) for flags in arms.values()]
+    assert len(seen) == sum(per_arm) * full.get("seeds", 1)
     assert all(c.epochs == full["epochs"] and c.dataset == full["dataset"] for c in seen)

@@ -23,7 +23,7 @@ USER_ERRORS = (UsageError, DataError, RunError)
 #: flags a recipe may fill in, with the value when neither the user nor a recipe sets them
 DEFAULTS = {"dataset": "synthetic", "model": "mlp-bn", "epochs": 1, "batch_size": 128,
             "milestones": None, "gamma": 0.1, "init": "default", "subset": None, "seeds": 1,
-            "optimizers": None, "threads": 1}
+            "optimizers": None, "threads": 1, "grouping": None, "model_kwarg": None}
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,6 +61,19 @@ def _hyper(args) -> dict:
     return hyper
 
 
+def _model_kwargs(items) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--model-kwarg takes key=value, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = _number(value)
+        except ValueError:
+            raise UsageError(f"--model-kwarg {key}: {value!r} is not a number or true/false") from None
+    return out
+
+
 def _milestones(text: str | None) -> list[int]:
     try:
         return [int(m) for m in text.split(",")] if text else []
@@ -87,6 +100,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--milestones", default=None, help="epochs where lr is multiplied by --gamma")
     p.add_argument("--gamma", type=float, default=None, help="default: 0.1")
     p.add_argument("--init", default=None, help=f"one of {', '.join(INITS)}")
+    p.add_argument("--grouping", default=None,
+                   help="group every invariant weight as 'tensor' (Arora's PSGD) or 'channel'")
+    p.add_argument("--model-kwarg", action="append", metavar="KEY=VALUE",
+                   help="model option, e.g. --model-kwarg batch_norm=false (arora-vgg)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads per run (default 1: honest timings on a shared machine)")
     p.add_argument("--out", default=None)
@@ -155,7 +172,8 @@ def _config(args, optimizer: str, seed: int) -> RunConfig:
                        seed=seed, subset=args.subset, hyper=_hyper(args),
                        milestones=_milestones(args.milestones), gamma=args.gamma,
                        init=_choice("init", args.init, INITS), data_dir=args.data_dir,
-                       threads=args.threads)
+                       threads=args.threads, grouping=args.grouping,
+                       model_kwargs=_model_kwargs(args.model_kwarg))
     try:
         config.validate()
     except RunError as e:
@@ -220,9 +238,6 @@ def cmd_compare(args) -> None:
         return cmd_study(args)
     variants = _apply_recipe(args) if args.recipe else {}
     _fill_defaults(args)
-    if not args.optimizers:
-        raise UsageError("--optimizers is required (or --recipe)")
-    names = [_choice("optimizer", n.strip(), list_optimizers()) for n in args.optimizers.split(",")]
     if args.seeds < 1:
         raise UsageError(f"invalid --seeds: {args.seeds} (must be at least 1)")
     arms = []  # (directory, configs) of each variant
@@ -230,6 +245,9 @@ def cmd_compare(args) -> None:
         given = {k: getattr(args, k) for k in flags}
         for key, value in flags.items():
             setattr(args, key, value)
+        if not args.optimizers:
+            raise UsageError("--optimizers is required (or --recipe)")
+        names = [_choice("optimizer", n.strip(), list_optimizers()) for n in args.optimizers.split(",")]
         configs = [_config(args, name, seed) for name in names for seed in range(args.seeds)]
         for key, value in given.items():
             setattr(args, key, value)

@@ -22,6 +22,18 @@ def _study(claim: str, study: str, full: dict, **small) -> dict:
 
 _CPU = {"dataset": "fashion-mnist", "epochs": 10, "subset": 10000, "milestones": "3,6,8"}
 
+def _arora_arms(lrs) -> dict:
+    """Arora App. D: for each invariant lr, SGD and PSGD (per channel) with BN, PSGD projecting
+    each weight as a whole ("tensor", as the paper does), and SGD on the net without BN (where
+    the lr applies to every parameter: nothing is invariant)."""
+    arms = {}
+    for lr in lrs:
+        arms[f"lr{lr:g}-bn"] = {"invariant_lr": lr, "optimizers": "sgd,psgd"}
+        arms[f"lr{lr:g}-bn-tensor"] = {"invariant_lr": lr, "optimizers": "psgd", "grouping": "tensor"}
+        arms[f"lr{lr:g}-no-bn"] = {"lr": lr, "optimizers": "sgd", "model_kwarg": ["batch_norm=false"]}
+    return arms
+
+
 RECIPES = {
     "yi-fig1": _recipe(
         "Yi Fig. 1: with an unbalanced init, SGD trains poorly and PSI-SGD is unaffected",
@@ -62,4 +74,11 @@ RECIPES = {
                                          "adamsrt", "psi-sgd"],
                              steps=5000, subset=None),
         dataset="fashion-mnist", model="mlp-bn", steps=2000, subset=10000),
+    "arora-lr-sweep": _recipe(
+        "Arora App. D: with BN, plain SGD trains at every invariant lr (1e-2…1e2, others 0.1); "
+        "projected SGD and the net without BN stall or diverge at large lr",
+        dict(dataset="cifar10", model="arora-vgg", optimizers="sgd", epochs=100, momentum=0.0,
+             lr=0.1, milestones="50", gamma=0.1),
+        _arora_arms([1e-2, 1e-1, 1.0, 10.0, 100.0]),
+        dataset="fashion-mnist", epochs=3, subset=5000, milestones=None),
 }

@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import __version__
 from ..optim.diagnostics import StepProbe, summarize
-from ..optim.discovery import param_groups, rescale_rows_
+from ..optim.discovery import find_scale_invariant, param_groups, rescale_rows_
 from ..optim.geometry import CANCELLED, is_invariant, rows
 from ..optim.registry import create_optimizer, settings
 from .data import batches, load_dataset
@@ -58,6 +58,7 @@ class RunConfig:
     gamma: float = 0.1
     init: str = "default"
     model_kwargs: dict = field(default_factory=dict)
+    grouping: str | None = None  # "tensor": one group per invariant weight (Arora's PSGD)
     data_dir: str | None = None
     threads: int = 1  # one thread: the default that gives honest timings on a shared machine
 
@@ -70,6 +71,9 @@ class RunConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise RunError(f"invalid {name}: {value!r} (must be an integer of at least {low})")
+        if self.grouping not in (None, "tensor", "channel"):
+            raise RunError(f"invalid grouping {self.grouping!r}: tensor or channel (or none: "
+                           "as discovered)")
         if self.init not in INITS:
             raise RunError(f"unknown init {self.init!r}; choose from {', '.join(INITS)}")
         if not (isinstance(self.gamma, (int, float)) and self.gamma > 0):
@@ -166,8 +170,13 @@ def build(config: RunConfig):
         initialise(model, "glorot", [])
     elif config.init == "unbalanced":  # before the optimizer: sphere methods normalise rows there
         initialise(model, "unbalanced", param_groups(model, example))
+    mapping = None
+    if config.grouping:  # every invariant weight grouped as asked (a coarser grouping stays invariant)
+        found = find_scale_invariant(model, example)
+        mapping = {n: config.grouping if is_invariant(g) else g for n, g in found.items()}
     try:
-        optimizer = create_optimizer(model, config.optimizer, example, **config.hyper)
+        optimizer = create_optimizer(model, config.optimizer, example, mapping=mapping,
+                                     **config.hyper)
     except ValueError as e:  # a setting the rule cannot honour (validated before any change)
         raise RunError(f"{config.optimizer}: {e}") from None
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones),
