@@ -42,9 +42,10 @@ RECIPES = {
         {"balanced": {"init": "default"}, "unbalanced": {"init": "unbalanced"}},
         dataset="fashion-mnist"),
     "yi-fig4": _recipe(
-        "Yi Fig. 4: gradient norm falls faster for PSI-SGD(M) and SGDG than SGD/Adam",
+        "Yi Fig. 4: full-batch gradient norm falls faster for PSI-SGD(M) and SGDG than SGD/Adam",
         dict(dataset="toy-regression", model="toy-elu", optimizers="sgd,adam,sgdg,psi-sgd,psi-sgdm",
-             epochs=100, batch_size=100, seeds=3)),
+             epochs=1000, batch_size=1000, seeds=3),  # full batch: one epoch = one iteration
+        {"paper-lr": {}, **{f"lr{lr:g}": {"lr": lr} for lr in (0.3, 0.1, 0.03, 0.01)}}),
     "yi-table1": _recipe(
         "Yi Table 1: PSI-SGD(M) > SGDG > SGD > Adam on CIFAR ResNets",
         dict(dataset="cifar10", model="resnet20", optimizers="sgd,adam,sgdg,psi-sgd,psi-sgdm",

@@ -64,14 +64,16 @@ def summary_table(runs) -> str:
     regression = _regression(runs)
     key, scale = ("test_loss", 1) if regression else ("test_acc", 100)
     what = "test loss" if regression else "test acc (%)"
-    lines = [f"| optimizer | final {what} | best {what} | final train loss | s/epoch | seeds | epochs |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| optimizer | final {what} | best {what} | final train loss | final grad norm | "
+             "s/epoch | seeds | epochs |", "|---|---|---|---|---|---|---|---|"]
     for name in _ranked(runs):
         seeds = [m for _, m in runs[name]]
         ok = [m[-1][key] for m in seeds if m[-1].get(key) is not None]
         values = [e[key] for m in seeds for e in m if e.get(key) is not None]
         best = (min(values) if regression else max(values)) if values else None
         losses = [m[-1]["train_loss"] for m in seeds if m[-1]["train_loss"] is not None]
+        grads = [m[-1]["grad_norm"] for m in seeds if m[-1].get("grad_norm") is not None
+                 and math.isfinite(m[-1]["grad_norm"])]
         seconds = _mean_std([e["seconds"] for m in seeds for e in m])[0]
         diverged = [m[-1]["epoch"] for m in seeds if m[-1].get("diverged")]
         final = f"{_mean_std(ok)[0] * scale:.2f} ± {_mean_std(ok)[1] * scale:.2f}" if ok else "—"
@@ -79,7 +81,8 @@ def summary_table(runs) -> str:
             final += f" (diverged: {len(diverged)} run(s), epoch {min(diverged)})"
         best_text = f"{best * scale:.2f}" if best is not None else "—"
         loss_text = f"{_mean_std(losses)[0]:.4f}" if losses else "—"
-        lines.append(f"| {name} | {final} | {best_text} | {loss_text} | {seconds:.2f} | "
+        grad_text = f"{_mean_std(grads)[0]:.3g} ± {_mean_std(grads)[1]:.2g}" if grads else "—"
+        lines.append(f"| {name} | {final} | {best_text} | {loss_text} | {grad_text} | {seconds:.2f} | "
                      f"{len(seeds)} | {max(len(m) for m in seeds)} |")
     return "\n".join(lines)
 
@@ -156,6 +159,7 @@ def plot(runs, out_dir: str | Path) -> list[Path]:
     specs = [("test_loss", "test loss", True, 1) if regression else
              ("test_acc", "test accuracy (%)", False, 100),
              ("train_loss", "train loss", True, 1),
+             ("grad_norm", "gradient norm (mean over the epoch's batches)", True, 1),
              ("eff_lr", "effective learning rate (median over invariant layers)", True, 1)]
     paths = []
     for key, what, log, scale in specs:
