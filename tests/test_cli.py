@@ -67,7 +67,8 @@ def test_compare_writes_table_and_plots(tmp_path, capsys):
 
 
 def test_compare_regression_recipe(tmp_path):
-    assert main(["compare", "--recipe", "yi-fig4", "--epochs", "2", "--optimizers", "sgd,psi-sgd",
+    assert main(["compare", "--dataset", "toy-regression", "--model", "toy-elu", "--batch-size",
+                 "100", "--seeds", "3", "--epochs", "2", "--optimizers", "sgd,psi-sgd",
                  "--out", str(tmp_path), "--no-progress"]) == 0
     summary = (tmp_path / "summary.md").read_text()
     assert "final test loss" in summary
@@ -82,7 +83,8 @@ def test_compare_regression_recipe(tmp_path):
 
 
 def test_a_diverging_run_stops_and_is_reported(tmp_path):
-    assert main(["compare", "--recipe", "yi-fig4", "--epochs", "3", "--optimizers", "sgd",
+    assert main(["compare", "--dataset", "toy-regression", "--model", "toy-elu", "--batch-size",
+                 "100", "--epochs", "3", "--optimizers", "sgd",
                  "--lr", "1e30", "--out", str(tmp_path), "--no-progress"]) == 0
     metrics = read_metrics(tmp_path / "sgd" / "seed0")
     assert [m.get("diverged", False) for m in metrics] == [True]  # stopped after the first epoch
