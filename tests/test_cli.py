@@ -273,8 +273,8 @@ def test_summary_states_each_runs_settings_and_the_plots_mark_lr_drops(tmp_path)
 
 
 # -- recipes (issue 8, part 2) ---------------------------------------------------------------------
-COMPARE_RECIPES = ["yi-fig1", "yi-fig4", "yi-table1", "badrinarayanan-table2", "roburin-table2",
-                   "arora-lr-sweep"]
+COMPARE_RECIPES = ["yi-fig1", "yi-fig4", "yi-table1", "yi-table2", "badrinarayanan-table2",
+                   "roburin-table2", "arora-lr-sweep"]
 
 def _recipe_argv(name, tmp_path, *extra):
     from psiopt.experiments.recipes import RECIPES
@@ -298,8 +298,10 @@ def test_every_recipe_runs_end_to_end_on_a_tiny_subset(tmp_path, name):
             for key, value in flags.items():
                 if key in ("init", "model", "grouping"):
                     assert config[key] == value
-                elif key in ("lr", "invariant_lr"):
+                elif key in ("lr", "invariant_lr", "invariant_weight_decay"):
                     assert config["hyper"][key] == value
+                elif key == "set":
+                    assert config["hyper"]["fixed_norm"] is False
                 elif key == "model_kwarg":
                     assert config["model_kwargs"] == {"batch_norm": False}
 

@@ -51,6 +51,15 @@ RECIPES = {
         dict(dataset="cifar10", model="resnet20", optimizers="sgd,adam,sgdg,psi-sgd,psi-sgdm",
              epochs=200, milestones="60,120,160", gamma=0.2),
         **_CPU),
+    "yi-table2": _recipe(
+        "Yi Table 2: with L2 (5e-4), PSI-SGD(M) with coupled L2 on the invariant rows > SGDG > SGD",
+        dict(dataset="cifar10", model="resnet20", optimizers="sgd,adam", epochs=200,
+             milestones="60,120,160", gamma=0.2, weight_decay=5e-4),
+        {"sgd-adam": {"invariant_weight_decay": 5e-4},  # L2 on every weight
+         "psi": {"optimizers": "psi-sgd,psi-sgdm", "invariant_weight_decay": 5e-4,
+                 "set": ["fixed_norm=false"]},  # Yi's coupled L2 runs eq. 10-11 literally
+         "sgdg": {"optimizers": "sgdg"}},  # rows on the sphere: L2 on the other weights only
+        **_CPU),
     "badrinarayanan-table2": _recipe(
         "Badrinarayanan Table 2: test error UN <= B-SGD on ArchBN (2 and 4 layers)",
         dict(dataset="mnist", optimizers="un-sgd,b-sgd", epochs=50, seeds=3),
