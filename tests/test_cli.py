@@ -256,6 +256,7 @@ def test_the_run_records_what_ran(tmp_path):
     assert config["threads"] == 1 and config["environment"]["threads"] == 1
     (record,) = read_metrics(tmp_path)
     assert record["lr"] == {"channel": 0.1, "other": 0.1} and record["threads"] == 1
+    assert 0 <= record["test_acc_bn_recomputed"] <= 1  # the last epoch, statistics recomputed
 
 
 def test_summary_states_each_runs_settings_and_the_plots_mark_lr_drops(tmp_path):

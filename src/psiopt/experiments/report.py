@@ -77,6 +77,10 @@ def summary_table(runs) -> str:
         seconds = _mean_std([e["seconds"] for m in seeds for e in m])[0]
         diverged = [m[-1]["epoch"] for m in seeds if m[-1].get("diverged")]
         final = f"{_mean_std(ok)[0] * scale:.2f} ± {_mean_std(ok)[1] * scale:.2f}" if ok else "—"
+        fresh = [m[-1].get(key + "_bn_recomputed") for m in seeds]
+        fresh = [f for f in fresh if f is not None]
+        if fresh and ok:
+            final += f" (BN recomputed: {_mean_std(fresh)[0] * scale:.2f})"
         if diverged:
             final += f" (diverged: {len(diverged)} run(s), epoch {min(diverged)})"
         best_text = f"{best * scale:.2f}" if best is not None else "—"

@@ -11,6 +11,7 @@ was created with (more epochs and another thread count aside); anything else rai
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -280,6 +281,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         else:
             record["test_loss"], record["test_acc"] = evaluate(model, data.test_x, data.test_y,
                                                                regression)
+            if epoch + 1 == config.epochs:
+                record.update(_recomputed_bn(model, data, regression))
         record = {"epoch": epoch + 1, **record, "seconds": seconds, "lr": lrs,
                   "threads": torch.get_num_threads()}
         metrics.append(record)
@@ -295,6 +298,18 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         log(f"{head} train loss {record['train_loss']:.4f} test loss {record['test_loss']:.4f}"
             f"{acc} ({seconds:.1f} s)")
     return metrics
+
+
+def _recomputed_bn(model: nn.Module, data, regression: bool) -> dict:
+    """Test loss and accuracy with the BatchNorm statistics recomputed on the training set
+    (``torch.optim.swa_utils.update_bn`` on a copy): how far the running averages lag behind
+    the weights.  Empty for a model without BatchNorm."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return {}
+    copy_ = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn(batches(data.train_x, data.train_y, 1024), copy_)
+    loss, acc = evaluate(copy_, data.test_x, data.test_y, regression)
+    return {"test_loss_bn_recomputed": loss, "test_acc_bn_recomputed": acc}
 
 
 def _group_lrs(optimizer) -> dict:
