@@ -45,33 +45,25 @@ def _number(text: str):
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
-def _hyper(args) -> dict:
-    hyper = {}
-    for key in ("lr", "invariant_lr", "weight_decay", "invariant_weight_decay", "momentum"):
-        if getattr(args, key) is not None:
-            hyper[key] = getattr(args, key)
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set takes key=value, got {item!r}")
-        try:
-            hyper[key.replace("-", "_")] = _number(value)
-        except ValueError:
-            raise UsageError(f"--set {key}: {value!r} is not a number") from None
-    return hyper
-
-
-def _model_kwargs(items) -> dict:
+def _pairs(flag: str, items) -> dict:
+    """``["key=value", ...]`` of a repeated flag as ``{key: number or bool}``."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise UsageError(f"--model-kwarg takes key=value, got {item!r}")
+            raise UsageError(f"{flag} takes key=value, got {item!r}")
         try:
             out[key.replace("-", "_")] = _number(value)
         except ValueError:
-            raise UsageError(f"--model-kwarg {key}: {value!r} is not a number or true/false") from None
+            raise UsageError(f"{flag} {key}: {value!r} is not a number or true/false") from None
     return out
+
+
+def _hyper(args) -> dict:
+    hyper = {key: getattr(args, key) for key in
+             ("lr", "invariant_lr", "weight_decay", "invariant_weight_decay", "momentum")
+             if getattr(args, key) is not None}
+    return {**hyper, **_pairs("--set", args.set)}
 
 
 def _milestones(text: str | None) -> list[int]:
@@ -173,7 +165,7 @@ def _config(args, optimizer: str, seed: int) -> RunConfig:
                        milestones=_milestones(args.milestones), gamma=args.gamma,
                        init=_choice("init", args.init, INITS), data_dir=args.data_dir,
                        threads=args.threads, grouping=args.grouping,
-                       model_kwargs=_model_kwargs(args.model_kwarg))
+                       model_kwargs=_pairs("--model-kwarg", args.model_kwarg))
     try:
         config.validate()
     except RunError as e:
