@@ -127,12 +127,12 @@ class MLP(nn.Module):
     """Flatten → (Linear → norm → activation) × len(widths) → Linear."""
 
     def __init__(self, in_features: int, num_classes: int, widths=(128, 128),
-                 norm: str = "batch", activation=nn.ReLU, bias: bool = True):
+                 norm: str = "batch", activation=nn.ReLU, bias: bool = True, eps: float = 1e-5):
         super().__init__()
         layers, cin = [nn.Flatten()], in_features
         for w in widths:
             layers.append(nn.Linear(cin, w, bias=bias))
-            layers.append(nn.BatchNorm1d(w) if norm == "batch" else nn.LayerNorm(w))
+            layers.append(nn.BatchNorm1d(w, eps=eps) if norm == "batch" else nn.LayerNorm(w, eps=eps))
             layers.append(activation())
             cin = w
         layers.append(nn.Linear(cin, num_classes, bias=num_classes != 1 or bias))
@@ -177,8 +177,8 @@ MODELS = {
     "toy-elu": lambda in_channels=10, num_classes=1, image_size=1, **kw: MLP(
         _flat(in_channels, image_size), num_classes, widths=(100,), activation=nn.ELU,
         bias=False),
-    "mlp-bn": lambda in_channels=1, num_classes=10, image_size=28, **kw: MLP(
-        _flat(in_channels, image_size), num_classes),
+    "mlp-bn": lambda in_channels=1, num_classes=10, image_size=28, eps=1e-5, **kw: MLP(
+        _flat(in_channels, image_size), num_classes, eps=eps),
 }
 
 

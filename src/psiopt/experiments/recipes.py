@@ -39,7 +39,10 @@ RECIPES = {
         "Yi Fig. 1: with an unbalanced init, SGD trains poorly and PSI-SGD is unaffected",
         dict(dataset="mnist", model="mlp-bn", optimizers="sgd,psi-sgd,psi-sgdm", epochs=20,
              seeds=3),
-        {"balanced": {"init": "default"}, "unbalanced": {"init": "unbalanced"}},
+        {"balanced": {"init": "default"}, "unbalanced": {"init": "unbalanced"},
+         # BatchNorm eps 1e-20: the ×1e-4 rows stay scale-invariant (exactly equivalent networks)
+         "balanced-exact": {"init": "default", "model_kwarg": ["eps=1e-20"]},
+         "unbalanced-exact": {"init": "unbalanced", "model_kwarg": ["eps=1e-20"]}},
         dataset="fashion-mnist"),
     "yi-fig4": _recipe(
         "Yi Fig. 4: full-batch gradient norm falls faster for PSI-SGD(M) and SGDG than SGD/Adam",
