@@ -1,8 +1,10 @@
 """Training loop with diagnostics, run directories and exact resume.
 
 A run directory holds ``config.json`` (every setting, the hyperparameters the optimizer actually
-uses, the environment), ``metrics.jsonl`` (one JSON object per epoch) and ``checkpoint.pt``
-(written atomically each epoch: model, optimizer, scheduler, RNG state and metrics).  Shuffling
+uses, the environment), ``metrics.jsonl`` (one JSON object per epoch, appended) and
+``checkpoint.pt`` (written atomically after each epoch's record: model, optimizer, scheduler, RNG
+state and epoch; a resumed run drops any record beyond the checkpoint).  The last epoch of each
+session is also evaluated with the BatchNorm statistics recomputed on the training set.  Shuffling
 and augmentation draw from a generator seeded by ``(seed, epoch)``, so a resumed run gives exactly
 the metrics of an uninterrupted one.  A run directory is only ever continued with the settings it
 was created with (more epochs and another thread count aside); anything else raises
@@ -246,7 +248,11 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
-        metrics, start = ckpt["metrics"], ckpt["epoch"]
+        start = ckpt["epoch"]
+        metrics = ckpt["metrics"] if "metrics" in ckpt else read_metrics(out)[:start]
+        if len(metrics) != start:
+            raise RunError(f"{out / 'metrics.jsonl'} holds {len(metrics)} records but the "
+                           f"checkpoint is at epoch {start}; choose another --out")
         if start >= config.epochs == recorded["epochs"]:
             return metrics  # a finished run, asked for again: every file stays as it is
         if start > config.epochs:
@@ -286,10 +292,11 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         record = {"epoch": epoch + 1, **record, "seconds": seconds, "lr": lrs,
                   "threads": torch.get_num_threads()}
         metrics.append(record)
+        with open(out / "metrics.jsonl", "a") as f:  # first the record, then the checkpoint
+            f.write(json.dumps(record) + "\n")
         _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                      "epoch": epoch + 1, "metrics": metrics}, ckpt_path)
-        _write_metrics(out / "metrics.jsonl", metrics)
+                      "epoch": epoch + 1}, ckpt_path)
         head = f"[{config.optimizer} seed {config.seed}] epoch {epoch + 1}/{config.epochs}:"
         if diverged:
             log(f"{head} diverged (non-finite loss or gradient); training of this run stops")
