@@ -2,8 +2,9 @@
 
 A run directory holds ``config.json`` (every setting, the hyperparameters the optimizer actually
 uses, the environment), ``metrics.jsonl`` (one JSON object per epoch, appended) and
-``checkpoint.pt`` (written atomically after each epoch's record: model, optimizer, scheduler, RNG
-state and epoch; a resumed run drops any record beyond the checkpoint).  The last epoch of each
+``checkpoint.pt`` (written atomically after an epoch's record, at the last epoch and at most every
+``CHECKPOINT_SECONDS`` otherwise: model, optimizer, scheduler, RNG state and epoch; a resumed run
+drops the records beyond the checkpoint and redoes those epochs, identically).  The last epoch of each
 session is also evaluated with the BatchNorm statistics recomputed on the training set.  Shuffling
 and augmentation draw from a generator seeded by ``(seed, epoch)``, so a resumed run gives exactly
 the metrics of an uninterrupted one.  A run directory is only ever continued with the settings it
@@ -37,6 +38,8 @@ from .data import batches, load_dataset
 from .models import create_model, glorot_
 
 INITS = ("default", "glorot", "unbalanced")
+#: a checkpoint is written at the last epoch and after an epoch that ends this long after the last one
+CHECKPOINT_SECONDS = 30.0
 #: settings a run directory may be continued with when they differ
 RESUMABLE = ("epochs", "threads")
 
@@ -270,6 +273,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
     _write_metrics(out / "metrics.jsonl", metrics)
     regression = data.task == "regression"
     probe = StepProbe(optimizer)
+    saved_at = time.perf_counter()
     for epoch in range(start, config.epochs):
         if metrics and metrics[-1].get("diverged"):
             break
@@ -294,9 +298,12 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         metrics.append(record)
         with open(out / "metrics.jsonl", "a") as f:  # first the record, then the checkpoint
             f.write(json.dumps(record) + "\n")
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                      "epoch": epoch + 1}, ckpt_path)
+        last = epoch + 1 == config.epochs or diverged
+        if last or time.perf_counter() - saved_at >= CHECKPOINT_SECONDS:
+            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                          "epoch": epoch + 1}, ckpt_path)
+            saved_at = time.perf_counter()
         head = f"[{config.optimizer} seed {config.seed}] epoch {epoch + 1}/{config.epochs}:"
         if diverged:
             log(f"{head} diverged (non-finite loss or gradient); training of this run stops")
