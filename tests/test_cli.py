@@ -91,6 +91,8 @@ def test_a_diverging_run_stops_and_is_reported(tmp_path):
                  "--lr", "1e30", "--out", str(tmp_path), "--no-progress"]) == 0
     metrics = read_metrics(tmp_path / "sgd" / "seed0")
     assert [m.get("diverged", False) for m in metrics] == [True]  # stopped after the first epoch
+    text = (tmp_path / "sgd" / "seed0" / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON
     assert "| sgd | — (diverged" in (tmp_path / "summary.md").read_text()
 
 

@@ -286,15 +286,15 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         scheduler.step()
         seconds = time.perf_counter() - started
         diverged = record["train_loss"] is None or not math.isfinite(record["train_loss"])
-        if diverged:  # no non-finite number is written (metrics.jsonl stays strict JSON)
+        if diverged:
             record.update(train_loss=None, test_loss=None, test_acc=None, diverged=True)
         else:
             record["test_loss"], record["test_acc"] = evaluate(model, data.test_x, data.test_y,
                                                                regression)
             if epoch + 1 == config.epochs:
                 record.update(_recomputed_bn(model, data, regression))
-        record = {"epoch": epoch + 1, **record, "seconds": seconds, "lr": lrs,
-                  "threads": torch.get_num_threads()}
+        record = _finite({"epoch": epoch + 1, **record, "seconds": seconds, "lr": lrs,
+                          "threads": torch.get_num_threads()})
         metrics.append(record)
         with open(out / "metrics.jsonl", "a") as f:  # first the record, then the checkpoint
             f.write(json.dumps(record) + "\n")
@@ -308,9 +308,11 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         if diverged:
             log(f"{head} diverged (non-finite loss or gradient); training of this run stops")
             continue
-        acc = "" if regression else f" test acc {record['test_acc']:.4f}"
-        log(f"{head} train loss {record['train_loss']:.4f} test loss {record['test_loss']:.4f}"
-            f"{acc} ({seconds:.1f} s)")
+        shown = {k: "non-finite" if record[k] is None else f"{record[k]:.4f}"
+                 for k in ("train_loss", "test_loss", "test_acc") if k in record}
+        acc = "" if regression else f" test acc {shown['test_acc']}"
+        log(f"{head} train loss {shown['train_loss']} test loss {shown['test_loss']}{acc} "
+            f"({seconds:.1f} s)")
     return metrics
 
 
@@ -324,6 +326,13 @@ def _recomputed_bn(model: nn.Module, data, regression: bool) -> dict:
     torch.optim.swa_utils.update_bn(batches(data.train_x, data.train_y, 1024), copy_)
     loss, acc = evaluate(copy_, data.test_x, data.test_y, regression)
     return {"test_loss_bn_recomputed": loss, "test_acc_bn_recomputed": acc}
+
+
+def _finite(value):
+    """``value`` with every non-finite float replaced by ``None`` (metrics.jsonl is strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _group_lrs(optimizer) -> dict:
