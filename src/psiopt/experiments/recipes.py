@@ -55,7 +55,8 @@ RECIPES = {
              epochs=200, milestones="60,120,160", gamma=0.2),
         **_CPU),
     "yi-table2": _recipe(
-        "Yi Table 2: with L2 (5e-4), PSI-SGD(M) with coupled L2 on the invariant rows > SGDG > SGD",
+        "Yi Table 2: with L2, PSI-SGD(M) >= SGD > SGDG > Adam (ResNet-20 CIFAR-10: PSI-SGDM 92.70, "
+        "PSI-SGD 92.49, SGD 92.35, SGDG 91.99, Adam 90.89)",
         dict(dataset="cifar10", model="resnet20", optimizers="sgd,adam", epochs=200,
              milestones="60,120,160", gamma=0.2, weight_decay=5e-4),
         {"sgd-adam": {"invariant_weight_decay": 5e-4},  # L2 on every weight
