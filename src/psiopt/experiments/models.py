@@ -8,6 +8,8 @@ Registry names: ``resnet20/32/44/56/110`` and ``preact-resnet20`` (CIFAR ResNets
 
 from __future__ import annotations
 
+import inspect
+
 import torch.nn.functional as F
 from torch import nn
 
@@ -153,7 +155,7 @@ def glorot_(model: nn.Module) -> nn.Module:
 
 
 def _resnet(depth, preact=False):
-    return lambda in_channels=3, num_classes=10, image_size=32, **kw: CifarResNet(
+    return lambda in_channels=3, num_classes=10, image_size=32: CifarResNet(
         depth, in_channels, num_classes, preact=preact)
 
 
@@ -164,30 +166,34 @@ def _flat(in_channels, image_size):
 MODELS = {
     **{f"resnet{d}": _resnet(d) for d in (20, 32, 44, 56, 110)},
     "preact-resnet20": _resnet(20, preact=True),
-    "vgg16-bn": lambda in_channels=3, num_classes=10, image_size=32, **kw: VGG(
+    "vgg16-bn": lambda in_channels=3, num_classes=10, image_size=32: VGG(
         VGG.CFG16, in_channels, num_classes),
-    "archbn2": lambda in_channels=1, num_classes=10, image_size=28, **kw: ArchBN(
+    "archbn2": lambda in_channels=1, num_classes=10, image_size=28: ArchBN(
         _flat(in_channels, image_size), num_classes, depth=2),
-    "archbn4": lambda in_channels=1, num_classes=10, image_size=28, **kw: ArchBN(
+    "archbn4": lambda in_channels=1, num_classes=10, image_size=28: ArchBN(
         _flat(in_channels, image_size), num_classes, depth=4),
     "arora-vgg": lambda in_channels=3, num_classes=10, image_size=32, batch_norm=True,
-    eps=1e-5, **kw: glorot_(VGG((64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M"),
+    eps=1e-5: glorot_(VGG((64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M"),
                                 in_channels, num_classes, batch_norm=batch_norm, eps=eps,
                                 hidden=512)),
-    "toy-elu": lambda in_channels=10, num_classes=1, image_size=1, **kw: MLP(
+    "toy-elu": lambda in_channels=10, num_classes=1, image_size=1: MLP(
         _flat(in_channels, image_size), num_classes, widths=(100,), activation=nn.ELU,
         bias=False),
-    "mlp-bn": lambda in_channels=1, num_classes=10, image_size=28, eps=1e-5, **kw: MLP(
+    "mlp-bn": lambda in_channels=1, num_classes=10, image_size=28, eps=1e-5: MLP(
         _flat(in_channels, image_size), num_classes, eps=eps),
 }
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model; unknown names raise ``ValueError`` listing the choices."""
+    """Build a registered model; unknown names and options raise ``ValueError``."""
     try:
         builder = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}") from None
+    known = inspect.signature(builder).parameters
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:  # an option a model does not have is refused, never ignored
+        raise ValueError(f"model {name} has no option(s) {unknown}; it takes {sorted(known)}")
     return builder(**kwargs)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..optim.diagnostics import StepProbe
+from ..optim.diagnostics import StepProbe, group_of
 from ..optim.geometry import is_invariant, norm, rows
 from ..optim.registry import create_optimizer
 from .data import batches, load_dataset
@@ -147,7 +147,7 @@ def effective_lr(out: Path, dataset: str, model: str, optimizers: list[str], ste
                 F.cross_entropy(net(xb), yb).backward()
                 t += 1
                 if t in marks:
-                    arora = _median([opt_lr(opt, p) / norm(rows(p.detach(), g)).square().median()
+                    arora = _median([group_of(opt, p)["lr"] / norm(rows(p.detach(), g)).square().median()
                                      for _, p, g in probe.layers])
                     probe.before()
                 opt.step()
@@ -171,11 +171,6 @@ def effective_lr(out: Path, dataset: str, model: str, optimizers: list[str], ste
             lines.append(f"| {name} | {t} | {r['measured']:.3e} | {th2} | {r['arora']:.3e} | "
                          f"{ratio} | {r['measured'] / r['arora']:.3f} |")
     return "\n".join(lines)
-
-
-def opt_lr(optimizer, p) -> float:
-    """The learning rate of the group holding ``p``."""
-    return next(g["lr"] for g in optimizer.param_groups if any(q is p for q in g["params"]))
 
 
 def _median(values: list) -> float | None:

@@ -168,9 +168,12 @@ def build(config: RunConfig):
     config.validate()
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data_dir, config.subset, seed=config.seed)
-    model = create_model(config.model, in_channels=data.in_channels,
-                         num_classes=data.num_classes or 1, image_size=data.image_size,
-                         **config.model_kwargs)
+    try:
+        model = create_model(config.model, in_channels=data.in_channels,
+                             num_classes=data.num_classes or 1, image_size=data.image_size,
+                             **config.model_kwargs)
+    except ValueError as e:  # an unknown model option
+        raise RunError(str(e)) from None
     example = data.train_x[:16]
     if config.init == "glorot":
         initialise(model, "glorot", [])

@@ -14,6 +14,7 @@ import math
 import torch
 
 from .base import GroupHandling
+from .diagnostics import group_of
 from .discovery import unit_normalize_
 from .geometry import CANCELLED, norm, rows, sqnorm
 
@@ -43,10 +44,6 @@ class _Baseline(GroupHandling):
             self.register_step_pre_hook(_freeze_cancelled)
 
 
-def _group_of(optimizer, p) -> dict:
-    return next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
-
-
 class SGD(_Baseline, torch.optim.SGD):
     """torch.optim.SGD (momentum and coupled L2 included)."""
 
@@ -72,7 +69,7 @@ class Adam(_Baseline, torch.optim.Adam):
 
     def scheduling_beta(self, p, view, before):
         """``β = d^{-1/2}‖b‖`` per group with ``b = √(v/(1−β2^t)) + ε``."""
-        group, state = _group_of(self, p), self.state[p]
+        group, state = group_of(self, p), self.state[p]
         b = (state["exp_avg_sq"] / (1 - group["betas"][1] ** float(state["step"]))).sqrt() + group["eps"]
         b = rows(b, group["grouping"])
         return norm(b) / math.sqrt(b[0].numel())

@@ -18,6 +18,11 @@ import torch
 from .geometry import dot, is_invariant, norm, rows, safe_inv, sqnorm
 
 
+def group_of(optimizer, p: torch.Tensor) -> dict:
+    """The parameter group of ``optimizer`` that holds ``p``."""
+    return next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+
+
 def invariant_parameters(optimizer) -> list[tuple[str, torch.Tensor, str]]:
     """``(name, parameter, grouping)`` of every parameter in a group with a ``grouping``."""
     out = []
@@ -72,7 +77,7 @@ class StepProbe:
                 continue
             old, grad = (rows(t, grouping) for t in self.saved[name])
             new = rows(p.detach(), grouping)
-            lr = next(g["lr"] for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
+            lr = group_of(self.optimizer, p)["lr"]
             entry = {"norm": norm(old).mean().item(),
                      "eff_lr": measured_effective_lr(old, new, grad).median().item()}
             beta = scheduling_beta(self.optimizer, p, new, old)

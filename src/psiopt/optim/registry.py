@@ -124,7 +124,8 @@ def create_optimizer(model_or_param_groups, name: str, example_inputs=None, *,
     """
     spec = _spec(name)
     invariant, other = settings(name, **hyper)
-    if isinstance(model_or_param_groups, nn.Module):
+    from_model = isinstance(model_or_param_groups, nn.Module)
+    if from_model:
         groups = param_groups(model_or_param_groups, example_inputs, mapping=mapping,
                               overrides=overrides)
         explicit = invariant, other  # the groups carry param_groups' defaults only
@@ -133,14 +134,14 @@ def create_optimizer(model_or_param_groups, name: str, example_inputs=None, *,
         groups = ([dict(g) for g in items] if items and isinstance(items[0], dict)
                   else [{"params": items}])
         explicit = _explicit(spec, hyper)
-    for group in groups:
-        if group.get("grouping") != CANCELLED:
-            side = 0 if is_invariant(group.get("grouping")) else 1
-            group.update({**(invariant, other)[side], **group, **explicit[side]})
-    decays = {g["weight_decay"] for g in groups if g.get("grouping") != CANCELLED}
-    if spec.shared_decay and not isinstance(model_or_param_groups, nn.Module) and len(decays) > 1:
-        raise ValueError(  # param_groups' weight_decay=0 on invariant groups would silently win
-            f"{name}: Theorem 4 takes one weight_decay, but the groups have {sorted(decays)} "
+    trained = [g for g in groups if g.get("grouping") != CANCELLED]
+    for group in trained:
+        side = 0 if is_invariant(group.get("grouping")) else 1
+        group.update({**(invariant, other)[side], **group, **explicit[side]})
+    decays = sorted({g["weight_decay"] for g in trained}) if spec.shared_decay and not from_model else []
+    if len(decays) > 1:  # param_groups' weight_decay=0 on invariant groups would silently win
+        raise ValueError(
+            f"{name}: Theorem 4 takes one weight_decay, but the groups have {decays} "
             "(param_groups gives invariant groups weight_decay=0 unless asked); pass "
             f"weight_decay=λ, which sets every group, or build {spec.cls.__name__} directly for "
             "a λ per group")
