@@ -366,12 +366,20 @@ def test_every_full_recipe_validates_without_data(tmp_path, monkeypatch, name):
     seen = []
     monkeypatch.setattr(cli, "train", lambda config, out, **kw: seen.append(config))
     monkeypatch.setattr(cli, "_report", lambda directory: None)
+    # no run has metrics: each optimizer "chooses" the last lr of the grid
+    monkeypatch.setattr(cli, "_choose", lambda directory, select, runs: {n: lr for n, lr, _ in runs})
     assert main(["compare", "--recipe", name, "--budget", "full", "--out", str(tmp_path)]) == 0
-    full = RECIPES[name]["full"]
+    full, select = RECIPES[name]["full"], RECIPES[name]["select"].get("full")
     arms = RECIPES[name]["variants"] or {"": {}}
     per_arm = [len(flags.get("optimizers", full["optimizers"]).split(",")) for flags in arms.values()]
-    assert len(seen) == sum(per_arm) * full.get("seeds", 1)
-    assert all(c.epochs == full["epochs"] and c.dataset == full["dataset"] for c in seen)
+    trials = sum(per_arm) * len(select["lrs"]) if select else 0
+    assert len(seen) == trials + sum(per_arm) * full.get("seeds", 1)
+    assert all(c.dataset == full["dataset"] for c in seen)
+    assert all(c.validation == select["validation"] and c.epochs == select["epochs"]
+               for c in seen[:trials])
+    assert all(c.epochs == full["epochs"] and c.validation is None for c in seen[trials:])
+    if select:  # the main runs take the chosen lr
+        assert all(c.hyper["lr"] == select["lrs"][-1] for c in seen[trials:])
 
 
 def test_a_record_written_after_the_last_checkpoint_is_dropped_on_resume(tmp_path):

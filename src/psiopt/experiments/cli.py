@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -23,7 +26,8 @@ USER_ERRORS = (UsageError, DataError, RunError)
 #: flags a recipe may fill in, with the value when neither the user nor a recipe sets them
 DEFAULTS = {"dataset": "synthetic", "model": "mlp-bn", "epochs": 1, "batch_size": 128,
             "milestones": None, "gamma": 0.1, "init": "default", "subset": None, "seeds": 1,
-            "optimizers": None, "threads": 1, "grouping": None, "model_kwarg": None}
+            "optimizers": None, "threads": 1, "grouping": None, "model_kwarg": None,
+            "validation": None}
 
 
 class Parser(argparse.ArgumentParser):
@@ -79,6 +83,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="default: 1")
     p.add_argument("--batch-size", type=int, default=None, help="default: 128")
     p.add_argument("--subset", type=int, default=None, help="train on the first N samples")
+    p.add_argument("--validation", type=int, default=None,
+                   help="hold out the last N training samples and evaluate on them, not on the "
+                        "test set (metrics say val_acc)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--fallback-dataset", default=None,
                    help="dataset to use when --dataset is not installed")
@@ -161,7 +168,8 @@ def _fill_defaults(args) -> None:
 def _config(args, optimizer: str, seed: int) -> RunConfig:
     config = RunConfig(dataset=_dataset(args), model=_choice("model", args.model, list_models()),
                        optimizer=optimizer, epochs=args.epochs, batch_size=args.batch_size,
-                       seed=seed, subset=args.subset, hyper=_hyper(args),
+                       seed=seed, subset=args.subset, validation=args.validation,
+                       hyper=_hyper(args),
                        milestones=_milestones(args.milestones), gamma=args.gamma,
                        init=_choice("init", args.init, INITS), data_dir=args.data_dir,
                        threads=args.threads, grouping=args.grouping,
@@ -181,11 +189,16 @@ def cmd_train(args) -> None:
     print(f"run directory: {out} ({len(metrics)} epochs)")
 
 
-def _apply_recipe(args) -> dict:
+def _apply_recipe(args) -> tuple[dict, dict | None]:
     """Fill in the recipe's settings for every flag the user did not give (theirs win); return
-    the recipe's variants (``{name: flags}``)."""
+    the recipe's variants (``{name: flags}``) and its lr selection (``None`` when it has none or
+    the user gave ``--lr``)."""
     recipe = RECIPES[_choice("recipe", args.recipe, list(RECIPES))]
     preset = recipe[_choice("budget", args.budget, ["small", "full"])]
+    select = recipe.get("select", {}).get(args.budget)
+    if select and args.lr is not None:
+        print(f"recipe {args.recipe}: --lr {args.lr:g} given, so no lr selection")
+        select = None
     kept = []
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -194,7 +207,7 @@ def _apply_recipe(args) -> dict:
             kept.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
     print(f"recipe {args.recipe} ({args.budget}): {recipe['claim']}"
           + (f"; your flags kept: {', '.join(kept)}" if kept else ""))
-    return recipe["variants"]
+    return recipe["variants"], select
 
 
 def cmd_study(args) -> None:
@@ -228,11 +241,12 @@ def torch_threads(n: int) -> None:
 def cmd_compare(args) -> None:
     if args.recipe and "study" in RECIPES.get(args.recipe, {}):
         return cmd_study(args)
-    variants = _apply_recipe(args) if args.recipe else {}
+    variants, select = _apply_recipe(args) if args.recipe else ({}, None)
     _fill_defaults(args)
     if args.seeds < 1:
         raise UsageError(f"invalid --seeds: {args.seeds} (must be at least 1)")
-    arms = []  # (directory, configs) of each variant
+    out = Path(args.out) if args.out else None
+    selections, arms = {}, []  # lr selection runs, and (variant, configs) of each variant
     for variant, flags in (variants or {"": {}}).items():
         given = {k: getattr(args, k) for k in flags}
         for key, value in flags.items():
@@ -241,18 +255,93 @@ def cmd_compare(args) -> None:
             raise UsageError("--optimizers is required (or --recipe)")
         names = [_choice("optimizer", n.strip(), list_optimizers()) for n in args.optimizers.split(",")]
         configs = [_config(args, name, seed) for name in names for seed in range(args.seeds)]
+        if select:
+            selections[variant] = _selection_runs(args, names, select)
         for key, value in given.items():
             setattr(args, key, value)
         arms.append((variant, configs))
     first = arms[0][1][0]
-    out = Path(args.out or f"runs/compare-{args.recipe or first.dataset + '-' + first.model}")
-    runs = [(out / variant / c.optimizer / f"seed{c.seed}", c) for variant, cs in arms for c in cs]
-    for directory, config in runs:  # every run directory is checked before any is touched
+    out = out or Path(f"runs/compare-{args.recipe or first.dataset + '-' + first.model}")
+    trials = [(out / v / SELECTION / name / f"lr{lr:g}", c)
+              for v, runs in selections.items() for name, lr, c in runs]
+    runs = [(out / v / c.optimizer / f"seed{c.seed}", c) for v, cs in arms for c in cs]
+    # every run directory is checked before any is touched (with an lr selection, the main runs'
+    # settings are known, and checked, once the selection has run)
+    for directory, config in trials or runs:
         check_run_dir(config, directory, resume=True)
+    progress = False if args.no_progress else None
+    for directory, config in trials:
+        train(config, directory, resume=True, progress=progress)
+    if selections:  # the runs again, each optimizer at its chosen lr (checked again)
+        chosen = {v: _choose(out / v, select, trial) for v, trial in selections.items()}
+        runs = [(out / v / c.optimizer / f"seed{c.seed}", _with_lr(c, chosen[v][c.optimizer]))
+                for v, cs in arms for c in cs]
+        for directory, config in runs:
+            check_run_dir(config, directory, resume=True)
     for directory, config in runs:
-        train(config, directory, resume=True, progress=False if args.no_progress else None)
+        train(config, directory, resume=True, progress=progress)
     for variant, _ in arms:
         _report(out / variant)
+
+
+#: subdirectory of a variant holding its lr selection runs (evaluated on a validation split)
+SELECTION = "lr-selection"
+
+
+def _selection_runs(args, names: list[str], select: dict) -> list[tuple[str, float, RunConfig]]:
+    """``(optimizer, lr, config)`` of the lr selection: each optimizer at each lr of the grid,
+    seed 0, trained with a constant lr on ``select["subset"]`` samples and evaluated on the last
+    ``select["validation"]`` training samples (held out).  The selection never trains longer or
+    on more samples than the main runs (so ``--epochs 1 --subset 64`` makes a quick trial)."""
+    keys = ("epochs", "subset", "validation", "milestones", "lr")
+    saved = {k: getattr(args, k) for k in keys}
+    args.epochs = min(select["epochs"], args.epochs)
+    args.subset = min(n for n in (select["subset"], args.subset, math.inf) if n is not None)
+    args.subset = None if args.subset == math.inf else args.subset
+    args.validation = select["validation"]
+    args.milestones = select.get("milestones")  # constant lr unless the protocol says otherwise
+    try:
+        runs = []
+        for name in names:
+            for lr in select["lrs"]:
+                args.lr = lr
+                runs.append((name, lr, _config(args, name, 0)))
+        return runs
+    finally:
+        for key, value in saved.items():
+            setattr(args, key, value)
+
+
+def _choose(directory: Path, select: dict, runs) -> dict[str, float]:
+    """Each optimizer's lr with the best final validation accuracy (the lowest validation loss
+    for regression); diverged runs are left out, as Badrinarayanan et al. do.  Writes
+    ``selection.json`` (read by the report)."""
+    from .train import read_metrics
+
+    table, chosen = {}, {}
+    for name, lr, _ in runs:
+        last = read_metrics(directory / SELECTION / name / f"lr{lr:g}")[-1]
+        table.setdefault(name, {})[f"{lr:g}"] = last.get("val_acc", last.get("val_loss"))
+        score = last.get("val_acc")
+        score = -last["val_loss"] if score is None and last.get("val_loss") is not None else score
+        if score is not None and (name not in chosen or score > chosen[name][1]):
+            chosen[name] = (lr, score)
+    failed = [name for name in table if name not in chosen]
+    if failed:
+        raise RunError(f"lr selection in {directory / SELECTION}: every lr diverged for "
+                       f"{', '.join(failed)}")
+    result = {name: lr for name, (lr, _) in chosen.items()}
+    config = runs[0][2]
+    protocol = {**select, "epochs": config.epochs, "subset": config.subset}  # as run
+    record = {"protocol": protocol, "metric": "final validation accuracy (loss for regression)",
+              "final_val": table, "chosen": result}
+    (directory / "selection.json").write_text(json.dumps(record, indent=2))
+    print(f"lr selection ({directory}): " + ", ".join(f"{n} {lr:g}" for n, lr in result.items()))
+    return result
+
+
+def _with_lr(config: RunConfig, lr: float) -> RunConfig:
+    return dataclasses.replace(config, hyper={**config.hyper, "lr": lr})
 
 
 def _report(directory) -> None:

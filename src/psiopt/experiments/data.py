@@ -36,6 +36,7 @@ class Dataset:
     test_y: torch.Tensor
     num_classes: int  # 0 for regression
     augment: bool = False
+    split: str = "test"  # what test_x/test_y are: the test set, or "validation" (held out)
 
     @property
     def task(self) -> str:
@@ -208,18 +209,29 @@ def is_available(name: str, data_dir: str | Path | None = None) -> bool:
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, subset: int | None = None,
-                 seed: int = 0) -> Dataset:
+                 seed: int = 0, validation: int | None = None) -> Dataset:
     """Load a dataset by name, normalised per channel with training-set statistics.
 
     ``subset`` keeps the first ``subset`` training and ``max(subset // 5, 100)`` test samples.
+    ``validation`` holds out the last ``validation`` training samples and returns them in place
+    of the test set (``split="validation"``; the test set is not touched); ``subset`` then keeps
+    the first ``subset`` of the remaining training samples.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    if subset is not None and subset <= 0:
-        raise ValueError(f"invalid subset: {subset} (must be positive)")
+    for what, n in (("subset", subset), ("validation", validation)):
+        if n is not None and n <= 0:
+            raise ValueError(f"invalid {what}: {n} (must be positive)")
     tx, ty, vx, vy = (torch.tensor(np.asarray(a)) if isinstance(a, np.ndarray) else a
                       for a in _raw(name, Path(data_dir) if data_dir else None, seed))
-    if subset is not None:
+    if validation is not None:
+        if validation > len(tx) - 2:
+            raise ValueError(f"invalid validation: {validation} (the training set has {len(tx)} "
+                             "samples; at least 2 must be left to train on)")
+        tx, ty, vx, vy = tx[:-validation], ty[:-validation], tx[-validation:], ty[-validation:]
+        if subset is not None:
+            tx, ty = tx[:subset], ty[:subset]
+    elif subset is not None:
         tx, ty, vx, vy = tx[:subset], ty[:subset], vx[:max(subset // 5, 100)], vy[:max(subset // 5, 100)]
     tx, vx = tx.float(), vx.float()
     dims = [0] + list(range(2, tx.dim()))
@@ -228,7 +240,8 @@ def load_dataset(name: str, data_dir: str | Path | None = None, subset: int | No
     classes = 0 if regression else {"cifar100": 100}.get(name, 10)
     return Dataset(name, (tx - mean) / std, ty if regression else ty.long(), (vx - mean) / std,
                    vy if regression else vy.long(), classes,
-                   augment=name in ("cifar10", "cifar100", "svhn"))
+                   augment=name in ("cifar10", "cifar100", "svhn"),
+                   split="test" if validation is None else "validation")
 
 
 # -- batching -------------------------------------------------------------------------------------

@@ -11,8 +11,14 @@ subdirectory.
 """
 
 
-def _recipe(claim: str, full: dict, variants: dict | None = None, **small) -> dict:
-    return {"claim": claim, "full": full, "small": {**full, **small}, "variants": variants or {}}
+def _recipe(claim: str, full: dict, variants: dict | None = None, select: dict | None = None,
+            **small) -> dict:
+    """``select``: the paper's lr selection per budget (``{"full": ..., "small": ...}``), each
+    ``dict(lrs, epochs, subset, validation)``: every optimizer at every lr of the grid, constant
+    lr, trained on ``subset`` samples and evaluated on the last ``validation`` training samples;
+    the main runs then use each optimizer's best lr (see ``psiopt compare``)."""
+    return {"claim": claim, "full": full, "small": {**full, **small}, "variants": variants or {},
+            "select": select or {}}
 
 
 def _study(claim: str, study: str, full: dict, **small) -> dict:
@@ -21,6 +27,9 @@ def _study(claim: str, study: str, full: dict, **small) -> dict:
 
 
 _CPU = {"dataset": "fashion-mnist", "epochs": 10, "subset": 10000, "milestones": "3,6,8"}
+_BADRINARAYANAN_LRS = dict(lrs=[1e-2, 1e-3, 1e-4, 1e-5], epochs=50, subset=1000, validation=500)
+_ROBURIN_LRS = [1e-4, 1e-3, 1e-2, 1e-1]
+
 
 def _arora_arms(lrs) -> dict:
     """Arora App. D: for each invariant lr, SGD and PSGD (per channel) with BN, PSGD projecting
@@ -68,13 +77,20 @@ RECIPES = {
         "Badrinarayanan Table 2: test error UN <= B-SGD on ArchBN (2 and 4 layers)",
         dict(dataset="mnist", optimizers="un-sgd,b-sgd", epochs=50, seeds=3),
         {"archbn2": {"model": "archbn2"}, "archbn4": {"model": "archbn4"}},
+        # §4: base lr from 10^-p, p = 2..5, by the validation error of 50 epochs at a constant lr
+        # on 1000 training images, 500 held out (once per model, seed 0; the paper: every run)
+        select={"full": _BADRINARAYANAN_LRS, "small": _BADRINARAYANAN_LRS},
         dataset="fashion-mnist"),
     "roburin-table2": _recipe(
         "Roburin Table 2: Adam < Adam-S < Adam-SRT ≈ SGD-M",
         dict(dataset="cifar10", model="resnet20",
              optimizers="sgd,adam,adamw,adamg,adams,adamsrt,sgdmrt",
-             epochs=405, milestones="135,225,315", gamma=0.1),
-        **_CPU),
+             epochs=405, milestones="135,225,315", gamma=0.1, seeds=5),
+        # App. E.1: lr from {1e-4, 1e-3, 1e-2, 1e-1} (their λ and β2 grids are not searched)
+        select={"full": dict(lrs=_ROBURIN_LRS, epochs=405, subset=None, validation=5000,
+                             milestones="135,225,315"),
+                "small": dict(lrs=_ROBURIN_LRS, epochs=4, subset=5000, validation=1000)},
+        **{**_CPU, "seeds": 2}),
     "roburin-thm4": _study(
         "Roburin Thm. 4: SGD+L2 and AdamG* follow the same directions (to second order)",
         "thm4", dict(dataset="cifar10", model="resnet20", lrs=[0.01, 0.1], decays=[5e-4, 5e-3],

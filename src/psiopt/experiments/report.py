@@ -15,8 +15,17 @@ _QUIET = {"foreach", "check_finite", "maximize", "differentiable", "fused", "cap
           "dampening", "nesterov", "amsgrad", "decoupled_weight_decay"}
 
 
-def load_runs(root: str | Path) -> dict[str, list[tuple[dict, list[dict]]]]:
-    """``{optimizer: [(config, metrics) of each seed]}`` for a compare directory or one run."""
+def split_of(config: dict) -> str:
+    """``"val"`` for a run evaluated on a held-out part of the training set, else ``"test"``."""
+    return "val" if config.get("validation") else "test"
+
+
+def load_runs(root: str | Path, split: str | None = None) -> dict[str, list[tuple[dict, list[dict]]]]:
+    """``{optimizer: [(config, metrics) of each seed]}`` for a compare directory or one run.
+
+    ``split``: only the runs evaluated on that set (``"test"`` or ``"val"``); by default the
+    test-set runs, or the validation runs where there are no others (an lr selection).
+    """
     root = Path(root)
     found: dict[str, list] = {}
     for path in sorted(root.glob("**/metrics.jsonl")):
@@ -27,10 +36,17 @@ def load_runs(root: str | Path) -> dict[str, list[tuple[dict, list[dict]]]]:
             raise RunError(f"{config_path}: cannot be read ({e})") from None
         metrics = read_metrics(path.parent)
         if metrics:
-            found.setdefault(config["optimizer"], []).append((config, metrics))
-    if not found:
-        raise RunError(f"no runs with metrics under {root}")
-    return found
+            found.setdefault(split_of(config), {}).setdefault(config["optimizer"], []).append(
+                (config, metrics))
+    split = split or ("test" if "test" in found or not found else "val")
+    if not found.get(split):
+        raise RunError(f"no runs with metrics under {root}"
+                       + (" evaluated on the validation split" if split == "val" else ""))
+    return found[split]
+
+
+def _split(runs) -> str:
+    return split_of(next(iter(runs.values()))[0][0])
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -40,13 +56,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _regression(runs) -> bool:
-    return all(e.get("test_acc") is None for seeds in runs.values() for _, m in seeds for e in m)
+    acc = f"{_split(runs)}_acc"
+    return all(e.get(acc) is None for seeds in runs.values() for _, m in seeds for e in m)
 
 
 def _ranked(runs) -> list[str]:
     """Optimizer names, best final test metric first (diverged runs last)."""
     regression = _regression(runs)
-    key = "test_loss" if regression else "test_acc"
+    key = f"{_split(runs)}_{'loss' if regression else 'acc'}"
 
     def score(name):
         finals = [m[-1][key] for _, m in runs[name] if m[-1].get(key) is not None]
@@ -61,9 +78,9 @@ def _ranked(runs) -> list[str]:
 def summary_table(runs) -> str:
     """Markdown table in rank order of the final test accuracy (test loss for regression); runs
     that diverged are listed with the epoch at which they stopped."""
-    regression = _regression(runs)
-    key, scale = ("test_loss", 1) if regression else ("test_acc", 100)
-    what = "test loss" if regression else "test acc (%)"
+    regression, split = _regression(runs), _split(runs)
+    key, scale = (f"{split}_loss", 1) if regression else (f"{split}_acc", 100)
+    what = {"test": "test", "val": "validation"}[split] + (" loss" if regression else " acc (%)")
     lines = [f"| optimizer | final {what} | best {what} | final train loss | final grad norm | "
              "s/epoch | seeds | epochs |", "|---|---|---|---|---|---|---|---|"]
     for name in _ranked(runs):
@@ -125,8 +142,12 @@ def _setting(config: dict) -> str:
     """One line: data, model, budget and schedule of a run."""
     schedule = (f"lr ×{config['gamma']:g} at epochs {', '.join(map(str, config['milestones']))}"
                 if config["milestones"] else "constant lr")
-    n = config.get("subset")
-    subset = f", first {n} training and {max(n // 5, 100)} test samples" if n else ""
+    n, held = config.get("subset"), config.get("validation")
+    if held:
+        subset = (f", {'first ' + str(n) if n else 'all other'} training samples, evaluated on "
+                  f"the last {held} held out (validation split)")
+    else:
+        subset = f", first {n} training and {max(n // 5, 100)} test samples" if n else ""
     return (f"{config['dataset']} / {config['model']}: {config['epochs']} epochs, batch "
             f"{config['batch_size']}{subset}, {schedule}, init {config['init']}, "
             f"{config.get('threads', '?')} thread(s)")
@@ -158,10 +179,11 @@ def plot(runs, out_dir: str | Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    regression = _regression(runs)
+    regression, split = _regression(runs), _split(runs)
     config = next(iter(runs.values()))[0][0]
-    specs = [("test_loss", "test loss", True, 1) if regression else
-             ("test_acc", "test accuracy (%)", False, 100),
+    what = {"test": "test", "val": "validation"}[split]
+    specs = [(f"{split}_loss", f"{what} loss", True, 1) if regression else
+             (f"{split}_acc", f"{what} accuracy (%)", False, 100),
              ("train_loss", "train loss", True, 1),
              ("grad_norm", "gradient norm (mean over the epoch's batches)", True, 1),
              ("eff_lr", "effective learning rate (median over invariant layers)", True, 1)]
@@ -182,12 +204,34 @@ def plot(runs, out_dir: str | Path) -> list[Path]:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        path = Path(out_dir) / ("accuracy.png" if key == "test_acc" else f"{key}.png")
+        path = Path(out_dir) / ("accuracy.png" if key.endswith("_acc") else f"{key}.png")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def selection_table(root: Path) -> str:
+    """The lr selection recorded in ``root/selection.json`` as a markdown section ('' if none)."""
+    path = root / "selection.json"
+    if not path.exists():
+        return ""
+    try:
+        record = json.loads(path.read_text())
+        spec, table, chosen = record["protocol"], record["final_val"], record["chosen"]
+    except (OSError, ValueError, KeyError) as e:
+        raise RunError(f"{path}: cannot be read ({e})") from None
+    lrs = list(next(iter(table.values())))
+    how = (f"each optimizer at lr {', '.join(lrs)}, seed 0, {spec['epochs']} epochs "
+           f"{'with the lr schedule' if spec.get('milestones') else 'at a constant lr'}, trained on "
+           f"{'the first ' + str(spec['subset']) if spec.get('subset') else 'all other'} training "
+           f"samples and evaluated on the last {spec['validation']} (held out); {record['metric']}")
+    lines = [f"| optimizer | {' | '.join(lrs)} | chosen |", "|---" * (len(lrs) + 2) + "|"]
+    for name, row in table.items():
+        cells = ["diverged" if row[lr] is None else f"{row[lr]:.4g}" for lr in lrs]
+        lines.append(f"| {name} | {' | '.join(cells)} | {chosen.get(name, '—'):g} |")
+    return "\n## Learning-rate selection\n\n" + how + "\n\n" + "\n".join(lines) + "\n"
 
 
 def write_report(root: str | Path) -> tuple[Path, list[Path], str]:
@@ -199,6 +243,6 @@ def write_report(root: str | Path) -> tuple[Path, list[Path], str]:
     header = (f"# {' | '.join(settings)}\n\n" if len(settings) == 1 else
               "# Runs with different settings\n\n" + "".join(f"* {s}\n" for s in settings) + "\n")
     text = (header + "## Results\n\n" + table + "\n\n## Settings (invariant / other groups)\n\n"
-            + settings_table(runs) + "\n")
+            + settings_table(runs) + "\n" + selection_table(root))
     (root / "summary.md").write_text(text)
     return root / "summary.md", plot(runs, root), table

@@ -59,6 +59,7 @@ class RunConfig:
     batch_size: int = 128
     seed: int = 0
     subset: int | None = None
+    validation: int | None = None  # evaluate on the last N training samples, held out, not the test set
     hyper: dict = field(default_factory=dict)  # optimizer keywords (lr, invariant_lr, ...)
     milestones: list = field(default_factory=list)  # epochs at which lr is multiplied by gamma
     gamma: float = 0.1
@@ -70,10 +71,10 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise :class:`RunError` naming the first setting that is not valid."""
-        least = {"epochs": 0, "batch_size": 1, "threads": 1, "subset": 2}
+        least = {"epochs": 0, "batch_size": 1, "threads": 1, "subset": 2, "validation": 1}
         for name, low in least.items():
             value = getattr(self, name)
-            if value is None and name == "subset":
+            if value is None and name in ("subset", "validation"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise RunError(f"invalid {name}: {value!r} (must be an integer of at least {low})")
@@ -167,7 +168,11 @@ def build(config: RunConfig):
     """Dataset, model, optimizer and scheduler for ``config`` (seeded)."""
     config.validate()
     torch.manual_seed(config.seed)
-    data = load_dataset(config.dataset, config.data_dir, config.subset, seed=config.seed)
+    try:
+        data = load_dataset(config.dataset, config.data_dir, config.subset, seed=config.seed,
+                            validation=config.validation)
+    except ValueError as e:  # e.g. a validation split larger than the training set
+        raise RunError(str(e)) from None
     try:
         model = create_model(config.model, in_channels=data.in_channels,
                              num_classes=data.num_classes or 1, image_size=data.image_size,
@@ -275,6 +280,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
     (out / "config.json").write_text(json.dumps(record, indent=2))
     _write_metrics(out / "metrics.jsonl", metrics)
     regression = data.task == "regression"
+    split = "val" if config.validation else "test"  # metrics say which set they were measured on
     probe = StepProbe(optimizer)
     saved_at = time.perf_counter()
     for epoch in range(start, config.epochs):
@@ -290,12 +296,13 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         seconds = time.perf_counter() - started
         diverged = record["train_loss"] is None or not math.isfinite(record["train_loss"])
         if diverged:
-            record.update(train_loss=None, test_loss=None, test_acc=None, diverged=True)
+            record.update({"train_loss": None, f"{split}_loss": None, f"{split}_acc": None,
+                           "diverged": True})
         else:
-            record["test_loss"], record["test_acc"] = evaluate(model, data.test_x, data.test_y,
-                                                               regression)
+            record[f"{split}_loss"], record[f"{split}_acc"] = evaluate(
+                model, data.test_x, data.test_y, regression)
             if epoch + 1 == config.epochs:
-                record.update(_recomputed_bn(model, data, regression))
+                record.update(_recomputed_bn(model, data, regression, split))
         record = _finite({"epoch": epoch + 1, **record, "seconds": seconds, "lr": lrs,
                           "threads": torch.get_num_threads()})
         metrics.append(record)
@@ -312,15 +319,15 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
             log(f"{head} diverged (non-finite loss or gradient); training of this run stops")
             continue
         shown = {k: "non-finite" if record[k] is None else f"{record[k]:.4f}"
-                 for k in ("train_loss", "test_loss", "test_acc") if k in record}
-        acc = "" if regression else f" test acc {shown['test_acc']}"
-        log(f"{head} train loss {shown['train_loss']} test loss {shown['test_loss']}{acc} "
+                 for k in ("train_loss", f"{split}_loss", f"{split}_acc") if k in record}
+        acc = "" if regression else f" {split} acc {shown[f'{split}_acc']}"
+        log(f"{head} train loss {shown['train_loss']} {split} loss {shown[f'{split}_loss']}{acc} "
             f"({seconds:.1f} s)")
     return metrics
 
 
-def _recomputed_bn(model: nn.Module, data, regression: bool) -> dict:
-    """Test loss and accuracy with the BatchNorm statistics recomputed on the training set
+def _recomputed_bn(model: nn.Module, data, regression: bool, split: str = "test") -> dict:
+    """Test (or validation) loss and accuracy with the BatchNorm statistics recomputed on the training set
     (``torch.optim.swa_utils.update_bn`` on a copy): how far the running averages lag behind
     the weights.  Empty for a model without BatchNorm."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
@@ -328,7 +335,7 @@ def _recomputed_bn(model: nn.Module, data, regression: bool) -> dict:
     copy_ = copy.deepcopy(model)
     torch.optim.swa_utils.update_bn(batches(data.train_x, data.train_y, 1024), copy_)
     loss, acc = evaluate(copy_, data.test_x, data.test_y, regression)
-    return {"test_loss_bn_recomputed": loss, "test_acc_bn_recomputed": acc}
+    return {f"{split}_loss_bn_recomputed": loss, f"{split}_acc_bn_recomputed": acc}
 
 
 def _finite(value):
