@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from psiopt.experiments.cli import _pairs, main
 from psiopt.experiments.train import RunConfig, RunError, read_metrics, train
@@ -392,3 +393,66 @@ def test_a_record_written_after_the_last_checkpoint_is_dropped_on_resume(tmp_pat
                     log=lambda *_: None)
     assert [m["epoch"] for m in read_metrics(tmp_path)] == [1, 2] == [m["epoch"] for m in metrics]
     assert read_metrics(tmp_path)[1]["train_loss"] > 0
+
+
+# -- validation split and lr selection -------------------------------------------------------------
+def test_a_validation_split_is_held_out_of_training_and_named_in_the_metrics(tmp_path):
+    from psiopt.experiments.data import load_dataset
+
+    full = load_dataset("synthetic")
+    held = load_dataset("synthetic", validation=300, subset=500)
+    assert held.split == "validation" and len(held.train_x) == 500 and len(held.test_x) == 300
+    # the held-out samples are the last 300 training samples (normalised with the other stats)
+    assert torch.equal(held.test_y, full.train_y[-300:])
+    # the same samples up to the (affine) normalisation: exactly correlated
+    a, b = held.test_x.flatten(), full.train_x[-300:].flatten()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 1 - 1e-6
+    with pytest.raises(ValueError, match="validation"):
+        load_dataset("synthetic", validation=len(full.train_x) - 1)
+    config = RunConfig(dataset="synthetic", epochs=1, subset=256, validation=200)
+    (record,) = train(config, tmp_path, log=lambda *_: None)
+    assert "val_acc" in record and "val_acc_bn_recomputed" in record
+    assert not any(k.startswith("test_") for k in record)  # nothing claims the test set
+
+
+def test_lr_selection_picks_the_best_validation_accuracy_and_the_runs_use_it(tmp_path, capsys):
+    out = tmp_path / "bt"
+    assert main(_recipe_argv("badrinarayanan-table2", out)) == 0
+    for variant in ("archbn2", "archbn4"):
+        record = json.loads((out / variant / "selection.json").read_text())
+        assert record["protocol"]["epochs"] == 1 and record["protocol"]["subset"] == 64
+        for name, row in record["final_val"].items():
+            best = max((acc, -i) for i, acc in enumerate(row.values()) if acc is not None)
+            assert record["chosen"][name] == float(list(row)[-best[1]])
+            config = json.loads((out / variant / name / "seed0" / "config.json").read_text())
+            assert config["hyper"]["lr"] == record["chosen"][name]
+            assert config["optimizer_settings"]["invariant"]["lr"] == record["chosen"][name]
+            trial = json.loads((out / variant / "lr-selection" / name / "lr0.01" / "config.json")
+                               .read_text())
+            assert trial["validation"] == 500 and trial["seed"] == 0 and trial["milestones"] == []
+        summary = (out / variant / "summary.md").read_text()
+        assert "## Learning-rate selection" in summary and "held out" in summary
+        results = summary.split("## Settings")[0]
+        assert "validation" not in results  # the table is the test-set runs only
+    assert "lr selection" in capsys.readouterr().out
+    # asked again: every run is finished, nothing is retrained, the same lrs are chosen
+    before = (out / "archbn2" / "selection.json").read_text()
+    assert main(_recipe_argv("badrinarayanan-table2", out)) == 0
+    assert (out / "archbn2" / "selection.json").read_text() == before
+
+
+def test_an_lr_given_by_the_user_skips_the_selection(tmp_path, capsys):
+    assert main(_recipe_argv("badrinarayanan-table2", tmp_path, "--lr", "0.05")) == 0
+    assert "no lr selection" in capsys.readouterr().out
+    assert not (tmp_path / "archbn2" / "lr-selection").exists()
+    config = json.loads((tmp_path / "archbn2" / "b-sgd" / "seed0" / "config.json").read_text())
+    assert config["hyper"]["lr"] == 0.05
+
+
+def test_report_of_validation_runs_says_validation(tmp_path):
+    from psiopt.experiments.report import write_report
+
+    train(RunConfig(dataset="synthetic", epochs=1, subset=128, validation=100), tmp_path / "r",
+          log=lambda *_: None)
+    summary, _, table = write_report(tmp_path)
+    assert "validation acc" in table and "last 100 held out" in summary.read_text()
