@@ -154,6 +154,9 @@ def test_discovery_leaves_model_state_alone():
 
 
 def test_check_invariance_passes_true_groups_and_flags_wrong_ones():
+    # seeded: for about 1 random init in 100 the LayerNorm's eps (1e-5, against a variance of
+    # its 5 inputs that ×0.5 brings down) really moves the outputs by more than tol
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 6, 3, bias=False), nn.GroupNorm(2, 6), nn.Flatten(),
                           nn.Linear(6 * 4 * 4, 5, bias=False), nn.LayerNorm(5), nn.Linear(5, 3))
     x = torch.randn(8, 2, 6, 6)

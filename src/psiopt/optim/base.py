@@ -24,7 +24,8 @@ from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
 from .discovery import rescale_rows_
-from .geometry import CANCELLED, RowLayout, is_invariant, parse_grouping, rows
+from .geometry import CANCELLED, RowLayout, is_invariant, norm, parse_grouping, rows
+from .sharded import ShardedLayout, ShardedRows, is_sharded
 
 #: hyperparameter -> (low, high, low inclusive, high inclusive)
 _RANGES = {
@@ -209,7 +210,9 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             self._check_rule(group)
             params = group["params"]
             for p in [params] if isinstance(params, Tensor) else params:
-                rows(p, grouping)  # raises ValueError if the shape does not fit
+                rows(torch.empty(p.shape, device="meta"), grouping)  # ValueError if it does not fit
+                if is_sharded(p):
+                    ShardedRows(p, grouping)  # ValueError for a placement psiopt cannot update
 
     def _check_rule(self, group: dict) -> None:
         """Raise ``ValueError`` if an invariant group sets what the rule cannot honour."""
@@ -289,20 +292,67 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     # -- invariant groups -------------------------------------------------------------------------
     def _invariant(self, group: dict, index: list[int], params: list[Tensor],
                    grads: list[Tensor]) -> None:
-        grouping = group["grouping"]
-        ws = [rows(p, grouping) for p in params]
-        gs = [rows(g, grouping) for g in grads]
-        states = [self.state[p] for p in params]
         stats = self._stats(group, index)
-        for w, state in zip(ws, states):
-            if not state:
-                self._init_state(group, w, state)
-        vectorized = group["foreach"] is not False and len({(w.dtype, w.device) for w in ws}) == 1
-        if vectorized:
-            self._update_many(group, ws, gs, states, self._layout(ws), stats)
+        ws, layout, shards = self._rows(group["grouping"], params)
+        gs = [rows(g, group["grouping"]) for g in grads] if shards is None else \
+            [s.view(g.to_local()) for s, g in zip(shards, grads)]
+        states = [self.state[p] for p in params]
+        if shards is not None:  # the rules run on local tensors; state is kept as DTensors
+            states, kept = self._local_states(states)
+        vectorized = group["foreach"] is not False and layout is not None
+        self._init_states(group, ws, states, layout)
+        if vectorized or shards is not None:
+            self._update_many(group, ws, gs, states, layout, stats)
         else:
             for w, g, state, st in zip(ws, gs, states, stats):
                 self._update_one(group, w, g, state, st)
+        if shards is not None:
+            self._store_states(params, shards, ws, states, kept)
+
+    def _rows(self, grouping: str, params: list[Tensor]):
+        """``(views, layout, shards)``: the grouped views of ``params``, their
+        :class:`RowLayout` (``None`` when dtypes or devices differ) and, for FSDP2-sharded
+        parameters, their :class:`~psiopt.optim.sharded.ShardedRows` (else ``None``)."""
+        if not is_sharded(params[0]):
+            ws = [rows(p, grouping) for p in params]
+            return ws, self._layout(ws) if len({(w.dtype, w.device) for w in ws}) == 1 else None, None
+        cache = self.__dict__.setdefault("_shards", {})
+        shards = []
+        for p in params:
+            if (id(p), grouping) not in cache:
+                cache[(id(p), grouping)] = (p, ShardedRows(p, grouping))  # p kept: ids stay valid
+            shards.append(cache[(id(p), grouping)][1])
+        ws = [s.view(p.to_local()) for s, p in zip(shards, params)]
+        if len({(w.dtype, w.device) for w in ws}) != 1:
+            raise ValueError("psiopt: the sharded parameters of one group must share dtype and device")
+        key = (tuple(w.shape for w in ws), tuple(id(s) for s in shards))
+        layouts = self.__dict__.setdefault("_layouts", {})
+        if key not in layouts:
+            layouts[key] = ShardedLayout(ws, shards)
+        return ws, layouts[key], shards
+
+    @staticmethod
+    def _local_states(states: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Per-parameter state with every DTensor replaced by its local tensor, and those."""
+        local = [{k: v.to_local() if is_sharded(v) else v for k, v in st.items()} for st in states]
+        return local, [dict(st) for st in local]
+
+    def _store_states(self, params, shards, ws, states, kept) -> None:
+        """Write back local state as DTensors (new or replaced entries only)."""
+        for p, shard, w, st, old in zip(params, shards, ws, states, kept):
+            target = self.state[p]
+            for key, value in st.items():
+                if key not in old or old[key] is not value:
+                    target[key] = shard.wrap(value, w) if isinstance(value, Tensor) else value
+
+    def _init_states(self, group: dict, ws: list[Tensor], states: list[dict], layout) -> None:
+        """Create the state of parameters stepped for the first time (with their row norms)."""
+        fresh = [i for i, st in enumerate(states) if not st]
+        if not fresh:
+            return
+        ns = layout.split(layout.norms(ws)) if layout is not None else [norm(w) for w in ws]
+        for i in fresh:
+            self._init_state(group, ws[i], states[i], ns[i])
 
     def _layout(self, ws: list[Tensor]) -> RowLayout:
         """The :class:`RowLayout` of these views, cached by their shapes, dtype and device."""
@@ -312,7 +362,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             cache[key] = RowLayout(ws)
         return cache[key]
 
-    def _init_state(self, group: dict, w: Tensor, state: dict) -> None:
+    def _init_state(self, group: dict, w: Tensor, state: dict, n: Tensor) -> None:
+        """Create the state of the grouped view ``w`` (``n``: its per-group norms, keepdim)."""
         state["step"] = torch.tensor(0.0)
 
     def _update_one(self, group: dict, w: Tensor, g: Tensor, state: dict, stats) -> None:

@@ -135,6 +135,13 @@ class NormStats:
         if mean is None or var is None:
             return
         s = factors.reshape(-1).to(mean.dtype)
+        if s.numel() not in (1, mean.numel()):  # e.g. the rows of one FSDP2 shard
+            raise ValueError(
+                f"{type(self.norm).__name__}: its running statistics cover {mean.numel()} channels "
+                f"but {s.numel()} row factors were given; the running statistics of a layer fed "
+                "by FSDP2-sharded rows cannot follow a rescaling (use GroupNorm or LayerNorm, or "
+                "an optimizer that does not rescale rows: psi-sgd with fixed_norm=True, adams, "
+                "adamsrt, sgdmrt)")
         if self.bias is None:
             mean.mul_(s)
         else:
@@ -162,9 +169,17 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layer_calls, norm_inputs = [], {}
+    # the parameters as registered now: FSDP2 (``fully_shard``) swaps in unsharded tensors for
+    # the forward pass (between its pre- and post-forward hooks), so a use is traced through the
+    # tensors seen when the layer starts and credited to these
+    registered = {id(m): (m.weight, m.bias) for m in model.modules() if isinstance(m, _LAYERS)}
+    starting = {}
+
+    def on_start(module, args):
+        starting[id(module)] = (module.weight, module.bias)
 
     def on_layer(module, args, kwargs, out):
-        layer_calls.append((module, out))
+        layer_calls.append((module, out, *starting.pop(id(module), (module.weight, module.bias))))
 
     def on_norm(module, args, kwargs, out):
         x = args[0] if args else kwargs.get("input")
@@ -174,44 +189,59 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     handles = [m.register_forward_hook(on_layer if isinstance(m, _LAYERS) else on_norm,
                                        with_kwargs=True)
                for m in model.modules() if isinstance(m, _LAYERS + _NORMS)]
+    handles += [m.register_forward_pre_hook(on_start) for m in model.modules()
+                if isinstance(m, _LAYERS)]
     try:
         with _pristine(model), torch.enable_grad():
-            out = _call(model, example_inputs)
+            out = _call(_unwrapped(model), example_inputs)
     finally:
         for h in handles:
             h.remove()
     counts, leaves = _graph(_outputs(out))
 
-    uses: dict[int, list] = {}  # id(weight) -> [(grouping or None, layer, norm layer)]
-    for layer, y in layer_calls:
-        if not isinstance(layer.weight, nn.Parameter):
+    uses: dict[int, list] = {}  # id(registered weight) -> [(grouping or None, layer, norm, used)]
+    for layer, y, weight, bias in layer_calls:
+        if not isinstance(weight, nn.Parameter) or id(layer) not in registered:
             continue
         grouping, norm_layer = None, None
         if isinstance(y, Tensor) and y.grad_fn is not None and counts[y.grad_fn] == 1:
             norm_layer, x = norm_inputs.get(id(y), (None, None))
             if x is y:
                 grouping = _use_grouping(layer, y, norm_layer)
-        uses.setdefault(id(layer.weight), []).append((grouping, layer, norm_layer))
+        kept, kept_bias = registered[id(layer)]
+        uses.setdefault(id(kept), []).append((grouping, layer, norm_layer, weight, bias, kept_bias))
 
-    def used_only_there(p, n_uses) -> bool:
-        node = leaves.get(id(p))
-        return node is not None and counts[node] == n_uses
+    def used_only_there(tensors, n_uses) -> bool:
+        """Every use of the parameter is one of the ``n_uses`` calls seen (no other consumer)."""
+        nodes = {id(t): leaves.get(id(t)) for t in tensors}
+        return None not in nodes.values() and sum(counts[n] for n in nodes.values()) == n_uses
 
     names = {id(p): name for name, p in model.named_parameters()}
     mapping, stats = {}, {}
     for name, p in model.named_parameters():
         calls = uses.get(id(p))
-        groupings = {g for g, _, _ in calls or [(None, None, None)]}
-        if None in groupings or len(groupings) != 1 or not used_only_there(p, len(calls)):
+        groupings = {c[0] for c in calls or [(None,)]}
+        if None in groupings or len(groupings) != 1 or \
+                not used_only_there([c[3] for c in calls], len(calls)):
             continue
         mapping[name] = groupings.pop()
-        stats[name] = [NormStats(norm, layer.bias) for _, layer, norm in calls
+        stats[name] = [NormStats(norm, layer.bias) for _, layer, norm, *_ in calls
                        if _has_running_stats(norm)]
-        biases = {id(layer.bias): layer.bias for _, layer, _ in calls if layer.bias is not None}
-        for bias in biases.values():  # only a cancelled bias survives _use_grouping
-            if isinstance(bias, nn.Parameter) and id(bias) in names and used_only_there(bias, len(calls)):
+        biases = {id(c[5]): c for c in calls if c[5] is not None}
+        for _, _, _, _, _, bias in biases.values():  # only a cancelled bias survives _use_grouping
+            seen = [c[4] for c in calls if c[5] is bias]
+            if isinstance(bias, nn.Parameter) and id(bias) in names and \
+                    used_only_there(seen, len(calls)):
                 mapping[names[id(bias)]] = CANCELLED
     return mapping, stats
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module to call for discovery: DistributedDataParallel's forward would arm its
+    gradient reducer for a backward pass that never comes, so its ``module`` is called instead
+    (the same parameters; names keep the ``module.`` prefix)."""
+    ddp = getattr(torch.nn.parallel, "DistributedDataParallel", None)
+    return model.module if ddp is not None and isinstance(model, ddp) else model
 
 
 def find_scale_invariant(model: nn.Module, example_inputs) -> dict[str, str]:
@@ -246,8 +276,8 @@ def _check_mapping(model: nn.Module, mapping: dict) -> dict[str, nn.Parameter]:
     if unknown:
         raise ValueError(f"unknown parameter name(s) {unknown}; the model has {sorted(params)}")
     for name, grouping in mapping.items():
-        if is_invariant(grouping):
-            rows(params[name], grouping)  # raises ValueError for a bad grouping or shape
+        if is_invariant(grouping):  # ValueError for a bad grouping or shape (shape only: meta)
+            rows(torch.empty(params[name].shape, device="meta"), grouping)
         elif grouping not in (None, CANCELLED):
             raise ValueError(f"invalid grouping {grouping!r} for {name}")
     return params

@@ -41,7 +41,7 @@ class ProjectedSGD(ScaleInvariantOptimizer):
                                       grouping=grouping, check_finite=check_finite,
                                       foreach=foreach))
 
-    def _init_state(self, group, w, state):
+    def _init_state(self, group, w, state, n):
         pass
 
     def _update_one(self, group, w, g, state, stats):
@@ -80,7 +80,7 @@ class AdamS(ScaleInvariantOptimizer):
                                       grouping=grouping, check_finite=check_finite,
                                       foreach=foreach))
 
-    def _init_state(self, group, w, state):
+    def _init_state(self, group, w, state, n):
         state["step"] = torch.tensor(0.0)
         state["exp_avg"] = torch.zeros_like(w)
         state["exp_avg_sq"] = torch.zeros_like(sqnorm(w))
@@ -165,7 +165,7 @@ class SGDMRT(ScaleInvariantOptimizer):
                                       grouping=grouping, check_finite=check_finite,
                                       foreach=foreach))
 
-    def _init_state(self, group, w, state):
+    def _init_state(self, group, w, state, n):
         state["momentum_buffer"] = torch.zeros_like(w)
 
     def _update_one(self, group, w, g, state, stats):

@@ -136,6 +136,11 @@ def clip(h: Tensor, limit: float) -> Tensor:
     return h * (limit / norm(h)).clamp_max(1.0)
 
 
+def orthogonality_residual(y: Tensor) -> Tensor | None:
+    """``(YYᵀ − I) Y`` for the rows of the matrix ``y`` (``None`` for a single row)."""
+    return None if y.shape[0] == 1 else torch.addmm(y, y @ y.T, y, beta=-1.0)
+
+
 def rescale_transport(a: Tensor, x_old: Tensor, x_new: Tensor) -> Tensor:
     """Roburin eq. (18): ``(<x_new, x_old> a − <x_new, a> x_old) / <x_new, x_new>`` (new tensor)."""
     out = a * dot(x_new, x_old)
@@ -182,6 +187,10 @@ class RowLayout:
     def gather(self, tensors: list[Tensor]) -> Tensor:
         """Concatenate per-tensor keepdim scalars (e.g. state) into one flat tensor."""
         return torch.cat([t.reshape(-1) for t in tensors])
+
+    def orthogonality_residual(self, index: int, y: Tensor) -> Tensor | None:
+        """:func:`orthogonality_residual` of view ``index`` flattened to the matrix ``y``."""
+        return orthogonality_residual(y)
 
     def scale_per_tensor_(self, flat: Tensor, values: list[float]) -> Tensor:
         """Multiply the groups of tensor ``i`` by the Python number ``values[i]``, in place."""

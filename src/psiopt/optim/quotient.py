@@ -81,10 +81,10 @@ class PSISGD(ScaleInvariantOptimizer):
                 "rescaling rows to their first norm would change the trajectory; pass "
                 "fixed_norm=False to run eq. 10-11 with L2 literally)")
 
-    def _init_state(self, group, w, state):
+    def _init_state(self, group, w, state, n):
         state["step"] = torch.tensor(0.0)
         if group["fixed_norm"]:
-            state["norm"] = norm(w).clone()
+            state["norm"] = n.clone()
 
     @staticmethod
     def _guard(n, max_norm):

@@ -9,6 +9,8 @@ direction: it stays zero (state ``live`` is 0 for it, 1 for every other row).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import ScaleInvariantOptimizer, step_count
@@ -16,9 +18,8 @@ from .geometry import (
     clip,
     geodesic_step_,
     is_invariant,
-    norm,
     normalize_,
-    rows,
+    orthogonality_residual,
     safe_inv,
     sphere_exp,
     sqnorm,
@@ -39,17 +40,23 @@ class _SphereOptimizer(ScaleInvariantOptimizer):
             return
         with torch.no_grad():
             for i, p in enumerate(group["params"]):
-                view = rows(p, group["grouping"])
-                r0 = norm(view)
-                self._prepare_row_state(group, self.state[p], r0)
+                (view,), layout, shards = self._rows(group["grouping"], [p])
+                r0 = layout.norms([view]).view(layout.shapes[0])
+                if shards is None:
+                    self._prepare_row_state(group, self.state[p], r0)
+                else:  # state of a sharded parameter: local tensors, kept as DTensors
+                    (state,), kept = self._local_states([self.state[p]])
+                    self._prepare_row_state(group, state, r0)
+                    self._store_states([p], shards, [view], [state], kept)
                 self._rescale(group, i, view, safe_inv(r0))
 
     def _prepare_row_state(self, group, state, r0) -> None:
         """State known before normalising (AdamG* needs ``r₀``)."""
 
     @staticmethod
-    def _live(w) -> torch.Tensor:
-        return (sqnorm(w) > 0).to(w.dtype)
+    def _live(n) -> torch.Tensor:
+        """1 for a row of nonzero norm ``n``, 0 for a zero row (which stays zero)."""
+        return (n > 0).to(n.dtype)
 
 
 class UnitNormSGD(_SphereOptimizer):
@@ -70,9 +77,9 @@ class UnitNormSGD(_SphereOptimizer):
                                       grouping=grouping, check_finite=check_finite,
                                       foreach=foreach))
 
-    def _init_state(self, group, w, state):
+    def _init_state(self, group, w, state, n):
         state["step"] = torch.tensor(0.0)
-        state["live"] = self._live(w)
+        state["live"] = self._live(n)
 
     def _update_one(self, group, w, g, state, stats):
         state["step"] += 1
@@ -142,8 +149,8 @@ class AdamGStar(_SphereOptimizer):
         state["r4"] = r0.square().square()
         state["live"] = (r0 > 0).to(r0.dtype)
 
-    def _init_state(self, group, w, state):  # state lost (e.g. cleared): the row is unit, r₀ = 1
-        self._prepare_row_state(group, state, norm(w))
+    def _init_state(self, group, w, state, n):  # state lost (e.g. cleared): the row is unit, r₀ = 1
+        self._prepare_row_state(group, state, n)
 
     @staticmethod
     def _coefficients(group) -> tuple[float, float, float]:
@@ -171,14 +178,12 @@ class AdamGStar(_SphereOptimizer):
 
 
 # -- Cho & Lee: SGDG and AdamG ----------------------------------------------------------------------
-def _penalised(group, w, g):
-    """``g + ω ∂/∂Y ½‖YYᵀ − I‖²_F = g + 2ω (YYᵀ − I) Y`` for the rows ``Y`` of one tensor."""
+def _penalised(group, w, g, residual=orthogonality_residual):
+    """``g + ω ∂/∂Y ½‖YYᵀ − I‖²_F = g + 2ω (YYᵀ − I) Y`` for the rows ``Y`` of one tensor
+    (``residual(Y)`` = ``(YYᵀ − I) Y``, ``None`` for a single row)."""
     omega = group["ortho"]
-    if not omega or w.shape[0] == 1:
-        return g
-    y = w.flatten(1)
-    penalty = torch.addmm(y, y @ y.T, y, beta=-1.0)  # (YYᵀ − I) Y
-    return g.add(penalty.view_as(w), alpha=2.0 * omega)
+    penalty = residual(w.flatten(1)) if omega else None
+    return g if penalty is None else g.add(penalty.view_as(w), alpha=2.0 * omega)
 
 
 def _direction(group, w, g, live):
@@ -188,7 +193,8 @@ def _direction(group, w, g, live):
 
 def _directions(group, ws, gs, live, layout):
     """Vectorized :func:`_direction`; also returns the flat norms of the clipped directions."""
-    gs = [_penalised(group, w, g) for w, g in zip(ws, gs)]
+    gs = [_penalised(group, w, g, functools.partial(layout.orthogonality_residual, i))
+          for i, (w, g) in enumerate(zip(ws, gs))]
     hs = torch._foreach_addcmul(gs, ws, layout.split(-layout.dots(ws, gs)))
     n = layout.norms(hs)
     factor = (group["clip"] / n).clamp_max_(1.0).mul_(live)
@@ -217,9 +223,9 @@ class SGDG(_SphereOptimizer):
                                       weight_decay=weight_decay, grouping=grouping,
                                       check_finite=check_finite, foreach=foreach))
 
-    def _init_state(self, group, w, state):
+    def _init_state(self, group, w, state, n):
         state["momentum_buffer"] = torch.zeros_like(w)
-        state["live"] = self._live(w)
+        state["live"] = self._live(n)
 
     def _update_one(self, group, w, g, state, stats):
         m = state["momentum_buffer"]
@@ -258,11 +264,11 @@ class AdamG(_SphereOptimizer):
                                       weight_decay=weight_decay, grouping=grouping,
                                       check_finite=check_finite, foreach=foreach))
 
-    def _init_state(self, group, w, state):
+    def _init_state(self, group, w, state, n):
         state["step"] = torch.tensor(0.0)
         state["exp_avg"] = torch.zeros_like(w)
         state["exp_avg_sq"] = torch.zeros_like(sqnorm(w))
-        state["live"] = self._live(w)
+        state["live"] = self._live(n)
 
     @staticmethod
     def _scale(group, step) -> float:

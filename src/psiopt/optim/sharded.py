@@ -1,0 +1,162 @@
+"""Parameters sharded by FSDP2 (``fully_shard``): DTensors sharded on dimension 0.
+
+Each rank updates its own shard with the same vectorized rules as one process, on views of the
+local tensors.  A group lies whole on one rank only for ``"channel"`` rows (output channels are
+dimension 0, the sharded one); ``"tensor"``, ``"groups:G"`` and ``"@1"`` groups can span ranks.
+Their per-group reductions (norms, inner products) are taken per local row, summed into one
+vector over every spanning group of the layout and summed across ranks with one ``all_reduce``
+per reduction: no parameter is gathered.  For such groupings the local view has one row per
+local channel (per output channel for ``"@1"``), each carrying its group's scalars.
+
+Optimizer state is kept as DTensors with the parameter's mesh (buffers sharded like the
+parameter, per-row scalars sharded or replicated), so ``torch.distributed.checkpoint`` saves and
+loads it like torch.optim's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .geometry import RowLayout, parse_grouping, rows
+
+try:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # a torch built without distributed support
+    DTensor = None
+
+
+def is_sharded(t) -> bool:
+    """True for a DTensor (a parameter of a model wrapped with FSDP2's ``fully_shard``)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+class ShardedRows:
+    """How the local shard of one DTensor parameter splits into (parts of) groups.
+
+    :meth:`view` maps any local tensor of the parameter's local shape (the parameter, its
+    gradient, a buffer) to the rows the rules work on; ``index`` gives the global group of each
+    local row (``None`` when the local rows are whole groups), ``groups`` the number of global
+    groups, ``group_size`` the entries of one, ``sharded_dim`` the dimension of the view split
+    between ranks (``None`` for a replicated parameter).
+    """
+
+    def __init__(self, p, grouping: str):
+        mesh, placements = p.device_mesh, p.placements
+        if mesh.ndim != 1 or placements[0] not in (Shard(0), Replicate()):
+            raise ValueError(
+                f"psiopt supports DTensor parameters sharded on dimension 0 of a 1-D mesh (FSDP2's "
+                f"fully_shard) or replicated; got placements {placements} on a {mesh.ndim}-D mesh")
+        self.mesh, self.grouping = mesh, grouping
+        kind, blocks, dim = parse_grouping(grouping)
+        self.kind = kind
+        shard = placements[0] == Shard(0)
+        self.index, self.groups = None, None
+        whole_rows = not shard or (kind == "channel" and dim == 0)
+        if whole_rows:
+            self._view = lambda t: rows(t, grouping)
+            self.sharded_dim = 0 if shard else None
+        elif kind == "tensor":
+            self._view, self.sharded_dim, self.groups, per = (lambda t: t.unsqueeze(0)), 1, 1, 1
+        elif dim == 1:  # ConvTranspose: output channels on dimension 1, inputs sharded
+            self._view, self.sharded_dim = (lambda t: rows(t, "channel@1")), 1
+        else:  # groups of output channels on the sharded dimension: one view row per channel
+            self._view, self.sharded_dim = (lambda t: t if t.dim() > 1 else t.unsqueeze(1)), 0
+        whole = self._view(torch.empty(p.shape, device="meta")).shape
+        self.global_view = tuple(whole)
+        if whole_rows:
+            self.group_size = math.prod(whole[1:])
+            return
+        if kind != "tensor":
+            self.groups = blocks if kind == "groups" else p.shape[dim]
+            per = p.shape[dim] // self.groups
+        local = self._view(p.to_local())
+        first = _offset(p) if self.sharded_dim == 0 else 0
+        self.index = torch.arange(first, first + local.shape[0], device=local.device) // per
+        self.group_size = math.prod(p.shape) // self.groups
+
+    def view(self, local: Tensor) -> Tensor:
+        return self._view(local)
+
+    def wrap(self, local: Tensor, like: Tensor) -> Tensor:
+        """``local`` (a state tensor made for the local view ``like``: a buffer of its shape, or
+        one scalar per row) as a DTensor on the parameter's mesh; 0-d tensors stay as they are."""
+        if local.dim() == 0:
+            return local
+        full = local.shape == like.shape
+        if self.sharded_dim is None or (not full and self.sharded_dim != 0):
+            return DTensor.from_local(local, self.mesh, [Replicate()], run_check=False)
+        shape = torch.Size(self.global_view if full else (self.global_view[0], *local.shape[1:]))
+        return DTensor.from_local(local, self.mesh, [Shard(self.sharded_dim)], run_check=False,
+                                  shape=shape, stride=torch.empty(shape, device="meta").stride())
+
+
+def _offset(p) -> int:
+    """First global index along dimension 0 of this rank's shard of ``p``."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[0]
+
+
+class ShardedLayout(RowLayout):
+    """:class:`RowLayout` of local views whose groups may span ranks: per-group reductions are
+    completed with one ``all_reduce`` over every spanning group of the layout."""
+
+    def __init__(self, views: list[Tensor], shards: list[ShardedRows]):
+        super().__init__(views)
+        self.shards = shards
+        self.group_sizes = [s.group_size for s in shards]
+        self.group = shards[0].mesh.get_group()
+        starts = [0, *torch.tensor(self.sizes).cumsum(0).tolist()]
+        positions, index, base = [], [], 0
+        for s, start, size in zip(shards, starts, self.sizes):
+            if s.index is not None:
+                positions.append(torch.arange(start, start + size, device=self.device))
+                index.append(s.index + base)
+                base += s.groups
+        self.spanning = base
+        if base:
+            self.positions, self.index = torch.cat(positions), torch.cat(index)
+
+    def _complete(self, flat: Tensor, squared: bool) -> Tensor:
+        """Sum the partial per-row values of spanning groups across local rows and ranks."""
+        if not self.spanning:
+            return flat
+        part = flat[self.positions]
+        total = flat.new_zeros(self.spanning).index_add_(0, self.index,
+                                                         part.square() if squared else part)
+        dist.all_reduce(total, group=self.group)
+        total = total[self.index]
+        flat[self.positions] = total.sqrt() if squared else total
+        return flat
+
+    def norms(self, xs: list[Tensor]) -> Tensor:
+        return self._complete(super().norms(xs), squared=True)
+
+    def dots(self, xs: list[Tensor], ys: list[Tensor]) -> Tensor:
+        return self._complete(super().dots(xs, ys), squared=False)
+
+
+    def orthogonality_residual(self, index: int, y: Tensor) -> Tensor | None:
+        """``(YYᵀ − I)Y`` for the local rows ``Y`` of sharded view ``index``, without gathering
+        it: ``Y(ΣYᵀY) − Y`` when each rank holds whole rows, ``(ΣYYᵀ − I)Y`` when every row is
+        split between ranks (one ``all_reduce`` of a d×d or R×R matrix)."""
+        shard = self.shards[index]
+        if shard.sharded_dim is None:
+            return super().orthogonality_residual(index, y)
+        if shard.global_view[0] == 1:
+            return None
+        if shard.index is None:
+            inner = y.T @ y
+            dist.all_reduce(inner, group=self.group)
+            return torch.addmm(y, y, inner, beta=-1.0)
+        if shard.kind == "channel":
+            outer = y @ y.T
+            dist.all_reduce(outer, group=self.group)
+            return torch.addmm(y, outer, y, beta=-1.0)
+        raise ValueError(f"the orthogonality penalty (ortho > 0) is not available for "
+                         f"FSDP2-sharded {shard.grouping!r} weights; pass ortho=0")
