@@ -25,7 +25,13 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils._pytree import tree_leaves
 
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # a torch built without distributed support
+    FSDPModule = None
+
 from .geometry import CANCELLED, is_invariant, norm, rows, safe_inv
+from .sharded import grouped_norms
 
 _LAYERS = (nn.Linear, _ConvNd)
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
@@ -55,6 +61,7 @@ def _pristine(model: nn.Module, seed: int = 0):
             model.train()
             yield
     finally:
+        _reshard(model)
         for m, mode in modes:
             m.training = mode
         with torch.no_grad():
@@ -236,6 +243,15 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     return mapping, stats
 
 
+def _reshard(model: nn.Module) -> None:
+    """FSDP2 keeps the root's parameters unsharded after a forward pass (until the backward
+    pass that discovery never runs): shard them again, so that ``named_parameters()`` gives the
+    sharded parameters an optimizer must hold."""
+    for m in model.modules():
+        if FSDPModule and isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The module to call for discovery: DistributedDataParallel's forward would arm its
     gradient reducer for a backward pass that never comes, so its ``module`` is called instead
@@ -344,8 +360,8 @@ def unit_normalize_(groups: list[dict]) -> None:
         if is_invariant(group.get("grouping")):
             links = group.get("norm_stats") or [()] * len(group["params"])
             for p, st in zip(group["params"], links):
-                v = rows(p, group["grouping"])
-                rescale_rows_(v, safe_inv(norm(v)), st)
+                v, n = grouped_norms(p, group["grouping"])
+                rescale_rows_(v, safe_inv(n), st)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .geometry import RowLayout, parse_grouping, rows
+from .geometry import RowLayout, norm, parse_grouping, rows
 
 try:
     import torch.distributed as dist
@@ -67,6 +67,7 @@ class ShardedRows:
             self._view, self.sharded_dim = (lambda t: t if t.dim() > 1 else t.unsqueeze(1)), 0
         whole = self._view(torch.empty(p.shape, device="meta")).shape
         self.global_view = tuple(whole)
+        self.first = _offset(p) if self.sharded_dim == 0 else 0  # global index of the first row
         if whole_rows:
             self.group_size = math.prod(whole[1:])
             return
@@ -74,8 +75,7 @@ class ShardedRows:
             self.groups = blocks if kind == "groups" else p.shape[dim]
             per = p.shape[dim] // self.groups
         local = self._view(p.to_local())
-        first = _offset(p) if self.sharded_dim == 0 else 0
-        self.index = torch.arange(first, first + local.shape[0], device=local.device) // per
+        self.index = torch.arange(self.first, self.first + local.shape[0], device=local.device) // per
         self.group_size = math.prod(p.shape) // self.groups
 
     def view(self, local: Tensor) -> Tensor:
@@ -142,21 +142,47 @@ class ShardedLayout(RowLayout):
 
 
     def orthogonality_residual(self, index: int, y: Tensor) -> Tensor | None:
-        """``(YYᵀ − I)Y`` for the local rows ``Y`` of sharded view ``index``, without gathering
-        it: ``Y(ΣYᵀY) − Y`` when each rank holds whole rows, ``(ΣYYᵀ − I)Y`` when every row is
-        split between ranks (one ``all_reduce`` of a d×d or R×R matrix)."""
+        """``(YYᵀ − I)Y`` for the local rows ``y`` of sharded view ``index`` (Cho & Lee's
+        penalty couples the rows of a tensor, so this needs its own collective, one per tensor):
+
+        * every row split between ranks (``"@1"``): ``(ΣY_lY_lᵀ − I)Y_l``, an R×R all_reduce;
+        * whole rows on each rank (``"channel"``) with fewer columns than rows:
+          ``Y_l(ΣY_lᵀY_l) − Y_l``, a d×d all_reduce;
+        * otherwise (more columns than rows, or ``"groups:G"`` rows made of channels on several
+          ranks) the rows are summed into a zero-padded copy of the whole weight (one
+          parameter-sized all_reduce), the only case where a weight is assembled.
+        """
         shard = self.shards[index]
         if shard.sharded_dim is None:
             return super().orthogonality_residual(index, y)
-        if shard.global_view[0] == 1:
+        if shard.kind == "tensor" or (shard.groups or shard.global_view[0]) == 1:  # one row
             return None
-        if shard.index is None:
+        if shard.sharded_dim == 1:
+            yg = y.reshape(shard.groups, -1)
+            outer = yg @ yg.T
+            dist.all_reduce(outer, group=self.group)
+            return torch.addmm(yg, outer, yg, beta=-1.0).reshape(y.shape)
+        if shard.index is None and y.shape[1] <= shard.global_view[0]:
             inner = y.T @ y
             dist.all_reduce(inner, group=self.group)
             return torch.addmm(y, y, inner, beta=-1.0)
-        if shard.kind == "channel":
-            outer = y @ y.T
-            dist.all_reduce(outer, group=self.group)
-            return torch.addmm(y, outer, y, beta=-1.0)
-        raise ValueError(f"the orthogonality penalty (ortho > 0) is not available for "
-                         f"FSDP2-sharded {shard.grouping!r} weights; pass ortho=0")
+        rows_, cols = shard.global_view[0], y.shape[1]
+        slots = torch.arange(shard.first, shard.first + y.shape[0], device=y.device)
+        whole = y.new_zeros(rows_, cols).index_copy_(0, slots, y)
+        dist.all_reduce(whole, group=self.group)
+        if shard.index is not None:  # groups of channels: one row per group
+            whole = whole.reshape(shard.groups, -1)
+        out = torch.addmm(whole, whole @ whole.T, whole, beta=-1.0)
+        return out.reshape(rows_, cols).index_select(0, slots)
+
+
+def grouped_norms(p: Tensor, grouping: str) -> tuple[Tensor, Tensor]:
+    """``(view, norms)``: the grouped view of ``p`` (of its local shard for a DTensor) and the
+    per-group norms (keepdim), complete across ranks."""
+    if not is_sharded(p):
+        view = rows(p, grouping)
+        return view, norm(view)
+    shard = ShardedRows(p, grouping)
+    view = shard.view(p.to_local())
+    layout = ShardedLayout([view], [shard])
+    return view, layout.norms([view]).view(layout.shapes[0])

@@ -1,0 +1,115 @@
+"""Two ranks (gloo, CPU, spawned processes) against one process, float64.
+
+FSDP2 (``fully_shard``: every parameter a DTensor sharded on dimension 0) and DDP, for every
+registered optimizer, on a network whose groups are whole on a rank (conv→GroupNorm(C):
+"channel"), span ranks ("groups:2" of a conv, "tensor" of a linear→LayerNorm) and are cancelled
+(the conv bias before GroupNorm(C)).  GroupNorm and LayerNorm are per sample, so each rank's
+half of the batch gives, averaged over ranks, the gradient of the whole batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import psiopt
+
+STEPS = 8
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, bias=False), nn.GroupNorm(2, 6), nn.ReLU(),   # groups:2, split 3 | 3
+        nn.Conv2d(6, 5, 3), nn.GroupNorm(5, 5), nn.ReLU(),              # channel (5 = 3 + 2)
+        nn.Flatten(), nn.Linear(5 * 4 * 4, 7, bias=False), nn.LayerNorm(7), nn.ReLU(),  # tensor
+        nn.Linear(7, 3)).double()
+
+
+def data():
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(STEPS, 8, 3, 8, 8, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (STEPS, 8), generator=gen))
+
+
+def train(model, opt, xs, ys):
+    for x, y in zip(xs, ys):
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def full(model) -> dict:
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+            for n, p in model.named_parameters()}
+
+
+def _worker(rank, world, port, mode, names, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    xs, ys = data()
+    half = slice(rank * 4, rank * 4 + 4)
+    results = {}
+    for name in names:
+        ref = net()
+        ref_opt = psiopt.create_optimizer(ref, name, xs[0])
+        train(ref, ref_opt, xs, ys)
+        model = net()
+        if mode == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for i in (0, 3, 7, 10):
+                fully_shard(model[i])
+            fully_shard(model)
+            wrapped = model
+        else:
+            wrapped = nn.parallel.DistributedDataParallel(model)
+        mapping = psiopt.find_scale_invariant(wrapped, xs[0])
+        opt = psiopt.create_optimizer(wrapped, name, xs[0][half])
+        train(wrapped, opt, xs[:, half], ys[:, half])
+        got, want = full(wrapped), full(ref)
+        prefix = "module." if mode == "ddp" else ""
+        errs = {n: float((got[prefix + n] - w).abs().max() / w.abs().max().clamp_min(1e-12))
+                for n, w in want.items()}
+        worst = max(errs, key=errs.get)
+        results[name] = {"error": errs[worst], "worst": worst, "mapping": mapping}
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(mode, names, tmp_path) -> dict:
+    out = tmp_path / f"{mode}.json"
+    mp.spawn(_worker, args=(2, _free_port(), mode, names, str(out)), nprocs=2)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_two_ranks_equal_one_process_for_every_optimizer(tmp_path, mode):
+    names = psiopt.list_optimizers()
+    results = spawn(mode, names, tmp_path)
+    prefix = "module." if mode == "ddp" else ""
+    expected = {f"{prefix}0.weight": "groups:2", f"{prefix}3.weight": "channel",
+                f"{prefix}3.bias": "cancelled", f"{prefix}7.weight": "tensor"}
+    for name in names:
+        assert results[name]["mapping"] == expected, name
+    errors = {name: (r["error"], r["worst"]) for name, r in results.items()}
+    print(json.dumps(errors, indent=1), file=sys.stderr)
+    assert all(e < 1e-6 for e, _ in errors.values()), errors
