@@ -243,7 +243,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 loss = closure()
         work = []
         for group in self.param_groups:
-            if group["grouping"] == CANCELLED:
+            if group["grouping"] == CANCELLED:  # never stepped; its state says so (step 0), so
+                for p in group["params"]:       # that every parameter a step saw has state
+                    if p.grad is not None and p not in self.state:
+                        self.state[p]["step"] = torch.tensor(0.0)
                 continue
             index = [i for i, p in enumerate(group["params"]) if p.grad is not None]
             if index:
@@ -293,6 +296,12 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     def _invariant(self, group: dict, index: list[int], params: list[Tensor],
                    grads: list[Tensor]) -> None:
         stats = self._stats(group, index)
+        initial = self.__dict__.get("_initial", {})
+        for p in params:  # state known at construction (AdamG*'s r₀) becomes state now
+            if p in initial:
+                pending = initial.pop(p)
+                if not self.state.get(p):
+                    self.state[p].update(pending)
         ws, layout, shards = self._rows(group["grouping"], params)
         gs = [rows(g, group["grouping"]) for g in grads] if shards is None else \
             [s.view(g.to_local()) for s, g in zip(shards, grads)]
@@ -337,10 +346,11 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         local = [{k: v.to_local() if is_sharded(v) else v for k, v in st.items()} for st in states]
         return local, [dict(st) for st in local]
 
-    def _store_states(self, params, shards, ws, states, kept) -> None:
-        """Write back local state as DTensors (new or replaced entries only)."""
-        for p, shard, w, st, old in zip(params, shards, ws, states, kept):
-            target = self.state[p]
+    def _store_states(self, params, shards, ws, states, kept, into=None) -> None:
+        """Write back local state as DTensors (new or replaced entries only) into
+        ``self.state`` (or the dicts ``into``)."""
+        for i, (p, shard, w, st, old) in enumerate(zip(params, shards, ws, states, kept)):
+            target = self.state[p] if into is None else into[i]
             for key, value in st.items():
                 if key not in old or old[key] is not value:
                     target[key] = shard.wrap(value, w) if isinstance(value, Tensor) else value
@@ -375,6 +385,28 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                      layout: RowLayout, stats: list) -> None:
         """Vectorized path over the group's views (same arguments as :meth:`_update_one`)."""
         raise NotImplementedError
+
+    def _initial_state(self, p: Tensor) -> dict:
+        """State known when ``p``'s group is added (e.g. AdamG*'s ``r₀``), held apart from
+        ``state`` until ``p``'s first step: ``state`` stays empty until then, as torch.optim's
+        does (``torch.distributed.checkpoint`` steps an optimizer with empty state once with
+        zero gradients to build its state before loading), yet ``state_dict()`` includes it."""
+        return self.__dict__.setdefault("_initial", {}).setdefault(p, {})
+
+    def state_dict(self) -> dict:
+        initial = self.__dict__.get("_initial", {})
+        for p in list(initial):
+            pending = initial.pop(p)
+            if not self.state.get(p):
+                self.state[p].update(pending)
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.__dict__.get("_initial", {}).clear()  # the loaded state is the state
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_initial": self.__dict__.get("_initial", {})}
 
     # -- diagnostics --------------------------------------------------------------------------------
     def scheduling_beta(self, p: Tensor, view: Tensor, before: Tensor) -> Tensor | None:

@@ -138,6 +138,9 @@ def create_optimizer(model_or_param_groups, name: str, example_inputs=None, *,
     for group in trained:
         side = 0 if is_invariant(group.get("grouping")) else 1
         group.update({**(invariant, other)[side], **group, **explicit[side]})
+    for group in groups:  # cancelled biases: the others' settings (momentum: the same kind of
+        if group.get("grouping") == CANCELLED:  # state, as checkpoints expect), lr and wd 0
+            group.update({**other, **group, "lr": 0.0, "weight_decay": 0.0})
     decays = sorted({g["weight_decay"] for g in trained}) if spec.shared_decay and not from_model else []
     if len(decays) > 1:  # param_groups' weight_decay=0 on invariant groups would silently win
         raise ValueError(

@@ -36,6 +36,7 @@ class _SphereOptimizer(ScaleInvariantOptimizer):
     invariant_zero = ("weight_decay",)
 
     def _prepare(self, group):
+        super()._prepare(group)
         if not is_invariant(group["grouping"]):
             return
         with torch.no_grad():
@@ -43,11 +44,12 @@ class _SphereOptimizer(ScaleInvariantOptimizer):
                 (view,), layout, shards = self._rows(group["grouping"], [p])
                 r0 = layout.norms([view]).view(layout.shapes[0])
                 if shards is None:
-                    self._prepare_row_state(group, self.state[p], r0)
+                    self._prepare_row_state(group, self._initial_state(p), r0)
                 else:  # state of a sharded parameter: local tensors, kept as DTensors
-                    (state,), kept = self._local_states([self.state[p]])
+                    state = {}
                     self._prepare_row_state(group, state, r0)
-                    self._store_states([p], shards, [view], [state], kept)
+                    self._store_states([p], shards, [view], [state], [{}],
+                                       into=[self._initial_state(p)])
                 self._rescale(group, i, view, safe_inv(r0))
 
     def _prepare_row_state(self, group, state, r0) -> None:
