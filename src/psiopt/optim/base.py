@@ -296,8 +296,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     def _invariant(self, group: dict, index: list[int], params: list[Tensor],
                    grads: list[Tensor]) -> None:
         stats = self._stats(group, index)
-        initial = self.__dict__.get("_initial", {})
-        for p in params:  # state known at construction (AdamG*'s r₀) becomes state now
+        initial = self.__dict__.get("_initial")
+        for p in params if initial else ():  # state known at construction (AdamG*'s r₀) now
             if p in initial:
                 pending = initial.pop(p)
                 if not self.state.get(p):
