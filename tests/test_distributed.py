@@ -4,7 +4,9 @@ FSDP2 (``fully_shard``: every parameter a DTensor sharded on dimension 0) and DD
 registered optimizer, on a network whose groups are whole on a rank (conv→GroupNorm(C):
 "channel"), span ranks ("groups:2" of a conv, "tensor" of a linear→LayerNorm) and are cancelled
 (the conv bias before GroupNorm(C)).  GroupNorm and LayerNorm are per sample, so each rank's
-half of the batch gives, averaged over ranks, the gradient of the whole batch.
+half of the batch gives, averaged over ranks, the gradient of the whole batch.  A BatchNorm network
+(conv→BatchNorm2d, linear→BatchNorm1d) under DDP with :class:`psiopt.SyncBatchNorm` (statistics of
+the global batch) must equal one process with plain BatchNorm too, running statistics included.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ def net() -> nn.Module:
         nn.Linear(7, 3)).double()
 
 
+def bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),                    # channel, cancelled bias
+        nn.Flatten(), nn.Linear(6 * 6 * 6, 5, bias=False), nn.BatchNorm1d(5), nn.ReLU(),
+        nn.Linear(5, 3)).double()
+
+
 def data():
     gen = torch.Generator().manual_seed(1)
     return (torch.randn(STEPS, 8, 3, 8, 8, generator=gen, dtype=torch.float64),
@@ -50,8 +60,9 @@ def train(model, opt, xs, ys):
 
 
 def full(model) -> dict:
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
-            for n, p in model.named_parameters()}
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double()
+            for n, p in tensors}
 
 
 def _worker(rank, world, port, mode, names, out):
@@ -61,17 +72,18 @@ def _worker(rank, world, port, mode, names, out):
     xs, ys = data()
     half = slice(rank * 4, rank * 4 + 4)
     results = {}
+    make = bn_net if mode == "ddp-syncbn" else net
     for name in names:
-        ref = net()
+        ref = make()
         ref_opt = psiopt.create_optimizer(ref, name, xs[0])
         train(ref, ref_opt, xs, ys)
-        model = net()
+        model = psiopt.convert_sync_batchnorm(make()) if mode == "ddp-syncbn" else make()
         wrapped = _sharded(model) if mode == "fsdp" else nn.parallel.DistributedDataParallel(model)
         mapping = psiopt.find_scale_invariant(wrapped, xs[0])
         opt = psiopt.create_optimizer(wrapped, name, xs[0][half])
         train(wrapped, opt, xs[:, half], ys[:, half])
         got, want = full(wrapped), full(ref)
-        prefix = "module." if mode == "ddp" else ""
+        prefix = "" if mode == "fsdp" else "module."
         errs = {n: float((got[prefix + n] - w).abs().max() / w.abs().max().clamp_min(1e-12))
                 for n, w in want.items()}
         worst = max(errs, key=errs.get)
@@ -148,13 +160,16 @@ def spawn(mode, names, tmp_path) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+@pytest.mark.parametrize("mode", ["fsdp", "ddp", "ddp-syncbn"])
 def test_two_ranks_equal_one_process_for_every_optimizer(tmp_path, mode):
     names = psiopt.list_optimizers()
     results = spawn(mode, names, tmp_path)
-    prefix = "module." if mode == "ddp" else ""
+    prefix = "" if mode == "fsdp" else "module."
     expected = {f"{prefix}0.weight": "groups:2", f"{prefix}3.weight": "channel",
                 f"{prefix}3.bias": "cancelled", f"{prefix}7.weight": "tensor"}
+    if mode == "ddp-syncbn":
+        expected = {"module.0.weight": "channel", "module.0.bias": "cancelled",
+                    "module.4.weight": "channel"}
     for name in names:
         assert results[name]["mapping"] == expected, name
     errors = {name: (r["error"], r["worst"]) for name, r in results.items()}
