@@ -22,6 +22,23 @@ def _world_size(group) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """``all_reduce`` (sum) whose gradient is the sum of every rank's gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class SyncBatchNorm(_BatchNorm):
     """BatchNorm whose training statistics are those of the batch of every rank in ``process_group``
     (default: the world).  Takes inputs of shape ``(N, C, ...)`` like ``torch.nn.SyncBatchNorm``."""
@@ -40,17 +57,15 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input_dim(input)
         if not self.training or _world_size(self.process_group) == 1:
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         input = input.view_as(input)  # one consumer of the input, as any norm layer (discovery)
         dims = [0, *range(2, input.dim())]
         shape = (1, -1) + (1,) * (input.dim() - 2)
         count = input.new_full((1,), input.numel() // input.shape[1])
-        total = all_reduce(torch.cat([input.sum(dims), count]), group=self.process_group)
+        total = _SumOverRanks.apply(torch.cat([input.sum(dims), count]), self.process_group)
         n = total[-1]
         mean = total[:-1] / n
         centred = input - mean.view(shape)
-        var = all_reduce(centred.square().sum(dims), group=self.process_group) / n
+        var = _SumOverRanks.apply(centred.square().sum(dims), self.process_group) / n
         if self.track_running_stats and self.running_mean is not None:
             self._update_running_stats(mean.detach(), var.detach() * (n / (n - 1)))
         out = centred * torch.rsqrt(var + self.eps).view(shape)

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from ..optim.registry import REGISTRY, list_optimizers
 from .data import DATASETS, DataError, is_available
 from .models import list_models
 from .recipes import RECIPES
-from .train import INITS, RunConfig, RunError, check_run_dir, train
+from .train import INITS, RunConfig, RunError, check_run_dir, train, train_spawned
 
 
 class UsageError(Exception):
@@ -119,6 +120,11 @@ def parser() -> Parser:
     t.add_argument("--optimizer", default="sgd")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--nproc", type=int, default=None,
+                   help="data-parallel processes on this machine (gloo; --batch-size is the global "
+                        "batch); under torchrun, the number torchrun started")
+    t.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics of the global batch when --nproc > 1")
     c = sub.add_parser("compare", help="train every optimizer × seed, then write a report")
     _common(c)
     c.add_argument("--optimizers", default=None)
@@ -173,7 +179,9 @@ def _config(args, optimizer: str, seed: int) -> RunConfig:
                        milestones=_milestones(args.milestones), gamma=args.gamma,
                        init=_choice("init", args.init, INITS), data_dir=args.data_dir,
                        threads=args.threads, grouping=args.grouping,
-                       model_kwargs=_pairs("--model-kwarg", args.model_kwarg))
+                       model_kwargs=_pairs("--model-kwarg", args.model_kwarg),
+                       nproc=getattr(args, "nproc", None) or 1,
+                       sync_bn=getattr(args, "sync_bn", False))
     try:
         config.validate()
     except RunError as e:
@@ -181,11 +189,39 @@ def _config(args, optimizer: str, seed: int) -> RunConfig:
     return config
 
 
+def _torchrun_world() -> int | None:
+    """The number of processes when started by torchrun (``WORLD_SIZE`` and ``RANK`` set)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return None
+
+
 def cmd_train(args) -> None:
     _fill_defaults(args)
+    world = _torchrun_world()
+    if world is not None:
+        if args.nproc not in (None, world):
+            raise UsageError(f"--nproc {args.nproc} but torchrun started {world} processes")
+        args.nproc = world
     config = _config(args, _choice("optimizer", args.optimizer, list_optimizers()), args.seed)
     out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.optimizer}-s{args.seed}")
-    metrics = train(config, out, resume=args.resume, progress=False if args.no_progress else None)
+    progress = False if args.no_progress else None
+    if world is not None and world > 1:
+        import torch.distributed as dist
+
+        from .train import PROCESS_GROUP_TIMEOUT
+
+        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+        try:
+            metrics = train(config, out, resume=args.resume, progress=progress)
+        finally:
+            dist.destroy_process_group()
+        if int(os.environ["RANK"]):
+            return
+    elif config.nproc > 1:
+        metrics = train_spawned(config, out, resume=args.resume, progress=progress)
+    else:
+        metrics = train(config, out, resume=args.resume, progress=progress)
     print(f"run directory: {out} ({len(metrics)} epochs)")
 
 

@@ -4,12 +4,20 @@ A run directory holds ``config.json`` (every setting, the hyperparameters the op
 uses, the environment), ``metrics.jsonl`` (one JSON object per epoch, appended) and
 ``checkpoint.pt`` (written atomically after an epoch's record, at the last epoch and at most every
 ``CHECKPOINT_SECONDS`` otherwise: model, optimizer, scheduler, RNG state and epoch; a resumed run
-drops the records beyond the checkpoint and redoes those epochs, identically).  The last epoch of each
-session is also evaluated with the BatchNorm statistics recomputed on the training set.  Shuffling
-and augmentation draw from a generator seeded by ``(seed, epoch)``, so a resumed run gives exactly
-the metrics of an uninterrupted one.  A run directory is only ever continued with the settings it
-was created with (more epochs and another thread count aside); anything else raises
+drops the records beyond the checkpoint and redoes those epochs, identically).  The last epoch of
+each session is also evaluated with the BatchNorm statistics recomputed on the training set.
+Shuffling and augmentation draw from a generator seeded by ``(seed, epoch)``, so a resumed run gives
+exactly the metrics of an uninterrupted one.  A run directory is only ever continued with the
+settings it was created with (more epochs and another thread count aside); anything else raises
 :class:`RunError` naming the differing keys, before any file is touched.
+
+With ``nproc`` > 1 (under ``torchrun``, or spawned by :func:`train_spawned`) training is
+data-parallel (DDP): every rank draws the same global batch and keeps every ``nproc``-th sample of
+it (DistributedSampler's split), the loss is weighted so that DDP's average is the gradient of the
+global batch, sums are reduced over ranks, and rank 0 alone logs and writes the run directory (and
+reads it, broadcasting a checkpoint to the others): the metrics are those of one process with the
+same global batch.  BatchNorm normalises each rank's part of the batch unless ``sync_bn``
+(:class:`psiopt.parallel.SyncBatchNorm`: the global batch's statistics).
 """
 
 from __future__ import annotations
@@ -19,13 +27,16 @@ import json
 import math
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -34,7 +45,8 @@ from ..optim.diagnostics import StepProbe, summarize
 from ..optim.discovery import find_scale_invariant, param_groups, rescale_rows_
 from ..optim.geometry import CANCELLED, is_invariant, rows
 from ..optim.registry import create_optimizer, settings
-from .data import batches, load_dataset
+from ..parallel import convert_sync_batchnorm
+from .data import DataError, batches, load_dataset
 from .models import create_model, glorot_
 
 INITS = ("default", "glorot", "unbalanced")
@@ -42,6 +54,8 @@ INITS = ("default", "glorot", "unbalanced")
 CHECKPOINT_SECONDS = 30.0
 #: settings a run directory may be continued with when they differ
 RESUMABLE = ("epochs", "threads")
+#: how long a rank waits for the others before the run fails with an error
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
 
 
 class RunError(ValueError):
@@ -68,16 +82,23 @@ class RunConfig:
     grouping: str | None = None  # "tensor": one group per invariant weight (Arora's PSGD)
     data_dir: str | None = None
     threads: int = 1  # one thread: the default that gives honest timings on a shared machine
+    nproc: int = 1  # data-parallel processes; the batch size is the global one
+    sync_bn: bool = False  # BatchNorm statistics of the global batch when nproc > 1
+
 
     def validate(self) -> None:
         """Raise :class:`RunError` naming the first setting that is not valid."""
-        least = {"epochs": 0, "batch_size": 1, "threads": 1, "subset": 2, "validation": 1}
+        least = {"epochs": 0, "batch_size": 1, "threads": 1, "subset": 2, "validation": 1,
+                 "nproc": 1}
         for name, low in least.items():
             value = getattr(self, name)
             if value is None and name in ("subset", "validation"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise RunError(f"invalid {name}: {value!r} (must be an integer of at least {low})")
+        if self.batch_size % self.nproc:
+            raise RunError(f"batch size {self.batch_size} does not split over {self.nproc} "
+                           "processes (it is the global batch: use a multiple of --nproc)")
         if self.grouping not in (None, "tensor", "channel"):
             raise RunError(f"invalid grouping {self.grouping!r}: tensor or channel (or none: "
                            "as discovered)")
@@ -133,16 +154,56 @@ def _loss(out, y, regression: bool):
 
 
 @torch.no_grad()
-def evaluate(model, x, y, regression: bool, batch_size: int = 1024) -> tuple[float, float | None]:
+def evaluate(model, x, y, regression: bool, batch_size: int = 1024,
+             shard: tuple[int, int] = (0, 1)) -> tuple[float, float | None]:
+    """Mean loss and accuracy of ``model`` in eval mode; with ``shard=(rank, world)`` each rank
+    takes every ``world``-th sample of each batch and the sums are reduced over ranks."""
+    rank, world = shard
     model.eval()
     loss, correct = torch.zeros(()), torch.zeros(())
     for xb, yb in batches(x, y, batch_size):
+        xb, yb = xb[rank::world], yb[rank::world]
+        if not len(xb):
+            continue
         out = model(xb)
         loss += _loss(out, yb, regression) * len(xb)
         if not regression:
             correct += (out.argmax(1) == yb).sum()
     model.train()
+    if world > 1:
+        loss, correct = _all_reduced(loss, correct)
     return loss.item() / len(x), None if regression else correct.item() / len(x)
+
+
+def _world() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group (``(0, 1)`` without one)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduced(*values: torch.Tensor) -> list[torch.Tensor]:
+    """Scalars summed over ranks (one collective)."""
+    total = torch.stack([v.double() for v in values])
+    dist.all_reduce(total)
+    return list(total)
+
+
+def _on_rank0(fn, world: int):
+    """``fn()`` run on rank 0 and its result, or its exception, broadcast to every rank."""
+    if world == 1:
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, fn())
+        except Exception as e:  # every rank raises it, rather than waiting for rank 0
+            box[0] = (False, e)
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _progress(total: int, desc: str, enabled: bool | None):
@@ -184,6 +245,8 @@ def build(config: RunConfig):
         initialise(model, "glorot", [])
     elif config.init == "unbalanced":  # before the optimizer: sphere methods normalise rows there
         initialise(model, "unbalanced", param_groups(model, example))
+    if config.sync_bn:
+        model = convert_sync_batchnorm(model)
     mapping = None
     if config.grouping:  # every invariant weight grouped as asked (a coarser grouping stays invariant)
         found = find_scale_invariant(model, example)
@@ -207,8 +270,9 @@ def _read_json(path: Path) -> dict:
 
 def _identity(record: dict) -> dict:
     """The settings of a run that must not change when it is continued (JSON-normalised)."""
+    defaults = asdict(RunConfig())  # a key added since the run was made: its default
     keys = [f.name for f in fields(RunConfig) if f.name not in RESUMABLE]
-    return json.loads(json.dumps({k: record.get(k) for k in keys}))
+    return json.loads(json.dumps({k: record.get(k, defaults[k]) for k in keys}))
 
 
 def check_run_dir(config: RunConfig, out_dir: str | Path, resume: bool) -> dict | None:
@@ -243,42 +307,53 @@ def _load_checkpoint(path: Path) -> dict:
                        "directory away or choose another --out") from None
 
 
+def _previous(config: RunConfig, out: Path, resume: bool) -> tuple:
+    """``(recorded config, checkpoint, metrics up to it)`` of the run directory to continue,
+    ``(None, None, [])`` for a new run; :class:`RunError` when it may not be used."""
+    recorded = check_run_dir(config, out, resume)
+    path = out / "checkpoint.pt"
+    if recorded is None or not path.exists():
+        return recorded, None, []
+    ckpt = _load_checkpoint(path)
+    start = ckpt["epoch"]
+    metrics = ckpt["metrics"] if "metrics" in ckpt else read_metrics(out)[:start]
+    if len(metrics) != start:
+        raise RunError(f"{out / 'metrics.jsonl'} holds {len(metrics)} records but the "
+                       f"checkpoint is at epoch {start}; choose another --out")
+    if start > config.epochs:
+        raise RunError(f"{out} has already trained {start} epochs; --epochs {config.epochs} "
+                       "would not describe it")
+    return recorded, ckpt, metrics
+
+
 def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
           progress: bool | None = None, log=print) -> list[dict]:
-    """Train per ``config``, writing the run directory ``out_dir``; return the metrics."""
+    """Train per ``config``, writing the run directory ``out_dir``; return the metrics.  With
+    ``config.nproc`` > 1, call it on every rank of an initialised default process group."""
     config.validate()
     out = Path(out_dir)
-    recorded = check_run_dir(config, out, resume)
+    rank, world = _world()
+    if world != config.nproc:
+        raise RunError(f"nproc is {config.nproc} but {world} process(es) run; under torchrun "
+                       "nproc is the number of processes")
+    recorded, ckpt, metrics = _on_rank0(lambda: _previous(config, out, resume), world)
+    if rank:
+        log, progress = (lambda *_: None), False
     torch.set_num_threads(config.threads)
     data, model, optimizer, scheduler = build(config)
-    ckpt_path = out / "checkpoint.pt"
-    metrics, start = [], 0
-    if recorded is not None and ckpt_path.exists():
-        ckpt = _load_checkpoint(ckpt_path)
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    start = 0
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
         start = ckpt["epoch"]
-        metrics = ckpt["metrics"] if "metrics" in ckpt else read_metrics(out)[:start]
-        if len(metrics) != start:
-            raise RunError(f"{out / 'metrics.jsonl'} holds {len(metrics)} records but the "
-                           f"checkpoint is at epoch {start}; choose another --out")
         if start >= config.epochs == recorded["epochs"]:
             return metrics  # a finished run, asked for again: every file stays as it is
-        if start > config.epochs:
-            raise RunError(f"{out} has already trained {start} epochs; --epochs {config.epochs} "
-                           "would not describe it")
-    out.mkdir(parents=True, exist_ok=True)
-    record = {**asdict(config), "optimizer_settings": config.resolved(),
-              "environment": environment()}
-    if recorded is not None:  # the first session's environment stays; later ones are listed
-        record["environment"] = recorded["environment"]
-        record["resumed"] = [*recorded.get("resumed", []),
-                             {"at_epoch": start, "threads": config.threads,
-                              "environment": environment()}]
-    (out / "config.json").write_text(json.dumps(record, indent=2))
-    _write_metrics(out / "metrics.jsonl", metrics)
+    if rank == 0:
+        _write_config(config, out, recorded, start)
+        _write_metrics(out / "metrics.jsonl", metrics)
     regression = data.task == "regression"
     split = "val" if config.validation else "test"  # metrics say which set they were measured on
     probe = StepProbe(optimizer)
@@ -288,53 +363,121 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
             break
         started = time.perf_counter()
         try:
-            record = _epoch(config, data, model, optimizer, probe, epoch, progress)
+            record = _epoch(config, data, net, optimizer, probe, epoch, progress, (rank, world))
         except FloatingPointError as e:  # raised by psiopt optimizers on a non-finite gradient
             record = {"train_loss": None, "train_acc": None, "error": str(e)}
         lrs = _group_lrs(optimizer)  # the rates this epoch used
         scheduler.step()
         seconds = time.perf_counter() - started
+        if world > 1:  # BatchNorm statistics of rank 0 (equal on every rank with sync_bn)
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
         diverged = record["train_loss"] is None or not math.isfinite(record["train_loss"])
         if diverged:
             record.update({"train_loss": None, f"{split}_loss": None, f"{split}_acc": None,
                            "diverged": True})
         else:
             record[f"{split}_loss"], record[f"{split}_acc"] = evaluate(
-                model, data.test_x, data.test_y, regression)
+                model, data.test_x, data.test_y, regression, shard=(rank, world))
             if epoch + 1 == config.epochs:
-                record.update(_recomputed_bn(model, data, regression, split))
+                record.update(_recomputed_bn(model, data, regression, split, (rank, world)))
         record = _finite({"epoch": epoch + 1, **record, "seconds": seconds, "lr": lrs,
-                          "threads": torch.get_num_threads()})
+                          "threads": torch.get_num_threads(), "nproc": world})
         metrics.append(record)
-        with open(out / "metrics.jsonl", "a") as f:  # first the record, then the checkpoint
-            f.write(json.dumps(record) + "\n")
         last = epoch + 1 == config.epochs or diverged
-        if last or time.perf_counter() - saved_at >= CHECKPOINT_SECONDS:
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                          "epoch": epoch + 1}, ckpt_path)
-            saved_at = time.perf_counter()
-        head = f"[{config.optimizer} seed {config.seed}] epoch {epoch + 1}/{config.epochs}:"
-        if diverged:
-            log(f"{head} diverged (non-finite loss or gradient); training of this run stops")
-            continue
-        shown = {k: "non-finite" if record[k] is None else f"{record[k]:.4f}"
-                 for k in ("train_loss", f"{split}_loss", f"{split}_acc") if k in record}
-        acc = "" if regression else f" {split} acc {shown[f'{split}_acc']}"
-        log(f"{head} train loss {shown['train_loss']} {split} loss {shown[f'{split}_loss']}{acc} "
-            f"({seconds:.1f} s)")
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:  # first the record, then the checkpoint
+                f.write(json.dumps(record) + "\n")
+            if last or time.perf_counter() - saved_at >= CHECKPOINT_SECONDS:
+                _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                              "epoch": epoch + 1}, out / "checkpoint.pt")
+                saved_at = time.perf_counter()
+        _log_epoch(log, config, record, epoch, split, regression)
     return metrics
 
 
-def _recomputed_bn(model: nn.Module, data, regression: bool, split: str = "test") -> dict:
-    """Test (or validation) loss and accuracy with the BatchNorm statistics recomputed on the training set
-    (``torch.optim.swa_utils.update_bn`` on a copy): how far the running averages lag behind
-    the weights.  Empty for a model without BatchNorm."""
+def _write_config(config: RunConfig, out: Path, recorded: dict | None, start: int) -> None:
+    """``config.json``: the settings, the hyperparameters used and the environment of the first
+    session (later sessions listed under ``resumed``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**asdict(config), "optimizer_settings": config.resolved(),
+              "environment": environment()}
+    if recorded is not None:
+        record["environment"] = recorded["environment"]
+        record["resumed"] = [*recorded.get("resumed", []),
+                             {"at_epoch": start, "threads": config.threads,
+                              "environment": environment()}]
+    (out / "config.json").write_text(json.dumps(record, indent=2))
+
+
+def _log_epoch(log, config: RunConfig, record: dict, epoch: int, split: str,
+               regression: bool) -> None:
+    head = f"[{config.optimizer} seed {config.seed}] epoch {epoch + 1}/{config.epochs}:"
+    if record.get("diverged"):
+        log(f"{head} diverged (non-finite loss or gradient); training of this run stops")
+        return
+    shown = {k: "non-finite" if record[k] is None else f"{record[k]:.4f}"
+             for k in ("train_loss", f"{split}_loss", f"{split}_acc") if k in record}
+    acc = "" if regression else f" {split} acc {shown[f'{split}_acc']}"
+    log(f"{head} train loss {shown['train_loss']} {split} loss {shown[f'{split}_loss']}{acc} "
+        f"({record['seconds']:.1f} s)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_spawned(config: RunConfig, out_dir: str | Path, resume: bool = False,
+                  progress: bool | None = None) -> list[dict]:
+    """:func:`train` with ``config.nproc`` processes spawned on this machine (gloo)."""
+    import torch.multiprocessing as mp
+
+    config.validate()
+    check_run_dir(config, Path(out_dir), resume)  # a user error before any process starts
+    errors = mp.get_context("spawn").SimpleQueue()
+    try:
+        mp.spawn(_spawned, args=(config, str(out_dir), resume, progress, _free_port(), errors),
+                 nprocs=config.nproc)
+    except mp.ProcessExitedException:
+        if not errors.empty():
+            raise RunError(errors.get()) from None
+        raise
+    return read_metrics(out_dir)
+
+
+def _spawned(rank: int, config: RunConfig, out: str, resume: bool, progress, port: int,
+             errors) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=config.nproc,
+                            timeout=PROCESS_GROUP_TIMEOUT)
+    try:
+        train(config, out, resume, progress)
+    except (RunError, DataError) as e:  # the same on every rank: said once, by the parent
+        errors.put(str(e))
+        sys.exit(2)
+    finally:
+        dist.destroy_process_group()
+
+
+def _recomputed_bn(model: nn.Module, data, regression: bool, split: str = "test",
+                   shard: tuple[int, int] = (0, 1)) -> dict:
+    """Test (or validation) loss and accuracy with the BatchNorm statistics recomputed on the
+    training set (``torch.optim.swa_utils.update_bn`` on a copy): how far the running averages
+    lag behind the weights.  Empty for a model without BatchNorm.  Sharded over ranks as
+    :func:`evaluate`, with the statistics of each global batch (SyncBatchNorm)."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return {}
+    rank, world = shard
     copy_ = copy.deepcopy(model)
-    torch.optim.swa_utils.update_bn(batches(data.train_x, data.train_y, 1024), copy_)
-    loss, acc = evaluate(copy_, data.test_x, data.test_y, regression)
+    if world > 1:
+        copy_ = convert_sync_batchnorm(copy_)
+    parts = (xb[rank::world] for xb, _ in batches(data.train_x, data.train_y, 1024,
+                                                   min_size=2 * world))
+    torch.optim.swa_utils.update_bn(parts, copy_)
+    loss, acc = evaluate(copy_, data.test_x, data.test_y, regression, shard=shard)
     return {f"{split}_loss_bn_recomputed": loss, f"{split}_acc_bn_recomputed": acc}
 
 
@@ -351,22 +494,28 @@ def _group_lrs(optimizer) -> dict:
             if g.get("grouping") != CANCELLED}
 
 
-def _epoch(config, data, model, optimizer, probe, epoch, progress) -> dict:
-    """One pass over the training set; returns the epoch's training metrics."""
+def _epoch(config, data, model, optimizer, probe, epoch, progress, shard=(0, 1)) -> dict:
+    """One pass over the training set; returns the epoch's training metrics.  With
+    ``shard=(rank, world)`` the rank trains on every ``world``-th sample of each global batch
+    (``model`` is then a DDP module)."""
+    rank, world = shard
     regression = data.task == "regression"
     gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
     loss_sum, correct, grad_sq, seen = torch.zeros(()), torch.zeros(()), torch.zeros(()), 0
     n = len(data.train_x)
-    n_batches = n // config.batch_size + (n % config.batch_size > 1)  # a last single sample is left out
+    least = 2 * world  # BatchNorm needs two samples (per rank): a smaller last batch is left out
+    n_batches = n // config.batch_size + (n % config.batch_size >= least)
     layers: dict = {}
     started = time.perf_counter()
     bar = _progress(n_batches, f"{config.optimizer} epoch {epoch + 1}/{config.epochs}", progress)
     for i, (xb, yb) in enumerate(batches(data.train_x, data.train_y, config.batch_size, gen,
-                                         augment=data.augment, min_size=2)):
+                                         augment=data.augment, min_size=least)):
+        share = len(xb[rank::world]) * world / len(xb)  # DDP's mean is then the global batch's
+        xb, yb = xb[rank::world], yb[rank::world]
         out = model(xb)
         loss = _loss(out, yb, regression)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share if world > 1 else loss).backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         grad_sq += torch.stack(torch._foreach_norm(grads)).square().sum()
         last = i == n_batches - 1
@@ -388,6 +537,9 @@ def _epoch(config, data, model, optimizer, probe, epoch, progress) -> dict:
             bar.set_postfix(shown)
         bar.update()
     bar.close()
+    if world > 1:
+        loss_sum, correct, total = _all_reduced(loss_sum, correct, torch.tensor(seen))
+        seen = int(total)
     return {"train_loss": loss_sum.item() / seen,
             "train_acc": None if regression else correct.item() / seen,
             "train_samples": seen, "samples_per_s": seen / (time.perf_counter() - started),
@@ -409,4 +561,5 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return out
 
 
-__all__ = ["RunConfig", "RunError", "train", "build", "evaluate", "read_metrics", "check_run_dir"]
+__all__ = ["RunConfig", "RunError", "train", "train_spawned", "build", "evaluate", "read_metrics",
+           "check_run_dir"]

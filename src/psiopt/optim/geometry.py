@@ -108,9 +108,15 @@ def tangent(y: Tensor, g: Tensor) -> Tensor:
 
 
 def sphere_exp(y: Tensor, h: Tensor) -> Tensor:
-    """Exponential map ``y cos‖h‖ + h sin‖h‖/‖h‖`` on the unit sphere (new tensor)."""
+    """Exponential map ``y cos‖h‖ + h sin‖h‖/‖h‖`` on the unit sphere, renormalised (new tensor).
+
+    The renormalisation is a no-op in exact arithmetic; in floating point the sphere is not a
+    stable set of SGDG/AdamG with Cho & Lee's orthogonality penalty (a norm error feeds back
+    through the projected penalty into the momentum and grows geometrically: rows of norm 13–50
+    after 1000 steps without it, ``tests/test_theory.py``)."""
     n = norm(h)
-    return torch.addcmul(y * torch.cos(n), h, torch.sinc(n / math.pi))
+    out = torch.addcmul(y * torch.cos(n), h, torch.sinc(n / math.pi))
+    return normalize_(out)
 
 
 def transport_self(y: Tensor, h: Tensor) -> Tensor:
@@ -201,7 +207,8 @@ class RowLayout:
 def geodesic_step_(ys: list[Tensor], ms: list[Tensor], k: Tensor, layout: RowLayout) -> None:
     """Vectorized ``y ← exp(y, k m)`` and ``m ← pt(y, k m)/k`` for unit rows ``y`` (in place).
 
-    With ``n = |k|‖m‖``: ``y ← y cos n + k sinc(n) m`` and ``m ← m cos n − k‖m‖² sinc(n) y``,
+    With ``n = |k|‖m‖``: ``y ← y cos n + k sinc(n) m`` (renormalised, see :func:`sphere_exp`) and
+    ``m ← m cos n − k‖m‖² sinc(n) y``,
     which is :func:`sphere_exp` with :func:`transport_self` (``k = 1``, SGDG) and with
     :func:`transport` for ``h1 = m``, ``h2 = k m`` (AdamG).  ``k`` is a flat per-group tensor.
     """
@@ -214,3 +221,4 @@ def geodesic_step_(ys: list[Tensor], ms: list[Tensor], k: Tensor, layout: RowLay
     torch._foreach_addcmul_(ms, ys, layout.split(-k * mn.square() * sinc))
     torch._foreach_mul_(ys, cos_parts)
     torch._foreach_add_(ys, forward)
+    torch._foreach_mul_(ys, layout.split(safe_inv(layout.norms(ys))))  # see sphere_exp
