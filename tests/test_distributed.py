@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import psiopt
+from psiopt.experiments.train import close_process_group
 
 STEPS = 8
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
@@ -69,29 +70,32 @@ def _worker(rank, world, port, mode, names, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
-    xs, ys = data()
-    half = slice(rank * 4, rank * 4 + 4)
-    results = {}
-    make = bn_net if mode == "ddp-syncbn" else net
-    for name in names:
-        ref = make()
-        ref_opt = psiopt.create_optimizer(ref, name, xs[0])
-        train(ref, ref_opt, xs, ys)
-        model = psiopt.convert_sync_batchnorm(make()) if mode == "ddp-syncbn" else make()
-        wrapped = _sharded(model) if mode == "fsdp" else nn.parallel.DistributedDataParallel(model)
-        mapping = psiopt.find_scale_invariant(wrapped, xs[0])
-        opt = psiopt.create_optimizer(wrapped, name, xs[0][half])
-        train(wrapped, opt, xs[:, half], ys[:, half])
-        got, want = full(wrapped), full(ref)
-        prefix = "" if mode == "fsdp" else "module."
-        errs = {n: float((got[prefix + n] - w).abs().max() / w.abs().max().clamp_min(1e-12))
-                for n, w in want.items()}
-        worst = max(errs, key=errs.get)
-        results[name] = {"error": errs[worst], "worst": worst, "mapping": mapping}
+    results = {name: _compare(rank, mode, name) for name in names}
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
-    dist.destroy_process_group()
+    close_process_group()
+
+
+def _compare(rank, mode, name) -> dict:
+    """Largest relative difference between ``mode`` on two ranks and one process."""
+    xs, ys = data()
+    half = slice(rank * 4, rank * 4 + 4)
+    make = bn_net if mode == "ddp-syncbn" else net
+    ref = make()
+    ref_opt = psiopt.create_optimizer(ref, name, xs[0])
+    train(ref, ref_opt, xs, ys)
+    model = psiopt.convert_sync_batchnorm(make()) if mode == "ddp-syncbn" else make()
+    wrapped = _sharded(model) if mode == "fsdp" else nn.parallel.DistributedDataParallel(model)
+    mapping = psiopt.find_scale_invariant(wrapped, xs[0])
+    opt = psiopt.create_optimizer(wrapped, name, xs[0][half])
+    train(wrapped, opt, xs[:, half], ys[:, half])
+    got, want = full(wrapped), full(ref)
+    prefix = "" if mode == "fsdp" else "module."
+    errs = {n: float((got[prefix + n] - w).abs().max() / w.abs().max().clamp_min(1e-12))
+            for n, w in want.items()}
+    worst = max(errs, key=errs.get)
+    return {"error": errs[worst], "worst": worst, "mapping": mapping}
 
 
 def _sharded(model):
@@ -135,7 +139,7 @@ def _checkpoint_worker(rank, world, port, names, root, out):
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def test_optimizer_state_saved_with_distributed_checkpoint_continues_identically(tmp_path):

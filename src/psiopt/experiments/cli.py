@@ -123,6 +123,9 @@ def parser() -> Parser:
     t.add_argument("--nproc", type=int, default=None,
                    help="data-parallel processes on this machine (gloo; --batch-size is the global "
                         "batch); under torchrun, the number torchrun started")
+    t.add_argument("--checkpoint-seconds", type=float, default=30.0,
+                   help="write a checkpoint after an epoch ending this long after the last one "
+                        "(and at the last epoch); 0: every epoch (default 30)")
     t.add_argument("--sync-bn", action="store_true",
                    help="BatchNorm statistics of the global batch when --nproc > 1")
     c = sub.add_parser("compare", help="train every optimizer × seed, then write a report")
@@ -205,23 +208,26 @@ def cmd_train(args) -> None:
         args.nproc = world
     config = _config(args, _choice("optimizer", args.optimizer, list_optimizers()), args.seed)
     out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.optimizer}-s{args.seed}")
-    progress = False if args.no_progress else None
+    if not args.checkpoint_seconds >= 0:
+        raise UsageError(f"invalid --checkpoint-seconds {args.checkpoint_seconds} (must be >= 0)")
+    kwargs = {"resume": args.resume, "progress": False if args.no_progress else None,
+              "checkpoint_seconds": args.checkpoint_seconds}
     if world is not None and world > 1:
         import torch.distributed as dist
 
-        from .train import PROCESS_GROUP_TIMEOUT
+        from .train import PROCESS_GROUP_TIMEOUT, close_process_group
 
         dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
         try:
-            metrics = train(config, out, resume=args.resume, progress=progress)
+            metrics = train(config, out, **kwargs)
         finally:
-            dist.destroy_process_group()
+            close_process_group()
         if int(os.environ["RANK"]):
             return
     elif config.nproc > 1:
-        metrics = train_spawned(config, out, resume=args.resume, progress=progress)
+        metrics = train_spawned(config, out, **kwargs)
     else:
-        metrics = train(config, out, resume=args.resume, progress=progress)
+        metrics = train(config, out, **kwargs)
     print(f"run directory: {out} ({len(metrics)} epochs)")
 
 

@@ -23,6 +23,7 @@ same global batch.  BatchNorm normalises each rank's part of the batch unless ``
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -327,9 +328,12 @@ def _previous(config: RunConfig, out: Path, resume: bool) -> tuple:
 
 
 def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
-          progress: bool | None = None, log=print) -> list[dict]:
-    """Train per ``config``, writing the run directory ``out_dir``; return the metrics.  With
-    ``config.nproc`` > 1, call it on every rank of an initialised default process group."""
+          progress: bool | None = None, log=print,
+          checkpoint_seconds: float = CHECKPOINT_SECONDS) -> list[dict]:
+    """Train per ``config``, writing the run directory ``out_dir``; return the metrics.  A
+    checkpoint is written at the last epoch and after an epoch ending ``checkpoint_seconds`` or
+    more after the last one (0: every epoch).  With ``config.nproc`` > 1, call it on every rank of
+    an initialised default process group."""
     config.validate()
     out = Path(out_dir)
     rank, world = _world()
@@ -388,7 +392,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         if rank == 0:
             with open(out / "metrics.jsonl", "a") as f:  # first the record, then the checkpoint
                 f.write(json.dumps(record) + "\n")
-            if last or time.perf_counter() - saved_at >= CHECKPOINT_SECONDS:
+            if last or time.perf_counter() - saved_at >= checkpoint_seconds:
                 _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                               "epoch": epoch + 1}, out / "checkpoint.pt")
@@ -431,7 +435,8 @@ def _free_port() -> int:
 
 
 def train_spawned(config: RunConfig, out_dir: str | Path, resume: bool = False,
-                  progress: bool | None = None) -> list[dict]:
+                  progress: bool | None = None,
+                  checkpoint_seconds: float = CHECKPOINT_SECONDS) -> list[dict]:
     """:func:`train` with ``config.nproc`` processes spawned on this machine (gloo)."""
     import torch.multiprocessing as mp
 
@@ -439,8 +444,8 @@ def train_spawned(config: RunConfig, out_dir: str | Path, resume: bool = False,
     check_run_dir(config, Path(out_dir), resume)  # a user error before any process starts
     errors = mp.get_context("spawn").SimpleQueue()
     try:
-        mp.spawn(_spawned, args=(config, str(out_dir), resume, progress, _free_port(), errors),
-                 nprocs=config.nproc)
+        mp.spawn(_spawned, args=(config, str(out_dir), resume, progress, checkpoint_seconds,
+                                 _free_port(), errors), nprocs=config.nproc)
     except mp.ProcessExitedException:
         if not errors.empty():
             raise RunError(errors.get()) from None
@@ -448,18 +453,28 @@ def train_spawned(config: RunConfig, out_dir: str | Path, resume: bool = False,
     return read_metrics(out_dir)
 
 
-def _spawned(rank: int, config: RunConfig, out: str, resume: bool, progress, port: int,
-             errors) -> None:
+def close_process_group() -> None:
+    """Destroy the default process group once every rank is here and the DDP modules are freed.
+    A gloo group whose last reference goes with a DDP reducer freed afterwards (a reference cycle
+    collected later) is destroyed with the GIL held while its worker thread waits for the GIL: a
+    deadlock, seen in the tests on a loaded machine."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawned(rank: int, config: RunConfig, out: str, resume: bool, progress,
+             checkpoint_seconds: float, port: int, errors) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=config.nproc,
                             timeout=PROCESS_GROUP_TIMEOUT)
     try:
-        train(config, out, resume, progress)
+        train(config, out, resume, progress, checkpoint_seconds=checkpoint_seconds)
     except (RunError, DataError) as e:  # the same on every rank: said once, by the parent
         errors.put(str(e))
         sys.exit(2)
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def _recomputed_bn(model: nn.Module, data, regression: bool, split: str = "test",
