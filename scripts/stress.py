@@ -44,7 +44,7 @@ def _net() -> nn.Module:
 
 def _health(model, x, y) -> dict:
     finite = all(bool(torch.isfinite(t).all()) for t in [*model.parameters(), *model.buffers()])
-    norms = max(float(model[i].weight.norm(dim=1).max()) for i in (0, 3))  # the invariant rows
+    norms = max(float(model[i].weight.detach().norm(dim=1).max()) for i in (0, 3))  # invariant rows
     with torch.no_grad():  # pre-activation variance of each BN layer with the current weights
         ratios, h = [], x
         for m in model:
