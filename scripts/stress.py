@@ -91,8 +91,9 @@ def steps(n_steps: int, every: int) -> bool:
 def _train(out: Path, epochs: int, resume: bool) -> subprocess.Popen:
     argv = [sys.executable, "-m", "psiopt", "train", "--dataset", "synthetic", "--model", "mlp-bn",
             "--optimizer", "psi-sgdm", "--subset", "2048", "--batch-size", "64", "--epochs",
-            str(epochs), "--milestones", str(epochs // 2), "--checkpoint-seconds", "0",
-            "--no-progress", "--out", str(out)] + (["--resume"] if resume else [])
+            str(epochs), "--checkpoint-seconds", "0", "--no-progress", "--out", str(out)]
+    argv += ["--milestones", str(epochs // 2)] if epochs > 1 else []
+    argv += ["--resume"] if resume else []
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -107,12 +108,16 @@ def kill(kills: int, epochs: int, out: Path, seed: int) -> bool:
     shutil.rmtree(out, ignore_errors=True)
     whole, killed = out / "uninterrupted", out / "killed"
     started = time.perf_counter()
+    assert _train(out / "startup", 0, False).wait() == 0
+    startup = time.perf_counter() - started
+    started = time.perf_counter()
     assert _train(whole, epochs, False).wait() == 0
-    duration = time.perf_counter() - started
-    print(f"uninterrupted: {epochs} epochs in {duration:.1f} s", flush=True)
-    for i in range(kills):
+    training = time.perf_counter() - started - startup
+    print(f"uninterrupted: {epochs} epochs in {training:.1f} s after {startup:.1f} s of start-up",
+          flush=True)
+    for i in range(kills):  # each session trains ~1/kills of the run on average, then is killed
         proc = _train(killed, epochs, (killed / "config.json").exists())
-        time.sleep(rng.uniform(0.0, duration))
+        time.sleep(startup + rng.uniform(0.0, 2 * training / kills))
         proc.kill()
         proc.wait()
         done = len(read_metrics(killed)) if (killed / "metrics.jsonl").exists() else 0
@@ -138,7 +143,7 @@ def main() -> int:
     s.add_argument("--every", type=int, default=10_000)
     k = sub.add_parser("kill")
     k.add_argument("--kills", type=int, default=20)
-    k.add_argument("--epochs", type=int, default=30)
+    k.add_argument("--epochs", type=int, default=1000)
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--out", type=Path, default=Path("runs/stress-kill"))
     args = p.parse_args()

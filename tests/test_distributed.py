@@ -176,7 +176,12 @@ def _collectives_worker(rank, world, port, out):
         opt = psiopt.create_optimizer(model, name, xs[0])
         train(model, opt, xs[:3], ys[:3])  # the third step's backward is left for the count
         sizes = []
-        dist.all_reduce = lambda t, *a, **k: sizes.append(t.numel()) or all_reduce(t, *a, **k)
+
+        def counted(t, *args, sizes=sizes, **kwargs):
+            sizes.append(t.numel())
+            return all_reduce(t, *args, **kwargs)
+
+        dist.all_reduce = counted
         try:
             with CommDebugMode() as comm:
                 opt.step()

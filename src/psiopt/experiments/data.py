@@ -114,7 +114,7 @@ def _cifar(data_dir: Path | None, hundred: bool) -> tuple:
         try:
             x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
             y = np.concatenate([np.asarray(b[label_key]) for b in batches])
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError, IndexError) as e:  # e.g. a batch that is no dict
             raise DataError(f"{base}: malformed CIFAR batch ({e!r})") from None
         out += [x, y]
     return tuple(out)
@@ -238,6 +238,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None, subset: int | No
     mean, std = tx.mean(dims, keepdim=True), tx.std(dims, keepdim=True).clamp_min(1e-6)
     regression = name == "toy-regression"
     classes = 0 if regression else {"cifar100": 100}.get(name, 10)
+    for split, labels in (("training", ty), ("test", vy)):
+        if not regression and len(labels) and not (0 <= int(labels.min()) and
+                                                   int(labels.max()) < classes):
+            raise DataError(f"{name}: {split} labels outside 0..{classes - 1} (found "
+                            f"{int(labels.min())}..{int(labels.max())}): not a {name} file")
     return Dataset(name, (tx - mean) / std, ty if regression else ty.long(), (vx - mean) / std,
                    vy if regression else vy.long(), classes,
                    augment=name in ("cifar10", "cifar100", "svhn"),

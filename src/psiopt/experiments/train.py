@@ -214,16 +214,38 @@ def _progress(total: int, desc: str, enabled: bool | None):
                 disable=not sys.stderr.isatty() if enabled is None else not enabled)
 
 
+class _Writing:
+    """Context: an ``OSError`` (disk full, permission) raised inside becomes a :class:`RunError`
+    naming ``path``; the files written before are left as they were."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self.path
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, OSError):
+            raise RunError(f"{self.path}: cannot be written ({error.strerror or error}); the run "
+                           "directory is as it was before this write (--resume continues)") from None
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with _Writing(path):
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with _Writing(path):
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def _write_metrics(path: Path, metrics: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    os.replace(tmp, path)
+    _atomic_write(path, "".join(json.dumps(m) + "\n" for m in metrics))
 
 
 def build(config: RunConfig):
@@ -280,6 +302,9 @@ def check_run_dir(config: RunConfig, out_dir: str | Path, resume: bool) -> dict 
     """Raise :class:`RunError` unless ``out_dir`` may be used for ``config``; return the
     directory's recorded config when the run is to be continued, else ``None``."""
     out = Path(out_dir)
+    above = next((p for p in (out, *out.parents) if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise RunError(f"{out}: {above} is a file, not a directory; choose another --out")
     path = out / "config.json"
     if not path.exists():
         if (out / "metrics.jsonl").exists() or (out / "checkpoint.pt").exists():
@@ -294,18 +319,38 @@ def check_run_dir(config: RunConfig, out_dir: str | Path, resume: bool) -> dict 
     if differ:
         raise RunError(f"{out} was created with other settings: {', '.join(differ)}; a run is "
                        "only continued with its own settings (choose another --out)")
-    if read_metrics(out) and not (out / "checkpoint.pt").exists():
+    if not (out / "checkpoint.pt").exists() and read_metrics(out):
         raise RunError(f"{out} has metrics but no checkpoint.pt, so it cannot be continued "
                        "exactly; choose another --out")
     return recorded
 
 
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "rng", "epoch"}
+
+
 def _load_checkpoint(path: Path) -> dict:
     try:
-        return torch.load(path, weights_only=False)
+        ckpt = torch.load(path, weights_only=False)
     except Exception as e:  # truncated, corrupt, or not a checkpoint: say which file
         raise RunError(f"{path}: cannot be loaded ({type(e).__name__}: {e}); move the run "
                        "directory away or choose another --out") from None
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
+        raise RunError(f"{path}: not a psiopt checkpoint (expected the keys "
+                       f"{', '.join(sorted(CHECKPOINT_KEYS))}); choose another --out")
+    return ckpt
+
+
+def _restore(ckpt: dict, path: Path, model, optimizer, scheduler) -> None:
+    """Load a checkpoint into the run's objects; another run's checkpoint is named, not a
+    traceback."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{path}: does not fit this run ({first}); choose another --out") from None
 
 
 def _previous(config: RunConfig, out: Path, resume: bool) -> tuple:
@@ -317,7 +362,7 @@ def _previous(config: RunConfig, out: Path, resume: bool) -> tuple:
         return recorded, None, []
     ckpt = _load_checkpoint(path)
     start = ckpt["epoch"]
-    metrics = ckpt["metrics"] if "metrics" in ckpt else read_metrics(out)[:start]
+    metrics = ckpt["metrics"] if "metrics" in ckpt else read_metrics(out, limit=start)
     if len(metrics) != start:
         raise RunError(f"{out / 'metrics.jsonl'} holds {len(metrics)} records but the "
                        f"checkpoint is at epoch {start}; choose another --out")
@@ -348,10 +393,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"])
+        _restore(ckpt, out / "checkpoint.pt", model, optimizer, scheduler)
         start = ckpt["epoch"]
         if start >= config.epochs == recorded["epochs"]:
             return metrics  # a finished run, asked for again: every file stays as it is
@@ -390,8 +432,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         metrics.append(record)
         last = epoch + 1 == config.epochs or diverged
         if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:  # first the record, then the checkpoint
-                f.write(json.dumps(record) + "\n")
+            with _Writing(out / "metrics.jsonl"), open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")  # first the record, then the checkpoint
             if last or time.perf_counter() - saved_at >= checkpoint_seconds:
                 _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
@@ -404,7 +446,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
 def _write_config(config: RunConfig, out: Path, recorded: dict | None, start: int) -> None:
     """``config.json``: the settings, the hyperparameters used and the environment of the first
     session (later sessions listed under ``resumed``)."""
-    out.mkdir(parents=True, exist_ok=True)
+    with _Writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     record = {**asdict(config), "optimizer_settings": config.resolved(),
               "environment": environment()}
     if recorded is not None:
@@ -412,7 +455,7 @@ def _write_config(config: RunConfig, out: Path, recorded: dict | None, start: in
         record["resumed"] = [*recorded.get("resumed", []),
                              {"at_epoch": start, "threads": config.threads,
                               "environment": environment()}]
-    (out / "config.json").write_text(json.dumps(record, indent=2))
+    _atomic_write(out / "config.json", json.dumps(record, indent=2))
 
 
 def _log_epoch(log, config: RunConfig, record: dict, epoch: int, split: str,
@@ -561,13 +604,15 @@ def _epoch(config, data, model, optimizer, probe, epoch, progress, shard=(0, 1))
             "grad_norm": (grad_sq.item() / n_batches) ** 0.5, **summarize(layers), "layers": layers}
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The per-epoch records of a run directory (``[]`` when it has none yet)."""
+def read_metrics(run_dir: str | Path, limit: int | None = None) -> list[dict]:
+    """The per-epoch records of a run directory (``[]`` when it has none yet); with ``limit``,
+    the first ``limit`` lines only (those a checkpoint covers: a line written after it, possibly
+    cut short, is not read)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     out = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text().splitlines()[:limit], 1):
         if line.strip():
             try:
                 out.append(json.loads(line))

@@ -53,6 +53,26 @@ def _check_range(name: str, value) -> None:
         raise ValueError(f"invalid {name}: {value!r} (must lie in {lo}{low}, {high}{hi})")
 
 
+def check_row_scale(p: Tensor, grouping: str, name: str) -> None:
+    """Raise ``ValueError`` when a nonzero group of ``p`` has a squared norm outside the normal
+    range of its dtype (overflow to inf, or below the smallest normal number): every rule that
+    reads row norms needs ``‖w‖²`` (rows ×1e30 or ×1e-30 in float32 were set to 0 or NaN).
+    Reads the values once (a host synchronisation: at construction, never in ``step``)."""
+    local = p.to_local() if is_sharded(p) else p
+    v = rows(local.detach(), grouping)
+    v = v.reshape(v.shape[0], -1)
+    sq = v.square().sum(1)
+    bad = (v != 0).any(1) & torch.isfinite(v).all(1) & \
+        ~(torch.isfinite(sq) & (sq >= torch.finfo(v.dtype).tiny))
+    if bool(bad.any()):
+        peak = v[bad].abs().amax(1)
+        raise ValueError(
+            f"{name}: {int(bad.sum())} group(s) ({grouping}) have squared norms outside the range "
+            f"of {str(v.dtype).removeprefix('torch.')} (largest entries {float(peak.min()):.3g}…"
+            f"{float(peak.max()):.3g}); the rule needs ‖w‖²: rescale those rows (the network "
+            "does not change) or train in float64")
+
+
 def check_hyper(key: str, value) -> None:
     """Raise ``ValueError`` naming ``key`` if ``value`` is not a valid setting for it."""
     if key in _RANGES:
@@ -93,6 +113,8 @@ class GroupHandling:
     """
 
     invariant_defaults: dict = {}
+    #: whether the rule reads row norms of invariant groups (their squares must be representable)
+    uses_row_norms: bool = False
 
     def __init__(self, params, *args, **kwargs):
         self._ready = False
@@ -114,6 +136,12 @@ class GroupHandling:
             for key, value in self.invariant_defaults.items():
                 param_group.setdefault(key, value)
         self._validate({**self.defaults, **param_group})
+        grouping = param_group.get("grouping", self.defaults.get("grouping"))
+        if self.uses_row_norms and is_invariant(grouping):
+            ps = [params] if isinstance(params, Tensor) else params
+            names = param_group.get("param_names") or [f"parameter {i}" for i in range(len(ps))]
+            for p, name in zip(ps, names):
+                check_row_scale(p, grouping, name)
         named = [("param_names" in g) for g in self.param_groups]
         renamed = []
         if named and all(named) and "param_names" not in param_group:
@@ -158,6 +186,16 @@ class GroupHandling:
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """As torch.optim, and refused with ``ValueError`` when a saved group lacks a setting of
+        this optimizer (another optimizer's state dict: it failed at the next step before)."""
+        needed = set(self.defaults) - {"params", "param_names", *_NOT_SAVED}
+        for i, saved in enumerate(state_dict.get("param_groups", [])):
+            missing = sorted(needed - set(saved))
+            if missing:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: saved group {i} has no "
+                    f"{', '.join(map(repr, missing))}: the state dict is not from a "
+                    f"{type(self).__name__}")
         kept = [{k: g[k] for k in _NOT_SAVED if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, extra in zip(self.param_groups, kept):
@@ -183,6 +221,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     """
 
     counterpart = "sgd"  # or "adam"
+    uses_row_norms = True
     #: hyperparameters that have no meaning on invariant groups: they must be 0 there
     invariant_zero: tuple[str, ...] = ()
 
@@ -275,7 +314,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
 
     def _check_finite(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
         grads = [g for _, g in pairs]
-        peaks = torch._foreach_norm(grads)  # inf/NaN (or a norm overflowing the dtype)
+        peaks = torch._foreach_norm(grads, math.inf)  # inf/NaN (a max cannot overflow)
         if bool(torch.isfinite(torch.stack(peaks)).all()):
             return
         bad = [self._name(p) for (p, _), m in zip(pairs, peaks) if not torch.isfinite(m)]

@@ -60,6 +60,8 @@ class BSGD(SGD):
     ``norm_stats``; after that the update is plain SGD.
     """
 
+    uses_row_norms = True
+
     def _prepare(self, group):
         unit_normalize_([group])
 

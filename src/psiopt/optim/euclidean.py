@@ -70,6 +70,8 @@ class AdamS(ScaleInvariantOptimizer):
     ``exp_avg_sq`` (one scalar per group).
     """
 
+    uses_row_norms = False  # finite at rows ×1e±30 in float32 (tests/test_reliability.py)
+
     counterpart = "adam"
     _transport = False
 
@@ -148,6 +150,8 @@ class AdamSRT(AdamS):
     depend on the radius history.
     """
 
+    uses_row_norms = True  # its rescaling needs ‖w‖²
+
     _transport = True
 
 
@@ -158,6 +162,8 @@ class SGDMRT(ScaleInvariantOptimizer):
 
     Non-invariant groups follow SGD with momentum.
     """
+
+    uses_row_norms = False  # finite at rows ×1e±30 in float32 (tests/test_reliability.py)
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
                  *, grouping=None, check_finite: bool = False, foreach=None):

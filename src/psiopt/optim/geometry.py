@@ -21,8 +21,6 @@ import math
 import torch
 from torch import Tensor
 
-_TINY = 1e-30
-
 #: grouping of a parameter that has no effect on the output (a bias cancelled by the mean of the
 #: normalisation that follows): psiopt optimizers never update it.
 CANCELLED = "cancelled"
@@ -94,7 +92,8 @@ def group_size(v: Tensor) -> int:
 
 def safe_inv(b: Tensor) -> Tensor:
     """``1 / b`` where ``b > 0`` and 0 where ``b == 0``: zero groups never produce NaN."""
-    return torch.where(b > 0, b.clamp_min(_TINY).reciprocal(), torch.zeros_like(b))
+    return torch.where(b > 0, b.clamp_min(torch.finfo(b.dtype).tiny).reciprocal(),
+                       torch.zeros_like(b))
 
 
 def normalize_(v: Tensor) -> Tensor:
