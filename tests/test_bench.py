@@ -21,13 +21,11 @@ def test_bench_rows_and_table(monkeypatch):
     """Step times replaced by known ones (psiopt 3 ms, torch 2 ms, alternating with 6 ms / 4 ms
     rounds): the row must report those medians and their paired ratio, 1.5."""
     monkeypatch.setitem(bench.SETS, "tiny", lambda: (MLP(8, 3, widths=(6,)), torch.randn(4, 8)))
-    calls = {}
-
     def fake_time(step):
         step()
-        opt = step.__self__
-        calls[id(opt)] = calls.get(id(opt), 0) + 1
-        slow = 2.0 if calls[id(opt)] % 2 else 1.0  # the machine's speed changes between rounds
+        opt = step.__self__  # its own count (an id() could be reused by a later optimizer)
+        opt.fake_calls = getattr(opt, "fake_calls", 0) + 1
+        slow = 2.0 if opt.fake_calls % 2 else 1.0  # the machine's speed changes between rounds
         return slow * (3e-3 if isinstance(opt, psiopt.ScaleInvariantOptimizer) else 2e-3)
 
     monkeypatch.setattr(bench, "_time", fake_time)
