@@ -138,7 +138,8 @@ class GroupHandling:
         self._validate({**self.defaults, **param_group})
         grouping = param_group.get("grouping", self.defaults.get("grouping"))
         if self.uses_row_norms and is_invariant(grouping):
-            ps = [params] if isinstance(params, Tensor) else params
+            ps = param_group["params"]
+            ps = [ps] if isinstance(ps, Tensor) else ps
             names = param_group.get("param_names") or [f"parameter {i}" for i in range(len(ps))]
             for p, name in zip(ps, names):
                 check_row_scale(p, grouping, name)
@@ -188,7 +189,9 @@ class GroupHandling:
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim, and refused with ``ValueError`` when a saved group lacks a setting of
         this optimizer (another optimizer's state dict: it failed at the next step before)."""
-        needed = set(self.defaults) - {"params", "param_names", *_NOT_SAVED}
+        needed = set.intersection(*(set(g) for g in self.param_groups)) if self.param_groups \
+            else set()  # the settings every group of this optimizer holds
+        needed -= {"params", "param_names", *_NOT_SAVED}
         for i, saved in enumerate(state_dict.get("param_groups", [])):
             missing = sorted(needed - set(saved))
             if missing:
