@@ -58,7 +58,11 @@ def check_row_scale(p: Tensor, grouping: str, name: str) -> None:
     range of its dtype (overflow to inf, or below the smallest normal number): every rule that
     reads row norms needs ``‖w‖²`` (rows ×1e30 or ×1e-30 in float32 were set to 0 or NaN).
     Reads the values once (a host synchronisation: at construction, never in ``step``)."""
+    if is_sharded(p) and parse_grouping(grouping)[::2] != ("channel", 0):
+        return  # groups spanning shards: not checked (their norms need a collective)
     local = p.to_local() if is_sharded(p) else p
+    if local.is_meta or local.numel() == 0:  # nothing to read (a model built on meta, an empty shard)
+        return
     v = rows(local.detach(), grouping)
     v = v.reshape(v.shape[0], -1)
     sq = v.square().sum(1)
