@@ -165,13 +165,7 @@ def setting_key(setting):
     return next(iter(SETTINGS[setting].hyper)).removeprefix("invariant_").removeprefix("other_")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: intra-op threads only cost time (a lot when the cores are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # -- helpers -----------------------------------------------------------------------------------------

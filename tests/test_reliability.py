@@ -32,12 +32,7 @@ UNIT_START = {"un-sgd", "sgdg", "adamg", "b-sgd"}  # unit-normalise rows at cons
 QUICK = ["--dataset", "synthetic", "--subset", "128", "--epochs", "1", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def xfail(reason):
