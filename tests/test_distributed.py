@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from datetime import timedelta
 
@@ -24,7 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import psiopt
-from psiopt.experiments.train import close_process_group
+from psiopt.experiments.train import _free_port, close_process_group
 
 STEPS = 8
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
@@ -206,12 +205,6 @@ def test_collectives_per_step_are_all_reduces_of_per_group_scalars(tmp_path):
         scalars = [n for n in r["sizes"] if n <= 2]  # one per spanning group (2 of groups:2, 1)
         penalty = 2 if name in ("sgdg", "adamg") else 0  # the two sharded weights, zero-padded
         assert len(scalars) == len(r["sizes"]) - penalty, (name, r)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn(mode, names, tmp_path) -> dict:
