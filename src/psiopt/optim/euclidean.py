@@ -18,10 +18,15 @@ from .base import ScaleInvariantOptimizer, step_count
 from .geometry import group_size, norm, rescale_transport, safe_inv, sqnorm
 
 
-def _project_many_(bufs, xs, x_sqnorm, layout):
-    """``a ← a − <x, a>/‖x‖² · x`` per row, vectorized (the fast form of RT, see above)."""
-    coef = -layout.dots(xs, bufs) * safe_inv(x_sqnorm)
-    torch._foreach_addcmul_(bufs, xs, layout.split(coef))
+def _step_and_project_(xs, bufs, c, layout, xx, xa, aa):
+    """``x ← x + c a``, then ``a ← a − <x, a>/‖x‖² · x`` at the new ``x`` per row, vectorized
+    (the fast form of RT, see above); ``c`` and the sums ``‖x‖², <x, a>, ‖a‖²`` taken before the
+    step are flat tensors.  Returns ``‖x_new‖²``, derived from them as is ``<x_new, a>``."""
+    after = xx.addcmul(xa, c, value=2.0).addcmul_(aa, c.square())
+    xa_new = xa.addcmul(aa, c)
+    torch._foreach_addcmul_(xs, bufs, layout.split(c))
+    torch._foreach_addcmul_(bufs, xs, layout.split(-xa_new * safe_inv(after)))
+    return after
 
 
 class ProjectedSGD(ScaleInvariantOptimizer):
@@ -41,8 +46,8 @@ class ProjectedSGD(ScaleInvariantOptimizer):
                                       grouping=grouping, check_finite=check_finite,
                                       foreach=foreach))
 
-    def _init_state(self, group, w, state, n):
-        pass
+    def _init_states(self, group, ws, states, layout):
+        pass  # no state but torch.optim.SGD's momentum buffer (so no norms to take for it)
 
     def _update_one(self, group, w, g, state, stats):
         before = norm(w)
@@ -50,9 +55,23 @@ class ProjectedSGD(ScaleInvariantOptimizer):
         w.mul_(before * safe_inv(norm(w)))
 
     def _update_many(self, group, ws, gs, states, layout, stats):
-        before = layout.norms(ws)
-        self._sgd(group, ws, gs, states, foreach=True)
-        torch._foreach_mul_(ws, layout.split(before.mul_(safe_inv(layout.norms(ws)))))
+        ds = gs
+        if group["momentum"]:  # torch.optim.SGD's buffer (weight decay is 0 here)
+            ds = [st.get("momentum_buffer") for st in states]
+            fresh = [i for i, d in enumerate(ds) if d is None]
+            for i in fresh:
+                ds[i] = states[i]["momentum_buffer"] = gs[i].clone()
+            old = [i for i, d in enumerate(ds) if i not in fresh]
+            if old:
+                torch._foreach_mul_([ds[i] for i in old], group["momentum"])
+                torch._foreach_add_([ds[i] for i in old], [gs[i] for i in old])
+        ww, wd, dd = layout.sums([(ws, ws), (ws, ds), (ds, ds)])
+        # w ← (w − η d)·‖w‖/‖w − η d‖, with ‖w − η d‖² = ‖w‖² − 2η<w, d> + η²‖d‖²
+        lr = group["lr"]
+        after = ww.add(wd, alpha=-2.0 * lr).add_(dd, alpha=lr * lr).clamp_min_(0)
+        f = ww.sqrt_().mul_(safe_inv(after.sqrt_()))
+        torch._foreach_mul_(ws, layout.split(f))
+        torch._foreach_addcmul_(ws, ds, layout.split(f.mul_(-lr)))
 
     def scheduling_beta(self, p, view, before):
         return None  # the projection is not of the form x − η a ⊘ b
@@ -117,19 +136,18 @@ class AdamS(ScaleInvariantOptimizer):
         if group["weight_decay"]:
             gs = torch._foreach_add(gs, ws, alpha=group["weight_decay"])
         torch._foreach_lerp_(ms, gs, 1 - beta1)
-        g2 = layout.scale_per_tensor_(layout.norms(gs).square_(),
-                                      [(1 - beta2) / d for d in layout.group_sizes])
+        pairs = [(gs, gs)] + ([(ws, ws), (ws, ms), (ms, ms)] if self._transport else [])
+        g2, *sums = layout.sums(pairs)
+        layout.scale_per_tensor_(g2, [(1 - beta2) / d for d in layout.group_sizes])
         v = layout.gather(vs).mul_(beta2).add_(g2)
         hyper = [self._hyper(group, s) for s in steps]
         denom = layout.scale_per_tensor_(v.sqrt(), [vh for _, vh in hyper]).add_(group["eps"])
         coef = layout.scale_per_tensor_(denom.reciprocal_(), [-lh for lh, _ in hyper])
         if self._transport:
-            before = layout.norms(ws).square_()
-        torch._foreach_addcmul_(ws, ms, layout.split(coef))
-        if self._transport:
-            after = layout.norms(ws).square_()
-            _project_many_(ms, ws, after, layout)
-            v.mul_(before.mul_(safe_inv(after)))
+            after = _step_and_project_(ws, ms, coef, layout, *sums)
+            v.mul_(sums[0] * safe_inv(after))
+        else:
+            torch._foreach_addcmul_(ws, ms, layout.split(coef))
         torch._foreach_copy_(vs, layout.split(v))
 
     def scheduling_beta(self, p, view, before):
@@ -189,8 +207,9 @@ class SGDMRT(ScaleInvariantOptimizer):
         torch._foreach_add_(bufs, gs)
         if group["weight_decay"]:
             torch._foreach_add_(bufs, ws, alpha=group["weight_decay"])
-        torch._foreach_add_(ws, bufs, alpha=-group["lr"])
-        _project_many_(bufs, ws, layout.norms(ws).square_(), layout)
+        sums = layout.sums([(ws, ws), (ws, bufs), (bufs, bufs)])
+        lr = torch.full_like(sums[0], -group["lr"])
+        _step_and_project_(ws, bufs, lr, layout, *sums)
 
     def scheduling_beta(self, p, view, before):
         return torch.ones_like(sqnorm(view))

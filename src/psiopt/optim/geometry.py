@@ -174,20 +174,41 @@ class RowLayout:
         """Keepdim per-tensor views of a flat per-group tensor (no copy)."""
         return [c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes)]
 
-    def _reduce(self, op, *lists: list[Tensor]) -> Tensor:
-        flat = torch.empty(sum(self.sizes), dtype=self.dtype, device=self.device)
-        for args, out, dims in zip(zip(*lists), self.split(flat), self.dims):
-            op(*args, dims, out)
+    def _reduce(self, op, *lists: list[Tensor], out: Tensor | None = None) -> Tensor:
+        flat = torch.empty(sum(self.sizes), dtype=self.dtype, device=self.device) if out is None else out
+        for args, o, dims in zip(zip(*lists), self.split(flat), self.dims):
+            op(*args, dims, o)
         return flat
+
+    @staticmethod
+    def _norm(x, dims, out):
+        torch.linalg.vector_norm(x, dim=dims, keepdim=True, out=out)
+
+    @staticmethod
+    def _dot(x, y, dims, out):
+        torch.sum(torch.mul(x, y), dim=dims, keepdim=True, out=out)
 
     def norms(self, xs: list[Tensor]) -> Tensor:
         """Flat per-group norms ``‖x_i‖`` (one reduction per tensor)."""
-        return self._reduce(lambda x, d, out: torch.linalg.vector_norm(x, dim=d, keepdim=True, out=out), xs)
+        return self._reduce(self._norm, xs)
 
     def dots(self, xs: list[Tensor], ys: list[Tensor]) -> Tensor:
         """Flat per-group inner products ``<x_i, y_i>``."""
-        return self._reduce(lambda x, y, d, out: torch.sum(torch.mul(x, y), dim=d, keepdim=True, out=out),
-                            xs, ys)
+        return self._reduce(self._dot, xs, ys)
+
+    def sums(self, pairs: list[tuple[list[Tensor], list[Tensor]]]) -> Tensor:
+        """Per-group sums ``Σ x_i y_i`` of several pairs of lists at once, as a ``(k, groups)``
+        tensor (row ``j`` for pair ``j``; a pair ``(xs, xs)`` gives squared norms).  A rule takes
+        every scalar of its step from one call and derives the later ones algebraically (e.g.
+        ``‖w − ηb‖² = ‖w‖² − 2η<w, b> + η²‖b‖²``): no second pass of reductions after the update
+        and, under FSDP2, one collective per step (:class:`~psiopt.optim.sharded.ShardedLayout`)."""
+        flat = torch.empty(len(pairs), sum(self.sizes), dtype=self.dtype, device=self.device)
+        for (xs, ys), out in zip(pairs, flat):
+            if xs is ys:
+                self._reduce(self._norm, xs, out=out).square_()
+            else:
+                self._reduce(self._dot, xs, ys, out=out)
+        return flat
 
     def gather(self, tensors: list[Tensor]) -> Tensor:
         """Concatenate per-tensor keepdim scalars (e.g. state) into one flat tensor."""
@@ -203,21 +224,23 @@ class RowLayout:
         return flat
 
 
-def geodesic_step_(ys: list[Tensor], ms: list[Tensor], k: Tensor, layout: RowLayout) -> None:
+def geodesic_step_(ys: list[Tensor], ms: list[Tensor], k: Tensor, layout: RowLayout,
+                   yy: Tensor, ym: Tensor, mm: Tensor) -> None:
     """Vectorized ``y ← exp(y, k m)`` and ``m ← pt(y, k m)/k`` for unit rows ``y`` (in place).
 
-    With ``n = |k|‖m‖``: ``y ← y cos n + k sinc(n) m`` (renormalised, see :func:`sphere_exp`) and
-    ``m ← m cos n − k‖m‖² sinc(n) y``,
+    With ``n = |k|‖m‖``: ``y ← y cos n + k sinc(n) m`` and ``m ← m cos n − k‖m‖² sinc(n) y``,
     which is :func:`sphere_exp` with :func:`transport_self` (``k = 1``, SGDG) and with
-    :func:`transport` for ``h1 = m``, ``h2 = k m`` (AdamG).  ``k`` is a flat per-group tensor.
+    :func:`transport` for ``h1 = m``, ``h2 = k m`` (AdamG).  ``k`` and the per-group sums
+    ``yy = ‖y‖²``, ``ym = <y, m>``, ``mm = ‖m‖²`` (taken before the step) are flat tensors; the new
+    row is renormalised (see :func:`sphere_exp`) by its norm derived from them, so the step reads
+    ``y`` and ``m`` once for its reductions.
     """
-    mn = layout.norms(ms)
-    n = mn * k.abs()
-    sinc = torch.sinc(n / math.pi)
-    cos_parts = layout.split(torch.cos(n))
-    forward = torch._foreach_mul(ms, layout.split(k * sinc))
-    torch._foreach_mul_(ms, cos_parts)
-    torch._foreach_addcmul_(ms, ys, layout.split(-k * mn.square() * sinc))
-    torch._foreach_mul_(ys, cos_parts)
+    n = mm.sqrt() * k.abs()
+    sinc, cos = torch.sinc(n / math.pi), torch.cos(n)
+    ks = k * sinc
+    inv = safe_inv((cos.square() * yy + 2 * cos * ks * ym + ks.square() * mm).clamp_min_(0).sqrt_())
+    forward = torch._foreach_mul(ms, layout.split(ks * inv))
+    torch._foreach_mul_(ms, layout.split(cos))
+    torch._foreach_addcmul_(ms, ys, layout.split(-k * mm * sinc))
+    torch._foreach_mul_(ys, layout.split(cos * inv))
     torch._foreach_add_(ys, forward)
-    torch._foreach_mul_(ys, layout.split(safe_inv(layout.norms(ys))))  # see sphere_exp

@@ -122,24 +122,24 @@ class ShardedLayout(RowLayout):
         if base:
             self.positions, self.index = torch.cat(positions), torch.cat(index)
 
-    def _complete(self, flat: Tensor, squared: bool) -> Tensor:
-        """Sum the partial per-row values of spanning groups across local rows and ranks."""
-        if not self.spanning:
-            return flat
-        part = flat[self.positions]
-        total = flat.new_zeros(self.spanning).index_add_(0, self.index,
-                                                         part.square() if squared else part)
-        dist.all_reduce(total, group=self.group)
-        total = total[self.index]
-        flat[self.positions] = total.sqrt() if squared else total
+    def _complete(self, flat: Tensor) -> Tensor:
+        """Sum the partial per-row sums of spanning groups (``flat``: one row per reduction)
+        across local rows and ranks, in place: one ``all_reduce`` whatever the number of rows."""
+        if self.spanning:
+            total = flat.new_zeros(flat.shape[0], self.spanning)
+            total.index_add_(1, self.index, flat[:, self.positions])
+            dist.all_reduce(total, group=self.group)
+            flat[:, self.positions] = total[:, self.index]
         return flat
 
     def norms(self, xs: list[Tensor]) -> Tensor:
-        return self._complete(super().norms(xs), squared=True)
+        return self.sums([(xs, xs)])[0].sqrt_()
 
     def dots(self, xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-        return self._complete(super().dots(xs, ys), squared=False)
+        return self.sums([(xs, ys)])[0]
 
+    def sums(self, pairs: list[tuple[list[Tensor], list[Tensor]]]) -> Tensor:
+        return self._complete(super().sums(pairs))
 
     def orthogonality_residual(self, index: int, y: Tensor) -> Tensor | None:
         """``(YYᵀ − I)Y`` for the local rows ``y`` of sharded view ``index`` (Cho & Lee's

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch import Tensor
 
 from .base import ScaleInvariantOptimizer, step_count
 from .geometry import (
@@ -92,10 +93,12 @@ class UnitNormSGD(_SphereOptimizer):
         lr = group["lr"]
         step_count(states)
         live = layout.gather([st["live"] for st in states])
-        # w − λ(g − <w,g>w) = (1 + λ<w,g>) w − λ g, then back to the sphere
-        torch._foreach_mul_(ws, layout.split(layout.dots(ws, gs).mul_(lr).add_(1.0)))
-        torch._foreach_addcmul_(ws, gs, layout.split(live.mul_(-lr)))
-        torch._foreach_mul_(ws, layout.split(safe_inv(layout.norms(ws))))
+        ww, wg, gg = layout.sums([(ws, ws), (ws, gs), (gs, gs)])
+        # w − λ(g − <w,g>w) = a w + b g with a = 1 + λ<w,g>, b = −λ; then divided by its norm
+        a, b = wg.mul(lr).add_(1.0), live.mul_(-lr)
+        inv = _inv_norm(a, b, ww, wg, gg)
+        torch._foreach_mul_(ws, layout.split(a * inv))
+        torch._foreach_addcmul_(ws, gs, layout.split(b * inv))
 
 
 class AdamGStar(_SphereOptimizer):
@@ -173,10 +176,12 @@ class AdamGStar(_SphereOptimizer):
         step_count(states)
         r4s = [st["r4"] for st in states]
         r4 = layout.gather(r4s)
+        ww, wg, gg = layout.sums([(ws, ws), (ws, gs), (gs, gs)])
         coef = safe_inv(r4.sqrt()).mul_(layout.gather([st["live"] for st in states])).mul_(step)
-        torch._foreach_addcmul_(ws, gs, layout.split(coef))
-        torch._foreach_mul_(ws, layout.split(safe_inv(layout.norms(ws))))
-        torch._foreach_copy_(r4s, layout.split(r4.mul_(keep).add_(layout.norms(gs).square_(), alpha=add)))
+        inv = _inv_norm(torch.ones_like(coef), coef, ww, wg, gg)  # of w + coef·g
+        torch._foreach_mul_(ws, layout.split(inv))
+        torch._foreach_addcmul_(ws, gs, layout.split(coef.mul_(inv)))
+        torch._foreach_copy_(r4s, layout.split(r4.mul_(keep).add_(gg, alpha=add)))
 
 
 # -- Cho & Lee: SGDG and AdamG ----------------------------------------------------------------------
@@ -193,15 +198,31 @@ def _direction(group, w, g, live):
     return clip(tangent(w, _penalised(group, w, g)), group["clip"]) * live
 
 
-def _directions(group, ws, gs, live, layout):
-    """Vectorized :func:`_direction`; also returns the flat norms of the clipped directions."""
-    gs = [_penalised(group, w, g, functools.partial(layout.orthogonality_residual, i))
-          for i, (w, g) in enumerate(zip(ws, gs))]
-    hs = torch._foreach_addcmul(gs, ws, layout.split(-layout.dots(ws, gs)))
-    n = layout.norms(hs)
-    factor = (group["clip"] / n).clamp_max_(1.0).mul_(live)
-    torch._foreach_mul_(hs, layout.split(factor))
-    return hs, n.mul_(factor)
+def _inv_norm(a: Tensor, b: Tensor, xx: Tensor, xy: Tensor, yy: Tensor) -> Tensor:
+    """``1/‖a x + b y‖`` per group (0 for a zero result) from ``‖x‖², <x, y>, ‖y‖²``."""
+    sq = a.square().mul_(xx).addcmul_(a * b, xy, value=2.0).addcmul_(b.square(), yy)
+    return safe_inv(sq.clamp_min_(0).sqrt_())
+
+
+def _directions(group, ys, gs, ms, live, layout):
+    """Vectorized :func:`_direction` for the rows ``ys`` with momenta ``ms``: the directions
+    ``h = f (ĝ − <y, ĝ> y)`` (``ĝ`` penalised, ``f`` the clipping factor) and the flat sums
+    ``(‖y‖², <y, m>, ‖m‖², <y, h>, <m, h>, ‖h‖²)``, all from one :meth:`RowLayout.sums`."""
+    gs = [_penalised(group, y, g, functools.partial(layout.orthogonality_residual, i))
+          for i, (y, g) in enumerate(zip(ys, gs))]
+    yy, yg, gg, ym, mg, mm = layout.sums([(ys, ys), (ys, gs), (gs, gs), (ys, ms), (ms, gs), (ms, ms)])
+    hh = gg.addcmul(yg.square(), yy.sub(2.0)).clamp_min_(0)  # ‖ĝ − t y‖², t = <y, ĝ>
+    f = (group["clip"] / hh.sqrt()).clamp_max_(1.0).mul_(live)
+    hs = torch._foreach_addcmul(gs, ys, layout.split(-yg))
+    torch._foreach_mul_(hs, layout.split(f))
+    yh = f * yg * (1.0 - yy)
+    mh = f * mg.addcmul_(yg, ym, value=-1.0)
+    return hs, (yy, ym, mm, yh, mh, hh.mul_(f.square()))
+
+
+def _momentum_sums(a, b, ym, mm, yh, mh, hh):
+    """``(<y, m'>, ‖m'‖²)`` for ``m' = a m + b h``."""
+    return a * ym + b * yh, a * a * mm + 2 * a * b * mh + b * b * hh
 
 
 class SGDG(_SphereOptimizer):
@@ -239,10 +260,12 @@ class SGDG(_SphereOptimizer):
     def _update_many(self, group, ws, gs, states, layout, stats):
         ms = [st["momentum_buffer"] for st in states]
         live = layout.gather([st["live"] for st in states])
-        hs, _ = _directions(group, ws, gs, live, layout)
-        torch._foreach_mul_(ms, group["momentum"])
-        torch._foreach_add_(ms, hs, alpha=-group["lr"])
-        geodesic_step_(ws, ms, torch.ones_like(live), layout)
+        hs, (yy, ym, mm, yh, mh, hh) = _directions(group, ws, gs, ms, live, layout)
+        a, b = group["momentum"], -group["lr"]
+        torch._foreach_mul_(ms, a)
+        torch._foreach_add_(ms, hs, alpha=b)
+        geodesic_step_(ws, ms, torch.ones_like(live), layout, yy,
+                       *_momentum_sums(a, b, ym, mm, yh, mh, hh))
 
 
 class AdamG(_SphereOptimizer):
@@ -296,13 +319,14 @@ class AdamG(_SphereOptimizer):
         ms = [st["exp_avg"] for st in states]
         vs = [st["exp_avg_sq"] for st in states]
         live = layout.gather([st["live"] for st in states])
-        hs, h_norm = _directions(group, ws, gs, live, layout)
+        hs, (yy, ym, mm, yh, mh, hh) = _directions(group, ws, gs, ms, live, layout)
         torch._foreach_lerp_(ms, hs, 1 - beta1)
-        v = layout.gather(vs).mul_(beta2).add_(h_norm.square_(), alpha=1 - beta2)
+        v = layout.gather(vs).mul_(beta2).add_(hh, alpha=1 - beta2)
         torch._foreach_copy_(vs, layout.split(v))
         k = layout.scale_per_tensor_((v + group["eps"]).rsqrt_(),
                                      [self._scale(group, s) for s in steps])
-        geodesic_step_(ws, ms, k, layout)  # Δ = k m', k < 0
+        geodesic_step_(ws, ms, k, layout, yy,  # Δ = k m', k < 0
+                       *_momentum_sums(beta1, 1 - beta1, ym, mm, yh, mh, hh))
 
 
 __all__ = ["UnitNormSGD", "AdamGStar", "SGDG", "AdamG"]
