@@ -168,11 +168,51 @@ class GroupHandling:
         """Raise ``ValueError`` if ``group`` (merged with the defaults) is not valid."""
         stats = group.get("norm_stats")
         params = group["params"]
-        if stats is not None and len(stats) != (1 if isinstance(params, Tensor) else len(params)):
+        params = [params] if isinstance(params, Tensor) else params
+        if stats is not None and len(stats) != len(params):
             raise ValueError("norm_stats must list the running statistics of every parameter")
+        eps = group.get("eps")
+        if isinstance(eps, numbers.Real) and any(p.dtype == torch.float16 for p in params) \
+                and float(torch.tensor(float(eps), dtype=torch.float16)) == 0:
+            raise ValueError(
+                f"invalid eps for float16 parameters: {eps!r} is 0 in float16, and so is "
+                "(1-beta2)·g² for small gradients: Adam's step m/(√v + eps) would write inf into the "
+                "weights (torch.optim.Adam does); pass eps >= 6e-8 (1e-4 is usual in float16) or "
+                "keep float32 weights (torch.autocast)")
 
     def _prepare(self, group: dict) -> None:
         """Called once per group after every group is valid (sphere methods normalise here)."""
+
+    def _check_state_shapes(self, state_dict: dict) -> None:
+        """Raise ``ValueError`` naming the parameter when a saved state tensor fits neither the
+        parameter nor its groups (a state dict of a model with other shapes: torch.optim accepts
+        it and the next ``step()`` fails with a shape error that names nothing)."""
+        saved = [i for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
+        current = [(g, j) for g in self.param_groups for j in range(len(g["params"]))]
+        if len(saved) != len(current):
+            return  # torch refuses it, naming the groups
+        for key, (group, j) in zip(saved, current):
+            p = group["params"][j]
+            for name, v in state_dict.get("state", {}).get(key, {}).items():
+                if not isinstance(v, Tensor) or v.dim() == 0 or is_sharded(v) or is_sharded(p):
+                    continue
+                if v.shape not in self._state_shapes(p, group.get("grouping")):
+                    names = group.get("param_names")
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: state {name!r} of "
+                        f"{names[j] if names else 'parameter ' + str(j)} has shape "
+                        f"{tuple(v.shape)}, which fits neither the parameter {tuple(p.shape)} nor "
+                        "its groups: the state dict is of another model")
+
+    @staticmethod
+    def _state_shapes(p: Tensor, grouping) -> list[torch.Size]:
+        """Shapes a state tensor of ``p`` may have: ``p``'s, and for invariant groups its grouped
+        view's and one scalar per group (keepdim)."""
+        shapes = [p.shape]
+        if is_invariant(grouping):
+            view = rows(torch.empty(p.shape, device="meta"), grouping)
+            shapes += [view.shape, torch.Size((view.shape[0],) + (1,) * (view.dim() - 1))]
+        return shapes
 
     @staticmethod
     def _placeholder_names(index: int, group: dict) -> list[str]:
@@ -203,6 +243,7 @@ class GroupHandling:
                     f"{type(self).__name__}.load_state_dict: saved group {i} has no "
                     f"{', '.join(map(repr, missing))}: the state dict is not from a "
                     f"{type(self).__name__}")
+        self._check_state_shapes(state_dict)
         kept = [{k: g[k] for k in _NOT_SAVED if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, extra in zip(self.param_groups, kept):

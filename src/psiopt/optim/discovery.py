@@ -274,13 +274,13 @@ def find_scale_invariant(model: nn.Module, example_inputs) -> dict[str, str]:
 
 
 def _mapping(model: nn.Module, groups_or_mapping) -> dict[str, str]:
-    """The declared invariant groupings (cancelled biases and ``None`` left out)."""
+    """The declared groupings: invariant ones and cancelled biases (``None`` left out)."""
     if isinstance(groups_or_mapping, dict):
-        return {k: v for k, v in groups_or_mapping.items() if is_invariant(v)}
+        return {k: v for k, v in groups_or_mapping.items() if v is not None}
     names = {id(p): n for n, p in model.named_parameters()}
     out = {}
     for group in groups_or_mapping:
-        if is_invariant(group.get("grouping")):
+        if group.get("grouping") is not None:
             for p in group["params"]:
                 out[names[id(p)]] = group["grouping"]
     return out
@@ -371,7 +371,7 @@ class GroupCheck:
     name: str
     grouping: str
     loss_change: float  # max relative change of the outputs (or loss) when groups are rescaled
-    cosine: float  # max over groups of |<∇, w>| / (‖∇‖ ‖w‖)
+    cosine: float  # max over groups of |<∇, w>| / (‖∇‖ ‖w‖) (0 for a cancelled bias)
     worst_group: int  # index of the group with the largest cosine
 
 
@@ -409,7 +409,10 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
     weight that is only invariant as a whole is caught), and the relative change of the loss is
     recorded (of every output entry, relative to the largest output, or of ``loss_fn(output)``);
     the gradient's radial part ``|<∇, w>|/(‖∇‖‖w‖)`` is measured per group, for ``loss_fn`` or
-    by default a fixed random projection of the outputs.  Groups above ``tol`` are failures.  The
+    by default a fixed random projection of the outputs.  A bias declared ``"cancelled"`` (never
+    updated by psiopt) gets a random offset of ``c·max(1, max|b|)`` per entry instead (its
+    ``cosine`` is reported as 0: the change of the outputs decides).  Groups above ``tol`` are
+    failures.  The
     model's parameters, buffers and modes are restored.  BatchNorm's ``eps`` breaks invariance
     for a row whose output variance over the batch is not large against it (relative effect
     about ``eps/σ²``): with tiny batches such a row can be reported, and rightly so.
@@ -417,7 +420,7 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
     mapping = _mapping(model, groups_or_mapping)
     if not mapping:
         raise ValueError("check_invariance: nothing to check: no parameter is declared "
-                         "scale-invariant (pass param groups with a 'grouping' or a mapping "
+                         "scale-invariant or cancelled (pass param groups with a 'grouping' or a mapping "
                          "{name: grouping}, e.g. from find_scale_invariant)")
     params = _check_mapping(model, mapping)
 
@@ -443,9 +446,18 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
     checks = []
     for (name, grouping), grad in zip(mapping.items(), grads):
         p = params[name]
-        view = rows(p.data, grouping)
         saved = p.detach().clone()
         change = 0.0
+        if grouping == CANCELLED:
+            offset = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+            offset.mul_(saved.abs().max().clamp_min(1.0))
+            for c in scales:
+                p.data.add_(offset, alpha=c)
+                change = max(change, float((observed_at() - base).abs().max() / scale))
+                p.data.copy_(saved)
+            checks.append(GroupCheck(name, grouping, change, 0.0, 0))
+            continue
+        view = rows(p.data, grouping)
         for c in scales:
             for parity in (0, 1)[: min(2, view.shape[0])]:
                 factors = torch.ones(view.shape[0], dtype=p.dtype, device=p.device)
