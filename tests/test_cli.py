@@ -456,3 +456,19 @@ def test_report_of_validation_runs_says_validation(tmp_path):
           log=lambda *_: None)
     summary, _, table = write_report(tmp_path)
     assert "validation acc" in table and "last 100 held out" in summary.read_text()
+
+
+def test_summary_says_when_the_bn_recomputed_figure_covers_only_some_seeds():
+    """Runs made before the BN-recomputed evaluation existed lack it: the summary must not put a
+    mean over fewer seeds beside the eval-mode mean over all of them without saying so."""
+    from psiopt.experiments.report import summary_table
+
+    def record(acc, fresh=None):
+        r = {"epoch": 1, "train_loss": 0.5, "test_loss": 0.4, "test_acc": acc, "seconds": 1.0}
+        return r if fresh is None else {**r, "test_acc_bn_recomputed": fresh}
+
+    config = {"optimizer": "sgd"}
+    partial = summary_table({"sgd": [(config, [record(0.80)]), (config, [record(0.90, 0.95)])]})
+    assert "85.00 ± 7.07 (BN recomputed: 95.00, 1 of 2 seeds)" in partial
+    whole = summary_table({"sgd": [(config, [record(0.80, 0.85)]), (config, [record(0.90, 0.95)])]})
+    assert "85.00 ± 7.07 (BN recomputed: 90.00)" in whole

@@ -96,8 +96,9 @@ def summary_table(runs) -> str:
         final = f"{_mean_std(ok)[0] * scale:.2f} ± {_mean_std(ok)[1] * scale:.2f}" if ok else "—"
         fresh = [m[-1].get(key + "_bn_recomputed") for m in seeds]
         fresh = [f for f in fresh if f is not None]
-        if fresh and ok:
-            final += f" (BN recomputed: {_mean_std(fresh)[0] * scale:.2f})"
+        if fresh and ok:  # runs from before the BN-recomputed evaluation existed lack it: say so
+            part = f", {len(fresh)} of {len(seeds)} seeds" if len(fresh) < len(seeds) else ""
+            final += f" (BN recomputed: {_mean_std(fresh)[0] * scale:.2f}{part})"
         if diverged:
             final += f" (diverged: {len(diverged)} run(s), epoch {min(diverged)})"
         best_text = f"{best * scale:.2f}" if best is not None else "—"

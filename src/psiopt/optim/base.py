@@ -518,7 +518,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         _torch_adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                     [], [s["step"] for s in states], foreach=foreach, amsgrad=False, beta1=beta1,
                     beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                    eps=group["eps"], maximize=False)
+                    eps=group["eps"], maximize=False,
+                    capturable=torch.compiler.is_compiling() and all(p.is_cpu for p in params))
 
     @staticmethod
     def _sgd(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
@@ -531,6 +532,12 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         if group["momentum"]:
             for s, b in zip(states, bufs):
                 s["momentum_buffer"] = b
+
+
+def step_value(step: Tensor):
+    """A CPU step counter as a Python number (no device synchronisation, as in torch.optim), or,
+    while ``torch.compile`` traces the step, the tensor itself (no graph break)."""
+    return step if torch.compiler.is_compiling() else step.item()
 
 
 def step_count(states: list[dict]) -> list[Tensor]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ScaleInvariantOptimizer, step_count
+from .base import ScaleInvariantOptimizer, step_count, step_value
 from .geometry import group_size, norm, rescale_transport, safe_inv, sqnorm
 
 
@@ -109,7 +109,7 @@ class AdamS(ScaleInvariantOptimizer):
     @staticmethod
     def _hyper(group, step):
         beta1, beta2 = group["betas"]
-        t = float(step)  # a CPU scalar, as in torch.optim.Adam: no device synchronisation
+        t = step_value(step)
         return group["lr"] / (1 - beta1**t), (1 - beta2**t) ** -0.5
 
     def _update_one(self, group, w, g, state, stats):

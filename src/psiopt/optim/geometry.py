@@ -15,7 +15,6 @@ broadcast against that view.  Nothing here copies a parameter or synchronises wi
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -31,7 +30,6 @@ def is_invariant(grouping) -> bool:
     return grouping is not None and grouping != CANCELLED
 
 
-@functools.lru_cache(maxsize=256)
 def parse_grouping(grouping: str) -> tuple[str, int, int]:
     """Split a grouping string into ``(kind, blocks, channel_dim)``; raise ``ValueError`` if bad."""
     if not isinstance(grouping, str):
@@ -218,10 +216,14 @@ class RowLayout:
         """:func:`orthogonality_residual` of view ``index`` flattened to the matrix ``y``."""
         return orthogonality_residual(y)
 
-    def scale_per_tensor_(self, flat: Tensor, values: list[float]) -> Tensor:
-        """Multiply the groups of tensor ``i`` by the Python number ``values[i]``, in place."""
-        torch._foreach_mul_(self.split(flat), values)
-        return flat
+    def scale_per_tensor_(self, flat: Tensor, values: list) -> Tensor:
+        """Multiply the groups of tensor ``i`` by ``values[i]``, in place: Python numbers, or 0-d
+        tensors (step counters while ``torch.compile`` traces a step)."""
+        if not any(isinstance(v, Tensor) for v in values):
+            torch._foreach_mul_(self.split(flat), values)
+            return flat
+        factors = torch.stack([torch.as_tensor(v) for v in values]).to(flat)
+        return flat.mul_(torch.cat([f.expand(n) for f, n in zip(factors, self.sizes)]))
 
 
 def geodesic_step_(ys: list[Tensor], ms: list[Tensor], k: Tensor, layout: RowLayout,

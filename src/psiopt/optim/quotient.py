@@ -157,6 +157,11 @@ class PSISGD(ScaleInvariantOptimizer):
             us = [st.setdefault("momentum_buffer", torch.zeros_like(w)) for st, w in zip(states, ws)]
             torch._foreach_mul_(us, rho if s is None else layout.split(s * rho))
             torch._foreach_addcmul_(us, gs, layout.split(coef))
+            if s is not None and torch.compiler.is_compiling():
+                # in place, inductor (torch 2.13, CPU) fails in outer-loop fusion ("KeyError:
+                # 'bufN'"); out of place it compiles, and the fused kernel writes w once anyway
+                torch._foreach_copy_(ws, torch._foreach_add(torch._foreach_mul(ws, layout.split(s)), us))
+                return
             if s is not None:
                 torch._foreach_mul_(ws, layout.split(s))
             torch._foreach_add_(ws, us)

@@ -14,7 +14,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .base import ScaleInvariantOptimizer, step_count
+from .base import ScaleInvariantOptimizer, step_count, step_value
 from .geometry import (
     clip,
     geodesic_step_,
@@ -298,7 +298,7 @@ class AdamG(_SphereOptimizer):
     @staticmethod
     def _scale(group, step) -> float:
         beta1, beta2 = group["betas"]
-        t = float(step)  # a CPU scalar, as in torch.optim.Adam: no device synchronisation
+        t = step_value(step)
         return -group["lr"] * (1 - beta2**t) ** 0.5 / (1 - beta1**t)
 
     def _update_one(self, group, w, g, state, stats):
