@@ -49,3 +49,15 @@ def test_allocation_tracker_counts_temporaries():
             torch._foreach_mul_(w, 2.0)  # in place: nothing new
 
     assert bench.peak_extra_bytes(Opt()) == 12000
+
+
+@pytest.mark.slow
+def test_compiled_rows_and_penalty_flops(monkeypatch):
+    """The compiled benchmark compiles psiopt's and torch's steps and finds no graph break; the
+    penalty's FLOPs are 4R²d per weight (tiny MLP: one 6×8 weight → 4·36·8)."""
+    monkeypatch.setitem(bench.SETS, "tiny", lambda: (MLP(8, 3, widths=(6,)), torch.randn(4, 8)))
+    (row,) = bench.bench_compiled("tiny", names=["un-sgd"], steps=2)
+    assert row["graph_breaks"] == 0 and row["counterpart"] == "torch sgd"
+    assert row["compiled_ms"] > 0 and row["torch_compiled_ms"] > 0
+    assert "| tiny | un-sgd |" in bench.compiled_table([row])
+    assert bench.penalty_gflop("tiny") == pytest.approx(4 * 36 * 8 / 1e9)

@@ -122,7 +122,8 @@ class PSISGD(ScaleInvariantOptimizer):
             g = g.add(w, alpha=wd) if s is None else g.addcmul(w, s.square() * wd)
         step = g * coef
         if self._has_velocity(group, [state]):
-            u = state.setdefault("momentum_buffer", torch.zeros_like(w))
+            u = state["momentum_buffer"] if "momentum_buffer" in state else \
+                state.setdefault("momentum_buffer", torch.zeros_like(w))
             step = u.mul_(rho if s is None else rho * s).add_(step)
         if s is not None:
             w.mul_(s)
@@ -154,7 +155,8 @@ class PSISGD(ScaleInvariantOptimizer):
             gs = (torch._foreach_add(gs, ws, alpha=wd) if s is None
                   else torch._foreach_addcmul(gs, ws, layout.split(s.square() * wd)))
         if self._has_velocity(group, states):
-            us = [st.setdefault("momentum_buffer", torch.zeros_like(w)) for st, w in zip(states, ws)]
+            us = [st["momentum_buffer"] if "momentum_buffer" in st else
+                  st.setdefault("momentum_buffer", torch.zeros_like(w)) for st, w in zip(states, ws)]
             torch._foreach_mul_(us, rho if s is None else layout.split(s * rho))
             torch._foreach_addcmul_(us, gs, layout.split(coef))
             if s is not None and torch.compiler.is_compiling():
