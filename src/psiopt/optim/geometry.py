@@ -167,9 +167,13 @@ class RowLayout:
         self.dims = [_dims(v) for v in views]
         self.group_sizes = [group_size(v) for v in views]
         self.dtype, self.device = views[0].dtype, views[0].device
+        ndims = {len(s) for s in self.shapes}
+        self._ones = (1,) * (ndims.pop() - 1) if len(ndims) == 1 else None  # views of one ndim
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Keepdim per-tensor views of a flat per-group tensor (no copy)."""
+        if self._ones is not None:  # one view and one split, not one view per tensor
+            return list(flat.view(-1, *self._ones).split(self.sizes))
         return [c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes)]
 
     def _reduce(self, op, *lists: list[Tensor], out: Tensor | None = None) -> Tensor:
