@@ -61,3 +61,10 @@ def test_compiled_rows_and_penalty_flops(monkeypatch):
     assert row["compiled_ms"] > 0 and row["torch_compiled_ms"] > 0
     assert "| tiny | un-sgd |" in bench.compiled_table([row])
     assert bench.penalty_gflop("tiny") == pytest.approx(4 * 36 * 8 / 1e9)
+
+
+def test_bench_refuses_a_device_it_cannot_use(capsys):
+    from psiopt.experiments.cli import main
+
+    assert main(["bench", "--device", "tpu"]) == 2
+    assert "--device 'tpu': expected cpu, or cuda" in capsys.readouterr().err

@@ -38,6 +38,10 @@ SETS = {
 }
 
 
+#: where the benchmark runs (``psiopt bench --device``); CUDA timings synchronise around each step
+DEVICE = torch.device("cpu")
+
+
 def parameter_set(name: str, seed: int = 0):
     """Model, its invariant mapping, and fixed random gradients shaped like real ones.
 
@@ -47,6 +51,7 @@ def parameter_set(name: str, seed: int = 0):
     """
     torch.manual_seed(seed)
     model, x = SETS[name]()
+    model, x = model.to(DEVICE), x.to(DEVICE)
     mapping = _invariant_mapping(model, x)
     for pname, p in model.named_parameters():
         g = torch.randn_like(p)
@@ -79,9 +84,16 @@ def _counterpart(name: str, model, mapping):
 
 
 def _time(step) -> float:
+    _synchronize()
     start = time.perf_counter()
     step()
+    _synchronize()
     return time.perf_counter() - start
+
+
+def _synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def compare_steps(makers: dict, steps: int = 30, warmup: int = 5) -> dict[str, list[float]]:
@@ -236,8 +248,8 @@ def bench_training_step(steps: int = 12, batch: int = 128, model_name: str = "re
     """Whole training step (forward, backward, step) of ``model_name``, interleaved: ratios of
     each psiopt optimizer against its torch counterpart."""
     torch.manual_seed(0)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    base = create_model(model_name)
+    x, y = torch.randn(batch, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (batch,), device=DEVICE)
+    base = create_model(model_name).to(DEVICE)
     mapping = _invariant_mapping(base, x[:4])
     out = []
     for name, family in pairs:
@@ -367,10 +379,12 @@ def format_table(rows_: list[dict]) -> str:
 
 
 def run(out: str | Path | None = "docs/performance.md", steps: int = 30, sets=None,
-        compile_check: bool = True, whole_vgg: bool = True, log=print) -> str:
+        compile_check: bool = True, whole_vgg: bool = True, device: str = "cpu", log=print) -> str:
+    global DEVICE
+    DEVICE = torch.device(device)
     threads = torch.get_num_threads()
     parts = [f"# Performance\n\nMachine: {platform.platform()}, {platform.processor() or 'cpu'}, "
-             f"{threads} threads; torch {torch.__version__}; float32 on CPU.\n",
+             f"{threads} threads; torch {torch.__version__}; float32 on {DEVICE}.\n",
              "Re-run with `make bench` (or `psiopt bench`). Each optimizer works on its own copy "
              "of the parameters with fixed gradients shaped like BN gradients (tangent to the "
              "rows, norm 0.01/‖w‖). In each of "

@@ -141,7 +141,16 @@ def parser() -> Parser:
     b.add_argument("--sets", default=None, help="comma-separated: resnet56,vgg16-bn,mlp-ln")
     b.add_argument("--out", default="docs/performance.md")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
+    b.add_argument("--device", default="cpu", help="cpu or cuda (times synchronise around each step)")
     return top
+
+
+def _check_bench_device(device: str) -> None:
+    import torch
+
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise UsageError(f"--device {device!r}: expected cpu, or cuda on a machine with a GPU "
+                         f"(CUDA available here: {torch.cuda.is_available()})")
 
 
 def cmd_list(data_dir=None) -> None:
@@ -412,7 +421,9 @@ def main(argv=None) -> int:
 
             sets = [_choice("parameter set", n, list(SETS)) for n in args.sets.split(",")] \
                 if args.sets else None
-            run(args.out, steps=args.steps, sets=sets, compile_check=not args.no_compile)
+            _check_bench_device(args.device)
+            run(args.out, steps=args.steps, sets=sets, compile_check=not args.no_compile,
+                device=args.device)
         else:
             parser().print_help()
             return 2
