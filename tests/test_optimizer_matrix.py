@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import psiopt
-from psiopt.optim.geometry import CANCELLED, is_invariant, norm, rows
+from psiopt.optim.geometry import CANCELLED, RowLayout, is_invariant, norm, rows
 
 STEPS = 8
 RTOL, ATOL = 1e-12, 1e-14
@@ -287,6 +287,21 @@ def test_reference_and_vectorized_paths_agree(case):
             assert state.keys() == {"step"} and float(state["step"]) == 0.0, pname
         elif "step" in state:  # a parameter without a gradient is skipped, not stepped with zero
             assert float(state["step"]) == expected_steps(setting, pname), pname
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] in ("defaults", "invariant-momentum",
+                                                                "missing-grads")], ids=case_id)
+def test_fused_reductions_agree_with_the_sequential_ones(case, monkeypatch):
+    """The forms FSDP2 layouts take (every per-group sum of a step from one reduction, the later
+    ones derived: ``RowLayout.fuse_reductions``) equal the sequential ones one process takes."""
+    name, setting = case[0], SETTINGS[case[1]]
+    model_a, opt_a = build(name, setting, True)
+    train(model_a, opt_a, setting)
+    monkeypatch.setattr(RowLayout, "_fuse", True)
+    model_b, opt_b = build(name, setting, True)
+    train(model_b, opt_b, setting)
+    assert_same_model(model_a, model_b)
+    assert_same_state(opt_a, model_a, opt_b, model_b)
 
 
 @pytest.mark.parametrize("name", ["psi-sgd", "psi-sgdm"])

@@ -55,6 +55,11 @@ class ProjectedSGD(ScaleInvariantOptimizer):
         w.mul_(before * safe_inv(norm(w)))
 
     def _update_many(self, group, ws, gs, states, layout, stats):
+        if not layout.fuse_reductions:  # torch.optim's SGD step, then back to the norm before it
+            before = layout.norms(ws)
+            self._sgd(group, ws, gs, states, foreach=True)
+            torch._foreach_mul_(ws, layout.split(before.mul_(safe_inv(layout.norms(ws)))))
+            return
         ds = gs
         if group["momentum"]:  # torch.optim.SGD's buffer (weight decay is 0 here)
             ds = [st.get("momentum_buffer") for st in states]
@@ -207,9 +212,13 @@ class SGDMRT(ScaleInvariantOptimizer):
         torch._foreach_add_(bufs, gs)
         if group["weight_decay"]:
             torch._foreach_add_(bufs, ws, alpha=group["weight_decay"])
-        sums = layout.sums([(ws, ws), (ws, bufs), (bufs, bufs)])
-        lr = torch.full_like(sums[0], -group["lr"])
-        _step_and_project_(ws, bufs, lr, layout, *sums)
+        if layout.fuse_reductions:
+            sums = layout.sums([(ws, ws), (ws, bufs), (bufs, bufs)])
+            _step_and_project_(ws, bufs, torch.full_like(sums[0], -group["lr"]), layout, *sums)
+            return
+        torch._foreach_add_(ws, bufs, alpha=-group["lr"])
+        coef = layout.dots(ws, bufs).neg_().mul_(safe_inv(layout.norms(ws).square_()))
+        torch._foreach_addcmul_(bufs, ws, layout.split(coef))
 
     def scheduling_beta(self, p, view, before):
         return torch.ones_like(sqnorm(view))

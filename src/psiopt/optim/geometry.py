@@ -159,7 +159,20 @@ class RowLayout:
     applying it to the tensors is one ``torch._foreach_*`` call.  The layout holds the views'
     shapes, dtype and device only (no tensor): every method returns a new tensor owned by the
     caller, nothing is shared between calls.
+
+    :attr:`fuse_reductions`: whether rules should take every per-group sum of a step at once
+    (:meth:`sums`) and derive the later ones, rather than reduce again after the update.
     """
+
+    _fuse = False  # set by ShardedLayout for groups that span ranks
+
+    @property
+    def fuse_reductions(self) -> bool:
+        """Under FSDP2 fused reductions save collectives, and under ``torch.compile`` the compiler
+        fuses them into the update (and inductor's CPU backend fails on some sequential forms:
+        "KeyError: 'bufN'" in its outer-loop fusion).  In one eager process they cost more than
+        they save (an inner product is a full-size product and a sum, about 4× a norm on CPU)."""
+        return self._fuse or torch.compiler.is_compiling()
 
     def __init__(self, views: list[Tensor]):
         self.sizes = [v.shape[0] for v in views]
@@ -200,10 +213,10 @@ class RowLayout:
 
     def sums(self, pairs: list[tuple[list[Tensor], list[Tensor]]]) -> Tensor:
         """Per-group sums ``Σ x_i y_i`` of several pairs of lists at once, as a ``(k, groups)``
-        tensor (row ``j`` for pair ``j``; a pair ``(xs, xs)`` gives squared norms).  A rule takes
-        every scalar of its step from one call and derives the later ones algebraically (e.g.
-        ``‖w − ηb‖² = ‖w‖² − 2η<w, b> + η²‖b‖²``): no second pass of reductions after the update
-        and, under FSDP2, one collective per step (:class:`~psiopt.optim.sharded.ShardedLayout`)."""
+        tensor (row ``j`` for pair ``j``; a pair ``(xs, xs)`` gives squared norms).  With
+        :attr:`fuse_reductions` a rule takes every scalar of its step from one call and derives
+        the later ones algebraically (e.g. ``‖w − ηb‖² = ‖w‖² − 2η<w, b> + η²‖b‖²``): under
+        FSDP2, one collective per step (:class:`~psiopt.optim.sharded.ShardedLayout`)."""
         flat = torch.empty(len(pairs), sum(self.sizes), dtype=self.dtype, device=self.device)
         for (xs, ys), out in zip(pairs, flat):
             if xs is ys:
@@ -231,22 +244,26 @@ class RowLayout:
 
 
 def geodesic_step_(ys: list[Tensor], ms: list[Tensor], k: Tensor, layout: RowLayout,
-                   yy: Tensor, ym: Tensor, mm: Tensor) -> None:
+                   sums: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
     """Vectorized ``y ← exp(y, k m)`` and ``m ← pt(y, k m)/k`` for unit rows ``y`` (in place).
 
-    With ``n = |k|‖m‖``: ``y ← y cos n + k sinc(n) m`` and ``m ← m cos n − k‖m‖² sinc(n) y``,
-    which is :func:`sphere_exp` with :func:`transport_self` (``k = 1``, SGDG) and with
-    :func:`transport` for ``h1 = m``, ``h2 = k m`` (AdamG).  ``k`` and the per-group sums
-    ``yy = ‖y‖²``, ``ym = <y, m>``, ``mm = ‖m‖²`` (taken before the step) are flat tensors; the new
-    row is renormalised (see :func:`sphere_exp`) by its norm derived from them, so the step reads
-    ``y`` and ``m`` once for its reductions.
+    With ``n = |k|‖m‖``: ``y ← y cos n + k sinc(n) m`` (renormalised, see :func:`sphere_exp`)
+    and ``m ← m cos n − k‖m‖² sinc(n) y``, which is :func:`sphere_exp` with
+    :func:`transport_self` (``k = 1``, SGDG) and with :func:`transport` for ``h1 = m``,
+    ``h2 = k m`` (AdamG).  ``k`` is a flat per-group tensor.  ``sums``: ``(‖y‖², <y, m>, ‖m‖²)``
+    taken before the step (:attr:`RowLayout.fuse_reductions`), from which the new row's norm is
+    derived; without them ``‖m‖`` and the new row's norm are reduced.
     """
+    mm = layout.norms(ms).square_() if sums is None else sums[2]
     n = mm.sqrt() * k.abs()
     sinc, cos = torch.sinc(n / math.pi), torch.cos(n)
     ks = k * sinc
-    inv = safe_inv((cos.square() * yy + 2 * cos * ks * ym + ks.square() * mm).clamp_min_(0).sqrt_())
+    inv = torch.ones_like(ks) if sums is None else safe_inv(
+        (cos.square() * sums[0] + 2 * cos * ks * sums[1] + ks.square() * mm).clamp_min_(0).sqrt_())
     forward = torch._foreach_mul(ms, layout.split(ks * inv))
     torch._foreach_mul_(ms, layout.split(cos))
     torch._foreach_addcmul_(ms, ys, layout.split(-k * mm * sinc))
     torch._foreach_mul_(ys, layout.split(cos * inv))
     torch._foreach_add_(ys, forward)
+    if sums is None:
+        torch._foreach_mul_(ys, layout.split(safe_inv(layout.norms(ys))))

@@ -119,6 +119,7 @@ class ShardedLayout(RowLayout):
                 index.append(s.index + base)
                 base += s.groups
         self.spanning = base
+        self._fuse = bool(base)  # one collective per step (see RowLayout.fuse_reductions)
         if base:
             self.positions, self.index = torch.cat(positions), torch.cat(index)
 

@@ -93,8 +93,13 @@ class UnitNormSGD(_SphereOptimizer):
         lr = group["lr"]
         step_count(states)
         live = layout.gather([st["live"] for st in states])
-        ww, wg, gg = layout.sums([(ws, ws), (ws, gs), (gs, gs)])
         # w − λ(g − <w,g>w) = a w + b g with a = 1 + λ<w,g>, b = −λ; then divided by its norm
+        if not layout.fuse_reductions:
+            torch._foreach_mul_(ws, layout.split(layout.dots(ws, gs).mul_(lr).add_(1.0)))
+            torch._foreach_addcmul_(ws, gs, layout.split(live.mul_(-lr)))
+            torch._foreach_mul_(ws, layout.split(safe_inv(layout.norms(ws))))
+            return
+        ww, wg, gg = layout.sums([(ws, ws), (ws, gs), (gs, gs)])
         a, b = wg.mul(lr).add_(1.0), live.mul_(-lr)
         inv = _inv_norm(a, b, ww, wg, gg)
         torch._foreach_mul_(ws, layout.split(a * inv))
@@ -176,11 +181,16 @@ class AdamGStar(_SphereOptimizer):
         step_count(states)
         r4s = [st["r4"] for st in states]
         r4 = layout.gather(r4s)
-        ww, wg, gg = layout.sums([(ws, ws), (ws, gs), (gs, gs)])
         coef = safe_inv(r4.sqrt()).mul_(layout.gather([st["live"] for st in states])).mul_(step)
-        inv = _inv_norm(torch.ones_like(coef), coef, ww, wg, gg)  # of w + coef·g
-        torch._foreach_mul_(ws, layout.split(inv))
-        torch._foreach_addcmul_(ws, gs, layout.split(coef.mul_(inv)))
+        if layout.fuse_reductions:
+            ww, wg, gg = layout.sums([(ws, ws), (ws, gs), (gs, gs)])
+            inv = _inv_norm(torch.ones_like(coef), coef, ww, wg, gg)  # of w + coef·g
+            torch._foreach_mul_(ws, layout.split(inv))
+            torch._foreach_addcmul_(ws, gs, layout.split(coef.mul_(inv)))
+        else:
+            gg = layout.norms(gs).square_()
+            torch._foreach_addcmul_(ws, gs, layout.split(coef))
+            torch._foreach_mul_(ws, layout.split(safe_inv(layout.norms(ws))))
         torch._foreach_copy_(r4s, layout.split(r4.mul_(keep).add_(gg, alpha=add)))
 
 
@@ -206,23 +216,31 @@ def _inv_norm(a: Tensor, b: Tensor, xx: Tensor, xy: Tensor, yy: Tensor) -> Tenso
 
 def _directions(group, ys, gs, ms, live, layout):
     """Vectorized :func:`_direction` for the rows ``ys`` with momenta ``ms``: the directions
-    ``h = f (ĝ − <y, ĝ> y)`` (``ĝ`` penalised, ``f`` the clipping factor) and the flat sums
-    ``(‖y‖², <y, m>, ‖m‖², <y, h>, <m, h>, ‖h‖²)``, all from one :meth:`RowLayout.sums`."""
+    ``h = f (ĝ − <y, ĝ> y)`` (``ĝ`` penalised, ``f`` the clipping factor), ``‖h‖²`` and, where
+    the layout fuses its reductions, ``(‖y‖², <y, m>, ‖m‖², <y, h>, <m, h>)`` from the same
+    :meth:`RowLayout.sums` (else ``None``)."""
     gs = [_penalised(group, y, g, functools.partial(layout.orthogonality_residual, i))
           for i, (y, g) in enumerate(zip(ys, gs))]
+    if not layout.fuse_reductions:
+        hs = torch._foreach_addcmul(gs, ys, layout.split(-layout.dots(ys, gs)))
+        n = layout.norms(hs)
+        f = (group["clip"] / n).clamp_max_(1.0).mul_(live)
+        torch._foreach_mul_(hs, layout.split(f))
+        return hs, n.mul_(f).square_(), None
     yy, yg, gg, ym, mg, mm = layout.sums([(ys, ys), (ys, gs), (gs, gs), (ys, ms), (ms, gs), (ms, ms)])
     hh = gg.addcmul(yg.square(), yy.sub(2.0)).clamp_min_(0)  # ‖ĝ − t y‖², t = <y, ĝ>
     f = (group["clip"] / hh.sqrt()).clamp_max_(1.0).mul_(live)
     hs = torch._foreach_addcmul(gs, ys, layout.split(-yg))
     torch._foreach_mul_(hs, layout.split(f))
-    yh = f * yg * (1.0 - yy)
-    mh = f * mg.addcmul_(yg, ym, value=-1.0)
-    return hs, (yy, ym, mm, yh, mh, hh.mul_(f.square()))
+    return hs, hh.mul_(f.square()), (yy, ym, mm, f * yg * (1.0 - yy), f * mg.addcmul_(yg, ym, value=-1.0))
 
 
-def _momentum_sums(a, b, ym, mm, yh, mh, hh):
-    """``(<y, m'>, ‖m'‖²)`` for ``m' = a m + b h``."""
-    return a * ym + b * yh, a * a * mm + 2 * a * b * mh + b * b * hh
+def _geodesic_sums(a, b, hh, sums):
+    """``(‖y‖², <y, m'>, ‖m'‖²)`` for ``m' = a m + b h`` from :func:`_directions`'s sums."""
+    if sums is None:
+        return None
+    yy, ym, mm, yh, mh = sums
+    return yy, a * ym + b * yh, a * a * mm + 2 * a * b * mh + b * b * hh
 
 
 class SGDG(_SphereOptimizer):
@@ -260,12 +278,11 @@ class SGDG(_SphereOptimizer):
     def _update_many(self, group, ws, gs, states, layout, stats):
         ms = [st["momentum_buffer"] for st in states]
         live = layout.gather([st["live"] for st in states])
-        hs, (yy, ym, mm, yh, mh, hh) = _directions(group, ws, gs, ms, live, layout)
+        hs, hh, sums = _directions(group, ws, gs, ms, live, layout)
         a, b = group["momentum"], -group["lr"]
         torch._foreach_mul_(ms, a)
         torch._foreach_add_(ms, hs, alpha=b)
-        geodesic_step_(ws, ms, torch.ones_like(live), layout, yy,
-                       *_momentum_sums(a, b, ym, mm, yh, mh, hh))
+        geodesic_step_(ws, ms, torch.ones_like(live), layout, _geodesic_sums(a, b, hh, sums))
 
 
 class AdamG(_SphereOptimizer):
@@ -319,14 +336,14 @@ class AdamG(_SphereOptimizer):
         ms = [st["exp_avg"] for st in states]
         vs = [st["exp_avg_sq"] for st in states]
         live = layout.gather([st["live"] for st in states])
-        hs, (yy, ym, mm, yh, mh, hh) = _directions(group, ws, gs, ms, live, layout)
+        hs, hh, sums = _directions(group, ws, gs, ms, live, layout)
         torch._foreach_lerp_(ms, hs, 1 - beta1)
         v = layout.gather(vs).mul_(beta2).add_(hh, alpha=1 - beta2)
         torch._foreach_copy_(vs, layout.split(v))
         k = layout.scale_per_tensor_((v + group["eps"]).rsqrt_(),
                                      [self._scale(group, s) for s in steps])
-        geodesic_step_(ws, ms, k, layout, yy,  # Δ = k m', k < 0
-                       *_momentum_sums(beta1, 1 - beta1, ym, mm, yh, mh, hh))
+        geodesic_step_(ws, ms, k, layout,  # Δ = k m', k < 0
+                       _geodesic_sums(beta1, 1 - beta1, hh, sums))
 
 
 __all__ = ["UnitNormSGD", "AdamGStar", "SGDG", "AdamG"]
