@@ -378,6 +378,34 @@ def format_table(rows_: list[dict]) -> str:
     return "\n".join(lines)
 
 
+NOTES = """## Where the targets are missed, and why
+
+* **Per-group reductions have no foreach form.** torch has `torch._foreach_norm` per tensor, not
+  per row, so every per-group norm or inner product is one kernel per tensor (55 on resnet56),
+  and an inner product is a full-size product and a sum (on CPU about four times a norm's
+  cost).  torch's SGD-momentum is three foreach calls and no reduction.  On resnet56's small
+  tensors the per-call overhead dominates; on vgg16-bn the extra passes over memory do.
+* **The other parameters** (BatchNorm affine, biases, the head) take torch's own functional
+  SGD/Adam in a second call: its fixed cost (grouping by device and dtype, per-tensor dispatch)
+  is paid twice per step.
+* **The rules read more than SGD-momentum.** PSI-SGDM with `fixed_norm` rescales `w` and `u`
+  every step (a norm and four elementwise passes against three); UN-SGD, SGD-MRT and AdamG*
+  need an inner product and a norm; SGDG/AdamG need a clipped tangent, the exponential map and a
+  full-size temporary for it, and, with ω > 0, Cho & Lee's penalty (matrix products, see the
+  GFLOP above).  A fused kernel could read each tensor once; eager foreach ops cannot.
+* **Fused reductions** (every per-group sum of a step taken at once, the later ones derived)
+  are used where they pay: under FSDP2 (one collective per step) and under `torch.compile`.  In
+  one eager process they need more inner products than the sequential forms and were measured
+  1.2-1.6x slower on vgg16-bn (AdamG*, PSGD, UN-SGD), so eager steps reduce sequentially.
+* **Compiled steps** are one graph without graph break for every optimizer; the table gives
+  their speed-up over psiopt's own eager step and their ratio to compiled torch, which is not
+  yet within 1.1x: the compiled code has not been analysed kernel by kernel yet (open work).
+* **CUDA**: `psiopt bench --device cuda` and `tests/test_cuda.py` (every step under
+  `torch.cuda.set_sync_debug_mode("error")`) are written for a GPU but have not run on one: this
+  machine has none.
+"""
+
+
 def run(out: str | Path | None = "docs/performance.md", steps: int = 30, sets=None,
         compile_check: bool = True, whole_vgg: bool = True, device: str = "cpu", log=print) -> str:
     global DEVICE
@@ -418,6 +446,7 @@ def run(out: str | Path | None = "docs/performance.md", steps: int = 30, sets=No
         text = compiled_table(bench_compiled(steps=steps))
         parts.append("## torch.compile (`torch.compile(opt.step)`, steady state)\n\n" + text + "\n")
         log(text)
+    parts.append(NOTES)
     report = "\n".join(parts)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
