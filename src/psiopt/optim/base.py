@@ -383,12 +383,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     def _invariant(self, group: dict, index: list[int], params: list[Tensor],
                    grads: list[Tensor]) -> None:
         stats = self._stats(group, index)
-        initial = self.__dict__.get("_initial")
-        for p in params if initial else ():  # state known at construction (AdamG*'s r₀) now
-            if p in initial:
-                pending = initial.pop(p)
-                if not self.state.get(p):
-                    self.state[p].update(pending)
+        self._adopt_initial(params)
         ws, layout, shards = self._rows(group["grouping"], params)
         gs = [rows(g, group["grouping"]) for g in grads] if shards is None else \
             [s.view(g.to_local()) for s, g in zip(shards, grads)]
@@ -480,12 +475,16 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         zero gradients to build its state before loading), yet ``state_dict()`` includes it."""
         return self.__dict__.setdefault("_initial", {}).setdefault(p, {})
 
-    def state_dict(self) -> dict:
-        initial = self.__dict__.get("_initial", {})
-        for p in list(initial):
+    def _adopt_initial(self, params) -> None:
+        """Move the held-apart initial state of ``params`` into ``state`` (where it is empty)."""
+        initial = self.__dict__.get("_initial")
+        for p in [p for p in params if p in initial] if initial else ():
             pending = initial.pop(p)
             if not self.state.get(p):
                 self.state[p].update(pending)
+
+    def state_dict(self) -> dict:
+        self._adopt_initial(list(self.__dict__.get("_initial", {})))
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -532,6 +531,13 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         if group["momentum"]:
             for s, b in zip(states, bufs):
                 s["momentum_buffer"] = b
+
+
+def momentum_buffer(state: dict, like: Tensor, make=torch.zeros_like) -> Tensor:
+    """``state["momentum_buffer"]``, made from ``like`` the first time only (no allocation later)."""
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = make(like)
+    return state["momentum_buffer"]
 
 
 def step_value(step: Tensor):

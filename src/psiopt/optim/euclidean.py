@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import ScaleInvariantOptimizer, step_count, step_value
-from .geometry import group_size, norm, rescale_transport, safe_inv, sqnorm
+from .base import ScaleInvariantOptimizer, momentum_buffer, step_count, step_value
+from .geometry import group_size, norm, rescale_transport, safe_inv, sqnorm, sqnorm_of_sum
 
 
 def _step_and_project_(xs, bufs, c, layout, xx, xa, aa):
     """``x ← x + c a``, then ``a ← a − <x, a>/‖x‖² · x`` at the new ``x`` per row, vectorized
     (the fast form of RT, see above); ``c`` and the sums ``‖x‖², <x, a>, ‖a‖²`` taken before the
     step are flat tensors.  Returns ``‖x_new‖²``, derived from them as is ``<x_new, a>``."""
-    after = xx.addcmul(xa, c, value=2.0).addcmul_(aa, c.square())
+    after = sqnorm_of_sum(1.0, c, xx, xa, aa)
     xa_new = xa.addcmul(aa, c)
     torch._foreach_addcmul_(xs, bufs, layout.split(c))
     torch._foreach_addcmul_(bufs, xs, layout.split(-xa_new * safe_inv(after)))
@@ -62,19 +62,16 @@ class ProjectedSGD(ScaleInvariantOptimizer):
             return
         ds = gs
         if group["momentum"]:  # torch.optim.SGD's buffer (weight decay is 0 here)
-            ds = [st.get("momentum_buffer") for st in states]
-            fresh = [i for i, d in enumerate(ds) if d is None]
-            for i in fresh:
-                ds[i] = states[i]["momentum_buffer"] = gs[i].clone()
-            old = [i for i, d in enumerate(ds) if i not in fresh]
+            old = [(st["momentum_buffer"], g) for st, g in zip(states, gs) if "momentum_buffer" in st]
             if old:
-                torch._foreach_mul_([ds[i] for i in old], group["momentum"])
-                torch._foreach_add_([ds[i] for i in old], [gs[i] for i in old])
+                bufs, grads = map(list, zip(*old))
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, grads)
+            ds = [momentum_buffer(st, g, torch.clone) for st, g in zip(states, gs)]
         ww, wd, dd = layout.sums([(ws, ws), (ws, ds), (ds, ds)])
         # w ← (w − η d)·‖w‖/‖w − η d‖, with ‖w − η d‖² = ‖w‖² − 2η<w, d> + η²‖d‖²
         lr = group["lr"]
-        after = ww.add(wd, alpha=-2.0 * lr).add_(dd, alpha=lr * lr).clamp_min_(0)
-        f = ww.sqrt_().mul_(safe_inv(after.sqrt_()))
+        f = ww.sqrt().mul_(safe_inv(sqnorm_of_sum(1.0, -lr, ww, wd, dd).sqrt_()))
         torch._foreach_mul_(ws, layout.split(f))
         torch._foreach_addcmul_(ws, ds, layout.split(f.mul_(-lr)))
 

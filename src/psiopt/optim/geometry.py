@@ -94,6 +94,12 @@ def safe_inv(b: Tensor) -> Tensor:
                        torch.zeros_like(b))
 
 
+def sqnorm_of_sum(a, b, xx: Tensor, xy: Tensor, yy: Tensor) -> Tensor:
+    """``‖a x + b y‖²`` per group from ``‖x‖², <x, y>, ‖y‖²`` (``a``, ``b``: numbers or per-group
+    tensors), clamped at 0 against rounding: how fused reductions derive a norm after a step."""
+    return (xx * (a * a) + xy * (2 * a * b) + yy * (b * b)).clamp_min_(0)
+
+
 def normalize_(v: Tensor) -> Tensor:
     """Scale every group of the view ``v`` to unit norm in place; zero groups stay zero."""
     return v.mul_(safe_inv(norm(v)))
@@ -258,8 +264,8 @@ def geodesic_step_(ys: list[Tensor], ms: list[Tensor], k: Tensor, layout: RowLay
     n = mm.sqrt() * k.abs()
     sinc, cos = torch.sinc(n / math.pi), torch.cos(n)
     ks = k * sinc
-    inv = torch.ones_like(ks) if sums is None else safe_inv(
-        (cos.square() * sums[0] + 2 * cos * ks * sums[1] + ks.square() * mm).clamp_min_(0).sqrt_())
+    inv = torch.ones_like(ks) if sums is None else \
+        safe_inv(sqnorm_of_sum(cos, ks, sums[0], sums[1], mm).sqrt_())
     forward = torch._foreach_mul(ms, layout.split(ks * inv))
     torch._foreach_mul_(ms, layout.split(cos))
     torch._foreach_addcmul_(ms, ys, layout.split(-k * mm * sinc))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ScaleInvariantOptimizer, step_count
+from .base import ScaleInvariantOptimizer, momentum_buffer, step_count
 from .geometry import norm, safe_inv
 
 
@@ -122,9 +122,7 @@ class PSISGD(ScaleInvariantOptimizer):
             g = g.add(w, alpha=wd) if s is None else g.addcmul(w, s.square() * wd)
         step = g * coef
         if self._has_velocity(group, [state]):
-            u = state["momentum_buffer"] if "momentum_buffer" in state else \
-                state.setdefault("momentum_buffer", torch.zeros_like(w))
-            step = u.mul_(rho if s is None else rho * s).add_(step)
+            step = momentum_buffer(state, w).mul_(rho if s is None else rho * s).add_(step)
         if s is not None:
             w.mul_(s)
         w.add_(step)
@@ -155,8 +153,7 @@ class PSISGD(ScaleInvariantOptimizer):
             gs = (torch._foreach_add(gs, ws, alpha=wd) if s is None
                   else torch._foreach_addcmul(gs, ws, layout.split(s.square() * wd)))
         if self._has_velocity(group, states):
-            us = [st["momentum_buffer"] if "momentum_buffer" in st else
-                  st.setdefault("momentum_buffer", torch.zeros_like(w)) for st, w in zip(states, ws)]
+            us = [momentum_buffer(st, w) for st, w in zip(states, ws)]
             torch._foreach_mul_(us, rho if s is None else layout.split(s * rho))
             torch._foreach_addcmul_(us, gs, layout.split(coef))
             if s is not None and torch.compiler.is_compiling():

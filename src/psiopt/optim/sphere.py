@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import Tensor
 
 from .base import ScaleInvariantOptimizer, step_count, step_value
 from .geometry import (
@@ -24,6 +23,7 @@ from .geometry import (
     safe_inv,
     sphere_exp,
     sqnorm,
+    sqnorm_of_sum,
     tangent,
     transport,
     transport_self,
@@ -101,7 +101,7 @@ class UnitNormSGD(_SphereOptimizer):
             return
         ww, wg, gg = layout.sums([(ws, ws), (ws, gs), (gs, gs)])
         a, b = wg.mul(lr).add_(1.0), live.mul_(-lr)
-        inv = _inv_norm(a, b, ww, wg, gg)
+        inv = safe_inv(sqnorm_of_sum(a, b, ww, wg, gg).sqrt_())
         torch._foreach_mul_(ws, layout.split(a * inv))
         torch._foreach_addcmul_(ws, gs, layout.split(b * inv))
 
@@ -184,7 +184,7 @@ class AdamGStar(_SphereOptimizer):
         coef = safe_inv(r4.sqrt()).mul_(layout.gather([st["live"] for st in states])).mul_(step)
         if layout.fuse_reductions:
             ww, wg, gg = layout.sums([(ws, ws), (ws, gs), (gs, gs)])
-            inv = _inv_norm(torch.ones_like(coef), coef, ww, wg, gg)  # of w + coef·g
+            inv = safe_inv(sqnorm_of_sum(1.0, coef, ww, wg, gg).sqrt_())  # of w + coef·g
             torch._foreach_mul_(ws, layout.split(inv))
             torch._foreach_addcmul_(ws, gs, layout.split(coef.mul_(inv)))
         else:
@@ -206,12 +206,6 @@ def _penalised(group, w, g, residual=orthogonality_residual):
 def _direction(group, w, g, live):
     """``h = clip(proj(y, g + ω ∂/∂Y ½‖YYᵀ − I‖²_F), ν)`` for the rows ``y`` of one tensor."""
     return clip(tangent(w, _penalised(group, w, g)), group["clip"]) * live
-
-
-def _inv_norm(a: Tensor, b: Tensor, xx: Tensor, xy: Tensor, yy: Tensor) -> Tensor:
-    """``1/‖a x + b y‖`` per group (0 for a zero result) from ``‖x‖², <x, y>, ‖y‖²``."""
-    sq = a.square().mul_(xx).addcmul_(a * b, xy, value=2.0).addcmul_(b.square(), yy)
-    return safe_inv(sq.clamp_min_(0).sqrt_())
 
 
 def _directions(group, ys, gs, ms, live, layout):
@@ -240,7 +234,7 @@ def _geodesic_sums(a, b, hh, sums):
     if sums is None:
         return None
     yy, ym, mm, yh, mh = sums
-    return yy, a * ym + b * yh, a * a * mm + 2 * a * b * mh + b * b * hh
+    return yy, a * ym + b * yh, sqnorm_of_sum(a, b, mm, mh, hh)
 
 
 class SGDG(_SphereOptimizer):
