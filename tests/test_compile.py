@@ -1,8 +1,9 @@
 """``torch.compile(opt.step)`` for every registered optimizer: it compiles, agrees with the eager
 step, and the steady-state step is one graph (no graph break: ``torch._dynamo.explain``).
 
-The network has every grouping kind the rules split on ("channel" before BatchNorm, "groups:2"
-before GroupNorm, "tensor" before LayerNorm) and a cancelled bias; float32, four steps, one
+The network has every grouping kind the rules split on ("channel" before BatchNorm, two such
+weights: compiled, most rules run per tensor, see ``compile_per_tensor``; "groups:2" before
+GroupNorm, "tensor" before LayerNorm) and a cancelled bias; float32, four steps, one
 thread.  Compilation takes a few seconds per optimizer on CPU, hence the ``slow`` mark.
 """
 
@@ -22,6 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 def net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.Conv2d(8, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Flatten(),
                          nn.Linear(8 * 4 * 4, 16, bias=False), nn.LayerNorm(16), nn.Linear(16, 3))
 

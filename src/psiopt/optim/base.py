@@ -270,6 +270,12 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
 
     counterpart = "sgd"  # or "adam"
     uses_row_norms = True
+    #: under ``torch.compile``, run the vectorized rule once per tensor: each tensor's scalars then
+    #: depend on its own reductions only, and inductor fuses those reductions with the update in
+    #: one loop over the rows (each row read from memory once); over the whole group, every
+    #: update waits for every reduction (measured on VGG16-BN: UN-SGD 1.77× compiled torch SGD
+    #: over the group, 1.22× per tensor)
+    compile_per_tensor = True
     #: hyperparameters that have no meaning on invariant groups: they must be 0 there
     invariant_zero: tuple[str, ...] = ()
 
@@ -392,7 +398,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             states, kept = self._local_states(states)
         vectorized = group["foreach"] is not False and layout is not None
         self._init_states(group, ws, states, layout)
-        if vectorized or shards is not None:
+        if vectorized and shards is None and self.compile_per_tensor and torch.compiler.is_compiling():
+            for i, w in enumerate(ws):  # per tensor: see compile_per_tensor
+                self._update_many(group, [w], [gs[i]], [states[i]], self._layout([w]), [stats[i]])
+        elif vectorized or shards is not None:
             self._update_many(group, ws, gs, states, layout, stats)
         else:
             for w, g, state, st in zip(ws, gs, states, stats):

@@ -196,18 +196,25 @@ class RowLayout:
         return [c.view(s) for c, s in zip(flat.split(self.sizes), self.shapes)]
 
     def _reduce(self, op, *lists: list[Tensor], out: Tensor | None = None) -> Tensor:
+        """Per-group ``op`` of each tensor into one flat tensor.  Compiled, the results are
+        returned as they are (no ``out=``): inductor then fuses a tensor's reductions with the
+        update that reads them, one loop over the rows (see ``compile_per_tensor``)."""
+        if torch.compiler.is_compiling():
+            parts = [op(*args, dims).reshape(-1) for args, dims in zip(zip(*lists), self.dims)]
+            flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+            return flat if out is None else out.copy_(flat)
         flat = torch.empty(sum(self.sizes), dtype=self.dtype, device=self.device) if out is None else out
         for args, o, dims in zip(zip(*lists), self.split(flat), self.dims):
             op(*args, dims, o)
         return flat
 
     @staticmethod
-    def _norm(x, dims, out):
-        torch.linalg.vector_norm(x, dim=dims, keepdim=True, out=out)
+    def _norm(x, dims, out=None):
+        return torch.linalg.vector_norm(x, dim=dims, keepdim=True, out=out)
 
     @staticmethod
-    def _dot(x, y, dims, out):
-        torch.sum(torch.mul(x, y), dim=dims, keepdim=True, out=out)
+    def _dot(x, y, dims, out=None):
+        return torch.sum(torch.mul(x, y), dim=dims, keepdim=True, out=out)
 
     def norms(self, xs: list[Tensor]) -> Tensor:
         """Flat per-group norms ``‖x_i‖`` (one reduction per tensor)."""
@@ -222,7 +229,10 @@ class RowLayout:
         tensor (row ``j`` for pair ``j``; a pair ``(xs, xs)`` gives squared norms).  With
         :attr:`fuse_reductions` a rule takes every scalar of its step from one call and derives
         the later ones algebraically (e.g. ``‖w − ηb‖² = ‖w‖² − 2η<w, b> + η²‖b‖²``): under
-        FSDP2, one collective per step (:class:`~psiopt.optim.sharded.ShardedLayout`)."""
+        FSDP2, one collective per step (:class:`~psiopt.optim.sharded.ShardedLayout`).
+        Compiled, a list of ``k`` flat tensors (they unpack alike)."""
+        if torch.compiler.is_compiling():  # a list of flats, each straight from its reductions
+            return [self._reduce(self._dot, xs, ys) for xs, ys in pairs]
         flat = torch.empty(len(pairs), sum(self.sizes), dtype=self.dtype, device=self.device)
         for (xs, ys), out in zip(pairs, flat):
             if xs is ys:
@@ -232,7 +242,9 @@ class RowLayout:
         return flat
 
     def gather(self, tensors: list[Tensor]) -> Tensor:
-        """Concatenate per-tensor keepdim scalars (e.g. state) into one flat tensor."""
+        """Concatenate per-tensor keepdim scalars (e.g. state) into one flat tensor (a copy)."""
+        if len(tensors) == 1:
+            return tensors[0].reshape(-1).clone()
         return torch.cat([t.reshape(-1) for t in tensors])
 
     def orthogonality_residual(self, index: int, y: Tensor) -> Tensor | None:
@@ -245,6 +257,8 @@ class RowLayout:
         if not any(isinstance(v, Tensor) for v in values):
             torch._foreach_mul_(self.split(flat), values)
             return flat
+        if len(values) == 1:
+            return flat.mul_(values[0])
         factors = torch.stack([torch.as_tensor(v) for v in values]).to(flat)
         return flat.mul_(torch.cat([f.expand(n) for f, n in zip(factors, self.sizes)]))
 

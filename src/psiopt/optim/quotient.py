@@ -82,9 +82,21 @@ class PSISGD(ScaleInvariantOptimizer):
                 "fixed_norm=False to run eq. 10-11 with L2 literally)")
 
     def _init_state(self, group, w, state, n):
-        state["step"] = torch.tensor(0.0)
         if group["fixed_norm"]:
             state["norm"] = n.clone()
+        else:
+            state["step"] = torch.tensor(0.0)
+
+    @staticmethod
+    def _steps(group, states) -> bool:
+        """Literal mode's step counters, the guard's schedule (made if ``fixed_norm`` was on
+        before; with it on no counter is kept: torch.optim.SGD keeps none either).  Returns
+        whether the counters are uneven (parameters that missed steps)."""
+        if group["fixed_norm"]:
+            return False
+        for st in states:
+            st.setdefault("step", torch.tensor(0.0))
+        return len({float(st["step"]) for st in states}) > 1
 
     @staticmethod
     def _guard(n, max_norm):
@@ -107,7 +119,9 @@ class PSISGD(ScaleInvariantOptimizer):
 
     def _update_one(self, group, w, g, state, stats):
         lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
-        step_count([state])
+        self._steps(group, [state])
+        if not group["fixed_norm"]:
+            step_count([state])
         n = norm(w)
         if group["fixed_norm"]:
             state.setdefault("norm", n.clone())
@@ -129,11 +143,12 @@ class PSISGD(ScaleInvariantOptimizer):
 
     def _update_many(self, group, ws, gs, states, layout, stats):
         lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
-        if not group["fixed_norm"] and len({float(st["step"]) for st in states}) > 1:
+        if self._steps(group, states):
             for w, g, st, sts in zip(ws, gs, states, stats):  # uneven steps: per-tensor guard
                 self._update_one(group, w, g, st, sts)
             return
-        step_count(states)
+        if not group["fixed_norm"]:
+            step_count(states)
         n = layout.norms(ws)
         r0 = None
         if group["fixed_norm"]:

@@ -140,7 +140,8 @@ class ShardedLayout(RowLayout):
         return self.sums([(xs, ys)])[0]
 
     def sums(self, pairs: list[tuple[list[Tensor], list[Tensor]]]) -> Tensor:
-        return self._complete(super().sums(pairs))
+        flat = super().sums(pairs)  # a list of flats under torch.compile
+        return self._complete(flat if isinstance(flat, Tensor) else torch.stack(flat))
 
     def orthogonality_residual(self, index: int, y: Tensor) -> Tensor | None:
         """``(YYᵀ − I)Y`` for the local rows ``y`` of sharded view ``index`` (Cho & Lee's

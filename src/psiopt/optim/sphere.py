@@ -81,17 +81,14 @@ class UnitNormSGD(_SphereOptimizer):
                                       foreach=foreach))
 
     def _init_state(self, group, w, state, n):
-        state["step"] = torch.tensor(0.0)
         state["live"] = self._live(n)
 
     def _update_one(self, group, w, g, state, stats):
-        state["step"] += 1
         w.add_(tangent(w, g) * state["live"], alpha=-group["lr"])
         normalize_(w)
 
     def _update_many(self, group, ws, gs, states, layout, stats):
         lr = group["lr"]
-        step_count(states)
         live = layout.gather([st["live"] for st in states])
         # w − λ(g − <w,g>w) = a w + b g with a = 1 + λ<w,g>, b = −λ; then divided by its norm
         if not layout.fuse_reductions:
@@ -155,7 +152,6 @@ class AdamGStar(_SphereOptimizer):
                     state["r4"] = state.pop("v").mul_(scale)
 
     def _prepare_row_state(self, group, state, r0):
-        state["step"] = torch.tensor(0.0)
         state["r4"] = r0.square().square()
         state["live"] = (r0 > 0).to(r0.dtype)
 
@@ -170,7 +166,6 @@ class AdamGStar(_SphereOptimizer):
 
     def _update_one(self, group, w, g, state, stats):
         step, keep, add = self._coefficients(group)
-        state["step"] += 1
         r4 = state["r4"]
         w.add_(g * (step * safe_inv(r4.sqrt()) * state["live"]))
         normalize_(w)
@@ -178,7 +173,6 @@ class AdamGStar(_SphereOptimizer):
 
     def _update_many(self, group, ws, gs, states, layout, stats):
         step, keep, add = self._coefficients(group)
-        step_count(states)
         r4s = [st["r4"] for st in states]
         r4 = layout.gather(r4s)
         coef = safe_inv(r4.sqrt()).mul_(layout.gather([st["live"] for st in states])).mul_(step)
@@ -292,6 +286,7 @@ class AdamG(_SphereOptimizer):
     """
 
     counterpart = "adam"
+    compile_per_tensor = False  # as Adam-S's (bias corrections, see AdamS.compile_per_tensor)
 
     def __init__(self, params, lr: float = 0.05, betas=(0.9, 0.99), eps: float = 1e-8,
                  clip: float = 0.1, ortho: float = 0.1, weight_decay: float = 0.0, *,
