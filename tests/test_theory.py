@@ -1,12 +1,14 @@
 """Tests that come from the papers' theorems (float64, exactly invariant model)."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import psiopt
 from helpers import clone, exact_groups, exact_setup
-from psiopt.optim.geometry import RowLayout
+from psiopt.optim.geometry import RowLayout, geodesic_step_, sphere_exp, transport
 
 
 def run(model, opt, x, y, steps, record=None):
@@ -193,6 +195,31 @@ def test_sphere_methods_stay_on_the_sphere_for_thousands_of_steps(name, dtype, f
     norms = run(model, opt, x, y, 1500, record=lambda m: m.hidden.weight.detach().norm(dim=1))
     err = max((n - 1).abs().max().item() for n in norms)
     assert err <= (1e-12 if dtype == torch.float64 else 1e-5), err
+
+
+@pytest.mark.parametrize("k", [1.0, -2.5])
+@pytest.mark.parametrize("fused", [False, True], ids=["sequential", "fused"])
+def test_geodesic_step_is_the_exponential_map_and_transport_at_every_angle(k, fused):
+    """The vectorized step (three shears, in place) against :func:`sphere_exp` and
+    :func:`transport` written out, float64, for step lengths ``n = |k|‖m‖`` across several
+    turns: small, near π/2, past it (where the shears of the rotation by n − π are taken), at
+    π, and beyond 2π."""
+    angles = torch.tensor([0.0, 1e-3, 0.7, 1.5707, 1.5709, 2.5, 3.1, math.pi, 3.2, 4.7, 7.0],
+                          dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(len(angles), 6, generator=gen, dtype=torch.float64)
+    y /= y.norm(dim=1, keepdim=True)
+    m = torch.randn(len(angles), 6, generator=gen, dtype=torch.float64)
+    m -= (m * y).sum(1, keepdim=True) * y
+    m *= (angles / abs(k) / m.norm(dim=1)).unsqueeze(1)
+    delta = k * m
+    want_y, want_m = sphere_exp(y, delta), transport(y, m, delta)
+    ys, ms, layout = [y.clone()], [m.clone()], RowLayout([y])
+    sums = tuple(layout.sums([(ys, ys), (ys, ms), (ms, ms)])) if fused else None
+    geodesic_step_(ys, ms, torch.full((len(angles),), k, dtype=torch.float64), layout, sums)
+    torch.testing.assert_close(ys[0], want_y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ms[0], want_m, rtol=0, atol=1e-12)
+    assert ys[0].norm(dim=1).sub(1).abs().max() < 1e-14
 
 
 @pytest.mark.parametrize("make", SPHERE[:3], ids=SPHERE_IDS[:3])

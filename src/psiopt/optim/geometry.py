@@ -267,23 +267,30 @@ def geodesic_step_(ys: list[Tensor], ms: list[Tensor], k: Tensor, layout: RowLay
                    sums: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
     """Vectorized ``y ← exp(y, k m)`` and ``m ← pt(y, k m)/k`` for unit rows ``y`` (in place).
 
-    With ``n = |k|‖m‖``: ``y ← y cos n + k sinc(n) m`` (renormalised, see :func:`sphere_exp`)
-    and ``m ← m cos n − k‖m‖² sinc(n) y``, which is :func:`sphere_exp` with
-    :func:`transport_self` (``k = 1``, SGDG) and with :func:`transport` for ``h1 = m``,
-    ``h2 = k m`` (AdamG).  ``k`` is a flat per-group tensor.  ``sums``: ``(‖y‖², <y, m>, ‖m‖²)``
-    taken before the step (:attr:`RowLayout.fuse_reductions`), from which the new row's norm is
+    With ``n = |k|‖m‖``, ``c = cos n``, ``σ = k sinc(n)`` and ``τ = −k‖m‖² sinc(n)`` the step is
+    the rotation ``(y, m) ← (c y + σ m, τ y + c m)`` (renormalised, see :func:`sphere_exp`):
+    :func:`sphere_exp` with :func:`transport_self` (``k = 1``, SGDG) and with :func:`transport`
+    for ``h1 = m``, ``h2 = k m`` (AdamG).  ``k`` is a flat per-group tensor.  It is applied as
+    three shears, in place and without a temporary::
+
+        y ← y + A m;   m ← m + B y;   y ← y + A m      A = σ/(1 + c),  B = τ
+
+    (``1 + AB = c``, ``A(2 + AB) = σ``); where ``c < 0`` the rotation is minus the one by
+    ``n − π``, whose shears are taken and the signs restored, so that ``|A|‖m‖ ≤ 1`` and the
+    shears stay well conditioned at every angle.  ``sums``: ``(‖y‖², <y, m>, ‖m‖²)`` taken
+    before the step (:attr:`RowLayout.fuse_reductions`), from which the new row's norm is
     derived; without them ``‖m‖`` and the new row's norm are reduced.
     """
     mm = layout.norms(ms).square_() if sums is None else sums[2]
     n = mm.sqrt() * k.abs()
-    sinc, cos = torch.sinc(n / math.pi), torch.cos(n)
-    ks = k * sinc
-    inv = torch.ones_like(ks) if sums is None else \
-        safe_inv(sqnorm_of_sum(cos, ks, sums[0], sums[1], mm).sqrt_())
-    forward = torch._foreach_mul(ms, layout.split(ks * inv))
-    torch._foreach_mul_(ms, layout.split(cos))
-    torch._foreach_addcmul_(ms, ys, layout.split(-k * mm * sinc))
-    torch._foreach_mul_(ys, layout.split(cos * inv))
-    torch._foreach_add_(ys, forward)
-    if sums is None:
-        torch._foreach_mul_(ys, layout.split(safe_inv(layout.norms(ys))))
+    cos, sinc = torch.cos(n), torch.sinc(n / math.pi)
+    sign = torch.where(cos < 0, -1.0, 1.0).to(cos)
+    sigma = k * sinc
+    a, b = layout.split(sign * sigma / (1.0 + cos.abs())), layout.split(-sign * k * mm * sinc)
+    torch._foreach_addcmul_(ys, ms, a)
+    torch._foreach_addcmul_(ms, ys, b)
+    torch._foreach_addcmul_(ys, ms, a)
+    torch._foreach_mul_(ms, layout.split(sign))
+    inv = safe_inv(layout.norms(ys) if sums is None else
+                   sqnorm_of_sum(cos, sigma, sums[0], sums[1], mm).sqrt_())
+    torch._foreach_mul_(ys, layout.split(inv.mul_(sign)))
