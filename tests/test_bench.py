@@ -63,6 +63,16 @@ def test_compiled_rows_and_penalty_flops(monkeypatch):
     assert bench.penalty_gflop("tiny") == pytest.approx(4 * 36 * 8 / 1e9)
 
 
+def test_targets_table_judges_compiled_rows_on_the_worst_set():
+    compiled = [{"optimizer": "un-sgd", "counterpart": "torch sgd", "ratio": r, "speedup": s}
+                for r, s in ((1.05, 1.5), (1.08, 1.2))]
+    text = bench.targets_table([], [], compiled)
+    assert ("| compiled un-sgd ≤ 1.1 × compiled torch sgd, faster than eager "
+            "| 1.08, speed-up 1.20 | yes |") in text
+    compiled[1]["speedup"] = 0.9  # slower than its own eager step on one set
+    assert "1.08, speed-up 0.90 | no |" in bench.targets_table([], [], compiled)
+
+
 def test_bench_refuses_a_device_it_cannot_use(capsys):
     from psiopt.experiments.cli import main
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import psiopt
-from psiopt.optim.geometry import rows
+from psiopt.optim.geometry import RowLayout, rows
 
 settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -89,6 +89,25 @@ def steps(model, opt, grouping, n):
 
 def group_norms(model, grouping):
     return rows(model.w, grouping).detach().flatten(1).norm(dim=1)
+
+
+@given(cases())
+def test_layout_reductions_are_the_per_group_norms_and_inner_products(case):
+    """Every grouping, both dtypes, next to a "channel" weight: the layout's per-group norms,
+    inner products and stacked sums (one-group tensors take BLAS's dot) equal plain torch's."""
+    shape, grouping, scales, dtype, seed = case
+    model, other = Toy(shape, dtype, seed), Toy(shape, dtype, seed + 1)
+    xs = [rows(model.w.detach(), grouping), model.w2.detach()]
+    ys = [rows(other.w.detach(), grouping), other.w2.detach()]
+    layout = RowLayout(xs)
+    want_n = torch.cat([x.flatten(1).norm(dim=1) for x in xs])
+    want_d = torch.cat([(x * y).flatten(1).sum(1) for x, y in zip(xs, ys)])
+    tol = dict(rtol=TOL[dtype], atol=TOL[dtype])
+    torch.testing.assert_close(layout.norms(xs), want_n, **tol)
+    torch.testing.assert_close(layout.dots(xs, ys), want_d, **tol)
+    sums = layout.sums([(xs, xs), (xs, ys), (ys, ys)])
+    torch.testing.assert_close(sums[0], want_n.square(), **tol)
+    torch.testing.assert_close(sums[1], want_d, **tol)
 
 
 @given(cases(), st.sampled_from(PSI), st.floats(1e-3, 0.3), st.booleans())

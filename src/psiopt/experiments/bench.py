@@ -341,7 +341,11 @@ TARGETS = {"psi-sgd": 1.2, "psi-sgdm": 1.2, "psgd": 1.2, "b-sgd": 1.2, "un-sgd":
 WHOLE_TARGETS = {"resnet20": 1.03, "vgg16-bn": 1.15}
 
 
-def targets_table(rows_: list[dict], whole: list[dict]) -> str:
+#: compiled targets: ratio to compiled torch, and faster than psiopt's own eager step
+COMPILED_TARGET = 1.1
+
+
+def targets_table(rows_: list[dict], whole: list[dict], compiled=()) -> str:
     """Which targets the measured rows meet (worst ratio over the parameter sets)."""
     lines = ["| target | measured (worst set) | met |", "|---|---|---|"]
     for name, limit in TARGETS.items():
@@ -353,6 +357,12 @@ def targets_table(rows_: list[dict], whole: list[dict]) -> str:
         limit = WHOLE_TARGETS[r["model"]]
         lines.append(f"| whole {r['model']} step, {r['optimizer']} ≤ {limit} × {r['counterpart']} | "
                      f"{r['ratio']:.3f} | {'yes' if r['ratio'] <= limit else 'no'} |")
+    for name in dict.fromkeys(r["optimizer"] for r in compiled):
+        mine = [r for r in compiled if r["optimizer"] == name]
+        worst, slowest = max(r["ratio"] for r in mine), min(r["speedup"] for r in mine)
+        lines.append(f"| compiled {name} ≤ {COMPILED_TARGET} × compiled {mine[0]['counterpart']}, "
+                     f"faster than eager | {worst:.2f}, speed-up {slowest:.2f} | "
+                     f"{'yes' if worst <= COMPILED_TARGET and slowest > 1 else 'no'} |")
     peer = [v for r in rows_ for k, v in r.items() if k in ("vs_sgdp", "vs_adamp")]
     if peer:
         lines.append(f"| every method faster than AdamP/SGDP | worst ratio {max(peer):.2f} | "
@@ -380,26 +390,49 @@ def format_table(rows_: list[dict]) -> str:
 
 NOTES = """## Where the targets are missed, and why
 
+Eager steps (`torch._foreach_*`, one kernel per tensor and operation):
+
 * **Per-group reductions have no foreach form.** torch has `torch._foreach_norm` per tensor, not
   per row, so every per-group norm or inner product is one kernel per tensor (55 on resnet56),
   and an inner product is a full-size product and a sum (on CPU about four times a norm's
-  cost).  torch's SGD-momentum is three foreach calls and no reduction.  On resnet56's small
-  tensors the per-call overhead dominates; on vgg16-bn the extra passes over memory do.
-* **The other parameters** (BatchNorm affine, biases, the head) take torch's own functional
-  SGD/Adam in a second call: its fixed cost (grouping by device and dtype, per-tensor dispatch)
-  is paid twice per step.
-* **The rules read more than SGD-momentum.** PSI-SGDM with `fixed_norm` rescales `w` and `u`
-  every step (a norm and four elementwise passes against three); UN-SGD, SGD-MRT and AdamG*
-  need an inner product and a norm; SGDG/AdamG need a clipped tangent, the exponential map and a
-  full-size temporary for it, and, with ω > 0, Cho & Lee's penalty (matrix products, see the
-  GFLOP above).  A fused kernel could read each tensor once; eager foreach ops cannot.
+  cost).  torch's SGD-momentum is three foreach calls and no reduction.
+* **The rules read and write more than SGD-momentum.** Counting full passes over a parameter
+  set (a read or a write of one tensor list is one): SGD-momentum makes 8.  PSI-SGD makes 9 (a
+  norm, a rescale, the update).  PSI-SGDM with `fixed_norm` makes 11: it rescales `w` and `u`
+  every step, so it cannot come within 1.2× on memory-bound sets; literally (`fixed_norm=False`)
+  it makes 9.  UN-SGD, SGD-MRT and AdamG* need an inner product and a norm (12 to 16).
+  SGDG/AdamG make about 28: the clipped tangent is folded into the momentum update and the
+  geodesic step is three in-place shears (no full-size temporary), but the tangent needs an
+  inner product and the step three norms; with ω > 0 Cho & Lee's penalty adds matrix products
+  (see the GFLOP above).  A fused kernel reads each tensor once; eager foreach ops cannot.
+* **Small tensors** (resnet56: 55 weights of 2-37 K entries): each foreach call costs 2-5 µs per
+  tensor, so the count of calls sets the time; the other parameters (BatchNorm affine, biases,
+  the head) take torch's own functional SGD/Adam in a second call, whose fixed cost is paid
+  twice per step.
 * **Fused reductions** (every per-group sum of a step taken at once, the later ones derived)
-  are used where they pay: under FSDP2 (one collective per step) and under `torch.compile`.  In
-  one eager process they need more inner products than the sequential forms and were measured
-  1.2-1.6x slower on vgg16-bn (AdamG*, PSGD, UN-SGD), so eager steps reduce sequentially.
-* **Compiled steps** are one graph without graph break for every optimizer; the table gives
-  their speed-up over psiopt's own eager step and their ratio to compiled torch, which is not
-  yet within 1.1x: the compiled code has not been analysed kernel by kernel yet (open work).
+  are used under FSDP2 (one collective per step) and under `torch.compile`.  In one eager
+  process they need more inner products than the sequential forms and were measured 1.2-1.6×
+  slower on vgg16-bn (AdamG*, PSGD, UN-SGD), so eager steps reduce sequentially.
+
+Compiled steps (`torch.compile(opt.step)`, inductor's CPU backend):
+
+* Every optimizer compiles to one graph without graph break.  Most rules run **per tensor**
+  when compiled (`ScaleInvariantOptimizer.compile_per_tensor`): a tensor's per-row scalars then
+  depend on its own reductions only, and inductor fuses the reductions with the update in one
+  loop over the rows, with the row in a local buffer, so each row is read from memory once, as
+  the issue's "fused per row" asks.  Over the whole group, every update waits for every
+  reduction, and each tensor is read twice.
+* **Adam-S, Adam-SRT and AdamG** run over the group: per tensor, inductor inlines the bias
+  corrections (powers of the step counter) into the innermost loop and recomputes them for
+  every vector of 16 floats (2.7× slower on vgg16-bn than over the group).
+* **SGD-MRT** stacks its sums before the update: fused with it, inductor (torch 2.13, CPU)
+  fails with "KeyError: 'bufN'" in its outer-loop fusion (a write-after-read dependency its
+  local-buffer check does not expect), so each tensor is read twice.
+* **SGDG and AdamG** with ω > 0 are dominated by the penalty's matrix products.
+* **Small tensors**: dynamo's guards over psiopt's state and groups cost more than over
+  torch.optim's, which dynamo special-cases (0.27 against 0.05 ms per step on resnet56,
+  measured in an earlier round).
+
 * **CUDA**: `psiopt bench --device cuda` and `tests/test_cuda.py` (every step under
   `torch.cuda.set_sync_debug_mode("error")`) are written for a GPU but have not run on one: this
   machine has none.
@@ -438,14 +471,17 @@ def run(out: str | Path | None = "docs/performance.md", steps: int = 30, sets=No
                  f"SGDG's step includes Cho & Lee's penalty (ω = 0.1): {penalty_gflop():.2f} GFLOP "
                  "per step on vgg16-bn (4R²d per weight of R rows of d entries).\n")
     log("\n".join(lines))
-    targets = targets_table(all_rows, whole)
-    parts.append("## Targets\n\n" + targets + "\n")
-    log(targets)
+    compiled = []
     if compile_check:
-        log("benchmarking torch.compile ...")
-        text = compiled_table(bench_compiled(steps=steps))
+        for set_name in sets or list(SETS):
+            log(f"benchmarking torch.compile on {set_name} ...")
+            compiled += bench_compiled(set_name, steps=steps)
+        text = compiled_table(compiled)
         parts.append("## torch.compile (`torch.compile(opt.step)`, steady state)\n\n" + text + "\n")
         log(text)
+    targets = targets_table(all_rows, whole, compiled)
+    parts.append("## Targets\n\n" + targets + "\n")
+    log(targets)
     parts.append(NOTES)
     report = "\n".join(parts)
     if out:
