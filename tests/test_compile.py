@@ -57,3 +57,27 @@ def test_compiled_step_agrees_with_eager_and_has_no_graph_break(name):
         dynamo.reset()
     assert report.graph_break_count == 0, [str(r.reason)[:200] for r in report.break_reasons]
     assert report.graph_count == 1
+
+
+@pytest.mark.parametrize("name", ["psgd", "sgdmrt", "psi-sgdm", "sgdg", "adamsrt"])
+def test_compiled_momentum_rules_on_rows_inductor_fuses(name):
+    """Rules that update a momentum buffer and then the weights from it, with the momentum on,
+    on a weight whose rows inductor fuses with their reductions (288 entries a row): inductor
+    (torch 2.13, CPU) failed there with "KeyError: 'bufN'" for PSGD and SGD-MRT, whose sums
+    are now kept apart from the update (``RowLayout.sums(apart=True)``)."""
+    gen = torch.Generator().manual_seed(0)
+    start, grads = torch.randn(64, 32, 3, 3, generator=gen), torch.randn(3, 64, 32, 3, 3, generator=gen)
+    weights = [nn.Parameter(start.clone()) for _ in range(2)]
+    hyper = {"momentum": 0.9} if name == "psgd" else {}
+    opts = [psiopt.create_optimizer([{"params": [w], "grouping": "channel"}], name, **hyper)
+            for w in weights]
+    step = torch.compile(opts[1].step)
+    dynamo.reset()
+    try:
+        for g in grads:
+            for w, fn in zip(weights, (opts[0].step, step)):
+                w.grad = 0.01 * g
+                fn()
+    finally:
+        dynamo.reset()
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)

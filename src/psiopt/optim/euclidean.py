@@ -68,7 +68,7 @@ class ProjectedSGD(ScaleInvariantOptimizer):
                 torch._foreach_mul_(bufs, group["momentum"])
                 torch._foreach_add_(bufs, grads)
             ds = [momentum_buffer(st, g, torch.clone) for st, g in zip(states, gs)]
-        ww, wd, dd = layout.sums([(ws, ws), (ws, ds), (ds, ds)])
+        ww, wd, dd = layout.sums([(ws, ws), (ws, ds), (ds, ds)], apart=ds is not gs)
         # w ← (w − η d)·‖w‖/‖w − η d‖, with ‖w − η d‖² = ‖w‖² − 2η<w, d> + η²‖d‖²
         lr = group["lr"]
         f = ww.sqrt().mul_(safe_inv(sqnorm_of_sum(1.0, -lr, ww, wd, dd).sqrt_()))
@@ -187,9 +187,7 @@ class SGDMRT(ScaleInvariantOptimizer):
     """
 
     uses_row_norms = False  # finite at rows ×1e±30 in float32 (tests/test_reliability.py)
-    #: inductor (torch 2.13, CPU) fails on this rule when it fuses a tensor's reductions with its
-    #: update ("KeyError: 'bufN'" in its outer-loop fusion): compiled, the sums are stacked first,
-    #: which keeps them apart, and per tensor would gain nothing
+    #: its sums are kept apart from the update (see RowLayout.sums): per tensor gains nothing
     compile_per_tensor = False
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -217,9 +215,7 @@ class SGDMRT(ScaleInvariantOptimizer):
         if group["weight_decay"]:
             torch._foreach_add_(bufs, ws, alpha=group["weight_decay"])
         if layout.fuse_reductions:
-            sums = layout.sums([(ws, ws), (ws, bufs), (bufs, bufs)])
-            if torch.compiler.is_compiling():  # see compile_per_tensor
-                sums = torch.stack(sums)
+            sums = layout.sums([(ws, ws), (ws, bufs), (bufs, bufs)], apart=True)
             _step_and_project_(ws, bufs, torch.full_like(sums[0], -group["lr"]), layout, *sums)
             return
         torch._foreach_add_(ws, bufs, alpha=-group["lr"])

@@ -236,15 +236,21 @@ class RowLayout:
         """Flat per-group inner products ``<x_i, y_i>``."""
         return self._reduce(self._dot, xs, ys)
 
-    def sums(self, pairs: list[tuple[list[Tensor], list[Tensor]]]) -> Tensor:
+    def sums(self, pairs: list[tuple[list[Tensor], list[Tensor]]], apart: bool = False) -> Tensor:
         """Per-group sums ``Σ x_i y_i`` of several pairs of lists at once, as a ``(k, groups)``
         tensor (row ``j`` for pair ``j``; a pair ``(xs, xs)`` gives squared norms).  With
         :attr:`fuse_reductions` a rule takes every scalar of its step from one call and derives
         the later ones algebraically (e.g. ``‖w − ηb‖² = ‖w‖² − 2η<w, b> + η²‖b‖²``): under
         FSDP2, one collective per step (:class:`~psiopt.optim.sharded.ShardedLayout`).
-        Compiled, a list of ``k`` flat tensors (they unpack alike)."""
-        if torch.compiler.is_compiling():  # a list of flats, each straight from its reductions
-            return [self._reduce(self._dot, xs, ys) for xs, ys in pairs]
+
+        Compiled, a list of ``k`` flat tensors (they unpack alike), or with ``apart`` one
+        stacked tensor, which keeps inductor from fusing the reductions with the update: rules
+        that update a momentum buffer and then the weights from it need that (torch 2.13, CPU:
+        "KeyError: 'bufN'" in inductor's outer-loop fusion, a write-after-read dependency its
+        local-buffer check does not expect)."""
+        if torch.compiler.is_compiling():  # straight from the reductions (see _reduce)
+            flats = [self._reduce(self._dot, xs, ys) for xs, ys in pairs]
+            return torch.stack(flats) if apart else flats
         flat = torch.empty(len(pairs), sum(self.sizes), dtype=self.dtype, device=self.device)
         for (xs, ys), out in zip(pairs, flat):
             if xs is ys:

@@ -139,8 +139,8 @@ class ShardedLayout(RowLayout):
     def dots(self, xs: list[Tensor], ys: list[Tensor]) -> Tensor:
         return self.sums([(xs, ys)])[0]
 
-    def sums(self, pairs: list[tuple[list[Tensor], list[Tensor]]]) -> Tensor:
-        flat = super().sums(pairs)  # a list of flats under torch.compile
+    def sums(self, pairs: list[tuple[list[Tensor], list[Tensor]]], apart: bool = False) -> Tensor:
+        flat = super().sums(pairs, apart)  # a list of flats under torch.compile
         return self._complete(flat if isinstance(flat, Tensor) else torch.stack(flat))
 
     def orthogonality_residual(self, index: int, y: Tensor) -> Tensor | None:
