@@ -59,7 +59,7 @@ def test_compiled_step_agrees_with_eager_and_has_no_graph_break(name):
     assert report.graph_count == 1
 
 
-@pytest.mark.parametrize("name", ["psgd", "sgdmrt", "psi-sgdm", "sgdg", "adamsrt"])
+@pytest.mark.parametrize("name", ["psgd", "sgdmrt", "psi-sgdm", "sgdg", "adamg", "adams", "adamsrt"])
 def test_compiled_momentum_rules_on_rows_inductor_fuses(name):
     """Rules that update a momentum buffer and then the weights from it, with the momentum on,
     on a weight whose rows inductor fuses with their reductions (288 entries a row): inductor

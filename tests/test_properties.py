@@ -108,6 +108,8 @@ def test_layout_reductions_are_the_per_group_norms_and_inner_products(case):
     sums = layout.sums([(xs, xs), (xs, ys), (ys, ys)])
     torch.testing.assert_close(sums[0], want_n.square(), **tol)
     torch.testing.assert_close(sums[1], want_d, **tol)
+    torch.testing.assert_close(sums[2], torch.cat([y.flatten(1).norm(dim=1) for y in ys]).square(),
+                               **tol)
 
 
 @given(cases(), st.sampled_from(PSI), st.floats(1e-3, 0.3), st.booleans())
