@@ -316,11 +316,12 @@ def bench_compiled(set_name: str = "resnet56", names=None, steps: int = 20) -> l
 
 def compiled_table(rows_: list[dict]) -> str:
     lines = ["| set | optimizer | eager ms | compiled ms | compiled torch ms | ratio to compiled torch "
-             "| ≤ 1.1 | speed-up over eager | graph breaks | compilation s |", "|" + "---|" * 10]
+             f"| ≤ {COMPILED_TARGET} | speed-up over eager | graph breaks | compilation s |",
+             "|" + "---|" * 10]
     for r in rows_:
         lines.append(f"| {r['set']} | {r['optimizer']} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} | "
                      f"{r['torch_compiled_ms']:.2f} ({r['counterpart']}) | {r['ratio']:.2f} | "
-                     f"{'yes' if r['ratio'] <= 1.1 else 'no'} | {r['speedup']:.2f} | "
+                     f"{'yes' if r['ratio'] <= COMPILED_TARGET else 'no'} | {r['speedup']:.2f} | "
                      f"{r['graph_breaks']} | {r['compile_s']:.0f} |")
     return "\n".join(lines)
 
@@ -431,7 +432,8 @@ Compiled steps (`torch.compile(opt.step)`, inductor's CPU backend):
 * **Adam-S, Adam-SRT and AdamG** run over the group: per tensor, inductor inlines the bias
   corrections (powers of the step counter) into the innermost loop and recomputes them for
   every vector of 16 floats (2.7× slower on vgg16-bn than over the group).
-* **SGD-MRT** stacks its sums before the update: fused with it, inductor (torch 2.13, CPU)
+* **SGD-MRT**, and PSGD with momentum, stack their sums before the update (rules that update a
+  momentum buffer and then the weights from it): fused with it, inductor (torch 2.13, CPU)
   fails with "KeyError: 'bufN'" in its outer-loop fusion (a write-after-read dependency its
   local-buffer check does not expect), so each tensor is read twice.
 * **SGDG and AdamG** with ω > 0 are dominated by the penalty's matrix products.
