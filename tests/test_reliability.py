@@ -159,6 +159,31 @@ def test_float16_bfloat16_float64_parameters_train_in_their_dtype(name, dtype):
     assert min(losses[1:]) < losses[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["sgdg", "adamg"])
+def test_half_precision_tangent_norm_survives_a_nearly_radial_gradient(name, dtype):
+    """SGDG/AdamG take ``‖h‖² = ‖ĝ‖² − <y, ĝ>²`` from per-group sums (the tangent ``h`` is never
+    formed); for ``ĝ = 3y + 0.03u`` that is 9.0009 − 9 = 9e-4, 0 if the sums are rounded to 8 bits
+    of mantissa.  The clipping factor (SGDG, clip below 0.03) and AdamG's second moment read it:
+    the half-precision step agrees with the float64 reference path on the same numbers."""
+    gen = torch.Generator().manual_seed(0)
+    y = F.normalize(torch.randn(3, 64, generator=gen), dim=1)
+    u = torch.randn(3, 64, generator=gen)
+    u = F.normalize(u - (u * y).sum(1, keepdim=True) * y, dim=1)
+    results = []
+    for dt, foreach in ((dtype, True), (torch.float64, False)):
+        w = nn.Parameter(y.to(dtype).to(dt))
+        w.grad = (3 * y + 0.03 * u).to(dtype).to(dt)
+        extra = {"clip": 0.01} if name == "sgdg" else {"clip": 1.0, "betas": (0.9, 0.5), "eps": 1e-4}
+        opt = psiopt.REGISTRY[name].cls([w], grouping="channel", ortho=0.0, foreach=foreach, **extra)
+        opt.step()
+        state = opt.state[w]
+        results.append(state["exp_avg_sq"] if name == "adamg" else state["momentum_buffer"].norm(dim=1))
+    half, ref = results
+    assert half.dtype == dtype
+    torch.testing.assert_close(half.double().view(-1), ref.view(-1), rtol=0.05, atol=0)
+
+
 # -- huge and tiny rows ------------------------------------------------------------------------------
 F32_SPHERE = ("float32: the row norm sqrt(sum w^2) (torch.linalg.vector_norm, no scaling) overflows to inf "
               "for rows x1e30 and underflows to 0 for rows x1e-30; the rows are set to exactly zero (with "

@@ -452,8 +452,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         if not fresh:
             return
         ns = layout.split(layout.norms(ws)) if layout is not None else [norm(w) for w in ws]
-        for i in fresh:
-            self._init_state(group, ws[i], states[i], ns[i])
+        for i in fresh:  # state in the parameter's dtype, as torch.optim's
+            self._init_state(group, ws[i], states[i], ns[i].to(ws[i].dtype))
 
     def _layout(self, ws: list[Tensor]) -> RowLayout:
         """The :class:`RowLayout` of these views, cached by their shapes, dtype and device."""

@@ -83,6 +83,12 @@ def norm(a: Tensor) -> Tensor:
     return torch.linalg.vector_norm(a, dim=_dims(a), keepdim=True)
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-group scalars of ``dtype`` tensors are kept in: float32 for float16 and
+    bfloat16 (as torch's own reductions accumulate), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def group_size(v: Tensor) -> int:
     """Number of entries ``d`` of one group of the view ``v``."""
     return math.prod(v.shape[1:])
@@ -166,6 +172,10 @@ class RowLayout:
     shapes, dtype and device only (no tensor): every method returns a new tensor owned by the
     caller, nothing is shared between calls.
 
+    Per-group scalars of float16/bfloat16 views are float32 (:func:`accumulate_dtype`): the
+    rules derive some of them by subtraction (``‖ĝ − t y‖² = ‖ĝ‖² − t²(2 − ‖y‖²)``), which
+    cancels to nothing at 8 bits of mantissa; inner products take their products in float32.
+
     :attr:`fuse_reductions`: whether rules should take every per-group sum of a step at once
     (:meth:`sums`) and derive the later ones, rather than reduce again after the update.
     """
@@ -185,7 +195,7 @@ class RowLayout:
         self.shapes = [(v.shape[0],) + (1,) * (v.dim() - 1) for v in views]
         self.dims = [_dims(v) for v in views]
         self.group_sizes = [group_size(v) for v in views]
-        self.dtype, self.device = views[0].dtype, views[0].device
+        self.dtype, self.device = accumulate_dtype(views[0].dtype), views[0].device
         ndims = {len(s) for s in self.shapes}
         self._ones = (1,) * (ndims.pop() - 1) if len(ndims) == 1 else None  # views of one ndim
 
@@ -220,19 +230,22 @@ class RowLayout:
     def _norm(cls, x, dims, out=None):
         if cls._blas(out, x):
             return cls._sqnorm(x, dims, out).sqrt_()
-        return torch.linalg.vector_norm(x, dim=dims, keepdim=True, out=out)
+        return torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=accumulate_dtype(x.dtype),
+                                        out=out)
 
     @classmethod
     def _sqnorm(cls, x, dims, out=None):
         if cls._blas(out, x):
             return torch.dot(x.view(-1), x.view(-1), out=out.view(()))
-        return torch.linalg.vector_norm(x, dim=dims, keepdim=True, out=out).square_()
+        return cls._norm(x, dims, out).square_()
 
     @classmethod
     def _dot(cls, x, y, dims, out=None):
         if cls._blas(out, x, y):
             return torch.dot(x.view(-1), y.view(-1), out=out.view(()))
-        return torch.sum(torch.mul(x, y), dim=dims, keepdim=True, out=out)
+        acc = accumulate_dtype(x.dtype)  # half precision: exact products (a float32 temporary)
+        return torch.sum(torch.mul(x if acc is x.dtype else x.to(acc), y), dim=dims, keepdim=True,
+                         out=out)
 
     def norms(self, xs: list[Tensor]) -> Tensor:
         """Flat per-group norms ``‖x_i‖`` (one reduction per tensor)."""
@@ -266,8 +279,9 @@ class RowLayout:
         return flat
 
     def gather(self, tensors: list[Tensor]) -> Tensor:
-        """Concatenate per-tensor keepdim scalars (e.g. state) into one flat tensor (a copy)."""
-        return torch.cat([t.reshape(-1) for t in tensors])
+        """Concatenate per-tensor keepdim scalars (e.g. state) into one flat tensor (a copy, in
+        the layout's dtype)."""
+        return torch.cat([t.reshape(-1) for t in tensors]).to(self.dtype)
 
     def orthogonality_residual(self, index: int, y: Tensor) -> Tensor | None:
         """:func:`orthogonality_residual` of view ``index`` flattened to the matrix ``y``."""

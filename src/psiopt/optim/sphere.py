@@ -43,7 +43,7 @@ class _SphereOptimizer(ScaleInvariantOptimizer):
         with torch.no_grad():
             for i, p in enumerate(group["params"]):
                 (view,), layout, shards = self._rows(group["grouping"], [p])
-                r0 = layout.norms([view]).view(layout.shapes[0])
+                r0 = layout.norms([view]).view(layout.shapes[0]).to(view.dtype)
                 if shards is None:
                     self._prepare_row_state(group, self._initial_state(p), r0)
                 else:  # state of a sharded parameter: local tensors, kept as DTensors
