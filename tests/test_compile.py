@@ -59,18 +59,22 @@ def test_compiled_step_agrees_with_eager_and_has_no_graph_break(name):
     assert report.graph_count == 1
 
 
+@pytest.mark.parametrize("foreach", [None, False], ids=["vectorized", "reference"])
 @pytest.mark.parametrize("name", ["psgd", "sgdmrt", "psi-sgdm", "sgdg", "adamg", "adams", "adamsrt"])
-def test_compiled_momentum_rules_on_rows_inductor_fuses(name):
+def test_compiled_momentum_rules_on_rows_inductor_fuses(name, foreach):
     """Rules that update a momentum buffer and then the weights from it, with the momentum on,
     on a weight whose rows inductor fuses with their reductions (288 entries a row): inductor
-    (torch 2.13, CPU) failed there with "KeyError: 'bufN'" for PSGD and SGD-MRT, whose sums
-    are now kept apart from the update (``RowLayout.sums(apart=True)``)."""
+    (torch 2.13, CPU) failed there with "KeyError: 'bufN'" (pytorch#196570) for PSGD and
+    SGD-MRT, whose sums are now kept apart from the update (``RowLayout.sums(apart=True)``),
+    and with ``foreach=False`` for PSGD, SGD-MRT, PSI-SGDM and SGDG, whose reference paths
+    update the buffer in place: compiled, every step now takes the vectorized rule (compared
+    here with the eager reference path)."""
     gen = torch.Generator().manual_seed(0)
     start, grads = torch.randn(64, 32, 3, 3, generator=gen), torch.randn(3, 64, 32, 3, 3, generator=gen)
     weights = [nn.Parameter(start.clone()) for _ in range(2)]
     hyper = {"momentum": 0.9} if name == "psgd" else {}
-    opts = [psiopt.create_optimizer([{"params": [w], "grouping": "channel"}], name, **hyper)
-            for w in weights]
+    opts = [psiopt.create_optimizer([{"params": [w], "grouping": "channel"}], name, foreach=foreach,
+                                    **hyper) for w in weights]
     step = torch.compile(opts[1].step)
     dynamo.reset()
     try:
@@ -81,3 +85,26 @@ def test_compiled_momentum_rules_on_rows_inductor_fuses(name):
     finally:
         dynamo.reset()
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["psi-sgdm", "sgdg", "adams"])
+def test_compiled_group_of_mixed_dtypes_agrees_with_eager(name):
+    """A group whose tensors differ in dtype has no :class:`RowLayout` and takes the reference
+    path in eager mode; compiled, each tensor takes the vectorized rule on its own."""
+    gen = torch.Generator().manual_seed(0)
+    starts = [torch.randn(16, 8, generator=gen), torch.randn(8, 4, generator=gen, dtype=torch.float64)]
+    grads = [[0.1 * torch.randn_like(s) for s in starts] for _ in range(3)]
+    runs = [[nn.Parameter(s.clone()) for s in starts] for _ in range(2)]
+    opts = [psiopt.create_optimizer([{"params": ws, "grouping": "channel"}], name) for ws in runs]
+    step = torch.compile(opts[1].step)
+    dynamo.reset()
+    try:
+        for gs in grads:
+            for ws, fn in zip(runs, (opts[0].step, step)):
+                for w, g in zip(ws, gs):
+                    w.grad = g.clone()
+                fn()
+    finally:
+        dynamo.reset()
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -435,7 +435,10 @@ Compiled steps (`torch.compile(opt.step)`, inductor's CPU backend):
 * **SGD-MRT**, and PSGD with momentum, stack their sums before the update (rules that update a
   momentum buffer and then the weights from it): fused with it, inductor (torch 2.13, CPU)
   fails with "KeyError: 'bufN'" in its outer-loop fusion (a write-after-read dependency its
-  local-buffer check does not expect), so each tensor is read twice.
+  local-buffer check does not expect; pytorch#196570), so each tensor is read twice.
+* **`foreach=False`** is not honoured while compiling: the step takes the vectorized rule (the
+  same rule to rounding). The reference paths update a momentum buffer in place and reduce
+  over it, which fails with the same inductor error for PSI-SGD(M), PSGD, SGDG and SGD-MRT.
 * **SGDG and AdamG** with ω > 0 are dominated by the penalty's matrix products.
 * **Small tensors**: dynamo's guards over psiopt's state and groups cost more than over
   torch.optim's, which dynamo special-cases (0.27 against 0.05 ms per step on resnet56,

@@ -260,7 +260,11 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       raises :class:`FloatingPointError` naming the parameters and nothing is updated.  The check
       costs one host synchronisation and one read of the gradients per step.
     * ``foreach`` (default ``None`` = vectorized): ``False`` selects the per-tensor reference path.
-      Groups whose tensors differ in dtype or device also take the reference path.
+      Groups whose tensors differ in dtype or device also take the reference path.  Both paths
+      are the same rule (to rounding), a choice of speed only; while ``torch.compile`` traces a
+      step it takes the vectorized rule in every case (per tensor, see ``compile_per_tensor``):
+      the reference path's in-place forms (a momentum buffer updated, then read with a
+      reduction) make inductor's CPU backend fail, "KeyError: 'bufN'" (pytorch#196570).
 
     Every group is validated in full before anything is changed; subclasses that keep rows on the
     unit sphere normalise them once all groups are valid (:meth:`_prepare`).  A setting with no
@@ -396,12 +400,12 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         states = [self.state[p] for p in params]
         if shards is not None:  # the rules run on local tensors; state is kept as DTensors
             states, kept = self._local_states(states)
-        vectorized = group["foreach"] is not False and layout is not None
+        compiling = torch.compiler.is_compiling()  # compiled: always vectorized (see `foreach`)
         self._init_states(group, ws, states, layout)
-        if vectorized and shards is None and self.compile_per_tensor and torch.compiler.is_compiling():
+        if shards is None and compiling and (self.compile_per_tensor or layout is None):
             for i, w in enumerate(ws):  # per tensor: see compile_per_tensor
                 self._update_many(group, [w], [gs[i]], [states[i]], self._layout([w]), [stats[i]])
-        elif vectorized or shards is not None:
+        elif shards is not None or compiling or (group["foreach"] is not False and layout is not None):
             self._update_many(group, ws, gs, states, layout, stats)
         else:
             for w, g, state, st in zip(ws, gs, states, stats):
