@@ -108,3 +108,28 @@ def test_compiled_group_of_mixed_dtypes_agrees_with_eager(name):
         dynamo.reset()
     for a, b in zip(*runs):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["psi-sgdm", "adams", "sgdg"])
+def test_compiled_step_guards_state_by_identity_and_gradients_by_presence(name):
+    """``_init_group`` (run eagerly by dynamo, as torch.optim's) hands dynamo the gradients and
+    marks the state static: no guard checks a state tensor's or a gradient's metadata
+    (TENSOR_MATCH), which traced lookups installed for each, a guard cost per step that
+    outweighed the update itself on small tensors."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    model = net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = psiopt.create_optimizer(model, name, x)
+    backward(model, x, y)
+    opt.step()  # state made
+    try:
+        report = dynamo.explain(opt.step)()
+    finally:
+        dynamo.reset()
+    checked = [g.name for g in report.out_guards if g.create_fn_name() == "TENSOR_MATCH"
+               and (".state[" in g.name or g.name.endswith(".grad"))]
+    assert not checked, checked[:3]
+    assert sum(g.create_fn_name() == "NOT_NONE_MATCH" and g.name.endswith(".grad")
+               for g in report.out_guards) == sum(1 for p in model.parameters() if p.grad is not None)

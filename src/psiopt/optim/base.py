@@ -340,15 +340,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 loss = closure()
         work = []
         for group in self.param_groups:
-            if group["grouping"] == CANCELLED:  # never stepped; its state says so (step 0), so
-                for p in group["params"]:       # that every parameter a step saw has state
-                    if p.grad is not None and p not in self.state:
-                        self.state[p]["step"] = torch.tensor(0.0)
-                continue
-            index = [i for i, p in enumerate(group["params"]) if p.grad is not None]
-            if index:
-                params = [group["params"][i] for i in index]
-                work.append((group, index, params, [self._grad(p) for p in params]))
+            index, params, grads = [], [], []
+            self._init_group(group, index, params, grads)
+            if params:
+                work.append((group, index, params, grads))
         for group, *_ in work:  # a scheduler may have written a setting since the group was added
             if group["grouping"] is not None:
                 self._check_rule(group)
@@ -360,6 +355,24 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             else:
                 self._invariant(group, index, params, grads)
         return loss
+
+    def _init_group(self, group: dict, index: list[int], params: list[Tensor],
+                    grads: list[Tensor]) -> None:
+        """Append the positions, parameters and gradients of ``group``'s parameters that have a
+        gradient (none for a cancelled group: never stepped, its state says so, step 0, so that
+        every parameter a step saw has state).  Named as torch.optim's: ``torch.compile`` runs
+        it eagerly and guards what it returns as torch.optim's (state tensors by identity,
+        gradients by presence), a fraction of the guards a traced state lookup installs."""
+        for i, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if group["grouping"] == CANCELLED:
+                if p not in self.state:
+                    self.state[p]["step"] = torch.tensor(0.0)
+                continue
+            index.append(i)
+            params.append(p)
+            grads.append(self._grad(p))
 
     @staticmethod
     def _grad(p: Tensor) -> Tensor:
