@@ -20,10 +20,35 @@ def test_step_on_cuda_has_no_host_synchronisation(name):
     for _ in range(3):
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        step_without_sync(opt)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def step_without_sync(opt):
+    """One eager step with CUDA's synchronisation detector raising on any host synchronisation."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compiled_steps_keep_step_counters_on_the_cpu():
+    """dynamo moves every ``state["step"]`` to its parameter's device before it runs
+    ``_init_group`` (``move_step_if_cpu``, for torch.optim's capturable steps); psiopt moves its
+    counters back while tracing, so that a parameter whose first gradient comes after a compiled
+    step (a counter made on the CPU) joins the others, and an eager step after compiled ones
+    reads its counters without a host synchronisation."""
+    w1, w2 = (torch.nn.Parameter(torch.randn(4, 3, device="cuda")) for _ in range(2))
+    opt = psiopt.AdamS([{"params": [w1, w2], "grouping": "channel"}])
+    step = torch.compile(opt.step)
+    w1.grad = torch.randn_like(w1)
+    step()
+    step()
+    w2.grad = torch.randn_like(w2)
+    step()
+    step()
+    assert all(st["step"].is_cpu for st in opt.state.values())
+    step_without_sync(opt)
+    assert all(torch.isfinite(w).all() for w in (w1, w2))

@@ -154,8 +154,10 @@ def test_float16_bfloat16_float64_parameters_train_in_their_dtype(name, dtype):
     losses = steps(model, opt, x, y, 10)
     assert finite(model), "non-finite parameters"
     assert all(p.dtype == dtype for p in model.parameters())
-    assert all(v.dtype == dtype for s in opt.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor) and v.dim() > 0)  # (CPU step counters aside)
+    assert all(v.dtype == (torch.float32 if k == "r4" and dtype != torch.float64 else dtype)
+               for s in opt.state.values() for k, v in s.items()
+               if isinstance(v, torch.Tensor) and v.dim() > 0)  # (CPU step counters aside; r4:
+    #                                       AdamG*'s r₀⁴, float32 for half-precision rows)
     assert min(losses[1:]) < losses[0]
 
 
@@ -182,6 +184,47 @@ def test_half_precision_tangent_norm_survives_a_nearly_radial_gradient(name, dty
     half, ref = results
     assert half.dtype == dtype
     torch.testing.assert_close(half.double().view(-1), ref.view(-1), rtol=0.05, atol=0)
+
+
+@pytest.mark.parametrize("foreach", [None, False], ids=["vectorized", "reference"])
+def test_psi_norm_state_made_mid_run_is_in_the_parameter_dtype(foreach):
+    """PSI-SGD with ``fixed_norm`` switched on mid-run takes each row's norm then; the state is in
+    the parameter's dtype on both paths (the vectorized one made it float32 for bfloat16, and a
+    ``state_dict`` round trip then changed it)."""
+    w = nn.Parameter(torch.randn(4, 6, dtype=torch.bfloat16))
+    opt = psiopt.PSISGD([w], grouping="channel", fixed_norm=False, foreach=foreach)
+    for fixed in (False, True):
+        opt.param_groups[0]["fixed_norm"] = fixed
+        w.grad = torch.randn_like(w)
+        opt.step()
+    assert opt.state[w]["norm"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("foreach", [None, False], ids=["vectorized", "reference"])
+def test_adamg_star_float16_rows_above_norm_16_keep_moving(foreach):
+    """AdamG* keeps ``r4 = r₀⁴`` per row: in float16 that overflows for rows of norm above 16
+    (inf, and the row never moved again, silently).  ``r4`` of half-precision rows is float32,
+    also through a ``state_dict`` round trip (torch.optim casts floating state to the
+    parameter's dtype); the float16 step follows the float64 one."""
+    gen = torch.Generator().manual_seed(0)
+    start, grad = 3 * torch.randn(4, 64, generator=gen), torch.randn(4, 64, generator=gen)
+    runs = {}
+    for dt in (torch.float16, torch.float64):
+        w = nn.Parameter(start.to(torch.float16).to(dt))
+        opt = psiopt.AdamGStar([w], grouping="channel", lr=1.0, foreach=foreach)
+        before = w.detach().clone()  # unit rows
+        w.grad = grad.to(torch.float16).to(dt)
+        opt.step()
+        runs[dt] = (w.detach() - before).double(), opt
+    (moved, opt), (reference, _) = runs[torch.float16], runs[torch.float64]
+    assert start.norm(dim=1).min() > 16
+    torch.testing.assert_close(moved, reference, rtol=0, atol=0.05 * float(reference.abs().max()))
+    r4 = next(iter(opt.state.values()))["r4"]
+    assert r4.dtype == torch.float32 and torch.isfinite(r4).all()
+    w2 = nn.Parameter(torch.zeros(4, 64, dtype=torch.float16))
+    again = psiopt.AdamGStar([w2], grouping="channel", lr=1.0, foreach=foreach)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert torch.equal(again.state[w2]["r4"], r4)
 
 
 # -- huge and tiny rows ------------------------------------------------------------------------------

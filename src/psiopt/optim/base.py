@@ -262,8 +262,9 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     * ``foreach`` (default ``None`` = vectorized): ``False`` selects the per-tensor reference path.
       Groups whose tensors differ in dtype or device also take the reference path.  Both paths
       are the same rule (to rounding), a choice of speed only; while ``torch.compile`` traces a
-      step it takes the vectorized rule in every case (per tensor, see ``compile_per_tensor``):
-      the reference path's in-place forms (a momentum buffer updated, then read with a
+      step it takes the vectorized rule whatever ``foreach`` says (per tensor, or over the group
+      where ``compile_per_tensor`` is off; PSI-SGD's literal mode with uneven step counters
+      aside): the reference path's in-place forms (a momentum buffer updated, then read with a
       reduction) make inductor's CPU backend fail, "KeyError: 'bufN'" (pytorch#196570).
 
     Every group is validated in full before anything is changed; subclasses that keep rows on the
@@ -362,7 +363,17 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         gradient (none for a cancelled group: never stepped, its state says so, step 0, so that
         every parameter a step saw has state).  Named as torch.optim's: ``torch.compile`` runs
         it eagerly and guards what it returns as torch.optim's (state tensors by identity,
-        gradients by presence), a fraction of the guards a traced state lookup installs."""
+        gradients by presence), a fraction of the guards a traced state lookup installs.
+
+        Before calling it, dynamo moves every ``state["step"]`` to its parameter's device (for
+        torch.optim's capturable steps); psiopt's counters stay on the CPU (read without a
+        device synchronisation in eager steps, made on the CPU for new parameters), so they are
+        moved back here."""
+        if torch.compiler.is_compiling():
+            for st in self.state.values():
+                step = st.get("step")
+                if isinstance(step, Tensor) and not step.is_cpu:
+                    st["step"] = step.cpu()
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue

@@ -174,7 +174,8 @@ class RowLayout:
 
     Per-group scalars of float16/bfloat16 views are float32 (:func:`accumulate_dtype`): the
     rules derive some of them by subtraction (``‖ĝ − t y‖² = ‖ĝ‖² − t²(2 − ‖y‖²)``), which
-    cancels to nothing at 8 bits of mantissa; inner products take their products in float32.
+    cancels to nothing at bfloat16's 8 or float16's 11 bits of mantissa; inner products take
+    their products in float32.
 
     :attr:`fuse_reductions`: whether rules should take every per-group sum of a step at once
     (:meth:`sums`) and derive the later ones, rather than reduce again after the update.
@@ -293,7 +294,7 @@ class RowLayout:
         if not any(isinstance(v, Tensor) for v in values):
             torch._foreach_mul_(self.split(flat), values)
             return flat
-        factors = torch.stack([torch.as_tensor(v) for v in values]).to(flat)
+        factors = torch.stack([torch.as_tensor(v).to(flat) for v in values])  # any device
         return flat.mul_(torch.cat([f.expand(n) for f, n in zip(factors, self.sizes)]))
 
 

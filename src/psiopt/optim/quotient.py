@@ -153,8 +153,8 @@ class PSISGD(ScaleInvariantOptimizer):
         r0 = None
         if group["fixed_norm"]:
             if any("norm" not in st for st in states):  # fixed_norm switched on later
-                for st, v in zip(states, layout.split(n)):
-                    st.setdefault("norm", v.clone())
+                for st, v, w in zip(states, layout.split(n), ws):  # in the parameter's dtype
+                    st.setdefault("norm", v.to(w.dtype, copy=True))
             r0 = layout.gather([st["norm"] for st in states])
         s, follow = self._factor(group, n, states, r0)
         coef = n.square().mul_(-lr)

@@ -15,6 +15,7 @@ import torch
 
 from .base import ScaleInvariantOptimizer, step_count, step_value
 from .geometry import (
+    accumulate_dtype,
     clip,
     geodesic_step_,
     is_invariant,
@@ -142,17 +143,26 @@ class AdamGStar(_SphereOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Also reads the state of earlier psiopt versions, which saved Roburin's ``v``:
-        ``r4 = 2η²(1 − ηλ)² v``."""
+        ``r4 = 2η²(1 − ηλ)² v``.  ``r4`` of a float16/bfloat16 parameter stays float32 (see
+        :meth:`_prepare_row_state`; torch.optim would cast it to the parameter's dtype)."""
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved = {i: state_dict["state"][i]["r4"] for i in ids if "r4" in state_dict["state"].get(i, {})}
         super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            if i in saved:
+                self.state[p]["r4"] = saved[i].to(p.device, accumulate_dtype(p.dtype), copy=True)
         for group in self.param_groups:
             _, _, scale = self._coefficients(group)
             for p in group["params"]:
                 state = self.state.get(p, {})
                 if "v" in state and "r4" not in state:
-                    state["r4"] = state.pop("v").mul_(scale)
+                    state["r4"] = state.pop("v").to(accumulate_dtype(p.dtype)).mul_(scale)
 
     def _prepare_row_state(self, group, state, r0):
-        state["r4"] = r0.square().square()
+        """``r4 = r₀⁴`` in float32 for float16/bfloat16 rows (in float16 it overflows above a row
+        norm of 16, and the row would then never move); ``live`` in the row's dtype."""
+        state["r4"] = r0.to(accumulate_dtype(r0.dtype)).square().square()
         state["live"] = (r0 > 0).to(r0.dtype)
 
     def _init_state(self, group, w, state, n):  # state lost (e.g. cleared): the row is unit, r₀ = 1
