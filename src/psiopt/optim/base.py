@@ -425,11 +425,14 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         if shards is not None:  # the rules run on local tensors; state is kept as DTensors
             states, kept = self._local_states(states)
         compiling = torch.compiler.is_compiling()  # compiled: always vectorized (see `foreach`)
+        per_tensor = compiling and shards is None and (self.compile_per_tensor or layout is None)
+        vectorized = compiling or shards is not None or (group["foreach"] is not False
+                                                          and layout is not None)
         self._init_states(group, ws, states, layout)
-        if shards is None and compiling and (self.compile_per_tensor or layout is None):
-            for i, w in enumerate(ws):  # per tensor: see compile_per_tensor
+        if per_tensor:  # see compile_per_tensor
+            for i, w in enumerate(ws):
                 self._update_many(group, [w], [gs[i]], [states[i]], self._layout([w]), [stats[i]])
-        elif shards is not None or compiling or (group["foreach"] is not False and layout is not None):
+        elif vectorized:
             self._update_many(group, ws, gs, states, layout, stats)
         else:
             for w, g, state, st in zip(ws, gs, states, stats):

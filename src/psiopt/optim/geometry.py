@@ -244,9 +244,8 @@ class RowLayout:
     def _dot(cls, x, y, dims, out=None):
         if cls._blas(out, x, y):
             return torch.dot(x.view(-1), y.view(-1), out=out.view(()))
-        acc = accumulate_dtype(x.dtype)  # half precision: exact products (a float32 temporary)
-        return torch.sum(torch.mul(x if acc is x.dtype else x.to(acc), y), dim=dims, keepdim=True,
-                         out=out)
+        x = x.to(accumulate_dtype(x.dtype))  # half precision: exact products (a float32 copy)
+        return torch.sum(torch.mul(x, y), dim=dims, keepdim=True, out=out)
 
     def norms(self, xs: list[Tensor]) -> Tensor:
         """Flat per-group norms ``‖x_i‖`` (one reduction per tensor)."""

@@ -145,19 +145,18 @@ class AdamGStar(_SphereOptimizer):
         """Also reads the state of earlier psiopt versions, which saved Roburin's ``v``:
         ``r4 = 2η²(1 − ηλ)² v``.  ``r4`` of a float16/bfloat16 parameter stays float32 (see
         :meth:`_prepare_row_state`; torch.optim would cast it to the parameter's dtype)."""
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        saved = {i: state_dict["state"][i]["r4"] for i in ids if "r4" in state_dict["state"].get(i, {})}
+        r4s = [state_dict["state"].get(i, {}).get("r4")
+               for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(ids, params):
-            if i in saved:
-                self.state[p]["r4"] = saved[i].to(p.device, accumulate_dtype(p.dtype), copy=True)
+        saved = dict(zip((p for g in self.param_groups for p in g["params"]), r4s))
         for group in self.param_groups:
             _, _, scale = self._coefficients(group)
             for p in group["params"]:
-                state = self.state.get(p, {})
-                if "v" in state and "r4" not in state:
-                    state["r4"] = state.pop("v").to(accumulate_dtype(p.dtype)).mul_(scale)
+                state, dtype = self.state.get(p, {}), accumulate_dtype(p.dtype)
+                if saved[p] is not None:
+                    state["r4"] = saved[p].to(p.device, dtype, copy=True)
+                elif "v" in state:
+                    state["r4"] = state.pop("v").to(dtype).mul_(scale)
 
     def _prepare_row_state(self, group, state, r0):
         """``r4 = r₀⁴`` in float32 for float16/bfloat16 rows (in float16 it overflows above a row
