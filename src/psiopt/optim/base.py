@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
+from . import kernels
 from .discovery import rescale_rows_
 from .geometry import CANCELLED, RowLayout, is_invariant, norm, parse_grouping, rows
 from .sharded import ShardedLayout, ShardedRows, is_sharded
@@ -40,6 +41,8 @@ _RANGES = {
 _FLAGS = ("check_finite", "fixed_norm")
 #: group keys that are not hyperparameters (never validated as such, never saved)
 _NOT_SAVED = ("norm_stats",)
+#: settings added since the first release, and the value a state dict saved before takes
+_ADDED = {"fused": None}
 
 
 def _check_range(name: str, value) -> None:
@@ -93,9 +96,9 @@ def check_hyper(key: str, value) -> None:
     elif key in _FLAGS:
         if not isinstance(value, bool):
             raise ValueError(f"invalid {key}: {value!r} (must be True or False)")
-    elif key == "foreach":
-        if value not in (None, True, False):
-            raise ValueError(f"invalid foreach: {value!r} (must be None, True or False)")
+    elif key in ("foreach", "fused"):
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"invalid {key}: {value!r} (must be None, True or False)")
     elif key == "grouping" and value not in (None, CANCELLED):
         parse_grouping(value)
 
@@ -232,10 +235,15 @@ class GroupHandling:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim, and refused with ``ValueError`` when a saved group lacks a setting of
-        this optimizer (another optimizer's state dict: it failed at the next step before)."""
+        this optimizer (another optimizer's state dict: it failed at the next step before);
+        settings added since (``_ADDED``) take their default."""
         needed = set.intersection(*(set(g) for g in self.param_groups)) if self.param_groups \
             else set()  # the settings every group of this optimizer holds
         needed -= {"params", "param_names", *_NOT_SAVED}
+        added = {k: v for k, v in _ADDED.items() if k in needed}
+        if "param_groups" in state_dict:
+            state_dict = {**state_dict,
+                          "param_groups": [{**added, **g} for g in state_dict["param_groups"]]}
         for i, saved in enumerate(state_dict.get("param_groups", [])):
             missing = sorted(needed - set(saved))
             if missing:
@@ -266,6 +274,15 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       where ``compile_per_tensor`` is off; PSI-SGD's literal mode with uneven step counters
       aside): the reference path's in-place forms (a momentum buffer updated, then read with a
       reduction) make inductor's CPU backend fail, "KeyError: 'bufN'" (pytorch#196570).
+    * ``fused`` (default ``None``): with ``foreach`` left at ``None``, invariant groups of
+      float32/float64 CPU tensors take the fused per-row kernels (:mod:`psiopt.optim.kernels`:
+      each row read once, one call per group) where the rule has one (:attr:`fused_rule`) and
+      they could be built, else the vectorized path; ``True`` requires them (``ValueError``
+      with ``foreach`` set or for a rule without a kernel, ``RuntimeError`` if they cannot be
+      built or the tensors are not float32/float64 on the CPU); ``False`` never uses them.
+      Views whose rows are not contiguous (``"@1"`` groupings, channels-last gradients), steps
+      the kernel does not cover (PSI-SGD's guard steps) and compiled or FSDP2 steps take the
+      vectorized path.  The same rule to rounding (reductions in double precision).
 
     Every group is validated in full before anything is changed; subclasses that keep rows on the
     unit sphere normalise them once all groups are valid (:meth:`_prepare`).  A setting with no
@@ -283,9 +300,12 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     compile_per_tensor = True
     #: hyperparameters that have no meaning on invariant groups: they must be 0 there
     invariant_zero: tuple[str, ...] = ()
+    #: whether the rule has a fused per-row kernel (:meth:`_update_fused`, ``kernels.c``)
+    fused_rule = False
 
     def __init__(self, params, defaults: dict):
-        defaults = {"grouping": None, "check_finite": False, "foreach": None, **defaults}
+        defaults = {"grouping": None, "check_finite": False, "foreach": None, "fused": None,
+                    **defaults}
         for key, value in defaults.items():
             check_hyper(key, value)
         super().__init__(params, defaults)
@@ -311,6 +331,13 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 rows(torch.empty(p.shape, device="meta"), grouping)  # ValueError if it does not fit
                 if is_sharded(p):
                     ShardedRows(p, grouping)  # ValueError for a placement psiopt cannot update
+
+        if group.get("fused"):
+            if group["foreach"] is not None:
+                raise ValueError(f"fused=True and foreach={group['foreach']!r} cannot be set together")
+            if not self.fused_rule:
+                raise ValueError(f"fused=True: {type(self).__name__} has no fused kernel")
+            kernels.load()  # RuntimeError, saying why, if the kernels cannot be built
 
     def _check_rule(self, group: dict) -> None:
         """Raise ``ValueError`` if an invariant group sets what the rule cannot honour."""
@@ -428,17 +455,49 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         per_tensor = compiling and shards is None and (self.compile_per_tensor or layout is None)
         vectorized = compiling or shards is not None or (group["foreach"] is not False
                                                           and layout is not None)
+        fused = group["fused"] or (group["fused"] is None and group["foreach"] is None
+                                   and self.fused_rule)
+        fused = fused and not compiling and shards is None and layout is not None
         self._init_states(group, ws, states, layout)
         if per_tensor:  # see compile_per_tensor
             for i, w in enumerate(ws):
                 self._update_many(group, [w], [gs[i]], [states[i]], self._layout([w]), [stats[i]])
         elif vectorized:
-            self._update_many(group, ws, gs, states, layout, stats)
+            if not (fused and self._fused(group, ws, gs, states, stats)):
+                self._update_many(group, ws, gs, states, layout, stats)
         else:
             for w, g, state, st in zip(ws, gs, states, stats):
                 self._update_one(group, w, g, state, st)
         if shards is not None:
             self._store_states(params, shards, ws, states, kept)
+
+    def _fused(self, group: dict, ws: list[Tensor], gs: list[Tensor], states: list[dict],
+               stats: list) -> bool:
+        """Step the views the fused kernels take with :meth:`_update_fused`, the others with
+        :meth:`_update_many`; ``False`` (nothing done) when the kernels take none of them."""
+        if not kernels.takes(ws[0]):
+            if group["fused"]:
+                raise RuntimeError(f"fused=True: the fused kernels take float32/float64 CPU "
+                                   f"tensors, not {ws[0].dtype} on {ws[0].device}")
+            return False
+        if group["fused"] is None and not kernels.available():
+            return False
+        fit = [kernels.fits(w, g) for w, g in zip(ws, gs)]
+        if not any(fit):
+            return False
+        pick = [[x for x, f in zip(xs, fit) if f is keep] for keep in (True, False)
+                for xs in (ws, gs, states, stats)]
+        if not self._update_fused(group, *pick[:4]):
+            return False
+        if pick[4]:
+            self._update_many(group, *pick[4:6], pick[6], self._layout(pick[4]), pick[7])
+        return True
+
+    def _update_fused(self, group: dict, ws: list[Tensor], gs: list[Tensor], states: list[dict],
+                      stats: list) -> bool:
+        """Fused path (see ``fused``) for views :func:`kernels.fits` takes; returns ``False``,
+        having changed nothing, for a step the kernel does not cover."""
+        return False
 
     def _rows(self, grouping: str, params: list[Tensor]):
         """``(views, layout, shards)``: the grouped views of ``params``, their
@@ -533,6 +592,12 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_initial": self.__dict__.get("_initial", {})}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # pickled before a setting was added
+            for key, value in _ADDED.items():
+                group.setdefault(key, value)
 
     # -- diagnostics --------------------------------------------------------------------------------
     def scheduling_beta(self, p: Tensor, view: Tensor, before: Tensor) -> Tensor | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .base import ScaleInvariantOptimizer, momentum_buffer, step_count, step_value
 from .geometry import group_size, norm, rescale_transport, safe_inv, sqnorm, sqnorm_of_sum
 
@@ -41,10 +42,10 @@ class ProjectedSGD(ScaleInvariantOptimizer):
     invariant_zero = ("weight_decay",)
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
-                 *, grouping=None, check_finite: bool = False, foreach=None):
+                 *, grouping=None, check_finite: bool = False, foreach=None, fused=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       grouping=grouping, check_finite=check_finite,
-                                      foreach=foreach))
+                                      foreach=foreach, fused=fused))
 
     def _init_states(self, group, ws, states, layout):
         pass  # no state but torch.optim.SGD's momentum buffer (so no norms to take for it)
@@ -53,6 +54,15 @@ class ProjectedSGD(ScaleInvariantOptimizer):
         before = norm(w)
         self._sgd(group, [w], [g], [state], foreach=False)
         w.mul_(before * safe_inv(norm(w)))
+
+    fused_rule = True
+
+    def _update_fused(self, group, ws, gs, states, stats):
+        bufs = mu = None
+        if group["momentum"]:  # torch.optim.SGD's buffer: the first step's is the gradient
+            mu = [(group["momentum"] if "momentum_buffer" in st else 0.0,) for st in states]
+            bufs = [momentum_buffer(st, g) for st, g in zip(states, gs)]
+        return kernels.run("psgd", ws, gs, b=bufs, k=mu, h=(group["lr"],))
 
     def _update_many(self, group, ws, gs, states, layout, stats):
         if not layout.fuse_reductions:  # torch.optim's SGD step, then back to the norm before it
@@ -101,10 +111,10 @@ class AdamS(ScaleInvariantOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, grouping=None, check_finite: bool = False,
-                 foreach=None):
+                 foreach=None, fused=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       grouping=grouping, check_finite=check_finite,
-                                      foreach=foreach))
+                                      foreach=foreach, fused=fused))
 
     def _init_state(self, group, w, state, n):
         state["step"] = torch.tensor(0.0)
@@ -112,10 +122,22 @@ class AdamS(ScaleInvariantOptimizer):
         state["exp_avg_sq"] = torch.zeros_like(sqnorm(w))
 
     @staticmethod
-    def _hyper(group, step):
+    def _hyper(group, t):
+        """``(η/(1 − β1^t), (1 − β2^t)^(-1/2))`` at step ``t`` (a number, or a 0-d tensor)."""
         beta1, beta2 = group["betas"]
-        t = step_value(step)
         return group["lr"] / (1 - beta1**t), (1 - beta2**t) ** -0.5
+
+    fused_rule = True
+
+    def _update_fused(self, group, ws, gs, states, stats):
+        beta1, beta2 = group["betas"]
+        hyper = [self._hyper(group, float(st["step"]) + 1) for st in states]
+        done = kernels.run("adams", ws, gs, b=[st["exp_avg"] for st in states],
+                           s1=[st["exp_avg_sq"] for st in states], k=hyper,
+                           h=(beta1, beta2, group["weight_decay"], group["eps"], float(self._transport)))
+        if done:
+            step_count(states)
+        return done
 
     def _update_one(self, group, w, g, state, stats):
         beta1, beta2 = group["betas"]
@@ -125,7 +147,7 @@ class AdamS(ScaleInvariantOptimizer):
             g = g.add(w, alpha=group["weight_decay"])
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).add_(sqnorm(g), alpha=(1 - beta2) / group_size(w))
-        lr_hat, v_hat = self._hyper(group, state["step"])
+        lr_hat, v_hat = self._hyper(group, step_value(state["step"]))
         coef = -lr_hat / (v.sqrt() * v_hat + group["eps"])
         old = w.clone() if self._transport else None
         w.addcmul_(m, coef)
@@ -145,7 +167,7 @@ class AdamS(ScaleInvariantOptimizer):
         g2, *sums = layout.sums(pairs)
         layout.scale_per_tensor_(g2, [(1 - beta2) / d for d in layout.group_sizes])
         v = layout.gather(vs).mul_(beta2).add_(g2)
-        hyper = [self._hyper(group, s) for s in steps]
+        hyper = [self._hyper(group, step_value(s)) for s in steps]
         denom = layout.scale_per_tensor_(v.sqrt(), [vh for _, vh in hyper]).add_(group["eps"])
         coef = layout.scale_per_tensor_(denom.reciprocal_(), [-lh for lh, _ in hyper])
         if self._transport:
@@ -191,10 +213,10 @@ class SGDMRT(ScaleInvariantOptimizer):
     compile_per_tensor = False
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
-                 *, grouping=None, check_finite: bool = False, foreach=None):
+                 *, grouping=None, check_finite: bool = False, foreach=None, fused=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       grouping=grouping, check_finite=check_finite,
-                                      foreach=foreach))
+                                      foreach=foreach, fused=fused))
 
     def _init_state(self, group, w, state, n):
         state["momentum_buffer"] = torch.zeros_like(w)
@@ -207,6 +229,12 @@ class SGDMRT(ScaleInvariantOptimizer):
         old = w.clone()
         w.add_(buf, alpha=-group["lr"])
         buf.copy_(rescale_transport(buf, old, w))
+
+    fused_rule = True
+
+    def _update_fused(self, group, ws, gs, states, stats):
+        return kernels.run("sgdmrt", ws, gs, b=[st["momentum_buffer"] for st in states],
+                           h=(group["lr"], group["momentum"], group["weight_decay"]))
 
     def _update_many(self, group, ws, gs, states, layout, stats):
         bufs = [st["momentum_buffer"] for st in states]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .base import ScaleInvariantOptimizer, momentum_buffer, step_count
 from .geometry import norm, safe_inv
 
@@ -66,11 +67,11 @@ class PSISGD(ScaleInvariantOptimizer):
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0,
                  fixed_norm: bool = True, max_norm: float = 1e4, guard_every: int = 16, *,
-                 grouping=None, check_finite: bool = False, foreach=None):
+                 grouping=None, check_finite: bool = False, foreach=None, fused=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       fixed_norm=fixed_norm, max_norm=max_norm,
                                       guard_every=guard_every, grouping=grouping,
-                                      check_finite=check_finite, foreach=foreach))
+                                      check_finite=check_finite, foreach=foreach, fused=fused))
 
     def _check_rule(self, group):
         super()._check_rule(group)
@@ -140,6 +141,23 @@ class PSISGD(ScaleInvariantOptimizer):
         if s is not None:
             w.mul_(s)
         w.add_(step)
+
+    fused_rule = True
+
+    def _update_fused(self, group, ws, gs, states, stats):
+        literal = not group["fixed_norm"]
+        if literal and (self._steps(group, states)
+                        or (int(states[0]["step"]) + 1) % group["guard_every"] == 0):
+            return False  # uneven counters or a guard step: the vectorized path
+        if not literal and any("norm" not in st for st in states):
+            return False  # fixed_norm switched on later: the vectorized path takes the norms
+        us = [momentum_buffer(st, w) for st, w in zip(states, ws)] \
+            if self._has_velocity(group, states) else None
+        done = kernels.run("psi", ws, gs, b=us, s1=None if literal else [st["norm"] for st in states],
+                           h=(group["lr"], group["momentum"], group["weight_decay"]))
+        if done and literal:
+            step_count(states)
+        return done
 
     def _update_many(self, group, ws, gs, states, layout, stats):
         lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]

@@ -13,6 +13,7 @@ import functools
 
 import torch
 
+from . import kernels
 from .base import ScaleInvariantOptimizer, step_count, step_value
 from .geometry import (
     accumulate_dtype,
@@ -76,10 +77,10 @@ class UnitNormSGD(_SphereOptimizer):
     invariant_zero = ("weight_decay", "momentum")
 
     def __init__(self, params, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
-                 *, grouping=None, check_finite: bool = False, foreach=None):
+                 *, grouping=None, check_finite: bool = False, foreach=None, fused=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       grouping=grouping, check_finite=check_finite,
-                                      foreach=foreach))
+                                      foreach=foreach, fused=fused))
 
     def _init_state(self, group, w, state, n):
         state["live"] = self._live(n)
@@ -87,6 +88,11 @@ class UnitNormSGD(_SphereOptimizer):
     def _update_one(self, group, w, g, state, stats):
         w.add_(tangent(w, g) * state["live"], alpha=-group["lr"])
         normalize_(w)
+
+    fused_rule = True
+
+    def _update_fused(self, group, ws, gs, states, stats):
+        return kernels.run("unit", ws, gs, s1=[st["live"] for st in states], h=(group["lr"],))
 
     def _update_many(self, group, ws, gs, states, layout, stats):
         lr = group["lr"]
@@ -130,10 +136,10 @@ class AdamGStar(_SphereOptimizer):
     invariant_zero = ("momentum",)
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.0, weight_decay: float = 0.0,
-                 *, grouping=None, check_finite: bool = False, foreach=None):
+                 *, grouping=None, check_finite: bool = False, foreach=None, fused=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       grouping=grouping, check_finite=check_finite,
-                                      foreach=foreach))
+                                      foreach=foreach, fused=fused))
 
     def _check_rule(self, group):
         super()._check_rule(group)
@@ -179,6 +185,12 @@ class AdamGStar(_SphereOptimizer):
         w.add_(g * (step * safe_inv(r4.sqrt()) * state["live"]))
         normalize_(w)
         r4.mul_(keep).add_(sqnorm(g), alpha=add)
+
+    fused_rule = True
+
+    def _update_fused(self, group, ws, gs, states, stats):
+        return kernels.run("adamg_star", ws, gs, s1=[st["r4"] for st in states],
+                           s2=[st["live"] for st in states], h=self._coefficients(group))
 
     def _update_many(self, group, ws, gs, states, layout, stats):
         step, keep, add = self._coefficients(group)
@@ -262,10 +274,10 @@ class SGDG(_SphereOptimizer):
 
     def __init__(self, params, lr: float = 0.2, momentum: float = 0.9, clip: float = 0.1,
                  ortho: float = 0.1, weight_decay: float = 0.0, *, grouping=None,
-                 check_finite: bool = False, foreach=None):
+                 check_finite: bool = False, foreach=None, fused=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, clip=clip, ortho=ortho,
                                       weight_decay=weight_decay, grouping=grouping,
-                                      check_finite=check_finite, foreach=foreach))
+                                      check_finite=check_finite, foreach=foreach, fused=fused))
 
     def _init_state(self, group, w, state, n):
         state["momentum_buffer"] = torch.zeros_like(w)
@@ -304,10 +316,10 @@ class AdamG(_SphereOptimizer):
 
     def __init__(self, params, lr: float = 0.05, betas=(0.9, 0.99), eps: float = 1e-8,
                  clip: float = 0.1, ortho: float = 0.1, weight_decay: float = 0.0, *,
-                 grouping=None, check_finite: bool = False, foreach=None):
+                 grouping=None, check_finite: bool = False, foreach=None, fused=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, clip=clip, ortho=ortho,
                                       weight_decay=weight_decay, grouping=grouping,
-                                      check_finite=check_finite, foreach=foreach))
+                                      check_finite=check_finite, foreach=foreach, fused=fused))
 
     def _init_state(self, group, w, state, n):
         state["step"] = torch.tensor(0.0)

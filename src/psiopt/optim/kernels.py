@@ -1,0 +1,145 @@
+"""Fused per-row CPU kernels (``fused=True``, and the default on CPU where they apply).
+
+An eager ``torch._foreach_*`` step reads a tensor once per operation, and a per-group reduction
+has no foreach form (one kernel per tensor); a rule such as UN-SGD (an inner product, an update, a
+norm, a rescale) then moves several times the memory of torch's SGD-momentum.  The kernels in
+``kernels.c`` take each row of each tensor in turn, reduce it and update it while it sits in
+cache: one read of ``w``, ``g`` and the buffer, one write of ``w`` and the buffer, and one call
+for a whole group (the rows of all its tensors split among torch's threads by size).
+
+The C source is compiled on first use with the system's C compiler (``$CC``, else ``cc``) into
+``$PSIOPT_CACHE_DIR`` (default ``~/.cache/psiopt``), keyed by the source, the compiler and the
+CPU, and loaded with :mod:`ctypes`.  Without a compiler, psiopt warns once and the default steps
+take the foreach path; ``fused=True`` then raises.  The kernels take float32/float64 CPU tensors
+whose groups are contiguous rows; other tensors of a group take the foreach path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("kernels.c")
+_TYPES = {torch.float32: ("float", "_f32", "FLT_MIN"), torch.float64: ("double", "_f64", "DBL_MIN")}
+_state: dict = {}  # "lib" once built, or "error"
+
+
+class _Args(ctypes.Structure):
+    """``Args`` of ``kernels.c``."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("w", "g", "b", "s1", "s2", "k", "rows", "cols")] + \
+        [("kstride", ctypes.c_int64), ("h", ctypes.c_double * 6)]
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("PSIOPT_CACHE_DIR"):
+        return Path(os.environ["PSIOPT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "psiopt"
+
+
+def _cpu() -> str:
+    """The CPU's feature flags (the library is built with ``-march=native``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compile(cc: str, flags: list[str], out: Path, tmp: Path) -> None:
+    objects = []
+    for real, suffix, tiny in _TYPES.values():
+        obj = tmp / f"kernels{suffix}.o"
+        subprocess.run([cc, *flags, "-c", f"-DREAL={real}", f"-DNAME(x)=x##{suffix}", f"-DTINY={tiny}",
+                        str(_SOURCE), "-o", str(obj)], check=True, capture_output=True, text=True)
+        objects.append(str(obj))
+    subprocess.run([cc, *flags, "-shared", *objects, "-o", str(out), "-lm"], check=True,
+                   capture_output=True, text=True)
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or "cc"
+    version = subprocess.run([cc, "--version"], check=True, capture_output=True, text=True).stdout
+    base = ["-O3", "-march=native", "-fPIC", "-std=c11"]
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cc, version, " ".join(base), _cpu()])
+                         .encode()).hexdigest()[:16]
+    path = _cache_dir() / f"kernels-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            out = Path(tmp) / path.name
+            try:
+                _compile(cc, base + ["-fopenmp"], out, Path(tmp))
+            except subprocess.CalledProcessError:  # no OpenMP (e.g. Apple clang): one thread
+                _compile(cc, base, out, Path(tmp))
+            os.replace(out, path)  # atomic: concurrent processes each build, one file wins
+    return ctypes.CDLL(str(path))
+
+
+def load() -> ctypes.CDLL:
+    """The kernels' library, built on first use; ``RuntimeError`` saying why if it cannot be."""
+    if "lib" not in _state and "error" not in _state:
+        try:
+            _state["lib"] = _build()
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", None) or str(e)
+            _state["error"] = f"psiopt could not build its fused CPU kernels: {detail.strip()[-2000:]}"
+    if "error" in _state:
+        raise RuntimeError(_state["error"])
+    return _state["lib"]
+
+
+def available() -> bool:
+    """Whether the kernels are built (or can be); warns once, with the reason, if not."""
+    try:
+        load()
+        return True
+    except RuntimeError as e:
+        if not _state.get("warned"):
+            _state["warned"] = True
+            warnings.warn(f"{e}; steps take the foreach path (pass fused=False to silence this)",
+                          RuntimeWarning, stacklevel=3)
+        return False
+
+
+def takes(t: torch.Tensor) -> bool:
+    """Whether the kernels take tensors of ``t``'s dtype and device."""
+    return t.device.type == "cpu" and t.dtype in _TYPES
+
+
+def fits(w: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether a grouped view ``w`` (with gradient ``g``) is contiguous rows the kernels take."""
+    return w.numel() > 0 and w.is_contiguous() and g.is_contiguous() and g.dtype == w.dtype
+
+
+def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
+    """Run ``kernel`` of ``kernels.c`` on the views ``ws`` (gradients ``gs``): ``b`` full-size
+    buffers, ``s1``/``s2`` per-row state (keepdim), ``k`` per-tensor scalars (a list of tuples),
+    ``h`` hyperparameters.  Returns ``False``, changing nothing, when a state tensor is not of the
+    views' dtype or not contiguous (e.g. loaded from a checkpoint with other strides)."""
+    dtype = ws[0].dtype
+    for ts in (b, s1, s2):
+        if ts is not None and not all(t.dtype == dtype and t.is_contiguous() and t.is_cpu for t in ts):
+            return False
+    n = len(ws)
+    arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in ts]) if ts is not None else None
+              for ts in (ws, gs, b, s1, s2)]
+    ks = [x for row in k for x in row] if k else []
+    kstride = len(k[0]) if k else 0
+    karr = (ctypes.c_double * len(ks))(*ks)
+    rows = (ctypes.c_int64 * n)(*[w.shape[0] for w in ws])
+    cols = (ctypes.c_int64 * n)(*[w.numel() // w.shape[0] for w in ws])
+    args = _Args(*[None if a is None else ctypes.addressof(a) for a in arrays],
+                 ctypes.addressof(karr), ctypes.addressof(rows), ctypes.addressof(cols), kstride,
+                 (ctypes.c_double * 6)(*h))
+    fn = getattr(load(), kernel + _TYPES[dtype][1])
+    fn(ctypes.c_int(n), ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))
+    return True

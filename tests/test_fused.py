@@ -1,0 +1,197 @@
+"""The fused per-row CPU kernels (``psiopt.optim.kernels``, ``fused=`` of every psiopt optimizer).
+
+Every rule with a kernel is checked against the reference path in ``tests/test_optimizer_matrix.py``
+(every setting, float64, 1e-12).  Here: the split of rows among threads (tensors above the grain,
+two threads), float32, views the kernels do not take mixed with views they take, the choice of
+path (``fused``/``foreach``), errors, a machine without a C compiler, and old state dicts.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import psiopt
+from helpers import bn_data, bn_net, train
+from psiopt.optim import kernels
+
+FUSED = [n for n in psiopt.list_optimizers() if getattr(psiopt.REGISTRY[n].cls, "fused_rule", False)]
+RULES = {  # settings that reach every branch of the kernels
+    "psi-sgd": {}, "psi-sgdm": {}, "psgd": {"momentum": 0.9}, "un-sgd": {}, "adamg-star": {},
+    "sgdmrt": {"weight_decay": 1e-3}, "adams": {"weight_decay": 1e-3}, "adamsrt": {},
+}
+
+
+def test_every_rule_with_a_kernel_is_listed():
+    assert sorted(RULES) == sorted(FUSED)
+
+
+def wide_net(dtype):
+    """Conv rows of 576 entries (64 rows: above the kernels' one-thread grain), a GroupNorm
+    weight and a LayerNorm weight of one row."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.GroupNorm(8, 64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(256, 300, bias=False), nn.LayerNorm(300),
+        nn.Linear(300, 5)).to(dtype)
+
+
+def wide_run(name, dtype, steps=4, **kw):
+    model = wide_net(dtype)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (8,), generator=g)
+    x = x.to(dtype)
+    opt = psiopt.create_optimizer(model, name, x, **RULES[name], **kw)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_two_threads_split_the_rows_as_the_reference_path_steps_them(name):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fused, opt = wide_run(name, torch.float64, fused=True)
+        reference, ref_opt = wide_run(name, torch.float64, foreach=False)
+    finally:
+        torch.set_num_threads(threads)
+    for (pname, a), b in zip(fused.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=pname)
+    for p, q in zip(fused.parameters(), reference.parameters()):
+        for key, value in opt.state[p].items():
+            torch.testing.assert_close(value, ref_opt.state[q][key], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_float32_steps_agree_with_the_reference_path(name):
+    fused, _ = wide_run(name, torch.float32, fused=True)
+    reference, _ = wide_run(name, torch.float32, foreach=False)
+    for a, b in zip(fused.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_views_the_kernels_do_not_take_step_as_the_others_do():
+    """A channels-last weight (its gradient is channels-last: rows not contiguous) in a group with
+    contiguous ones: the kernel steps these, the vectorized path that one, same result."""
+    results = []
+    for fused in (True, False):
+        model, (x, y) = bn_net(), bn_data()
+        model[0].to(memory_format=torch.channels_last)
+        opt = psiopt.create_optimizer(model, "psi-sgdm", x, fused=fused)
+        train(model, opt, x, y, 3)
+        assert not model[0].weight.grad.is_contiguous()
+        results.append(model)
+    for a, b in zip(*(m.parameters() for m in results)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_default_takes_the_kernels_and_foreach_or_fused_false_does_not(monkeypatch):
+    calls = []
+    run = kernels.run
+    monkeypatch.setattr(kernels, "run", lambda *a, **k: calls.append(a[0]) or run(*a, **k))
+    for kw, expected in [({}, 1), ({"foreach": True}, 0), ({"fused": False}, 0),
+                         ({"foreach": False}, 0), ({"fused": True}, 1)]:
+        calls.clear()
+        model, (x, y) = bn_net(), bn_data()
+        train(model, psiopt.create_optimizer(model, "un-sgd", x, **kw), x, y, 1)
+        assert len(calls) == expected * 3, kw  # three invariant groups: channel, groups:4, tensor
+
+
+@pytest.mark.parametrize("kw, error, word", [
+    ({"fused": True, "foreach": True}, ValueError, "cannot be set together"),
+    ({"fused": True, "foreach": False}, ValueError, "cannot be set together"),
+    ({"fused": 1}, ValueError, "invalid fused"),
+    ({"foreach": 0}, ValueError, "invalid foreach"),
+])
+def test_conflicting_or_malformed_fused_is_refused(kw, error, word):
+    model, x = bn_net(), bn_data()[0]
+    with pytest.raises(error, match=word):
+        psiopt.create_optimizer(model, "psi-sgd", x, **kw)
+
+
+def test_fused_true_on_a_rule_without_a_kernel_is_refused():
+    model, x = bn_net(), bn_data()[0]
+    with pytest.raises(ValueError, match="SGDG has no fused kernel"):
+        psiopt.create_optimizer(model, "sgdg", x, fused=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_takes_the_vectorized_path_and_fused_true_says_why_not(dtype):
+    model, (x, y) = bn_net(dtype=dtype), bn_data(dtype=dtype)
+    before = model[0].weight.detach().clone()
+    train(model, psiopt.create_optimizer(model, "psi-sgd", x), x, y, 1)
+    assert not torch.equal(model[0].weight, before)
+    opt = psiopt.create_optimizer(model, "psi-sgd", x, fused=True)
+    model(x).float().sum().backward()
+    with pytest.raises(RuntimeError, match="float32/float64 CPU tensors"):
+        opt.step()
+
+
+def test_without_a_compiler_steps_warn_once_and_fused_true_raises(tmp_path):
+    """A machine without a C compiler: a fresh process (the library is built once per process)."""
+    code = """
+import warnings
+import torch
+import psiopt
+from helpers import bn_data, bn_net, train
+model, (x, y) = bn_net(), bn_data()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    train(model, psiopt.create_optimizer(model, "un-sgd", x), x, y, 2)
+messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+assert len(messages) == 1 and "could not build its fused CPU kernels" in messages[0], messages
+assert torch.isfinite(model[0].weight).all()
+try:
+    psiopt.create_optimizer(model, "un-sgd", x, fused=True)
+except RuntimeError as e:
+    assert "could not build" in str(e), e
+else:
+    raise AssertionError("fused=True did not raise")
+print("ok")
+"""
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "PSIOPT_CACHE_DIR": str(tmp_path),
+           "PYTHONPATH": os.path.dirname(__file__)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PSIOPT_CACHE_DIR", str(tmp_path))
+    lib = kernels._build()
+    built = list(tmp_path.iterdir())
+    assert [p.suffix for p in built] == [".so"]
+    assert kernels._build()._name == lib._name and list(tmp_path.iterdir()) == built
+
+
+def test_state_dicts_saved_before_fused_existed_load():
+    model, (x, y) = bn_net(), bn_data()
+    opt = psiopt.create_optimizer(model, "psi-sgdm", x)
+    train(model, opt, x, y, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        del group["fused"]
+    twin = copy.deepcopy(model)
+    other = psiopt.create_optimizer(twin, "psi-sgdm", x)
+    other.load_state_dict(saved)
+    assert {g["fused"] for g in other.param_groups} == {None}
+    train(model, opt, x, y, 2)
+    train(twin, other, x, y, 2)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = other.__getstate__()
+        for group in state["param_groups"]:
+            group.pop("fused")
+        other.__setstate__(state)
+    assert {g["fused"] for g in other.param_groups} == {None}
