@@ -58,6 +58,8 @@ def wide_run(name, dtype, steps=4, **kw):
 
 @pytest.mark.parametrize("name", FUSED)
 def test_two_threads_split_the_rows_as_the_reference_path_steps_them(name):
+    """To 1e-10: the kernels derive norms after the step from sums before it (the reference
+    path reduces again), and four training steps carry those 1e-16 differences into the head."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -66,10 +68,10 @@ def test_two_threads_split_the_rows_as_the_reference_path_steps_them(name):
     finally:
         torch.set_num_threads(threads)
     for (pname, a), b in zip(fused.state_dict().items(), reference.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=pname)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=pname)
     for p, q in zip(fused.parameters(), reference.parameters()):
         for key, value in opt.state[p].items():
-            torch.testing.assert_close(value, ref_opt.state[q][key], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(value, ref_opt.state[q][key], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", FUSED)

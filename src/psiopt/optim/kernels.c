@@ -1,11 +1,15 @@
 /* psiopt's fused per-row CPU kernels (built and called by kernels.py).
  *
- * Every rule reads a group's row once from memory: its reductions and its update run on the row
- * while it sits in cache, so a step moves no more memory than torch's SGD-momentum.  The file
- * is compiled twice into one library, with REAL = float (names ending _f32) and REAL = double
- * (_f64).  Reductions accumulate in double; updates are computed in REAL, as torch's are.
- * A row is `cols[t]` contiguous entries of tensor t; per-row state (s1, s2) holds one scalar per
- * row.  The rows of all tensors are split among the threads by their number of entries.
+ * A rule is two passes over a row: `pre` takes every per-row sum the step needs (updating a
+ * buffer on the way where the rule does), `coef` turns the sums and the row's state into the
+ * update's coefficients (scalars needed after the step are derived from sums taken before it:
+ * ||a w + b g||^2 = a^2 <w,w> + 2ab <w,g> + b^2 <g,g>), `post` applies the update.  A row that
+ * fits in cache is read once from memory; the rows of all tensors are split among the threads
+ * by their number of entries, and a row too large for the cache is split among all threads.
+ * The file is compiled twice into one library, with REAL = float (names ending _f32) and
+ * REAL = double (_f64).  Sums and coefficients are in double; updates are computed in REAL, as
+ * torch's are.  A row is `cols[t]` contiguous entries of tensor t; per-row state (s1, s2) holds
+ * one scalar per row.
  */
 #include <float.h>
 #include <math.h>
@@ -33,23 +37,25 @@ typedef struct {
   double h[6];            /* hyperparameters */
 } Args;
 
-typedef void (*RowFn)(const Args *a, int t, int64_t r, int64_t d);
+enum { GRAIN = 32768,       /* fewer entries than this: one thread (torch's grain size) */
+       BIG = 65536,         /* rows of more entries than this are split among the threads */
+       NSUM = 4, NCOEF = 4 };
 
-enum { GRAIN = 32768 };   /* fewer entries than this: one thread (torch's grain size) */
-
-static inline double dotp(const REAL *x, const REAL *y, int64_t d) {
-  double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < d; i++) s += (double)x[i] * (double)y[i];
-  return s;
-}
+typedef struct {
+  /* sums over entries [lo, hi) of row r of tensor t into s[0..NSUM) (buffer updates done here) */
+  void (*pre)(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, double *s);
+  /* coefficients c[0..NCOEF) from the row's sums; writes the row's state: once per row */
+  void (*coef)(const Args *a, int t, int64_t r, int64_t d, const double *s, double *c);
+  /* the update of entries [lo, hi) */
+  void (*post)(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, const double *c);
+} Rule;
 
 static inline double safe_inv(double x) { return x > 0 ? 1.0 / fmax(x, TINY) : 0.0; }
 
-static inline void scale(REAL *x, double f, int64_t d) {
-  const REAL F = (REAL)f;
-#pragma omp simd
-  for (int64_t i = 0; i < d; i++) x[i] *= F;
+/* ||a x + b y||^2 from ||x||^2, <x,y>, ||y||^2, clamped at 0 against rounding */
+static inline double sqnorm_of_sum(double a, double b, double xx, double xy, double yy) {
+  double v = a * a * xx + 2.0 * a * b * xy + b * b * yy;
+  return v > 0 ? v : 0.0;
 }
 
 /* First row of n rows of d entries that starts at or after entry x of the tensor. */
@@ -59,162 +65,238 @@ static inline int64_t first_row(int64_t x, int64_t d, int64_t n) {
   return r < n ? r : n;
 }
 
-static void for_rows(int nt, const Args *a, int threads, RowFn fn) {
-  int64_t total = 0;
-  for (int t = 0; t < nt; t++) total += a->rows[t] * a->cols[t];
-  if (total < GRAIN) threads = 1;
+static void one_row(const Rule *rule, const Args *a, int t, int64_t r, int64_t d) {
+  double s[NSUM] = {0}, c[NCOEF];
+  rule->pre(a, t, r, 0, d, s);
+  rule->coef(a, t, r, d, s, c);
+  rule->post(a, t, r, 0, d, c);
+}
+
+static void for_rows(int nt, const Args *a, int threads, const Rule *rule) {
+  int64_t small = 0, big = 0;
+  for (int t = 0; t < nt; t++) {
+    int64_t n = a->rows[t] * a->cols[t];
+    if (a->cols[t] > BIG) big += n; else small += n;
+  }
+  if (small + big < GRAIN) threads = 1;
+  double shared[NSUM], c[NCOEF];
 #pragma omp parallel num_threads(threads)
   {
     int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
-    int64_t lo = total * tid / nth, hi = total * (tid + 1) / nth, base = 0;
-    for (int t = 0; t < nt; t++) {
+    int64_t lo = small * tid / nth, hi = small * (tid + 1) / nth, base = 0;
+    for (int t = 0; t < nt; t++) { /* small rows: each thread a share of the entries */
       int64_t d = a->cols[t], n = a->rows[t];
+      if (d > BIG) continue;
       int64_t end = first_row(hi - base, d, n);
-      for (int64_t r = first_row(lo - base, d, n); r < end; r++) fn(a, t, r, d);
+      for (int64_t r = first_row(lo - base, d, n); r < end; r++) one_row(rule, a, t, r, d);
       base += n * d;
+    }
+    for (int t = 0; t < nt && big; t++) { /* big rows: each thread a share of every row */
+      int64_t d = a->cols[t];
+      if (d <= BIG) continue;
+      int64_t from = d * tid / nth, to = d * (tid + 1) / nth;
+      for (int64_t r = 0; r < a->rows[t]; r++) {
+        double s[NSUM] = {0};
+        rule->pre(a, t, r, from, to, s);
+#pragma omp single
+        for (int j = 0; j < NSUM; j++) shared[j] = 0.0;
+#pragma omp critical
+        for (int j = 0; j < NSUM; j++) shared[j] += s[j];
+#pragma omp barrier
+#pragma omp single
+        rule->coef(a, t, r, d, shared, c);
+        rule->post(a, t, r, from, to, c);
+#pragma omp barrier
+      }
     }
   }
 }
 
 #define ROW(p) ((p)[t] + r * d)
+#define SPAN(p) ((p)[t] + r * a->cols[t])
+#define SIMD _Pragma("omp simd")
 
-/* PSI-SGD(M), Yi eqs. 10-11: s = r0/|w| (s1 = r0) or 1 (s1 NULL); g' = g + wd s^2 w;
- * u <- rho s u - lr s |w|^2 g' (b = u, or no velocity);  w <- s w + u.
- * h = (lr, rho, wd). */
-static void psi_row(const Args *a, int t, int64_t r, int64_t d) {
-  REAL *w = ROW(a->w), *g = ROW(a->g);
-  double n2 = dotp(w, w, d), s = a->s1 ? a->s1[t][r] * safe_inv(sqrt(n2)) : 1.0;
-  const REAL S = (REAL)s, C = (REAL)(-a->h[0] * n2 * s), L2 = (REAL)(a->h[2] * s * s);
+/* PSI-SGD(M), Yi eqs. 10-11: s = r0/||w|| (s1 = r0) or 1 (s1 NULL); g' = g + wd s^2 w;
+ * u <- rho s u - lr s ||w||^2 g' (b = u, or no velocity);  w <- s w + u.  h = (lr, rho, wd). */
+static void psi_pre(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, double *s) {
+  const REAL *w = SPAN(a->w);
+  double ww = 0.0;
+#pragma omp simd reduction(+ : ww)
+  for (int64_t i = lo; i < hi; i++) ww += (double)w[i] * w[i];
+  s[0] = ww;
+}
+static void psi_coef(const Args *a, int t, int64_t r, int64_t d, const double *s, double *c) {
+  double f = a->s1 ? a->s1[t][r] * safe_inv(sqrt(s[0])) : 1.0;
+  c[0] = f;                          /* rescaling */
+  c[1] = -a->h[0] * s[0] * f;        /* step on g' */
+  c[2] = a->h[2] * f * f;            /* L2 at f w */
+  c[3] = a->h[1] * f;                /* velocity decay */
+}
+static void psi_post(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, const double *c) {
+  REAL *w = SPAN(a->w);
+  const REAL *g = SPAN(a->g);
+  const REAL S = (REAL)c[0], C = (REAL)c[1], L2 = (REAL)c[2], A = (REAL)c[3];
   if (a->b) {
-    REAL *u = ROW(a->b);
-    const REAL A = (REAL)(a->h[1] * s);
-#pragma omp simd
-    for (int64_t i = 0; i < d; i++) {
+    REAL *u = SPAN(a->b);
+    SIMD for (int64_t i = lo; i < hi; i++) {
       REAL v = A * u[i] + C * (g[i] + L2 * w[i]);
       u[i] = v;
       w[i] = S * w[i] + v;
     }
   } else {
-#pragma omp simd
-    for (int64_t i = 0; i < d; i++) w[i] = S * w[i] + C * (g[i] + L2 * w[i]);
+    SIMD for (int64_t i = lo; i < hi; i++) w[i] = S * w[i] + C * (g[i] + L2 * w[i]);
   }
 }
 
-/* PSGD (Arora App. D): torch's SGD step (b = buf <- mu buf + g, mu = k[t]), then the row is
- * scaled back to its norm before the step.  h = (lr). */
-static void psgd_row(const Args *a, int t, int64_t r, int64_t d) {
-  REAL *w = ROW(a->w), *g = ROW(a->g), *step = g;
-  if (a->b) {
-    REAL *m = ROW(a->b);
-    const REAL M = (REAL)a->k[t];
-#pragma omp simd
-    for (int64_t i = 0; i < d; i++) m[i] = M * m[i] + g[i];
-    step = m;
+/* Sums <w,w>, <w,x>, <x,x> of a row and a second tensor x. */
+static void sums3(const REAL *w, const REAL *x, int64_t lo, int64_t hi, double *s) {
+  double ww = 0.0, wx = 0.0, xx = 0.0;
+#pragma omp simd reduction(+ : ww, wx, xx)
+  for (int64_t i = lo; i < hi; i++) {
+    ww += (double)w[i] * w[i];
+    wx += (double)w[i] * x[i];
+    xx += (double)x[i] * x[i];
   }
-  double before = sqrt(dotp(w, w, d));
-  const REAL L = (REAL)(-a->h[0]);
-#pragma omp simd
-  for (int64_t i = 0; i < d; i++) w[i] += L * step[i];
-  scale(w, before * safe_inv(sqrt(dotp(w, w, d))), d);
+  s[0] = ww, s[1] = wx, s[2] = xx;
 }
 
-/* UN-SGD (Badrinarayanan eq. 2): w <- (w - lr live (g - <w,g> w)) / |...|.  s1 = live, h = (lr). */
-static void unit_row(const Args *a, int t, int64_t r, int64_t d) {
-  REAL *w = ROW(a->w), *g = ROW(a->g);
-  double lr = a->h[0];
-  const REAL A = (REAL)(1.0 + lr * dotp(w, g, d)), B = (REAL)(-lr * a->s1[t][r]);
-#pragma omp simd
-  for (int64_t i = 0; i < d; i++) w[i] = A * w[i] + B * g[i];
-  scale(w, safe_inv(sqrt(dotp(w, w, d))), d);
-}
-
-/* AdamG* (Roburin Theorem 4): w <- normalize(w + step live g/sqrt(r4)); r4 <- keep r4 + add |g|^2.
- * s1 = r4, s2 = live, h = (step, keep, add). */
-static void adamg_star_row(const Args *a, int t, int64_t r, int64_t d) {
-  REAL *w = ROW(a->w), *g = ROW(a->g);
-  double r4 = a->s1[t][r], gg = dotp(g, g, d);
-  const REAL C = (REAL)(a->h[0] * a->s2[t][r] * safe_inv(sqrt(r4)));
-#pragma omp simd
-  for (int64_t i = 0; i < d; i++) w[i] += C * g[i];
-  scale(w, safe_inv(sqrt(dotp(w, w, d))), d);
-  a->s1[t][r] = (REAL)(a->h[1] * r4 + a->h[2] * gg);
-}
-
-/* SGD-MRT (Roburin App. E.2): b <- mu b + g + wd w;  w <- w - lr b;  b <- b - <w,b>/|w|^2 w.
- * h = (lr, mu, wd). */
-static void sgdmrt_row(const Args *a, int t, int64_t r, int64_t d) {
-  REAL *w = ROW(a->w), *g = ROW(a->g), *m = ROW(a->b);
-  const REAL L = (REAL)(-a->h[0]), M = (REAL)a->h[1], L2 = (REAL)a->h[2];
-  double ww = 0.0, wm = 0.0;
-#pragma omp simd reduction(+ : ww, wm)
-  for (int64_t i = 0; i < d; i++) {
-    REAL v = M * m[i] + g[i] + L2 * w[i], x = w[i] + L * v;
+/* m <- mu m + g + wd w, and the sums <w,w>, <w,m>, <m,m> of the new m, in one pass */
+static void momentum_sums(const REAL *w, const REAL *g, REAL *m, double mu, double wd, int64_t lo,
+                          int64_t hi, double *s) {
+  const REAL M = (REAL)mu, L2 = (REAL)wd;
+  double ww = 0.0, wm = 0.0, mm = 0.0;
+#pragma omp simd reduction(+ : ww, wm, mm)
+  for (int64_t i = lo; i < hi; i++) {
+    REAL v = M * m[i] + g[i] + L2 * w[i];
     m[i] = v;
-    w[i] = x;
-    ww += (double)x * x;
-    wm += (double)x * v;
+    ww += (double)w[i] * w[i];
+    wm += (double)w[i] * v;
+    mm += (double)v * v;
   }
-  const REAL K = (REAL)(-wm * safe_inv(ww));
-#pragma omp simd
-  for (int64_t i = 0; i < d; i++) m[i] += K * w[i];
+  s[0] = ww, s[1] = wm, s[2] = mm;
+}
+
+/* w <- A w + B x */
+static void combine(REAL *w, const REAL *x, double a, double b, int64_t lo, int64_t hi) {
+  const REAL A = (REAL)a, B = (REAL)b;
+  SIMD for (int64_t i = lo; i < hi; i++) w[i] = A * w[i] + B * x[i];
+}
+
+/* PSGD (Arora App. D): torch's SGD step on the buffer d (b: buf <- mu buf + g with mu = k[t];
+ * else d = g), then the row back to its norm: w <- f (w - lr d), f = ||w||/||w - lr d||.
+ * h = (lr). */
+static void psgd_pre(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, double *s) {
+  if (a->b)
+    momentum_sums(SPAN(a->w), SPAN(a->g), SPAN(a->b), a->k[t], 0.0, lo, hi, s);
+  else
+    sums3(SPAN(a->w), SPAN(a->g), lo, hi, s);
+}
+static void psgd_coef(const Args *a, int t, int64_t r, int64_t d, const double *s, double *c) {
+  double lr = a->h[0], f = sqrt(s[0]) * safe_inv(sqrt(sqnorm_of_sum(1.0, -lr, s[0], s[1], s[2])));
+  c[0] = f, c[1] = -lr * f;
+}
+static void psgd_post(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, const double *c) {
+  combine(SPAN(a->w), a->b ? SPAN(a->b) : SPAN(a->g), c[0], c[1], lo, hi);
+}
+
+/* UN-SGD (Badrinarayanan eq. 2): w <- (w - lr live (g - <w,g> w)) / ||...||.  s1 = live,
+ * h = (lr). */
+static void grad_sums(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, double *s) {
+  sums3(SPAN(a->w), SPAN(a->g), lo, hi, s);
+}
+static void unit_coef(const Args *a, int t, int64_t r, int64_t d, const double *s, double *c) {
+  double lr = a->h[0], p = 1.0 + lr * s[1], q = -lr * a->s1[t][r];
+  double inv = safe_inv(sqrt(sqnorm_of_sum(p, q, s[0], s[1], s[2])));
+  c[0] = p * inv, c[1] = q * inv;
+}
+static void grad_post(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, const double *c) {
+  combine(SPAN(a->w), SPAN(a->g), c[0], c[1], lo, hi);
+}
+
+/* AdamG* (Roburin Theorem 4): w <- normalize(w + step live g/sqrt(r4));
+ * r4 <- keep r4 + add ||g||^2.  s1 = r4, s2 = live, h = (step, keep, add). */
+static void adamg_star_coef(const Args *a, int t, int64_t r, int64_t d, const double *s, double *c) {
+  double r4 = a->s1[t][r], q = a->h[0] * a->s2[t][r] * safe_inv(sqrt(r4));
+  double inv = safe_inv(sqrt(sqnorm_of_sum(1.0, q, s[0], s[1], s[2])));
+  c[0] = inv, c[1] = q * inv;
+  a->s1[t][r] = (REAL)(a->h[1] * r4 + a->h[2] * s[2]);
+}
+
+/* SGD-MRT (Roburin App. E.2): b <- mu b + g + wd w;  w <- w - lr b;  b <- b - <w,b>/||w||^2 w.
+ * h = (lr, mu, wd). */
+static void sgdmrt_pre(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, double *s) {
+  momentum_sums(SPAN(a->w), SPAN(a->g), SPAN(a->b), a->h[1], a->h[2], lo, hi, s);
+}
+static void sgdmrt_coef(const Args *a, int t, int64_t r, int64_t d, const double *s, double *c) {
+  double lr = a->h[0], after = sqnorm_of_sum(1.0, -lr, s[0], s[1], s[2]);
+  c[0] = -lr, c[1] = -(s[1] - lr * s[2]) * safe_inv(after);  /* -<w_new, b>/||w_new||^2 */
+}
+static void sgdmrt_post(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, const double *c) {
+  REAL *w = SPAN(a->w), *m = SPAN(a->b);
+  const REAL L = (REAL)c[0], K = (REAL)c[1];
+  SIMD for (int64_t i = lo; i < hi; i++) {
+    REAL x = w[i] + L * m[i];
+    w[i] = x;
+    m[i] += K * x;
+  }
 }
 
 /* Adam-S / Adam-SRT (Roburin eqs. 15, 19-21): g' = g + wd w;  m <- lerp(m, g', 1 - beta1);
- * v <- beta2 v + (1 - beta2)|g'|^2/d;  w <- w - lh m/(sqrt(v) vh + eps);  with transport (h[4]):
- * m <- m - <w,m>/|w|^2 w and v <- v |w_old|^2/|w|^2.  b = m, s1 = v, k[t] = (lh, vh),
- * h = (beta1, beta2, wd, eps, transport). */
-static void adams_row(const Args *a, int t, int64_t r, int64_t d) {
-  REAL *w = ROW(a->w), *g = ROW(a->g), *m = ROW(a->b);
-  const double beta1 = a->h[0], beta2 = a->h[1], *k = a->k + t * a->kstride;
-  const REAL L2 = (REAL)a->h[2], W1 = (REAL)(1.0 - beta1);
-  double gg = 0.0, xx = 0.0;
-  if (W1 < 0.5) { /* torch's lerp: start + weight (end - start) below 0.5, else from the end */
-#pragma omp simd reduction(+ : gg, xx)
-    for (int64_t i = 0; i < d; i++) {
-      REAL x = w[i], gi = g[i] + L2 * x;
-      m[i] = m[i] + W1 * (gi - m[i]);
-      gg += (double)gi * gi;
-      xx += (double)x * x;
-    }
-  } else {
-    const REAL W0 = (REAL)beta1;
-#pragma omp simd reduction(+ : gg, xx)
-    for (int64_t i = 0; i < d; i++) {
-      REAL x = w[i], gi = g[i] + L2 * x;
-      m[i] = gi - (gi - m[i]) * W0;
-      gg += (double)gi * gi;
-      xx += (double)x * x;
-    }
+ * v <- beta2 v + (1 - beta2) ||g'||^2/d;  w <- w - lh m/(sqrt(v) vh + eps);  with transport
+ * (h[4] != 0): m <- m - <w,m>/||w||^2 w and v <- v ||w_old||^2/||w||^2.  b = m, s1 = v,
+ * k[t] = (lh, vh), h = (beta1, beta2, wd, eps, transport). */
+static void adams_pre(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, double *s) {
+  const REAL *w = SPAN(a->w), *g = SPAN(a->g);
+  REAL *m = SPAN(a->b);
+  const REAL L2 = (REAL)a->h[2], W1 = (REAL)(1.0 - a->h[0]), W0 = (REAL)a->h[0];
+  const int low = W1 < 0.5;  /* torch's lerp: start + weight (end - start) below 0.5, else from the end */
+  double gg = 0.0, ww = 0.0, wm = 0.0, mm = 0.0;
+#pragma omp simd reduction(+ : gg, ww, wm, mm)
+  for (int64_t i = lo; i < hi; i++) {
+    REAL gi = g[i] + L2 * w[i], v = low ? m[i] + W1 * (gi - m[i]) : gi - (gi - m[i]) * W0;
+    m[i] = v;
+    gg += (double)gi * gi;
+    ww += (double)w[i] * w[i];
+    wm += (double)w[i] * v;
+    mm += (double)v * v;
   }
-  double v = beta2 * a->s1[t][r] + (1.0 - beta2) / (double)d * gg;
-  const REAL C = (REAL)(-k[0] / (sqrt(v) * k[1] + a->h[3]));
+  s[0] = ww, s[1] = wm, s[2] = mm, s[3] = gg;
+}
+static void adams_coef(const Args *a, int t, int64_t r, int64_t d, const double *s, double *c) {
+  const double *k = a->k + t * a->kstride, beta2 = a->h[1];
+  double v = beta2 * a->s1[t][r] + (1.0 - beta2) / (double)d * s[3];
+  double q = -k[0] / (sqrt(v) * k[1] + a->h[3]);
+  c[0] = q, c[1] = 0.0;
+  if (a->h[4] != 0.0) {
+    double after = sqnorm_of_sum(1.0, q, s[0], s[1], s[2]), inv = safe_inv(after);
+    c[1] = -(s[1] + q * s[2]) * inv;  /* -<w_new, m>/||w_new||^2 */
+    v *= s[0] * inv;
+  }
+  a->s1[t][r] = (REAL)v;
+}
+static void adams_post(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, const double *c) {
+  REAL *w = SPAN(a->w), *m = SPAN(a->b);
+  const REAL Q = (REAL)c[0], K = (REAL)c[1];
   if (a->h[4] == 0.0) {
-#pragma omp simd
-    for (int64_t i = 0; i < d; i++) w[i] += C * m[i];
-    a->s1[t][r] = (REAL)v;
+    SIMD for (int64_t i = lo; i < hi; i++) w[i] += Q * m[i];
     return;
   }
-  double after = 0.0, wm = 0.0;
-#pragma omp simd reduction(+ : after, wm)
-  for (int64_t i = 0; i < d; i++) {
-    REAL x = w[i] + C * m[i];
+  SIMD for (int64_t i = lo; i < hi; i++) {
+    REAL x = w[i] + Q * m[i];
     w[i] = x;
-    after += (double)x * x;
-    wm += (double)x * m[i];
+    m[i] += K * x;
   }
-  double inv = safe_inv(after);
-  const REAL K = (REAL)(-wm * inv);
-#pragma omp simd
-  for (int64_t i = 0; i < d; i++) m[i] += K * w[i];
-  a->s1[t][r] = (REAL)(v * (xx * inv));
 }
 
-#define KERNEL(name)                                                     \
-  void NAME(name)(int nt, const Args *a, int threads) { for_rows(nt, a, threads, name##_row); }
+#define KERNEL(name, pre, coef, post)                                     \
+  void NAME(name)(int nt, const Args *a, int threads) {                   \
+    static const Rule rule = {pre, coef, post};                           \
+    for_rows(nt, a, threads, &rule);                                      \
+  }
 
-KERNEL(psi)
-KERNEL(psgd)
-KERNEL(unit)
-KERNEL(adamg_star)
-KERNEL(sgdmrt)
-KERNEL(adams)
+KERNEL(psi, psi_pre, psi_coef, psi_post)
+KERNEL(psgd, psgd_pre, psgd_coef, psgd_post)
+KERNEL(unit, grad_sums, unit_coef, grad_post)
+KERNEL(adamg_star, grad_sums, adamg_star_coef, grad_post)
+KERNEL(sgdmrt, sgdmrt_pre, sgdmrt_coef, sgdmrt_post)
+KERNEL(adams, adams_pre, adams_coef, adams_post)
