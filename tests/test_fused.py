@@ -25,6 +25,7 @@ FUSED = [n for n in psiopt.list_optimizers() if getattr(psiopt.REGISTRY[n].cls, 
 RULES = {  # settings that reach every branch of the kernels
     "psi-sgd": {}, "psi-sgdm": {}, "psgd": {"momentum": 0.9}, "un-sgd": {}, "adamg-star": {},
     "sgdmrt": {"weight_decay": 1e-3}, "adams": {"weight_decay": 1e-3}, "adamsrt": {},
+    "sgdg": {}, "adamg": {"ortho": 0.0},  # with and without Cho & Lee's penalty
 }
 
 
@@ -122,9 +123,12 @@ def test_conflicting_or_malformed_fused_is_refused(kw, error, word):
 
 
 def test_fused_true_on_a_rule_without_a_kernel_is_refused():
+    class Plain(psiopt.UnitNormSGD):
+        fused_rule = False
+
     model, x = bn_net(), bn_data()[0]
-    with pytest.raises(ValueError, match="SGDG has no fused kernel"):
-        psiopt.create_optimizer(model, "sgdg", x, fused=True)
+    with pytest.raises(ValueError, match="Plain has no fused kernel"):
+        Plain(psiopt.param_groups(model, x), fused=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

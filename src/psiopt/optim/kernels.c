@@ -39,7 +39,7 @@ typedef struct {
 
 enum { GRAIN = 32768,       /* fewer entries than this: one thread (torch's grain size) */
        BIG = 65536,         /* rows of more entries than this are split among the threads */
-       NSUM = 4, NCOEF = 4 };
+       NSUM = 6, NCOEF = 8 };
 
 typedef struct {
   /* sums over entries [lo, hi) of row r of tensor t into s[0..NSUM) (buffer updates done here) */
@@ -288,6 +288,63 @@ static void adams_post(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, 
   }
 }
 
+/* SGDG / AdamG (Cho & Lee 2017): h = f (g - <y,g> y), f = min(1, clip/||g - <y,g> y||) live;
+ * m' = a m + b h;  AdamG (s2 = v): v <- beta2 v + (1 - beta2) ||h||^2, k = k[t]/sqrt(v + eps);
+ * SGDG: k = 1;  then (y, m) <- (exp(y, k m'), pt(y, k m')/k), the rotation
+ * (y, m) <- (cos y + sigma m, tau y + cos m) taken as three shears (geometry.geodesic_step_).
+ * b = m, s1 = live, h = (a, b, clip, beta2, eps); g is the penalised gradient. */
+static void sphere_pre(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, double *s) {
+  const REAL *y = SPAN(a->w), *g = SPAN(a->g), *m = SPAN(a->b);
+  double yy = 0.0, yg = 0.0, gg = 0.0, ym = 0.0, mg = 0.0, mm = 0.0;
+#pragma omp simd reduction(+ : yy, yg, gg, ym, mg, mm)
+  for (int64_t i = lo; i < hi; i++) {
+    yy += (double)y[i] * y[i];
+    yg += (double)y[i] * g[i];
+    gg += (double)g[i] * g[i];
+    ym += (double)y[i] * m[i];
+    mg += (double)m[i] * g[i];
+    mm += (double)m[i] * m[i];
+  }
+  s[0] = yy, s[1] = yg, s[2] = gg, s[3] = ym, s[4] = mg, s[5] = mm;
+}
+static void sphere_coef(const Args *a, int t, int64_t r, int64_t d, const double *s, double *c) {
+  double yy = s[0], yg = s[1], ym = s[3], ca = a->h[0], cb = a->h[1];
+  double hh = s[2] + yg * yg * (yy - 2.0), f;
+  hh = hh > 0 ? hh : 0.0;
+  f = a->h[2] / sqrt(hh);
+  f = (f > 1.0 ? 1.0 : f) * a->s1[t][r];  /* NaN stays NaN, as torch's clamp */
+  hh *= f * f;
+  double ym2 = ca * ym + cb * f * yg * (1.0 - yy);                      /* <y, m'> */
+  double mm2 = sqnorm_of_sum(ca, cb, s[5], f * (s[4] - yg * ym), hh);  /* ||m'||^2 */
+  double k = 1.0;
+  if (a->s2) {
+    double v = a->h[3] * a->s2[t][r] + (1.0 - a->h[3]) * hh;
+    a->s2[t][r] = (REAL)v;
+    k = a->k[t * a->kstride] / sqrt(v + a->h[4]);
+  }
+  double n = sqrt(mm2) * fabs(k), cs = cos(n), sinc = n > 0 ? sin(n) / n : 1.0;
+  double sign = cs < 0 ? -1.0 : 1.0, sigma = k * sinc;
+  c[0] = ca, c[1] = cb * f, c[2] = -cb * f * yg;       /* m' = a m + b f g - b f <y,g> y */
+  c[3] = sign * sigma / (1.0 + fabs(cs));              /* shears */
+  c[4] = -sign * k * mm2 * sinc;
+  c[5] = sign;
+  c[6] = sign * safe_inv(sqrt(sqnorm_of_sum(cs, sigma, yy, ym2, mm2)));
+}
+static void sphere_post(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, const double *c) {
+  REAL *y = SPAN(a->w), *m = SPAN(a->b);
+  const REAL *g = SPAN(a->g);
+  const REAL M = (REAL)c[0], G = (REAL)c[1], Y = (REAL)c[2], A = (REAL)c[3], B = (REAL)c[4];
+  const REAL S = (REAL)c[5], I = (REAL)c[6];
+  SIMD for (int64_t i = lo; i < hi; i++) {
+    REAL mi = M * m[i] + G * g[i] + Y * y[i];
+    REAL yi = y[i] + A * mi;
+    mi += B * yi;
+    yi += A * mi;
+    m[i] = S * mi;
+    y[i] = I * yi;
+  }
+}
+
 #define KERNEL(name, pre, coef, post)                                     \
   void NAME(name)(int nt, const Args *a, int threads) {                   \
     static const Rule rule = {pre, coef, post};                           \
@@ -300,3 +357,4 @@ KERNEL(unit, grad_sums, unit_coef, grad_post)
 KERNEL(adamg_star, grad_sums, adamg_star_coef, grad_post)
 KERNEL(sgdmrt, sgdmrt_pre, sgdmrt_coef, sgdmrt_post)
 KERNEL(adams, adams_pre, adams_coef, adams_post)
+KERNEL(sphere, sphere_pre, sphere_coef, sphere_post)

@@ -290,6 +290,13 @@ class SGDG(_SphereOptimizer):
         m.copy_(transport_self(w, m))
         w.copy_(new)
 
+    fused_rule = True
+
+    def _update_fused(self, group, ws, gs, states, stats):
+        return kernels.run("sphere", ws, [_penalised(group, y, g) for y, g in zip(ws, gs)],
+                           b=[st["momentum_buffer"] for st in states], s1=[st["live"] for st in states],
+                           h=(group["momentum"], -group["lr"], group["clip"]))
+
     def _update_many(self, group, ws, gs, states, layout, stats):
         ms = [st["momentum_buffer"] for st in states]
         live = layout.gather([st["live"] for st in states])
@@ -328,10 +335,23 @@ class AdamG(_SphereOptimizer):
         state["live"] = self._live(n)
 
     @staticmethod
-    def _scale(group, step) -> float:
+    def _scale(group, t) -> float:
+        """``−η √(1 − β2^t)/(1 − β1^t)`` at step ``t`` (a number, or a 0-d tensor)."""
         beta1, beta2 = group["betas"]
-        t = step_value(step)
         return -group["lr"] * (1 - beta2**t) ** 0.5 / (1 - beta1**t)
+
+    fused_rule = True
+
+    def _update_fused(self, group, ws, gs, states, stats):
+        beta1, beta2 = group["betas"]
+        done = kernels.run("sphere", ws, [_penalised(group, y, g) for y, g in zip(ws, gs)],
+                           b=[st["exp_avg"] for st in states], s1=[st["live"] for st in states],
+                           s2=[st["exp_avg_sq"] for st in states],
+                           k=[(self._scale(group, float(st["step"]) + 1),) for st in states],
+                           h=(beta1, 1 - beta1, group["clip"], beta2, group["eps"]))
+        if done:
+            step_count(states)
+        return done
 
     def _update_one(self, group, w, g, state, stats):
         beta1, beta2 = group["betas"]
@@ -340,7 +360,7 @@ class AdamG(_SphereOptimizer):
         h = _direction(group, w, g, state["live"])
         m.lerp_(h, 1 - beta1)
         v.mul_(beta2).add_(sqnorm(h), alpha=1 - beta2)
-        delta = m * (self._scale(group, state["step"]) * (v + group["eps"]).rsqrt())
+        delta = m * (self._scale(group, step_value(state["step"])) * (v + group["eps"]).rsqrt())
         new = sphere_exp(w, delta)
         m.copy_(transport(w, m, delta))
         w.copy_(new)
@@ -356,7 +376,7 @@ class AdamG(_SphereOptimizer):
         v = layout.gather(vs).mul_(beta2).add_(hh, alpha=1 - beta2)
         torch._foreach_copy_(vs, layout.split(v))
         k = layout.scale_per_tensor_((v + group["eps"]).rsqrt_(),
-                                     [self._scale(group, s) for s in steps])
+                                     [self._scale(group, step_value(s)) for s in steps])
         geodesic_step_(ws, ms, k, layout,  # Δ = k m', k < 0
                        _geodesic_sums(beta1, 1 - beta1, hh, sums))
 
