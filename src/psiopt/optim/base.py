@@ -401,6 +401,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 step = st.get("step")
                 if isinstance(step, Tensor) and not step.is_cpu:
                     st["step"] = step.cpu()
+        if self._wants_kernels(group) and group["params"] and kernels.takes(group["params"][0]):
+            kernels.available()  # built here, before torch.compile traces the step
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -455,21 +457,29 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         per_tensor = compiling and shards is None and (self.compile_per_tensor or layout is None)
         vectorized = compiling or shards is not None or (group["foreach"] is not False
                                                           and layout is not None)
-        fused = group["fused"] or (group["fused"] is None and group["foreach"] is None
-                                   and self.fused_rule)
-        fused = fused and not compiling and shards is None and layout is not None
+        # compiled, state made in this step is not handed to the kernels' custom op: inductor
+        # (torch 2.13) gave the second tensor of a group the first one's state (it declares
+        # the state mutated); the step after, the state is the graph's input
+        fresh = compiling and any(not st for st in states)
         self._init_states(group, ws, states, layout)
-        if per_tensor:  # see compile_per_tensor
+        if self._wants_kernels(group) and shards is None and layout is not None and not fresh \
+                and self._fused(group, ws, gs, states, stats):
+            pass
+        elif per_tensor:  # see compile_per_tensor
             for i, w in enumerate(ws):
                 self._update_many(group, [w], [gs[i]], [states[i]], self._layout([w]), [stats[i]])
         elif vectorized:
-            if not (fused and self._fused(group, ws, gs, states, stats)):
-                self._update_many(group, ws, gs, states, layout, stats)
+            self._update_many(group, ws, gs, states, layout, stats)
         else:
             for w, g, state, st in zip(ws, gs, states, stats):
                 self._update_one(group, w, g, state, st)
         if shards is not None:
             self._store_states(params, shards, ws, states, kept)
+
+    def _wants_kernels(self, group: dict) -> bool:
+        """Whether ``fused`` asks for the kernels (``True``, or ``None`` with ``foreach`` unset)."""
+        return bool(group["fused"]) or (group["fused"] is None and group["foreach"] is None
+                                        and self.fused_rule)
 
     def _fused(self, group: dict, ws: list[Tensor], gs: list[Tensor], states: list[dict],
                stats: list) -> bool:

@@ -131,7 +131,7 @@ class AdamS(ScaleInvariantOptimizer):
 
     def _update_fused(self, group, ws, gs, states, stats):
         beta1, beta2 = group["betas"]
-        hyper = [self._hyper(group, float(st["step"]) + 1) for st in states]
+        hyper = [self._hyper(group, step_value(st["step"]) + 1) for st in states]
         done = kernels.run("adams", ws, gs, b=[st["exp_avg"] for st in states],
                            s1=[st["exp_avg_sq"] for st in states], k=hyper,
                            h=(beta1, beta2, group["weight_decay"], group["eps"], float(self._transport)))

@@ -107,6 +107,8 @@ def load() -> ctypes.CDLL:
 
 def available() -> bool:
     """Whether the kernels are built (or can be); warns once, with the reason, if not."""
+    if "lib" in _state:
+        return True
     try:
         load()
         return True
@@ -130,24 +132,47 @@ def fits(w: torch.Tensor, g: torch.Tensor) -> bool:
 
 def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     """Run ``kernel`` of ``kernels.c`` on the views ``ws`` (gradients ``gs``): ``b`` full-size
-    buffers, ``s1``/``s2`` per-row state (keepdim), ``k`` per-tensor scalars (a list of tuples),
-    ``h`` hyperparameters.  Returns ``False``, changing nothing, when a state tensor is not of the
-    views' dtype or not contiguous (e.g. loaded from a checkpoint with other strides)."""
+    buffers, ``s1``/``s2`` per-row state (keepdim), ``k`` per-tensor scalars (a list of tuples of
+    numbers, or of 0-d tensors while ``torch.compile`` traces the step), ``h`` hyperparameters.
+    Returns ``False``, changing nothing, when a state tensor is not of the views' dtype or not
+    contiguous (e.g. loaded from a checkpoint with other strides).  Traced by ``torch.compile``,
+    it is one call of the custom op ``psiopt::fused_rows``, which runs the same kernel."""
     dtype = ws[0].dtype
     for ts in (b, s1, s2):
         if ts is not None and not all(t.dtype == dtype and t.is_contiguous() and t.is_cpu for t in ts):
             return False
+    if torch.compiler.is_compiling():
+        k = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in row])
+                         for row in k]) if k else None
+    else:
+        k = torch.tensor(k, dtype=torch.float64) if k else None
+    call = fused_rows if torch.compiler.is_compiling() else _call  # eager: no dispatch
+    call(kernel, ws, gs, b or [], s1 or [], s2 or [], k, [float(x) for x in h])
+    return True
+
+
+@torch.library.custom_op("psiopt::fused_rows", mutates_args=("ws", "b", "s1", "s2"), device_types="cpu")
+def fused_rows(kernel: str, ws: list[torch.Tensor], gs: list[torch.Tensor], b: list[torch.Tensor],
+               s1: list[torch.Tensor], s2: list[torch.Tensor], k: torch.Tensor | None,
+               h: list[float]) -> None:
+    """The kernel call as a custom op (see :func:`run`)."""
+    _call(kernel, ws, gs, b, s1, s2, k, h)
+
+
+@fused_rows.register_fake
+def _(kernel, ws, gs, b, s1, s2, k, h) -> None:
+    return None
+
+
+def _call(kernel, ws, gs, b, s1, s2, k, h) -> None:
+    """Call ``kernel`` (an empty list for a tensor list the rule does not take)."""
     n = len(ws)
-    arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in ts]) if ts is not None else None
+    arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in ts]) if ts else None
               for ts in (ws, gs, b, s1, s2)]
-    ks = [x for row in k for x in row] if k else []
-    kstride = len(k[0]) if k else 0
-    karr = (ctypes.c_double * len(ks))(*ks)
     rows = (ctypes.c_int64 * n)(*[w.shape[0] for w in ws])
     cols = (ctypes.c_int64 * n)(*[w.numel() // w.shape[0] for w in ws])
     args = _Args(*[None if a is None else ctypes.addressof(a) for a in arrays],
-                 ctypes.addressof(karr), ctypes.addressof(rows), ctypes.addressof(cols), kstride,
-                 (ctypes.c_double * 6)(*h))
-    fn = getattr(load(), kernel + _TYPES[dtype][1])
+                 None if k is None else k.data_ptr(), ctypes.addressof(rows), ctypes.addressof(cols),
+                 0 if k is None else k.shape[1], (ctypes.c_double * 6)(*h))
+    fn = getattr(load(), kernel + _TYPES[ws[0].dtype][1])
     fn(ctypes.c_int(n), ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))
-    return True

@@ -347,7 +347,7 @@ class AdamG(_SphereOptimizer):
         done = kernels.run("sphere", ws, [_penalised(group, y, g) for y, g in zip(ws, gs)],
                            b=[st["exp_avg"] for st in states], s1=[st["live"] for st in states],
                            s2=[st["exp_avg_sq"] for st in states],
-                           k=[(self._scale(group, float(st["step"]) + 1),) for st in states],
+                           k=[(self._scale(group, step_value(st["step"]) + 1),) for st in states],
                            h=(beta1, 1 - beta1, group["clip"], beta2, group["eps"]))
         if done:
             step_count(states)
