@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import psiopt
+from psiopt.optim import kernels
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -59,21 +60,28 @@ def test_compiled_step_agrees_with_eager_and_has_no_graph_break(name):
     assert report.graph_count == 1
 
 
-@pytest.mark.parametrize("foreach", [None, False], ids=["vectorized", "reference"])
+PATHS = {"fused": {}, "vectorized": {"fused": False}, "reference": {"foreach": False}}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["psgd", "sgdmrt", "psi-sgdm", "sgdg", "adamg", "adams", "adamsrt"])
-def test_compiled_momentum_rules_on_rows_inductor_fuses(name, foreach):
+def test_compiled_momentum_rules_on_rows_inductor_fuses(name, path, monkeypatch):
     """Rules that update a momentum buffer and then the weights from it, with the momentum on,
     on a weight whose rows inductor fuses with their reductions (288 entries a row): inductor
     (torch 2.13, CPU) failed there with "KeyError: 'bufN'" (pytorch#196570) for PSGD and
     SGD-MRT, whose sums are now kept apart from the update (``RowLayout.sums(apart=True)``),
     and with ``foreach=False`` for PSGD, SGD-MRT, PSI-SGDM and SGDG, whose reference paths
     update the buffer in place: compiled, every step now takes the vectorized rule (compared
-    here with the eager reference path)."""
+    here with the eager reference path).  By default (``fused=None``) the compiled steady-state
+    step calls the fused kernels through their custom op instead."""
+    calls = []
+    real = kernels._call
+    monkeypatch.setattr(kernels, "_call", lambda *a: calls.append(a[0]) or real(*a))
     gen = torch.Generator().manual_seed(0)
     start, grads = torch.randn(64, 32, 3, 3, generator=gen), torch.randn(3, 64, 32, 3, 3, generator=gen)
     weights = [nn.Parameter(start.clone()) for _ in range(2)]
     hyper = {"momentum": 0.9} if name == "psgd" else {}
-    opts = [psiopt.create_optimizer([{"params": [w], "grouping": "channel"}], name, foreach=foreach,
+    opts = [psiopt.create_optimizer([{"params": [w], "grouping": "channel"}], name, **PATHS[path],
                                     **hyper) for w in weights]
     step = torch.compile(opts[1].step)
     dynamo.reset()
@@ -81,10 +89,12 @@ def test_compiled_momentum_rules_on_rows_inductor_fuses(name, foreach):
         for g in grads:
             for w, fn in zip(weights, (opts[0].step, step)):
                 w.grad = 0.01 * g
+                calls.clear()
                 fn()
     finally:
         dynamo.reset()
     torch.testing.assert_close(weights[1], weights[0], rtol=1e-5, atol=1e-6)
+    assert bool(calls) == (path == "fused")  # the last compiled step
 
 
 @pytest.mark.parametrize("name", ["psi-sgdm", "sgdg", "adams"])
@@ -133,3 +143,28 @@ def test_compiled_step_guards_state_by_identity_and_gradients_by_presence(name):
     assert not checked, checked[:3]
     assert sum(g.create_fn_name() == "NOT_NONE_MATCH" and g.name.endswith(".grad")
                for g in report.out_guards) == sum(1 for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("grouping", ["tensor", "channel"])
+def test_compiled_first_step_with_state_made_before_it(grouping):
+    """AdamG*'s state is made at construction and adopted at the first step: handed to the fused
+    kernels' custom op in that step, AOT autograd failed on two LayerNorm-like ("tensor")
+    weights ("A view was created in no_grad mode ..."); that step now takes the vectorized rule,
+    the next ones the kernels."""
+    gen = torch.Generator().manual_seed(0)
+    starts = [torch.randn(16, 8, generator=gen) for _ in range(2)]
+    grads = [[0.1 * torch.randn_like(s) for s in starts] for _ in range(3)]
+    runs = [[nn.Parameter(s.clone()) for s in starts] for _ in range(2)]
+    opts = [psiopt.create_optimizer([{"params": ws, "grouping": grouping}], "adamg-star") for ws in runs]
+    step = torch.compile(opts[1].step)
+    dynamo.reset()
+    try:
+        for gs in grads:
+            for ws, fn in zip(runs, (opts[0].step, step)):
+                for w, g in zip(ws, gs):
+                    w.grad = g.clone()
+                fn()
+    finally:
+        dynamo.reset()
+    for a, b in zip(*runs):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -281,8 +281,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       with ``foreach`` set or for a rule without a kernel, ``RuntimeError`` if they cannot be
       built or the tensors are not float32/float64 on the CPU); ``False`` never uses them.
       Views whose rows are not contiguous (``"@1"`` groupings, channels-last gradients), steps
-      the kernel does not cover (PSI-SGD's guard steps) and compiled or FSDP2 steps take the
-      vectorized path.  The same rule to rounding (reductions in double precision).
+      the kernel does not cover (PSI-SGD's guard steps), groups whose tensors differ in dtype
+      and FSDP2 steps take the other paths.  Compiled steps call the kernels through the custom
+      op ``psiopt::fused_rows`` (but for a step that makes state).  The same rule to rounding
+      (sums in double precision, norms after the step derived from sums before it).
 
     Every group is validated in full before anything is changed; subclasses that keep rows on the
     unit sphere normalise them once all groups are valid (:meth:`_prepare`).  A setting with no
@@ -446,6 +448,13 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     def _invariant(self, group: dict, index: list[int], params: list[Tensor],
                    grads: list[Tensor]) -> None:
         stats = self._stats(group, index)
+        compiling = torch.compiler.is_compiling()  # compiled: kernels or vectorized (see `foreach`)
+        # compiled, state made (or adopted, see _initial_state) in this step is not handed to the
+        # kernels' custom op, which declares it mutated: inductor (torch 2.13) then gave the
+        # second tensor of a group the first one's state, and AOT autograd failed on views of
+        # the parameters ("A view was created in no_grad mode ..."); the step after, the state
+        # is the graph's input
+        fresh = compiling and any(not self.state.get(p) for p in params)
         self._adopt_initial(params)
         ws, layout, shards = self._rows(group["grouping"], params)
         gs = [rows(g, group["grouping"]) for g in grads] if shards is None else \
@@ -453,19 +462,14 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         states = [self.state[p] for p in params]
         if shards is not None:  # the rules run on local tensors; state is kept as DTensors
             states, kept = self._local_states(states)
-        compiling = torch.compiler.is_compiling()  # compiled: always vectorized (see `foreach`)
         per_tensor = compiling and shards is None and (self.compile_per_tensor or layout is None)
         vectorized = compiling or shards is not None or (group["foreach"] is not False
                                                           and layout is not None)
-        # compiled, state made in this step is not handed to the kernels' custom op: inductor
-        # (torch 2.13) gave the second tensor of a group the first one's state (it declares
-        # the state mutated); the step after, the state is the graph's input
-        fresh = compiling and any(not st for st in states)
         self._init_states(group, ws, states, layout)
         if self._wants_kernels(group) and shards is None and layout is not None and not fresh \
                 and self._fused(group, ws, gs, states, stats):
-            pass
-        elif per_tensor:  # see compile_per_tensor
+            return
+        if per_tensor:  # see compile_per_tensor
             for i, w in enumerate(ws):
                 self._update_many(group, [w], [gs[i]], [states[i]], self._layout([w]), [stats[i]])
         elif vectorized:
@@ -495,12 +499,15 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         fit = [kernels.fits(w, g) for w, g in zip(ws, gs)]
         if not any(fit):
             return False
-        pick = [[x for x, f in zip(xs, fit) if f is keep] for keep in (True, False)
-                for xs in (ws, gs, states, stats)]
-        if not self._update_fused(group, *pick[:4]):
+
+        def take(keep):  # (views, gradients, states, stats) of the tensors that fit, or not
+            return [[x for x, f in zip(xs, fit) if f == keep] for xs in (ws, gs, states, stats)]
+
+        if not self._update_fused(group, *take(True)):
             return False
-        if pick[4]:
-            self._update_many(group, *pick[4:6], pick[6], self._layout(pick[4]), pick[7])
+        if not all(fit):
+            rest_ws, rest_gs, rest_states, rest_stats = take(False)
+            self._update_many(group, rest_ws, rest_gs, rest_states, self._layout(rest_ws), rest_stats)
         return True
 
     def _update_fused(self, group: dict, ws: list[Tensor], gs: list[Tensor], states: list[dict],
