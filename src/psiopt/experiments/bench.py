@@ -395,66 +395,62 @@ def format_table(rows_: list[dict]) -> str:
     return "\n".join(lines)
 
 
-NOTES = """## Where the targets are missed, and why
+NOTES = """## How the steps run, and where targets are missed
 
-Eager steps (`torch._foreach_*`, one kernel per tensor and operation):
+Eager steps on the CPU (the default, `fused=None`: `psiopt/optim/kernels.c`):
 
-* **Per-group reductions have no foreach form.** torch has `torch._foreach_norm` per tensor, not
-  per row, so every per-group norm or inner product is one kernel per tensor (55 on resnet56),
-  and an inner product is a full-size product and a sum (on CPU about four times a norm's
-  cost).  torch's SGD-momentum is three foreach calls and no reduction.
-* **The rules read and write more than SGD-momentum.** Counting full passes over a parameter
-  set (a read or a write of one tensor list is one): SGD-momentum makes 8.  PSI-SGD makes 9 (a
-  norm, a rescale, the update).  PSI-SGDM with `fixed_norm` makes 11: it rescales `w` and `u`
-  every step, so it cannot come within 1.2× on memory-bound sets; literally (`fixed_norm=False`)
-  it makes 9.  UN-SGD, SGD-MRT and AdamG* need an inner product and a norm (12 to 16).
-  SGDG/AdamG make about 28: the clipped tangent is folded into the momentum update and the
-  geodesic step is three in-place shears (no full-size temporary), but the tangent needs an
-  inner product and the step three norms; with ω > 0 Cho & Lee's penalty adds matrix products
-  (see the GFLOP above).  A fused kernel reads each tensor once; eager foreach ops cannot.
-* **Small tensors** (resnet56: 55 weights of 2-37 K entries): each foreach call costs 2-5 µs per
-  tensor, so the count of calls sets the time; the other parameters (BatchNorm affine, biases,
-  the head) take torch's own functional SGD/Adam in a second call, whose fixed cost is paid
-  twice per step.
-* **Fused reductions** (every per-group sum of a step taken at once, the later ones derived)
-  are used under FSDP2 (one collective per step) and under `torch.compile`.  In one eager
-  process they need more inner products than the sequential forms and were measured 1.2-1.6×
-  slower on vgg16-bn (AdamG*, PSGD, UN-SGD), so eager steps reduce sequentially.
+* **One call per group, one pass over memory per row.**  The fused kernel of each rule goes
+  over the rows of all the group's tensors (split among torch's threads by their number of
+  entries); for each row it takes every per-row sum the rule needs (in double precision, while
+  updating the momentum buffer where the rule does), derives the coefficients (the norm after
+  the step from sums before it), and updates the row while it is still in cache.  A row is
+  read once from memory and written once: the traffic of torch's SGD-momentum, in one call
+  where torch makes three foreach calls of one kernel per tensor.  Every target of the table
+  is met on every set.
+* **Rows larger than the cache** (mlp-ln: each weight is one LayerNorm group of a million
+  entries) are split among the threads and read twice (the sums, then the update), as any
+  rule that needs a norm before its update must; SGD-MRT and SGDG, which also read and write
+  a buffer, come closest to their targets there.
+* **SGDG and AdamG with ω > 0**: Cho & Lee's penalty, computed by torch per tensor (matrix
+  products, see the GFLOP above), dominates; the whole VGG16-BN training step is the target.
+* **The vectorized path** (`fused=False`, float16/bfloat16, CUDA; the last run before the
+  kernels, at e352b25, measured 1.0-4.2× torch on resnet56 for the same rules): one kernel per
+  tensor and operation; per-group reductions have no foreach form (one kernel per tensor, an
+  inner product a full-size product and a sum), and the rules make 9-28 passes over the
+  parameters where SGD-momentum makes 8.
 
-Compiled steps (`torch.compile(opt.step)`, inductor's CPU backend):
+Compiled steps (`torch.compile(opt.step)`):
 
-* Every optimizer compiles to one graph without graph break.  Most rules run **per tensor**
-  when compiled (`ScaleInvariantOptimizer.compile_per_tensor`): a tensor's per-row scalars then
-  depend on its own reductions only, and inductor fuses the reductions with the update in one
-  loop over the rows, with the row in a local buffer, so each row is read from memory once, as
-  the issue's "fused per row" asks.  Over the whole group, every update waits for every
-  reduction, and each tensor is read twice.
-* **Large rows** (vgg16-bn): in that fused loop inductor computes a row's scalar coefficients
-  (the derived norm, its square root and inverse: some 25 scalar operations) again for every
-  vector of 16 floats; it does not hoist them out of the inner loop.  On one 512×4608 weight,
-  UN-SGD (which moves less memory than SGD-momentum) takes 1.64× compiled torch SGD-momentum's
-  time.  Forcing the coefficients into a buffer of their own splits the loop in three (sums,
-  coefficients, update), the tensor is read twice, and the ratio stays 1.45.
-* **Adam-S, Adam-SRT and AdamG** run over the group: per tensor, inductor inlines the bias
-  corrections (powers of the step counter) into the innermost loop and recomputes them for
-  every vector of 16 floats (2.7× slower on vgg16-bn than over the group).
-* **SGD-MRT**, and PSGD with momentum, stack their sums before the update (rules that update a
-  momentum buffer and then the weights from it): fused with it, inductor (torch 2.13, CPU)
-  fails with "KeyError: 'bufN'" in its outer-loop fusion (a write-after-read dependency its
-  local-buffer check does not expect; pytorch#196570), so each tensor is read twice.
-* **`foreach=False`** is not honoured while compiling: the step takes the vectorized rule (the
-  same rule to rounding). The reference paths update a momentum buffer in place and reduce
-  over it, which fails with the same inductor error for PSI-SGD(M), PSGD, SGDG and SGD-MRT.
-* **SGDG and AdamG** with ω > 0 are dominated by the penalty's matrix products.
+* Every optimizer compiles to one graph without graph break.  On the CPU the invariant groups
+  call the same kernels through the custom op `psiopt::fused_rows` (but in a step that makes
+  or adopts state, which takes the vectorized rule: handed to the op, state made inside the
+  graph gave a group's second tensor the first one's state, and adopted state made AOT
+  autograd fail on views of the parameters, torch 2.13); inductor compiles the rest of the
+  step (the other parameters' SGD/Adam).
+* **Faster than eager** is missed for most rules: the eager step is already the kernels, and
+  compiling removes only Python overhead, about what dynamo's guards and the op's dispatch
+  add back (speed-up 0.8-1.3).  On the CPU, compiling the optimizer step gains little.
+* **≤ 1.1 × compiled torch** is missed where compiled torch SGD-momentum, one fused loop per
+  tensor with no reduction, reads each tensor once and psiopt reads large rows twice (mlp-ln),
+  and for the rules with a momentum buffer on vgg16-bn (see the table; why the kernel's second
+  pass over a row of w, g and the buffer, 55 KB, is slower there than inductor's single pass
+  was not investigated); SGDG and AdamG with ω > 0 are the penalty's matrix products.
+* **The vectorized rule under `torch.compile`** (CUDA, `fused=False`, half precision): most
+  rules run per tensor (`ScaleInvariantOptimizer.compile_per_tensor`), so that inductor fuses a
+  tensor's reductions with its update in one loop over the rows; it recomputes a row's scalar
+  coefficients for every vector of 16 floats rather than hoisting them (UN-SGD on one 512×4608
+  weight: 1.64× compiled torch SGD-momentum), and inlines Adam's bias corrections the same way
+  (Adam-S, Adam-SRT and AdamG run over the group); SGD-MRT and PSGD with momentum keep their
+  sums apart from the update, and `foreach=False` is not honoured, because of an inductor bug
+  ("KeyError: 'bufN'", pytorch#196570).
 * **Guards**: psiopt collects each group's parameters and gradients in `_init_group`, the
-  method dynamo runs eagerly for torch.optim's optimizers: state tensors are then guarded by
-  identity and gradients by presence, as torch.optim's are.  Traced instead, the lookups
-  installed 7557 guards on resnet56 for PSI-SGDM (now 4207, torch SGD 3059); PSI-SGDM's ratio
-  to compiled torch SGD went from 1.16 to 0.97 there, Adam-S's from 1.10 to 1.02 (one thread).
+  method dynamo runs eagerly for torch.optim's optimizers: state tensors are guarded by
+  identity and gradients by presence, as torch.optim's are (PSI-SGDM on resnet56: 4207 guards,
+  torch SGD 3059; traced lookups installed 7557).
 
 * **CUDA**: `psiopt bench --device cuda` and `tests/test_cuda.py` (every step under
   `torch.cuda.set_sync_debug_mode("error")`) are written for a GPU but have not run on one: this
-  machine has none.
+  machine has none.  The kernels are CPU only; on a GPU the steps take the vectorized path.
 """
 
 

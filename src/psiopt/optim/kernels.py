@@ -7,11 +7,16 @@ norm, a rescale) then moves several times the memory of torch's SGD-momentum.  T
 cache: one read of ``w``, ``g`` and the buffer, one write of ``w`` and the buffer, and one call
 for a whole group (the rows of all its tensors split among torch's threads by size).
 
-The C source is compiled on first use with the system's C compiler (``$CC``, else ``cc``) into
-``$PSIOPT_CACHE_DIR`` (default ``~/.cache/psiopt``), keyed by the source, the compiler and the
-CPU, and loaded with :mod:`ctypes`.  Without a compiler, psiopt warns once and the default steps
-take the foreach path; ``fused=True`` then raises.  The kernels take float32/float64 CPU tensors
-whose groups are contiguous rows; other tensors of a group take the foreach path.
+Each rule is two passes over a row: its sums, then its update from coefficients derived from
+them (``kernels.c`` says how); rows larger than the cache are split among the threads.
+
+The C source is compiled on first use with the system's C compiler (``$CC``, else ``cc``; about a
+second) into ``$PSIOPT_CACHE_DIR`` (default ``~/.cache/psiopt``), keyed by the source, the
+compiler and the CPU, and loaded with :mod:`ctypes`.  Without a compiler, psiopt warns once and
+the default steps take the foreach path; ``fused=True`` then raises.  The kernels take
+float32/float64 CPU tensors whose groups are contiguous rows; other tensors of a group take the
+foreach path.  Eager steps call them directly; ``torch.compile`` traces the custom op
+``psiopt::fused_rows``, an opaque call in the graph that runs the same kernel.
 """
 
 from __future__ import annotations
