@@ -146,11 +146,14 @@ def test_compiled_step_guards_state_by_identity_and_gradients_by_presence(name):
 
 
 @pytest.mark.parametrize("grouping", ["tensor", "channel"])
-def test_compiled_first_step_with_state_made_before_it(grouping):
+def test_compiled_first_step_with_state_made_before_it(grouping, monkeypatch):
     """AdamG*'s state is made at construction and adopted at the first step: handed to the fused
     kernels' custom op in that step, AOT autograd failed on two LayerNorm-like ("tensor")
     weights ("A view was created in no_grad mode ..."); that step now takes the vectorized rule,
     the next ones the kernels."""
+    calls = []
+    real = kernels._call
+    monkeypatch.setattr(kernels, "_call", lambda *a: calls.append(a[0]) or real(*a))
     gen = torch.Generator().manual_seed(0)
     starts = [torch.randn(16, 8, generator=gen) for _ in range(2)]
     grads = [[0.1 * torch.randn_like(s) for s in starts] for _ in range(3)]
@@ -158,13 +161,17 @@ def test_compiled_first_step_with_state_made_before_it(grouping):
     opts = [psiopt.create_optimizer([{"params": ws, "grouping": grouping}], "adamg-star") for ws in runs]
     step = torch.compile(opts[1].step)
     dynamo.reset()
+    compiled_calls = []
     try:
         for gs in grads:
             for ws, fn in zip(runs, (opts[0].step, step)):
                 for w, g in zip(ws, gs):
                     w.grad = g.clone()
+                calls.clear()
                 fn()
+            compiled_calls.append(len(calls))
     finally:
         dynamo.reset()
     for a, b in zip(*runs):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert compiled_calls[0] == 0 and compiled_calls[-1] > 0  # vectorized, then the kernels

@@ -137,10 +137,21 @@ def test_half_precision_takes_the_vectorized_path_and_fused_true_says_why_not(dt
     before = model[0].weight.detach().clone()
     train(model, psiopt.create_optimizer(model, "psi-sgd", x), x, y, 1)
     assert not torch.equal(model[0].weight, before)
+    with pytest.raises(ValueError, match="float32/float64 CPU tensors"):
+        psiopt.create_optimizer(model, "psi-sgd", x, fused=True)
+
+
+def test_fused_true_is_checked_before_any_group_is_stepped():
+    """A parameter moved to float16 after construction: refused at the next step, before the
+    float32 group (stepped first) changes."""
+    model, (x, y) = bn_net(dtype=torch.float32), bn_data(dtype=torch.float32)
     opt = psiopt.create_optimizer(model, "psi-sgd", x, fused=True)
-    model(x).float().sum().backward()
-    with pytest.raises(RuntimeError, match="float32/float64 CPU tensors"):
+    F.cross_entropy(model(x), y).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model[7].weight.data = model[7].weight.data.half()  # the LayerNorm group's weight
+    with pytest.raises(ValueError, match="not torch.float16"):
         opt.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.dtype == torch.float32)
 
 
 def test_without_a_compiler_steps_warn_once_and_fused_true_raises(tmp_path):
@@ -173,10 +184,77 @@ print("ok")
 
 def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PSIOPT_CACHE_DIR", str(tmp_path))
-    lib = kernels._build()
-    built = list(tmp_path.iterdir())
-    assert [p.suffix for p in built] == [".so"]
-    assert kernels._build()._name == lib._name and list(tmp_path.iterdir()) == built
+    kernels._build()
+    (built,) = tmp_path.iterdir()
+    assert built.suffix == ".so"
+    inode = built.stat().st_ino
+    kernels._build()
+    assert list(tmp_path.iterdir()) == [built] and built.stat().st_ino == inode  # not rebuilt
+    built.write_bytes(b"not a library")  # a file that does not load is built again (in a new
+    subprocess.run([sys.executable, "-c", "from psiopt.optim import kernels; kernels._build()"],
+                   check=True, env={**os.environ, "PSIOPT_CACHE_DIR": str(tmp_path)})  # process)
+    assert built.stat().st_size > 1000
+
+
+def test_a_compiler_command_with_arguments(tmp_path, monkeypatch):
+    monkeypatch.setenv("PSIOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "env cc")
+    kernels._build()
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_steps_bump_the_version_counters_autograd_checks(fused):
+    """A second backward through a graph that saved a weight the step changed must fail, as
+    with torch's in-place updates (the kernels write through pointers)."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 4))
+    opt = psiopt.PSISGD([{"params": [w], "grouping": "channel"}], lr=0.1, momentum=0.9, fused=fused)
+    loss = (w * w).sum()  # saves w
+    loss.backward(retain_graph=True)
+    version = w._version
+    opt.step()
+    assert w._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_state_of_the_wrong_size_is_not_handed_to_the_kernels():
+    """State loaded from another model (a scalar exp_avg_sq per tensor): the kernel would read
+    and write past it; the step takes the vectorized path, which refuses it."""
+    model, (x, y) = bn_net(), bn_data()
+    opt = psiopt.create_optimizer(model, "adams", x)
+    train(model, opt, x, y, 1)
+    saved = opt.state_dict()
+    for state in saved["state"].values():
+        if "exp_avg_sq" in state and state["exp_avg_sq"].dim() > 1:
+            state["exp_avg_sq"] = state["exp_avg_sq"].sum()
+    opt.load_state_dict(saved)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError):
+        opt.step()
+
+
+def test_non_finite_gradients_give_the_reference_path_state():
+    """NaN survives the kernels' clamps as it does torch's clamp_min, and 0·inf never appears
+    where weight decay is 0 (AdamG's second moment, PSGD's buffer)."""
+    for name in ("adamg", "psgd", "sgdmrt"):
+        runs = []
+        for kw in ({"fused": True}, {"foreach": False}):
+            model, (x, y) = bn_net(), bn_data()
+            opt = psiopt.create_optimizer(model, name, x, momentum=0.9, **kw) if name == "psgd" \
+                else psiopt.create_optimizer(model, name, x, **kw)
+            F.cross_entropy(model(x), y).backward()
+            model[0].weight.grad[0, 0, 0, 0] = float("nan")
+            model[3].weight.grad[1, 0, 0, 0] = float("inf")
+            opt.step()
+            runs.append((model, opt))
+        (ma, oa), (mb, ob) = runs
+        for pa, pb in zip(ma.parameters(), mb.parameters()):
+            torch.testing.assert_close(pa, pb, equal_nan=True, rtol=1e-12, atol=1e-14)
+            for key, value in oa.state[pa].items():
+                torch.testing.assert_close(value, ob.state[pb][key], equal_nan=True, rtol=1e-12,
+                                           atol=1e-14, msg=f"{name} {key}")
 
 
 def test_state_dicts_saved_before_fused_existed_load():
@@ -187,17 +265,17 @@ def test_state_dicts_saved_before_fused_existed_load():
     for group in saved["param_groups"]:
         del group["fused"]
     twin = copy.deepcopy(model)
-    other = psiopt.create_optimizer(twin, "psi-sgdm", x)
+    other = psiopt.create_optimizer(twin, "psi-sgdm", x, fused=False)
     other.load_state_dict(saved)
-    assert {g["fused"] for g in other.param_groups} == {None}
+    assert {g["fused"] for g in other.param_groups} == {False}  # this optimizer's setting kept
     train(model, opt, x, y, 2)
     train(twin, other, x, y, 2)
     for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         state = other.__getstate__()
         for group in state["param_groups"]:
             group.pop("fused")
         other.__setstate__(state)
-    assert {g["fused"] for g in other.param_groups} == {None}
+    assert {g["fused"] for g in other.param_groups} == {None}  # (unpickled: the default)

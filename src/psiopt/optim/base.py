@@ -236,14 +236,15 @@ class GroupHandling:
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim, and refused with ``ValueError`` when a saved group lacks a setting of
         this optimizer (another optimizer's state dict: it failed at the next step before);
-        settings added since (``_ADDED``) take their default."""
+        settings added since (``_ADDED``) keep this optimizer's values."""
         needed = set.intersection(*(set(g) for g in self.param_groups)) if self.param_groups \
             else set()  # the settings every group of this optimizer holds
         needed -= {"params", "param_names", *_NOT_SAVED}
-        added = {k: v for k, v in _ADDED.items() if k in needed}
-        if "param_groups" in state_dict:
-            state_dict = {**state_dict,
-                          "param_groups": [{**added, **g} for g in state_dict["param_groups"]]}
+        if "param_groups" in state_dict:  # settings added since: this optimizer's own
+            added = [{k: g[k] for k in _ADDED if k in needed} for g in self.param_groups]
+            added += [{}] * (len(state_dict["param_groups"]) - len(added))  # (torch refuses)
+            state_dict = {**state_dict, "param_groups": [
+                {**a, **g} for a, g in zip(added, state_dict["param_groups"])]}
         for i, saved in enumerate(state_dict.get("param_groups", [])):
             missing = sorted(needed - set(saved))
             if missing:
@@ -343,6 +344,12 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
 
     def _check_rule(self, group: dict) -> None:
         """Raise ``ValueError`` if an invariant group sets what the rule cannot honour."""
+        params = group["params"]
+        fused = group.get("fused") and is_invariant(group.get("grouping"))
+        for p in ([params] if isinstance(params, Tensor) else params) if fused else ():
+            if not is_sharded(p) and not kernels.takes(p):
+                raise ValueError(f"fused=True: the fused kernels take float32/float64 CPU tensors, "
+                                 f"not {p.dtype} on {p.device} (pass fused=None or False)")
         for key in self.invariant_zero:
             if group.get(key):
                 raise ValueError(
@@ -454,7 +461,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         # second tensor of a group the first one's state, and AOT autograd failed on views of
         # the parameters ("A view was created in no_grad mode ..."); the step after, the state
         # is the graph's input
-        fresh = compiling and any(not self.state.get(p) for p in params)
+        fresh = compiling and self._keeps_state(group) and any(not self.state.get(p) for p in params)
         self._adopt_initial(params)
         ws, layout, shards = self._rows(group["grouping"], params)
         gs = [rows(g, group["grouping"]) for g in grads] if shards is None else \
@@ -480,6 +487,11 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         if shards is not None:
             self._store_states(params, shards, ws, states, kept)
 
+    def _keeps_state(self, group: dict) -> bool:
+        """Whether the rule keeps state for ``group``'s parameters (PSGD without momentum keeps
+        none, so its compiled steps can always take the kernels)."""
+        return True
+
     def _wants_kernels(self, group: dict) -> bool:
         """Whether ``fused`` asks for the kernels (``True``, or ``None`` with ``foreach`` unset)."""
         return bool(group["fused"]) or (group["fused"] is None and group["foreach"] is None
@@ -489,10 +501,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                stats: list) -> bool:
         """Step the views the fused kernels take with :meth:`_update_fused`, the others with
         :meth:`_update_many`; ``False`` (nothing done) when the kernels take none of them."""
-        if not kernels.takes(ws[0]):
-            if group["fused"]:
-                raise RuntimeError(f"fused=True: the fused kernels take float32/float64 CPU "
-                                   f"tensors, not {ws[0].dtype} on {ws[0].device}")
+        if not kernels.takes(ws[0]):  # (fused=True was refused for these by _check_rule)
             return False
         if group["fused"] is None and not kernels.available():
             return False

@@ -50,6 +50,9 @@ class ProjectedSGD(ScaleInvariantOptimizer):
     def _init_states(self, group, ws, states, layout):
         pass  # no state but torch.optim.SGD's momentum buffer (so no norms to take for it)
 
+    def _keeps_state(self, group):
+        return bool(group["momentum"])
+
     def _update_one(self, group, w, g, state, stats):
         before = norm(w)
         self._sgd(group, [w], [g], [state], foreach=False)

@@ -39,7 +39,8 @@ typedef struct {
 
 enum { GRAIN = 32768,       /* fewer entries than this: one thread (torch's grain size) */
        BIG = 65536,         /* rows of more entries than this are split among the threads */
-       NSUM = 6, NCOEF = 8 };
+       NSUM = 6, NCOEF = 8,
+       MAXT = 256 };        /* threads at most */
 
 typedef struct {
   /* sums over entries [lo, hi) of row r of tensor t into s[0..NSUM) (buffer updates done here) */
@@ -55,8 +56,11 @@ static inline double safe_inv(double x) { return x > 0 ? 1.0 / fmax(x, TINY) : 0
 /* ||a x + b y||^2 from ||x||^2, <x,y>, ||y||^2, clamped at 0 against rounding */
 static inline double sqnorm_of_sum(double a, double b, double xx, double xy, double yy) {
   double v = a * a * xx + 2.0 * a * b * xy + b * b * yy;
-  return v > 0 ? v : 0.0;
+  return v < 0 ? 0.0 : v;  /* NaN stays NaN, as torch's clamp_min */
 }
+
+/* g + wd w, or g itself when wd is 0 (as the reference paths: 0 * inf would be NaN) */
+static inline REAL decayed(REAL g, REAL w, REAL wd) { return wd != 0 ? g + wd * w : g; }
 
 /* First row of n rows of d entries that starts at or after entry x of the tensor. */
 static inline int64_t first_row(int64_t x, int64_t d, int64_t n) {
@@ -79,7 +83,8 @@ static void for_rows(int nt, const Args *a, int threads, const Rule *rule) {
     if (a->cols[t] > BIG) big += n; else small += n;
   }
   if (small + big < GRAIN) threads = 1;
-  double shared[NSUM], c[NCOEF];
+  double c[NCOEF], partial[MAXT][NSUM]; /* per-thread sums of a big row, added in thread order */
+  if (threads > MAXT) threads = MAXT;
 #pragma omp parallel num_threads(threads)
   {
     int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -96,15 +101,16 @@ static void for_rows(int nt, const Args *a, int threads, const Rule *rule) {
       if (d <= BIG) continue;
       int64_t from = d * tid / nth, to = d * (tid + 1) / nth;
       for (int64_t r = 0; r < a->rows[t]; r++) {
-        double s[NSUM] = {0};
-        rule->pre(a, t, r, from, to, s);
-#pragma omp single
-        for (int j = 0; j < NSUM; j++) shared[j] = 0.0;
-#pragma omp critical
-        for (int j = 0; j < NSUM; j++) shared[j] += s[j];
+        for (int j = 0; j < NSUM; j++) partial[tid][j] = 0.0;
+        rule->pre(a, t, r, from, to, partial[tid]);
 #pragma omp barrier
 #pragma omp single
-        rule->coef(a, t, r, d, shared, c);
+        {
+          double s[NSUM] = {0};
+          for (int64_t k = 0; k < nth; k++)
+            for (int j = 0; j < NSUM; j++) s[j] += partial[k][j];
+          rule->coef(a, t, r, d, s, c);
+        }
         rule->post(a, t, r, from, to, c);
 #pragma omp barrier
       }
@@ -139,12 +145,12 @@ static void psi_post(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, co
   if (a->b) {
     REAL *u = SPAN(a->b);
     SIMD for (int64_t i = lo; i < hi; i++) {
-      REAL v = A * u[i] + C * (g[i] + L2 * w[i]);
+      REAL v = A * u[i] + C * decayed(g[i], w[i], L2);
       u[i] = v;
       w[i] = S * w[i] + v;
     }
   } else {
-    SIMD for (int64_t i = lo; i < hi; i++) w[i] = S * w[i] + C * (g[i] + L2 * w[i]);
+    SIMD for (int64_t i = lo; i < hi; i++) w[i] = S * w[i] + C * decayed(g[i], w[i], L2);
   }
 }
 
@@ -167,7 +173,8 @@ static void momentum_sums(const REAL *w, const REAL *g, REAL *m, double mu, doub
   double ww = 0.0, wm = 0.0, mm = 0.0;
 #pragma omp simd reduction(+ : ww, wm, mm)
   for (int64_t i = lo; i < hi; i++) {
-    REAL v = M * m[i] + g[i] + L2 * w[i];
+    REAL v = M * m[i] + g[i];
+    v = L2 != 0 ? v + L2 * w[i] : v;  /* (mu m + g) + wd w, in the reference's order */
     m[i] = v;
     ww += (double)w[i] * w[i];
     wm += (double)w[i] * v;
@@ -253,7 +260,7 @@ static void adams_pre(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, d
   double gg = 0.0, ww = 0.0, wm = 0.0, mm = 0.0;
 #pragma omp simd reduction(+ : gg, ww, wm, mm)
   for (int64_t i = lo; i < hi; i++) {
-    REAL gi = g[i] + L2 * w[i], v = low ? m[i] + W1 * (gi - m[i]) : gi - (gi - m[i]) * W0;
+    REAL gi = decayed(g[i], w[i], L2), v = low ? m[i] + W1 * (gi - m[i]) : gi - (gi - m[i]) * W0;
     m[i] = v;
     gg += (double)gi * gi;
     ww += (double)w[i] * w[i];
@@ -310,7 +317,7 @@ static void sphere_pre(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, 
 static void sphere_coef(const Args *a, int t, int64_t r, int64_t d, const double *s, double *c) {
   double yy = s[0], yg = s[1], ym = s[3], ca = a->h[0], cb = a->h[1];
   double hh = s[2] + yg * yg * (yy - 2.0), f;
-  hh = hh > 0 ? hh : 0.0;
+  hh = hh < 0 ? 0.0 : hh;  /* NaN stays NaN */
   f = a->h[2] / sqrt(hh);
   f = (f > 1.0 ? 1.0 : f) * a->s1[t][r];  /* NaN stays NaN, as torch's clamp */
   hh *= f * f;

@@ -12,7 +12,8 @@ them (``kernels.c`` says how); rows larger than the cache are split among the th
 
 The C source is compiled on first use with the system's C compiler (``$CC``, else ``cc``; about a
 second) into ``$PSIOPT_CACHE_DIR`` (default ``~/.cache/psiopt``), keyed by the source, the
-compiler and the CPU, and loaded with :mod:`ctypes`.  Without a compiler, psiopt warns once and
+compiler, torch's version (the library links the OpenMP runtime torch loaded) and the CPU, and
+loaded with :mod:`ctypes`.  Without a compiler, psiopt warns once and
 the default steps take the foreach path; ``fused=True`` then raises.  The kernels take
 float32/float64 CPU tensors whose groups are contiguous rows; other tensors of a group take the
 foreach path.  Eager steps call them directly; ``torch.compile`` traces the custom op
@@ -25,6 +26,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import tempfile
 import warnings
@@ -59,15 +61,18 @@ def _cpu() -> str:
         return platform.processor() or platform.machine()
 
 
-def _compile(cc: str, flags: list[str], out: Path, tmp: Path) -> None:
+def _compile(cc: list[str], flags: list[str], out: Path, tmp: Path) -> None:
     objects = []
     for real, suffix, tiny in _TYPES.values():
         obj = tmp / f"kernels{suffix}.o"
-        subprocess.run([cc, *flags, "-c", f"-DREAL={real}", f"-DNAME(x)=x##{suffix}", f"-DTINY={tiny}",
-                        str(_SOURCE), "-o", str(obj)], check=True, capture_output=True, text=True)
+        _run([*cc, *flags, "-c", f"-DREAL={real}", f"-DNAME(x)=x##{suffix}", f"-DTINY={tiny}",
+              str(_SOURCE), "-o", str(obj)])
         objects.append(str(obj))
-    subprocess.run([cc, *flags, "-shared", *objects, "-o", str(out), "-lm"], check=True,
-                   capture_output=True, text=True)
+    _run([*cc, *flags, "-shared", *objects, "-o", str(out), "-lm"])
+
+
+def _run(command: list[str]) -> str:
+    return subprocess.run(command, check=True, capture_output=True, text=True, timeout=300).stdout
 
 
 #: compiler flags, tried in order.  The sums are compute-bound on rows in cache: AVX-512
@@ -81,23 +86,28 @@ _FLAGS = [["-O3", "-march=native", "-mprefer-vector-width=512", "-fassociative-m
 
 
 def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC") or "cc"
-    version = subprocess.run([cc, "--version"], check=True, capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cc, version, repr(_FLAGS), _cpu()])
-                         .encode()).hexdigest()[:16]
+    cc = shlex.split(os.environ.get("CC") or "cc")  # e.g. CC="ccache gcc"
+    version = _run([*cc, "--version"])
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), Path(__file__).read_text(), *cc, version,
+                                    torch.__version__, _cpu()]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"kernels-{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            out = Path(tmp) / path.name
-            for i, flags in enumerate(_FLAGS):
-                try:
-                    _compile(cc, [*flags, "-fPIC", "-std=c11"], out, Path(tmp))
-                    break
-                except subprocess.CalledProcessError:
-                    if i == len(_FLAGS) - 1:
-                        raise
-            os.replace(out, path)  # atomic: concurrent processes each build, one file wins
+    if path.exists():
+        try:
+            return ctypes.CDLL(str(path))
+        except OSError:  # e.g. a cache on a noexec mount, a broken file: built again below
+            pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out, errors = Path(tmp) / path.name, []
+        for flags in _FLAGS:
+            try:
+                _compile(cc, [*flags, "-fPIC", "-std=c11"], out, Path(tmp))
+                break
+            except subprocess.CalledProcessError as e:
+                errors.append(f"{' '.join(flags)}: {e.stderr.strip()[-600:]}")
+        else:
+            raise OSError("every set of compiler flags failed:\n" + "\n".join(errors))
+        os.replace(out, path)  # atomic: concurrent processes each build, one file wins
     return ctypes.CDLL(str(path))
 
 
@@ -106,7 +116,7 @@ def load() -> ctypes.CDLL:
     if "lib" not in _state and "error" not in _state:
         try:
             _state["lib"] = _build()
-        except (OSError, subprocess.CalledProcessError) as e:
+        except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", None) or str(e)
             _state["error"] = f"psiopt could not build its fused CPU kernels: {detail.strip()[-2000:]}"
     if "error" in _state:
@@ -147,16 +157,21 @@ def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     contiguous (e.g. loaded from a checkpoint with other strides).  Traced by ``torch.compile``,
     it is one call of the custom op ``psiopt::fused_rows``, which runs the same kernel."""
     dtype = ws[0].dtype
-    for ts in (b, s1, s2):
-        if ts is not None and not all(t.dtype == dtype and t.is_contiguous() and t.is_cpu for t in ts):
-            return False
+    for ts, size in ((b, lambda w: w.numel()), (s1, lambda w: w.shape[0]), (s2, lambda w: w.shape[0])):
+        if ts is not None and not all(t.dtype == dtype and t.is_contiguous() and t.is_cpu
+                                      and t.numel() == size(w) for t, w in zip(ts, ws)):
+            return False  # e.g. state loaded from another model: the other paths say what is wrong
     if torch.compiler.is_compiling():
         k = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in row])
                          for row in k]) if k else None
     else:
         k = torch.tensor(k, dtype=torch.float64) if k else None
-    call = fused_rows if torch.compiler.is_compiling() else _call  # eager: no dispatch
-    call(kernel, ws, gs, b or [], s1 or [], s2 or [], k, [float(x) for x in h])
+    args = (kernel, ws, gs, b or [], s1 or [], s2 or [], k, [float(x) for x in h])
+    if torch.compiler.is_compiling():
+        fused_rows(*args)  # the op declares what it mutates
+    else:  # eager: no dispatch; the writes bump the tensors' versions, as in-place ops do
+        _call(*args)
+        torch.autograd.graph.increment_version([*ws, *(b or []), *(s1 or []), *(s2 or [])])
     return True
 
 
