@@ -21,6 +21,12 @@ static int omp_get_num_threads(void) { return 1; }
 static int omp_get_thread_num(void) { return 0; }
 #endif
 
+#ifdef __GNUC__
+#define INLINE inline __attribute__((always_inline))
+#else
+#define INLINE inline
+#endif
+
 #ifndef REAL
 #define REAL double
 #define NAME(x) x##_f64
@@ -166,21 +172,29 @@ static void sums3(const REAL *w, const REAL *x, int64_t lo, int64_t hi, double *
   s[0] = ww, s[1] = wx, s[2] = xx;
 }
 
-/* m <- mu m + g + wd w, and the sums <w,w>, <w,m>, <m,m> of the new m, in one pass */
-static void momentum_sums(const REAL *w, const REAL *g, REAL *m, double mu, double wd, int64_t lo,
-                          int64_t hi, double *s) {
+/* m <- mu m + g (+ wd w when `decay`: a constant where it is inlined, so that each form is a
+ * loop of its own, vectorized), and the sums <w,w>, <w,m>, <m,m> of the new m, in one pass */
+static INLINE void momentum_sums_(const REAL *w, const REAL *g, REAL *m, double mu, double wd,
+                                  int64_t lo, int64_t hi, double *s, const int decay) {
   const REAL M = (REAL)mu, L2 = (REAL)wd;
   double ww = 0.0, wm = 0.0, mm = 0.0;
 #pragma omp simd reduction(+ : ww, wm, mm)
   for (int64_t i = lo; i < hi; i++) {
     REAL v = M * m[i] + g[i];
-    v = L2 != 0 ? v + L2 * w[i] : v;  /* (mu m + g) + wd w, in the reference's order */
+    if (decay) v += L2 * w[i];  /* (mu m + g) + wd w, in the reference's order */
     m[i] = v;
     ww += (double)w[i] * w[i];
     wm += (double)w[i] * v;
     mm += (double)v * v;
   }
   s[0] = ww, s[1] = wm, s[2] = mm;
+}
+static void momentum_sums(const REAL *w, const REAL *g, REAL *m, double mu, double wd, int64_t lo,
+                          int64_t hi, double *s) {
+  if (wd != 0)
+    momentum_sums_(w, g, m, mu, wd, lo, hi, s, 1);
+  else  /* no 0 * w: a non-finite w would make it NaN, where the reference adds nothing */
+    momentum_sums_(w, g, m, mu, wd, lo, hi, s, 0);
 }
 
 /* w <- A w + B x */
@@ -252,15 +266,16 @@ static void sgdmrt_post(const Args *a, int t, int64_t r, int64_t lo, int64_t hi,
  * v <- beta2 v + (1 - beta2) ||g'||^2/d;  w <- w - lh m/(sqrt(v) vh + eps);  with transport
  * (h[4] != 0): m <- m - <w,m>/||w||^2 w and v <- v ||w_old||^2/||w||^2.  b = m, s1 = v,
  * k[t] = (lh, vh), h = (beta1, beta2, wd, eps, transport). */
-static void adams_pre(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, double *s) {
+static INLINE void adams_pre_(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, double *s,
+                              const int decay, const int low) {
   const REAL *w = SPAN(a->w), *g = SPAN(a->g);
   REAL *m = SPAN(a->b);
   const REAL L2 = (REAL)a->h[2], W1 = (REAL)(1.0 - a->h[0]), W0 = (REAL)a->h[0];
-  const int low = W1 < 0.5;  /* torch's lerp: start + weight (end - start) below 0.5, else from the end */
   double gg = 0.0, ww = 0.0, wm = 0.0, mm = 0.0;
 #pragma omp simd reduction(+ : gg, ww, wm, mm)
   for (int64_t i = lo; i < hi; i++) {
-    REAL gi = decayed(g[i], w[i], L2), v = low ? m[i] + W1 * (gi - m[i]) : gi - (gi - m[i]) * W0;
+    REAL gi = decay ? g[i] + L2 * w[i] : g[i];
+    REAL v = low ? m[i] + W1 * (gi - m[i]) : gi - (gi - m[i]) * W0;
     m[i] = v;
     gg += (double)gi * gi;
     ww += (double)w[i] * w[i];
@@ -268,6 +283,14 @@ static void adams_pre(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, d
     mm += (double)v * v;
   }
   s[0] = ww, s[1] = wm, s[2] = mm, s[3] = gg;
+}
+static void adams_pre(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, double *s) {
+  /* torch's lerp: start + weight (end - start) for a weight below 0.5, else from the end */
+  const int decay = a->h[2] != 0, low = (REAL)(1.0 - a->h[0]) < 0.5;
+  if (decay && low) adams_pre_(a, t, r, lo, hi, s, 1, 1);
+  else if (decay) adams_pre_(a, t, r, lo, hi, s, 1, 0);
+  else if (low) adams_pre_(a, t, r, lo, hi, s, 0, 1);
+  else adams_pre_(a, t, r, lo, hi, s, 0, 0);
 }
 static void adams_coef(const Args *a, int t, int64_t r, int64_t d, const double *s, double *c) {
   const double *k = a->k + t * a->kstride, beta2 = a->h[1];
