@@ -175,3 +175,21 @@ def test_compiled_first_step_with_state_made_before_it(grouping, monkeypatch):
     for a, b in zip(*runs):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert compiled_calls[0] == 0 and compiled_calls[-1] > 0  # vectorized, then the kernels
+
+
+def test_compiled_psgd_without_momentum_takes_the_kernels(monkeypatch):
+    """PSGD without momentum keeps no state: its compiled steps call the kernels from the first
+    (a step that makes state does not)."""
+    calls = []
+    real = kernels._call
+    monkeypatch.setattr(kernels, "_call", lambda *a: calls.append(a[0]) or real(*a))
+    w = nn.Parameter(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)))
+    opt = psiopt.ProjectedSGD([{"params": [w], "grouping": "channel"}], lr=0.1)
+    step = torch.compile(opt.step)
+    dynamo.reset()
+    try:
+        w.grad = torch.ones_like(w)
+        step()
+    finally:
+        dynamo.reset()
+    assert calls == ["psgd"]

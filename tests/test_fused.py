@@ -148,7 +148,7 @@ def test_fused_true_is_checked_before_any_group_is_stepped():
     opt = psiopt.create_optimizer(model, "psi-sgd", x, fused=True)
     F.cross_entropy(model(x), y).backward()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model[7].weight.data = model[7].weight.data.half()  # the LayerNorm group's weight
+    model[7].weight.data = model[7].weight.data.half()  # the Linear weight LayerNorm normalises
     with pytest.raises(ValueError, match="not torch.float16"):
         opt.step()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.dtype == torch.float32)
@@ -190,6 +190,7 @@ def test_the_library_is_built_once_into_the_cache(tmp_path, monkeypatch):
     inode = built.stat().st_ino
     kernels._build()
     assert list(tmp_path.iterdir()) == [built] and built.stat().st_ino == inode  # not rebuilt
+    built.unlink()  # (this process has the file mapped: a new file, not the old one truncated)
     built.write_bytes(b"not a library")  # a file that does not load is built again (in a new
     subprocess.run([sys.executable, "-c", "from psiopt.optim import kernels; kernels._build()"],
                    check=True, env={**os.environ, "PSIOPT_CACHE_DIR": str(tmp_path)})  # process)
@@ -235,26 +236,52 @@ def test_state_of_the_wrong_size_is_not_handed_to_the_kernels():
         opt.step()
 
 
-def test_non_finite_gradients_give_the_reference_path_state():
-    """NaN survives the kernels' clamps as it does torch's clamp_min, and 0·inf never appears
-    where weight decay is 0 (AdamG's second moment, PSGD's buffer)."""
-    for name in ("adamg", "psgd", "sgdmrt"):
-        runs = []
-        for kw in ({"fused": True}, {"foreach": False}):
-            model, (x, y) = bn_net(), bn_data()
-            opt = psiopt.create_optimizer(model, name, x, momentum=0.9, **kw) if name == "psgd" \
-                else psiopt.create_optimizer(model, name, x, **kw)
-            F.cross_entropy(model(x), y).backward()
+@pytest.mark.parametrize("name", ["adamg", "psgd", "sgdmrt", "adams"])
+def test_non_finite_values_give_the_reference_path_state(name):
+    """NaN survives the kernels' clamps as it does torch's clamp_min (AdamG's second moment was
+    finite), and without weight decay no 0·w is taken (Adam-S's moments were NaN beside an
+    infinite weight, the reference's inf and finite)."""
+    runs = []
+    for kw in ({"fused": True}, {"foreach": False}):
+        model, (x, y) = bn_net(), bn_data()
+        extra = {"momentum": 0.9} if name == "psgd" else {}
+        opt = psiopt.create_optimizer(model, name, x, **extra, **kw)
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
             model[0].weight.grad[0, 0, 0, 0] = float("nan")
             model[3].weight.grad[1, 0, 0, 0] = float("inf")
-            opt.step()
-            runs.append((model, opt))
-        (ma, oa), (mb, ob) = runs
-        for pa, pb in zip(ma.parameters(), mb.parameters()):
-            torch.testing.assert_close(pa, pb, equal_nan=True, rtol=1e-12, atol=1e-14)
-            for key, value in oa.state[pa].items():
-                torch.testing.assert_close(value, ob.state[pb][key], equal_nan=True, rtol=1e-12,
-                                           atol=1e-14, msg=f"{name} {key}")
+            model[7].weight[2, 0] = float("inf")
+        opt.step()
+        runs.append((model, opt))
+    (ma, oa), (mb, ob) = runs
+    for pa, pb in zip(ma.parameters(), mb.parameters()):
+        torch.testing.assert_close(pa, pb, equal_nan=True, rtol=1e-12, atol=1e-14)
+        for key, value in oa.state[pa].items():
+            torch.testing.assert_close(value, ob.state[pb][key], equal_nan=True, rtol=1e-12,
+                                       atol=1e-14, msg=f"{name} {key}")
+
+
+def test_rows_larger_than_the_cache_are_split_among_threads_reproducibly():
+    """A one-group weight of 90 000 entries (above the kernels' 65 536) with two threads: the
+    threads' partial sums are added in thread order, so two runs agree bit for bit, and both
+    with the reference path."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        finals = []
+        for kw in ({"fused": True}, {"fused": True}, {"foreach": False}):
+            torch.manual_seed(0)
+            w = nn.Parameter(torch.randn(300, 300, dtype=torch.float64))
+            opt = psiopt.SGDMRT([{"params": [w], "grouping": "tensor"}], lr=0.1, **kw)
+            for step in range(3):
+                g = torch.Generator().manual_seed(step)
+                w.grad = torch.randn(300, 300, dtype=torch.float64, generator=g)
+                opt.step()
+            finals.append(w.detach().clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(finals[0], finals[1])
+    torch.testing.assert_close(finals[0], finals[2], rtol=1e-12, atol=1e-14)
 
 
 def test_state_dicts_saved_before_fused_existed_load():

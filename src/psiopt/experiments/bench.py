@@ -413,9 +413,9 @@ Eager steps on the CPU (the default, `fused=None`: `psiopt/optim/kernels.c`):
   a buffer, come closest to their targets there.
 * **SGDG and AdamG with ω > 0**: Cho & Lee's penalty, computed by torch per tensor (two matrix
   products per weight, 28 GFLOP per step on vgg16-bn), dominates: SGDG's step there takes
-  about 120 ms more than with ω = 0.  The whole VGG16-BN training step is the target: 1.155
-  in this run, missed by 0.005; earlier runs (before the kernels) measured 1.147 and 1.053:
-  the spread between runs is larger than the margin.
+  about 120 ms more than with ω = 0.  The whole VGG16-BN training step is the target; its
+  ratio moves by more than the target's margin between runs (1.144 and 1.155 with the kernels,
+  1.147 and 1.053 before them).
 * **The vectorized path** (`fused=False`, float16/bfloat16, CUDA; the last run before the
   kernels, at e352b25, measured 1.0-4.2× torch on resnet56 for the same rules): one kernel per
   tensor and operation; per-group reductions have no foreach form (one kernel per tensor, an
@@ -430,18 +430,20 @@ Compiled steps (`torch.compile(opt.step)`):
   graph gave a group's second tensor the first one's state, and adopted state made AOT
   autograd fail on views of the parameters, torch 2.13); inductor compiles the rest of the
   step (the other parameters' SGD/Adam).
-* **Faster than eager** is missed for most rules: the eager step is already the kernels, and
-  compiling removes only Python overhead, about what dynamo's guards and the op's dispatch
-  add back (speed-up 0.7-1.35).  On the CPU, compiling the optimizer step gains little.
-* **≤ 1.1 × compiled torch** is met by Adam-S and Adam-SRT on every set; it is missed on
-  mlp-ln (1.33-1.80), where compiled torch SGD-momentum, one fused loop per tensor with no
-  reduction, reads each tensor once and psiopt reads its one-row tensors twice; for PSI-SGDM,
-  PSGD and SGD-MRT on vgg16-bn (1.13-1.31; why the kernel's second pass over a row of w, g and
-  the buffer is slower there than inductor's single pass was not investigated) and PSI-SGDM
-  on resnet56 (1.11); and for SGDG and AdamG with ω > 0 (the penalty).  Before the kernels
-  (inductor's per-tensor loops, at e352b25) the ratios were lower for PSI-SGD(M) on resnet56
-  (0.78, 0.89, now 0.99, 1.11) and on mlp-ln for PSI-SGD(M), UN-SGD, PSGD and AdamG* (1.12-1.46,
-  now 1.33-1.58), and higher for the Adam family, SGD-MRT and AdamG* on resnet56 and vgg16-bn.
+* **Faster than eager** is missed for most rules (speed-ups around 1, see the table): the
+  eager step is already the kernels, and compiling removes only Python overhead, about what
+  dynamo's guards and the op's dispatch add back.  On the CPU, compiling the optimizer step
+  gains little.
+* **≤ 1.1 × compiled torch** is met by Adam-S and Adam-SRT on every set and, on resnet56 and
+  vgg16-bn, by most SGD-family rules; it is missed on mlp-ln, where compiled torch
+  SGD-momentum, one fused loop per tensor with no reduction, reads each tensor once and
+  psiopt reads its one-row tensors twice; for PSI-SGDM on resnet56 and vgg16-bn and SGD-MRT on
+  vgg16-bn (why the kernel's second pass over a row of w, g and the buffer is slower there than
+  inductor's single pass was not investigated); and for SGDG and AdamG with ω > 0 (the
+  penalty).  Before the kernels (inductor's per-tensor loops, at e352b25) the ratios were
+  lower for PSI-SGD(M) on resnet56 (0.78, 0.89) and on mlp-ln for PSI-SGD(M), UN-SGD, PSGD
+  and AdamG* (1.12-1.46), and higher for the Adam family, SGD-MRT and AdamG* on resnet56 and
+  vgg16-bn.
 * **The vectorized rule under `torch.compile`** (CUDA, `fused=False`, half precision): most
   rules run per tensor (`ScaleInvariantOptimizer.compile_per_tensor`), so that inductor fuses a
   tensor's reductions with its update in one loop over the rows; it recomputes a row's scalar

@@ -244,7 +244,9 @@ class GroupHandling:
             added = [{k: g[k] for k in _ADDED if k in needed} for g in self.param_groups]
             added += [{}] * (len(state_dict["param_groups"]) - len(added))  # (torch refuses)
             state_dict = {**state_dict, "param_groups": [
-                {**a, **g} for a, g in zip(added, state_dict["param_groups"])]}
+                {**a, **g} | ({"fused": None} if "fused" in a and "fused" not in g
+                              and g.get("foreach") is not None else {})  # (foreach chosen)
+                for a, g in zip(added, state_dict["param_groups"])]}
         for i, saved in enumerate(state_dict.get("param_groups", [])):
             missing = sorted(needed - set(saved))
             if missing:
@@ -279,8 +281,9 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       float32/float64 CPU tensors take the fused per-row kernels (:mod:`psiopt.optim.kernels`:
       each row read once, one call per group) where the rule has one (:attr:`fused_rule`) and
       they could be built, else the vectorized path; ``True`` requires them (``ValueError``
-      with ``foreach`` set or for a rule without a kernel, ``RuntimeError`` if they cannot be
-      built or the tensors are not float32/float64 on the CPU); ``False`` never uses them.
+      with ``foreach`` set, for a rule without a kernel or for tensors that are not
+      float32/float64 on the CPU, checked before any group is stepped; ``RuntimeError`` if they
+      cannot be built); ``False`` never uses them.
       Views whose rows are not contiguous (``"@1"`` groupings, channels-last gradients), steps
       the kernel does not cover (PSI-SGD's guard steps), groups whose tensors differ in dtype
       and FSDP2 steps take the other paths.  Compiled steps call the kernels through the custom
@@ -349,7 +352,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         params = group["params"]
         fused = group.get("fused") and is_invariant(group.get("grouping"))
         for p in ([params] if isinstance(params, Tensor) else params) if fused else ():
-            if not is_sharded(p) and not kernels.takes(p):
+            if not is_sharded(p) and not p.is_meta and not kernels.takes(p):  # (meta: at the step)
                 raise ValueError(f"fused=True: the fused kernels take float32/float64 CPU tensors, "
                                  f"not {p.dtype} on {p.device} (pass fused=None or False)")
         for key in self.invariant_zero:

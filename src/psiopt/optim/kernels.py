@@ -116,8 +116,9 @@ def load() -> ctypes.CDLL:
     if "lib" not in _state and "error" not in _state:
         try:
             _state["lib"] = _build()
-        except (OSError, subprocess.SubprocessError) as e:
+        except (OSError, ValueError, subprocess.SubprocessError) as e:  # ValueError: a bad $CC
             detail = getattr(e, "stderr", None) or str(e)
+            detail = detail.decode(errors="replace") if isinstance(detail, bytes) else detail
             _state["error"] = f"psiopt could not build its fused CPU kernels: {detail.strip()[-2000:]}"
     if "error" in _state:
         raise RuntimeError(_state["error"])
