@@ -306,3 +306,19 @@ def test_state_dicts_saved_before_fused_existed_load():
             group.pop("fused")
         other.__setstate__(state)
     assert {g["fused"] for g in other.param_groups} == {None}  # (unpickled: the default)
+
+
+@pytest.mark.parametrize("name", ["sgdg", "adamg"])
+def test_with_the_penalty_one_penalised_gradient_is_alive_at_once(name):
+    """Cho & Lee's penalised gradient is a full-size temporary torch's SGD does not make: the
+    fused path steps the tensors one at a time, so the step's peak is one of them (and its
+    Gram matrix), not all four."""
+    from psiopt.experiments.bench import peak_extra_bytes
+
+    weights = [nn.Parameter(torch.randn(64, 32, 3, 3)) for _ in range(4)]
+    for w in weights:
+        w.grad = torch.randn_like(w)
+    opt = psiopt.create_optimizer([{"params": weights, "grouping": "channel"}], name, ortho=0.1)
+    opt.step()  # state made
+    one = weights[0].numel() * 4 + 64 * 64 * 4
+    assert one <= peak_extra_bytes(opt) <= 1.5 * one

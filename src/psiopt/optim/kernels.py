@@ -150,6 +150,15 @@ def fits(w: torch.Tensor, g: torch.Tensor) -> bool:
     return w.numel() > 0 and w.is_contiguous() and g.is_contiguous() and g.dtype == w.dtype
 
 
+def state_fits(ws, b=None, s1=None, s2=None) -> bool:
+    """Whether the state tensors (see :func:`run`) are contiguous CPU tensors of the views' dtype
+    and of the sizes the kernels read and write."""
+    dtype = ws[0].dtype
+    return all(ts is None or all(t.dtype == dtype and t.is_contiguous() and t.is_cpu
+                                 and t.numel() == size(w) for t, w in zip(ts, ws))
+               for ts, size in ((b, torch.numel), (s1, lambda w: w.shape[0]), (s2, lambda w: w.shape[0])))
+
+
 def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     """Run ``kernel`` of ``kernels.c`` on the views ``ws`` (gradients ``gs``): ``b`` full-size
     buffers, ``s1``/``s2`` per-row state (keepdim), ``k`` per-tensor scalars (a list of tuples of
@@ -157,11 +166,8 @@ def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     Returns ``False``, changing nothing, when a state tensor is not of the views' dtype or not
     contiguous (e.g. loaded from a checkpoint with other strides).  Traced by ``torch.compile``,
     it is one call of the custom op ``psiopt::fused_rows``, which runs the same kernel."""
-    dtype = ws[0].dtype
-    for ts, size in ((b, lambda w: w.numel()), (s1, lambda w: w.shape[0]), (s2, lambda w: w.shape[0])):
-        if ts is not None and not all(t.dtype == dtype and t.is_contiguous() and t.is_cpu
-                                      and t.numel() == size(w) for t, w in zip(ts, ws)):
-            return False  # e.g. state loaded from another model: the other paths say what is wrong
+    if not state_fits(ws, b, s1, s2):
+        return False  # e.g. state loaded from another model: the other paths say what is wrong
     if torch.compiler.is_compiling():
         k = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in row])
                          for row in k]) if k else None

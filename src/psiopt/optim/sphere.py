@@ -21,7 +21,6 @@ from .geometry import (
     geodesic_step_,
     is_invariant,
     normalize_,
-    orthogonality_residual,
     safe_inv,
     sphere_exp,
     sqnorm,
@@ -210,12 +209,36 @@ class AdamGStar(_SphereOptimizer):
 
 
 # -- Cho & Lee: SGDG and AdamG ----------------------------------------------------------------------
-def _penalised(group, w, g, residual=orthogonality_residual):
+def _penalised(group, w, g, residual=None):
     """``g + ω ∂/∂Y ½‖YYᵀ − I‖²_F = g + 2ω (YYᵀ − I) Y`` for the rows ``Y`` of one tensor
-    (``residual(Y)`` = ``(YYᵀ − I) Y``, ``None`` for a single row)."""
+    (``residual(Y)`` = ``(YYᵀ − I) Y``, ``None`` for a single row).  Without ``residual``, one
+    matrix product into a copy of ``g``: a single full-size temporary."""
     omega = group["ortho"]
-    penalty = residual(w.flatten(1)) if omega else None
-    return g if penalty is None else g.add(penalty.view_as(w), alpha=2.0 * omega)
+    y = w.flatten(1)
+    if not omega or y.shape[0] == 1:
+        return g
+    if residual is None:
+        gram = y @ y.T
+        gram.diagonal().sub_(1.0)
+        return torch.addmm(g.reshape(y.shape), gram, y, alpha=2.0 * omega).view_as(w)
+    return g.add(residual(y).view_as(w), alpha=2.0 * omega)
+
+
+def _sphere_kernel(group, ws, gs, states, buffer: str, second=None, scales=None, h=()) -> bool:
+    """SGDG's and AdamG's fused kernel.  With Cho & Lee's penalty the penalised gradient is a
+    full-size temporary (torch's SGD makes none), so the tensors are stepped one at a time and
+    one such temporary is alive at once."""
+    bufs, live = [st[buffer] for st in states], [st["live"] for st in states]
+    seconds = None if second is None else [st[second] for st in states]
+    if not kernels.state_fits(ws, bufs, live, seconds):
+        return False
+    parts = [[i] for i in range(len(ws))] if group["ortho"] else [list(range(len(ws)))]
+    for part in parts:
+        kernels.run("sphere", [ws[i] for i in part], [_penalised(group, ws[i], gs[i]) for i in part],
+                    b=[bufs[i] for i in part], s1=[live[i] for i in part],
+                    s2=None if seconds is None else [seconds[i] for i in part],
+                    k=None if scales is None else [scales[i] for i in part], h=h)
+    return True
 
 
 def _direction(group, w, g, live):
@@ -293,9 +316,8 @@ class SGDG(_SphereOptimizer):
     fused_rule = True
 
     def _update_fused(self, group, ws, gs, states, stats):
-        return kernels.run("sphere", ws, [_penalised(group, y, g) for y, g in zip(ws, gs)],
-                           b=[st["momentum_buffer"] for st in states], s1=[st["live"] for st in states],
-                           h=(group["momentum"], -group["lr"], group["clip"]))
+        return _sphere_kernel(group, ws, gs, states, "momentum_buffer",
+                              h=(group["momentum"], -group["lr"], group["clip"]))
 
     def _update_many(self, group, ws, gs, states, layout, stats):
         ms = [st["momentum_buffer"] for st in states]
@@ -344,11 +366,9 @@ class AdamG(_SphereOptimizer):
 
     def _update_fused(self, group, ws, gs, states, stats):
         beta1, beta2 = group["betas"]
-        done = kernels.run("sphere", ws, [_penalised(group, y, g) for y, g in zip(ws, gs)],
-                           b=[st["exp_avg"] for st in states], s1=[st["live"] for st in states],
-                           s2=[st["exp_avg_sq"] for st in states],
-                           k=[(self._scale(group, step_value(st["step"]) + 1),) for st in states],
-                           h=(beta1, 1 - beta1, group["clip"], beta2, group["eps"]))
+        done = _sphere_kernel(group, ws, gs, states, "exp_avg", "exp_avg_sq",
+                              [(self._scale(group, step_value(st["step"]) + 1),) for st in states],
+                              (beta1, 1 - beta1, group["clip"], beta2, group["eps"]))
         if done:
             step_count(states)
         return done
