@@ -413,9 +413,12 @@ Eager steps on the CPU (the default, `fused=None`: `psiopt/optim/kernels.c`):
   a buffer, come closest to their targets there.
 * **SGDG and AdamG with ω > 0**: Cho & Lee's penalty, computed by torch per tensor (two matrix
   products per weight, 28 GFLOP per step on vgg16-bn), dominates: SGDG's step there takes
-  about 120 ms more than with ω = 0.  The whole VGG16-BN training step is the target; its
-  ratio moves by more than the target's margin between runs (1.144 and 1.155 with the kernels,
-  1.147 and 1.053 before them).
+  about 100 ms more than with ω = 0.  The penalised gradient is a full-size temporary torch's
+  SGD does not make; the kernels' path makes it with one matrix product into a copy of the
+  gradient and steps the tensors one at a time, so one is alive at once (peak 10 MB on
+  vgg16-bn, was 65).  The whole VGG16-BN training step is the target; its ratio moves between
+  runs by about the target's margin (1.144 and 1.155 with the kernels before the penalty was
+  taken one tensor at a time, 1.147 and 1.053 before the kernels).
 * **The vectorized path** (`fused=False`, float16/bfloat16, CUDA; the last run before the
   kernels, at e352b25, measured 1.0-4.2× torch on resnet56 for the same rules): one kernel per
   tensor and operation; per-group reductions have no foreach form (one kernel per tensor, an
@@ -434,10 +437,10 @@ Compiled steps (`torch.compile(opt.step)`):
   eager step is already the kernels, and compiling removes only Python overhead, about what
   dynamo's guards and the op's dispatch add back.  On the CPU, compiling the optimizer step
   gains little.
-* **≤ 1.1 × compiled torch** is met by Adam-S and Adam-SRT on every set and, on resnet56 and
-  vgg16-bn, by most SGD-family rules; it is missed on mlp-ln, where compiled torch
-  SGD-momentum, one fused loop per tensor with no reduction, reads each tensor once and
-  psiopt reads its one-row tensors twice; for PSI-SGDM on resnet56 and vgg16-bn and SGD-MRT on
+* **≤ 1.1 × compiled torch** is met, or missed by a few hundredths, by Adam-S and Adam-SRT on
+  every set and, on resnet56 and vgg16-bn, by most SGD-family rules; it is missed on mlp-ln,
+  where compiled torch SGD-momentum, one fused loop per tensor with no reduction, reads each
+  tensor once and psiopt reads its one-row tensors twice; for PSI-SGDM on resnet56 and vgg16-bn and SGD-MRT on
   vgg16-bn (why the kernel's second pass over a row of w, g and the buffer is slower there than
   inductor's single pass was not investigated); and for SGDG and AdamG with ω > 0 (the
   penalty).  Before the kernels (inductor's per-tensor loops, at e352b25) the ratios were

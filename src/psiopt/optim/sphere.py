@@ -214,14 +214,17 @@ def _penalised(group, w, g, residual=None):
     (``residual(Y)`` = ``(YYᵀ − I) Y``, ``None`` for a single row).  Without ``residual``, one
     matrix product into a copy of ``g``: a single full-size temporary."""
     omega = group["ortho"]
-    y = w.flatten(1)
-    if not omega or y.shape[0] == 1:
+    if not omega:
         return g
-    if residual is None:
-        gram = y @ y.T
-        gram.diagonal().sub_(1.0)
-        return torch.addmm(g.reshape(y.shape), gram, y, alpha=2.0 * omega).view_as(w)
-    return g.add(residual(y).view_as(w), alpha=2.0 * omega)
+    if residual is not None:  # (a sharded layout's takes its collective on every rank)
+        penalty = residual(w.flatten(1))
+        return g if penalty is None else g.add(penalty.view_as(w), alpha=2.0 * omega)
+    y = w.flatten(1)
+    if y.shape[0] == 1:
+        return g
+    gram = y @ y.T
+    gram.diagonal().sub_(1.0)
+    return torch.addmm(g.reshape(y.shape), gram, y, alpha=2.0 * omega).view_as(w)
 
 
 def _sphere_kernel(group, ws, gs, states, buffer: str, second=None, scales=None, h=()) -> bool:
