@@ -11,3 +11,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Names of the fused kernels called during the test (eager steps, and compiled ones through
+    the custom op), in order."""
+    from psiopt.optim import kernels
+
+    calls = []
+    real = kernels._call
+    monkeypatch.setattr(kernels, "_call", lambda *args: calls.append(args[0]) or real(*args))
+    return calls

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import psiopt
-from psiopt.optim import kernels
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -65,7 +64,7 @@ PATHS = {"fused": {}, "vectorized": {"fused": False}, "reference": {"foreach": F
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["psgd", "sgdmrt", "psi-sgdm", "sgdg", "adamg", "adams", "adamsrt"])
-def test_compiled_momentum_rules_on_rows_inductor_fuses(name, path, monkeypatch):
+def test_compiled_momentum_rules_on_rows_inductor_fuses(name, path, kernel_calls):
     """Rules that update a momentum buffer and then the weights from it, with the momentum on,
     on a weight whose rows inductor fuses with their reductions (288 entries a row): inductor
     (torch 2.13, CPU) failed there with "KeyError: 'bufN'" (pytorch#196570) for PSGD and
@@ -74,9 +73,7 @@ def test_compiled_momentum_rules_on_rows_inductor_fuses(name, path, monkeypatch)
     update the buffer in place: compiled, every step now takes the vectorized rule (compared
     here with the eager reference path).  By default (``fused=None``) the compiled steady-state
     step calls the fused kernels through their custom op instead."""
-    calls = []
-    real = kernels._call
-    monkeypatch.setattr(kernels, "_call", lambda *a: calls.append(a[0]) or real(*a))
+    calls = kernel_calls
     gen = torch.Generator().manual_seed(0)
     start, grads = torch.randn(64, 32, 3, 3, generator=gen), torch.randn(3, 64, 32, 3, 3, generator=gen)
     weights = [nn.Parameter(start.clone()) for _ in range(2)]
@@ -146,14 +143,12 @@ def test_compiled_step_guards_state_by_identity_and_gradients_by_presence(name):
 
 
 @pytest.mark.parametrize("grouping", ["tensor", "channel"])
-def test_compiled_first_step_with_state_made_before_it(grouping, monkeypatch):
+def test_compiled_first_step_with_state_made_before_it(grouping, kernel_calls):
     """AdamG*'s state is made at construction and adopted at the first step: handed to the fused
     kernels' custom op in that step, AOT autograd failed on two LayerNorm-like ("tensor")
     weights ("A view was created in no_grad mode ..."); that step now takes the vectorized rule,
     the next ones the kernels."""
-    calls = []
-    real = kernels._call
-    monkeypatch.setattr(kernels, "_call", lambda *a: calls.append(a[0]) or real(*a))
+    calls = kernel_calls
     gen = torch.Generator().manual_seed(0)
     starts = [torch.randn(16, 8, generator=gen) for _ in range(2)]
     grads = [[0.1 * torch.randn_like(s) for s in starts] for _ in range(3)]
@@ -177,12 +172,10 @@ def test_compiled_first_step_with_state_made_before_it(grouping, monkeypatch):
     assert compiled_calls[0] == 0 and compiled_calls[-1] > 0  # vectorized, then the kernels
 
 
-def test_compiled_psgd_without_momentum_takes_the_kernels(monkeypatch):
+def test_compiled_psgd_without_momentum_takes_the_kernels(kernel_calls):
     """PSGD without momentum keeps no state: its compiled steps call the kernels from the first
     (a step that makes state does not)."""
-    calls = []
-    real = kernels._call
-    monkeypatch.setattr(kernels, "_call", lambda *a: calls.append(a[0]) or real(*a))
+    calls = kernel_calls
     w = nn.Parameter(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)))
     opt = psiopt.ProjectedSGD([{"params": [w], "grouping": "channel"}], lr=0.1)
     step = torch.compile(opt.step)

@@ -98,10 +98,8 @@ def test_views_the_kernels_do_not_take_step_as_the_others_do():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_default_takes_the_kernels_and_foreach_or_fused_false_does_not(monkeypatch):
-    calls = []
-    run = kernels.run
-    monkeypatch.setattr(kernels, "run", lambda *a, **k: calls.append(a[0]) or run(*a, **k))
+def test_default_takes_the_kernels_and_foreach_or_fused_false_does_not(kernel_calls):
+    calls = kernel_calls
     for kw, expected in [({}, 1), ({"foreach": True}, 0), ({"fused": False}, 0),
                          ({"foreach": False}, 0), ({"fused": True}, 1)]:
         calls.clear()

@@ -40,11 +40,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import psiopt
-from psiopt.optim import kernels
 from psiopt.optim.geometry import CANCELLED, RowLayout, is_invariant, norm, rows
 
 STEPS = 8
-run_kernel = kernels.run
 RTOL, ATOL = 1e-12, 1e-14
 FROZEN = "grouped.weight"  # the invariant layer frozen by the "frozen-layer" setting
 #: step index -> parameters whose gradient is set to None before that step ("missing-grads")
@@ -274,13 +272,11 @@ PATHS = [(*case, "vectorized") for case in CASES] + [
 
 
 @pytest.mark.parametrize("case", PATHS, ids=case_id)
-def test_reference_and_vectorized_paths_agree(case, monkeypatch):
+def test_reference_and_vectorized_paths_agree(case, kernel_calls):
     """The vectorized path (``foreach=True``) and, for the rules that have one, the fused
     kernels (``fused=True``; MatrixNet's ``channel@1`` weight, whose rows are not contiguous,
     takes the vectorized path) against the reference path."""
     name, setting, path = case[0], SETTINGS[case[1]], case[2]
-    calls = []
-    monkeypatch.setattr(kernels, "run", lambda *a, **k: calls.append(a[0]) or run_kernel(*a, **k))
     model_a, opt_a = build(name, setting, False)
     model_b, opt_b = build(name, setting, True) if path == "vectorized" else \
         build(name, setting, None, fused=True)
@@ -291,7 +287,7 @@ def test_reference_and_vectorized_paths_agree(case, monkeypatch):
     assert_same_model(model_a, model_b)
     assert_same_state(opt_a, model_a, opt_b, model_b)
     assert_moved(model_b, initial, setting.frozen)
-    assert bool(calls) == (path == "fused")
+    assert bool(kernel_calls) == (path == "fused")
     for pname, p in model_b.named_parameters():
         state = opt_b.state.get(p, {})
         if not p.requires_grad:

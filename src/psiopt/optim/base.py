@@ -41,8 +41,6 @@ _RANGES = {
 _FLAGS = ("check_finite", "fixed_norm")
 #: group keys that are not hyperparameters (never validated as such, never saved)
 _NOT_SAVED = ("norm_stats",)
-#: settings added since the first release, and the value a state dict saved before takes
-_ADDED = {"fused": None}
 
 
 def _check_range(name: str, value) -> None:
@@ -236,17 +234,17 @@ class GroupHandling:
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim, and refused with ``ValueError`` when a saved group lacks a setting of
         this optimizer (another optimizer's state dict: it failed at the next step before);
-        settings added since (``_ADDED``) keep this optimizer's values."""
+        ``fused``, added since, keeps this optimizer's value (``None`` where the saved group chose
+        ``foreach``)."""
         needed = set.intersection(*(set(g) for g in self.param_groups)) if self.param_groups \
             else set()  # the settings every group of this optimizer holds
         needed -= {"params", "param_names", *_NOT_SAVED}
-        if "param_groups" in state_dict:  # settings added since: this optimizer's own
-            added = [{k: g[k] for k in _ADDED if k in needed} for g in self.param_groups]
-            added += [{}] * (len(state_dict["param_groups"]) - len(added))  # (torch refuses)
+        if "fused" in needed and "param_groups" in state_dict:
+            mine = [g["fused"] for g in self.param_groups]
             state_dict = {**state_dict, "param_groups": [
-                {**a, **g} | ({"fused": None} if "fused" in a and "fused" not in g
-                              and g.get("foreach") is not None else {})  # (foreach chosen)
-                for a, g in zip(added, state_dict["param_groups"])]}
+                g if "fused" in g else {**g, "fused": mine[i] if i < len(mine)
+                                        and g.get("foreach") is None else None}
+                for i, g in enumerate(state_dict["param_groups"])]}
         for i, saved in enumerate(state_dict.get("param_groups", [])):
             missing = sorted(needed - set(saved))
             if missing:
@@ -340,27 +338,30 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 if is_sharded(p):
                     ShardedRows(p, grouping)  # ValueError for a placement psiopt cannot update
 
-        if group.get("fused"):
-            if group["foreach"] is not None:
-                raise ValueError(f"fused=True and foreach={group['foreach']!r} cannot be set together")
-            if not self.fused_rule:
-                raise ValueError(f"fused=True: {type(self).__name__} has no fused kernel")
-            kernels.load()  # RuntimeError, saying why, if the kernels cannot be built
-
     def _check_rule(self, group: dict) -> None:
         """Raise ``ValueError`` if an invariant group sets what the rule cannot honour."""
-        params = group["params"]
-        fused = group.get("fused") and is_invariant(group.get("grouping"))
-        for p in ([params] if isinstance(params, Tensor) else params) if fused else ():
-            if not is_sharded(p) and not p.is_meta and not kernels.takes(p):  # (meta: at the step)
-                raise ValueError(f"fused=True: the fused kernels take float32/float64 CPU tensors, "
-                                 f"not {p.dtype} on {p.device} (pass fused=None or False)")
+        if group.get("fused") and is_invariant(group["grouping"]):
+            self._check_fused(group)
         for key in self.invariant_zero:
             if group.get(key):
                 raise ValueError(
                     f"invalid {key} for an invariant group of {type(self).__name__}: "
                     f"{group[key]!r} (it has no meaning there; use 0, or set it for the other "
                     f"parameters only with other_{key})")
+
+    def _check_fused(self, group: dict) -> None:
+        """``fused=True``: refused with ``foreach`` set, for a rule without a kernel, or for tensors
+        the kernels do not take (``ValueError``); ``RuntimeError`` if they cannot be built."""
+        if group["foreach"] is not None:
+            raise ValueError(f"fused=True and foreach={group['foreach']!r} cannot be set together")
+        if not self.fused_rule:
+            raise ValueError(f"fused=True: {type(self).__name__} has no fused kernel")
+        params = group["params"]
+        for p in [params] if isinstance(params, Tensor) else params:
+            if not is_sharded(p) and not p.is_meta and not kernels.takes(p):  # (meta: at the step)
+                raise ValueError(f"fused=True: the fused kernels take float32/float64 CPU tensors, "
+                                 f"not {p.dtype} on {p.device} (pass fused=None or False)")
+        kernels.load()  # RuntimeError, saying why, if the kernels cannot be built
 
     @staticmethod
     def _stats(group: dict, index: list[int]) -> list:
@@ -415,7 +416,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 step = st.get("step")
                 if isinstance(step, Tensor) and not step.is_cpu:
                     st["step"] = step.cpu()
-        if self._wants_kernels(group) and group["params"] and kernels.takes(group["params"][0]):
+        if is_invariant(group["grouping"]) and self._wants_kernels(group) and group["params"] \
+                and kernels.takes(group["params"][0]):
             kernels.available()  # built here, before torch.compile traces the step
         for i, p in enumerate(group["params"]):
             if p.grad is None:
@@ -626,9 +628,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:  # pickled before a setting was added
-            for key, value in _ADDED.items():
-                group.setdefault(key, value)
+        for group in self.param_groups:  # pickled before `fused` was added
+            group.setdefault("fused", None)
 
     # -- diagnostics --------------------------------------------------------------------------------
     def scheduling_beta(self, p: Tensor, view: Tensor, before: Tensor) -> Tensor | None:

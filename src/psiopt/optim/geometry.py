@@ -156,6 +156,16 @@ def orthogonality_residual(y: Tensor) -> Tensor | None:
     return None if y.shape[0] == 1 else torch.addmm(y, y @ y.T, y, beta=-1.0)
 
 
+def add_orthogonality_residual(g: Tensor, y: Tensor, alpha: float) -> Tensor:
+    """``g + α (YYᵀ − I) Y`` for the rows of the matrix ``y`` (``g`` for a single row), as one
+    matrix product into a copy of ``g``: one full-size temporary, no residual beside it."""
+    if y.shape[0] == 1:
+        return g
+    gram = y @ y.T
+    gram.diagonal().sub_(1.0)
+    return torch.addmm(g, gram, y, alpha=alpha)
+
+
 def rescale_transport(a: Tensor, x_old: Tensor, x_new: Tensor) -> Tensor:
     """Roburin eq. (18): ``(<x_new, x_old> a − <x_new, a> x_old) / <x_new, x_new>`` (new tensor)."""
     out = a * dot(x_new, x_old)

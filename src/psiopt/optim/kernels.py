@@ -168,17 +168,14 @@ def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     it is one call of the custom op ``psiopt::fused_rows``, which runs the same kernel."""
     if not state_fits(ws, b, s1, s2):
         return False  # e.g. state loaded from another model: the other paths say what is wrong
-    if torch.compiler.is_compiling():
+    b, s1, s2, h = b or [], s1 or [], s2 or [], [float(x) for x in h]
+    if torch.compiler.is_compiling():  # the op declares what it mutates
         k = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in row])
                          for row in k]) if k else None
-    else:
-        k = torch.tensor(k, dtype=torch.float64) if k else None
-    args = (kernel, ws, gs, b or [], s1 or [], s2 or [], k, [float(x) for x in h])
-    if torch.compiler.is_compiling():
-        fused_rows(*args)  # the op declares what it mutates
-    else:  # eager: no dispatch; the writes bump the tensors' versions, as in-place ops do
-        _call(*args)
-        torch.autograd.graph.increment_version([*ws, *(b or []), *(s1 or []), *(s2 or [])])
+        fused_rows(kernel, ws, gs, b, s1, s2, k, h)
+    else:  # no dispatch; the writes bump the tensors' versions, as in-place ops do
+        _call(kernel, ws, gs, b, s1, s2, torch.tensor(k, dtype=torch.float64) if k else None, h)
+        torch.autograd.graph.increment_version([*ws, *b, *s1, *s2])
     return True
 
 

@@ -17,6 +17,7 @@ from . import kernels
 from .base import ScaleInvariantOptimizer, step_count, step_value
 from .geometry import (
     accumulate_dtype,
+    add_orthogonality_residual,
     clip,
     geodesic_step_,
     is_invariant,
@@ -220,11 +221,7 @@ def _penalised(group, w, g, residual=None):
         penalty = residual(w.flatten(1))
         return g if penalty is None else g.add(penalty.view_as(w), alpha=2.0 * omega)
     y = w.flatten(1)
-    if y.shape[0] == 1:
-        return g
-    gram = y @ y.T
-    gram.diagonal().sub_(1.0)
-    return torch.addmm(g.reshape(y.shape), gram, y, alpha=2.0 * omega).view_as(w)
+    return add_orthogonality_residual(g.reshape(y.shape), y, 2.0 * omega).view_as(w)
 
 
 def _sphere_kernel(group, ws, gs, states, buffer: str, second=None, scales=None, h=()) -> bool:
@@ -233,14 +230,14 @@ def _sphere_kernel(group, ws, gs, states, buffer: str, second=None, scales=None,
     one such temporary is alive at once."""
     bufs, live = [st[buffer] for st in states], [st["live"] for st in states]
     seconds = None if second is None else [st[second] for st in states]
-    if not kernels.state_fits(ws, bufs, live, seconds):
+    if not group["ortho"]:
+        return kernels.run("sphere", ws, gs, b=bufs, s1=live, s2=seconds, k=scales, h=h)
+    if not kernels.state_fits(ws, bufs, live, seconds):  # before any tensor is stepped
         return False
-    parts = [[i] for i in range(len(ws))] if group["ortho"] else [list(range(len(ws)))]
-    for part in parts:
-        kernels.run("sphere", [ws[i] for i in part], [_penalised(group, ws[i], gs[i]) for i in part],
-                    b=[bufs[i] for i in part], s1=[live[i] for i in part],
-                    s2=None if seconds is None else [seconds[i] for i in part],
-                    k=None if scales is None else [scales[i] for i in part], h=h)
+    for i, (w, g) in enumerate(zip(ws, gs)):
+        kernels.run("sphere", [w], [_penalised(group, w, g)], b=[bufs[i]], s1=[live[i]],
+                    s2=None if seconds is None else [seconds[i]],
+                    k=None if scales is None else [scales[i]], h=h)
     return True
 
 
