@@ -202,17 +202,25 @@ def test_a_compiler_command_with_arguments(tmp_path, monkeypatch):
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_steps_bump_the_version_counters_autograd_checks(fused):
+@pytest.mark.parametrize("fused,compiled", [(True, False), (False, False), (True, True)])
+def test_steps_bump_the_version_counters_autograd_checks(fused, compiled, kernel_calls):
     """A second backward through a graph that saved a weight the step changed must fail, as
-    with torch's in-place updates (the kernels write through pointers)."""
+    with torch's in-place updates (the kernels write through pointers; compiled, the op
+    ``psiopt::fused_rows`` does)."""
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(3, 4))
     opt = psiopt.PSISGD([{"params": [w], "grouping": "channel"}], lr=0.1, momentum=0.9, fused=fused)
+    step = opt.step
+    if compiled:
+        w.grad = torch.randn(3, 4)
+        opt.step()  # state made eagerly: the compiled steps below run the kernel
+        torch._dynamo.reset()
+        step = torch.compile(opt.step)
     loss = (w * w).sum()  # saves w
     loss.backward(retain_graph=True)
-    version = w._version
-    opt.step()
+    version, calls = w._version, len(kernel_calls)
+    step()
+    assert len(kernel_calls) > calls if fused else not kernel_calls
     assert w._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
