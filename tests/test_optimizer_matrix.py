@@ -104,6 +104,7 @@ class Setting:
     hyper: dict = field(default_factory=dict)
     frozen: bool = False  # FROZEN.requires_grad_(False) before building the optimizer
     drop_grads: bool = False  # .grad = None on the steps and parameters of DROPS
+    rtol: float = RTOL  # between paths that sum in different orders
 
 
 _GUARD = {"fixed_norm": False, "max_norm": 0.5, "guard_every": 2}
@@ -118,8 +119,10 @@ SETTINGS = {
     "missing-grads": Setting(drop_grads=True),
     "psi-guard": Setting(_GUARD),
     "psi-guard-missing-grads": Setting(_GUARD, drop_grads=True),
-    # coupled L2 scales with ‖w‖² under PSI (fc.weight: ‖w‖ ≈ 8, lr 1): 1e-2 diverges in 8 steps
-    "psi-literal-l2": Setting({"fixed_norm": False, "invariant_weight_decay": 1e-4}),
+    # coupled L2 scales with ‖w‖² under PSI (fc.weight: ‖w‖ ≈ 8, lr 1): 1e-2 diverges in 8 steps;
+    # the step ‖w‖² lr g amplifies rounding: the reference and vectorized paths differ by up to
+    # 4e-13 relative after 8 steps, the fused kernels by 7e-13-9e-13 (by the order of their sums)
+    "psi-literal-l2": Setting({"fixed_norm": False, "invariant_weight_decay": 1e-4}, rtol=1e-11),
 }
 
 _COMMON = ("defaults", "weight-decay", "frozen-layer", "missing-grads")
@@ -197,7 +200,7 @@ def direction(t, grouping):
     return v / norm(v)
 
 
-def assert_same_state(opt_a, model_a, opt_b, model_b):
+def assert_same_state(opt_a, model_a, opt_b, model_b, rtol=RTOL):
     """Every key of ``opt.state[p]`` for every parameter, matched by parameter name."""
     pairs = list(zip(model_a.named_parameters(), model_b.named_parameters()))
     with_state = [[name for name, p in model.named_parameters() if p in opt.state and opt.state[p]]
@@ -208,15 +211,15 @@ def assert_same_state(opt_a, model_a, opt_b, model_b):
         assert sorted(sa) == sorted(sb), name
         for key in sa:
             if isinstance(sa[key], Tensor):
-                torch.testing.assert_close(sa[key], sb[key], rtol=RTOL, atol=ATOL,
+                torch.testing.assert_close(sa[key], sb[key], rtol=rtol, atol=ATOL,
                                            msg=lambda m, n=name, k=key: f"state[{n}][{k!r}]: {m}")
             else:
                 assert sa[key] == sb[key], (name, key)
 
 
-def assert_same_model(model_a, model_b):
+def assert_same_model(model_a, model_b, rtol=RTOL):
     for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def assert_moved(model, initial, frozen):
@@ -284,8 +287,8 @@ def test_reference_and_vectorized_paths_agree(case, kernel_calls):
     train(model_a, opt_a, setting)
     train(model_b, opt_b, setting)
 
-    assert_same_model(model_a, model_b)
-    assert_same_state(opt_a, model_a, opt_b, model_b)
+    assert_same_model(model_a, model_b, setting.rtol)
+    assert_same_state(opt_a, model_a, opt_b, model_b, setting.rtol)
     assert_moved(model_b, initial, setting.frozen)
     assert bool(kernel_calls) == (path == "fused")
     for pname, p in model_b.named_parameters():

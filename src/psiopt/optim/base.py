@@ -284,11 +284,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       cannot be built); ``False`` never uses them.
       Views whose rows are not contiguous (``"@1"`` groupings, channels-last gradients), steps
       the kernel does not cover (PSI-SGD's guard steps), groups whose tensors differ in dtype
-      and FSDP2 steps take the other paths.  Compiled steps call the kernels through the custom
-      op ``psiopt::fused_rows`` (but for a step that makes state).  The same rule to rounding
-      (sums in double precision, norms after the step derived from sums before it); where the
-      other paths' float32 sums overflow (gradients of 1e30 on rows of 1e-30), the kernels'
-      do not, and they step where those paths stop.
+      and FSDP2 steps take the other paths.  Compiled steps call the kernels through the op
+      ``psiopt::fused_rows`` (but for a step that makes state).  The same rule to rounding
+      (sums in the tensor's precision over chunks of a row, the chunks added in double; norms
+      after the step derived from sums before it).
 
     Every group is validated in full before anything is changed; subclasses that keep rows on the
     unit sphere normalise them once all groups are valid (:meth:`_prepare`).  A setting with no
