@@ -284,13 +284,15 @@ def bench_compiled(set_name: str = "resnet56", names=None, steps: int = 20) -> l
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
     model, mapping = parameter_set(set_name)
     out = []
-    for name in names or [n for n in REGISTRY if n not in ("sgd", "adam", "adamw")]:
+    for label in names or [n for n in REGISTRY if n not in ("sgd", "adam", "adamw")] + \
+            ["sgdg ω=0", "adamg ω=0"]:  # the rule without the penalty's matrix products
+        name, extra = VARIANTS.get(label, (label, {}))
         family = "adam" if name in ADAM_FAMILY else "sgd"
         dynamo.reset()  # explain on an optimizer of its own, and first: its entry in dynamo's
-        breaks = dynamo.explain(_psiopt(name, model, mapping, {}).step)().graph_break_count
+        breaks = dynamo.explain(_psiopt(name, model, mapping, extra).step)().graph_break_count
         dynamo.reset()  # cache would otherwise be what a later call of the compiled step runs
-        eager = _psiopt(name, model, mapping, {})
-        comp, ref = _psiopt(name, model, mapping, {}), _counterpart_of(family, model, mapping)
+        eager = _psiopt(name, model, mapping, extra)
+        comp, ref = _psiopt(name, model, mapping, extra), _counterpart_of(family, model, mapping)
         start = time.perf_counter()
         fns = {"compiled": torch.compile(comp.step), "torch_compiled": torch.compile(ref.step)}
         for fn in fns.values():
@@ -304,7 +306,7 @@ def bench_compiled(set_name: str = "resnet56", names=None, steps: int = 20) -> l
                             steps)
         times["eager"] = own["eager"]
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        out.append({"set": set_name, "optimizer": name, "counterpart": f"torch {family}",
+        out.append({"set": set_name, "optimizer": label, "counterpart": f"torch {family}",
                     "eager_ms": med["eager"], "compiled_ms": med["compiled"],
                     "torch_compiled_ms": med["torch_compiled"], "compile_s": compile_s,
                     "graph_breaks": breaks,
