@@ -463,7 +463,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         stats = self._stats(group, index)
         compiling = torch.compiler.is_compiling()  # compiled: kernels or vectorized (see `foreach`)
         # compiled, state made (or adopted, see _initial_state) in this step is not handed to the
-        # kernels' custom op, which declares it mutated: inductor (torch 2.13) then gave the
+        # kernels' op, which declares it mutated: inductor (torch 2.13) then gave the
         # second tensor of a group the first one's state, and AOT autograd failed on views of
         # the parameters ("A view was created in no_grad mode ..."); the step after, the state
         # is the graph's input

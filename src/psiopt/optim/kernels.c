@@ -45,7 +45,7 @@ typedef struct {
 
 enum { GRAIN = 32768,       /* fewer entries than this: one thread (torch's grain size) */
        BIG = 65536,         /* rows of more entries than this are split among the threads */
-       CHUNK = 256,         /* entries of a row's update taken between two of the next row's sums */
+       CHUNK = 256,         /* entries summed in REAL before the sum is added in double */
        NSUM = 6, NCOEF = 8,
        MAXT = 256 };        /* threads at most */
 
@@ -87,29 +87,28 @@ static void sums(const Rule *rule, const Args *a, int t, int64_t r, int64_t lo, 
   for (int j = 0; j < NSUM; j++) s[j] += local[j];
 }
 
-/* Rows [r0, r1) of tensor t.  A rule whose sums read w alone (PSI) takes the next row's sums
- * chunk by chunk between chunks of this row's update, so that their reads overlap (vgg16-bn's
- * weights, PSI-SGDM: 6.7 ms -> 6.2); rules whose sums read two or three tensors were slower
- * so (two rows in flight do not fit in L1), and take each row's sums, then its update.  The
- * sums of a row are taken in the same order whatever the number of threads. */
+/* Rows [r0, r1) of tensor t: each row's sums, coefficients and update.  A rule whose sums
+ * read w alone (PSI) takes the next row's sums chunk by chunk between the chunks of this row's
+ * update, so that their reads overlap (vgg16-bn's weights, PSI-SGDM: 6.7 ms -> 6.2); rules
+ * whose sums read two or three tensors were slower so (two rows in flight do not fit in L1)
+ * and take them after the update.  Either way a row's sums are added chunk by chunk, in the
+ * same order whatever the number of threads. */
 static void row_range(const Rule *rule, const Args *a, int t, int64_t r0, int64_t r1, int64_t d) {
-  double s[2][NSUM] = {{0}}, c[NCOEF];
-  for (int64_t r = r0; r < r1 && !rule->pipelined; r++) {
-    for (int j = 0; j < NSUM; j++) s[0][j] = 0.0;
-    sums(rule, a, t, r, 0, d, s[0]);
-    rule->coef(a, t, r, d, s[0], c);
-    rule->post(a, t, r, 0, d, c);
-  }
-  if (rule->pipelined && r0 < r1) sums(rule, a, t, r0, 0, d, s[0]);
-  for (int64_t r = r0; r < r1 && rule->pipelined; r++) {
-    double *now = s[(r - r0) & 1], *next = s[(r - r0 + 1) & 1];
-    rule->coef(a, t, r, d, now, c);
-    for (int j = 0; j < NSUM; j++) next[j] = 0.0;
-    for (int64_t lo = 0; lo < d; lo += CHUNK) {
+  double s[NSUM] = {0}, c[NCOEF];
+  if (r0 < r1) sums(rule, a, t, r0, 0, d, s);
+  for (int64_t r = r0; r < r1; r++) {
+    double next[NSUM] = {0};
+    rule->coef(a, t, r, d, s, c);
+    for (int64_t lo = 0; rule->pipelined && lo < d; lo += CHUNK) {
       int64_t hi = lo + CHUNK < d ? lo + CHUNK : d;
       rule->post(a, t, r, lo, hi, c);
       if (r + 1 < r1) rule->pre(a, t, r + 1, lo, hi, next);
     }
+    if (!rule->pipelined) {
+      rule->post(a, t, r, 0, d, c);
+      if (r + 1 < r1) sums(rule, a, t, r + 1, 0, d, next);
+    }
+    for (int j = 0; j < NSUM; j++) s[j] = next[j];
   }
 }
 

@@ -16,7 +16,7 @@ compiler, torch's version (the library links the OpenMP runtime torch loaded) an
 loaded with :mod:`ctypes`.  Without a compiler, psiopt warns once and
 the default steps take the foreach path; ``fused=True`` then raises.  The kernels take
 float32/float64 CPU tensors whose groups are contiguous rows; other tensors of a group take the
-foreach path.  Eager steps call them directly; ``torch.compile`` traces the custom op
+foreach path.  Eager steps call them directly; ``torch.compile`` traces the op
 ``psiopt::fused_rows``, an opaque call in the graph that runs the same kernel.
 """
 
@@ -165,7 +165,7 @@ def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     numbers, or of 0-d tensors while ``torch.compile`` traces the step), ``h`` hyperparameters.
     Returns ``False``, changing nothing, when a state tensor is not of the views' dtype or not
     contiguous (e.g. loaded from a checkpoint with other strides).  Traced by ``torch.compile``,
-    it is one call of the custom op ``psiopt::fused_rows``, which runs the same kernel."""
+    it is one call of the op ``psiopt::fused_rows``, which runs the same kernel."""
     if not state_fits(ws, b, s1, s2):
         return False  # e.g. state loaded from another model: the other paths say what is wrong
     b, s1, s2, h = b or [], s1 or [], s2 or [], [float(x) for x in h]
