@@ -403,12 +403,19 @@ Eager steps on the CPU (the default, `fused=None`: `psiopt/optim/kernels.c`):
 
 * **One call per group, one pass over memory per row.**  The fused kernel of each rule goes
   over the rows of all the group's tensors (split among torch's threads by their number of
-  entries); for each row it takes every per-row sum the rule needs (in double precision, while
-  updating the momentum buffer where the rule does), derives the coefficients (the norm after
-  the step from sums before it), and updates the row while it is still in cache.  A row is
-  read once from memory and written once: the traffic of torch's SGD-momentum, in one call
-  where torch makes three foreach calls of one kernel per tensor.  Every target of the table
-  is met on every set.
+  entries); for each row it takes every per-row sum the rule needs (while updating the
+  momentum buffer where the rule does), derives the coefficients (the norm after the step from
+  sums before it), and updates the row while it is still in cache.  A row is read once from
+  memory and written once: the traffic of torch's SGD-momentum, in one call where torch makes
+  three foreach calls of one kernel per tensor.  Every target of the table is met on every set.
+* **Sums in the tensor's precision.**  The sums of a row in cache are compute-bound: taken in
+  double they were; taken in float32 over chunks of 256 entries, the chunks added in double,
+  every rule is 12-25% faster on vgg16-bn's weights (SGD-MRT's kernel 6.8 ms -> 6.0), and
+  after eight float32 steps the distance to the float64 run is that of torch's own paths
+  (`tests/test_fused.py`).  PSI's sums read w alone: its kernel takes the next row's sums
+  between the chunks of this row's update, so that their reads overlap (7% faster); for the
+  rules whose sums read two or three tensors that was slower (two rows in flight do not fit
+  in L1).
 * **Rows larger than the cache** (mlp-ln: each weight is one LayerNorm group of a million
   entries) are split among the threads and read twice (the sums, then the update), as any
   rule that needs a norm before its update must; SGD-MRT and SGDG, which also read and write
@@ -419,8 +426,8 @@ Eager steps on the CPU (the default, `fused=None`: `psiopt/optim/kernels.c`):
   SGD does not make; the kernels' path makes it with one matrix product into a copy of the
   gradient and steps the tensors one at a time, so one is alive at once (peak 10 MB on
   vgg16-bn, was 65).  The whole VGG16-BN training step is the target; its ratio moves between
-  runs by about the target's margin (1.144 and 1.155 with the kernels before the penalty was
-  taken one tensor at a time, 1.147 and 1.053 before the kernels).
+  runs by about the target's margin (1.042 here, 1.102 on the run before; 1.147 and 1.053
+  before the kernels).
 * **The vectorized path** (`fused=False`, float16/bfloat16, CUDA; the last run before the
   kernels, at e352b25, measured 1.0-4.2× torch on resnet56 for the same rules): one kernel per
   tensor and operation; per-group reductions have no foreach form (one kernel per tensor, an
@@ -430,25 +437,29 @@ Eager steps on the CPU (the default, `fused=None`: `psiopt/optim/kernels.c`):
 Compiled steps (`torch.compile(opt.step)`):
 
 * Every optimizer compiles to one graph without graph break.  On the CPU the invariant groups
-  call the same kernels through the custom op `psiopt::fused_rows` (but in a step that makes
-  or adopts state, which takes the vectorized rule: handed to the op, state made inside the
-  graph gave a group's second tensor the first one's state, and adopted state made AOT
-  autograd fail on views of the parameters, torch 2.13); inductor compiles the rest of the
-  step (the other parameters' SGD/Adam).
-* **Faster than eager** is missed for most rules (speed-ups around 1, see the table): the
-  eager step is already the kernels, and compiling removes only Python overhead, about what
-  dynamo's guards and the op's dispatch add back.  On the CPU, compiling the optimizer step
-  gains little.
-* **≤ 1.1 × compiled torch** is met, or missed by a few hundredths, by Adam-S and Adam-SRT on
-  every set and, on resnet56 and vgg16-bn, by most SGD-family rules; it is missed on mlp-ln,
-  where compiled torch SGD-momentum, one fused loop per tensor with no reduction, reads each
-  tensor once and psiopt reads its one-row tensors twice; for PSI-SGDM on resnet56 and vgg16-bn and SGD-MRT on
-  vgg16-bn (why the kernel's second pass over a row of w, g and the buffer is slower there than
-  inductor's single pass was not investigated); and for SGDG and AdamG with ω > 0 (the
-  penalty).  Before the kernels (inductor's per-tensor loops, at e352b25) the ratios were
-  lower for PSI-SGD(M) on resnet56 (0.78, 0.89) and on mlp-ln for PSI-SGD(M), UN-SGD, PSGD
-  and AdamG* (1.12-1.46), and higher for the Adam family, SGD-MRT and AdamG* on resnet56 and
-  vgg16-bn.
+  call the same kernels through the op `psiopt::fused_rows` (but in a step that makes or
+  adopts state, which takes the vectorized rule: handed to the op, state made inside the graph
+  gave a group's second tensor the first one's state, and adopted state made AOT autograd
+  fail on views of the parameters, torch 2.13); inductor compiles the rest of the step (the
+  other parameters' SGD/Adam, fused into a few loops).  The op is declared with
+  `torch.library.Library`: declared with `torch.library.custom_op`, whose Python wrappers cost
+  60-120 µs a call, it made SGDG's compiled step with the penalty (one call per tensor, 55 on
+  resnet56) twice as slow as its eager step.
+* **Faster than eager** is met on resnet56 by every rule (speed-ups 1.02-1.46: compiling
+  removes the Python overhead and torch's per-tensor foreach calls for 112 small parameters).
+  On vgg16-bn and mlp-ln the kernel is most of the step, and the compiled step calls the same
+  kernel as the eager one: speed-ups 0.97-1.17, around 1 where the kernel dominates; a compiled
+  step cannot beat the kernel both call.
+* **≤ 1.1 × compiled torch** is met on resnet56 by every rule but SGDG and AdamG with ω > 0,
+  and by the Adam family everywhere.  It is missed where the kernels' two passes over a row
+  cost more than inductor's single loop of SGD-momentum: on vgg16-bn (14.7 M weights, which do
+  not stay in cache from one step to the next) by PSI-SGDM (1.10), SGD-MRT (1.13) and SGDG
+  with ω = 0 (1.26: six sums of products per entry, and the rotation); on mlp-ln, where a
+  thread's share of a million-entry row (2 MB of each tensor) does not stay in its 2 MB L2
+  between the sums and the update, which reads it again from L3 (1.31-1.93; PSI-SGD, which
+  keeps no buffer and so moves fewer bytes than SGD-momentum even so, 1.08).  SGDG and AdamG
+  with ω > 0 do the penalty's matrix products, work torch's SGD and Adam do not do; without
+  them (the ω = 0 rows) AdamG meets the target on every set.
 * **The vectorized rule under `torch.compile`** (CUDA, `fused=False`, half precision): most
   rules run per tensor (`ScaleInvariantOptimizer.compile_per_tensor`), so that inductor fuses a
   tensor's reductions with its update in one loop over the rows; it recomputes a row's scalar
