@@ -408,9 +408,9 @@ Eager steps on the CPU (the default, `fused=None`: `psiopt/optim/kernels.c`):
   sums before it), and updates the row while it is still in cache.  A row is read once from
   memory and written once: the traffic of torch's SGD-momentum, in one call where torch makes
   three foreach calls of one kernel per tensor.  Every target of the table is met on every set.
-* **Sums in the tensor's precision.**  The sums of a row in cache are compute-bound: taken in
-  double they were; taken in float32 over chunks of 256 entries, the chunks added in double,
-  every rule is 12-25% faster on vgg16-bn's weights (SGD-MRT's kernel 6.8 ms -> 6.0), and
+* **Sums in the tensor's precision.**  Taken in double, the sums of a row in cache made the
+  kernels compute-bound; taken in float32 over chunks of 256 entries, the chunks added in
+  double, every rule is 12-25% faster on vgg16-bn's weights (SGD-MRT's kernel 6.8 ms -> 6.0), and
   after eight float32 steps the distance to the float64 run is that of torch's own paths
   (`tests/test_fused.py`).  PSI's sums read w alone: its kernel takes the next row's sums
   between the chunks of this row's update, so that their reads overlap (7% faster); for the
