@@ -88,6 +88,7 @@ def test_float32_sums_are_as_accurate_as_torchs(name):
     """The kernels sum chunks of a row in float32 (as torch's reductions) and add the chunks in
     double: after eight float32 steps, their distance to the float64 run is of the order of
     the foreach and reference paths' (measured: at most 1.4x the larger of the two)."""
+    @torch.no_grad()
     def error(model, truth):
         return max(float((a.double() - b).abs().max() / b.abs().max())
                    for a, b in zip(model.parameters(), truth.parameters()))
