@@ -139,6 +139,25 @@ def test_default_takes_the_kernels_and_foreach_or_fused_false_does_not(kernel_ca
         assert len(calls) == expected * 3, kw  # three invariant groups: channel, groups:4, tensor
 
 
+@pytest.mark.parametrize("name, op", [("psi-sgdm", "_fused_sgd_"), ("adams", "_fused_adam_")])
+def test_the_other_parameters_take_torchs_fused_step_where_the_kernels_run(name, op, monkeypatch):
+    """The non-invariant parameters (BatchNorm's affine, biases) take torch.optim's fused CPU
+    SGD/Adam in eager steps unless ``foreach`` or ``fused=False`` is set; the step is the
+    vectorized path's to rounding."""
+    calls, real = [], getattr(torch, op)
+    monkeypatch.setattr(torch, op, lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    models = {}
+    for kw, fused in [({}, True), ({"fused": True}, True), ({"fused": False}, False),
+                      ({"foreach": True}, False)]:
+        calls.clear()
+        model, (x, y) = bn_net(), bn_data()
+        train(model, psiopt.create_optimizer(model, name, x, **kw), x, y, 3)
+        assert bool(calls) == fused, kw
+        models[str(kw)] = model
+    for a, b in zip(models["{}"].parameters(), models["{'foreach': True}"].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("kw, error, word", [
     ({"fused": True, "foreach": True}, ValueError, "cannot be set together"),
     ({"fused": True, "foreach": False}, ValueError, "cannot be set together"),

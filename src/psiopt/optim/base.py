@@ -281,7 +281,9 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       they could be built, else the vectorized path; ``True`` requires them (``ValueError``
       with ``foreach`` set, for a rule without a kernel or for tensors that are not
       float32/float64 on the CPU, checked before any group is stepped; ``RuntimeError`` if they
-      cannot be built); ``False`` never uses them.
+      cannot be built); ``False`` never uses them.  Where ``fused`` is not ``False`` and
+      ``foreach`` unset, the other parameters' eager steps take torch.optim's fused CPU
+      SGD/Adam (float32/float64 CPU tensors; one kernel per tensor where foreach makes several).
       Views whose rows are not contiguous (``"@1"`` groupings, channels-last gradients), steps
       the kernel does not cover (PSI-SGD's guard steps), groups whose tensors differ in dtype
       and FSDP2 steps take the other paths.  Compiled steps call the kernels through the op
@@ -640,9 +642,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     # -- non-invariant groups: torch.optim's own SGD / Adam ---------------------------------------
     def _counterpart(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
-        foreach = group["foreach"] is not False
+        fused = self._torch_fused(group, params)
+        foreach = group["foreach"] is not False and not fused
         if self.counterpart == "sgd":
-            self._sgd(group, params, grads, states, foreach)
+            self._sgd(group, params, grads, states, foreach, fused)
             return
         for p, s in zip(params, states):
             if not s:
@@ -651,17 +654,26 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
         _torch_adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                    [], [s["step"] for s in states], foreach=foreach, amsgrad=False, beta1=beta1,
+                    [], [s["step"] for s in states], foreach=foreach, fused=fused, amsgrad=False, beta1=beta1,
                     beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
                     eps=group["eps"], maximize=False,
                     capturable=torch.compiler.is_compiling() and all(p.is_cpu for p in params))
 
     @staticmethod
+    def _torch_fused(group: dict, params: list[Tensor]) -> bool:
+        """Whether the other parameters take torch.optim's fused CPU SGD/Adam (one kernel per
+        tensor where foreach makes three to a dozen): eager steps of float32/float64 CPU
+        tensors, with ``fused`` not ``False`` and ``foreach`` unset."""
+        return group["fused"] is not False and group["foreach"] is None \
+            and not torch.compiler.is_compiling() \
+            and all(kernels.takes(p) and not is_sharded(p) for p in params)
+
+    @staticmethod
     def _sgd(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
-             foreach: bool) -> None:
+             foreach: bool, fused: bool = False) -> None:
         """torch.optim's SGD (momentum, L2) on ``params``; buffers kept in ``states``."""
         bufs = [s.get("momentum_buffer") for s in states]
-        _torch_sgd(params, grads, bufs, foreach=foreach, weight_decay=group["weight_decay"],
+        _torch_sgd(params, grads, bufs, foreach=foreach, fused=fused, weight_decay=group["weight_decay"],
                    momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=False,
                    maximize=False)
         if group["momentum"]:
