@@ -142,7 +142,7 @@ def available() -> bool:
 
 def takes(t: torch.Tensor) -> bool:
     """Whether the kernels take tensors of ``t``'s dtype and device."""
-    return t.device.type == "cpu" and t.dtype in _TYPES
+    return t.is_cpu and t.dtype in _TYPES
 
 
 def fits(w: torch.Tensor, g: torch.Tensor) -> bool:
