@@ -7,6 +7,7 @@ path (``fused``/``foreach``), errors, a machine without a C compiler, and old st
 """
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -98,20 +99,68 @@ def test_float32_sums_are_as_accurate_as_torchs(name):
     assert error(wide_run(name, torch.float32, steps=8, fused=True)[0], truth) <= 3 * max(others)
 
 
+@pytest.mark.parametrize("path", [{"fused": True}, {"foreach": True}])
+@pytest.mark.parametrize("name", ["adamg", "sgdg"])
+@pytest.mark.parametrize("tangential", [1e-3, 1e-4])
+def test_a_nearly_radial_penalised_gradient_in_float32(name, tangential, path):
+    """Cho & Lee's penalty on a weight of more rows than columns (64 unit rows of 27 entries:
+    YYᵀ − I cannot vanish) is radial beside a small tangential loss gradient; ‖h‖², the
+    tangential part, taken as ‖ĝ‖² − <y,ĝ>²(2 − ‖y‖²) from float32 sums cancelled (AdamG's
+    second moment 0.9% off at 1e-4 with the kernels' float32 sums, 0.6% on the vectorized path,
+    0.04% on the reference path, which forms the tangent).  Each path's distance to the
+    float64 run is at most 3x the float32 reference path's."""
+    k, f = torch.arange(64.0, dtype=torch.float64)[:, None], torch.arange(1.0, 14.0, dtype=torch.float64)
+    angle = 2 * math.pi * k * f / 64  # a harmonic tight frame, YᵀY = 64/27 I: the penalty
+    frame = torch.cat([torch.full((64, 1), 27 ** -0.5, dtype=torch.float64),  # 2ω(YYᵀ − I)Y
+                       (2 / 27) ** 0.5 * angle.cos(), (2 / 27) ** 0.5 * angle.sin()], dim=1)  # is radial
+    torch.manual_seed(0)
+    frame = frame @ torch.linalg.qr(torch.randn(27, 27, dtype=torch.float64))[0]
+
+    def run(dtype, **kw):
+        torch.manual_seed(1)
+        w = nn.Parameter(frame.to(dtype, copy=True))
+        opt = psiopt.REGISTRY[name].cls([{"params": [w], "grouping": "channel"}], **kw)
+        for _ in range(3):
+            with torch.no_grad():
+                u = torch.randn(64, 27, dtype=torch.float64)
+                y = w.double() / w.double().norm(dim=1, keepdim=True)
+                u -= (u * y).sum(1, keepdim=True) * y  # tangent to the rows
+                w.grad = (u * tangential / u.norm(dim=1, keepdim=True)).to(dtype)
+            opt.step()
+        return {"w": w.detach().double(), **{k: v.double() for k, v in opt.state[w].items()}}
+
+    truth, reference, tried = run(torch.float64, foreach=False), run(torch.float32, foreach=False), \
+        run(torch.float32, **path)
+    for key, value in truth.items():
+        error = float((tried[key] - value).abs().max())
+        assert error <= 3 * float((reference[key] - value).abs().max()) + 1e-12 * float(value.abs().max()), key
+
+
 @pytest.mark.parametrize("name", FUSED)
-def test_float32_sums_that_overflow_step_as_the_other_paths(name):
-    """Gradients of 1e30 (‖g‖² beyond float32's range) on unit rows: the kernels' float32 sums
+def test_float32_sums_that_overflow(name):
+    """Gradients of 1e30 (‖g‖² beyond float32's range) on unit rows.  The kernels' float32 sums
     overflow where the other paths' do, and the step is theirs (double sums stepped where the
-    others stopped)."""
-    results = []
-    for fused in (True, False):
+    others stopped) but for SGDG and AdamG, whose kernel sums ‖y‖², <y,ĝ>, ‖ĝ‖² in double (see
+    test_a_nearly_radial_penalised_gradient_in_float32): it clips the gradient and steps, where
+    the other paths' tangent norm overflows and their step is zero (AdamG's vectorized second
+    moment was NaN, inf·0)."""
+    results = {}
+    for kw in ({"fused": True}, {"foreach": True}, {"foreach": False}):
         torch.manual_seed(0)
         w = nn.Parameter(torch.randn(4, 8) / 8 ** 0.5)
-        opt = psiopt.REGISTRY[name].cls([{"params": [w], "grouping": "channel"}], lr=0.1, fused=fused)
+        before = w.detach().clone()
+        opt = psiopt.REGISTRY[name].cls([{"params": [w], "grouping": "channel"}], lr=0.1, **kw)
         w.grad = torch.randn(4, 8) * 1e30
         opt.step()
-        results.append(w.detach())
-    torch.testing.assert_close(*results, equal_nan=True, rtol=1e-4, atol=1e-6)
+        assert torch.isfinite(w).all(), kw
+        results[str(kw)] = w.detach()
+    fused, vectorized, reference = results.values()
+    torch.testing.assert_close(vectorized, reference, rtol=1e-5, atol=1e-6)
+    if name in ("sgdg", "adamg"):
+        torch.testing.assert_close(reference, before / before.norm(dim=1, keepdim=True))
+        assert (fused - reference).norm(dim=1).min() > 1e-3
+    else:
+        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-6)
 
 
 def test_views_the_kernels_do_not_take_step_as_the_others_do():
@@ -274,6 +323,24 @@ def test_steps_bump_the_version_counters_autograd_checks(fused, compiled, kernel
     assert w._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_the_op_bumps_versions_refuses_grad_and_survives_a_reload():
+    """``psiopt::fused_rows`` called directly: it bumps the versions of what it writes, refuses
+    tensors that require grad under grad mode (it has no derivative), and importing the module
+    again (``importlib.reload``) finds it declared."""
+    import importlib
+
+    g, live = torch.randn(4, 8), torch.ones(4, 1)
+    w = torch.randn(4, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="require grad"):
+        kernels.fused_rows("unit", [w], [g], [], [live], [], None, [0.1])
+    with torch.no_grad():
+        version = w._version
+        kernels.fused_rows("unit", [w], [g], [], [live], [], None, [0.1])
+    assert w._version > version
+    importlib.reload(kernels)
+    assert kernels.fused_rows is torch.ops.psiopt.fused_rows.default
 
 
 def test_state_of_the_wrong_size_is_not_handed_to_the_kernels():

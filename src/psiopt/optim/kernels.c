@@ -354,12 +354,13 @@ static void adams_post(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, 
  * b = m, s1 = live, h = (a, b, clip, beta2, eps); g is the penalised gradient. */
 static void sphere_pre(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, double *s) {
   const REAL *y = SPAN(a->w), *g = SPAN(a->g), *m = SPAN(a->b);
-  REAL yy = 0, yg = 0, gg = 0, ym = 0, mg = 0, mm = 0;
+  double yy = 0, yg = 0, gg = 0;  /* in double: ||h||^2 = gg + yg^2 (yy - 2) cancels (see coef) */
+  REAL ym = 0, mg = 0, mm = 0;
 #pragma omp simd reduction(+ : yy, yg, gg, ym, mg, mm)
   for (int64_t i = lo; i < hi; i++) {
-    yy += y[i] * y[i];
-    yg += y[i] * g[i];
-    gg += g[i] * g[i];
+    yy += (double)y[i] * y[i];
+    yg += (double)y[i] * g[i];
+    gg += (double)g[i] * g[i];
     ym += y[i] * m[i];
     mg += m[i] * g[i];
     mm += m[i] * m[i];
@@ -368,6 +369,8 @@ static void sphere_pre(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, 
 }
 static void sphere_coef(const Args *a, int t, int64_t r, int64_t d, const double *s, double *c) {
   double yy = s[0], yg = s[1], ym = s[3], ca = a->h[0], cb = a->h[1];
+  /* ||g - <y,g> y||^2: relative error (eps of the sums) (<y,g>/||h||)^2, large where g is
+   * nearly radial (Cho & Lee's penalty on a weight of more rows than columns) */
   double hh = s[2] + yg * yg * (yy - 2.0), f;
   hh = hh < 0 ? 0.0 : hh;  /* NaN stays NaN */
   f = a->h[2] / sqrt(hh);
