@@ -153,11 +153,12 @@ def test_optimizer_state_saved_with_distributed_checkpoint_continues_identically
 
 #: all_reduce calls in one FSDP2 step of the test network, whose spanning groups are of two kinds
 #: ("groups:2" of a conv, "tensor" of a linear; "channel" rows are whole): one per kind, summing
-#: every per-group scalar of the step at once (RowLayout.sums).  SGDG/AdamG add Cho & Lee's
-#: penalty on the two sharded matrices.
+#: every per-group scalar of the step at once (RowLayout.sums).  SGDG/AdamG take three per kind
+#: (<y,ĝ>, then ‖ĝ − t y‖² of the formed tangent, then the clipped tangent's sums: derived,
+#: ‖ĝ‖² − t²(2 − ‖y‖²) cancels) and add Cho & Lee's penalty on the two sharded matrices.
 COLLECTIVES = {"sgd": 0, "adam": 0, "adamw": 0, "b-sgd": 0, "psi-sgd": 2, "psi-sgdm": 2,
                "adams": 2, "un-sgd": 2, "sgdmrt": 2, "adamg-star": 2, "psgd": 2, "adamsrt": 2,
-               "sgdg": 4, "adamg": 4}
+               "sgdg": 8, "adamg": 8}
 
 
 def _collectives_worker(rank, world, port, out):
