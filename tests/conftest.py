@@ -16,7 +16,7 @@ def one_thread():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Names of the fused kernels called during the test (eager steps, and compiled ones through
-    the custom op), in order."""
+    the op psiopt::fused_rows), in order."""
     from psiopt.optim import kernels
 
     calls = []

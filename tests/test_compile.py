@@ -72,7 +72,7 @@ def test_compiled_momentum_rules_on_rows_inductor_fuses(name, path, kernel_calls
     and with ``foreach=False`` for PSGD, SGD-MRT, PSI-SGDM and SGDG, whose reference paths
     update the buffer in place: compiled, every step now takes the vectorized rule (compared
     here with the eager reference path).  By default (``fused=None``) the compiled steady-state
-    step calls the fused kernels through their custom op instead."""
+    step calls the fused kernels through their op instead."""
     calls = kernel_calls
     gen = torch.Generator().manual_seed(0)
     start, grads = torch.randn(64, 32, 3, 3, generator=gen), torch.randn(3, 64, 32, 3, 3, generator=gen)
@@ -145,7 +145,7 @@ def test_compiled_step_guards_state_by_identity_and_gradients_by_presence(name):
 @pytest.mark.parametrize("grouping", ["tensor", "channel"])
 def test_compiled_first_step_with_state_made_before_it(grouping, kernel_calls):
     """AdamG*'s state is made at construction and adopted at the first step: handed to the fused
-    kernels' custom op in that step, AOT autograd failed on two LayerNorm-like ("tensor")
+    kernels' op in that step, AOT autograd failed on two LayerNorm-like ("tensor")
     weights ("A view was created in no_grad mode ..."); that step now takes the vectorized rule,
     the next ones the kernels."""
     calls = kernel_calls
