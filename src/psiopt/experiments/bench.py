@@ -431,7 +431,7 @@ Eager steps on the CPU (the default, `fused=None`: `psiopt/optim/kernels.c`):
   SGD does not make; the kernels' path makes it with one matrix product into a copy of the
   gradient and steps the tensors one at a time, so one is alive at once (peak 10 MB on
   vgg16-bn, was 65).  The whole VGG16-BN training step is the target; its ratio moves between
-  runs by about the target's margin (1.042 here, 1.102 on the run before; 1.147 and 1.053
+  runs by about the target's margin (1.078 here, 1.042 and 1.102 on runs before; 1.147 and 1.053
   before the kernels).
 * **The vectorized path** (`fused=False`, float16/bfloat16, CUDA; the last run before the
   kernels, at e352b25, measured 1.0-4.2× torch on resnet56 for the same rules): one kernel per
@@ -450,21 +450,27 @@ Compiled steps (`torch.compile(opt.step)`):
   `torch.library.Library`: declared with `torch.library.custom_op`, whose Python wrappers cost
   60-120 µs a call, it made SGDG's compiled step with the penalty (one call per tensor, 55 on
   resnet56) twice as slow as its eager step.
-* **Faster than eager** is met on resnet56 by every rule (speed-ups 1.02-1.46: compiling
-  removes the Python overhead and torch's per-tensor foreach calls for 112 small parameters).
-  On vgg16-bn and mlp-ln the kernel is most of the step, and the compiled step calls the same
-  kernel as the eager one: speed-ups 0.97-1.17, around 1 where the kernel dominates; a compiled
-  step cannot beat the kernel both call.
-* **≤ 1.1 × compiled torch** is met on resnet56 by every rule but SGDG and AdamG with ω > 0,
-  and by the Adam family everywhere.  It is missed where the kernels' two passes over a row
-  cost more than inductor's single loop of SGD-momentum: on vgg16-bn (14.7 M weights, which do
-  not stay in cache from one step to the next) by PSI-SGDM (1.10), SGD-MRT (1.13) and SGDG
-  with ω = 0 (1.26: six sums of products per entry, and the rotation); on mlp-ln, where a
-  thread's share of a million-entry row (2 MB of each tensor) does not stay in its 2 MB L2
-  between the sums and the update, which reads it again from L3 (1.31-1.93; PSI-SGD, which
-  keeps no buffer and so moves fewer bytes than SGD-momentum even so, 1.08).  SGDG and AdamG
-  with ω > 0 do the penalty's matrix products, work torch's SGD and Adam do not do; without
-  them (the ω = 0 rows) AdamG meets the target on every set.
+* **Faster than eager** is missed, or met by a few hundredths, by most rules (speed-ups
+  0.93-1.26): the eager step is already the kernel, one call a group, and torch.optim's fused
+  SGD/Adam for the other parameters; the compiled step calls the same kernel, and compiling
+  removes only Python overhead, about what dynamo's guards add back.  On the CPU, compiling
+  the optimizer step gains little.  (Before the other parameters took torch's fused step,
+  compiling also saved resnet56's 112 foreach calls per operation: speed-ups 1.02-1.46 there.)
+* **≤ 1.1 × compiled torch** is met by the Adam family (but Adam-SRT on resnet56, 1.11), and by
+  every SGD-family rule on resnet56 but SGDG with ω = 0 (1.12).  It is missed where the
+  kernels' two passes over a row cost more than inductor's single loop of SGD-momentum: on
+  vgg16-bn (14.7 M weights, which do not stay in cache from one step to the next) by PSI-SGDM
+  (1.11), SGD-MRT (1.14) and SGDG with ω = 0 (1.39: three of its six sums per entry in double,
+  see above, and the rotation); on mlp-ln, where a thread's share of a million-entry row (2 MB
+  of each tensor) does not stay in its 2 MB L2 between the sums and the update, which reads it
+  again from L3 (1.32-2.15; PSI-SGD, which keeps no buffer and so moves fewer bytes than
+  SGD-momentum even so, 1.10).  SGDG and AdamG with ω > 0 do the penalty's matrix products,
+  work torch's SGD and Adam do not do; without them (the ω = 0 rows) AdamG meets the target on
+  every set.
+* **Compilation** (the table's last column) is much faster where inductor's on-disk cache
+  holds the graphs: SGDG's first compiled step on resnet56 (the step that makes the state,
+  which takes the vectorized rule over the group) took 112-116 s with the cache off, before
+  and after this run's changes to that rule, and 10 s in an earlier run that found it cached.
 * **The vectorized rule under `torch.compile`** (CUDA, `fused=False`, half precision): most
   rules run per tensor (`ScaleInvariantOptimizer.compile_per_tensor`), so that inductor fuses a
   tensor's reductions with its update in one loop over the rows; it recomputes a row's scalar
