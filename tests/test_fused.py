@@ -119,7 +119,8 @@ def test_a_nearly_radial_penalised_gradient_in_float32(name, tangential, path):
     def run(dtype, **kw):
         torch.manual_seed(1)
         w = nn.Parameter(frame.to(dtype, copy=True))
-        opt = psiopt.REGISTRY[name].cls([{"params": [w], "grouping": "channel"}], **kw)
+        clip = {"clip": tangential / 2} if name == "sgdg" else {}  # SGDG reads ‖h‖ to clip
+        opt = psiopt.REGISTRY[name].cls([{"params": [w], "grouping": "channel"}], **clip, **kw)
         for _ in range(3):
             with torch.no_grad():
                 u = torch.randn(64, 27, dtype=torch.float64)
@@ -205,6 +206,34 @@ def test_the_other_parameters_take_torchs_fused_step_where_the_kernels_run(name,
         models[str(kw)] = model
     for a, b in zip(models["{}"].parameters(), models["{'foreach': True}"].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["psi-sgdm", "adams"])
+@pytest.mark.parametrize("case", ["late-gradient", "strided-gradient", "strided-state"])
+def test_the_other_parameters_step_as_foreach_where_torchs_fused_step_cannot(name, case):
+    """Where torch's fused SGD/Adam would raise (some momentum buffers made, others not: a
+    parameter whose first gradient comes late) or step wrongly (a gradient or state with other
+    strides than the parameter), the other parameters take the foreach path."""
+    results = []
+    for kw in ({}, {"foreach": True}):
+        model, (x, y) = bn_net(), bn_data()
+        opt = psiopt.create_optimizer(model, name, x, **kw)
+        for step in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            bias = model[1].bias  # a BatchNorm bias: a non-invariant parameter
+            if case == "late-gradient" and step == 0:
+                bias.grad = None
+            elif case == "strided-gradient":
+                bias.grad = torch.stack([bias.grad, bias.grad], dim=1)[:, 0]
+            elif case == "strided-state" and step == 1:
+                for key, value in opt.state[bias].items():
+                    if key != "step":
+                        opt.state[bias][key] = torch.stack([value, value], dim=1)[:, 0]
+            opt.step()
+        results.append(model)
+    for a, b in zip(*(m.parameters() for m in results)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kw, error, word", [
@@ -341,6 +370,9 @@ def test_the_op_bumps_versions_refuses_grad_and_survives_a_reload():
     assert w._version > version
     importlib.reload(kernels)
     assert kernels.fused_rows is torch.ops.psiopt.fused_rows.default
+    with torch.no_grad():
+        kernels.fused_rows("unit", [w], [g], [], [live], [], None, [0.1])
+    assert w._version > version + 1
 
 
 def test_state_of_the_wrong_size_is_not_handed_to_the_kernels():

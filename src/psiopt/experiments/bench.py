@@ -467,10 +467,11 @@ Compiled steps (`torch.compile(opt.step)`):
   SGD-momentum even so, 1.10).  SGDG and AdamG with ω > 0 do the penalty's matrix products,
   work torch's SGD and Adam do not do; without them (the ω = 0 rows) AdamG meets the target on
   every set.
-* **Compilation** (the table's last column) is much faster where inductor's on-disk cache
-  holds the graphs: SGDG's first compiled step on resnet56 (the step that makes the state,
-  which takes the vectorized rule over the group) took 112-116 s with the cache off, before
-  and after this run's changes to that rule, and 10 s in an earlier run that found it cached.
+* **Compilation** (the table's last column: the first calls of psiopt's and torch's compiled
+  steps) is much faster where inductor's on-disk cache holds the graphs: SGDG's first
+  compiled step alone on resnet56 (the step that makes the state, which takes the vectorized
+  rule over the group) took 112 s with the cache off before this run's change to that rule
+  and 116 s after; the column read 10 s in an earlier run that found the graphs cached.
 * **The vectorized rule under `torch.compile`** (CUDA, `fused=False`, half precision): most
   rules run per tensor (`ScaleInvariantOptimizer.compile_per_tensor`), so that inductor fuses a
   tensor's reductions with its update in one loop over the rows; it recomputes a row's scalar

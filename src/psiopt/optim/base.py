@@ -288,8 +288,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       the kernel does not cover (PSI-SGD's guard steps), groups whose tensors differ in dtype
       and FSDP2 steps take the other paths.  Compiled steps call the kernels through the op
       ``psiopt::fused_rows`` (but for a step that makes state).  The same rule to rounding
-      (sums in the tensor's precision over chunks of a row, the chunks added in double; norms
-      after the step derived from sums before it).
+      (sums in the tensor's precision over chunks of a row, the chunks added in double, but
+      SGDG's and AdamG's ‖y‖², <y,ĝ>, ‖ĝ‖² in double; norms after the step derived from sums
+      before it); where a float32 gradient's norm overflows, SGDG's and AdamG's kernel clips
+      and steps, where the other paths' tangent norm is inf and their step zero.
 
     Every group is validated in full before anything is changed; subclasses that keep rows on the
     unit sphere normalise them once all groups are valid (:meth:`_prepare`).  A setting with no
@@ -642,7 +644,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     # -- non-invariant groups: torch.optim's own SGD / Adam ---------------------------------------
     def _counterpart(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
-        fused = self._torch_fused(group, params)
+        fused = self._torch_fused(group, params, grads)
         foreach = group["foreach"] is not False and not fused
         if self.counterpart == "sgd":
             self._sgd(group, params, grads, states, foreach, fused)
@@ -659,14 +661,20 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                     eps=group["eps"], maximize=False,
                     capturable=torch.compiler.is_compiling() and all(p.is_cpu for p in params))
 
-    @staticmethod
-    def _torch_fused(group: dict, params: list[Tensor]) -> bool:
+    def _torch_fused(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> bool:
         """Whether the other parameters take torch.optim's fused CPU SGD/Adam (one kernel per
-        tensor where foreach makes three to a dozen): eager steps of float32/float64 CPU
-        tensors, with ``fused`` not ``False`` and ``foreach`` unset."""
-        return group["fused"] is not False and group["foreach"] is None \
-            and not torch.compiler.is_compiling() \
-            and all(kernels.takes(p) and not is_sharded(p) for p in params)
+        tensor where foreach makes three to a dozen): eager steps of contiguous float32/float64
+        CPU tensors and state (torch's fused kernels read gradients and state with the
+        parameter's strides: others gave wrong steps), with ``fused`` not ``False`` and
+        ``foreach`` unset, and momentum buffers for all the parameters or none (torch's fused
+        SGD raises on a mix, e.g. a parameter whose first gradient comes late)."""
+        if group["fused"] is False or group["foreach"] is not None or torch.compiler.is_compiling():
+            return False
+        states = [self.state[p] for p in params]
+        if len({"momentum_buffer" in s for s in states}) > 1:
+            return False
+        tensors = [*params, *grads, *(t for s in states for k, t in s.items() if k != "step")]
+        return all(kernels.takes(t) and t.is_contiguous() and not is_sharded(t) for t in tensors)
 
     @staticmethod
     def _sgd(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],

@@ -183,7 +183,7 @@ class RowLayout:
     caller, nothing is shared between calls.
 
     Per-group scalars of float16/bfloat16 views are float32 (:func:`accumulate_dtype`): the
-    rules derive some of them by subtraction (``‖ĝ − t y‖² = ‖ĝ‖² − t²(2 − ‖y‖²)``), which
+    rules derive some of them by subtraction (``‖w − ηb‖² = ‖w‖² − 2η<w, b> + η²‖b‖²``), which
     cancels to nothing at bfloat16's 8 or float16's 11 bits of mantissa; inner products take
     their products in float32.
 
