@@ -644,7 +644,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     # -- non-invariant groups: torch.optim's own SGD / Adam ---------------------------------------
     def _counterpart(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         states = [self.state[p] for p in params]
-        fused = self._torch_fused(group, params, grads)
+        fused = self._torch_fused(group, params, grads, states)
         foreach = group["foreach"] is not False and not fused
         if self.counterpart == "sgd":
             self._sgd(group, params, grads, states, foreach, fused)
@@ -661,7 +661,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                     eps=group["eps"], maximize=False,
                     capturable=torch.compiler.is_compiling() and all(p.is_cpu for p in params))
 
-    def _torch_fused(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> bool:
+    @staticmethod
+    def _torch_fused(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]) -> bool:
         """Whether the other parameters take torch.optim's fused CPU SGD/Adam (one kernel per
         tensor where foreach makes three to a dozen): eager steps of contiguous float32/float64
         CPU tensors and state (torch's fused kernels read gradients and state with the
@@ -670,11 +671,11 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         SGD raises on a mix, e.g. a parameter whose first gradient comes late)."""
         if group["fused"] is False or group["foreach"] is not None or torch.compiler.is_compiling():
             return False
-        states = [self.state[p] for p in params]
         if len({"momentum_buffer" in s for s in states}) > 1:
             return False
-        tensors = [*params, *grads, *(t for s in states for k, t in s.items() if k != "step")]
-        return all(kernels.takes(t) and t.is_contiguous() and not is_sharded(t) for t in tensors)
+        return all(kernels.takes(p) and p.is_contiguous() and not is_sharded(p) for p in params) \
+            and all(g.is_contiguous() for g in grads) \
+            and all(t.is_contiguous() for s in states for k, t in s.items() if k != "step")
 
     @staticmethod
     def _sgd(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
