@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
+from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils._pytree import tree_leaves
 
@@ -31,7 +30,8 @@ except ImportError:  # a torch built without distributed support
     FSDPModule = None
 
 from .geometry import CANCELLED, is_invariant, norm, rows, safe_inv
-from .sharded import grouped_norms
+from .sharded import grouped_norms, is_sharded
+from .symmetry import Failed, Propagation, Value, perturbed, record
 
 _LAYERS = (nn.Linear, _ConvNd)
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
@@ -50,15 +50,16 @@ def _outputs(out) -> list[Tensor]:
 
 
 @contextlib.contextmanager
-def _pristine(model: nn.Module, seed: int = 0):
-    """Train mode and a fixed seed inside; modes, buffers and RNG state restored on exit."""
+def _pristine(model: nn.Module, training: bool = True, seed: int = 0):
+    """Train (or eval) mode and a fixed seed inside; modes, buffers and RNG state restored on
+    exit."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index for p in model.parameters() if p.is_cuda})
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            model.train()
+            model.train(training)
             yield
     finally:
         _reshard(model)
@@ -67,59 +68,6 @@ def _pristine(model: nn.Module, seed: int = 0):
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-
-
-def _graph(roots: list[Tensor]) -> tuple[Counter, dict[int, object]]:
-    """Consumer count of every autograd node, and the AccumulateGrad node of every leaf."""
-    counts: Counter = Counter(t.grad_fn for t in roots if t.grad_fn is not None)
-    leaves, seen = {}, set()
-    stack = list(counts)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            leaves[id(node.variable)] = node
-        for child, _ in node.next_functions:
-            if child is not None:
-                counts[child] += 1
-                stack.append(child)
-    return counts, leaves
-
-
-def _reduced_dims(norm_layer: nn.Module, ndim: int) -> set[int] | None:
-    """The dimensions of its input over which a normalisation computes one statistic."""
-    if isinstance(norm_layer, _BatchNorm):
-        return set(range(ndim)) - {1}
-    if isinstance(norm_layer, _InstanceNorm):
-        return set(range(ndim - norm_layer._get_no_batch_dim() + 1, ndim))
-    if isinstance(norm_layer, (nn.LayerNorm, nn.RMSNorm)):
-        return set(range(ndim - len(norm_layer.normalized_shape), ndim))
-    return None
-
-
-def _use_grouping(layer: nn.Module, y: Tensor, norm_layer: nn.Module) -> str | None:
-    """Grouping of ``layer.weight`` for one use whose output ``y`` feeds ``norm_layer`` only."""
-    c = y.dim() - 1 if isinstance(layer, nn.Linear) else y.dim() - len(layer.kernel_size) - 1
-    transposed = isinstance(layer, _ConvTransposeNd)
-    if c < 0 or (transposed and layer.groups != 1):
-        return None
-    suffix = "@1" if transposed else ""
-    if isinstance(norm_layer, nn.GroupNorm):
-        if c != 1:
-            return None
-        per_channel = norm_layer.num_groups == y.shape[1]
-        kind = "channel" if per_channel else f"groups:{norm_layer.num_groups}"
-        cancels_bias = per_channel
-    else:
-        if c in _reduced_dims(norm_layer, y.dim()):
-            kind, cancels_bias = "tensor", False
-        else:
-            kind, cancels_bias = "channel", not isinstance(norm_layer, nn.RMSNorm)
-    if layer.bias is not None and not cancels_bias:
-        return None  # the bias survives: only weight and bias together are invariant
-    return kind if kind == "tensor" else kind + suffix
 
 
 @dataclass(eq=False)
@@ -134,6 +82,9 @@ class NormStats:
 
     norm: nn.Module
     bias: Tensor | None
+    #: channel ``c`` of the layer follows group ``index[c]`` (``-1``: no group); ``None``: the
+    #: groups are the channels in order (or one group for all)
+    index: Tensor | None = None
 
     @torch.no_grad()
     def rescale_(self, factors: Tensor) -> None:
@@ -142,6 +93,8 @@ class NormStats:
         if mean is None or var is None:
             return
         s = factors.reshape(-1).to(mean.dtype)
+        if self.index is not None:
+            s = torch.cat([s, s.new_ones(1)])[self.index.to(s.device)]
         if s.numel() not in (1, mean.numel()):  # e.g. the rows of one FSDP2 shard
             raise ValueError(
                 f"{type(self.norm).__name__}: its running statistics cover {mean.numel()} channels "
@@ -171,76 +124,144 @@ def _has_running_stats(module: nn.Module) -> bool:
 
 
 def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[str, list[NormStats]]]:
-    """``(mapping, stats)``: the grouping of every invariant weight and cancelled bias, and the
-    running statistics each invariant weight feeds."""
+    """``(mapping, stats)``: the grouping of every invariant parameter and cancelled one, and
+    the running statistics each invariant parameter feeds."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    layer_calls, norm_inputs = [], {}
-    # the parameters as registered now: FSDP2 (``fully_shard``) swaps in unsharded tensors for
-    # the forward pass (between its pre- and post-forward hooks), so a use is traced through the
-    # tensors seen when the layer starts and credited to these
-    registered = {id(m): (m.weight, m.bias) for m in model.modules() if isinstance(m, _LAYERS)}
-    starting = {}
+    traces, names = [], {}
+    for training in (True, False):
+        trace, seen = _trace(model, example_inputs, training)
+        traces.append(trace)
+        for k, name in seen.items():
+            names.setdefault(name, []).append(k)
+    stats_of = {id(m.running_mean): m for m in model.modules()
+                if isinstance(getattr(m, "running_mean", None), Tensor)}
+    params = dict(model.named_parameters())
+    mapping, stats = {}, {}
+    for name, p in params.items():
+        ids = names.get(name)
+        if not ids or not p.is_floating_point():
+            continue
+        for grouping in _candidates(p):
+            links = _holds(traces, ids, p, grouping, stats_of)
+            if links is not None:
+                mapping[name], stats[name] = grouping, links
+                if grouping != "tensor":
+                    break
+            elif grouping == "tensor":
+                break  # no finer grouping can hold
+    return mapping, {k: v for k, v in stats.items() if v}
 
-    def on_start(module, args):
-        starting[id(module)] = (module.weight, module.bias)
 
-    def on_layer(module, args, kwargs, out):
-        layer_calls.append((module, out, *starting.pop(id(module), (module.weight, module.bias))))
+def _trace(model: nn.Module, example_inputs, training: bool):
+    """Record one forward pass (train or eval mode) on perturbed parameters and inputs; return
+    the trace and ``{id of a recorded parameter tensor: its name}``."""
+    gen = torch.Generator().manual_seed(0)
+    substitute, seen = {}, {}
+    registered = {}
+    for name, p in model.named_parameters():
+        registered[id(p)] = name
+        if not is_sharded(p):
+            substitute[id(p)] = perturbed(p, gen)
+            seen[id(substitute[id(p)])] = name
+    owner = {(id(m), k): registered[id(p)] for m in model.modules() for k, p in m._parameters.items()
+             if p is not None and id(p) in registered}
 
-    def on_norm(module, args, kwargs, out):
-        x = args[0] if args else kwargs.get("input")
-        if isinstance(x, Tensor):
-            norm_inputs.setdefault(id(x), (module, x))
+    def on_start(module, args):  # FSDP2 swaps in unsharded tensors for the forward pass
+        for k, t in module._parameters.items():
+            name = owner.get((id(module), k))
+            if name is not None and isinstance(t, Tensor) and id(t) not in substitute:
+                substitute[id(t)] = perturbed(t, gen)
+                seen[id(substitute[id(t)])] = name
 
-    handles = [m.register_forward_hook(on_layer if isinstance(m, _LAYERS) else on_norm,
-                                       with_kwargs=True)
-               for m in model.modules() if isinstance(m, _LAYERS + _NORMS)]
-    handles += [m.register_forward_pre_hook(on_start) for m in model.modules()
-                if isinstance(m, _LAYERS)]
+    for x in _outputs(example_inputs):
+        substitute[id(x)] = perturbed(x, gen)
+    handles = [m.register_forward_pre_hook(on_start) for m in model.modules() if m._parameters]
+    keep = list(model.buffers()) + list(substitute.values())
     try:
-        with _pristine(model), torch.enable_grad():
-            out = _call(_unwrapped(model), example_inputs)
+        with _pristine(model, training):
+            trace = record(lambda: _call(_unwrapped(model), example_inputs), substitute, keep)
     finally:
         for h in handles:
             h.remove()
-    counts, leaves = _graph(_outputs(out))
+    return trace, seen
 
-    uses: dict[int, list] = {}  # id(registered weight) -> [(grouping or None, layer, norm, used)]
-    for layer, y, weight, bias in layer_calls:
-        if not isinstance(weight, nn.Parameter) or id(layer) not in registered:
-            continue
-        grouping, norm_layer = None, None
-        if isinstance(y, Tensor) and y.grad_fn is not None and counts[y.grad_fn] == 1:
-            norm_layer, x = norm_inputs.get(id(y), (None, None))
-            if x is y:
-                grouping = _use_grouping(layer, y, norm_layer)
-        kept, kept_bias = registered[id(layer)]
-        uses.setdefault(id(kept), []).append((grouping, layer, norm_layer, weight, bias, kept_bias))
 
-    def used_only_there(tensors, n_uses) -> bool:
-        """Every use of the parameter is one of the ``n_uses`` calls seen (no other consumer)."""
-        nodes = {id(t): leaves.get(id(t)) for t in tensors}
-        return None not in nodes.values() and sum(counts[n] for n in nodes.values()) == n_uses
+def _candidates(p: Tensor):
+    """Groupings to try: cancelled, then ``tensor`` (when the whole tensor is not invariant, no
+    finer grouping is), then finer ones from the finest; the last that holds is kept."""
+    if p.dim() <= 1:
+        yield CANCELLED
+    yield "tensor"
+    if p.dim() == 0:
+        return
+    if p.shape[0] > 1:
+        yield "channel"
+    if p.dim() >= 2 and p.shape[1] > 1:
+        yield "channel@1"
+    n = p.shape[0]
+    for g in sorted((g for g in range(2, n) if n % g == 0), reverse=True):
+        yield f"groups:{g}"
 
-    names = {id(p): name for name, p in model.named_parameters()}
-    mapping, stats = {}, {}
-    for name, p in model.named_parameters():
-        calls = uses.get(id(p))
-        groupings = {c[0] for c in calls or [(None,)]}
-        if None in groupings or len(groupings) != 1 or \
-                not used_only_there([c[3] for c in calls], len(calls)):
-            continue
-        mapping[name] = groupings.pop()
-        stats[name] = [NormStats(norm, layer.bias) for _, layer, norm, *_ in calls
-                       if _has_running_stats(norm)]
-        biases = {id(c[5]): c for c in calls if c[5] is not None}
-        for _, _, _, _, _, bias in biases.values():  # only a cancelled bias survives _use_grouping
-            seen = [c[4] for c in calls if c[5] is bias]
-            if isinstance(bias, nn.Parameter) and id(bias) in names and \
-                    used_only_there(seen, len(calls)):
-                mapping[names[id(bias)]] = CANCELLED
-    return mapping, stats
+
+def _seed(p: Tensor, grouping: str, gen: torch.Generator) -> tuple[Value, dict[float, int]]:
+    """The starting value of ``p`` for one candidate, and ``{label: group index}``."""
+    if grouping == CANCELLED:
+        offset = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device)
+        return Value(torch.zeros((1,) * p.dim(), dtype=torch.float64, device=p.device), offset), {}
+    view = rows(torch.empty(p.shape, device="meta"), grouping)
+    count = view.shape[0]
+    labels = (2 ** 20 + torch.randperm(2 ** 20, generator=gen)[:count]).double()
+    F = torch.zeros(p.shape, dtype=torch.float64)
+    rows(F, grouping).copy_(labels.view(-1, *[1] * (view.dim() - 1)).expand(view.shape))
+    F = _compact(F)
+    return Value(F.to(p.device)), {float(v): i for i, v in enumerate(labels.tolist())}
+
+
+def _compact(F: Tensor) -> Tensor:
+    for d in range(F.dim()):
+        first = F.narrow(d, 0, 1)
+        if torch.equal(F, first.expand_as(F)):
+            F = first
+    return F
+
+
+def _holds(traces, ids: list[int], p: Tensor, grouping: str, stats_of: dict) -> list | None:
+    """``None`` if ``grouping`` of ``p`` may change an output of a trace (or its buffers);
+    else the running statistics (:class:`NormStats`) that must follow its rescaling."""
+    gen = torch.Generator().manual_seed(1)
+    value, labels = _seed(p, grouping, gen)
+    links = []
+    shift = grouping == CANCELLED
+    for trace in traces[:1] if shift else traces:  # a cancelled parameter is never updated: the
+        mine = [k for k in ids if k in trace.first]  # eval-mode network does not move
+        if not mine:
+            return None  # unused in this pass: claim nothing
+        prop = Propagation(trace, follow_stats=not shift)
+        try:
+            env = prop.run(min(trace.first[k] for k in mine), {k: value for k in mine})
+        except Failed:
+            return None
+        if env.keys() - set(mine):  # a transformed output, buffer or other parameter
+            return None
+        if not links:
+            links = [_stats(stats_of, mean, F, bias, labels, grouping) for mean, F, bias in prop.links]
+    if any(link is None for link in links):
+        return None
+    return links
+
+
+def _stats(stats_of: dict, mean: Tensor, F: Tensor, bias, labels: dict, grouping: str):
+    """The :class:`NormStats` of a BatchNorm whose input channels carry labels ``F``."""
+    norm = stats_of.get(id(mean))
+    if norm is None:
+        return None
+    index = [labels.get(float(v), None) if v else -1 for v in F.tolist()]
+    if None in index:
+        return None
+    if grouping == "channel" and index == list(range(len(index))):
+        return NormStats(norm, bias)
+    return NormStats(norm, bias, torch.tensor(index))
 
 
 def _reshard(model: nn.Module) -> None:

@@ -1,0 +1,848 @@
+"""How a traced forward pass transforms when one parameter is rescaled or shifted (SPEC §1).
+
+Discovery (:mod:`psiopt.optim.discovery`) records the aten operations of one forward pass
+(:func:`record`: a ``TorchDispatchMode``, so views, permutes, decomposed norms, ``F.normalize``,
+attention and parametrizations all appear as the ops they really are) and asks, for one parameter
+at a time, whether a candidate transformation of it leaves every output unchanged.
+
+Every tensor ``v`` of the pass is given an abstract value ``v ↦ exp(κF) ⊙ v + O``:
+
+* ``F``: integer *labels* in float64, broadcastable to ``v`` (size-1 dimensions where the factor
+  is constant).  A rescaled parameter starts with one random integer label per group; products
+  add labels, ``sqrt`` halves them, so equality and constancy of factors are tested exactly.
+* ``O``: an additive offset (a float64 tensor, or ``None``), computed from the pass's own values.
+  A shifted parameter starts with a random offset; a rescaled tensor added to an unscaled one
+  carries the unscaled part as an offset ``(1 − exp(κF)) ⊙ b``.
+
+A tensor nobody transforms has no entry (the identity).  Each op has a rule: views and other
+shape ops move ``F`` and ``O`` with the data; products add labels where the contracted dimension
+carries one factor; sums and means need a factor constant along the reduced dimensions; a
+normalisation (BatchNorm, LayerNorm, GroupNorm, and their decompositions: mean, var, rsqrt,
+vector norms) removes a factor and an offset that are constant along what it reduces; softmax
+removes an offset constant along its dimension; positively homogeneous maps (ReLU, abs, max
+pooling) keep ``F``.  Adding a small constant (``eps`` ≤ :data:`EPS_MAX`, or ``clamp_min(eps)``)
+to a rescaled tensor is read as the normalisation's ``eps``: invariance is claimed *up to eps*,
+as for every normalisation layer.  An op without a rule that reads a transformed tensor makes the
+candidate fail, as does a transformed model output or buffer: a miss is possible, a false claim is
+not (for the ops covered).  The forward pass runs on a perturbed copy of the parameters and
+floating inputs (each entry moved by a few per cent), so that offsets cancel only where they do
+structurally, not because a weight happens to be zero (a zero-initialised gain).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+#: labels are integers in [2**20, 2**21); the concrete factor of label L is exp(KAPPA * L)
+KAPPA = 2.0 ** -21
+#: a constant at most this large added to a rescaled tensor is read as a normalisation's eps
+EPS_MAX = 1e-3
+#: relative tolerance of "this offset is constant along these dimensions"
+TOL = 1e-9
+
+
+@dataclass(eq=False)
+class Value:
+    """``v ↦ exp(κF) ⊙ v + O``; ``bias``: ``O == (1 − exp(κF)) ⊙ bias`` (or ``None``)."""
+
+    F: Tensor
+    O: Tensor | None = None
+    bias: Tensor | None = None
+
+
+class Broken:
+    """A tensor that no longer transforms in a way the analysis can describe."""
+
+
+BROKEN = Broken()
+
+
+class Failed(Exception):
+    """The candidate transformation changes the outputs (or cannot be shown not to)."""
+
+
+@dataclass
+class Op:
+    func: object
+    args: dict  # argument name -> value, in schema order
+    outs: list  # the returned tensors (flattened)
+    writes: list  # names of arguments the op writes
+
+    @property
+    def name(self) -> str:
+        return self.func.overloadpacket.__name__
+
+    def call(self, replace: dict, func=None):
+        """Call ``func`` (default: this op) with this op's arguments, some replaced."""
+        args = {**self.args, **replace}
+        pos, kw, gap = [], {}, False
+        for a in self.func._schema.arguments:
+            if a.name not in args:
+                gap = True
+            elif a.kwarg_only or gap:
+                kw[a.name] = args[a.name]
+            else:
+                pos.append(args[a.name])
+        return (func or self.func)(*pos, **kw)
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, substitute: dict[int, Tensor]):
+        super().__init__()
+        self.ops: list[Op] = []
+        self.substitute = substitute
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        sub = self.substitute
+        args = tuple(sub.get(id(a), a) if isinstance(a, Tensor) else a for a in args)
+        kwargs = {k: sub.get(id(v), v) if isinstance(v, Tensor) else v for k, v in (kwargs or {}).items()}
+        out = func(*args, **kwargs)
+        schema = func._schema.arguments
+        named = {a.name: v for a, v in zip(schema, args)}
+        named.update(kwargs)
+        writes = [a.name for a in schema if a.alias_info is not None and a.alias_info.is_write]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        self.ops.append(Op(func, named, outs, writes))
+        return out
+
+
+@dataclass(eq=False)
+class Trace:
+    """The aten ops of one forward pass, with what the propagation needs to know about tensors:
+    ``first[id]`` (the first op reading a tensor), ``dies[i]`` (tensors last read by op ``i``,
+    outputs and ``keep`` excluded) and ``storage[id]`` (tensors sharing its storage)."""
+
+    ops: list[Op]
+    out: object
+    first: dict[int, int]
+    dies: dict[int, list[int]]
+    storage: dict[int, list[int]]
+
+
+def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
+    """Run ``call()`` and record its aten ops; a tensor whose ``id`` is a key of ``substitute``
+    is replaced by the value wherever an op reads it.  ``keep``: tensors whose values matter after
+    the pass (buffers, parameters), never dropped as dead."""
+    with torch.no_grad(), _Recorder(substitute) as rec:
+        out = call()
+    first, last, by_storage, seen = {}, {}, {}, {}
+    for i, op in enumerate(rec.ops):
+        for t in tree_flatten(list(op.args.values()))[0] + op.outs:
+            if not isinstance(t, Tensor):
+                continue
+            if id(t) not in seen:
+                seen[id(t)] = t
+                if t.numel() and t.layout == torch.strided:
+                    by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(id(t))
+            last[id(t)] = i
+        for t in tree_flatten(list(op.args.values()))[0]:
+            if isinstance(t, Tensor):
+                first.setdefault(id(t), i)
+    pinned = {id(t) for t in tree_flatten(out)[0] if isinstance(t, Tensor)} | {id(t) for t in keep}
+    dies: dict[int, list[int]] = {}
+    for k, i in last.items():
+        if k not in pinned:
+            dies.setdefault(i, []).append(k)
+    storage = {k: ids for ids in by_storage.values() if len(ids) > 1 for k in ids}
+    return Trace(rec.ops, out, first, dies, storage)
+
+
+def perturbed(t: Tensor, gen: torch.Generator) -> Tensor:
+    """A generic copy of ``t``: every entry moved by about 5 % of the tensor's RMS (and of itself)."""
+    x = t.detach()
+    if not x.is_floating_point() or x.numel() == 0:
+        return x
+    noise = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device)
+    finite = x[torch.isfinite(x)].double()
+    rms = float(finite.square().mean().sqrt()) if finite.numel() else 1.0
+    return (x.double() * (1 + 0.05 * noise) + 0.05 * (rms or 1.0) * noise.roll(1)).to(x.dtype)
+
+
+# -- helpers on labels and offsets ------------------------------------------------------------
+
+def _aligned(F: Tensor, ndim: int) -> Tensor:
+    return F.reshape((1,) * (ndim - F.dim()) + tuple(F.shape)) if F.dim() < ndim else F
+
+
+def _zero(F: Tensor) -> bool:
+    return not bool(F.any())
+
+
+def _dims(dims, ndim: int) -> list[int]:
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return list(range(ndim))
+    if isinstance(dims, int):
+        dims = [dims]
+    return sorted({d % ndim for d in dims}) if ndim else []
+
+
+def _const(F: Tensor, dims) -> Tensor | None:
+    """``F`` narrowed to size 1 along ``dims`` if it is constant there, else ``None``."""
+    for d in dims:
+        if F.dim() > d and F.shape[d] > 1:
+            first = F.narrow(d, 0, 1)
+            if not torch.equal(F, first.expand_as(F)):
+                return None
+            F = first
+    return F
+
+
+def _const_offset(O: Tensor, dims) -> Tensor | None:
+    """``O`` narrowed along ``dims`` if constant there up to rounding, else ``None``."""
+    scale = float(O.abs().max()) if O.numel() else 0.0
+    if not math.isfinite(scale):
+        return None
+    for d in dims:
+        if O.dim() > d and O.shape[d] > 1:
+            first = O.narrow(d, 0, 1)
+            if float((O - first).abs().max()) > TOL * scale:
+                return None
+            O = first
+    return O
+
+
+def _squeeze(t: Tensor, dims, keepdim: bool) -> Tensor:
+    return t if keepdim else t.reshape([s for i, s in enumerate(t.shape) if i not in dims])
+
+
+def _factor(F: Tensor) -> Tensor:
+    return torch.exp(KAPPA * F)
+
+
+def _d(t) -> Tensor:
+    return t.detach().double() if isinstance(t, Tensor) else torch.tensor(float(t), dtype=torch.float64)
+
+
+def _add_offsets(*offsets) -> Tensor | None:
+    present = [o for o in offsets if o is not None]
+    if not present:
+        return None
+    total = present[0]
+    for o in present[1:]:
+        total = total + o
+    return total
+
+
+def _identity(ndim: int, device) -> Value:
+    return Value(torch.zeros((1,) * ndim, dtype=torch.float64, device=device))
+
+
+# -- propagation -------------------------------------------------------------------------------
+
+class Propagation:
+    """Propagates one transformation through a recorded pass (see the module docstring).
+
+    ``links`` collects, for every BatchNorm with running statistics that cancels the
+    transformation, ``(running_mean, per-channel labels, per-channel bias or None)``: what its
+    statistics must follow for the eval-mode network to stay unchanged.
+    """
+
+    def __init__(self, trace: Trace, follow_stats: bool = True):
+        self.follow_stats = follow_stats
+        self.ops, self.storage = trace.ops, trace.storage
+        self.dies = trace.dies
+        self.env: dict[int, Value | Broken] = {}
+        self.links: list[tuple[Tensor, Tensor, Tensor | None]] = []
+
+    def get(self, t) -> Value | Broken | None:
+        return self.env.get(id(t)) if isinstance(t, Tensor) else None
+
+    def run(self, start: int, seeds: dict[int, Value]) -> dict[int, Value | Broken]:
+        """Propagate ``seeds`` from op ``start``; the values still alive at the end (outputs,
+        buffers, parameters) are returned."""
+        self.env.update(seeds)
+        for i in range(start, len(self.ops)):
+            if not self.env:
+                break
+            self.step(self.ops[i])
+            for dead in self.dies.get(i, ()):
+                self.env.pop(dead, None)
+        return self.env
+
+    def step(self, op: Op) -> None:
+        tensors = [v for v in tree_flatten(list(op.args.values()))[0] if isinstance(v, Tensor)]
+        values = [self.get(t) for t in tensors]
+        if all(v is None for v in values):
+            for t in op.outs:  # an op of untouched tensors (or one that overwrites a tensor)
+                self._set(t, None)
+            return
+        if any(v is BROKEN for v in values):
+            raise Failed(f"{op.func} reads a tensor the analysis cannot describe")
+        name = op.name.rstrip("_") if op.name.endswith("_") and not op.name.startswith("_") else op.name
+        rule = _RULES.get(name) or _RULES.get(op.name)
+        if rule is None:
+            if name in _VALUE_FREE:
+                results = [None] * len(op.outs)
+            else:
+                raise Failed(f"no rule for {op.func}")
+        else:
+            results = rule(self, op)
+        for t, v in zip(op.outs, results):
+            self._set(t, v)
+        for t in op.outs[len(results):]:
+            self._set(t, BROKEN)
+        self._written(op)
+
+    def _set(self, t: Tensor, v) -> None:
+        if isinstance(v, Value) and v.O is None and _zero(v.F):
+            v = None  # back to the identity
+        if v is None:
+            self.env.pop(id(t), None)
+        else:
+            self.env[id(t)] = v
+
+    def _written(self, op: Op) -> None:
+        """An in-place write reaches every other view of the same storage: those views are lost
+        (a write the rule did not describe loses the written tensor too)."""
+        outs = {id(t) for t in op.outs}
+        for name in op.writes:
+            if name in ("running_mean", "running_var"):
+                continue  # the batch-norm rule records what its statistics must follow
+            t = op.args.get(name)
+            if not isinstance(t, Tensor):
+                continue
+            if id(t) not in outs:
+                self.env[id(t)] = BROKEN
+            for other in self.storage.get(id(t), ()):
+                if other != id(t):
+                    self.env[other] = BROKEN
+
+    # the value of an argument as (concrete float64 tensor, Value) with F aligned to its ndim
+    def value(self, t) -> Value:
+        v = self.get(t)
+        ndim = t.dim() if isinstance(t, Tensor) else 0
+        device = t.device if isinstance(t, Tensor) else None
+        if v is None:
+            return _identity(ndim, device)
+        return Value(_aligned(v.F, ndim), None if v.O is None else _aligned(v.O, ndim), v.bias)
+
+
+def _pure(v: Value) -> bool:
+    return v.O is None
+
+
+# -- rules -------------------------------------------------------------------------------------
+
+def _add(a, va: Value, b, vb: Value, alpha: float = 1.0, concrete=None) -> Value | None:
+    """``a + alpha·b`` (``concrete``: callables giving a, b as float64 when an offset needs them)."""
+    fa, fb = _zero(va.F), _zero(vb.F)
+    get_a = (concrete or {}).get("a", lambda: _d(a))
+    get_b = (concrete or {}).get("b", lambda: _d(b))
+    Ob = None if vb.O is None else vb.O * alpha
+    if fa and fb:
+        O = _add_offsets(va.O, Ob)
+        return None if O is None else Value(va.F if va.F.dim() >= vb.F.dim() else vb.F, O)
+    if not isinstance(b, Tensor) and not fa and abs(alpha * b) <= EPS_MAX:
+        return va  # a normalisation's eps
+    if torch.equal(*torch.broadcast_tensors(va.F, vb.F)):
+        F = torch.broadcast_tensors(va.F, vb.F)[0]
+        return Value(F, _add_offsets(va.O, Ob))
+    if fb:  # b unscaled: (s a + Oa) + α(b + Ob) = s(a + αb) + Oa + αOb + (1 − s)αb
+        rest = (1 - _factor(va.F)) * (alpha * get_b())
+        bias = b if (va.O is None and vb.O is None and isinstance(b, Tensor) and alpha == 1) else None
+        return Value(va.F, _add_offsets(va.O, Ob, rest), bias)
+    if fa:
+        rest = (1 - _factor(vb.F)) * get_a()
+        bias = a if (va.O is None and vb.O is None and isinstance(a, Tensor) and alpha == 1) else None
+        return Value(vb.F, _add_offsets(va.O, Ob, rest), bias)
+    return BROKEN
+
+
+def _mul(a, va: Value, b, vb: Value) -> Value | Broken:
+    if va.O is None and vb.O is None:
+        return Value(_sum_aligned(va.F, vb.F))
+    if _zero(vb.F) and vb.O is None:
+        return Value(va.F, va.O * _d(b))
+    if _zero(va.F) and va.O is None:
+        return Value(vb.F, vb.O * _d(a))
+    return BROKEN
+
+
+def _sum_aligned(Fa: Tensor, Fb: Tensor) -> Tensor:
+    n = max(Fa.dim(), Fb.dim())
+    return _aligned(Fa, n) + _aligned(Fb, n)
+
+
+def _binary(p: Propagation, op: Op, x, y, kind: str):
+    a, b = op.args[x], op.args.get(y, op.args.get("other"))
+    va, vb = p.value(a), p.value(b)
+    if kind == "add":
+        r = _add(a, va, b, vb, op.args.get("alpha", 1))
+    elif kind == "sub":
+        r = _add(a, va, b, vb, -op.args.get("alpha", 1))
+    elif kind == "rsub":
+        r = _add(b, vb, a, va, -op.args.get("alpha", 1))
+    elif kind == "mul":
+        r = _mul(a, va, b, vb)
+    else:  # div
+        if op.args.get("rounding_mode") is not None:
+            raise Failed(f"{op.func} rounds")
+        if vb.O is None and _zero(vb.F):
+            r = Value(va.F, None if va.O is None else va.O / _d(b))
+        elif va.O is None and vb.O is None:
+            r = Value(_sum_aligned(va.F, -vb.F))
+        else:
+            r = BROKEN
+    if r is not None and r is not BROKEN:
+        r.F = _aligned(r.F, op.outs[0].dim())
+    return [r]
+
+
+def _unary_power(k: float):
+    def rule(p: Propagation, op: Op):
+        v = p.value(op.args["self"])
+        if v.O is not None:
+            return [BROKEN]
+        return [Value(v.F * k)]
+    return rule
+
+
+def _pow(p: Propagation, op: Op):
+    k = op.args["exponent"]
+    if isinstance(k, Tensor):
+        raise Failed("a tensor exponent")
+    return _unary_power(float(k))(p, op)
+
+
+def _homogeneous(p: Propagation, op: Op):
+    """relu, leaky_relu, abs: ``f(s x) = s f(x)`` for ``s > 0`` (no offset)."""
+    v = p.value(op.args["self"])
+    return [BROKEN if v.O is not None else Value(v.F)]
+
+
+def _clamp_min(p: Propagation, op: Op):
+    low = op.args.get("min")
+    high = op.args.get("max")
+    v = p.value(op.args["self"])
+    small = low is not None and not isinstance(low, Tensor) and 0 <= low <= EPS_MAX
+    if not small or high is not None or v.O is not None:
+        raise Failed(f"{op.func} of a transformed tensor")
+    return [Value(v.F)]  # clamp_min(norm, eps): the eps of F.normalize
+
+
+def _shape(p: Propagation, op: Op):
+    """Views, copies, indexing, concatenation: the same op applied to F and O."""
+    first = next(iter(op.args))
+    src = op.args[first]
+    many = isinstance(src, (list, tuple))
+    srcs = list(src) if many else [src]
+
+    def full(t, part):
+        if not isinstance(t, Tensor):
+            return t
+        v = p.value(t)
+        if part == "F":
+            return v.F.expand(t.shape)
+        if v.O is None:
+            return torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+        return v.O.expand(t.shape)
+
+    def apply(part):
+        arg = [full(t, part) for t in srcs] if many else full(src, part)
+        fn = torch.ops.aten.reshape.default if op.name in ("view", "_unsafe_view") else None
+        if fn is not None:
+            res = fn(arg, op.args["size"])
+        else:
+            res = op.call({first: arg})
+        return [r for r in tree_flatten(res)[0] if isinstance(r, Tensor)]
+
+    has_offset = any(isinstance(p.get(t), Value) and p.get(t).O is not None for t in srcs)
+    Fs = apply("F")
+    Os = apply("O") if has_offset else [None] * len(Fs)
+    return [Value(F, O) for F, O in zip(Fs, Os)]
+
+
+def _passthrough(p: Propagation, op: Op):
+    v = p.get(op.args["self"])
+    return [v] + [None] * (len(op.outs) - 1)
+
+
+def _reduce(p: Propagation, op: Op):
+    """sum, mean: the factor must be constant along the reduced dimensions."""
+    x = op.args["self"]
+    dims = _dims(op.args.get("dim"), x.dim())
+    keep = bool(op.args.get("keepdim", False))
+    v = p.value(x)
+    F = _const(v.F, dims)
+    if F is None:
+        return [BROKEN]
+    O = None
+    if v.O is not None:
+        O = op.func.overloadpacket(v.O.expand(x.shape), dims, keep)
+    return [Value(_squeeze(F, dims, keep), O)]
+
+
+def _spread(p: Propagation, op: Op, power: float, centred: bool):
+    """var, std (``centred``: an offset constant along the reduced dimensions cancels) and
+    vector norms: the factor must be constant there and comes out raised to ``power``."""
+    x = op.args["self"]
+    dims = _dims(op.args.get("dim"), x.dim())
+    order = op.args.get("ord", op.args.get("p", 2))
+    if not centred and (order is None or isinstance(order, Tensor) or float(order) <= 0):
+        return [BROKEN]
+    keep = bool(op.args.get("keepdim", False))
+    v = p.value(x)
+    F = _const(v.F, dims)
+    if F is None:
+        return [BROKEN]
+    if v.O is not None and (not centred or _const_offset(v.O, dims) is None):
+        return [BROKEN]
+    return [Value(_squeeze(F, dims, keep) * power)]
+
+
+def _var(p, op):
+    return _spread(p, op, 2.0, True)
+
+
+def _std(p, op):
+    return _spread(p, op, 1.0, True)
+
+
+def _vector_norm(p, op):
+    return _spread(p, op, 1.0, False)
+
+
+def _amax(p, op):
+    x = op.args["self"]
+    dims = _dims(op.args.get("dim"), x.dim())
+    v = p.value(x)
+    F = _const(v.F, dims)
+    if F is None or v.O is not None:
+        return [BROKEN]
+    return [Value(_squeeze(F, dims, bool(op.args.get("keepdim", False))))]
+
+
+def _softmax(p: Propagation, op: Op):
+    x = op.args["self"]
+    d = op.args["dim"] % x.dim()
+    v = p.value(x)
+    if not _zero(v.F) or v.O is None or _const_offset(v.O, [d]) is None:
+        return [BROKEN]
+    return [None]  # softmax(x + c) = softmax(x) for c constant along dim
+
+
+def _matmul_offset(a, va, b, vb, mul) -> Tensor | None:
+    sa, sb = _factor(va.F), _factor(vb.F)
+    terms = []
+    if vb.O is not None:
+        terms.append(mul(_d(a) * sa, vb.O.expand(b.shape)))
+    if va.O is not None:
+        terms.append(mul(va.O.expand(a.shape), _d(b) * sb))
+    if va.O is not None and vb.O is not None:
+        terms.append(mul(va.O.expand(a.shape), vb.O.expand(b.shape)))
+    return _add_offsets(*terms)
+
+
+def _mm(p: Propagation, op: Op):
+    a, b = op.args["self"], op.args["mat2"]
+    va, vb = p.value(a), p.value(b)
+    Fa, Fb = _const(va.F, [a.dim() - 1]), _const(vb.F, [b.dim() - 2])
+    if Fa is None or Fb is None:
+        return [BROKEN]
+    return [Value(Fa + Fb, _matmul_offset(a, va, b, vb, torch.matmul))]
+
+
+def _mv(p: Propagation, op: Op):
+    a, b = op.args["self"], op.args["vec"]
+    va, vb = p.value(a), p.value(b)
+    Fa, Fb = _const(va.F, [1]), _const(vb.F, [0])
+    if Fa is None or Fb is None:
+        return [BROKEN]
+    return [Value(Fa[:, 0] + Fb, _matmul_offset(a, va, b, vb, torch.mv))]
+
+
+def _addmm(p: Propagation, op: Op):
+    bias, out = op.args["self"], op.outs[0]
+    beta, alpha = op.args.get("beta", 1), op.args.get("alpha", 1)
+    prod = _mm(p, Op(op.func, {"self": op.args["mat1"], "mat2": op.args["mat2"]}, op.outs, []))[0]
+    if prod is BROKEN:
+        return [BROKEN]
+    if alpha != 1 and prod.O is not None:
+        prod.O = prod.O * alpha
+    vbias = p.value(bias)
+    if beta != 1:
+        vbias = Value(vbias.F, None if vbias.O is None else vbias.O * beta)
+    concrete = {"a": lambda: _d(out) - beta * _d(bias), "b": lambda: beta * _d(bias)}
+    r = _add(None, prod, bias, vbias, 1.0, concrete)
+    if r is not None and r is not BROKEN and beta != 1:
+        r.bias = None
+    return [r]
+
+
+def _baddbmm(p: Propagation, op: Op):
+    return _addmm(p, Op(op.func, {"self": op.args["self"], "mat1": op.args["batch1"],
+                                  "mat2": op.args["batch2"], "beta": op.args.get("beta", 1),
+                                  "alpha": op.args.get("alpha", 1)}, op.outs, []))
+
+
+def _bmm(p: Propagation, op: Op):
+    return _mm(p, op)
+
+
+def _conv(p: Propagation, op: Op):
+    x, w, bias = op.args["input"], op.args["weight"], op.args.get("bias")
+    out = op.outs[0]
+    transposed, groups = bool(op.args["transposed"]), int(op.args["groups"])
+    vx, vw = p.value(x), p.value(w)
+    nd = x.dim()
+    space = list(range(2, nd))
+    Fx = _const(vx.F, space)
+    if Fx is None:
+        return [BROKEN]
+    cin = x.shape[1]
+    if Fx.shape[1] > 1:  # one factor per group of input channels
+        if transposed:
+            return [BROKEN]
+        blocks = Fx.expand(Fx.shape[0], cin, *Fx.shape[2:]).unflatten(1, (groups, cin // groups))
+        blocks = _const(blocks, [2])
+        if blocks is None:
+            return [BROKEN]
+        Fx = blocks.flatten(1, 2).repeat_interleave(out.shape[1] // groups, dim=1)
+    if transposed:
+        Fw = _const(vw.F, [0, *range(2, w.dim())])
+        if Fw is not None and Fw.shape[1] > 1 and groups != 1:
+            Fw = None
+        Fw = None if Fw is None else Fw.reshape(1, -1, *[1] * (nd - 2))
+    else:
+        Fw = _const(vw.F, list(range(1, w.dim())))
+        Fw = None if Fw is None else Fw.reshape(1, -1, *[1] * (nd - 2))
+    if Fw is None:
+        return [BROKEN]
+    F = Fx + Fw
+    params = [op.args[k] for k in ("stride", "padding", "dilation", "transposed", "output_padding", "groups")]
+
+    def conv(a, b):
+        return torch.ops.aten.convolution(a, b, None, *params)
+
+    O = _matmul_offset(x, vx, w, vw, conv)
+    prod = Value(F, O)
+    if bias is None:
+        return [prod]
+    vb = p.value(bias)
+    shape = (1, -1) + (1,) * (nd - 2)
+    vb = Value(vb.F.expand(bias.shape).reshape(shape),
+               None if vb.O is None else vb.O.expand(bias.shape).reshape(shape))
+    concrete = {"a": lambda: _d(out) - _d(bias).reshape(shape), "b": lambda: _d(bias).reshape(shape)}
+    r = _add(None, prod, bias, vb, 1.0, concrete)
+    return [r]
+
+
+def _affine(p: Propagation, xhat, ndim: int, weight, bias, shape) -> Value | None:
+    """``xhat · weight + bias`` for an untouched ``xhat`` (a callable giving it in float64)."""
+    r = None
+    if weight is not None:
+        vw = p.get(weight)
+        if isinstance(vw, Value):
+            vw = p.value(weight)
+            r = Value(_aligned(vw.F.expand(weight.shape).reshape(shape), ndim),
+                      None if vw.O is None else vw.O.expand(weight.shape).reshape(shape) * xhat())
+    if bias is not None and r is not None:  # a rescaled gain: the bias is an offset
+        unscaled = {"b": lambda: _d(bias).reshape(shape)}
+        return _add(None, r, bias, _identity(ndim, bias.device), 1.0, unscaled)
+    if bias is not None and isinstance(p.get(bias), Value):
+        vb = p.value(bias)
+        vb = Value(_aligned(vb.F.expand(bias.shape).reshape(shape), ndim),
+                   None if vb.O is None else vb.O.expand(bias.shape).reshape(shape))
+        va = r or _identity(ndim, bias.device)
+        scaled = lambda: xhat() * (_d(weight).reshape(shape) if weight is not None else 1)  # noqa: E731
+        r = _add(None, va, bias, vb, 1.0, {"a": scaled, "b": lambda: _d(bias).reshape(shape)})
+    return r
+
+
+def _cancelled(v: Value, dims) -> bool:
+    return _const(v.F, dims) is not None and (v.O is None or _const_offset(v.O, dims) is not None)
+
+
+def _layer_norm(p: Propagation, op: Op):
+    x, shape = op.args["input"], list(op.args["normalized_shape"])
+    dims = list(range(x.dim() - len(shape), x.dim()))
+    touched = isinstance(p.get(x), Value)
+    if touched and not _cancelled(p.value(x), dims):
+        return [BROKEN]
+    eps = op.args["eps"]
+    xhat = lambda: torch.nn.functional.layer_norm(_d(x), shape, eps=eps)  # noqa: E731
+    r = _affine(p, xhat, x.dim(), op.args.get("weight"), op.args.get("bias"), shape)
+    extra = [BROKEN if touched else None] * 2
+    return [r] + extra
+
+
+def _batch_norm(p: Propagation, op: Op):
+    x = op.args["input"]
+    training = bool(op.args.get("training", "no_training" not in op.name))
+    mean, var = op.args.get("running_mean"), op.args.get("running_var")
+    eps = op.args["eps"]
+    dims = [0, *range(2, x.dim())]
+    touched = isinstance(p.get(x), Value)
+    if touched:
+        v = p.value(x)
+        if not _cancelled(v, dims):
+            return [BROKEN]
+        if mean is not None and p.follow_stats:
+            F = _const(v.F, dims).reshape(-1).expand(x.shape[1])
+            O = None if v.O is None else _const_offset(v.O, dims).reshape(-1)
+            if O is not None and v.bias is None:
+                return [BROKEN]  # an offset the running statistics cannot follow
+            p.links.append((mean, F, v.bias))
+        elif not training:
+            return [BROKEN]
+    shape = (-1,) + (1,) * (x.dim() - 2)
+
+    def xhat():
+        if training:
+            return torch.nn.functional.batch_norm(_d(x), None, None, training=True, eps=eps)
+        return (_d(x) - _d(mean).reshape(shape)) / (_d(var).reshape(shape) + eps).sqrt()
+
+    r = _affine(p, xhat, x.dim(), op.args.get("weight"), op.args.get("bias"), shape)
+    if r is not None and r is not BROKEN:
+        r.F = _aligned(r.F, x.dim())
+    return [r] + [BROKEN if touched else None] * (len(op.outs) - 1)
+
+
+def _group_norm(p: Propagation, op: Op):
+    x, G = op.args["input"], int(op.args["group"])
+    touched = isinstance(p.get(x), Value)
+    if touched:
+        v = p.value(x)
+        n, c = x.shape[0], x.shape[1]
+
+        def blocks(t):
+            return t.expand(x.shape).reshape(n, G, c // G, -1)
+        if not _cancelled(Value(blocks(v.F), None if v.O is None else blocks(v.O)), [2, 3]):
+            return [BROKEN]
+    shape = (-1,) + (1,) * (x.dim() - 2)
+    eps = op.args["eps"]
+    xhat = lambda: torch.nn.functional.group_norm(_d(x), G, eps=eps)  # noqa: E731
+    r = _affine(p, xhat, x.dim(), op.args.get("weight"), op.args.get("bias"), shape)
+    return [r] + [BROKEN if touched else None] * 2
+
+
+def _dropout(p: Propagation, op: Op):
+    v = p.value(op.args["input"])
+    mask, keep = op.outs[1], 1 - float(op.args["p"])
+    O = None if v.O is None else v.O * mask.double() / keep
+    return [Value(v.F, O), None]
+
+
+def _pool_max(p: Propagation, op: Op):
+    x = op.args["self"]
+    v = p.value(x)
+    F = _const(v.F, list(range(2, x.dim())))
+    if F is None or v.O is not None:
+        return [BROKEN]
+    return [Value(F)] + [None] * (len(op.outs) - 1)
+
+
+def _pool_linear(p: Propagation, op: Op):
+    x = op.args["self"]
+    v = p.value(x)
+    F = _const(v.F, list(range(2, x.dim())))
+    if F is None:
+        return [BROKEN]
+    O = None if v.O is None else op.call({"self": v.O.expand(x.shape)})
+    return [Value(F, O)]
+
+
+def _attention(p: Propagation, op: Op):
+    q, k, v = op.args["query"], op.args["key"], op.args["value"]
+    if isinstance(p.get(op.args.get("attn_mask")), Value) or isinstance(p.get(q), Value):
+        return [BROKEN]
+    if isinstance(p.get(k), Value):
+        vk = p.value(k)  # an offset of the keys constant along them adds the same q·b to every score
+        if not _zero(vk.F) or vk.O is None or _const_offset(vk.O, [k.dim() - 2]) is None:
+            return [BROKEN]
+    vv = p.value(v)
+    F = _const(vv.F, [v.dim() - 2])
+    O = None
+    if vv.O is not None:
+        O = _const_offset(vv.O, [v.dim() - 2])
+        if O is None or float(op.args.get("dropout_p", 0.0)):
+            F = None
+    if F is None:
+        return [BROKEN]
+    r = None if _zero(F) and O is None else Value(F, O)
+    return [r] + [BROKEN] * (len(op.outs) - 1)
+
+
+def _weight_norm(p: Propagation, op: Op):
+    """``v · g / ‖v‖`` with norms over every dimension but ``dim`` (``torch._weight_norm``)."""
+    v, g, dim = op.args["v"], op.args["g"], op.args.get("dim", 0)
+    vv, vg = p.value(v), p.value(g)
+    others = [d for d in range(v.dim()) if d != dim % v.dim()]
+    if vv.O is not None or _const(vv.F, others) is None:
+        return [BROKEN]
+    O = None
+    if vg.O is not None:
+        O = vg.O * (_d(op.outs[0]) / _d(g))
+    return [Value(_aligned(vg.F, v.dim()), O), BROKEN]
+
+
+def _copy(p: Propagation, op: Op):
+    return [p.get(op.args["src"])]
+
+
+def _embedding(p: Propagation, op: Op):
+    w, idx = op.args["weight"], op.args["indices"]
+    if isinstance(p.get(idx), Value):
+        return [BROKEN]
+    v = p.value(w)
+    F = torch.nn.functional.embedding(idx, v.F.expand(w.shape))
+    O = None if v.O is None else torch.nn.functional.embedding(idx, v.O.expand(w.shape))
+    return [Value(F, O)]
+
+
+_RULES = {
+    "add": lambda p, op: _binary(p, op, "self", "other", "add"),
+    "sub": lambda p, op: _binary(p, op, "self", "other", "sub"),
+    "rsub": lambda p, op: _binary(p, op, "self", "other", "rsub"),
+    "mul": lambda p, op: _binary(p, op, "self", "other", "mul"),
+    "div": lambda p, op: _binary(p, op, "self", "other", "div"),
+    "neg": lambda p, op: [Value(p.value(op.args["self"]).F, None if p.value(op.args["self"]).O is None
+                                else -p.value(op.args["self"]).O)],
+    "sqrt": _unary_power(0.5), "rsqrt": _unary_power(-0.5), "reciprocal": _unary_power(-1.0),
+    "square": _unary_power(2.0), "pow": _pow,
+    "relu": _homogeneous, "abs": _homogeneous, "leaky_relu": _homogeneous,
+    "clamp_min": _clamp_min, "clamp": _clamp_min,
+    "sum": _reduce, "mean": _reduce,
+    "var": _var, "std": _std, "linalg_vector_norm": _vector_norm, "norm": _vector_norm,
+    "amax": _amax, "amin": _amax,
+    "_softmax": _softmax, "softmax": _softmax, "_log_softmax": _softmax, "log_softmax": _softmax,
+    "mm": _mm, "bmm": _bmm, "mv": _mv, "addmm": _addmm, "baddbmm": _baddbmm,
+    "convolution": _conv,
+    "native_layer_norm": _layer_norm,
+    "native_batch_norm": _batch_norm, "_native_batch_norm_legit": _batch_norm,
+    "_native_batch_norm_legit_no_training": _batch_norm, "cudnn_batch_norm": _batch_norm,
+    "native_group_norm": _group_norm,
+    "native_dropout": _dropout,
+    "max_pool2d_with_indices": _pool_max, "max_pool3d_with_indices": _pool_max,
+    "adaptive_max_pool2d": _pool_max, "max_pool1d": _pool_max, "max_pool2d": _pool_max,
+    "avg_pool2d": _pool_linear, "avg_pool1d": _pool_linear, "avg_pool3d": _pool_linear,
+    "_adaptive_avg_pool2d": _pool_linear, "adaptive_avg_pool2d": _pool_linear,
+    "upsample_nearest2d": _pool_linear, "upsample_bilinear2d": _pool_linear,
+    "_scaled_dot_product_flash_attention_for_cpu": _attention,
+    "_scaled_dot_product_flash_attention": _attention,
+    "_scaled_dot_product_efficient_attention": _attention,
+    "_scaled_dot_product_cudnn_attention": _attention,
+    "_weight_norm_interface": _weight_norm,
+    "copy": _copy, "detach": _passthrough, "alias": _passthrough, "lift_fresh": _passthrough,
+    "_to_copy": _passthrough, "clone": _passthrough, "contiguous": _passthrough,
+    "embedding": _embedding,
+}
+for _name in ("view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "unsqueeze",
+              "squeeze", "select", "slice", "narrow", "flatten", "unflatten", "movedim", "split",
+              "split_with_sizes", "chunk", "unbind", "index_select", "repeat", "roll", "flip",
+              "cat", "stack", "constant_pad_nd", "index", "unfold", "pixel_shuffle",
+              "pixel_unshuffle", "channel_shuffle", "expand_copy", "view_copy", "permute_copy",
+              "tensor_split", "gather", "diagonal"):
+    _RULES[_name] = _shape
+
+#: ops whose outputs do not depend on the values of their tensor arguments
+_VALUE_FREE = {"empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
+               "new_empty", "new_zeros", "new_ones", "new_full", "new_empty_strided", "fill", "zero",
+               "empty_strided", "_efficientzerotensor", "bernoulli", "uniform", "normal",
+               "exponential", "random"}
