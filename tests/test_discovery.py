@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 import psiopt
+from psiopt.experiments import zoo
 from psiopt.experiments.models import create_model
 
 
@@ -10,43 +11,57 @@ def found(model, *shape):
     return psiopt.find_scale_invariant(model, torch.randn(*shape))
 
 
+def _assert_exact(model, x):
+    """Discovery equals the numerical ground truth: no false claim, no miss, nothing coarser."""
+    r = zoo.compare(model, x)
+    assert not r["false"], f"false claims {r['false']}"
+    assert not r["missed"], f"missed {r['missed']}"
+    assert not r["coarser"], f"coarser {r['coarser']}"
+    return r["found"]
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_discovery_equals_the_numerical_ground_truth(name):
+    model, x = zoo.build(name)
+    _assert_exact(model, x)
+
+
+def test_the_ground_truth_catches_a_false_claim():
+    # a LayerNorm over the channels of NCHW through a permute (timm's LayerNorm2d) does not make
+    # the conv before it invariant per output channel, nor its bias cancelled
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), zoo.LayerNorm2d(4), nn.Flatten(), nn.Linear(64, 2))
+    x = torch.randn(2, 3, 6, 6)
+    assert not zoo.holds(model, x, "0.weight", "channel")
+    assert not zoo.holds(model, x, "0.bias", "cancelled")
+    assert zoo.holds(model, x, "0.weight", "tensor") is False  # the bias stays: not invariant
+    found = _assert_exact(model, x)
+    assert "0.weight" not in found and "0.bias" not in found
+
+
 def test_plain_cifar_resnet_every_conv_is_channel_invariant():
     model = create_model("resnet20")
-    mapping = found(model, 2, 3, 32, 32)
+    mapping = found(model, 2, 3, 8, 8)
     convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    assert mapping == {f"{c}.weight": "channel" for c in convs}
-    assert "features.0.weight" in mapping  # the stem conv feeds BN
+    assert {n for n, g in mapping.items() if g == "channel"} == {f"{c}.weight" for c in convs}
     assert "fc.weight" not in mapping and "fc.bias" not in mapping
 
 
 def test_preact_block_second_conv_feeds_the_sum_and_is_not_invariant():
     model = create_model("preact-resnet20")
-    mapping = found(model, 2, 3, 32, 32)
+    mapping = found(model, 2, 3, 8, 8)
     block = "features.1.body"
     assert mapping[f"{block}.2.weight"] == "channel"  # conv1 → bn2
     assert f"{block}.5.weight" not in mapping  # conv2 → residual sum
     assert "features.0.weight" not in mapping  # stem feeds bn1 *and* the shortcut
-    assert len(mapping) == 9
 
 
-def test_vgg_conv_bn_relu():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
-    assert found(model, 2, 3, 8, 8) == {"0.weight": "channel", "0.bias": "cancelled",
-                                        "3.weight": "channel"}
-
-
-def test_mlp_batchnorm1d_bias_is_cancelled():
-    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 2))
-    assert found(model, 4, 5) == {"0.weight": "channel", "0.bias": "cancelled"}
-
-
-@pytest.mark.parametrize("bias, expected", [(False, {"0.weight": "groups:2"}), (True, {})])
-def test_groupnorm_with_and_without_bias(bias, expected):
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=bias), nn.GroupNorm(2, 8), nn.ReLU(),
-                          nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
-    assert found(model, 2, 3, 6, 6) == expected
+@pytest.mark.parametrize("bias", [False, True])
+def test_layernorm_after_linear(bias):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6, bias=bias), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 2))
+    mapping = _assert_exact(model, torch.randn(3, 5))
+    assert ("0.weight" in mapping) == (not bias)  # a bias LayerNorm does not cancel survives
 
 
 def test_groupnorm_with_one_channel_per_group_is_per_channel():
@@ -54,17 +69,10 @@ def test_groupnorm_with_one_channel_per_group_is_per_channel():
     assert found(model, 2, 3, 6, 6) == {"0.weight": "channel", "0.bias": "cancelled"}
 
 
-@pytest.mark.parametrize("bias, expected", [(False, {"0.weight": "tensor"}), (True, {})])
-def test_layernorm_with_and_without_bias(bias, expected):
-    model = nn.Sequential(nn.Linear(5, 6, bias=bias), nn.LayerNorm(6), nn.ReLU(), nn.Linear(6, 2))
-    assert found(model, 3, 5) == expected
-
-
-def test_instancenorm_and_layernorm_over_spatial_dims_are_per_channel():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4), nn.Conv2d(4, 4, 1),
-                          nn.LayerNorm(4))
-    assert found(model, 2, 3, 6, 6) == {"0.weight": "channel", "2.weight": "channel",
-                                        "0.bias": "cancelled", "2.bias": "cancelled"}
+def test_groupnorm_groups():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.GroupNorm(2, 8), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+    assert _assert_exact(model, torch.randn(2, 3, 6, 6))["0.weight"] == "groups:2"
 
 
 def test_conv_transpose_then_bn_groups_on_dim_one():
@@ -72,6 +80,45 @@ def test_conv_transpose_then_bn_groups_on_dim_one():
     mapping = found(model, 2, 3, 4, 4)
     assert mapping == {"0.weight": "channel@1", "0.bias": "cancelled"}
     assert psiopt.check_invariance(model, torch.randn(4, 3, 4, 4), mapping).ok
+
+
+def test_per_head_qk_norm_is_per_head():
+    model, x = zoo.build("QK-LNorm, separate qkv, no bias")
+    mapping = psiopt.find_scale_invariant(model, x)
+    assert mapping["block.attn.q.weight"] == mapping["block.attn.k.weight"] == f"groups:{zoo.H}"
+    assert "block.attn.v.weight" not in mapping
+
+
+def test_key_bias_under_softmax_is_cancelled():
+    model, x = zoo.build("attention, separate q/k/v")
+    mapping = psiopt.find_scale_invariant(model, x)
+    assert mapping.get("block.attn.k.bias") == "cancelled"
+    assert "block.attn.q.bias" not in mapping and "block.attn.v.bias" not in mapping
+
+
+def test_weight_parametrizations():
+    model, x = zoo.build("weight_norm + BN")
+    mapping = psiopt.find_scale_invariant(model, x)
+    assert mapping["0.parametrizations.weight.original1"] == "channel"  # the direction
+    assert mapping["0.parametrizations.weight.original0"] == "channel"  # the magnitude, BN after
+    model, x = zoo.build("spectral_norm")
+    assert psiopt.find_scale_invariant(model, x)["0.parametrizations.weight.original"] == "tensor"
+
+
+def test_zero_initialised_weights_do_not_make_offsets_vanish():
+    # ReZero: x + α·f(x) with α = 0.  At α = 0 the branch has no effect at all, but only for
+    # that value: nothing in the branch may be reported cancelled
+    class ReZero(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.alpha, self.head = nn.Linear(4, 4), nn.Parameter(torch.zeros(())), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(x + self.alpha * self.lin(x))
+
+    torch.manual_seed(0)
+    mapping = _assert_exact(ReZero(), torch.randn(5, 4))
+    assert mapping == {}
 
 
 class Tied(nn.Module):
@@ -88,9 +135,11 @@ class Tied(nn.Module):
         return self.bn2(h) if self.second_normalised else h
 
 
-@pytest.mark.parametrize("normalised, expected", [(True, {"a.weight": "channel"}), (False, {})])
-def test_tied_weight_invariant_only_if_every_use_is(normalised, expected):
-    assert found(Tied(normalised), 6, 4) == expected
+@pytest.mark.parametrize("normalised", [True, False])
+def test_tied_weight_invariant_only_if_every_use_is(normalised):
+    torch.manual_seed(0)
+    mapping = _assert_exact(Tied(normalised), torch.randn(6, 4))
+    assert ("a.weight" in mapping) == normalised
 
 
 class Functional(nn.Module):
@@ -126,8 +175,10 @@ class Branchy(nn.Module):
 
 
 def test_python_control_flow():
-    assert found(Branchy(), 5, 4) == {"layers.0.weight": "channel", "layers.2.weight": "channel",
-                                      "layers.0.bias": "cancelled", "layers.2.bias": "cancelled"}
+    torch.manual_seed(0)
+    mapping = _assert_exact(Branchy(), torch.randn(5, 4))
+    assert mapping["layers.0.weight"] == mapping["layers.2.weight"] == "channel"
+    assert "layers.1.weight" not in mapping and "norms.1.weight" not in mapping  # norms.1 unused
 
 
 def test_residual_sum_before_norm_is_not_invariant():
@@ -139,7 +190,8 @@ def test_residual_sum_before_norm_is_not_invariant():
         def forward(self, x):
             return self.bn(self.lin(x) + x)
 
-    assert found(Res(), 5, 4) == {}
+    torch.manual_seed(0)
+    assert _assert_exact(Res(), torch.randn(5, 4)) == {}
 
 
 def test_discovery_leaves_model_state_alone():
@@ -161,7 +213,7 @@ def test_check_invariance_passes_true_groups_and_flags_wrong_ones():
                           nn.Linear(6 * 4 * 4, 5, bias=False), nn.LayerNorm(5), nn.Linear(5, 3))
     x = torch.randn(8, 2, 6, 6)
     mapping = psiopt.find_scale_invariant(model, x)
-    assert mapping == {"0.weight": "groups:2", "3.weight": "tensor"}
+    assert mapping["0.weight"] == "groups:2" and mapping["3.weight"] == "tensor"
     report = psiopt.check_invariance(model, x, mapping)
     assert report.ok, str(report)
     wrong = {"0.weight": "channel", "3.weight": "tensor", "5.weight": "channel"}
@@ -216,3 +268,79 @@ def test_mapping_without_inputs_warns_that_statistics_cannot_follow():
     with pytest.warns(UserWarning, match="running statistics"):
         groups = psiopt.param_groups(model, mapping={"0.weight": "channel"})
     assert "norm_stats" not in groups[0]
+
+
+def test_check_invariance_rows_of_one_entry_are_not_false_alarms():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 4, bias=False), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0], [2.0], [-1.5], [3.0]]))
+    x = torch.randn(16, 1)
+    mapping = psiopt.find_scale_invariant(model, x)
+    assert mapping == {"0.weight": "channel"}
+    report = psiopt.check_invariance(model, x, mapping)
+    assert report.ok and report.checks[0].verdict == "exact", str(report)
+
+
+def test_check_invariance_three_verdicts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        model[0].weight[:3].mul_(1e-5)  # rows whose output variance sits far below BatchNorm's eps
+    report = psiopt.check_invariance(model, x, {"0.weight": "channel", "3.weight": "channel"})
+    verdicts = {c.name: c.verdict for c in report.checks}
+    assert verdicts == {"0.weight": "up to eps", "3.weight": "NOT INVARIANT"}, str(report)
+    assert [c.name for c in report.up_to_eps] == ["0.weight"] and not report.ok
+    assert model[1].eps == 1e-5  # restored
+    with torch.no_grad():
+        model[0].weight[:3].mul_(1e5)
+    report = psiopt.check_invariance(model, x, {"0.weight": "channel"})
+    assert report.ok and report.checks[0].verdict == "exact"
+
+
+def test_discovery_has_no_side_effects():
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4)), nn.BatchNorm1d(4),
+                          nn.Dropout(0.5), nn.Linear(4, 2)).eval()
+    model[1].train()  # a mix of modes, kept as found
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 4)
+    state = torch.get_rng_state()
+    psiopt.find_scale_invariant(model, x)
+    psiopt.param_groups(model, x)
+    assert [m.training for m in model.modules()] == [False, False, False, False, False, True, False, False]
+    for k, v in model.state_dict().items():  # running statistics, spectral_norm's _u and _v
+        assert torch.equal(before[k], v), k
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("name", ["conv-ReLU-conv-BN", "weight_norm + BN", "vgg (conv-BN)",
+                                  "conv-depthwise-BN", "resnet20 (BN)"])
+def test_rows_psiopt_rescales_keep_the_eval_network(name):
+    # UN-SGD unit-normalises every group at its first step (lr 0: nothing else moves); the
+    # running statistics discovery links to each group must follow, whatever the grouping
+    model, x = zoo.build(name)
+    model, x = zoo.float64_copy(model), x.double()  # eps 1e-30: exact, not up to eps
+    with torch.no_grad():
+        model.train()(x)  # running statistics from data
+        for p in model.parameters():
+            p.mul_(3.0)
+    mapping = psiopt.find_scale_invariant(model, x)
+    assert any(g not in ("cancelled",) for g in mapping.values())
+    before = model.eval()(x)
+    params = [p.detach().clone() for p in model.parameters()]
+    opt = psiopt.create_optimizer(model, "un-sgd", x, lr=0.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # a train-mode pass would move the running statistics
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = model.eval()(x)
+    assert torch.allclose(after, before, rtol=1e-9, atol=1e-9 * float(before.abs().max())), \
+        float((after - before).abs().max())
+
+
+def test_a_model_with_norm_layers_where_nothing_is_found_warns_once():
+    model, x = zoo.build("pre-LN ViT (fused qkv)")
+    with pytest.warns(UserWarning, match="found no scale-invariant parameter in ViT") as record:
+        psiopt.create_optimizer(model, "psi-sgd", x)
+    assert len([w for w in record if "grouping" in str(w.message) or "found no" in str(w.message)]) == 1

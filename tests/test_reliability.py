@@ -286,7 +286,7 @@ def test_a_model_without_invariant_parameters_warns_and_is_torch_sgd():
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).double()
     twin = copy.deepcopy(model)
     x, y = mlp_data()
-    with pytest.warns(UserWarning, match="no parameter group declares a 'grouping'"):
+    with pytest.warns(UserWarning, match=r"found no scale-invariant parameter in Sequential \(it has no normalisation layer\)"):
         opt = psiopt.create_optimizer(model, "psi-sgdm", x)
     steps(model, opt, x, y, 3)
     steps(twin, torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9), x, y, 3)
@@ -365,19 +365,19 @@ def test_a_tied_weight_is_one_parameter_and_both_statistics_follow_it(name):
 
 
 @pytest.mark.parametrize("name", ["psi-sgdm", "un-sgd", "adamg"])
-def test_weight_norm_is_left_alone_by_discovery_and_can_be_declared(name):
-    """``original1`` (v) of weight_norm is invariant per row by construction: discovery does not
-    claim it (its layer sees a computed weight), an override declares it, the check confirms it."""
+def test_weight_norm_direction_is_found_by_discovery(name):
+    """``original1`` (v) of weight_norm is invariant per row by construction: discovery reads the
+    parametrization's ops and finds it, the check confirms it, optimizers train it."""
     from torch.nn.utils.parametrizations import weight_norm
 
     torch.manual_seed(0)
     model = nn.Sequential(weight_norm(nn.Linear(8, 6)), nn.ReLU(), nn.Linear(6, 3)).double()
     x, y = mlp_data()
     declared = {"0.parametrizations.weight.original1": "channel"}
-    assert psiopt.find_scale_invariant(model, x) == {}
+    assert psiopt.find_scale_invariant(model, x) == declared
     assert psiopt.check_invariance(model, x, declared).ok
     out = model(x)
-    opt = psiopt.create_optimizer(model, name, x, overrides=declared)
+    opt = psiopt.create_optimizer(model, name, x)
     torch.testing.assert_close(model(x), out, rtol=0, atol=1e-12)  # v unit-normalised or not: same net
     losses = steps(model, opt, x, y, 10)
     assert finite(model) and min(losses[1:]) < losses[0]

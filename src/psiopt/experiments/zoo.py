@@ -42,37 +42,38 @@ class LayerNorm2d(nn.LayerNorm):
 class Attention(nn.Module):
     """Multi-head self-attention; ``qk_norm``: ``"ln"``/``"rms"`` per head or ``None``."""
 
-    def __init__(self, fused=True, bias=True, qk_norm=None):
+    def __init__(self, fused=True, bias=True, qk_norm=None, dim=D, heads=H):
         super().__init__()
-        self.fused = fused
+        self.fused, self.dim, self.heads = fused, dim, heads
         if fused:
-            self.qkv = nn.Linear(D, 3 * D, bias=bias)
+            self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         else:
-            self.q, self.k, self.v = (nn.Linear(D, D, bias=bias) for _ in range(3))
+            self.q, self.k, self.v = (nn.Linear(dim, dim, bias=bias) for _ in range(3))
         norm = {"ln": nn.LayerNorm, "rms": nn.RMSNorm, None: None}[qk_norm]
-        self.q_norm = norm(D // H) if norm else nn.Identity()
-        self.k_norm = norm(D // H) if norm else nn.Identity()
-        self.proj = nn.Linear(D, D)
+        self.q_norm = norm(dim // heads) if norm else nn.Identity()
+        self.k_norm = norm(dim // heads) if norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         B, L, _ = x.shape
+        h, d = self.heads, self.dim // self.heads
         if self.fused:
-            q, k, v = self.qkv(x).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self.qkv(x).view(B, L, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         else:
-            q, k, v = (lin(x).view(B, L, H, D // H).transpose(1, 2) for lin in (self.q, self.k, self.v))
+            q, k, v = (lin(x).view(B, L, h, d).transpose(1, 2) for lin in (self.q, self.k, self.v))
         q, k = self.q_norm(q), self.k_norm(k)
         y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+        return self.proj(y.transpose(1, 2).reshape(B, L, self.dim))
 
 
 class Block(nn.Module):
     """Pre-LN transformer block."""
 
-    def __init__(self, norm=nn.LayerNorm, **attention):
+    def __init__(self, norm=nn.LayerNorm, dim=D, **attention):
         super().__init__()
-        self.norm1, self.attn = norm(D), Attention(**attention)
-        self.norm2 = norm(D)
-        self.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.GELU(), nn.Linear(2 * D, D))
+        self.norm1, self.attn = norm(dim), Attention(dim=dim, **attention)
+        self.norm2 = norm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -80,13 +81,15 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, depth=2, **attention):
+    """Pre-LN ViT (``vit_base(16)`` is ViT-B/16 at 224 × 224: ``ViT(768, 12, 12, 16, 224)``)."""
+
+    def __init__(self, dim=D, depth=2, heads=H, patch=4, image=8, classes=3, **attention):
         super().__init__()
-        self.patch = nn.Conv2d(3, D, 4, 4)
-        self.cls = nn.Parameter(torch.randn(1, 1, D) * 0.02)
-        self.pos = nn.Parameter(torch.randn(1, 5, D) * 0.02)
-        self.blocks = nn.Sequential(*(Block(**attention) for _ in range(depth)))
-        self.norm, self.head = nn.LayerNorm(D), nn.Linear(D, 3)
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*(Block(dim=dim, heads=heads, **attention) for _ in range(depth)))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
 
     def forward(self, x):
         x = self.patch(x).flatten(2).transpose(1, 2)
@@ -287,8 +290,8 @@ def _zoo():
     from .models import create_model
 
     zoo = {
-        "resnet20 (BN)": (lambda: create_model("resnet20"), lambda: torch.randn(2, 3, 32, 32)),
-        "preact-resnet20 (BN)": (lambda: create_model("preact-resnet20"), lambda: torch.randn(2, 3, 32, 32)),
+        "resnet20 (BN)": (lambda: create_model("resnet20"), lambda: torch.randn(2, 3, 8, 8)),
+        "preact-resnet20 (BN)": (lambda: create_model("preact-resnet20"), lambda: torch.randn(2, 3, 8, 8)),
         "vgg (conv-BN)": (lambda: _seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
                                        nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
                                        nn.Flatten(), nn.Linear(4 * 4 * 4, 5)), _images),
@@ -388,30 +391,36 @@ def _change(a, b) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-300))
 
 
-def holds(model: nn.Module, x, name: str, grouping: str, seed: int = 0) -> bool:
+def holds(model: nn.Module, x, name: str, grouping: str, seed: int = 0, *, copy64=None) -> bool:
     """True when rescaling ``name``'s groups by random factors in [e⁻², e²] (or shifting it,
     for ``"cancelled"``) leaves the outputs of the float64, eps-free network put: in train mode,
-    and for scaled groups also in eval mode (running statistics re-estimated on the batch)."""
-    m = float64_copy(model)
+    and for scaled groups also in eval mode (running statistics re-estimated on the batch).
+    ``copy64``: a :func:`float64_copy` of ``model`` to reuse (its parameter is restored)."""
+    m = copy64 if copy64 is not None else float64_copy(model)
     x = x.double() if x.is_floating_point() else x
     p = dict(m.named_parameters())[name]
     gen = torch.Generator().manual_seed(seed)
     base, base_eval = _run(m, x, True), _eval(m, x)
-    with torch.no_grad():
-        if grouping == CANCELLED:
-            saved, worst = p.clone(), 0.0
-            for size in (1.0, -10.0, 0.1):
-                p.copy_(saved + torch.randn(p.shape, generator=gen, dtype=p.dtype) * size * (1 + p.abs().max()))
-                worst = max(worst, _change(base, _run(m, x, True)))
-            return worst < TOL
-        view = rows(p, grouping)
-        factors = torch.exp(4 * torch.rand(view.shape[0], generator=gen, dtype=p.dtype) - 2)
-        view.mul_(factors.view(-1, *[1] * (view.dim() - 1)))
-    return _change(base, _run(m, x, True)) < TOL and _change(base_eval, _eval(m, x)) < TOL
+    saved = p.detach().clone()
+    try:
+        with torch.no_grad():
+            if grouping == CANCELLED:
+                worst, noise = 0.0, torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                for size in (1.0, -1.0, 10.0, -10.0, 0.1):  # both signs: crosses zero too
+                    p.copy_(saved + noise * size * (1 + saved.abs().max()))
+                    worst = max(worst, _change(base, _run(m, x, True)))
+                return worst < TOL
+            view = rows(p, grouping)
+            factors = torch.exp(4 * torch.rand(view.shape[0], generator=gen, dtype=p.dtype) - 2)
+            view.mul_(factors.view(-1, *[1] * (view.dim() - 1)))
+        return _change(base, _run(m, x, True)) < TOL and _change(base_eval, _eval(m, x)) < TOL
+    finally:
+        with torch.no_grad():
+            p.copy_(saved)
 
 
 def candidates(p: torch.Tensor) -> list[str]:
-    """The groupings a parameter of this shape could have."""
+    """The groupings a parameter of this shape could have (``tensor`` before the finer ones)."""
     out = [CANCELLED, "tensor"] if p.dim() <= 1 else ["tensor"]
     if p.dim() >= 1 and p.shape[0] > 1:
         out.append("channel")
@@ -422,13 +431,28 @@ def candidates(p: torch.Tensor) -> list[str]:
 
 
 def truth(model: nn.Module, x) -> dict[str, set[str]]:
-    """Every candidate grouping that holds numerically, per parameter (none: left out)."""
-    out = {}
+    """Every candidate grouping that holds numerically, per parameter (none: left out).  When
+    the whole tensor is not invariant, no finer grouping is tried (none can hold)."""
+    out, m = {}, float64_copy(model)
     for name, p in model.named_parameters():
-        ok = {g for g in candidates(p) if holds(model, x, name, g)}
+        ok = set()
+        for g in candidates(p):
+            if g != "tensor" and g != CANCELLED and "tensor" not in ok:
+                break
+            if holds(model, x, name, g, copy64=m):
+                ok.add(g)
         if ok:
             out[name] = ok
     return out
+
+
+def unused(model: nn.Module, x) -> set[str]:
+    """Parameters the forward pass does not reach (no gradient): nothing to claim about them."""
+    params = dict(model.named_parameters())
+    out = model(x)
+    leaves = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if t.requires_grad]
+    grads = torch.autograd.grad([t.sum() for t in leaves], list(params.values()), allow_unused=True)
+    return {n for n, g in zip(params, grads) if g is None}
 
 
 def finest(groupings: set[str]) -> str:
@@ -446,10 +470,12 @@ def finest(groupings: set[str]) -> str:
 
 def compare(model: nn.Module, x) -> dict:
     """Discovery against the ground truth: ``found``, ``false`` (claims the truth refutes),
-    ``missed`` (invariant parameters not reported) and ``coarser`` (reported, but a finer
+    ``missed`` (invariant parameters not reported; parameters the pass does not reach are left
+    out) and ``coarser`` (reported, but a finer
     grouping holds)."""
     found = find_scale_invariant(model, x)
-    true = truth(model, x)
+    skip = unused(model, x)
+    true = {n: g for n, g in truth(model, x).items() if n not in skip}
     return {
         "found": found,
         "true": {n: finest(g) for n, g in true.items()},
@@ -458,3 +484,24 @@ def compare(model: nn.Module, x) -> dict:
         "coarser": {n: (found[n], finest(g)) for n, g in true.items()
                     if n in found and found[n] in g and found[n] != finest(g)},
     }
+
+
+def table() -> str:
+    """The Markdown table of ``docs/discovery.md``: for every zoo model, what discovery finds,
+    and how it compares with the ground truth."""
+    lines = ["| architecture | parameters | psiopt finds | ground truth | false claims | missed "
+             "| coarser |", "|---|---|---|---|---|---|---|"]
+    for name in ZOO:
+        model, x = build(name)
+        r = compare(model, x)
+        kinds: dict[str, int] = {}
+        for g in r["found"].values():
+            kinds[g] = kinds.get(g, 0) + 1
+        found = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) or "nothing"
+        lines.append(f"| {name} | {len(list(model.parameters()))} | {found} | {len(r['true'])} "
+                     f"| {len(r['false'])} | {len(r['missed'])} | {len(r['coarser'])} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m psiopt.experiments.zoo
+    print(table())

@@ -14,6 +14,7 @@ declare them by hand with ``overrides`` and confirm with :func:`check_invariance
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ try:
 except ImportError:  # a torch built without distributed support
     FSDPModule = None
 
+from ..parallel import SyncBatchNorm
 from .geometry import CANCELLED, is_invariant, norm, rows, safe_inv
 from .sharded import grouped_norms, is_sharded
 from .symmetry import Failed, Propagation, Value, perturbed, record
@@ -55,6 +57,11 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0):
     exit."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    # SyncBatchNorm normalises exactly as BatchNorm does (over the global batch): traced as the
+    # local BatchNorm, with no collective during discovery
+    synced = [m for m in model.modules() if isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm))]
+    for m in synced:
+        m.forward = types.MethodType(_BatchNorm.forward, m)
     devices = sorted({p.device.index for p in model.parameters() if p.is_cuda})
     try:
         with torch.random.fork_rng(devices=devices):
@@ -63,6 +70,8 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0):
             yield
     finally:
         _reshard(model)
+        for m in synced:
+            del m.forward
         for m, mode in modes:
             m.training = mode
         with torch.no_grad():
@@ -140,8 +149,8 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     mapping, stats = {}, {}
     for name, p in params.items():
         ids = names.get(name)
-        if not ids or not p.is_floating_point():
-            continue
+        if not ids or not p.is_floating_point() or not p.requires_grad:
+            continue  # unused, or frozen: nothing to train, nothing claimed
         for grouping in _candidates(p):
             links = _holds(traces, ids, p, grouping, stats_of)
             if links is not None:
@@ -184,6 +193,10 @@ def _trace(model: nn.Module, example_inputs, training: bool):
     finally:
         for h in handles:
             h.remove()
+    # what a running statistic may follow: the model's own tensors, not their perturbed copies
+    params = {id(p): p for p in model.parameters()}
+    trace.originals = {id(copy): params.get(k, copy) for k, copy in substitute.items()}
+    trace.originals.update({id(b): b for b in model.buffers()})
     return trace, seen
 
 
@@ -245,17 +258,21 @@ def _holds(traces, ids: list[int], p: Tensor, grouping: str, stats_of: dict) -> 
         if env.keys() - set(mine):  # a transformed output, buffer or other parameter
             return None
         if not links:
-            links = [_stats(stats_of, mean, F, bias, labels, grouping) for mean, F, bias in prop.links]
+            links = [_stats(stats_of, mean, F, bias, labels, grouping, trace.originals)
+                     for mean, F, bias in prop.links]
     if any(link is None for link in links):
         return None
     return links
 
 
-def _stats(stats_of: dict, mean: Tensor, F: Tensor, bias, labels: dict, grouping: str):
-    """The :class:`NormStats` of a BatchNorm whose input channels carry labels ``F``."""
+def _stats(stats_of: dict, mean: Tensor, F: Tensor, bias, labels: dict, grouping: str,
+           originals: dict):
+    """The :class:`NormStats` of a BatchNorm whose input channels carry labels ``F`` (and the
+    offset ``(1 − s)·bias``, ``bias`` a parameter or buffer of the model)."""
     norm = stats_of.get(id(mean))
-    if norm is None:
+    if norm is None or bias is not None and id(bias) not in originals:
         return None
+    bias = None if bias is None else originals[id(bias)]
     index = [labels.get(float(v), None) if v else -1 for v in F.tolist()]
     if None in index:
         return None
@@ -341,6 +358,14 @@ def param_groups(model: nn.Module, example_inputs=None, *, mapping: dict | None 
     stats: dict[str, list[NormStats]] = {}
     if example_inputs is not None:
         found, stats = _discover(model, example_inputs)
+        if mapping is None and not overrides and not any(map(is_invariant, found.values())):
+            norms = any(isinstance(m, _NORMS) for m in model.modules())
+            warnings.warn(
+                f"psiopt found no scale-invariant parameter in {type(model).__name__}"
+                + (" although it has normalisation layers" if norms else " (it has no normalisation layer)")
+                + ", so every parameter takes the ordinary update (docs/discovery.md says what "
+                "discovery reads; declare groups with overrides= and verify them with "
+                "psiopt.check_invariance)", stacklevel=2)
         mapping = found if mapping is None else mapping
     elif mapping is None:
         raise ValueError("param_groups needs example_inputs (or an explicit mapping)")
@@ -385,6 +410,9 @@ def unit_normalize_(groups: list[dict]) -> None:
                 rescale_rows_(v, safe_inv(n), st)
 
 
+EXACT, UP_TO_EPS, NOT_INVARIANT = "exact", "up to eps", "NOT INVARIANT"
+
+
 @dataclass
 class GroupCheck:
     """Numerical evidence for one declared parameter (worst over its groups)."""
@@ -392,33 +420,53 @@ class GroupCheck:
     name: str
     grouping: str
     loss_change: float  # max relative change of the outputs (or loss) when groups are rescaled
-    cosine: float  # max over groups of |<∇, w>| / (‖∇‖ ‖w‖) (0 for a cancelled bias)
+    cosine: float  # max over groups of more than one entry of |<∇, w>| / (‖∇‖ ‖w‖)
     worst_group: int  # index of the group with the largest cosine
+    #: ``"exact"``; ``"up to eps"`` (beyond ``tol`` only because of the normalisation layers'
+    #: ``eps``: within it once every ``eps`` attribute is set to ~0); ``"NOT INVARIANT"``
+    verdict: str = EXACT
 
 
 @dataclass
 class InvarianceReport:
-    """Result of :func:`check_invariance`: ``ok`` is False when a declared group is not invariant."""
+    """Result of :func:`check_invariance`: ``ok`` is False when a declared group is not invariant
+    (``up_to_eps`` lists those invariant only up to the normalisation layers' eps)."""
 
     checks: list[GroupCheck]
     tol: float
     failures: list[GroupCheck] = field(init=False)
+    up_to_eps: list[GroupCheck] = field(init=False)
 
     def __post_init__(self):
         self.checks.sort(key=lambda c: -max(c.loss_change, c.cosine))
-        self.failures = [c for c in self.checks if max(c.loss_change, c.cosine) > self.tol]
+        self.failures = [c for c in self.checks if c.verdict == NOT_INVARIANT]
+        self.up_to_eps = [c for c in self.checks if c.verdict == UP_TO_EPS]
 
     @property
     def ok(self) -> bool:
         return not self.failures
 
     def __str__(self) -> str:
-        lines = [f"{'parameter':40s} {'grouping':10s} {'Δloss':>10s} {'cos(∇,w)':>10s}"]
+        lines = [f"{'parameter':40s} {'grouping':10s} {'Δloss':>10s} {'cos(∇,w)':>10s}  verdict"]
         for c in self.checks:
-            flag = "  NOT INVARIANT" if c in self.failures else ""
             lines.append(f"{c.name:40s} {c.grouping:10s} {c.loss_change:10.2e} "
-                         f"{c.cosine:10.2e}{flag}")
+                         f"{c.cosine:10.2e}  {c.verdict}")
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _no_eps(model: nn.Module):
+    """Every float ``eps`` attribute of the model's modules (normalisation layers) set to 1e-30
+    inside (``nn.RMSNorm``'s ``None`` too); restored on exit."""
+    saved = [(m, m.eps) for m in model.modules()
+             if isinstance(getattr(m, "eps", None), float) or isinstance(m, nn.RMSNorm)]
+    try:
+        for m, _ in saved:
+            m.eps = 1e-30
+        yield
+    finally:
+        for m, eps in saved:
+            m.eps = eps
 
 
 def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
@@ -429,14 +477,17 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
     the odd-indexed groups are multiplied by ``c`` (so a wrong ``"channel"`` declaration on a
     weight that is only invariant as a whole is caught), and the relative change of the loss is
     recorded (of every output entry, relative to the largest output, or of ``loss_fn(output)``);
-    the gradient's radial part ``|<∇, w>|/(‖∇‖‖w‖)`` is measured per group, for ``loss_fn`` or
-    by default a fixed random projection of the outputs.  A bias declared ``"cancelled"`` (never
-    updated by psiopt) gets a random offset of ``c·max(1, max|b|)`` per entry instead (its
-    ``cosine`` is reported as 0: the change of the outputs decides).  Groups above ``tol`` are
-    failures.  The
-    model's parameters, buffers and modes are restored.  BatchNorm's ``eps`` breaks invariance
-    for a row whose output variance over the batch is not large against it (relative effect
-    about ``eps/σ²``): with tiny batches such a row can be reported, and rightly so.
+    the gradient's radial part ``|<∇, w>|/(‖∇‖‖w‖)`` is measured per group of more than one entry
+    (a group of one entry is parallel to its gradient whatever it is: the rescaling decides), for
+    ``loss_fn`` or by default a fixed random projection of the outputs.  A bias declared
+    ``"cancelled"`` (never updated by psiopt) gets a random offset of ``c·max(1, max|b|)`` per
+    entry instead (its ``cosine`` is reported as 0: the change of the outputs decides).
+
+    Each parameter gets a verdict: ``"exact"`` when both measures are within ``tol``; else the
+    check is repeated with every normalisation layer's ``eps`` set to ~0, and a parameter within
+    ``tol`` then is invariant ``"up to eps"`` (a row whose variance is not large against the
+    layer's eps, e.g. with a tiny batch: relative effect about ``eps/σ²``); otherwise ``"NOT
+    INVARIANT"`` (a failure).  The model's parameters, buffers and modes are restored.
     """
     mapping = _mapping(model, groups_or_mapping)
     if not mapping:
@@ -444,6 +495,24 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
                          "scale-invariant or cancelled (pass param groups with a 'grouping' or a mapping "
                          "{name: grouping}, e.g. from find_scale_invariant)")
     params = _check_mapping(model, mapping)
+    measured = _measure(model, example_inputs, mapping, params, scales, loss_fn)
+    failing = [n for n, (change, cos, _) in measured.items() if max(change, cos) > tol]
+    again = {}
+    if failing:
+        with _no_eps(model):
+            again = _measure(model, example_inputs, {n: mapping[n] for n in failing}, params,
+                             scales, loss_fn)
+    checks = []
+    for name, (change, cos, worst) in measured.items():
+        verdict = EXACT
+        if name in again:
+            verdict = UP_TO_EPS if max(again[name][:2]) <= tol else NOT_INVARIANT
+        checks.append(GroupCheck(name, mapping[name], change, cos, worst, verdict))
+    return InvarianceReport(checks, tol)
+
+
+def _measure(model, example_inputs, mapping, params, scales, loss_fn) -> dict:
+    """``{name: (loss_change, cosine, worst_group)}`` for the declared parameters."""
 
     def observed(out) -> Tensor:
         """What rescaling must not change: ``loss_fn(out)``, or every output entry."""
@@ -464,7 +533,7 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
                                     allow_unused=True)
     base = out.detach().double()
     scale = base.abs().max().clamp_min(1e-12)
-    checks = []
+    results = {}
     for (name, grouping), grad in zip(mapping.items(), grads):
         p = params[name]
         saved = p.detach().clone()
@@ -476,7 +545,7 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
                 p.data.add_(offset, alpha=c)
                 change = max(change, float((observed_at() - base).abs().max() / scale))
                 p.data.copy_(saved)
-            checks.append(GroupCheck(name, grouping, change, 0.0, 0))
+            results[name] = (change, 0.0, 0)
             continue
         view = rows(p.data, grouping)
         for c in scales:
@@ -490,8 +559,10 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
         w = view.double()
         cos = (w * g.double()).flatten(1).sum(1).abs() / (norm(w) * norm(g.double())).flatten()
         cos = torch.nan_to_num(cos, nan=0.0)
-        checks.append(GroupCheck(name, grouping, change, float(cos.max()), int(cos.argmax())))
-    return InvarianceReport(checks, tol)
+        if w[0].numel() == 1:  # a group of one entry: its gradient is always radial
+            cos = torch.zeros_like(cos)
+        results[name] = (change, float(cos.max()), int(cos.argmax()))
+    return results
 
 
 __all__ = ["find_scale_invariant", "param_groups", "check_invariance", "unit_normalize_",

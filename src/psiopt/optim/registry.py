@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -148,7 +149,10 @@ def create_optimizer(model_or_param_groups, name: str, example_inputs=None, *,
             "(param_groups gives invariant groups weight_decay=0 unless asked); pass "
             f"weight_decay=λ, which sets every group, or build {spec.cls.__name__} directly for "
             "a λ per group")
-    optimizer = spec.cls(groups)
+    with warnings.catch_warnings():
+        if from_model:  # param_groups has already said so, in terms of the model
+            warnings.filterwarnings("ignore", message=".*no parameter group declares a 'grouping'")
+        optimizer = spec.cls(groups)
     optimizer.defaults.update(other)  # for groups added later
     optimizer.invariant_defaults = invariant
     return optimizer

@@ -32,7 +32,7 @@ structurally, not because a weight happens to be zero (a zero-initialised gain).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -123,6 +123,7 @@ class Trace:
     first: dict[int, int]
     dies: dict[int, list[int]]
     storage: dict[int, list[int]]
+    originals: dict[int, Tensor] = field(default_factory=dict)  # id(recorded tensor) -> the model's
 
 
 def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
@@ -557,6 +558,15 @@ def _mv(p: Propagation, op: Op):
     return [Value(Fa[:, 0] + Fb, _matmul_offset(a, va, b, vb, torch.mv))]
 
 
+def _dot(p: Propagation, op: Op):
+    a, b = op.args["self"], op.args["other"]
+    va, vb = p.value(a), p.value(b)
+    Fa, Fb = _const(va.F, [0]), _const(vb.F, [0])
+    if Fa is None or Fb is None:
+        return [BROKEN]
+    return [Value((Fa + Fb).reshape(()), _matmul_offset(a, va, b, vb, op.func))]
+
+
 def _addmm(p: Propagation, op: Op):
     bias, out = op.args["self"], op.outs[0]
     beta, alpha = op.args.get("beta", 1), op.args.get("alpha", 1)
@@ -812,7 +822,7 @@ _RULES = {
     "var": _var, "std": _std, "linalg_vector_norm": _vector_norm, "norm": _vector_norm,
     "amax": _amax, "amin": _amax,
     "_softmax": _softmax, "softmax": _softmax, "_log_softmax": _softmax, "log_softmax": _softmax,
-    "mm": _mm, "bmm": _bmm, "mv": _mv, "addmm": _addmm, "baddbmm": _baddbmm,
+    "mm": _mm, "bmm": _bmm, "mv": _mv, "dot": _dot, "vdot": _dot, "addmm": _addmm, "baddbmm": _baddbmm,
     "convolution": _conv,
     "native_layer_norm": _layer_norm,
     "native_batch_norm": _batch_norm, "_native_batch_norm_legit": _batch_norm,
