@@ -326,11 +326,24 @@ def _zoo():
                                            nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)),
                               _images),
         "scalar gain + LN": (ScalarGain, _vectors),
+        "LN gain → linear → LN": (lambda: _seq(nn.Linear(D, D), nn.LayerNorm(D), nn.Linear(D, D, bias=False),
+                                              nn.LayerNorm(D), nn.Linear(D, 3)), _vectors),
+        "LN gain → linear → BN": (lambda: _seq(nn.Linear(D, D), nn.LayerNorm(D), nn.Linear(D, D, bias=False),
+                                              nn.BatchNorm1d(D), nn.Linear(D, 3)), _vectors),
     })
     return zoo
 
 
 ZOO = _zoo()
+
+#: invariances the ground truth finds and discovery does not claim, and why
+KNOWN_MISSES = {
+    "LN gain → linear → BN": {
+        "1.weight": "rescaling the gain g by s moves the BatchNorm's input to s·(W g x̂) + W β: its "
+                    "running mean would have to follow s·μ + (1 − s)·W β, an offset that passes "
+                    "through a matrix, which the statistics links cannot express (the eval-mode "
+                    "network would change)"},
+}
 
 
 def build(name: str, seed: int = 0):

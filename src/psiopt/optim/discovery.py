@@ -33,7 +33,7 @@ except ImportError:  # a torch built without distributed support
 from ..parallel import SyncBatchNorm
 from .geometry import CANCELLED, is_invariant, norm, rows, safe_inv
 from .sharded import grouped_norms, is_sharded
-from .symmetry import Failed, Propagation, Value, perturbed, record
+from .symmetry import LABELS, Failed, Propagation, Value, compact, perturbed, record
 
 _LAYERS = (nn.Linear, _ConvNd)
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
@@ -137,9 +137,9 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     the running statistics each invariant parameter feeds."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    traces, names = [], {}
+    traces, names, substitute = [], {}, {}
     for training in (True, False):
-        trace, seen = _trace(model, example_inputs, training)
+        trace, seen = _trace(model, example_inputs, training, substitute)
         traces.append(trace)
         for k, name in seen.items():
             names.setdefault(name, []).append(k)
@@ -162,40 +162,41 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     return mapping, {k: v for k, v in stats.items() if v}
 
 
-def _trace(model: nn.Module, example_inputs, training: bool):
+def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict):
     """Record one forward pass (train or eval mode) on perturbed parameters and inputs; return
-    the trace and ``{id of a recorded parameter tensor: its name}``."""
+    the trace and ``{id of a recorded parameter tensor: its name}``.  ``substitute`` keeps the
+    copies of the registered parameters and inputs for the next pass."""
     gen = torch.Generator().manual_seed(0)
-    substitute, seen = {}, {}
-    registered = {}
-    for name, p in model.named_parameters():
-        registered[id(p)] = name
-        if not is_sharded(p):
+    params = dict(model.named_parameters())
+    registered = {id(p): name for name, p in params.items()}
+    for name, p in params.items():
+        if not is_sharded(p) and id(p) not in substitute:
             substitute[id(p)] = perturbed(p, gen)
-            seen[id(substitute[id(p)])] = name
+    for x in _outputs(example_inputs):
+        if id(x) not in substitute:
+            substitute[id(x)] = perturbed(x, gen)
+    local = dict(substitute)
+    seen = {id(local[id(p)]): name for name, p in params.items() if id(p) in local}
     owner = {(id(m), k): registered[id(p)] for m in model.modules() for k, p in m._parameters.items()
              if p is not None and id(p) in registered}
 
     def on_start(module, args):  # FSDP2 swaps in unsharded tensors for the forward pass
         for k, t in module._parameters.items():
             name = owner.get((id(module), k))
-            if name is not None and isinstance(t, Tensor) and id(t) not in substitute:
-                substitute[id(t)] = perturbed(t, gen)
-                seen[id(substitute[id(t)])] = name
+            if name is not None and isinstance(t, Tensor) and id(t) not in local:
+                local[id(t)] = perturbed(t, gen)
+                seen[id(local[id(t)])] = name
 
-    for x in _outputs(example_inputs):
-        substitute[id(x)] = perturbed(x, gen)
     handles = [m.register_forward_pre_hook(on_start) for m in model.modules() if m._parameters]
-    keep = list(model.buffers()) + list(substitute.values())
+    keep = list(model.buffers()) + list(local.values())
     try:
         with _pristine(model, training):
-            trace = record(lambda: _call(_unwrapped(model), example_inputs), substitute, keep)
+            trace = record(lambda: _call(_unwrapped(model), example_inputs), local, keep)
     finally:
         for h in handles:
             h.remove()
-    # what a running statistic may follow: the model's own tensors, not their perturbed copies
-    params = {id(p): p for p in model.parameters()}
-    trace.originals = {id(copy): params.get(k, copy) for k, copy in substitute.items()}
+    # what a running statistic may follow: the model's own parameters and buffers
+    trace.originals = {k: params[name] for k, name in seen.items()}
     trace.originals.update({id(b): b for b in model.buffers()})
     return trace, seen
 
@@ -224,19 +225,15 @@ def _seed(p: Tensor, grouping: str, gen: torch.Generator) -> tuple[Value, dict[f
         return Value(torch.zeros((1,) * p.dim(), dtype=torch.float64, device=p.device), offset), {}
     view = rows(torch.empty(p.shape, device="meta"), grouping)
     count = view.shape[0]
-    labels = (2 ** 20 + torch.randperm(2 ** 20, generator=gen)[:count]).double()
+    while True:  # distinct random labels
+        labels = torch.randint(*LABELS, (count,), generator=gen, dtype=torch.int64)
+        if labels.unique().numel() == count:
+            break
+    labels = labels.double()
     F = torch.zeros(p.shape, dtype=torch.float64)
     rows(F, grouping).copy_(labels.view(-1, *[1] * (view.dim() - 1)).expand(view.shape))
-    F = _compact(F)
+    F = compact(F)
     return Value(F.to(p.device)), {float(v): i for i, v in enumerate(labels.tolist())}
-
-
-def _compact(F: Tensor) -> Tensor:
-    for d in range(F.dim()):
-        first = F.narrow(d, 0, 1)
-        if torch.equal(F, first.expand_as(F)):
-            F = first
-    return F
 
 
 def _holds(traces, ids: list[int], p: Tensor, grouping: str, stats_of: dict) -> list | None:

@@ -39,8 +39,10 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-#: labels are integers in [2**20, 2**21); the concrete factor of label L is exp(KAPPA * L)
-KAPPA = 2.0 ** -21
+#: labels are integers in [2**40, 2**41) (exact in float64, so are sums of a few of them); the
+#: concrete factor of label L is exp(KAPPA * L), in (e, e²)
+LABELS = (2 ** 40, 2 ** 41)
+KAPPA = 2.0 ** -40
 #: a constant at most this large added to a rescaled tensor is read as a normalisation's eps
 EPS_MAX = 1e-3
 #: relative tolerance of "this offset is constant along these dimensions"
@@ -155,14 +157,18 @@ def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
 
 
 def perturbed(t: Tensor, gen: torch.Generator) -> Tensor:
-    """A generic copy of ``t``: every entry moved by about 5 % of the tensor's RMS (and of itself)."""
+    """``t`` itself where its values are already generic; else (a constant tensor, or one with an
+    exact zero: zero or one initialisations, identity matrices) a copy with every entry moved by
+    about 5 % of the tensor's RMS and of itself."""
     x = t.detach()
     if not x.is_floating_point() or x.numel() == 0:
         return x
-    noise = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device)
-    finite = x[torch.isfinite(x)].double()
-    rms = float(finite.square().mean().sqrt()) if finite.numel() else 1.0
-    return (x.double() * (1 + 0.05 * noise) + 0.05 * (rms or 1.0) * noise.roll(1)).to(x.dtype)
+    if x.numel() > 1 and bool((x.amin() != x.amax()) & (x != 0).all()):
+        return x
+    noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+    rms = x.float().square().mean().sqrt()
+    rms = torch.where(torch.isfinite(rms) & (rms > 0), rms, torch.ones_like(rms)).to(x.dtype)
+    return x * (1 + 0.05 * noise) + 0.05 * rms * noise.roll(1)
 
 
 # -- helpers on labels and offsets ------------------------------------------------------------
@@ -206,6 +212,16 @@ def _const_offset(O: Tensor, dims) -> Tensor | None:
                 return None
             O = first
     return O
+
+
+def compact(t: Tensor) -> Tensor:
+    """``t`` narrowed to size 1 along every dimension where it is constant (exactly)."""
+    for d in range(t.dim()):
+        if t.shape[d] > 1:
+            first = t.narrow(d, 0, 1)
+            if torch.equal(t, first.expand_as(t)):
+                t = first
+    return t
 
 
 def _squeeze(t: Tensor, dims, keepdim: bool) -> Tensor:
@@ -433,6 +449,9 @@ def _shape(p: Propagation, op: Op):
     src = op.args[first]
     many = isinstance(src, (list, tuple))
     srcs = list(src) if many else [src]
+    rest = [v for k, v in op.args.items() if k != first]
+    if any(isinstance(p.get(t), Value) for t in tree_flatten(rest)[0] if isinstance(t, Tensor)):
+        return [BROKEN] * len(op.outs)  # transformed indices, or a transformed fill value
 
     def full(t, part):
         if not isinstance(t, Tensor):
@@ -454,12 +473,17 @@ def _shape(p: Propagation, op: Op):
         return [r for r in tree_flatten(res)[0] if isinstance(r, Tensor)]
 
     has_offset = any(isinstance(p.get(t), Value) and p.get(t).O is not None for t in srcs)
-    Fs = apply("F")
-    Os = apply("O") if has_offset else [None] * len(Fs)
+    Fs = [compact(F) for F in apply("F")]
+    Os = [compact(O) for O in apply("O")] if has_offset else [None] * len(Fs)
     return [Value(F, O) for F, O in zip(Fs, Os)]
 
 
 def _passthrough(p: Propagation, op: Op):
+    """Copies and aliases; a cast must keep a floating dtype (rounding to integers is not
+    homogeneous)."""
+    dtype = op.args.get("dtype")
+    if dtype is not None and not dtype.is_floating_point:
+        return [BROKEN] * len(op.outs)
     v = p.get(op.args["self"])
     return [v] + [None] * (len(op.outs) - 1)
 
@@ -528,15 +552,27 @@ def _softmax(p: Propagation, op: Op):
     return [None]  # softmax(x + c) = softmax(x) for c constant along dim
 
 
-def _matmul_offset(a, va, b, vb, mul) -> Tensor | None:
+def _matmul_offset(a, va, b, vb, mul, compact=False) -> Tensor | None:
+    """The offset of ``mul(a', b')`` for ``a' = sa·a + Oa``, ``b' = sb·b + Ob``.  ``compact``:
+    ``mul`` broadcasts (matmul), so offsets are expanded along the contracted dimension only."""
     sa, sb = _factor(va.F), _factor(vb.F)
+
+    def full(O, t, dim):
+        if not compact:
+            return O.expand(t.shape)
+        shape = list(O.shape)
+        shape[dim] = t.shape[dim]
+        return O.expand(shape)
+
+    Oa = None if va.O is None else full(va.O, a, a.dim() - 1)
+    Ob = None if vb.O is None else full(vb.O, b, b.dim() - 2 if b.dim() > 1 else 0)
     terms = []
-    if vb.O is not None:
-        terms.append(mul(_d(a) * sa, vb.O.expand(b.shape)))
-    if va.O is not None:
-        terms.append(mul(va.O.expand(a.shape), _d(b) * sb))
-    if va.O is not None and vb.O is not None:
-        terms.append(mul(va.O.expand(a.shape), vb.O.expand(b.shape)))
+    if Ob is not None:
+        terms.append(mul(_d(a) * sa, Ob))
+    if Oa is not None:
+        terms.append(mul(Oa, _d(b) * sb))
+    if Oa is not None and Ob is not None:
+        terms.append(mul(Oa, Ob))
     return _add_offsets(*terms)
 
 
@@ -546,7 +582,7 @@ def _mm(p: Propagation, op: Op):
     Fa, Fb = _const(va.F, [a.dim() - 1]), _const(vb.F, [b.dim() - 2])
     if Fa is None or Fb is None:
         return [BROKEN]
-    return [Value(Fa + Fb, _matmul_offset(a, va, b, vb, torch.matmul))]
+    return [Value(Fa + Fb, _matmul_offset(a, va, b, vb, torch.matmul, compact=True))]
 
 
 def _mv(p: Propagation, op: Op):
