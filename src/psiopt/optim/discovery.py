@@ -1,14 +1,15 @@
 """Exact, structural discovery of scale-invariant parameters (SPEC §1) and its numerical check.
 
-:func:`find_scale_invariant` runs one forward pass in train mode with forward hooks on the weight
-layers (Linear, Conv, ConvTranspose) and the normalisation layers (BatchNorm, InstanceNorm,
-GroupNorm, LayerNorm, RMSNorm), and reads the autograd graph of that pass.  A weight is invariant
-when, at every one of its uses, the layer's output goes straight into a normalisation layer and
-nowhere else, and a bias (if any) is cancelled by that normalisation.  Nothing is guessed from
-gradients, Python control flow in ``forward`` is fine (the real pass is recorded), and the model's
-buffers, train/eval flags and random state are left as they were.  Weights of other layer types,
-or used functionally outside their module, are reported as not invariant (the safe answer);
-declare them by hand with ``overrides`` and confirm with :func:`check_invariance`.
+:func:`find_scale_invariant` records the aten operations of the model's forward pass, once in
+train mode and once in eval mode (:mod:`psiopt.optim.symmetry`), and for every parameter asks
+whether shifting it (``"cancelled"``: a bias a normalisation or a softmax removes) or rescaling its
+groups (``"tensor"``, then ``"channel"``, ``"channel@1"``, ``"groups:G"``, the finest that holds)
+leaves every output and buffer unchanged in both passes.  Nothing is guessed from names, module
+types or gradients; Python control flow in ``forward`` is fine (the real pass is recorded); an op
+the analysis does not know makes the parameters it reads not invariant (the safe answer).  The
+model's parameters, buffers, train/eval flags and random state are left as they were.  Declare
+what discovery cannot find with ``overrides`` and confirm it with :func:`check_invariance`.
+``docs/discovery.md`` describes the analysis and what it finds on a zoo of architectures.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ except ImportError:  # a torch built without distributed support
 from ..parallel import SyncBatchNorm
 from .geometry import CANCELLED, is_invariant, norm, rows, safe_inv
 from .sharded import grouped_norms, is_sharded
-from .symmetry import LABELS, Failed, Propagation, Value, compact, perturbed, record
+from .symmetry import LABELS, Failed, Propagation, Value, compact, perturbed, record, unrecorded
 
 _LAYERS = (nn.Linear, _ConvNd)
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
@@ -184,7 +185,8 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict):
         for k, t in module._parameters.items():
             name = owner.get((id(module), k))
             if name is not None and isinstance(t, Tensor) and id(t) not in local:
-                local[id(t)] = perturbed(t, gen)
+                with unrecorded():  # FSDP2 frees the storage after the pass: a copy, not
+                    local[id(t)] = perturbed(t, gen).clone()  # part of the recorded pass
                 seen[id(local[id(t)])] = name
 
     handles = [m.register_forward_pre_hook(on_start) for m in model.modules() if m._parameters]

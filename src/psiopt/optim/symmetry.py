@@ -31,6 +31,7 @@ structurally, not because a weight happens to be zero (a zero-initialised gain).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -94,6 +95,19 @@ class Op:
         return (func or self.func)(*pos, **kw)
 
 
+_PAUSED = [0]
+
+
+@contextlib.contextmanager
+def unrecorded():
+    """Ops run inside are not recorded (nor substituted) by an active :func:`record`."""
+    _PAUSED[0] += 1
+    try:
+        yield
+    finally:
+        _PAUSED[0] -= 1
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, substitute: dict[int, Tensor]):
         super().__init__()
@@ -101,6 +115,8 @@ class _Recorder(TorchDispatchMode):
         self.substitute = substitute
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _PAUSED[0]:
+            return func(*args, **(kwargs or {}))
         sub = self.substitute
         args = tuple(sub.get(id(a), a) if isinstance(a, Tensor) else a for a in args)
         kwargs = {k: sub.get(id(v), v) if isinstance(v, Tensor) else v for k, v in (kwargs or {}).items()}
@@ -294,10 +310,12 @@ class Propagation:
         name = op.name.rstrip("_") if op.name.endswith("_") and not op.name.startswith("_") else op.name
         rule = _RULES.get(name) or _RULES.get(op.name)
         if rule is None:
-            if name in _VALUE_FREE:
-                results = [None] * len(op.outs)
-            else:
+            first = next(iter(op.args), None)
+            rest = [v for k, v in op.args.items() if k != first]
+            if name not in _VALUE_FREE or any(
+                    self.get(t) is not None for t in tree_flatten(rest)[0] if isinstance(t, Tensor)):
                 raise Failed(f"no rule for {op.func}")
+            results = [None] * len(op.outs)  # only the shape of its first argument is read
         else:
             results = rule(self, op)
         for t, v in zip(op.outs, results):
@@ -887,8 +905,8 @@ for _name in ("view", "_unsafe_view", "reshape", "permute", "transpose", "t", "e
               "tensor_split", "gather", "diagonal"):
     _RULES[_name] = _shape
 
-#: ops whose outputs do not depend on the values of their tensor arguments
+#: ops whose outputs do not depend on the values of their first argument (the others must be
+#: untouched)
 _VALUE_FREE = {"empty_like", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
                "new_empty", "new_zeros", "new_ones", "new_full", "new_empty_strided", "fill", "zero",
-               "empty_strided", "_efficientzerotensor", "bernoulli", "uniform", "normal",
-               "exponential", "random"}
+               "empty_strided", "_efficientzerotensor", "uniform", "exponential", "random"}
