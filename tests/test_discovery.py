@@ -1,10 +1,15 @@
+import types
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import psiopt
 from psiopt.experiments import zoo
 from psiopt.experiments.models import create_model
+from psiopt.optim import discovery, symmetry
+from psiopt.optim.discovery import _discover, rescale_rows_
 
 
 def found(model, *shape):
@@ -84,7 +89,7 @@ def test_conv_transpose_then_bn_groups_on_dim_one():
 
 
 def test_per_head_qk_norm_is_per_head():
-    model, x = zoo.build("QK-LNorm, separate qkv, no bias")
+    model, x = zoo.build("QK-norm (LayerNorm), separate qkv, no bias")
     mapping = psiopt.find_scale_invariant(model, x)
     assert mapping["block.attn.q.weight"] == mapping["block.attn.k.weight"] == f"groups:{zoo.H}"
     assert "block.attn.v.weight" not in mapping
@@ -345,3 +350,130 @@ def test_a_model_with_norm_layers_where_nothing_is_found_warns_once():
     with pytest.warns(UserWarning, match="found no scale-invariant parameter in ViT") as record:
         psiopt.create_optimizer(model, "psi-sgd", x)
     assert len([w for w in record if "grouping" in str(w.message) or "found no" in str(w.message)]) == 1
+
+
+# -- false claims found by review: each model below was once claimed invariant ------------------
+
+def _eval_change(model, x, name, stats):
+    """Relative eval-mode output change after rescaling ``name``'s rows with its links."""
+    p = dict(model.named_parameters())[name]
+    with torch.no_grad():
+        y0 = torch.cat([t.reshape(-1) for t in model.eval()(*x)])
+        rescale_rows_(p, torch.exp(torch.randn(p.shape[0], 1, dtype=p.dtype)), stats)
+        y1 = torch.cat([t.reshape(-1) for t in model(*x)])
+    return float((y1 - y0).abs().max() / y0.abs().max())
+
+
+class _SharedNorm(nn.Module):
+    """``kind``: one BatchNorm for a transformed and an untransformed input; a Siamese encoder
+    (one Linear + BatchNorm on two views); a BatchNorm reached in eval mode only."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.lin = kind, nn.Linear(6, 8)
+        self.bn, self.bn2 = nn.BatchNorm1d(8, eps=1e-30), nn.BatchNorm1d(8, eps=1e-30)
+
+    def forward(self, a, b):
+        if self.kind == "shared":
+            return self.bn(self.lin(a)), self.bn(b)
+        if self.kind == "siamese":
+            return self.bn(self.lin(a)), self.bn(self.lin(b))
+        h = self.lin(a)
+        return (self.bn(h),) if self.training else (self.bn(h) + self.bn2(h),)
+
+
+@pytest.mark.parametrize("kind", ["shared", "siamese", "eval-only"])
+def test_running_statistics_links_cover_every_call(kind):
+    torch.manual_seed(0)
+    model = _SharedNorm(kind).double()
+    x = (torch.randn(8, 6, dtype=torch.float64),
+         torch.randn(8, 8 if kind == "shared" else 6, dtype=torch.float64))
+    with torch.no_grad():
+        model.train()(*x)
+    mapping, stats = _discover(model, x)
+    if "lin.weight" in mapping:  # claimed only where the statistics can follow every call
+        assert _eval_change(model, x, "lin.weight", stats["lin.weight"]) < 1e-10
+    assert kind != "shared" or "lin.weight" not in mapping
+
+
+class _Odd(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.lin = kind, nn.Linear(6, 8, bias=False)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.kind == "unbatched-pool":  # (C, L) input: pools over dimension 1
+            return F.layer_norm(F.max_pool1d(h.T, 3, 1, 1).T, (8,))
+        if self.kind == "dataclass":
+            return types.SimpleNamespace(y=h)
+        if self.kind == "integer-copy":
+            return F.normalize(h.new_zeros(h.shape, dtype=torch.long).copy_(3 * h).double(), dim=1)
+        if self.kind == "threshold":  # a ReLU threshold, not an eps
+            return F.layer_norm(F.relu(h - 1e-3), (8,))
+        if self.kind == "stored":  # a result kept on the module, not returned
+            self.cache = h
+            return F.normalize(h, dim=1)
+
+
+@pytest.mark.parametrize("kind", ["unbatched-pool", "dataclass", "integer-copy", "threshold", "stored"])
+def test_no_claim_through_odd_paths(kind):
+    torch.manual_seed(0)
+    model = _Odd(kind).double()
+    x = torch.randn(8, 6, dtype=torch.float64)
+    allowed = {"tensor"} if kind == "unbatched-pool" else set()  # one factor commutes with max
+    assert set(psiopt.find_scale_invariant(model, x).values()) <= allowed
+    if allowed:
+        assert zoo.holds(model, x, "lin.weight", "tensor") and not zoo.holds(model, x, "lin.weight", "channel")
+
+
+def test_a_forward_pass_that_writes_its_parameters_claims_nothing_and_is_undone():
+    class EMA(nn.Module):  # MoCo's key encoder, updated through .data in forward
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(6, 8, bias=False), nn.Linear(6, 8, bias=False)
+            self.k.weight.requires_grad_(False)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.k.weight.data = self.k.weight.data * 0.9 + self.q.weight.data * 0.1
+            return F.normalize(self.q(x), dim=1), F.normalize(self.k(x), dim=1)
+
+    torch.manual_seed(0)
+    model = EMA()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="writes its own parameters"):
+        assert psiopt.find_scale_invariant(model, torch.randn(8, 6)) == {}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_two_parameters_over_one_storage_are_not_claimed():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8, bias=False), nn.Linear(6, 8, bias=False)
+            self.bn = nn.BatchNorm1d(8)
+            self.b.weight = nn.Parameter(self.a.weight)  # a second Parameter, the same storage
+
+        def forward(self, x):
+            return self.bn(self.a(x)) + self.b(x)
+
+    torch.manual_seed(0)
+    assert psiopt.find_scale_invariant(Tied(), torch.randn(8, 6)) == {}
+
+
+def test_a_learned_attention_bias_under_cuda_argument_names_is_not_claimed():
+    # CUDA's efficient-attention kernel names its mask ``attn_bias``: a trace of that op, built
+    # by hand (no GPU here), must not let a rescaled or shifted bias through
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    bias = torch.randn(1, 2, 5, 5)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    extra = [torch.zeros(1, 2, 5), torch.zeros(2), torch.zeros(2)]
+    op = symmetry.Op(torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                     {"query": q, "key": k, "value": v, "attn_bias": bias, "compute_log_sumexp": False,
+                      "dropout_p": 0.0, "is_causal": False}, [out] + extra, [])
+    trace = symmetry.Trace([op], out, {id(t): 0 for t in (q, k, v, bias)},
+                           {0: [id(t) for t in [*extra, q, k, v]]}, {}, {})
+    for grouping in ("cancelled", "tensor"):
+        assert discovery._holds([trace, trace], [id(bias)], bias, grouping, {}) is None

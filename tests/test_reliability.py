@@ -286,7 +286,8 @@ def test_a_model_without_invariant_parameters_warns_and_is_torch_sgd():
     model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).double()
     twin = copy.deepcopy(model)
     x, y = mlp_data()
-    with pytest.warns(UserWarning, match=r"found no scale-invariant parameter in Sequential \(it has no normalisation layer\)"):
+    match = r"found no scale-invariant parameter in Sequential \(it has no normalisation layer\)"
+    with pytest.warns(UserWarning, match=match):
         opt = psiopt.create_optimizer(model, "psi-sgdm", x)
     steps(model, opt, x, y, 3)
     steps(twin, torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9), x, y, 3)

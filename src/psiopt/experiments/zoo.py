@@ -12,7 +12,7 @@ scalar-gain cases.
 1e-30, one parameter's groups multiplied by random positive factors (or the parameter shifted by a
 random offset, for ``"cancelled"``), outputs compared in train mode and, with the running
 statistics following through the links discovery reports, in eval mode.  :func:`table` compares
-discovery with it (``psiopt discovery-table`` writes ``docs/discovery.md``'s table).
+discovery with it (``python -m psiopt.experiments.zoo`` writes ``docs/discovery.md``'s table).
 """
 
 from __future__ import annotations
@@ -302,8 +302,8 @@ def _zoo():
     for norm in ("ln", "rms"):
         for fused in (False, True):
             for bias in (True, False):
-                name = f"QK-{norm.upper()}orm, {'fused' if fused else 'separate'} qkv, " \
-                       f"{'bias' if bias else 'no bias'}"
+                name = f"QK-norm ({'LayerNorm' if norm == 'ln' else 'RMSNorm'}), " \
+                       f"{'fused' if fused else 'separate'} qkv, {'bias' if bias else 'no bias'}"
                 zoo[name] = (lambda n=norm, f=fused, b=bias: Tokens(fused=f, bias=b, qk_norm=n), _tokens)
     zoo.update({
         "ConvNeXt (LayerNorm2d)": (ConvNeXt, _images),

@@ -52,12 +52,16 @@ def _outputs(out) -> list[Tensor]:
     return [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
 
 
+_WROTE_PARAMETERS = [False]
+
+
 @contextlib.contextmanager
 def _pristine(model: nn.Module, training: bool = True, seed: int = 0):
     """Train (or eval) mode and a fixed seed inside; modes, buffers and RNG state restored on
     exit."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    params = [(p, p.detach(), p.detach().clone()) for p in model.parameters() if not is_sharded(p)]
     # SyncBatchNorm normalises exactly as BatchNorm does (over the global batch): traced as the
     # local BatchNorm, with no collective during discovery
     synced = [m for m in model.modules() if isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm))]
@@ -78,6 +82,11 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0):
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
+            for p, data, saved in params:  # a forward pass that writes its parameters (an EMA
+                if p.data_ptr() != data.data_ptr() or not torch.equal(p, saved):  # via .data)
+                    p.data = data
+                    p.copy_(saved)
+                    _WROTE_PARAMETERS[0] = True
 
 
 @dataclass(eq=False)
@@ -115,7 +124,7 @@ class NormStats:
         if self.bias is None:
             mean.mul_(s)
         else:
-            b = self.bias.detach().to(mean.dtype)
+            b = self.bias.detach().reshape(-1).to(mean.dtype)
             mean.sub_(b).mul_(s).add_(b)
         var.mul_(s.square())
 
@@ -139,6 +148,7 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     traces, names, substitute = [], {}, {}
+    _WROTE_PARAMETERS[0] = False
     for training in (True, False):
         trace, seen = _trace(model, example_inputs, training, substitute)
         traces.append(trace)
@@ -147,11 +157,17 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     stats_of = {id(m.running_mean): m for m in model.modules()
                 if isinstance(getattr(m, "running_mean", None), Tensor)}
     params = dict(model.named_parameters())
+    shared = _sharing_storage(params.values())
+    if _WROTE_PARAMETERS[0]:
+        warnings.warn(f"{type(model).__name__}'s forward pass writes its own parameters (an "
+                      "exponential average through .data?): discovery cannot follow that and "
+                      "claims nothing (the parameters were restored)", stacklevel=3)
+        return {}, {}
     mapping, stats = {}, {}
     for name, p in params.items():
         ids = names.get(name)
-        if not ids or not p.is_floating_point() or not p.requires_grad:
-            continue  # unused, or frozen: nothing to train, nothing claimed
+        if not ids or not p.is_floating_point() or not p.requires_grad or id(p) in shared:
+            continue  # unused, frozen (nothing to train), or one storage for two parameters
         for grouping in _candidates(p):
             links = _holds(traces, ids, p, grouping, stats_of)
             if links is not None:
@@ -163,6 +179,16 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     return mapping, {k: v for k, v in stats.items() if v}
 
 
+def _sharing_storage(params) -> set[int]:
+    """Parameters (``id``) whose storage another registered parameter shares (two ``Parameter``
+    objects over one tensor: rescaling one rescales the other, which discovery would not see)."""
+    by_storage: dict = {}
+    for p in params:
+        if not is_sharded(p) and p.numel():
+            by_storage.setdefault((p.device, p.untyped_storage().data_ptr()), []).append(id(p))
+    return {k for ids in by_storage.values() if len(ids) > 1 for k in ids}
+
+
 def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict):
     """Record one forward pass (train or eval mode) on perturbed parameters and inputs; return
     the trace and ``{id of a recorded parameter tensor: its name}``.  ``substitute`` keeps the
@@ -170,7 +196,7 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict):
     gen = torch.Generator().manual_seed(0)
     params = dict(model.named_parameters())
     registered = {id(p): name for name, p in params.items()}
-    for name, p in params.items():
+    for p in params.values():
         if not is_sharded(p) and id(p) not in substitute:
             substitute[id(p)] = perturbed(p, gen)
     for x in _outputs(example_inputs):
@@ -197,6 +223,8 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict):
     finally:
         for h in handles:
             h.remove()
+    # tensors the pass left on its modules (a cache) are results too
+    trace.pin(v for m in model.modules() for v in vars(m).values() if isinstance(v, Tensor))
     # what a running statistic may follow: the model's own parameters and buffers
     trace.originals = {k: params[name] for k, name in seen.items()}
     trace.originals.update({id(b): b for b in model.buffers()})
@@ -240,11 +268,12 @@ def _seed(p: Tensor, grouping: str, gen: torch.Generator) -> tuple[Value, dict[f
 
 def _holds(traces, ids: list[int], p: Tensor, grouping: str, stats_of: dict) -> list | None:
     """``None`` if ``grouping`` of ``p`` may change an output of a trace (or its buffers);
-    else the running statistics (:class:`NormStats`) that must follow its rescaling."""
+    else the running statistics (:class:`NormStats`) that must follow its rescaling: one per
+    BatchNorm, every call of which (in either pass) sees the same per-channel factors."""
     gen = torch.Generator().manual_seed(1)
     value, labels = _seed(p, grouping, gen)
-    links = []
     shift = grouping == CANCELLED
+    found: dict[int, list] = {}
     for trace in traces[:1] if shift else traces:  # a cancelled parameter is never updated: the
         mine = [k for k in ids if k in trace.first]  # eval-mode network does not move
         if not mine:
@@ -256,9 +285,18 @@ def _holds(traces, ids: list[int], p: Tensor, grouping: str, stats_of: dict) -> 
             return None
         if env.keys() - set(mine):  # a transformed output, buffer or other parameter
             return None
-        if not links:
-            links = [_stats(stats_of, mean, F, bias, labels, grouping, trace.originals)
-                     for mean, F, bias in prop.links]
+        counted: dict[int, int] = {}
+        for mean, F, bias in prop.links:
+            counted[id(mean)] = counted.get(id(mean), 0) + 1
+            found.setdefault(id(mean), []).append((mean, F, trace.originals.get(id(bias), bias)))
+        if any(n != trace.bn_calls.get(k) for k, n in counted.items()):
+            return None  # the layer also normalises other inputs: its statistics cannot follow
+    links = []
+    for calls in found.values():
+        mean, F, bias = calls[0]
+        if any(not torch.equal(F, F2) or b2 is not bias for _, F2, b2 in calls[1:]):
+            return None
+        links.append(_stats(stats_of, mean, F, bias, labels, grouping, traces[0].originals))
     if any(link is None for link in links):
         return None
     return links
@@ -269,9 +307,9 @@ def _stats(stats_of: dict, mean: Tensor, F: Tensor, bias, labels: dict, grouping
     """The :class:`NormStats` of a BatchNorm whose input channels carry labels ``F`` (and the
     offset ``(1 − s)·bias``, ``bias`` a parameter or buffer of the model)."""
     norm = stats_of.get(id(mean))
-    if norm is None or bias is not None and id(bias) not in originals:
+    model_tensors = {id(t) for t in originals.values()}
+    if norm is None or bias is not None and (id(bias) not in model_tensors or bias.numel() != F.numel()):
         return None
-    bias = None if bias is None else originals[id(bias)]
     index = [labels.get(float(v), None) if v else -1 for v in F.tolist()]
     if None in index:
         return None

@@ -57,6 +57,9 @@ class Value:
     F: Tensor
     O: Tensor | None = None
     bias: Tensor | None = None
+    #: a statistic of a tensor (a mean, sum, variance, norm, or a power of one): where a
+    #: normalisation adds its eps
+    stat: bool = False
 
 
 class Broken:
@@ -141,7 +144,13 @@ class Trace:
     first: dict[int, int]
     dies: dict[int, list[int]]
     storage: dict[int, list[int]]
-    originals: dict[int, Tensor] = field(default_factory=dict)  # id(recorded tensor) -> the model's
+    bn_calls: dict[int, int]  # id(running_mean) -> batch-norm ops that read it
+    originals: dict[int, Tensor] = field(default_factory=dict)
+
+    def pin(self, tensors) -> None:
+        """Tensors whose values matter after the pass (never dropped as dead)."""
+        ids = {id(t) for t in tensors}
+        self.dies = {i: [k for k in dead if k not in ids] for i, dead in self.dies.items()}  # id(recorded tensor) -> the model's
 
 
 def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
@@ -163,13 +172,40 @@ def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
         for t in tree_flatten(list(op.args.values()))[0]:
             if isinstance(t, Tensor):
                 first.setdefault(id(t), i)
-    pinned = {id(t) for t in tree_flatten(out)[0] if isinstance(t, Tensor)} | {id(t) for t in keep}
+    # what matters after the pass: the outputs, wherever they sit in the returned object, ``keep``,
+    # and every first result of an op that no later op reads (a tensor stored on a module, or
+    # returned inside a container the pytree cannot open)
+    pinned = {id(t) for t in _tensors_in(out)} | {id(t) for t in keep}
+    pinned |= {id(op.outs[0]) for i, op in enumerate(rec.ops) if op.outs and last[id(op.outs[0])] == i}
+    calls: dict[int, int] = {}
+    for op in rec.ops:
+        mean = op.args.get("running_mean")
+        if isinstance(mean, Tensor):
+            calls[id(mean)] = calls.get(id(mean), 0) + 1
     dies: dict[int, list[int]] = {}
     for k, i in last.items():
         if k not in pinned:
             dies.setdefault(i, []).append(k)
     storage = {k: ids for ids in by_storage.values() if len(ids) > 1 for k in ids}
-    return Trace(rec.ops, out, first, dies, storage)
+    return Trace(rec.ops, out, first, dies, storage, calls)
+
+
+def _tensors_in(obj, depth: int = 0) -> list[Tensor]:
+    """Every tensor in a returned object: pytree containers, dataclasses, namespaces, objects'
+    attributes (a few levels deep)."""
+    if isinstance(obj, Tensor):
+        return [obj]
+    if depth > 4 or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+        return []
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__"):
+        items = list(vars(obj).values())
+    else:
+        items = [getattr(obj, k, None) for k in getattr(obj, "__slots__", ())]
+    return [t for item in items for t in _tensors_in(item, depth + 1)]
 
 
 def perturbed(t: Tensor, gen: torch.Generator) -> Tensor:
@@ -317,7 +353,10 @@ class Propagation:
                 raise Failed(f"no rule for {op.func}")
             results = [None] * len(op.outs)  # only the shape of its first argument is read
         else:
-            results = rule(self, op)
+            try:
+                results = rule(self, op)
+            except (RuntimeError, ValueError, IndexError, TypeError, KeyError, StopIteration) as e:
+                raise Failed(f"{op.func}: {e}") from None  # a shape the rule does not handle
         for t, v in zip(op.outs, results):
             self._set(t, v)
         for t in op.outs[len(results):]:
@@ -355,7 +394,7 @@ class Propagation:
         device = t.device if isinstance(t, Tensor) else None
         if v is None:
             return _identity(ndim, device)
-        return Value(_aligned(v.F, ndim), None if v.O is None else _aligned(v.O, ndim), v.bias)
+        return Value(_aligned(v.F, ndim), None if v.O is None else _aligned(v.O, ndim), v.bias, v.stat)
 
 
 def _pure(v: Value) -> bool:
@@ -373,8 +412,8 @@ def _add(a, va: Value, b, vb: Value, alpha: float = 1.0, concrete=None) -> Value
     if fa and fb:
         O = _add_offsets(va.O, Ob)
         return None if O is None else Value(va.F if va.F.dim() >= vb.F.dim() else vb.F, O)
-    if not isinstance(b, Tensor) and not fa and abs(alpha * b) <= EPS_MAX:
-        return va  # a normalisation's eps
+    if not isinstance(b, Tensor) and not fa and va.stat and abs(alpha * b) <= EPS_MAX:
+        return va  # a normalisation's eps, added to a statistic
     if torch.equal(*torch.broadcast_tensors(va.F, vb.F)):
         F = torch.broadcast_tensors(va.F, vb.F)[0]
         return Value(F, _add_offsets(va.O, Ob))
@@ -434,7 +473,7 @@ def _unary_power(k: float):
         v = p.value(op.args["self"])
         if v.O is not None:
             return [BROKEN]
-        return [Value(v.F * k)]
+        return [Value(v.F * k, stat=v.stat)]
     return rule
 
 
@@ -456,9 +495,9 @@ def _clamp_min(p: Propagation, op: Op):
     high = op.args.get("max")
     v = p.value(op.args["self"])
     small = low is not None and not isinstance(low, Tensor) and 0 <= low <= EPS_MAX
-    if not small or high is not None or v.O is not None:
+    if not small or high is not None or v.O is not None or (low > 0 and not v.stat):
         raise Failed(f"{op.func} of a transformed tensor")
-    return [Value(v.F)]  # clamp_min(norm, eps): the eps of F.normalize
+    return [Value(v.F, stat=v.stat)]  # clamp_min(norm, eps): F.normalize's eps; (x, 0): a ReLU
 
 
 def _shape(p: Propagation, op: Op):
@@ -468,8 +507,9 @@ def _shape(p: Propagation, op: Op):
     many = isinstance(src, (list, tuple))
     srcs = list(src) if many else [src]
     rest = [v for k, v in op.args.items() if k != first]
-    if any(isinstance(p.get(t), Value) for t in tree_flatten(rest)[0] if isinstance(t, Tensor)):
-        return [BROKEN] * len(op.outs)  # transformed indices, or a transformed fill value
+    if any(isinstance(p.get(t), Value) for t in tree_flatten(rest)[0] if isinstance(t, Tensor)) or \
+            any(name != first for name in op.writes):
+        return [BROKEN] * len(op.outs)  # transformed indices or fill values, an out= argument
 
     def full(t, part):
         if not isinstance(t, Tensor):
@@ -518,7 +558,7 @@ def _reduce(p: Propagation, op: Op):
     O = None
     if v.O is not None:
         O = op.func.overloadpacket(v.O.expand(x.shape), dims, keep)
-    return [Value(_squeeze(F, dims, keep), O)]
+    return [Value(_squeeze(F, dims, keep), O, stat=True)]
 
 
 def _spread(p: Propagation, op: Op, power: float, centred: bool):
@@ -536,7 +576,7 @@ def _spread(p: Propagation, op: Op, power: float, centred: bool):
         return [BROKEN]
     if v.O is not None and (not centred or _const_offset(v.O, dims) is None):
         return [BROKEN]
-    return [Value(_squeeze(F, dims, keep) * power)]
+    return [Value(_squeeze(F, dims, keep) * power, stat=True)]
 
 
 def _var(p, op):
@@ -729,7 +769,7 @@ def _layer_norm(p: Propagation, op: Op):
     touched = isinstance(p.get(x), Value)
     if touched and not _cancelled(p.value(x), dims):
         return [BROKEN]
-    eps = op.args["eps"]
+    eps = op.args.get("eps", op.args.get("epsilon"))
     xhat = lambda: torch.nn.functional.layer_norm(_d(x), shape, eps=eps)  # noqa: E731
     r = _affine(p, xhat, x.dim(), op.args.get("weight"), op.args.get("bias"), shape)
     extra = [BROKEN if touched else None] * 2
@@ -740,7 +780,7 @@ def _batch_norm(p: Propagation, op: Op):
     x = op.args["input"]
     training = bool(op.args.get("training", "no_training" not in op.name))
     mean, var = op.args.get("running_mean"), op.args.get("running_var")
-    eps = op.args["eps"]
+    eps = op.args.get("eps", op.args.get("epsilon"))
     dims = [0, *range(2, x.dim())]
     touched = isinstance(p.get(x), Value)
     if touched:
@@ -780,7 +820,7 @@ def _group_norm(p: Propagation, op: Op):
         if not _cancelled(Value(blocks(v.F), None if v.O is None else blocks(v.O)), [2, 3]):
             return [BROKEN]
     shape = (-1,) + (1,) * (x.dim() - 2)
-    eps = op.args["eps"]
+    eps = op.args.get("eps", op.args.get("epsilon"))
     xhat = lambda: torch.nn.functional.group_norm(_d(x), G, eps=eps)  # noqa: E731
     r = _affine(p, xhat, x.dim(), op.args.get("weight"), op.args.get("bias"), shape)
     return [r] + [BROKEN if touched else None] * 2
@@ -793,28 +833,36 @@ def _dropout(p: Propagation, op: Op):
     return [Value(v.F, O), None]
 
 
+def _spatial(op: Op, x: Tensor) -> list[int]:
+    """The dimensions a pooling or upsampling op works on: the last 1, 2 or 3 (``…1d/2d/3d``),
+    batched or not."""
+    k = next(int(c) for c in "123" if f"{c}d" in op.name)
+    return list(range(x.dim() - k, x.dim()))
+
+
 def _pool_max(p: Propagation, op: Op):
     x = op.args["self"]
     v = p.value(x)
-    F = _const(v.F, list(range(2, x.dim())))
-    if F is None or v.O is not None:
-        return [BROKEN]
+    F = _const(v.F, _spatial(op, x))
+    if F is None or v.O is not None or op.writes:
+        return [BROKEN] * len(op.outs)
     return [Value(F)] + [None] * (len(op.outs) - 1)
 
 
 def _pool_linear(p: Propagation, op: Op):
-    x = op.args["self"]
+    x = op.args.get("self", op.args.get("input"))
     v = p.value(x)
-    F = _const(v.F, list(range(2, x.dim())))
-    if F is None:
-        return [BROKEN]
-    O = None if v.O is None else op.call({"self": v.O.expand(x.shape)})
+    F = _const(v.F, _spatial(op, x))
+    if F is None or op.writes:
+        return [BROKEN] * len(op.outs)
+    O = None if v.O is None else op.call({next(iter(op.args)): v.O.expand(x.shape)})
     return [Value(F, O)]
 
 
 def _attention(p: Propagation, op: Op):
     q, k, v = op.args["query"], op.args["key"], op.args["value"]
-    if isinstance(p.get(op.args.get("attn_mask")), Value) or isinstance(p.get(q), Value):
+    mask = op.args.get("attn_mask", op.args.get("attn_bias"))
+    if isinstance(p.get(mask), Value) or isinstance(p.get(q), Value):
         return [BROKEN]
     if isinstance(p.get(k), Value):
         vk = p.value(k)  # an offset of the keys constant along them adds the same q·b to every score
@@ -847,7 +895,11 @@ def _weight_norm(p: Propagation, op: Op):
 
 
 def _copy(p: Propagation, op: Op):
-    return [p.get(op.args["src"])]
+    """``dst.copy_(src)``: ``dst`` takes ``src``'s value (not into an integer tensor)."""
+    v = p.get(op.args["src"])
+    if v is not None and not op.args["self"].is_floating_point():
+        return [BROKEN]
+    return [v]
 
 
 def _embedding(p: Propagation, op: Op):
@@ -881,6 +933,7 @@ _RULES = {
     "native_layer_norm": _layer_norm,
     "native_batch_norm": _batch_norm, "_native_batch_norm_legit": _batch_norm,
     "_native_batch_norm_legit_no_training": _batch_norm, "cudnn_batch_norm": _batch_norm,
+    "miopen_batch_norm": _batch_norm,
     "native_group_norm": _group_norm,
     "native_dropout": _dropout,
     "max_pool2d_with_indices": _pool_max, "max_pool3d_with_indices": _pool_max,
