@@ -145,12 +145,12 @@ class Trace:
     dies: dict[int, list[int]]
     storage: dict[int, list[int]]
     bn_calls: dict[int, int]  # id(running_mean) -> batch-norm ops that read it
-    originals: dict[int, Tensor] = field(default_factory=dict)
+    originals: dict[int, Tensor] = field(default_factory=dict)  # recorded tensor -> the model's
 
     def pin(self, tensors) -> None:
         """Tensors whose values matter after the pass (never dropped as dead)."""
         ids = {id(t) for t in tensors}
-        self.dies = {i: [k for k in dead if k not in ids] for i, dead in self.dies.items()}  # id(recorded tensor) -> the model's
+        self.dies = {i: [k for k in dead if k not in ids] for i, dead in self.dies.items()}
 
 
 def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
