@@ -478,3 +478,32 @@ def test_a_learned_attention_bias_under_cuda_argument_names_is_not_claimed():
                            {0: [id(t) for t in [*extra, q, k, v]]}, {}, {})
     for grouping in ("cancelled", "tensor"):
         assert discovery._holds([trace, trace], [id(bias)], bias, grouping, {}) is None
+
+
+def test_a_constant_added_to_a_plain_sum_is_not_an_eps():
+    class Dot(nn.Module):  # x @ w.T written as mul + sum, then a constant bias: not a statistic
+        def __init__(self):
+            super().__init__()
+            self.w, self.bn = nn.Parameter(torch.randn(8, 6)), nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return self.bn(torch.relu((x.unsqueeze(1) * self.w).sum(-1) + 1e-3))
+
+    torch.manual_seed(0)
+    model, x = Dot(), torch.randn(8, 6)
+    _assert_exact(model, x)
+    assert "w" not in psiopt.find_scale_invariant(model, x)
+
+
+def test_a_buffer_over_a_parameters_storage_is_seen():
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn = nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8)
+            self.register_buffer("tied", self.c.weight.detach())  # the weight's storage
+
+        def forward(self, x):
+            return self.bn(self.c(x)), x @ self.tied.t()
+
+    torch.manual_seed(0)
+    assert psiopt.find_scale_invariant(Alias(), torch.randn(8, 6)) == {}

@@ -157,7 +157,7 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     stats_of = {id(m.running_mean): m for m in model.modules()
                 if isinstance(getattr(m, "running_mean", None), Tensor)}
     params = dict(model.named_parameters())
-    shared = _sharing_storage(params.values())
+    shared = _sharing_storage(model)
     if _WROTE_PARAMETERS[0]:
         warnings.warn(f"{type(model).__name__}'s forward pass writes its own parameters (an "
                       "exponential average through .data?): discovery cannot follow that and "
@@ -179,14 +179,22 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     return mapping, {k: v for k, v in stats.items() if v}
 
 
-def _sharing_storage(params) -> set[int]:
-    """Parameters (``id``) whose storage another registered parameter shares (two ``Parameter``
-    objects over one tensor: rescaling one rescales the other, which discovery would not see)."""
-    by_storage: dict = {}
-    for p in params:
-        if not is_sharded(p) and p.numel():
-            by_storage.setdefault((p.device, p.untyped_storage().data_ptr()), []).append(id(p))
-    return {k for ids in by_storage.values() if len(ids) > 1 for k in ids}
+def _sharing_storage(model: nn.Module) -> set[int]:
+    """Parameters (``id``) whose storage another tensor of the model shares: a second
+    ``Parameter`` over the same tensor, a buffer or a tensor attribute made from it (rescaling
+    the parameter moves that tensor too, which the trace does not show)."""
+    params = {id(p): p for p in model.parameters() if not is_sharded(p) and p.numel()}
+    key = {k: (p.device, p.untyped_storage().data_ptr()) for k, p in params.items()}
+    owners: dict = {}
+    for k, where in key.items():
+        owners.setdefault(where, set()).add(k)
+    others = [*model.buffers(), *(v for m in model.modules() for v in vars(m).values()
+                                   if isinstance(v, Tensor) and not isinstance(v, nn.Parameter))]
+    out = {k for ids in owners.values() if len(ids) > 1 for k in ids}
+    for t in others:
+        if t.layout == torch.strided and t.numel() and not is_sharded(t):
+            out |= owners.get((t.device, t.untyped_storage().data_ptr()), set())
+    return out
 
 
 def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict):

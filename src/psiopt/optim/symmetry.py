@@ -57,9 +57,11 @@ class Value:
     F: Tensor
     O: Tensor | None = None
     bias: Tensor | None = None
-    #: a statistic of a tensor (a mean, sum, variance, norm, or a power of one): where a
-    #: normalisation adds its eps
+    #: a statistic (a variance, a norm, a mean or sum of squares, or a positive power of one):
+    #: where a normalisation adds its eps
     stat: bool = False
+    #: an even power (a square): a mean or sum of it is a statistic
+    even: bool = False
 
 
 class Broken:
@@ -394,7 +396,8 @@ class Propagation:
         device = t.device if isinstance(t, Tensor) else None
         if v is None:
             return _identity(ndim, device)
-        return Value(_aligned(v.F, ndim), None if v.O is None else _aligned(v.O, ndim), v.bias, v.stat)
+        return Value(_aligned(v.F, ndim), None if v.O is None else _aligned(v.O, ndim), v.bias, v.stat,
+                     v.even)
 
 
 def _pure(v: Value) -> bool:
@@ -454,6 +457,8 @@ def _binary(p: Propagation, op: Op, x, y, kind: str):
         r = _add(b, vb, a, va, -op.args.get("alpha", 1))
     elif kind == "mul":
         r = _mul(a, va, b, vb)
+        if a is b and isinstance(r, Value):
+            r.even = True  # x * x
     else:  # div
         if op.args.get("rounding_mode") is not None:
             raise Failed(f"{op.func} rounds")
@@ -473,7 +478,8 @@ def _unary_power(k: float):
         v = p.value(op.args["self"])
         if v.O is not None:
             return [BROKEN]
-        return [Value(v.F * k, stat=v.stat)]
+        even = float(k).is_integer() and int(k) % 2 == 0 and k > 0
+        return [Value(v.F * k, stat=v.stat and k > 0, even=even)]
     return rule
 
 
@@ -526,8 +532,8 @@ def _shape(p: Propagation, op: Op):
         fn = torch.ops.aten.reshape.default if op.name in ("view", "_unsafe_view") else None
         if fn is not None:
             res = fn(arg, op.args["size"])
-        else:
-            res = op.call({first: arg})
+        else:  # padding: the padded entries are 0 in F and O (not scaled, no offset)
+            res = op.call({first: arg, **({"value": 0} if op.name == "constant_pad_nd" else {})})
         return [r for r in tree_flatten(res)[0] if isinstance(r, Tensor)]
 
     has_offset = any(isinstance(p.get(t), Value) and p.get(t).O is not None for t in srcs)
@@ -558,7 +564,7 @@ def _reduce(p: Propagation, op: Op):
     O = None
     if v.O is not None:
         O = op.func.overloadpacket(v.O.expand(x.shape), dims, keep)
-    return [Value(_squeeze(F, dims, keep), O, stat=True)]
+    return [Value(_squeeze(F, dims, keep), O, stat=v.even and O is None)]
 
 
 def _spread(p: Propagation, op: Op, power: float, centred: bool):
@@ -634,31 +640,21 @@ def _matmul_offset(a, va, b, vb, mul, compact=False) -> Tensor | None:
     return _add_offsets(*terms)
 
 
-def _mm(p: Propagation, op: Op):
-    a, b = op.args["self"], op.args["mat2"]
-    va, vb = p.value(a), p.value(b)
-    Fa, Fb = _const(va.F, [a.dim() - 1]), _const(vb.F, [b.dim() - 2])
-    if Fa is None or Fb is None:
-        return [BROKEN]
-    return [Value(Fa + Fb, _matmul_offset(a, va, b, vb, torch.matmul, compact=True))]
+def _product(second: str):
+    """mm, bmm, mv, dot (``second``: the name of the right operand): each operand's factor must
+    be constant along the contracted dimension; the labels add."""
+    def rule(p: Propagation, op: Op):
+        a, b = op.args["self"], op.args[second]
+        va, vb = p.value(a), p.value(b)
+        Fa, Fb = _const(va.F, [a.dim() - 1]), _const(vb.F, [max(b.dim() - 2, 0)])
+        if Fa is None or Fb is None:
+            return [BROKEN]
+        F = Fa + Fb if b.dim() > 1 else Fa.squeeze(-1) + Fb.squeeze(-1)
+        return [Value(F, _matmul_offset(a, va, b, vb, torch.matmul, compact=True))]
+    return rule
 
 
-def _mv(p: Propagation, op: Op):
-    a, b = op.args["self"], op.args["vec"]
-    va, vb = p.value(a), p.value(b)
-    Fa, Fb = _const(va.F, [1]), _const(vb.F, [0])
-    if Fa is None or Fb is None:
-        return [BROKEN]
-    return [Value(Fa[:, 0] + Fb, _matmul_offset(a, va, b, vb, torch.mv))]
-
-
-def _dot(p: Propagation, op: Op):
-    a, b = op.args["self"], op.args["other"]
-    va, vb = p.value(a), p.value(b)
-    Fa, Fb = _const(va.F, [0]), _const(vb.F, [0])
-    if Fa is None or Fb is None:
-        return [BROKEN]
-    return [Value((Fa + Fb).reshape(()), _matmul_offset(a, va, b, vb, op.func))]
+_mm = _product("mat2")
 
 
 def _addmm(p: Propagation, op: Op):
@@ -683,10 +679,6 @@ def _baddbmm(p: Propagation, op: Op):
     return _addmm(p, Op(op.func, {"self": op.args["self"], "mat1": op.args["batch1"],
                                   "mat2": op.args["batch2"], "beta": op.args.get("beta", 1),
                                   "alpha": op.args.get("alpha", 1)}, op.outs, []))
-
-
-def _bmm(p: Propagation, op: Op):
-    return _mm(p, op)
 
 
 def _conv(p: Propagation, op: Op):
@@ -928,7 +920,8 @@ _RULES = {
     "var": _var, "std": _std, "linalg_vector_norm": _vector_norm, "norm": _vector_norm,
     "amax": _amax, "amin": _amax,
     "_softmax": _softmax, "softmax": _softmax, "_log_softmax": _softmax, "log_softmax": _softmax,
-    "mm": _mm, "bmm": _bmm, "mv": _mv, "dot": _dot, "vdot": _dot, "addmm": _addmm, "baddbmm": _baddbmm,
+    "mm": _mm, "bmm": _mm, "mv": _product("vec"), "dot": _product("tensor"),
+    "vdot": _product("other"), "addmm": _addmm, "baddbmm": _baddbmm,
     "convolution": _conv,
     "native_layer_norm": _layer_norm,
     "native_batch_norm": _batch_norm, "_native_batch_norm_legit": _batch_norm,
