@@ -55,13 +55,19 @@ def _outputs(out) -> list[Tensor]:
 _WROTE_PARAMETERS = [False]
 
 
+def _snapshot(model: nn.Module) -> list:
+    """``(parameter, its tensor, a copy)`` for every unsharded parameter: what :func:`_pristine`
+    puts back after a forward pass that writes its own parameters."""
+    return [(p, p.detach(), p.detach().clone()) for p in model.parameters() if not is_sharded(p)]
+
+
 @contextlib.contextmanager
-def _pristine(model: nn.Module, training: bool = True, seed: int = 0):
+def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: list | None = None):
     """Train (or eval) mode and a fixed seed inside; modes, buffers and RNG state restored on
     exit."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    params = [(p, p.detach(), p.detach().clone()) for p in model.parameters() if not is_sharded(p)]
+    params = _snapshot(model) if params is None else params
     # SyncBatchNorm normalises exactly as BatchNorm does (over the global batch): traced as the
     # local BatchNorm, with no collective during discovery
     synced = [m for m in model.modules() if isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm))]
@@ -82,11 +88,11 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0):
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-            for p, data, saved in params:  # a forward pass that writes its parameters (an EMA
-                if p.data_ptr() != data.data_ptr() or not torch.equal(p, saved):  # via .data)
+            for p, data, saved in params:  # a forward pass that writes its parameters (an
+                if p.data_ptr() != data.data_ptr() or not torch.equal(p, saved):  # EMA, .data)
+                    _WROTE_PARAMETERS[0] = True
                     p.data = data
                     p.copy_(saved)
-                    _WROTE_PARAMETERS[0] = True
 
 
 @dataclass(eq=False)
@@ -147,10 +153,10 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     the running statistics each invariant parameter feeds."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    traces, names, substitute = [], {}, {}
+    traces, names, substitute, saved = [], {}, {}, _snapshot(model)
     _WROTE_PARAMETERS[0] = False
     for training in (True, False):
-        trace, seen = _trace(model, example_inputs, training, substitute)
+        trace, seen = _trace(model, example_inputs, training, substitute, saved)
         traces.append(trace)
         for k, name in seen.items():
             names.setdefault(name, []).append(k)
@@ -197,7 +203,7 @@ def _sharing_storage(model: nn.Module) -> set[int]:
     return out
 
 
-def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict):
+def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, saved: list):
     """Record one forward pass (train or eval mode) on perturbed parameters and inputs; return
     the trace and ``{id of a recorded parameter tensor: its name}``.  ``substitute`` keeps the
     copies of the registered parameters and inputs for the next pass."""
@@ -226,7 +232,7 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict):
     handles = [m.register_forward_pre_hook(on_start) for m in model.modules() if m._parameters]
     keep = list(model.buffers()) + list(local.values())
     try:
-        with _pristine(model, training):
+        with _pristine(model, training, params=saved):
             trace = record(lambda: _call(_unwrapped(model), example_inputs), local, keep)
     finally:
         for h in handles:

@@ -147,6 +147,7 @@ class Trace:
     dies: dict[int, list[int]]
     storage: dict[int, list[int]]
     bn_calls: dict[int, int]  # id(running_mean) -> batch-norm ops that read it
+    last: dict[int, int]  # id -> the last op that reads or writes a tensor
     originals: dict[int, Tensor] = field(default_factory=dict)  # recorded tensor -> the model's
 
     def pin(self, tensors) -> None:
@@ -189,7 +190,7 @@ def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
         if k not in pinned:
             dies.setdefault(i, []).append(k)
     storage = {k: ids for ids in by_storage.values() if len(ids) > 1 for k in ids}
-    return Trace(rec.ops, out, first, dies, storage, calls)
+    return Trace(rec.ops, out, first, dies, storage, calls, last)
 
 
 def _tensors_in(obj, depth: int = 0) -> list[Tensor]:
@@ -248,7 +249,7 @@ def _const(F: Tensor, dims) -> Tensor | None:
     for d in dims:
         if F.dim() > d and F.shape[d] > 1:
             first = F.narrow(d, 0, 1)
-            if not torch.equal(F, first.expand_as(F)):
+            if F.stride(d) and not torch.equal(F, first.expand_as(F)):
                 return None
             F = first
     return F
@@ -273,7 +274,7 @@ def compact(t: Tensor) -> Tensor:
     for d in range(t.dim()):
         if t.shape[d] > 1:
             first = t.narrow(d, 0, 1)
-            if torch.equal(t, first.expand_as(t)):
+            if t.stride(d) == 0 or torch.equal(t, first.expand_as(t)):
                 t = first
     return t
 
@@ -317,7 +318,7 @@ class Propagation:
     def __init__(self, trace: Trace, follow_stats: bool = True):
         self.follow_stats = follow_stats
         self.ops, self.storage = trace.ops, trace.storage
-        self.dies = trace.dies
+        self.dies, self.last = trace.dies, trace.last
         self.env: dict[int, Value | Broken] = {}
         self.links: list[tuple[Tensor, Tensor, Tensor | None]] = []
 
@@ -328,9 +329,10 @@ class Propagation:
         """Propagate ``seeds`` from op ``start``; the values still alive at the end (outputs,
         buffers, parameters) are returned."""
         self.env.update(seeds)
+        done = max(self.last.get(k, start) for k in seeds)  # the seeds' last use
         for i in range(start, len(self.ops)):
-            if not self.env:
-                break
+            if i > done and self.env.keys() <= seeds.keys():
+                break  # nothing but the seeds themselves is transformed any more
             self.step(self.ops[i])
             for dead in self.dies.get(i, ()):
                 self.env.pop(dead, None)
@@ -616,14 +618,15 @@ def _softmax(p: Propagation, op: Op):
     return [None]  # softmax(x + c) = softmax(x) for c constant along dim
 
 
-def _matmul_offset(a, va, b, vb, mul, compact=False) -> Tensor | None:
-    """The offset of ``mul(a', b')`` for ``a' = sa·a + Oa``, ``b' = sb·b + Ob``.  ``compact``:
-    ``mul`` broadcasts (matmul), so offsets are expanded along the contracted dimension only."""
+def _matmul_offset(a, va, b, vb, mul, broadcasts=False) -> Tensor | None:
+    """The offset of ``mul(a', b')`` for ``a' = sa·a + Oa``, ``b' = sb·b + Ob``.  ``broadcasts``:
+    ``mul`` broadcasts (matmul), so offsets stay compact but along the contracted dimension."""
     sa, sb = _factor(va.F), _factor(vb.F)
 
     def full(O, t, dim):
-        if not compact:
+        if not broadcasts:
             return O.expand(t.shape)
+        O = compact(O)
         shape = list(O.shape)
         shape[dim] = t.shape[dim]
         return O.expand(shape)
@@ -650,7 +653,7 @@ def _product(second: str):
         if Fa is None or Fb is None:
             return [BROKEN]
         F = Fa + Fb if b.dim() > 1 else Fa.squeeze(-1) + Fb.squeeze(-1)
-        return [Value(F, _matmul_offset(a, va, b, vb, torch.matmul, compact=True))]
+        return [Value(F, _matmul_offset(a, va, b, vb, torch.matmul, broadcasts=True))]
     return rule
 
 
