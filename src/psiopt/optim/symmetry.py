@@ -21,12 +21,14 @@ normalisation (BatchNorm, LayerNorm, GroupNorm, and their decompositions: mean, 
 vector norms) removes a factor and an offset that are constant along what it reduces; softmax
 removes an offset constant along its dimension; positively homogeneous maps (ReLU, abs, max
 pooling) keep ``F``.  Adding a small constant (``eps`` ≤ :data:`EPS_MAX`, or ``clamp_min(eps)``)
-to a rescaled tensor is read as the normalisation's ``eps``: invariance is claimed *up to eps*,
-as for every normalisation layer.  An op without a rule that reads a transformed tensor makes the
-candidate fail, as does a transformed model output or buffer: a miss is possible, a false claim is
-not (for the ops covered).  The forward pass runs on a perturbed copy of the parameters and
-floating inputs (each entry moved by a few per cent), so that offsets cancel only where they do
-structurally, not because a weight happens to be zero (a zero-initialised gain).
+to a rescaled *statistic* (a variance, a norm, a mean or sum of squares) is read as the
+normalisation's ``eps``: invariance is claimed *up to eps*, as for every normalisation layer.  An
+op without a rule that reads a transformed tensor makes the candidate fail, as does a transformed
+model output, buffer or parameter: a miss is possible, a false claim is not (for the ops covered;
+``docs/discovery.md`` lists what the dispatcher cannot see).  Parameters and floating inputs that
+are constant or hold an exact zero are replaced by perturbed copies (each entry moved by a few
+per cent), so that offsets cancel only where they do structurally, not because a weight happens
+to be zero (a zero-initialised gain).
 """
 
 from __future__ import annotations
