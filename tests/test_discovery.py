@@ -507,3 +507,55 @@ def test_a_buffer_over_a_parameters_storage_is_seen():
 
     torch.manual_seed(0)
     assert psiopt.find_scale_invariant(Alias(), torch.randn(8, 6)) == {}
+
+
+def test_one_tensor_as_gain_and_bias_is_not_claimed():
+    class GainBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.g = nn.Linear(6, 8), nn.Parameter(torch.rand(8) + 0.5)
+            self.bn = nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return self.bn(F.layer_norm(self.lin(x), (8,), self.g, self.g))
+
+    torch.manual_seed(0)
+    assert "g" not in psiopt.find_scale_invariant(GainBias(), torch.randn(5, 6))
+
+
+def test_a_value_offset_through_masked_attention_is_not_cancelled():
+    class Masked(nn.Module):  # a fully masked query row gets zeros, not the value offset
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+            self.bn = nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            mask = torch.ones(x.shape[2], x.shape[2], dtype=torch.bool)
+            mask[1] = False
+            h = F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x), attn_mask=mask)
+            return self.bn(h.flatten(1, 2).transpose(1, 2))
+
+    torch.manual_seed(0)
+    model, x = Masked(), torch.randn(3, 1, 5, 4)
+    _assert_exact(model, x)
+    assert "v.bias" not in psiopt.find_scale_invariant(model, x)
+
+
+def test_values_overwritten_later_in_the_pass_are_not_trusted():
+    class Scratch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(4, 6, bias=False), nn.Linear(4, 6)
+            self.bn = nn.BatchNorm1d(6, affine=False, track_running_stats=False)
+
+        def forward(self, x):
+            skip = self.l2(x)
+            y = self.bn(self.l1(x) + skip)
+            skip.zero_()  # a scratch tensor cleared later in the pass
+            return y + skip
+
+    torch.manual_seed(0)
+    model, x = Scratch(), torch.randn(5, 4)
+    _assert_exact(model, x)
+    assert "l1.weight" not in psiopt.find_scale_invariant(model, x)

@@ -87,7 +87,8 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: li
             m.training = mode
         with torch.no_grad():
             for b, saved in buffers:
-                b.copy_(saved)
+                if not torch.equal(b, saved):  # (a copy bumps the version: only where needed)
+                    b.copy_(saved)
             for p, data, saved in params:  # a forward pass that writes its parameters (an
                 if p.data_ptr() != data.data_ptr() or not torch.equal(p, saved):  # EMA, .data)
                     _WROTE_PARAMETERS[0] = True

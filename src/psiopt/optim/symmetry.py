@@ -83,6 +83,7 @@ class Op:
     args: dict  # argument name -> value, in schema order
     outs: list  # the returned tensors (flattened)
     writes: list  # names of arguments the op writes
+    versions: dict = field(default_factory=dict)  # id -> version when the op read (or made) it
 
     @property
     def name(self) -> str:
@@ -127,13 +128,17 @@ class _Recorder(TorchDispatchMode):
         sub = self.substitute
         args = tuple(sub.get(id(a), a) if isinstance(a, Tensor) else a for a in args)
         kwargs = {k: sub.get(id(v), v) if isinstance(v, Tensor) else v for k, v in (kwargs or {}).items()}
+        read = [t for t in tree_flatten([args, kwargs])[0] if isinstance(t, Tensor)]
+        versions = {id(t): t._version for t in read}
         out = func(*args, **kwargs)
         schema = func._schema.arguments
         named = {a.name: v for a, v in zip(schema, args)}
         named.update(kwargs)
         writes = [a.name for a in schema if a.alias_info is not None and a.alias_info.is_write]
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
-        self.ops.append(Op(func, named, outs, writes))
+        for t in outs:
+            versions.setdefault(id(t), t._version)
+        self.ops.append(Op(func, named, outs, writes, versions))
         return out
 
 
@@ -289,8 +294,18 @@ def _factor(F: Tensor) -> Tensor:
     return torch.exp(KAPPA * F)
 
 
+#: the versions of the tensors the op being propagated read or made (see :func:`_d`)
+_VERSIONS: list[dict] = [{}]
+
+
 def _d(t) -> Tensor:
-    return t.detach().double() if isinstance(t, Tensor) else torch.tensor(float(t), dtype=torch.float64)
+    """The value a tensor had when the op being propagated read it, in float64 (a tensor written
+    in place since then no longer has it: the candidate fails)."""
+    if not isinstance(t, Tensor):
+        return torch.tensor(float(t), dtype=torch.float64)
+    if _VERSIONS[0].get(id(t), t._version) != t._version:
+        raise Failed("a value the pass overwrote in place later")
+    return t.detach().double()
 
 
 def _add_offsets(*offsets) -> Tensor | None:
@@ -359,6 +374,7 @@ class Propagation:
                 raise Failed(f"no rule for {op.func}")
             results = [None] * len(op.outs)  # only the shape of its first argument is read
         else:
+            _VERSIONS[0] = op.versions
             try:
                 results = rule(self, op)
             except (RuntimeError, ValueError, IndexError, TypeError, KeyError, StopIteration) as e:
@@ -737,6 +753,9 @@ def _conv(p: Propagation, op: Op):
 def _affine(p: Propagation, xhat, ndim: int, weight, bias, shape) -> Value | None:
     """``xhat · weight + bias`` for an untouched ``xhat`` (a callable giving it in float64)."""
     r = None
+    if weight is not None and bias is not None and isinstance(p.get(weight), Value) and \
+            isinstance(p.get(bias), Value):
+        return BROKEN  # one tensor as gain and bias (or both transformed): not described
     if weight is not None:
         vw = p.get(weight)
         if isinstance(vw, Value):
@@ -825,7 +844,8 @@ def _group_norm(p: Propagation, op: Op):
 
 def _dropout(p: Propagation, op: Op):
     v = p.value(op.args["input"])
-    mask, keep = op.outs[1], 1 - float(op.args["p"])
+    mask = op.outs[1]
+    keep = 1 - float(op.args["p"]) if op.args.get("train", True) else 1.0
     O = None if v.O is None else v.O * mask.double() / keep
     return [Value(v.F, O), None]
 
@@ -868,12 +888,12 @@ def _attention(p: Propagation, op: Op):
     vv = p.value(v)
     F = _const(vv.F, [v.dim() - 2])
     O = None
-    if vv.O is not None:
-        O = _const_offset(vv.O, [v.dim() - 2])
-        if O is None or float(op.args.get("dropout_p", 0.0)):
+    if vv.O is not None:  # each row of weights sums to 1: not with dropout, nor with a mask
+        O = _const_offset(vv.O, [v.dim() - 2])  # (a fully masked row is all zeros)
+        if O is None or float(op.args.get("dropout_p", 0.0)) or mask is not None:
             F = None
-    if F is None:
-        return [BROKEN]
+    if F is None or F.shape[-3] > 1 and v.shape[-3] != op.outs[0].shape[-3]:
+        return [BROKEN]  # (grouped-query attention: one value head serves several)
     r = None if _zero(F) and O is None else Value(F, O)
     return [r] + [BROKEN] * (len(op.outs) - 1)
 
