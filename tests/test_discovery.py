@@ -474,7 +474,7 @@ def test_a_learned_attention_bias_under_cuda_argument_names_is_not_claimed():
     op = symmetry.Op(torch.ops.aten._scaled_dot_product_efficient_attention.default,
                      {"query": q, "key": k, "value": v, "attn_bias": bias, "compute_log_sumexp": False,
                       "dropout_p": 0.0, "is_causal": False}, [out] + extra, [])
-    trace = symmetry.Trace([op], out, {id(t): 0 for t in (q, k, v, bias)},
+    trace = symmetry.Trace([op], {id(t): 0 for t in (q, k, v, bias)},
                            {0: [id(t) for t in [*extra, q, k, v]]}, {}, {}, {})
     for grouping in ("cancelled", "tensor"):
         assert discovery._holds([trace, trace], [id(bias)], bias, grouping, {}) is None

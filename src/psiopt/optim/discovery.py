@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils._pytree import tree_leaves
 
@@ -36,7 +35,6 @@ from .geometry import CANCELLED, is_invariant, norm, rows, safe_inv
 from .sharded import grouped_norms, is_sharded
 from .symmetry import LABELS, Failed, Propagation, Value, compact, perturbed, record, unrecorded
 
-_LAYERS = (nn.Linear, _ConvNd)
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
@@ -52,22 +50,25 @@ def _outputs(out) -> list[Tensor]:
     return [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
 
 
-_WROTE_PARAMETERS = [False]
-
-
-def _snapshot(model: nn.Module) -> list:
+@dataclass(eq=False)
+class _Snapshot:
     """``(parameter, its tensor, a copy)`` for every unsharded parameter: what :func:`_pristine`
-    puts back after a forward pass that writes its own parameters."""
-    return [(p, p.detach(), p.detach().clone()) for p in model.parameters() if not is_sharded(p)]
+    puts back after a forward pass that writes its own parameters (``wrote`` is then set)."""
+
+    params: list
+    wrote: bool = False
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Snapshot:
+        return cls([(p, p.detach(), p.detach().clone()) for p in model.parameters() if not is_sharded(p)])
 
 
 @contextlib.contextmanager
-def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: list | None = None):
+def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _Snapshot | None = None):
     """Train (or eval) mode and a fixed seed inside; modes, buffers and RNG state restored on
-    exit."""
+    exit, and the parameters of ``params`` if the pass wrote them."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    params = _snapshot(model) if params is None else params
     # SyncBatchNorm normalises exactly as BatchNorm does (over the global batch): traced as the
     # local BatchNorm, with no collective during discovery
     synced = [m for m in model.modules() if isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm))]
@@ -89,9 +90,9 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: li
             for b, saved in buffers:
                 if not torch.equal(b, saved):  # (a copy bumps the version: only where needed)
                     b.copy_(saved)
-            for p, data, saved in params:  # a forward pass that writes its parameters (an
-                if p.data_ptr() != data.data_ptr() or not torch.equal(p, saved):  # EMA, .data)
-                    _WROTE_PARAMETERS[0] = True
+            for p, data, saved in params.params if params else ():  # a forward pass that writes
+                if p.data_ptr() != data.data_ptr() or not torch.equal(p, saved):  # its parameters
+                    params.wrote = True
                     p.data = data
                     p.copy_(saved)
 
@@ -154,8 +155,7 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     the running statistics each invariant parameter feeds."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    traces, names, substitute, saved = [], {}, {}, _snapshot(model)
-    _WROTE_PARAMETERS[0] = False
+    traces, names, substitute, saved = [], {}, {}, _Snapshot.of(model)
     for training in (True, False):
         trace, seen = _trace(model, example_inputs, training, substitute, saved)
         traces.append(trace)
@@ -165,7 +165,7 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
                 if isinstance(getattr(m, "running_mean", None), Tensor)}
     params = dict(model.named_parameters())
     shared = _sharing_storage(model)
-    if _WROTE_PARAMETERS[0]:
+    if saved.wrote:
         warnings.warn(f"{type(model).__name__}'s forward pass writes its own parameters (an "
                       "exponential average through .data?): discovery cannot follow that and "
                       "claims nothing (the parameters were restored)", stacklevel=3)
@@ -204,7 +204,7 @@ def _sharing_storage(model: nn.Module) -> set[int]:
     return out
 
 
-def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, saved: list):
+def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, saved: _Snapshot):
     """Record one forward pass (train or eval mode) on perturbed parameters and inputs; return
     the trace and ``{id of a recorded parameter tensor: its name}``.  ``substitute`` keeps the
     copies of the registered parameters and inputs for the next pass."""

@@ -149,7 +149,6 @@ class Trace:
     outputs and ``keep`` excluded) and ``storage[id]`` (tensors sharing its storage)."""
 
     ops: list[Op]
-    out: object
     first: dict[int, int]
     dies: dict[int, list[int]]
     storage: dict[int, list[int]]
@@ -197,7 +196,7 @@ def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
         if k not in pinned:
             dies.setdefault(i, []).append(k)
     storage = {k: ids for ids in by_storage.values() if len(ids) > 1 for k in ids}
-    return Trace(rec.ops, out, first, dies, storage, calls, last)
+    return Trace(rec.ops, first, dies, storage, calls, last)
 
 
 def _tensors_in(obj, depth: int = 0) -> list[Tensor]:
@@ -418,10 +417,6 @@ class Propagation:
             return _identity(ndim, device)
         return Value(_aligned(v.F, ndim), None if v.O is None else _aligned(v.O, ndim), v.bias, v.stat,
                      v.even)
-
-
-def _pure(v: Value) -> bool:
-    return v.O is None
 
 
 # -- rules -------------------------------------------------------------------------------------
@@ -785,7 +780,7 @@ def _layer_norm(p: Propagation, op: Op):
     touched = isinstance(p.get(x), Value)
     if touched and not _cancelled(p.value(x), dims):
         return [BROKEN]
-    eps = op.args.get("eps", op.args.get("epsilon"))
+    eps = op.args["eps"]
     xhat = lambda: torch.nn.functional.layer_norm(_d(x), shape, eps=eps)  # noqa: E731
     r = _affine(p, xhat, x.dim(), op.args.get("weight"), op.args.get("bias"), shape)
     extra = [BROKEN if touched else None] * 2
@@ -836,7 +831,7 @@ def _group_norm(p: Propagation, op: Op):
         if not _cancelled(Value(blocks(v.F), None if v.O is None else blocks(v.O)), [2, 3]):
             return [BROKEN]
     shape = (-1,) + (1,) * (x.dim() - 2)
-    eps = op.args.get("eps", op.args.get("epsilon"))
+    eps = op.args["eps"]
     xhat = lambda: torch.nn.functional.group_norm(_d(x), G, eps=eps)  # noqa: E731
     r = _affine(p, xhat, x.dim(), op.args.get("weight"), op.args.get("bias"), shape)
     return [r] + [BROKEN if touched else None] * 2
