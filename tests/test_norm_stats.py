@@ -60,7 +60,10 @@ def test_discovery_links_rows_to_the_statistics_they_feed():
     links = {n: s for g in groups if "norm_stats" in g for n, s in zip(g["param_names"], g["norm_stats"])}
     assert {n: [st.norm for st in s] for n, s in links.items()} == {
         "fc.weight": [model.bn], "conv.weight": [model.bn_conv], "seq.weight": [model.bn_seq]}
-    assert links["fc.weight"][0].bias is model.fc.bias
+    centre, leaves = links["fc.weight"][0].bias, []  # rescaled around the fc's bias
+    centre.mapped(leaves.append)
+    assert len(leaves) == 1 and leaves[0] is model.fc.bias
+    assert torch.equal(centre.value(torch.Tensor.detach), model.fc.bias.detach())
 
 
 # BatchNorm's eps makes the network only nearly invariant: with eps = 1e-5 a rescaling changes

@@ -108,6 +108,20 @@ class Tokens(nn.Module):
         return self.head(self.block(x).mean(1))
 
 
+class TokenBN(nn.Module):
+    """Tokens through a LayerNorm and a linear map into a BatchNorm over the channels (a
+    transpose each way): the norm's gain is invariant as a whole, its bias cancelled."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc, self.bn = nn.LayerNorm(D), nn.Linear(D, D), nn.BatchNorm1d(D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        x = self.fc(self.norm(x)).transpose(1, 2)
+        return self.head(torch.relu(self.bn(x)).mean(2))
+
+
 class ConvNeXtBlock(nn.Module):
     def __init__(self, dim):
         super().__init__()
@@ -330,20 +344,15 @@ def _zoo():
                                               nn.LayerNorm(D), nn.Linear(D, 3)), _vectors),
         "LN gain → linear → BN": (lambda: _seq(nn.Linear(D, D), nn.LayerNorm(D), nn.Linear(D, D, bias=False),
                                               nn.BatchNorm1d(D), nn.Linear(D, 3)), _vectors),
+        "tokens: LN → linear → BN (LeViT-style)": (TokenBN, _tokens),
+        "BN → 1×1 conv → BN (MaxViT pre-norm)": (
+            lambda: _seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), _images),
     })
     return zoo
 
 
 ZOO = _zoo()
-
-#: invariances the ground truth finds and discovery does not claim, and why
-KNOWN_MISSES = {
-    "LN gain → linear → BN": {
-        "1.weight": "rescaling the gain g by s moves the BatchNorm's input to s·(W g x̂) + W β: its "
-                    "running mean would have to follow s·μ + (1 − s)·W β, an offset that passes "
-                    "through a matrix, which the statistics links cannot express (the eval-mode "
-                    "network would change)"},
-}
 
 
 def build(name: str, seed: int = 0):

@@ -33,7 +33,7 @@ except ImportError:  # a torch built without distributed support
 from ..parallel import SyncBatchNorm
 from .geometry import CANCELLED, is_invariant, norm, rows, safe_inv
 from .sharded import grouped_norms, is_sharded
-from .symmetry import LABELS, Failed, Propagation, Value, compact, perturbed, record, unrecorded
+from .symmetry import LABELS, Expr, Failed, Propagation, Value, compact, perturbed, record, unrecorded
 
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
@@ -101,14 +101,16 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _S
 class NormStats:
     """Running statistics of a BatchNorm/InstanceNorm layer fed by the rows of an invariant weight.
 
-    Scaling row ``i`` by ``s_i`` scales channel ``i`` of the layer's input around the cancelled
-    bias ``b`` (zero without a bias), so the eval-mode network is unchanged when the statistics
-    follow: ``mean ← s (mean − b) + b`` and ``var ← s² var``.  For a ``"tensor"`` group one factor
-    applies to every channel.
+    Scaling row ``i`` by ``s_i`` scales channel ``i`` of the layer's input around a centre ``b``
+    (the cancelled bias of a conv; ``W β + b`` for a norm's gain followed by a linear map; zero
+    without a bias), so the eval-mode network is unchanged when the statistics follow:
+    ``mean ← s (mean − b) + b`` and ``var ← s² var``.  For a ``"tensor"`` group one factor
+    applies to every channel.  ``bias``: a tensor of the model, or an
+    :class:`~psiopt.optim.symmetry.Expr` that computes ``b`` from the model's current tensors.
     """
 
     norm: nn.Module
-    bias: Tensor | None
+    bias: Tensor | Expr | None
     #: channel ``c`` of the layer follows group ``index[c]`` (``-1``: no group); ``None``: the
     #: groups are the channels in order (or one group for all)
     index: Tensor | None = None
@@ -132,7 +134,8 @@ class NormStats:
         if self.bias is None:
             mean.mul_(s)
         else:
-            b = self.bias.detach().reshape(-1).to(mean.dtype)
+            b = self.bias if isinstance(self.bias, Tensor) else self.bias.value(Tensor.detach)
+            b = b.detach().reshape(-1).to(mean.dtype)
             mean.sub_(b).mul_(s).add_(b)
         var.mul_(s.square())
 
@@ -301,36 +304,40 @@ def _holds(traces, ids: list[int], p: Tensor, grouping: str, stats_of: dict) -> 
         if env.keys() - set(mine):  # a transformed output, buffer or other parameter
             return None
         counted: dict[int, int] = {}
-        for mean, F, bias in prop.links:
+        for mean, F, centre in prop.links:
             counted[id(mean)] = counted.get(id(mean), 0) + 1
-            found.setdefault(id(mean), []).append((mean, F, trace.originals.get(id(bias), bias)))
+            bound = None if centre is None else trace.bind(centre, lambda t: not is_sharded(t))
+            if centre is not None and bound is None:
+                return None  # a centre that is not a function of the model's own tensors
+            found.setdefault(id(mean), []).append((mean, F, bound))
         if any(n != trace.bn_calls.get(k) for k, n in counted.items()):
             return None  # the layer also normalises other inputs: its statistics cannot follow
     links = []
     for calls in found.values():
-        mean, F, bias = calls[0]
-        if any(not torch.equal(F, F2) or b2 is not bias for _, F2, b2 in calls[1:]):
+        mean, F, centre = calls[0]
+        c = None if centre is None else centre.value(Tensor.detach)
+        if any(not torch.equal(F, F2) or (c2 is None) != (c is None) or
+               c is not None and not torch.equal(c, c2.value(Tensor.detach)) for _, F2, c2 in calls[1:]):
             return None
-        links.append(_stats(stats_of, mean, F, bias, labels, grouping, traces[0].originals))
+        links.append(_stats(stats_of, mean, F, centre, labels, grouping))
     if any(link is None for link in links):
         return None
     return links
 
 
-def _stats(stats_of: dict, mean: Tensor, F: Tensor, bias, labels: dict, grouping: str,
-           originals: dict):
+def _stats(stats_of: dict, mean: Tensor, F: Tensor, centre: Expr | None, labels: dict,
+           grouping: str):
     """The :class:`NormStats` of a BatchNorm whose input channels carry labels ``F`` (and the
-    offset ``(1 − s)·bias``, ``bias`` a parameter or buffer of the model)."""
+    offset ``(1 − s)·c``, ``c`` given by ``centre`` from the model's tensors)."""
     norm = stats_of.get(id(mean))
-    model_tensors = {id(t) for t in originals.values()}
-    if norm is None or bias is not None and (id(bias) not in model_tensors or bias.numel() != F.numel()):
+    if norm is None or centre is not None and centre.value(Tensor.detach).numel() not in (1, F.numel()):
         return None
     index = [labels.get(float(v), None) if v else -1 for v in F.tolist()]
     if None in index:
         return None
     if grouping == "channel" and index == list(range(len(index))):
-        return NormStats(norm, bias)
-    return NormStats(norm, bias, torch.tensor(index))
+        return NormStats(norm, centre)
+    return NormStats(norm, centre, torch.tensor(index))
 
 
 def _reshard(model: nn.Module) -> None:

@@ -34,6 +34,7 @@ to be zero (a zero-initialised gain).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -53,12 +54,55 @@ TOL = 1e-9
 
 
 @dataclass(eq=False)
+class Expr:
+    """``fn(*args)``, a tensor computed from recorded tensors (``fn`` ``None``: the leaf tensor
+    ``args[0]``).  It is the *centre* ``c`` of an offset ``O = (1 − exp(κF)) ⊙ c``: the point the
+    tensor is rescaled around (a bias added after a rescaled product, ``W β + b`` after a
+    rescaled norm gain and a linear map).  A BatchNorm's running mean follows a rescaling as
+    ``s (mean − c) + c``, with ``c`` evaluated again from the model's current tensors
+    (:meth:`Trace.bind`).  The functions hold no tensor: ``copy.deepcopy`` of a bound
+    expression follows the copied model."""
+
+    fn: object
+    args: tuple
+
+    def value(self, leaf=lambda t: t) -> Tensor:
+        """The tensor, each leaf ``t`` read as ``leaf(t)``."""
+        if self.fn is None:
+            return leaf(self.args[0])
+        return self.fn(*(a.value(leaf) for a in self.args))
+
+    def mapped(self, leaf) -> Expr:
+        """The same expression with each leaf tensor ``t`` replaced by ``leaf(t)``."""
+        if self.fn is None:
+            return Expr(None, (leaf(self.args[0]),))
+        return Expr(self.fn, tuple(a.mapped(leaf) for a in self.args))
+
+
+def _leaf(t) -> Expr | None:
+    return Expr(None, (t,)) if isinstance(t, Tensor) else None
+
+
+def _apply(fn, *args) -> Expr | None:
+    """``fn(*args)``, or ``None`` (no centre) when an argument has none."""
+    return None if any(a is None for a in args) else Expr(fn, args)
+
+
+def _invoke(func, template: dict, names: tuple, pos: int, *tensors) -> Tensor:
+    """Output ``pos`` of the aten op ``func`` called on ``template``'s arguments and
+    ``tensors`` (named ``names``)."""
+    out = Op(func, {**template, **dict(zip(names, tensors))}, [], []).call({})
+    return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)][pos]
+
+
+@dataclass(eq=False)
 class Value:
-    """``v ↦ exp(κF) ⊙ v + O``; ``bias``: ``O == (1 − exp(κF)) ⊙ bias`` (or ``None``)."""
+    """``v ↦ exp(κF) ⊙ v + O``; ``bias``: an :class:`Expr` ``c`` with ``O == (1 − exp(κF)) ⊙ c``
+    (or ``None``: unknown)."""
 
     F: Tensor
     O: Tensor | None = None
-    bias: Tensor | None = None
+    bias: Expr | None = None
     #: a statistic (a variance, a norm, a mean or sum of squares, or a positive power of one):
     #: where a normalisation adds its eps
     stat: bool = False
@@ -160,6 +204,40 @@ class Trace:
         """Tensors whose values matter after the pass (never dropped as dead)."""
         ids = {id(t) for t in tensors}
         self.dies = {i: [k for k in dead if k not in ids] for i, dead in self.dies.items()}
+
+    def bind(self, expr: Expr, usable=lambda t: True) -> Expr | None:
+        """``expr`` as a function of the model's own tensors (:attr:`originals` that are
+        ``usable``): each other leaf is replaced by the recorded ops that made it, down to the
+        model's tensors.  ``None`` when a leaf depends on anything else (the input, a random
+        op, an op that writes) or when replaying those ops does not give the leaf's value (it
+        was written in place after it was made)."""
+        producer = {id(t): op for op in self.ops for t in op.outs}
+
+        def replayed(e: Expr, depth: int) -> Expr | None:
+            if e.fn is not None:
+                return _apply(e.fn, *(replayed(a, depth) for a in e.args))
+            t = e.args[0]
+            if id(t) in self.originals:
+                return e if usable(self.originals[id(t)]) else None
+            op = producer.get(id(t))
+            if op is None or depth > 64 or op.writes or \
+                    torch.Tag.nondeterministic_seeded in op.func.tags or any(
+                        isinstance(a, Tensor) for v in op.args.values() if isinstance(v, (list, tuple))
+                        for a in v):
+                return None
+            names = tuple(k for k, v in op.args.items() if isinstance(v, Tensor))
+            template = {k: v for k, v in op.args.items() if k not in names}
+            pos = next(i for i, o in enumerate(op.outs) if o is t)
+            return _apply(functools.partial(_invoke, op.func, template, names, pos),
+                          *(replayed(_leaf(op.args[k]), depth + 1) for k in names))
+
+        out = replayed(expr, 0)
+        if out is None:
+            return None
+        value, recorded = out.value(Tensor.detach), expr.value(Tensor.detach)
+        if value.shape != recorded.shape or not torch.allclose(value, recorded, rtol=1e-5, atol=0):
+            return None
+        return out.mapped(lambda t: self.originals[id(t)])
 
 
 def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
@@ -421,9 +499,11 @@ class Propagation:
 
 # -- rules -------------------------------------------------------------------------------------
 
-def _add(a, va: Value, b, vb: Value, alpha: float = 1.0, concrete=None) -> Value | None:
-    """``a + alpha·b`` (``concrete``: callables giving a, b as float64 when an offset needs them)."""
+def _add(a, va: Value, b, vb: Value, alpha: float = 1.0, concrete=None, exprs=None) -> Value | None:
+    """``a + alpha·b`` (``concrete``: callables giving a, b as float64 when an offset needs them;
+    ``exprs``: :class:`Expr` of a, b where they are not the tensors themselves)."""
     fa, fb = _zero(va.F), _zero(vb.F)
+    exprs = exprs or {}
     get_a = (concrete or {}).get("a", lambda: _d(a))
     get_b = (concrete or {}).get("b", lambda: _d(b))
     Ob = None if vb.O is None else vb.O * alpha
@@ -437,23 +517,48 @@ def _add(a, va: Value, b, vb: Value, alpha: float = 1.0, concrete=None) -> Value
         return Value(F, _add_offsets(va.O, Ob))
     if fb:  # b unscaled: (s a + Oa) + α(b + Ob) = s(a + αb) + Oa + αOb + (1 − s)αb
         rest = (1 - _factor(va.F)) * (alpha * get_b())
-        bias = b if (va.O is None and vb.O is None and isinstance(b, Tensor) and alpha == 1) else None
-        return Value(va.F, _add_offsets(va.O, Ob, rest), bias)
+        centre = _apply(functools.partial(_scaled, alpha), exprs.get("b", _leaf(b)))
+        return Value(va.F, _add_offsets(va.O, Ob, rest), _centre(va, vb, centre))
     if fa:
         rest = (1 - _factor(vb.F)) * get_a()
-        bias = a if (va.O is None and vb.O is None and isinstance(a, Tensor) and alpha == 1) else None
-        return Value(vb.F, _add_offsets(va.O, Ob, rest), bias)
+        return Value(vb.F, _add_offsets(va.O, Ob, rest), _centre(vb, va, exprs.get("a", _leaf(a))))
     return BROKEN
+
+
+def _scaled(alpha: float, t: Tensor) -> Tensor:
+    return t if alpha == 1 else alpha * t
+
+
+def _centre(scaled: Value, unscaled: Value, added: Expr | None) -> Expr | None:
+    """The centre of ``scaled + added`` (``added`` unscaled, without an offset of its own):
+    ``added``, plus the centre of ``scaled``'s offset if it has one."""
+    if unscaled.O is not None:
+        return None
+    if scaled.O is None:
+        return added
+    return _apply(torch.add, scaled.bias, added)
 
 
 def _mul(a, va: Value, b, vb: Value) -> Value | Broken:
     if va.O is None and vb.O is None:
         return Value(_sum_aligned(va.F, vb.F))
     if _zero(vb.F) and vb.O is None:
-        return Value(va.F, va.O * _d(b))
+        return Value(va.F, va.O * _d(b), _times(va.bias, b, torch.mul))
     if _zero(va.F) and va.O is None:
-        return Value(vb.F, vb.O * _d(a))
+        return Value(vb.F, vb.O * _d(a), _times(vb.bias, a, torch.mul))
     return BROKEN
+
+
+def _times(centre: Expr | None, b, op) -> Expr | None:
+    """The centre of an offset multiplied (``op``: ``torch.mul``/``torch.div``) by an untouched
+    ``b`` (a tensor or a number)."""
+    if not isinstance(b, Tensor):
+        return _apply(functools.partial(_by, op, float(b)), centre)
+    return _apply(op, centre, _leaf(b))
+
+
+def _by(op, b: float, t: Tensor) -> Tensor:
+    return op(t, b)
 
 
 def _sum_aligned(Fa: Tensor, Fb: Tensor) -> Tensor:
@@ -478,7 +583,7 @@ def _binary(p: Propagation, op: Op, x, y, kind: str):
         if op.args.get("rounding_mode") is not None:
             raise Failed(f"{op.func} rounds")
         if vb.O is None and _zero(vb.F):
-            r = Value(va.F, None if va.O is None else va.O / _d(b))
+            r = Value(va.F, None if va.O is None else va.O / _d(b), _times(va.bias, b, torch.div))
         elif va.O is None and vb.O is None:
             r = Value(_sum_aligned(va.F, -vb.F))
         else:
@@ -554,7 +659,22 @@ def _shape(p: Propagation, op: Op):
     has_offset = any(isinstance(p.get(t), Value) and p.get(t).O is not None for t in srcs)
     Fs = [compact(F) for F in apply("F")]
     Os = [compact(O) for O in apply("O")] if has_offset else [None] * len(Fs)
-    return [Value(F, O) for F, O in zip(Fs, Os)]
+    centres = [None] * len(Fs)
+    if has_offset and not many and not any(isinstance(t, Tensor) for t in tree_flatten(rest)[0]):
+        template = {k: v for k, v in op.args.items() if k != first}
+        if op.name == "constant_pad_nd":
+            template["value"] = 0
+        centres = [_apply(functools.partial(_shaped, op.func, template, first, tuple(src.shape), i),
+                          p.get(src).bias) for i in range(len(Fs))]
+    return [Value(F, O, c) for F, O, c in zip(Fs, Os, centres)]
+
+
+def _shaped(func, template: dict, first: str, shape: tuple, pos: int, c: Tensor) -> Tensor:
+    """Output ``pos`` of the shape op ``func`` applied to the centre ``c`` spread to ``shape``."""
+    c = _aligned(c, len(shape)).expand(shape)
+    if func.overloadpacket.__name__ in ("view", "_unsafe_view"):
+        return c.reshape(template["size"])
+    return _invoke(func, template, (first,), pos, c)
 
 
 def _passthrough(p: Propagation, op: Op):
@@ -656,6 +776,38 @@ def _matmul_offset(a, va, b, vb, mul, broadcasts=False) -> Tensor | None:
     return _add_offsets(*terms)
 
 
+def _matmul_centre(a, va: Value, b, vb: Value, mul, broadcasts=False) -> Expr | None:
+    """The centre of ``mul(a', b')``'s offset when one operand is untouched: ``mul(c, b)`` or
+    ``mul(a, c)`` (``c`` spread as :func:`_matmul_offset` spreads the offset)."""
+    untouched = lambda v: v.O is None and _zero(v.F)  # noqa: E731
+    if va.O is not None and untouched(vb):
+        dim = a.dim() - 1 if broadcasts else None
+        return _apply(functools.partial(_spread_centre, mul, tuple(a.shape), dim, 0), va.bias, _leaf(b))
+    if vb.O is not None and untouched(va):
+        dim = (b.dim() - 2 if b.dim() > 1 else 0) if broadcasts else None
+        return _apply(functools.partial(_spread_centre, mul, tuple(b.shape), dim, 1), _leaf(a), vb.bias)
+    return None
+
+
+def _spread_centre(mul, shape: tuple, dim: int | None, side: int, a: Tensor, b: Tensor) -> Tensor:
+    """``mul(a, b)`` with the centre (operand ``side``) expanded to the operand's ``shape``
+    (along ``dim`` only, when ``mul`` broadcasts)."""
+    ab = [a, b]
+    c = _aligned(ab[side], len(shape))
+    if dim is None:
+        c = c.expand(shape)
+    else:
+        full = list(c.shape)
+        full[dim] = shape[dim]
+        c = c.expand(full)
+    ab[side] = c
+    return mul(*ab)
+
+
+def _reshaped(shape, t: Tensor) -> Tensor:
+    return t.reshape(shape)
+
+
 def _product(second: str):
     """mm, bmm, mv, dot (``second``: the name of the right operand): each operand's factor must
     be constant along the contracted dimension; the labels add."""
@@ -666,7 +818,8 @@ def _product(second: str):
         if Fa is None or Fb is None:
             return [BROKEN]
         F = Fa + Fb if b.dim() > 1 else Fa.squeeze(-1) + Fb.squeeze(-1)
-        return [Value(F, _matmul_offset(a, va, b, vb, torch.matmul, broadcasts=True))]
+        return [Value(F, _matmul_offset(a, va, b, vb, torch.matmul, broadcasts=True),
+                      _matmul_centre(a, va, b, vb, torch.matmul, broadcasts=True))]
     return rule
 
 
@@ -685,10 +838,8 @@ def _addmm(p: Propagation, op: Op):
     if beta != 1:
         vbias = Value(vbias.F, None if vbias.O is None else vbias.O * beta)
     concrete = {"a": lambda: _d(out) - beta * _d(bias), "b": lambda: beta * _d(bias)}
-    r = _add(None, prod, bias, vbias, 1.0, concrete)
-    if r is not None and r is not BROKEN and beta != 1:
-        r.bias = None
-    return [r]
+    exprs = {"b": _apply(functools.partial(_scaled, beta), _leaf(bias))}
+    return [_add(None, prod, bias, vbias, 1.0, concrete, exprs)]
 
 
 def _baddbmm(p: Propagation, op: Op):
@@ -732,8 +883,7 @@ def _conv(p: Propagation, op: Op):
     def conv(a, b):
         return torch.ops.aten.convolution(a, b, None, *params)
 
-    O = _matmul_offset(x, vx, w, vw, conv)
-    prod = Value(F, O)
+    prod = Value(F, _matmul_offset(x, vx, w, vw, conv), _matmul_centre(x, vx, w, vw, conv))
     if bias is None:
         return [prod]
     vb = p.value(bias)
@@ -741,8 +891,8 @@ def _conv(p: Propagation, op: Op):
     vb = Value(vb.F.expand(bias.shape).reshape(shape),
                None if vb.O is None else vb.O.expand(bias.shape).reshape(shape))
     concrete = {"a": lambda: _d(out) - _d(bias).reshape(shape), "b": lambda: _d(bias).reshape(shape)}
-    r = _add(None, prod, bias, vb, 1.0, concrete)
-    return [r]
+    exprs = {"b": _apply(functools.partial(_reshaped, shape), _leaf(bias))}
+    return [_add(None, prod, bias, vb, 1.0, concrete, exprs)]
 
 
 def _affine(p: Propagation, xhat, ndim: int, weight, bias, shape) -> Value | None:
@@ -759,7 +909,8 @@ def _affine(p: Propagation, xhat, ndim: int, weight, bias, shape) -> Value | Non
                       None if vw.O is None else vw.O.expand(weight.shape).reshape(shape) * xhat())
     if bias is not None and r is not None:  # a rescaled gain: the bias is an offset
         unscaled = {"b": lambda: _d(bias).reshape(shape)}
-        return _add(None, r, bias, _identity(ndim, bias.device), 1.0, unscaled)
+        exprs = {"b": _apply(functools.partial(_reshaped, tuple(shape)), _leaf(bias))}
+        return _add(None, r, bias, _identity(ndim, bias.device), 1.0, unscaled, exprs)
     if bias is not None and isinstance(p.get(bias), Value):
         vb = p.value(bias)
         vb = Value(_aligned(vb.F.expand(bias.shape).reshape(shape), ndim),
@@ -800,10 +951,10 @@ def _batch_norm(p: Propagation, op: Op):
             return [BROKEN]
         if mean is not None and p.follow_stats:
             F = _const(v.F, dims).reshape(-1).expand(x.shape[1])
-            O = None if v.O is None else _const_offset(v.O, dims).reshape(-1)
-            if O is not None and v.bias is None:
+            centre = None if v.O is None else _channel_centre(v, F, dims, x.dim())
+            if v.O is not None and centre is None:
                 return [BROKEN]  # an offset the running statistics cannot follow
-            p.links.append((mean, F, v.bias))
+            p.links.append((mean, F, centre))
         elif not training:
             return [BROKEN]
     shape = (-1,) + (1,) * (x.dim() - 2)
@@ -817,6 +968,31 @@ def _batch_norm(p: Propagation, op: Op):
     if r is not None and r is not BROKEN:
         r.F = _aligned(r.F, x.dim())
     return [r] + [BROKEN if touched else None] * (len(op.outs) - 1)
+
+
+def _channel_centre(v: Value, F: Tensor, dims: list[int], ndim: int) -> Expr | None:
+    """The per-channel centre of ``v``'s offset (constant along ``dims``), checked against the
+    offset itself: ``O == (1 − exp(κF)) ⊙ c`` with ``c`` computed by the expression from the
+    recorded tensors; ``None`` when there is none or it does not match."""
+    centre = _apply(functools.partial(_per_channel, ndim, tuple(dims)), v.bias)
+    if centre is None:
+        return None
+    O = _const_offset(v.O, dims).reshape(-1)
+    c = centre.value(lambda t: t.detach().double())
+    if c.numel() not in (1, F.numel()):
+        return None
+    error = float(((1 - _factor(F)) * c - O).abs().max())
+    return centre if error <= TOL * float(O.abs().max()) else None
+
+
+def _per_channel(ndim: int, dims: tuple, c: Tensor) -> Tensor:
+    """``c`` (broadcastable to a tensor of ``ndim`` dimensions, constant along ``dims``) as one
+    value per channel, or a single one."""
+    c = _aligned(c, ndim)
+    for d in dims:
+        if c.shape[d] > 1:
+            c = c.narrow(d, 0, 1)
+    return c.reshape(-1)
 
 
 def _group_norm(p: Propagation, op: Op):
