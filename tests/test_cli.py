@@ -176,13 +176,19 @@ def test_resume_with_more_epochs_continues_and_records_it(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
+def test_resume_without_a_checkpoint_starts_over(tmp_path, capsys):
+    """Runs are seeded: a run without a checkpoint (killed, or a full disk, before its first) is
+    trained again from epoch 0, and its records are those of the first attempt (issue 22)."""
     argv = ["train", *QUICK, "--out", str(tmp_path)]
     assert main(argv) == 0
+    first = read_metrics(tmp_path)
     (tmp_path / "checkpoint.pt").unlink()
-    before = snapshot(tmp_path)
-    refused(capsys, [*argv, "--resume"], "no checkpoint.pt")
-    assert snapshot(tmp_path) == before
+    assert main([*argv, "--resume"]) == 0
+    assert "no checkpoint.pt, so the run starts over" in capsys.readouterr().out
+    assert [{k: v for k, v in m.items() if k not in ("seconds", "samples_per_s")}
+            for m in read_metrics(tmp_path)] == \
+        [{k: v for k, v in m.items() if k not in ("seconds", "samples_per_s")} for m in first]
+    assert (tmp_path / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("broken, words", [

@@ -14,7 +14,16 @@ from ..optim.registry import REGISTRY, list_optimizers
 from .data import DATASETS, DataError, is_available
 from .models import list_models
 from .recipes import RECIPES
-from .train import INITS, RunConfig, RunError, check_run_dir, train, train_spawned
+from .train import (
+    INITS,
+    RunConfig,
+    RunError,
+    check_run_dir,
+    read_run_config,
+    run_identity,
+    train,
+    train_spawned,
+)
 
 
 class UsageError(Exception):
@@ -320,6 +329,8 @@ def cmd_compare(args) -> None:
     # settings are known, and checked, once the selection has run)
     for directory, config in trials or runs:
         check_run_dir(config, directory, resume=True)
+    for variant, configs in arms:
+        _check_one_setting(out / variant, configs, [d for d, _ in runs])
     progress = False if args.no_progress else None
     for directory, config in trials:
         train(config, directory, resume=True, progress=progress)
@@ -337,6 +348,28 @@ def cmd_compare(args) -> None:
 
 #: subdirectory of a variant holding its lr selection runs (evaluated on a validation split)
 SELECTION = "lr-selection"
+#: settings in which the runs of one comparison (the rows of one summary) may differ
+PER_RUN = ("optimizer", "seed", "hyper")
+
+
+def _check_one_setting(directory: Path, configs: list[RunConfig], asked: list[Path]) -> None:
+    """Raise :class:`RunError` when ``directory`` already holds runs (other optimizers or seeds
+    than those asked for) with other settings than ``configs``: the rows of one summary share
+    every setting but the optimizer, the seed and its hyperparameters (their epochs too: the runs
+    asked for are continued to ``--epochs``, the others are not)."""
+    mine = {k: v for k, v in run_identity(dataclasses.asdict(configs[0])).items() if k not in PER_RUN}
+    mine["epochs"] = configs[0].epochs
+    for path in sorted(directory.glob("*/seed*/config.json")):
+        if path.parent in asked:  # continued with these settings: checked by check_run_dir
+            continue
+        recorded = read_run_config(path)
+        theirs = {**run_identity(recorded), "epochs": recorded["epochs"]}
+        differ = [f"{k} ({theirs[k]!r} → {mine[k]!r})" for k in mine if theirs.get(k) != mine[k]]
+        if differ:
+            raise RunError(f"{directory} already holds runs with other settings "
+                           f"({path.parent.relative_to(directory)}: {', '.join(differ)}); the "
+                           "runs of one comparison share them: use those settings or choose "
+                           "another --out")
 
 
 def _selection_runs(args, names: list[str], select: dict) -> list[tuple[str, float, RunConfig]]:
@@ -382,11 +415,17 @@ def _choose(directory: Path, select: dict, runs) -> dict[str, float]:
         raise RunError(f"lr selection in {directory / SELECTION}: every lr diverged for "
                        f"{', '.join(failed)}")
     result = {name: lr for name, (lr, _) in chosen.items()}
-    config = runs[0][2]
-    protocol = {**select, "epochs": config.epochs, "subset": config.subset}  # as run
+    name, lr, config = runs[0]
+    # as run: the training samples the trials used (fewer than asked on a smaller set)
+    trial = read_run_config(directory / SELECTION / name / f"lr{lr:g}" / "config.json")
+    subset = config.subset and (trial.get("samples") or {}).get("train", config.subset)
+    protocol = {**select, "epochs": config.epochs, "subset": subset}
     record = {"protocol": protocol, "metric": "final validation accuracy (loss for regression)",
               "final_val": table, "chosen": result}
-    (directory / "selection.json").write_text(json.dumps(record, indent=2))
+    from .report import write_atomically
+
+    text = json.dumps(record, indent=2)
+    write_atomically(directory / "selection.json", lambda tmp: tmp.write_text(text))
     print(f"lr selection ({directory}): " + ", ".join(f"{n} {lr:g}" for n, lr in result.items()))
     return result
 
@@ -422,6 +461,9 @@ def main(argv=None) -> int:
             sets = [_choice("parameter set", n, list(SETS)) for n in args.sets.split(",")] \
                 if args.sets else None
             _check_bench_device(args.device)
+            if args.steps < 1:
+                raise UsageError(f"invalid --steps {args.steps} (must be at least 1: the rounds "
+                                 "timed per optimizer)")
             run(args.out, steps=args.steps, sets=sets, compile_check=not args.no_compile,
                 device=args.device)
         else:

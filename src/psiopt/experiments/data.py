@@ -79,12 +79,24 @@ def _find(dirs: list[Path], stem: str, hint: str) -> Path:
     raise DataError(f"{stem}[.gz] not found in {where}; {hint}")
 
 
+#: the image size of the IDX datasets (MNIST, Fashion-MNIST)
+IDX_IMAGE = (28, 28)
+
+
 def _idx_dataset(name: str, dirs: list[Path], hint: str) -> tuple:
-    parts = [read_idx(_find(dirs, f"{split}-{kind}", hint))
+    paths = [_find(dirs, f"{split}-{kind}", hint)
              for split in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+    parts = [read_idx(path) for path in paths]
+    for path, array in zip(paths, parts):
+        if array.ndim and not len(array):
+            raise DataError(f"{path}: holds 0 samples; expected the {name} file")
     for images, labels in (parts[:2], parts[2:]):
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{name}: images {images.shape} and labels {labels.shape} do not match")
+    for path, images in ((paths[0], parts[0]), (paths[2], parts[2])):
+        if images.shape[1:] != IDX_IMAGE:
+            raise DataError(f"{path}: images of {images.shape[1]}×{images.shape[2]} pixels, but "
+                            f"{name} images are {IDX_IMAGE[0]}×{IDX_IMAGE[1]}: not a {name} file")
     return parts[0][:, None], parts[1], parts[2][:, None], parts[3]
 
 
@@ -114,6 +126,11 @@ def _cifar(data_dir: Path | None, hundred: bool) -> tuple:
         try:
             x = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
             y = np.concatenate([np.asarray(b[label_key]) for b in batches])
+            for name, batch in zip(names, batches):
+                images, labels = len(batch[b"data"]), len(batch[label_key])
+                if images != labels:
+                    raise DataError(f"{base / name}: {images} images but {labels} labels: not a "
+                                    f"{folder} batch")
         except (KeyError, ValueError, TypeError, IndexError) as e:  # e.g. a batch that is no dict
             raise DataError(f"{base}: malformed CIFAR batch ({e!r})") from None
         out += [x, y]
@@ -233,6 +250,10 @@ def load_dataset(name: str, data_dir: str | Path | None = None, subset: int | No
             tx, ty = tx[:subset], ty[:subset]
     elif subset is not None:
         tx, ty, vx, vy = tx[:subset], ty[:subset], vx[:max(subset // 5, 100)], vy[:max(subset // 5, 100)]
+    if len(tx) < 2 or not len(vx):
+        raise DataError(f"{name}: {len(tx)} training and {len(vx)} "
+                        f"{'validation' if validation else 'test'} samples; at least 2 and 1 are "
+                        "needed (check the files under --data-dir)")
     tx, vx = tx.float(), vx.float()
     dims = [0] + list(range(2, tx.dim()))
     mean, std = tx.mean(dims, keepdim=True), tx.std(dims, keepdim=True).clamp_min(1e-6)

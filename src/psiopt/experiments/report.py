@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import textwrap
 from pathlib import Path
 
-from .train import RunError, read_metrics
+from .train import RunError, read_metrics, read_run_config
 
 #: hyperparameters shown in the settings table (the others are listed when set)
 _SHOWN = ("lr", "momentum", "weight_decay")
@@ -29,11 +30,7 @@ def load_runs(root: str | Path, split: str | None = None) -> dict[str, list[tupl
     root = Path(root)
     found: dict[str, list] = {}
     for path in sorted(root.glob("**/metrics.jsonl")):
-        config_path = path.parent / "config.json"
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as e:
-            raise RunError(f"{config_path}: cannot be read ({e})") from None
+        config = read_run_config(path.parent / "config.json")
         metrics = read_metrics(path.parent)
         if metrics:
             found.setdefault(split_of(config), {}).setdefault(config["optimizer"], []).append(
@@ -144,13 +141,24 @@ def _setting(config: dict) -> str:
     schedule = (f"lr ×{config['gamma']:g} at epochs {', '.join(map(str, config['milestones']))}"
                 if config["milestones"] else "constant lr")
     n, held = config.get("subset"), config.get("validation")
+    # the numbers of samples used, as the run recorded them (runs made before it did: as asked)
+    samples = config.get("samples") or {}
+    trained = samples.get("train", n)
+    more = f" (--subset {n}: the set holds fewer)" if n and trained is not None and trained < n else ""
     if held:
-        subset = (f", {'first ' + str(n) if n else 'all other'} training samples, evaluated on "
-                  f"the last {held} held out (validation split)")
+        subset = (f", {'first ' + str(trained) if n else 'all other'} training samples{more}, "
+                  f"evaluated on the last {samples.get('validation', held)} held out "
+                  "(validation split)")
+    elif n:
+        subset = (f", {'first' if not more else 'all'} {trained} training and "
+                  f"{samples.get('test', max(n // 5, 100))} test samples{more}")
     else:
-        subset = f", first {n} training and {max(n // 5, 100)} test samples" if n else ""
-    return (f"{config['dataset']} / {config['model']}: {config['epochs']} epochs, batch "
-            f"{config['batch_size']}{subset}, {schedule}, init {config['init']}, "
+        subset = ""
+    options = "".join(f", {k}={v}" for k, v in sorted((config.get("model_kwargs") or {}).items()))
+    grouping = f", every invariant weight grouped by {config['grouping']}" \
+        if config.get("grouping") else ""
+    return (f"{config['dataset']} / {config['model']}{options}: {config['epochs']} epochs, batch "
+            f"{config['batch_size']}{subset}, {schedule}, init {config['init']}{grouping}, "
             f"{config.get('threads', '?')} thread(s)")
 
 
@@ -207,8 +215,10 @@ def plot(runs, out_dir: str | Path) -> list[Path]:
         ax.legend(fontsize=8)
         path = Path(out_dir) / ("accuracy.png" if key.endswith("_acc") else f"{key}.png")
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        try:
+            write_atomically(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+        finally:
+            plt.close(fig)
         paths.append(path)
     return paths
 
@@ -221,7 +231,7 @@ def selection_table(root: Path) -> str:
     try:
         record = json.loads(path.read_text())
         spec, table, chosen = record["protocol"], record["final_val"], record["chosen"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise RunError(f"{path}: cannot be read ({e})") from None
     lrs = list(next(iter(table.values())))
     how = (f"each optimizer at lr {', '.join(lrs)}, seed 0, {spec['epochs']} epochs "
@@ -235,15 +245,44 @@ def selection_table(root: Path) -> str:
     return "\n## Learning-rate selection\n\n" + how + "\n\n" + "\n".join(lines) + "\n"
 
 
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path``: the file is whole or as it was.  A failed
+    write (read-only directory, ``path`` a directory, disk full) is a :class:`RunError` naming
+    ``path``; the temporary file is removed."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise RunError(f"{path}: cannot be written ({e.strerror or e}); make {path.parent} "
+                       "writable (and move away anything in that file's place), then run "
+                       f"psiopt report {path.parent}") from None
+
+
+def _header(runs) -> str:
+    """The settings of the runs: one line when they share them, else each setting with the
+    optimizers (and seeds) that ran with it."""
+    users: dict[str, list[str]] = {}
+    for name, seeds in runs.items():
+        for config, _ in seeds:
+            users.setdefault(_setting(config), []).append(f"{name} seed {config['seed']}")
+    if len(users) == 1:
+        return f"# {next(iter(users))}\n\n"
+    return "# Runs with different settings\n\n" + "".join(
+        f"* {setting}: {', '.join(runs_)}\n" for setting, runs_ in sorted(users.items())) + "\n"
+
+
 def write_report(root: str | Path) -> tuple[Path, list[Path], str]:
     """Regenerate ``summary.md`` and the plots of a run directory; return paths and the table."""
     root = Path(root)
     runs = load_runs(root)
     table = summary_table(runs)
-    settings = sorted({_setting(c) for seeds in runs.values() for c, _ in seeds})
-    header = (f"# {' | '.join(settings)}\n\n" if len(settings) == 1 else
-              "# Runs with different settings\n\n" + "".join(f"* {s}\n" for s in settings) + "\n")
-    text = (header + "## Results\n\n" + table + "\n\n## Settings (invariant / other groups)\n\n"
-            + settings_table(runs) + "\n" + selection_table(root))
-    (root / "summary.md").write_text(text)
+    text = (_header(runs) + "## Results\n\n" + table
+            + "\n\n## Settings (invariant / other groups)\n\n" + settings_table(runs) + "\n"
+            + selection_table(root))
+    write_atomically(root / "summary.md", lambda tmp: tmp.write_text(text))
     return root / "summary.md", plot(runs, root), table

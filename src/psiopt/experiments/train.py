@@ -3,8 +3,10 @@
 A run directory holds ``config.json`` (every setting, the hyperparameters the optimizer actually
 uses, the environment), ``metrics.jsonl`` (one JSON object per epoch, appended) and
 ``checkpoint.pt`` (written atomically after an epoch's record, at the last epoch and at most every
-``CHECKPOINT_SECONDS`` otherwise: model, optimizer, scheduler, RNG state and epoch; a resumed run
-drops the records beyond the checkpoint and redoes those epochs, identically).  The last epoch of
+``CHECKPOINT_SECONDS`` otherwise: model, optimizer, scheduler, RNG state and epoch, with a sha256
+of those bytes and the run's settings, both checked when it is loaded; a resumed run drops the
+records beyond the checkpoint and redoes those epochs, identically, and a run without a checkpoint
+starts over).  The last epoch of
 each session is also evaluated with the BatchNorm statistics recomputed on the training set.
 Shuffling and augmentation draw from a generator seeded by ``(seed, epoch)``, so a resumed run gives
 exactly the metrics of an uninterrupted one.  A run directory is only ever continued with the
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import hashlib
+import io
 import json
 import math
 import os
@@ -57,6 +61,11 @@ CHECKPOINT_SECONDS = 30.0
 RESUMABLE = ("epochs", "threads")
 #: how long a rank waits for the others before the run fails with an error
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
+#: the largest seed (torch's generators take 64-bit seeds; an epoch's shuffling seed is
+#: ``seed * 100_003 + epoch``)
+MAX_SEED = 2**32 - 1
+#: settings the dataset fixes, which a model option may not set
+DATA_FIXED = ("in_channels", "num_classes", "image_size")
 
 
 class RunError(ValueError):
@@ -97,6 +106,9 @@ class RunConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise RunError(f"invalid {name}: {value!r} (must be an integer of at least {low})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or \
+                not 0 <= self.seed <= MAX_SEED:
+            raise RunError(f"invalid seed: {self.seed!r} (must be an integer from 0 to {MAX_SEED})")
         if self.batch_size % self.nproc:
             raise RunError(f"batch size {self.batch_size} does not split over {self.nproc} "
                            "processes (it is the global batch: use a multiple of --nproc)")
@@ -214,32 +226,54 @@ def _progress(total: int, desc: str, enabled: bool | None):
                 disable=not sys.stderr.isatty() if enabled is None else not enabled)
 
 
-class _Writing:
-    """Context: an ``OSError`` (disk full, permission) raised inside becomes a :class:`RunError`
-    naming ``path``; the files written before are left as they were."""
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed, when ``error`` is a failed write: an ``OSError`` (disk full,
+    permission), or the ``RuntimeError`` that ``torch.save``'s zip writer raises in its place
+    (``[enforce fail at inline_container.cc …] PytorchStreamWriter failed writing file …`` on a
+    full disk); ``None`` for any other error."""
+    if isinstance(error, OSError):
+        return str(error.strerror or error)
+    text = str(error)
+    if isinstance(error, RuntimeError) and ("PytorchStreamWriter" in text
+                                            or "inline_container" in text):
+        return f"torch.save: {text.strip().splitlines()[0].strip()}; is the disk full?"
+    return None
 
-    def __init__(self, path: Path):
-        self.path = path
+
+class _Writing:
+    """Context: a failed write (:func:`write_failure`: disk full, permission) raised inside
+    becomes a :class:`RunError` naming ``path``; the files written before are left as they were
+    and ``cleanup`` (a temporary file) is removed."""
+
+    def __init__(self, path: Path, cleanup: Path | None = None):
+        self.path, self.cleanup = path, cleanup
 
     def __enter__(self):
         return self.path
 
     def __exit__(self, kind, error, tb):
-        if isinstance(error, OSError):
-            raise RunError(f"{self.path}: cannot be written ({error.strerror or error}); the run "
-                           "directory is as it was before this write (--resume continues)") from None
+        why = None if error is None else write_failure(error)
+        if why is None:
+            return
+        if self.cleanup is not None:
+            try:
+                self.cleanup.unlink(missing_ok=True)
+            except OSError:
+                pass
+        raise RunError(f"{self.path}: cannot be written ({why}); the run directory is as it "
+                       "was before this write (--resume continues)") from None
 
 
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with _Writing(path):
+    with _Writing(path, cleanup=tmp):
         torch.save(obj, tmp)
         os.replace(tmp, path)
 
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with _Writing(path):
+    with _Writing(path, cleanup=tmp):
         tmp.write_text(text)
         os.replace(tmp, path)
 
@@ -257,13 +291,19 @@ def build(config: RunConfig):
                             validation=config.validation)
     except ValueError as e:  # e.g. a validation split larger than the training set
         raise RunError(str(e)) from None
+    fixed = sorted(set(config.model_kwargs) & set(DATA_FIXED))
+    if fixed:
+        raise RunError(f"model option(s) {fixed} are set by the dataset ({config.dataset}: "
+                       f"{data.in_channels} channel(s), {data.num_classes or 1} output(s), size "
+                       f"{data.image_size}); leave them out of --model-kwarg")
     try:
         model = create_model(config.model, in_channels=data.in_channels,
                              num_classes=data.num_classes or 1, image_size=data.image_size,
                              **config.model_kwargs)
-    except ValueError as e:  # an unknown model option
-        raise RunError(str(e)) from None
+    except (ValueError, TypeError) as e:  # an unknown model option, or a value of the wrong type
+        raise RunError(f"model {config.model} with options {config.model_kwargs}: {e}") from None
     example = data.train_x[:16]
+    _check_inputs(model, example, config)
     if config.init == "glorot":
         initialise(model, "glorot", [])
     elif config.init == "unbalanced":  # before the optimizer: sphere methods normalise rows there
@@ -284,6 +324,26 @@ def build(config: RunConfig):
     return data, model, optimizer, scheduler
 
 
+def _check_inputs(model: nn.Module, example: torch.Tensor, config: RunConfig) -> None:
+    """Raise :class:`RunError` unless ``model`` takes the dataset's inputs: one forward pass of a
+    copy in eval mode (the model, its statistics and the RNG are left alone)."""
+    probe = copy.deepcopy(model).eval()
+    try:
+        with torch.no_grad():
+            out = probe(example[:2])
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        options = f" with options {config.model_kwargs}" if config.model_kwargs else ""
+        raise RunError(f"model {config.model}{options} does not take the inputs of "
+                       f"{config.dataset} (shape {tuple(example.shape[1:])}): {first}; choose a "
+                       f"model for these inputs{' or other --model-kwarg' if options else ''}"
+                       ) from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise RunError(f"model {config.model} gives outputs of shape "
+                       f"{getattr(out, 'shape', type(out).__name__)} on {config.dataset}, not "
+                       "(batch, outputs); choose a model for these inputs")
+
+
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -291,7 +351,27 @@ def _read_json(path: Path) -> dict:
         raise RunError(f"{path}: cannot be read ({e}); move the run directory away") from None
 
 
-def _identity(record: dict) -> dict:
+#: keys every ``config.json`` psiopt writes holds
+RECORD_KEYS = ("dataset", "model", "optimizer", "seed", "epochs", "environment")
+
+
+def read_run_config(path: str | Path) -> dict:
+    """The record of a run's ``config.json``; :class:`RunError` naming the file when it cannot be
+    read or is not a psiopt run record (not a JSON object, a key missing, ``resumed`` not a
+    list)."""
+    path = Path(path)
+    record = _read_json(path)
+    missing = [k for k in RECORD_KEYS if k not in record] if isinstance(record, dict) else None
+    if missing is None or missing or not isinstance(record.get("resumed", []), list) or \
+            not isinstance(record["epochs"], int):
+        what = (f"{type(record).__name__}, not a JSON object" if missing is None else
+                f"missing {', '.join(missing)}" if missing else "malformed 'epochs' or 'resumed'")
+        raise RunError(f"{path}: not a psiopt run record ({what}); move the run directory away "
+                       "or choose another --out")
+    return record
+
+
+def run_identity(record: dict) -> dict:
     """The settings of a run that must not change when it is continued (JSON-normalised)."""
     defaults = asdict(RunConfig())  # a key added since the run was made: its default
     keys = [f.name for f in fields(RunConfig) if f.name not in RESUMABLE]
@@ -310,34 +390,81 @@ def check_run_dir(config: RunConfig, out_dir: str | Path, resume: bool) -> dict 
         if (out / "metrics.jsonl").exists() or (out / "checkpoint.pt").exists():
             raise RunError(f"{out} holds run files but no config.json; choose another --out")
         return None
-    recorded = _read_json(path)
+    recorded = read_run_config(path)
     if not resume:
         raise RunError(f"{out} already holds a run; pass --resume to continue it or choose "
                        "another --out")
-    old, new = _identity(recorded), _identity(asdict(config))
+    old, new = run_identity(recorded), run_identity(asdict(config))
     differ = [f"{k} ({old[k]!r} → {new[k]!r})" for k in new if old.get(k) != new[k]]
     if differ:
         raise RunError(f"{out} was created with other settings: {', '.join(differ)}; a run is "
                        "only continued with its own settings (choose another --out)")
-    if not (out / "checkpoint.pt").exists() and read_metrics(out):
-        raise RunError(f"{out} has metrics but no checkpoint.pt, so it cannot be continued "
-                       "exactly; choose another --out")
-    return recorded
+    return recorded  # without a checkpoint.pt, the run starts over (see _previous)
 
 
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "rng", "epoch"}
+#: what ``checkpoint.pt`` holds: the state (:data:`CHECKPOINT_KEYS`) serialised to bytes, and
+#: beside it the epoch, the run's settings and a sha256 of all three
+CHECKPOINT_FORMAT = "psiopt-checkpoint-2"
+_WRAPPER_KEYS = {"format", "epoch", "settings", "sha256", "state"}
 
 
-def _load_checkpoint(path: Path) -> dict:
+def _digest(state: bytes | memoryview, epoch: int, settings: dict) -> str:
+    """sha256 of a checkpoint's state bytes, its epoch and its run's settings."""
+    h = hashlib.sha256(json.dumps({"epoch": epoch, "settings": settings}, sort_keys=True).encode())
+    h.update(state)
+    return h.hexdigest()
+
+
+def _checkpoint(state: dict, config: RunConfig) -> dict:
+    """The object written as ``checkpoint.pt``: ``state`` serialised in memory, bound to the run's
+    settings (:func:`_identity`) and checksummed, so that a corrupt file or another run's
+    checkpoint is refused when loaded."""
+    buffer = io.BytesIO()
+    torch.serialization.save(state, buffer)  # in memory; the file itself is written by torch.save
+    settings = run_identity(asdict(config))
+    return {"format": CHECKPOINT_FORMAT, "epoch": state["epoch"], "settings": settings,
+            "sha256": _digest(buffer.getbuffer(), state["epoch"], settings),
+            "state": torch.frombuffer(bytearray(buffer.getbuffer()), dtype=torch.uint8)}
+
+
+def _load_checkpoint(path: Path, config: RunConfig) -> dict:
+    """The state a checkpoint holds; :class:`RunError` naming the file when it cannot be loaded,
+    is not a psiopt checkpoint, fails its checksum, or belongs to a run with other settings."""
+    def refused(why: str, what: str = "move the run directory away or choose another --out"):
+        return RunError(f"{path}: {why}; {what}")
+
     try:
-        ckpt = torch.load(path, weights_only=False)
+        ckpt = torch.load(path, weights_only=True)
     except Exception as e:  # truncated, corrupt, or not a checkpoint: say which file
-        raise RunError(f"{path}: cannot be loaded ({type(e).__name__}: {e}); move the run "
-                       "directory away or choose another --out") from None
-    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= ckpt.keys():
-        raise RunError(f"{path}: not a psiopt checkpoint (expected the keys "
-                       f"{', '.join(sorted(CHECKPOINT_KEYS))}); choose another --out")
-    return ckpt
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise refused(f"cannot be loaded ({type(e).__name__}: {first})") from None
+    if isinstance(ckpt, dict) and CHECKPOINT_KEYS <= ckpt.keys():
+        raise refused("written without a checksum by an earlier psiopt, so it cannot be verified",
+                      "move checkpoint.pt away to start the run over, or choose another --out")
+    if not isinstance(ckpt, dict) or not _WRAPPER_KEYS <= ckpt.keys() or \
+            ckpt["format"] != CHECKPOINT_FORMAT or not isinstance(ckpt["state"], torch.Tensor):
+        raise refused(f"not a psiopt checkpoint (expected the keys "
+                      f"{', '.join(sorted(_WRAPPER_KEYS))}, format {CHECKPOINT_FORMAT})",
+                      "choose another --out")
+    data = ckpt["state"].numpy().tobytes()
+    if ckpt["sha256"] != _digest(data, ckpt["epoch"], ckpt["settings"]):
+        raise refused("corrupt: its sha256 does not match what was written")
+    mine = run_identity(asdict(config))
+    differ = [f"{k} ({ckpt['settings'].get(k)!r} → {mine[k]!r})" for k in mine
+              if ckpt["settings"].get(k) != mine[k]]
+    if differ:
+        raise refused(f"does not fit this run: it was written by a run with other settings: "
+                      f"{', '.join(differ)}", "move checkpoint.pt away to start the run over, "
+                      "or choose another --out")
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=False)
+    except Exception as e:
+        raise refused(f"cannot be loaded ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys() or \
+            state["epoch"] != ckpt["epoch"]:
+        raise refused("not a psiopt checkpoint (its state lacks a key or disagrees on the epoch)")
+    return state
 
 
 def _restore(ckpt: dict, path: Path, model, optimizer, scheduler) -> None:
@@ -359,8 +486,10 @@ def _previous(config: RunConfig, out: Path, resume: bool) -> tuple:
     recorded = check_run_dir(config, out, resume)
     path = out / "checkpoint.pt"
     if recorded is None or not path.exists():
+        # no checkpoint (killed, or a full disk, before the first): runs are seeded, so the run
+        # starts over and its records, if any, are redone
         return recorded, None, []
-    ckpt = _load_checkpoint(path)
+    ckpt = _load_checkpoint(path, config)
     start = ckpt["epoch"]
     metrics = ckpt["metrics"] if "metrics" in ckpt else read_metrics(out, limit=start)
     if len(metrics) != start:
@@ -388,6 +517,9 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
     recorded, ckpt, metrics = _on_rank0(lambda: _previous(config, out, resume), world)
     if rank:
         log, progress = (lambda *_: None), False
+    if recorded is not None and ckpt is None:
+        log(f"{out}: no checkpoint.pt, so the run starts over from epoch 0 (it is seeded: any "
+            "records it has are redone)")
     torch.set_num_threads(config.threads)
     data, model, optimizer, scheduler = build(config)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -398,7 +530,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         if start >= config.epochs == recorded["epochs"]:
             return metrics  # a finished run, asked for again: every file stays as it is
     if rank == 0:
-        _write_config(config, out, recorded, start)
+        _write_config(config, out, recorded, start, data)
         _write_metrics(out / "metrics.jsonl", metrics)
     regression = data.task == "regression"
     split = "val" if config.validation else "test"  # metrics say which set they were measured on
@@ -435,21 +567,26 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
             with _Writing(out / "metrics.jsonl"), open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")  # first the record, then the checkpoint
             if last or time.perf_counter() - saved_at >= checkpoint_seconds:
-                _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                              "epoch": epoch + 1}, out / "checkpoint.pt")
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                         "epoch": epoch + 1}
+                _atomic_save(_checkpoint(state, config), out / "checkpoint.pt")
                 saved_at = time.perf_counter()
         _log_epoch(log, config, record, epoch, split, regression)
     return metrics
 
 
-def _write_config(config: RunConfig, out: Path, recorded: dict | None, start: int) -> None:
-    """``config.json``: the settings, the hyperparameters used and the environment of the first
-    session (later sessions listed under ``resumed``)."""
+def _write_config(config: RunConfig, out: Path, recorded: dict | None, start: int,
+                  data=None) -> None:
+    """``config.json``: the settings, the hyperparameters used, the numbers of training and test
+    (or validation) samples used and the environment of the first session (later sessions
+    listed under ``resumed``)."""
     with _Writing(out):
         out.mkdir(parents=True, exist_ok=True)
     record = {**asdict(config), "optimizer_settings": config.resolved(),
               "environment": environment()}
+    if data is not None:
+        record["samples"] = {"train": len(data.train_x), data.split: len(data.test_x)}
     if recorded is not None:
         record["environment"] = recorded["environment"]
         record["resumed"] = [*recorded.get("resumed", []),
@@ -622,4 +759,4 @@ def read_metrics(run_dir: str | Path, limit: int | None = None) -> list[dict]:
 
 
 __all__ = ["RunConfig", "RunError", "train", "train_spawned", "build", "evaluate", "read_metrics",
-           "check_run_dir"]
+           "check_run_dir", "read_run_config"]
