@@ -12,11 +12,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
 from torch.optim.swa_utils import update_bn
 
 from psiopt.experiments.data import batches
-from psiopt.experiments.train import RunConfig, build, evaluate, train
+from psiopt.experiments.train import RunConfig, build, evaluate, read_checkpoint, train
 
 SETTINGS = {
     "psi-sgd fixed_norm": ("psi-sgd", {"invariant_fixed_norm": True}),
@@ -42,7 +41,7 @@ def measure(name: str, hyper: dict, seed: int, epochs: int, out: Path) -> dict[i
     saved = []
 
     def snapshot(_line):  # called after each epoch, once checkpoint.pt is written
-        saved.append(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+        saved.append(read_checkpoint(out / "checkpoint.pt", config)["model"])
 
     train(config, out, log=snapshot)
     data, model, _, _ = build(config)

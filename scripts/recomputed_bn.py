@@ -14,7 +14,7 @@ import torch
 from torch.optim.swa_utils import update_bn
 
 from psiopt.experiments.data import batches
-from psiopt.experiments.train import RunConfig, build, evaluate
+from psiopt.experiments.train import RunConfig, build, evaluate, read_checkpoint
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
             recorded = json.loads((path.parent / "config.json").read_text())
             config = RunConfig(**{k: v for k, v in recorded.items() if k in fields})
             data, model, _, _ = build(config)
-            model.load_state_dict(torch.load(path, weights_only=False)["model"])
+            model.load_state_dict(read_checkpoint(path, config)["model"])
             _, eval_acc = evaluate(model, data.test_x, data.test_y, regression=False)
             update_bn(batches(data.train_x, data.train_y, 1024), model)
             _, fresh_acc = evaluate(model, data.test_x, data.test_y, regression=False)

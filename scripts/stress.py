@@ -34,6 +34,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 import psiopt
+from psiopt.experiments.train import read_checkpoint
 
 
 def _net() -> nn.Module:
@@ -126,8 +127,8 @@ def kill(kills: int, epochs: int, out: Path, seed: int) -> bool:
     _, err = proc.communicate()
     assert proc.returncode == 0, err
     same = _strip(read_metrics(whole)) == _strip(read_metrics(killed))
-    a = torch.load(whole / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(killed / "checkpoint.pt", weights_only=False)["model"]
+    a = read_checkpoint(whole / "checkpoint.pt")["model"]
+    b = read_checkpoint(killed / "checkpoint.pt")["model"]
     weights = all(torch.equal(a[k], b[k]) for k in a)
     sessions = len(json.loads((killed / "config.json").read_text()).get("resumed", [])) + 1
     print(f"killed {kills} times ({sessions} sessions wrote config.json): metrics identical "

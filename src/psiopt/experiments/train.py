@@ -428,9 +428,12 @@ def _checkpoint(state: dict, config: RunConfig) -> dict:
             "state": torch.frombuffer(bytearray(buffer.getbuffer()), dtype=torch.uint8)}
 
 
-def _load_checkpoint(path: Path, config: RunConfig) -> dict:
-    """The state a checkpoint holds; :class:`RunError` naming the file when it cannot be loaded,
-    is not a psiopt checkpoint, fails its checksum, or belongs to a run with other settings."""
+def read_checkpoint(path: str | Path, config: RunConfig | None = None) -> dict:
+    """The state a ``checkpoint.pt`` holds (``model``, ``optimizer``, ``scheduler``, ``rng``,
+    ``epoch``); :class:`RunError` naming the file when it cannot be loaded, is not a psiopt
+    checkpoint or fails its checksum, or (given ``config``) was written by a run with other
+    settings.  The checksum is verified before the state is unpickled."""
+    path = Path(path)
     def refused(why: str, what: str = "move the run directory away or choose another --out"):
         return RunError(f"{path}: {why}; {what}")
 
@@ -450,7 +453,7 @@ def _load_checkpoint(path: Path, config: RunConfig) -> dict:
     data = ckpt["state"].numpy().tobytes()
     if ckpt["sha256"] != _digest(data, ckpt["epoch"], ckpt["settings"]):
         raise refused("corrupt: its sha256 does not match what was written")
-    mine = run_identity(asdict(config))
+    mine = run_identity(asdict(config)) if config is not None else ckpt["settings"]
     differ = [f"{k} ({ckpt['settings'].get(k)!r} → {mine[k]!r})" for k in mine
               if ckpt["settings"].get(k) != mine[k]]
     if differ:
@@ -489,7 +492,7 @@ def _previous(config: RunConfig, out: Path, resume: bool) -> tuple:
         # no checkpoint (killed, or a full disk, before the first): runs are seeded, so the run
         # starts over and its records, if any, are redone
         return recorded, None, []
-    ckpt = _load_checkpoint(path, config)
+    ckpt = read_checkpoint(path, config)
     start = ckpt["epoch"]
     metrics = ckpt["metrics"] if "metrics" in ckpt else read_metrics(out, limit=start)
     if len(metrics) != start:
@@ -759,4 +762,4 @@ def read_metrics(run_dir: str | Path, limit: int | None = None) -> list[dict]:
 
 
 __all__ = ["RunConfig", "RunError", "train", "train_spawned", "build", "evaluate", "read_metrics",
-           "check_run_dir", "read_run_config"]
+           "check_run_dir", "read_run_config", "read_checkpoint"]
