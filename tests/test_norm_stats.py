@@ -1,6 +1,7 @@
 """The eval-mode network: cancelled biases are never trained, and every rescaling of rows that
-psiopt does (PSI overflow guard, unit-normalisation of the sphere methods and B-SGD, the harness's
-unbalanced initialisation) carries the running statistics along (issue 7, items 5 and 6)."""
+psiopt does (PSI overflow guard, unit-normalisation of the sphere methods at their first step and
+of B-SGD, the harness's unbalanced initialisation) carries the running statistics along (issue 7,
+items 5 and 6)."""
 
 import pytest
 import torch
@@ -90,11 +91,17 @@ def test_forced_guard_leaves_the_eval_mode_network_unchanged(foreach, eps, tol):
 
 @pytest.mark.parametrize("eps, tol", TOLERANCE)
 @pytest.mark.parametrize("name", ["un-sgd", "sgdg", "adamg", "adamg-star", "b-sgd"])
-def test_unit_normalisation_at_construction_leaves_the_eval_mode_network_unchanged(name, eps, tol):
-    model, x, _ = setup(eps=eps)
+def test_unit_normalisation_leaves_the_eval_mode_network_unchanged(name, eps, tol):
+    """B-SGD normalises when it is built; the sphere methods at their first step (here at lr 0,
+    so that the step itself changes nothing)."""
+    model, x, y = setup(eps=eps)
     before = eval_out(model, x)
     assert (model.fc.weight.norm(dim=1) - 1).abs().min() > 0.05
-    psiopt.create_optimizer(model, name, x)
+    opt = psiopt.create_optimizer(model, name, x, lr=0.0)
+    if name != "b-sgd":
+        F.cross_entropy(model(x), y).backward()
+        before = eval_out(model, x)  # after the forward pass that updated the statistics
+        opt.step()
     assert torch.allclose(model.fc.weight.norm(dim=1), torch.ones(8, dtype=torch.float64))
     assert torch.allclose(model.seq.weight.norm(), torch.tensor(1.0, dtype=torch.float64))
     after = eval_out(model, x)
@@ -134,11 +141,11 @@ def test_harness_applies_the_unbalanced_init_before_the_sphere_normalisation(nam
                                    init="unbalanced", subset=64, threads=1))
     groups = [g for g in opt.param_groups if g["grouping"] == "channel"]
     assert groups
+    assert not opt.state  # building the optimizer prepared nothing: the rows are unbalanced
+    assert groups[0]["params"][0].norm(dim=1).max() > 100
+    opt.prepare()  # what the first step does
     for p in groups[0]["params"]:
         assert torch.allclose(p.norm(dim=1), torch.ones(p.shape[0]), atol=1e-5)
     if name == "adamg-star":  # r4 = r0⁴ was taken from the unbalanced rows
-        assert not opt.state  # kept apart until the first step, as torch's lazy state ...
-        index = opt.param_groups.index(groups[0])  # ... but state_dict() has it
-        first = sum(len(g["params"]) for g in opt.param_groups[:index])
-        v = opt.state_dict()["state"][first]["r4"].flatten()
+        v = opt.state[groups[0]["params"][0]]["r4"].flatten()
         assert v.max() / v.min() > 1e30

@@ -25,7 +25,7 @@ from torch.optim.sgd import sgd as _torch_sgd
 
 from . import kernels
 from .discovery import rescale_rows_
-from .geometry import CANCELLED, RowLayout, is_invariant, norm, parse_grouping, rows
+from .geometry import CANCELLED, RowLayout, accumulate_dtype, is_invariant, norm, parse_grouping, rows
 from .sharded import ShardedLayout, ShardedRows, is_sharded
 
 #: hyperparameter -> (low, high, low inclusive, high inclusive)
@@ -78,8 +78,15 @@ def check_row_scale(p: Tensor, grouping: str, name: str) -> None:
             "does not change) or train in float64")
 
 
+#: settings that may be left unset (``None``): PSI-SGD's overflow guard, whose defaults apply only
+#: where it runs (``fixed_norm=False``)
+_UNSET_ALLOWED = ("max_norm", "guard_every")
+
+
 def check_hyper(key: str, value) -> None:
     """Raise ``ValueError`` naming ``key`` if ``value`` is not a valid setting for it."""
+    if value is None and key in _UNSET_ALLOWED:
+        return
     if key in _RANGES:
         _check_range(key, value)
     elif key == "betas":
@@ -94,6 +101,9 @@ def check_hyper(key: str, value) -> None:
     elif key in _FLAGS:
         if not isinstance(value, bool):
             raise ValueError(f"invalid {key}: {value!r} (must be True or False)")
+    elif key == "ortho_rows":
+        if value not in ("fitting", "all"):
+            raise ValueError(f"invalid ortho_rows: {value!r} (must be 'fitting' or 'all')")
     elif key in ("foreach", "fused"):
         if value is not None and not isinstance(value, bool):
             raise ValueError(f"invalid {key}: {value!r} (must be None, True or False)")
@@ -101,12 +111,32 @@ def check_hyper(key: str, value) -> None:
         parse_grouping(value)
 
 
+def check_step_settings(group: dict) -> None:
+    """Raise ``ValueError`` if a setting of ``group`` that the rules read at each step is out of
+    range (Python numbers only: no host synchronisation; a tensor is refused, as when a group is
+    added)."""
+    for key, (low, high, low_in, high_in) in _RANGES.items():
+        if key in group:
+            v = group[key]
+            if (type(v) is float or type(v) is int) and (low < v or (low_in and v == low)) \
+                    and (v < high or (high_in and v == high)):
+                continue  # the common case, decided without the general check (NaN falls through)
+            check_hyper(key, v)
+    betas = group.get("betas")
+    if betas is not None and not (type(betas) is tuple and len(betas) == 2 and all(
+            type(b) is float and 0.0 <= b < 1.0 for b in betas)):
+        check_hyper("betas", betas)
+    if "guard_every" in group:
+        check_hyper("guard_every", group["guard_every"])
+
+
 class GroupHandling:
     """Parameter-group handling shared by every psiopt optimizer (torch.optim baselines included).
 
     * a ``params`` generator is read once; every group is validated (:meth:`_validate`) when it
-      is added, and groups given at construction are prepared (:meth:`_prepare`: the sphere
-      methods and B-SGD unit-normalise rows there) only once all of them are valid;
+      is added, and groups given at construction are prepared (:meth:`_prepare`: B-SGD
+      unit-normalises rows there; the sphere methods do it at each parameter's first step)
+      only once all of them are valid;
     * ``invariant_defaults``: settings a group with a ``grouping`` takes before ``defaults``
       (:func:`psiopt.create_optimizer` stores the registry's settings there, so an added group
       gets them);
@@ -182,7 +212,7 @@ class GroupHandling:
                 "keep float32 weights (torch.autocast)")
 
     def _prepare(self, group: dict) -> None:
-        """Called once per group after every group is valid (sphere methods normalise here)."""
+        """Called once per group after every group is valid (B-SGD normalises here)."""
 
     def _check_state_shapes(self, state_dict: dict) -> None:
         """Raise ``ValueError`` naming the parameter when a saved state tensor fits neither the
@@ -233,17 +263,20 @@ class GroupHandling:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim, and refused with ``ValueError`` when a saved group lacks a setting of
-        this optimizer (another optimizer's state dict: it failed at the next step before);
-        ``fused``, added since, keeps this optimizer's value (``None`` where the saved group chose
+        this optimizer (another optimizer's state dict: it failed at the next step before).
+        Keys a scheduler adds to the live groups (``initial_lr``, ``max_lr``…) are not settings
+        of this optimizer: a saved group without them is accepted, as torch.optim accepts it.
+        Settings added since a state dict was saved are upgraded (:meth:`_upgrade_saved_group`:
+        ``fused`` keeps this optimizer's value, ``None`` where the saved group chose
         ``foreach``)."""
         needed = set.intersection(*(set(g) for g in self.param_groups)) if self.param_groups \
-            else set()  # the settings every group of this optimizer holds
+            else set()  # the settings every group of this optimizer holds ...
+        needed &= set(self.defaults)  # ... that are settings of it (not a scheduler's keys)
         needed -= {"params", "param_names", *_NOT_SAVED}
-        if "fused" in needed and "param_groups" in state_dict:
-            mine = [g["fused"] for g in self.param_groups]
+        if "param_groups" in state_dict:
+            live = self.param_groups
             state_dict = {**state_dict, "param_groups": [
-                g if "fused" in g else {**g, "fused": mine[i] if i < len(mine)
-                                        and g.get("foreach") is None else None}
+                self._upgrade_saved_group(dict(g), live[i] if i < len(live) else None)
                 for i, g in enumerate(state_dict["param_groups"])]}
         for i, saved in enumerate(state_dict.get("param_groups", [])):
             missing = sorted(needed - set(saved))
@@ -257,6 +290,14 @@ class GroupHandling:
         super().load_state_dict(state_dict)
         for group, extra in zip(self.param_groups, kept):
             group.update(extra)
+
+    def _upgrade_saved_group(self, saved: dict, live: dict | None) -> dict:
+        """A saved group (a copy) with the settings added since older versions filled in from
+        the live group ``live`` (``None`` past the live groups)."""
+        if "fused" in self.defaults and "fused" not in saved:
+            saved["fused"] = live["fused"] if live is not None and saved.get("foreach") is None \
+                else None
+        return saved
 
 
 class ScaleInvariantOptimizer(GroupHandling, Optimizer):
@@ -293,10 +334,14 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       before it); where a float32 gradient's norm overflows, SGDG's and AdamG's kernel clips
       and steps, where the other paths' tangent norm is inf and their step zero.
 
-    Every group is validated in full before anything is changed; subclasses that keep rows on the
-    unit sphere normalise them once all groups are valid (:meth:`_prepare`).  A setting with no
-    meaning for the rule (``invariant_zero``) is refused when the group is added and again at
-    each step (a scheduler may have written it since).
+    Every group is validated in full before anything is changed, and building an optimizer
+    never changes the model: subclasses that keep rows on the unit sphere prepare them (rows
+    unit-normalised, running statistics following) at each parameter's first step, or when
+    :meth:`~psiopt.optim.sphere.UnitNormSGD.prepare` is called.  Every setting the rules read is
+    range-checked when a group is added and again at each step (a scheduler may have written it
+    since: ``LambdaLR`` driving ``lr`` below 0), on Python numbers, without a host
+    synchronisation; a setting with no meaning for the rule (``invariant_zero``) is refused
+    likewise.
     """
 
     counterpart = "sgd"  # or "adam"
@@ -340,6 +385,16 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 rows(torch.empty(p.shape, device="meta"), grouping)  # ValueError if it does not fit
                 if is_sharded(p):
                     ShardedRows(p, grouping)  # ValueError for a placement psiopt cannot update
+
+    def _check_settings(self, group: dict) -> None:
+        """At each step: raise ``ValueError`` if a setting the rules read is out of range, or if an
+        invariant group sets what its rule cannot honour (a scheduler, or a user, may have
+        written it since the group was added: ``LambdaLR`` driving ``lr`` below 0,
+        ``OneCycleLR(max_momentum=1.0)``).  Python numbers only: no host synchronisation (a
+        tensor-valued setting is refused, as it is when a group is added)."""
+        check_step_settings(group)
+        if group["grouping"] is not None:
+            self._check_rule(group)
 
     def _check_rule(self, group: dict) -> None:
         """Raise ``ValueError`` if an invariant group sets what the rule cannot honour."""
@@ -391,8 +446,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             if params:
                 work.append((group, index, params, grads))
         for group, *_ in work:  # a scheduler may have written a setting since the group was added
-            if group["grouping"] is not None:
-                self._check_rule(group)
+            self._check_settings(group)
         if any(group["check_finite"] for group, *_ in work):
             self._check_finite([t for g, _, ps, gs in work if g["check_finite"] for t in zip(ps, gs)])
         for group, index, params, grads in work:
@@ -466,13 +520,12 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                    grads: list[Tensor]) -> None:
         stats = self._stats(group, index)
         compiling = torch.compiler.is_compiling()  # compiled: kernels or vectorized (see `foreach`)
-        # compiled, state made (or adopted, see _initial_state) in this step is not handed to the
+        # compiled, state made in this step (and rows prepared, see _init_states) is not handed to the
         # kernels' op, which declares it mutated: inductor (torch 2.13) then gave the
         # second tensor of a group the first one's state, and AOT autograd failed on views of
         # the parameters ("A view was created in no_grad mode ..."); the step after, the state
         # is the graph's input
         fresh = compiling and self._keeps_state(group) and any(not self.state.get(p) for p in params)
-        self._adopt_initial(params)
         ws, layout, shards = self._rows(group["grouping"], params)
         gs = [rows(g, group["grouping"]) for g in grads] if shards is None else \
             [s.view(g.to_local()) for s, g in zip(shards, grads)]
@@ -482,7 +535,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         per_tensor = compiling and shards is None and (self.compile_per_tensor or layout is None)
         vectorized = compiling or shards is not None or (group["foreach"] is not False
                                                           and layout is not None)
-        self._init_states(group, ws, states, layout)
+        gs = self._init_states(group, ws, gs, states, layout, stats)
         if self._wants_kernels(group) and shards is None and layout is not None and not fresh \
                 and self._fused(group, ws, gs, states, stats):
             return
@@ -572,14 +625,25 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 if key not in old or old[key] is not value:
                     target[key] = shard.wrap(value, w) if isinstance(value, Tensor) else value
 
-    def _init_states(self, group: dict, ws: list[Tensor], states: list[dict], layout) -> None:
-        """Create the state of parameters stepped for the first time (with their row norms)."""
+    def _init_states(self, group: dict, ws: list[Tensor], gs: list[Tensor] | None,
+                     states: list[dict], layout, stats: list) -> list[Tensor] | None:
+        """Create the state of parameters stepped for the first time (with their row norms);
+        returns the gradients the step is to use (``gs``; the sphere methods prepare rows here,
+        see :class:`~psiopt.optim.sphere.UnitNormSGD`)."""
         fresh = [i for i, st in enumerate(states) if not st]
         if not fresh:
-            return
-        ns = layout.split(layout.norms(ws)) if layout is not None else [norm(w) for w in ws]
+            return gs
+        ns = self._norms(ws, layout)
         for i in fresh:  # state in the parameter's dtype, as torch.optim's
             self._init_state(group, ws[i], states[i], ns[i].to(ws[i].dtype))
+        return gs
+
+    @staticmethod
+    def _norms(ws: list[Tensor], layout) -> list[Tensor]:
+        """Per-group norms of each view (keepdim; float32 for float16/bfloat16 views)."""
+        if layout is not None:
+            return layout.split(layout.norms(ws))
+        return [norm(w, accumulate_dtype(w.dtype)) for w in ws]
 
     def _layout(self, ws: list[Tensor]) -> RowLayout:
         """The :class:`RowLayout` of these views, cached by their shapes, dtype and device."""
@@ -603,34 +667,33 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         """Vectorized path over the group's views (same arguments as :meth:`_update_one`)."""
         raise NotImplementedError
 
-    def _initial_state(self, p: Tensor) -> dict:
-        """State known when ``p``'s group is added (e.g. AdamG*'s ``r₀``), held apart from
-        ``state`` until ``p``'s first step: ``state`` stays empty until then, as torch.optim's
-        does (``torch.distributed.checkpoint`` steps an optimizer with empty state once with
-        zero gradients to build its state before loading), yet ``state_dict()`` includes it."""
-        return self.__dict__.setdefault("_initial", {}).setdefault(p, {})
-
-    def _adopt_initial(self, params) -> None:
-        """Move the held-apart initial state of ``params`` into ``state`` (where it is empty)."""
-        initial = self.__dict__.get("_initial")
-        for p in [p for p in params if p in initial] if initial else ():
-            pending = initial.pop(p)
-            if not self.state.get(p):
-                self.state[p].update(pending)
-
-    def state_dict(self) -> dict:
-        self._adopt_initial(list(self.__dict__.get("_initial", {})))
-        return super().state_dict()
+    #: per-group statistics kept in float32 for float16/bfloat16 parameters (torch.optim's
+    #: ``load_state_dict`` casts every state tensor to the parameter's dtype; psiopt's keeps these)
+    accumulated_state: tuple[str, ...] = ()
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """As torch.optim; state in :attr:`accumulated_state` of invariant float16/bfloat16
+        parameters stays float32 (read from the saved tensor, not from its cast)."""
+        saved = [{k: state_dict["state"].get(i, {}).get(k) for k in self.accumulated_state}
+                 for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
         super().load_state_dict(state_dict)
-        self.__dict__.get("_initial", {}).clear()  # the loaded state is the state
-
-    def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_initial": self.__dict__.get("_initial", {})}
+        if not self.accumulated_state:
+            return
+        params = [(g, p) for g in self.param_groups for p in g["params"]]
+        for (group, p), values in zip(params, saved):
+            state = self.state.get(p)
+            if not state or not is_invariant(group.get("grouping")):
+                continue
+            for key, value in values.items():
+                if isinstance(value, Tensor) and key in state and not is_sharded(value):
+                    state[key] = value.to(p.device, accumulate_dtype(p.dtype), copy=True)
 
     def __setstate__(self, state: dict) -> None:
+        initial = state.pop("_initial", None)  # pickled by earlier psiopt: state held apart
         super().__setstate__(state)
+        for p, pending in (initial or {}).items():
+            if not self.state.get(p):
+                self.state[p].update(pending)
         for group in self.param_groups:  # pickled before `fused` was added
             group.setdefault("fused", None)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 
 import torch
 
@@ -20,11 +21,32 @@ from .geometry import CANCELLED, norm, rows, sqnorm
 
 
 def _freeze_cancelled(optimizer, args, kwargs) -> None:
-    """Step pre-hook: a cancelled group takes a zero step whatever a scheduler wrote into it."""
+    """Step pre-hook: a cancelled group takes a zero step whatever a scheduler wrote into it;
+    every other group's settings are checked as torch.optim checks them at construction (a
+    scheduler may have written them since: ``LambdaLR`` driving ``lr`` below 0), on Python
+    numbers, without a host synchronisation (a tensor setting, which torch.optim takes, is left
+    alone)."""
     for group in optimizer.param_groups:
         if group.get("grouping") == CANCELLED:
             group["lr"] = 0.0
             group["weight_decay"] = 0.0
+        else:
+            _check_torch_settings(group)
+
+
+def _check_torch_settings(group: dict) -> None:
+    """``ValueError`` for what torch.optim's constructors refuse: a negative (or NaN) ``lr``,
+    ``weight_decay``, ``eps`` or ``momentum``, ``betas`` outside ``[0, 1)``."""
+    for key in ("lr", "weight_decay", "eps", "momentum"):
+        value = group.get(key)
+        if isinstance(value, numbers.Real) and not value >= 0.0:
+            raise ValueError(f"invalid {key}: {value!r} (must be >= 0; written after the group "
+                             "was added, e.g. by a learning-rate scheduler)")
+    betas = group.get("betas")
+    if isinstance(betas, (tuple, list)) and any(
+            isinstance(b, numbers.Real) and not 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"invalid betas: {betas!r} (each must lie in [0, 1); written after the "
+                         "group was added, e.g. by OneCycleLR's max_momentum)")
 
 
 class _Baseline(GroupHandling):

@@ -16,7 +16,15 @@ import torch
 
 from . import kernels
 from .base import ScaleInvariantOptimizer, momentum_buffer, step_count, step_value
-from .geometry import group_size, norm, rescale_transport, safe_inv, sqnorm, sqnorm_of_sum
+from .geometry import (
+    accumulate_dtype,
+    group_size,
+    norm,
+    rescale_transport,
+    safe_inv,
+    sqnorm,
+    sqnorm_of_sum,
+)
 
 
 def _step_and_project_(xs, bufs, c, layout, xx, xa, aa):
@@ -47,8 +55,8 @@ class ProjectedSGD(ScaleInvariantOptimizer):
                                       grouping=grouping, check_finite=check_finite,
                                       foreach=foreach, fused=fused))
 
-    def _init_states(self, group, ws, states, layout):
-        pass  # no state but torch.optim.SGD's momentum buffer (so no norms to take for it)
+    def _init_states(self, group, ws, gs, states, layout, stats):
+        return gs  # no state but torch.optim.SGD's momentum buffer (so no norms to take for it)
 
     def _keeps_state(self, group):
         return bool(group["momentum"])
@@ -119,10 +127,15 @@ class AdamS(ScaleInvariantOptimizer):
                                       grouping=grouping, check_finite=check_finite,
                                       foreach=foreach, fused=fused))
 
+    #: one scalar per group, float32 for float16/bfloat16 parameters: (1 − β2)‖g‖²/d is below
+    #: half a unit in the last place of a bfloat16 v once v ≳ 0.5‖g‖²/d (β2 = 0.999), and v
+    #: stalled there (bias-corrected 0.263 where torch's Adam reached 0.526: steps 2× too large)
+    accumulated_state = ("exp_avg_sq",)
+
     def _init_state(self, group, w, state, n):
         state["step"] = torch.tensor(0.0)
-        state["exp_avg"] = torch.zeros_like(w)
-        state["exp_avg_sq"] = torch.zeros_like(sqnorm(w))
+        state["exp_avg"] = torch.zeros_like(w)  # in w's dtype, as torch.optim.Adam's
+        state["exp_avg_sq"] = torch.zeros(n.shape, dtype=accumulate_dtype(w.dtype), device=w.device)
 
     @staticmethod
     def _hyper(group, t):
@@ -149,14 +162,14 @@ class AdamS(ScaleInvariantOptimizer):
         if group["weight_decay"]:
             g = g.add(w, alpha=group["weight_decay"])
         m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).add_(sqnorm(g), alpha=(1 - beta2) / group_size(w))
+        v.mul_(beta2).add_(sqnorm(g, v.dtype), alpha=(1 - beta2) / group_size(w))
         lr_hat, v_hat = self._hyper(group, step_value(state["step"]))
         coef = -lr_hat / (v.sqrt() * v_hat + group["eps"])
         old = w.clone() if self._transport else None
         w.addcmul_(m, coef)
         if self._transport:
             m.copy_(rescale_transport(m, old, w))
-            v.mul_(sqnorm(old) * safe_inv(sqnorm(w)))
+            v.mul_(sqnorm(old, v.dtype) * safe_inv(sqnorm(w, v.dtype)))
 
     def _update_many(self, group, ws, gs, states, layout, stats):
         beta1, beta2 = group["betas"]

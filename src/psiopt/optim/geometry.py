@@ -73,14 +73,14 @@ def dot(a: Tensor, b: Tensor) -> Tensor:
     return torch.mul(a, b).sum(_dims(a), keepdim=True)
 
 
-def sqnorm(a: Tensor) -> Tensor:
-    """Per-group squared norm ``‖a_i‖²`` in keepdim shape."""
-    return norm(a).square()
+def sqnorm(a: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-group squared norm ``‖a_i‖²`` in keepdim shape (in ``dtype`` if given)."""
+    return norm(a, dtype).square()
 
 
-def norm(a: Tensor) -> Tensor:
-    """Per-group norm ``‖a_i‖`` in keepdim shape."""
-    return torch.linalg.vector_norm(a, dim=_dims(a), keepdim=True)
+def norm(a: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Per-group norm ``‖a_i‖`` in keepdim shape (in ``dtype`` if given: no copy of ``a``)."""
+    return torch.linalg.vector_norm(a, dim=_dims(a), keepdim=True, dtype=dtype)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -296,6 +296,10 @@ class RowLayout:
     def orthogonality_residual(self, index: int, y: Tensor) -> Tensor | None:
         """:func:`orthogonality_residual` of view ``index`` flattened to the matrix ``y``."""
         return orthogonality_residual(y)
+
+    def rows_and_size(self, index: int) -> tuple[int, int]:
+        """``(groups, entries per group)`` of the whole tensor of view ``index``."""
+        return self.sizes[index], self.group_sizes[index]
 
     def scale_per_tensor_(self, flat: Tensor, values: list) -> Tensor:
         """Multiply the groups of tensor ``i`` by ``values[i]``, in place: Python numbers, or 0-d

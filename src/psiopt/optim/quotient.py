@@ -38,8 +38,10 @@ class PSISGD(ScaleInvariantOptimizer):
     * ``fixed_norm=False``: eq. 10–11 literally, with Yi's overflow guard (§6.2): every
       ``guard_every`` steps, a group whose norm exceeds ``max_norm`` is divided, with its
       velocity, by its norm; the running statistics it feeds follow that rescaling, so the
-      eval-mode network is unchanged by it.  ``max_norm`` and ``guard_every`` are used in this
-      mode only.
+      eval-mode network is unchanged by it.  ``max_norm`` (default ``1e4``) and ``guard_every``
+      (default 16) are used in this mode only: left unset (``None``) they take those defaults
+      there, and setting them with ``fixed_norm=True``, where they would change nothing, is
+      refused (``ValueError``).
 
     Measured with ``python scripts/psi_norm_stats.py`` (Fashion-MNIST, ``mlp-bn``, batch 128, 20
     epochs, lr ×0.1 at epochs 10 and 15, seeds 0–2, one thread; registry settings: PSI-SGD lr 1.0,
@@ -66,21 +68,42 @@ class PSISGD(ScaleInvariantOptimizer):
     """
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0.0,
-                 fixed_norm: bool = True, max_norm: float = 1e4, guard_every: int = 16, *,
+                 fixed_norm: bool = True, max_norm: float | None = None,
+                 guard_every: int | None = None, *,
                  grouping=None, check_finite: bool = False, foreach=None, fused=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       fixed_norm=fixed_norm, max_norm=max_norm,
                                       guard_every=guard_every, grouping=grouping,
                                       check_finite=check_finite, foreach=foreach, fused=fused))
 
+    #: the overflow guard's settings where they are left unset (literal mode only)
+    MAX_NORM, GUARD_EVERY = 1e4, 16
+
     def _check_rule(self, group):
         super()._check_rule(group)
+        if group["fixed_norm"]:
+            unused = [k for k in ("max_norm", "guard_every") if group.get(k) is not None]
+            if unused:
+                raise ValueError(
+                    f"invalid {' and '.join(unused)} for an invariant group of PSISGD with "
+                    f"fixed_norm=True: {', '.join(repr(group[k]) for k in unused)} (the overflow "
+                    "guard runs only with fixed_norm=False; with the norm held fixed it would "
+                    "change nothing: leave it unset, or pass fixed_norm=False)")
         if group["fixed_norm"] and group["weight_decay"]:
             raise ValueError(
                 f"invalid weight_decay for an invariant group of PSISGD with fixed_norm=True: "
                 f"{group['weight_decay']!r} (coupled L2 makes the loss depend on the norm, so "
                 "rescaling rows to their first norm would change the trajectory; pass "
                 "fixed_norm=False to run eq. 10-11 with L2 literally)")
+
+    def _upgrade_saved_group(self, saved, live):
+        """Groups saved before the guard's settings could be left unset held the defaults
+        ``max_norm=1e4, guard_every=16`` also with ``fixed_norm=True``: those mean unset."""
+        saved = super()._upgrade_saved_group(saved, live)
+        if saved.get("fixed_norm") and saved.get("max_norm") == self.MAX_NORM \
+                and saved.get("guard_every") == self.GUARD_EVERY:
+            saved.update(max_norm=None, guard_every=None)
+        return saved
 
     def _init_state(self, group, w, state, n):
         if group["fixed_norm"]:
@@ -110,9 +133,15 @@ class PSISGD(ScaleInvariantOptimizer):
         if group["fixed_norm"]:
             return r0 * safe_inv(n), False
         t = int(states[0]["step"])  # a CPU counter, as in torch.optim: no device synchronisation
-        if t % group["guard_every"]:
+        if t % self._guard_every(group):
             return None, False
-        return self._guard(n, group["max_norm"]), True
+        max_norm = group["max_norm"]
+        return self._guard(n, self.MAX_NORM if max_norm is None else max_norm), True
+
+    @classmethod
+    def _guard_every(cls, group) -> int:
+        every = group["guard_every"]
+        return cls.GUARD_EVERY if every is None else every
 
     @staticmethod
     def _has_velocity(group, states) -> bool:
@@ -147,7 +176,7 @@ class PSISGD(ScaleInvariantOptimizer):
     def _update_fused(self, group, ws, gs, states, stats):
         literal = not group["fixed_norm"]
         if literal and (self._steps(group, states)
-                        or (int(states[0]["step"]) + 1) % group["guard_every"] == 0):
+                        or (int(states[0]["step"]) + 1) % self._guard_every(group) == 0):
             return False  # uneven counters or a guard step: the vectorized path
         if not literal and any("norm" not in st for st in states):
             return False  # fixed_norm switched on later: the vectorized path takes the norms

@@ -143,6 +143,10 @@ class ShardedLayout(RowLayout):
         flat = super().sums(pairs, apart)  # a list of flats under torch.compile
         return self._complete(flat if isinstance(flat, Tensor) else torch.stack(flat))
 
+    def rows_and_size(self, index: int) -> tuple[int, int]:
+        shard = self.shards[index]
+        return (shard.groups or shard.global_view[0]), shard.group_size
+
     def orthogonality_residual(self, index: int, y: Tensor) -> Tensor | None:
         """``(YYᵀ − I)Y`` for the local rows ``y`` of sharded view ``index`` (Cho & Lee's
         penalty couples the rows of a tensor, so this needs its own collective, one per tensor):

@@ -1,25 +1,33 @@
 """Methods that keep every scale-invariant row on the unit sphere: UN, SGDG, AdamG and AdamG*.
 
-Rows are unit-normalised when their group is added to the optimizer (at construction), before
-any gradient is computed, so the first step already uses the gradient at the unit row; the
-running statistics of the normalisation layers they feed follow (see ``norm_stats`` in
-:func:`psiopt.param_groups`), so the eval-mode network is unchanged by it.  A zero row has no
-direction: it stays zero (state ``live`` is 0 for it, 1 for every other row).
+Building the optimizer does not touch the model.  Each parameter's rows are prepared once, at
+its first step (or when :meth:`~_SphereOptimizer.prepare` is called): unit-normalised, with the
+running statistics of the normalisation layers they feed following (see ``norm_stats`` in
+:func:`psiopt.param_groups`), so the eval-mode network is unchanged by it; AdamG* takes ``r₀``
+from the rows as they are then.  That first step uses the gradient at the unit row
+(``∇L(w/‖w‖) = ‖w‖ ∇L(w)`` by scale invariance, a temporary for that step only).  The state the
+preparation creates marks it done: it travels in ``state_dict``, so a resumed optimizer never
+prepares again (and fine-tuning, ``create_optimizer`` then ``model.load_state_dict``, prepares
+the loaded rows).  A zero row has no direction: it stays zero (state ``live`` is 0 for it, 1 for
+every other row).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
 from . import kernels
 from .base import ScaleInvariantOptimizer, step_count, step_value
+from .discovery import rescale_rows_
 from .geometry import (
     accumulate_dtype,
     add_orthogonality_residual,
     clip,
     geodesic_step_,
+    group_size,
     is_invariant,
     normalize_,
     safe_inv,
@@ -33,35 +41,71 @@ from .geometry import (
 
 
 class _SphereOptimizer(ScaleInvariantOptimizer):
-    """Rows live on the unit sphere: normalised once every group is valid; weight decay (and,
-    where the rule has none, momentum) have no meaning on them."""
+    """Rows live on the unit sphere: normalised at each parameter's first step (or by
+    :meth:`prepare`); weight decay (and, where the rule has none, momentum) have no meaning on
+    them."""
 
     invariant_zero = ("weight_decay",)
 
-    def _prepare(self, group):
-        super()._prepare(group)
-        if not is_invariant(group["grouping"]):
-            return
-        with torch.no_grad():
-            for i, p in enumerate(group["params"]):
-                (view,), layout, shards = self._rows(group["grouping"], [p])
-                r0 = layout.norms([view]).view(layout.shapes[0]).to(view.dtype)
-                if shards is None:
-                    self._prepare_row_state(group, self._initial_state(p), r0)
-                else:  # state of a sharded parameter: local tensors, kept as DTensors
-                    state = {}
-                    self._prepare_row_state(group, state, r0)
-                    self._store_states([p], shards, [view], [state], [{}],
-                                       into=[self._initial_state(p)])
-                self._rescale(group, i, view, safe_inv(r0))
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Prepare now, rather than at their first step, the rows of every invariant parameter
+        not yet prepared (no state): unit-normalise them, the running statistics in the group's
+        ``norm_stats`` following, and create their state (AdamG*'s ``r₀``: the norms before).
+        Needs no gradient; a parameter with state (stepped, or loaded from a state dict) is left
+        alone, so calling it again, or after ``load_state_dict``, changes nothing."""
+        for group in self.param_groups:
+            if not is_invariant(group["grouping"]):
+                continue
+            index = [i for i, p in enumerate(group["params"]) if not self.state.get(p)]
+            if not index:
+                continue
+            params = [group["params"][i] for i in index]
+            ws, layout, shards = self._rows(group["grouping"], params)
+            states = [self.state[p] for p in params]
+            if shards is not None:
+                states, kept = self._local_states(states)
+            self._init_states(group, ws, None, states, layout, self._stats(group, index))
+            if shards is not None:
+                self._store_states(params, shards, ws, states, kept)
 
-    def _prepare_row_state(self, group, state, r0) -> None:
-        """State known before normalising (AdamG* needs ``r₀``)."""
+    def _init_states(self, group, ws, gs, states, layout, stats):
+        """The one-time preparation of the parameters without state: rows scaled to unit norm
+        (running statistics following), state created from the norms before, and the
+        gradients (taken at the raw rows) scaled to the unit rows' for this step."""
+        fresh = [i for i, st in enumerate(states) if not st]
+        if not fresh:
+            return gs
+        if "norm_stats" not in group:
+            self._warn_unlinked(group)
+        ns = self._norms(ws, layout)  # float32 for float16/bfloat16 rows
+        gs = None if gs is None else list(gs)
+        for i in fresh:
+            n = ns[i]
+            rescale_rows_(ws[i], safe_inv(n), stats[i])
+            if gs is not None:  # ∇L(w/‖w‖) = ‖w‖ ∇L(w): the gradient at the unit row
+                gs[i] = gs[i] * n.to(gs[i].dtype)
+            self._init_state(group, ws[i], states[i], n)
+        return gs
+
+    def _warn_unlinked(self, group) -> None:
+        """Warn once per optimizer that a group without ``norm_stats`` is being normalised."""
+        if self.__dict__.get("_warned_unlinked"):
+            return
+        self.__dict__["_warned_unlinked"] = True
+        warnings.warn(
+            f"{type(self).__name__}: unit-normalising the rows of a parameter group that carries "
+            "no 'norm_stats' (a hand-built group, or param_groups without example_inputs): if "
+            "they feed a BatchNorm/InstanceNorm with running statistics, those do not follow and "
+            "the eval-mode network changes. Build the groups with psiopt.param_groups(model, "
+            "example_inputs), or give the group norm_stats=[[] for each parameter] to declare that "
+            "no running statistics follow its rows", stacklevel=4)
 
     @staticmethod
-    def _live(n) -> torch.Tensor:
-        """1 for a row of nonzero norm ``n``, 0 for a zero row (which stays zero)."""
-        return (n > 0).to(n.dtype)
+    def _live(n, w) -> torch.Tensor:
+        """1 for a row of nonzero norm ``n``, 0 for a zero row (which stays zero), in ``w``'s
+        dtype."""
+        return (n > 0).to(w.dtype)
 
 
 class UnitNormSGD(_SphereOptimizer):
@@ -83,7 +127,7 @@ class UnitNormSGD(_SphereOptimizer):
                                       foreach=foreach, fused=fused))
 
     def _init_state(self, group, w, state, n):
-        state["live"] = self._live(n)
+        state["live"] = self._live(n, w)
 
     def _update_one(self, group, w, g, state, stats):
         w.add_(tangent(w, g) * state["live"], alpha=-group["lr"])
@@ -127,10 +171,12 @@ class AdamGStar(_SphereOptimizer):
 
     For a constant η this is the scheme above term for term; when η or λ changes (a learning-rate
     scheduler) it keeps following SGD+L2 with that schedule, where a stored ``v`` would be on the
-    old η's scale.  ``r4`` is taken from ``r₀`` and the row is then unit-normalised, before any
-    gradient is computed, so the direction sequence matches SGD+L2 from the raw rows to second
-    order.  Non-invariant groups follow SGD with the same ``lr`` and ``weight_decay`` and no
-    momentum (Theorem 4 as written); ``momentum`` applies to them only.
+    old η's scale.  ``r4`` is taken from ``r₀`` and the row is then unit-normalised (the first
+    step's gradient scaled to the unit row), so the direction sequence matches SGD+L2 from the
+    raw rows to second order.  ``r4`` is kept in float32 for float16/bfloat16 rows (in float16
+    it overflows above a row norm of 16, and the row would then never move).  Non-invariant
+    groups follow SGD with the same ``lr`` and ``weight_decay`` and no momentum (Theorem 4 as
+    written); ``momentum`` applies to them only.
     """
 
     invariant_zero = ("momentum",)
@@ -147,31 +193,25 @@ class AdamGStar(_SphereOptimizer):
             raise ValueError(f"invalid lr·weight_decay for AdamGStar: {group['lr']}·"
                              f"{group['weight_decay']} (SGD+L2 needs lr·weight_decay < 1)")
 
+    accumulated_state = ("r4",)
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Also reads the state of earlier psiopt versions, which saved Roburin's ``v``:
-        ``r4 = 2η²(1 − ηλ)² v``.  ``r4`` of a float16/bfloat16 parameter stays float32 (see
-        :meth:`_prepare_row_state`; torch.optim would cast it to the parameter's dtype)."""
-        r4s = [state_dict["state"].get(i, {}).get("r4")
-               for g in state_dict["param_groups"] for i in g["params"]]
+        ``r4 = 2η²(1 − ηλ)² v``.  ``r4`` of a float16/bfloat16 parameter stays float32
+        (:attr:`accumulated_state`)."""
         super().load_state_dict(state_dict)
-        saved = dict(zip((p for g in self.param_groups for p in g["params"]), r4s))
         for group in self.param_groups:
             _, _, scale = self._coefficients(group)
             for p in group["params"]:
-                state, dtype = self.state.get(p, {}), accumulate_dtype(p.dtype)
-                if saved[p] is not None:
-                    state["r4"] = saved[p].to(p.device, dtype, copy=True)
-                elif "v" in state:
-                    state["r4"] = state.pop("v").to(dtype).mul_(scale)
+                state = self.state.get(p, {})
+                if "r4" not in state and "v" in state:
+                    state["r4"] = state.pop("v").to(accumulate_dtype(p.dtype)).mul_(scale)
 
-    def _prepare_row_state(self, group, state, r0):
-        """``r4 = r₀⁴`` in float32 for float16/bfloat16 rows (in float16 it overflows above a row
-        norm of 16, and the row would then never move); ``live`` in the row's dtype."""
-        state["r4"] = r0.to(accumulate_dtype(r0.dtype)).square().square()
-        state["live"] = (r0 > 0).to(r0.dtype)
-
-    def _init_state(self, group, w, state, n):  # state lost (e.g. cleared): the row is unit, r₀ = 1
-        self._prepare_row_state(group, state, n)
+    def _init_state(self, group, w, state, n):
+        """``r4 = r₀⁴`` (``n``: the rows' norms before they are unit-normalised, float32 for
+        float16/bfloat16 rows, where ``r4`` stays); ``live`` in the row's dtype."""
+        state["r4"] = n.to(accumulate_dtype(w.dtype)).square().square()
+        state["live"] = self._live(n, w)
 
     @staticmethod
     def _coefficients(group) -> tuple[float, float, float]:
@@ -184,7 +224,7 @@ class AdamGStar(_SphereOptimizer):
         r4 = state["r4"]
         w.add_(g * (step * safe_inv(r4.sqrt()) * state["live"]))
         normalize_(w)
-        r4.mul_(keep).add_(sqnorm(g), alpha=add)
+        r4.mul_(keep).add_(sqnorm(g, r4.dtype), alpha=add)
 
     fused_rule = True
 
@@ -210,11 +250,26 @@ class AdamGStar(_SphereOptimizer):
 
 
 # -- Cho & Lee: SGDG and AdamG ----------------------------------------------------------------------
-def _penalised(group, w, g, residual=None):
+#: ``ortho_rows``: which tensors take Cho & Lee's orthogonality penalty
+ORTHO_ROWS = ("fitting", "all")
+
+
+def _omega(group, rows: int, size: int) -> float:
+    """The penalty weight ω for a tensor of ``rows`` groups of ``size`` entries: ``ortho`` where
+    ``YYᵀ = I`` can hold as Cho & Lee's code requires (fewer rows than entries per row, the
+    authors' ``value.size(0) < prod(value.size()[1:])``), or everywhere with
+    ``ortho_rows="all"``; else 0 (the row's sphere step without the penalty)."""
+    if group.get("ortho_rows", "fitting") == "all" or rows < size:
+        return group["ortho"]
+    return 0.0
+
+
+def _penalised(group, w, g, residual=None, fits=None):
     """``g + ω ∂/∂Y ½‖YYᵀ − I‖²_F = g + 2ω (YYᵀ − I) Y`` for the rows ``Y`` of one tensor
-    (``residual(Y)`` = ``(YYᵀ − I) Y``, ``None`` for a single row).  Without ``residual``, one
+    (``residual(Y)`` = ``(YYᵀ − I) Y``, ``None`` for a single row; ω from :func:`_omega`, with
+    ``fits`` = ``(rows, size)`` of the whole tensor, else of ``w``).  Without ``residual``, one
     matrix product into a copy of ``g``: a single full-size temporary."""
-    omega = group["ortho"]
+    omega = _omega(group, *(fits or (w.shape[0], group_size(w))))
     if not omega:
         return g
     if residual is not None:  # (a sharded layout's takes its collective on every rank)
@@ -230,14 +285,22 @@ def _sphere_kernel(group, ws, gs, states, buffer: str, second=None, scales=None,
     one such temporary is alive at once."""
     bufs, live = [st[buffer] for st in states], [st["live"] for st in states]
     seconds = None if second is None else [st[second] for st in states]
-    if not group["ortho"]:
+    penalised = [i for i, w in enumerate(ws) if _omega(group, w.shape[0], group_size(w))]
+    if not penalised:
         return kernels.run("sphere", ws, gs, b=bufs, s1=live, s2=seconds, k=scales, h=h)
     if not kernels.state_fits(ws, bufs, live, seconds):  # before any tensor is stepped
         return False
-    for i, (w, g) in enumerate(zip(ws, gs)):
-        kernels.run("sphere", [w], [_penalised(group, w, g)], b=[bufs[i]], s1=[live[i]],
-                    s2=None if seconds is None else [seconds[i]],
-                    k=None if scales is None else [scales[i]], h=h)
+
+    def pick(xs, index):
+        return None if xs is None else [xs[i] for i in index]
+
+    plain = [i for i in range(len(ws)) if i not in penalised]
+    if plain:  # one call for the tensors without the penalty
+        kernels.run("sphere", pick(ws, plain), pick(gs, plain), b=pick(bufs, plain),
+                    s1=pick(live, plain), s2=pick(seconds, plain), k=pick(scales, plain), h=h)
+    for i in penalised:
+        kernels.run("sphere", [ws[i]], [_penalised(group, ws[i], gs[i])], b=[bufs[i]],
+                    s1=[live[i]], s2=pick(seconds, [i]), k=pick(scales, [i]), h=h)
     return True
 
 
@@ -254,7 +317,8 @@ def _directions(group, ys, gs, ms, live, layout):
     AdamG's second moment was 0.6% off in float32 beside a tangential gradient of 1e-4).
     Returns ``(h, ‖h‖², sums)``: ``sums`` is, where the layout fuses its reductions,
     ``(‖y‖², <y, m>, ‖m‖², <y, h>, <m, h>)``, else ``None``."""
-    gs = [_penalised(group, y, g, functools.partial(layout.orthogonality_residual, i))
+    gs = [_penalised(group, y, g, functools.partial(layout.orthogonality_residual, i),
+                     layout.rows_and_size(i))
           for i, (y, g) in enumerate(zip(ys, gs))]
     if layout.fuse_reductions:
         yy, yg, ym, mm = layout.sums([(ys, ys), (ys, gs), (ys, ms), (ms, ms)])
@@ -283,7 +347,23 @@ def _geodesic_sums(a, b, hh, sums):
     return yy, a * ym + b * yh, sqnorm_of_sum(a, b, mm, mh, hh)
 
 
-class SGDG(_SphereOptimizer):
+class _ChoLee(_SphereOptimizer):
+    """What SGDG and AdamG share: ``ortho_rows`` (see :class:`SGDG`)."""
+
+    def _upgrade_saved_group(self, saved, live):
+        """State dicts saved before ``ortho_rows`` existed take this optimizer's choice."""
+        saved = super()._upgrade_saved_group(saved, live)
+        if "ortho_rows" not in saved:
+            saved["ortho_rows"] = live["ortho_rows"] if live is not None else "fitting"
+        return saved
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:  # pickled before ortho_rows was added
+            group.setdefault("ortho_rows", "fitting")
+
+
+class SGDG(_ChoLee):
     r"""SGD with momentum on the sphere, "SGDG" (Cho & Lee 2017; baseline in Yi).
 
     Rows ``y`` are unit-normalised at construction, then::
@@ -293,20 +373,26 @@ class SGDG(_SphereOptimizer):
 
     ``ortho`` = ω weighs the orthogonality penalty ``½ω‖YYᵀ−I‖²_F`` among the rows of one tensor
     (gradient ``2ω(YYᵀ−I)Y``), the convention of Cho & Lee's own code (TensorFlow original and
-    PyTorch port); it is not weight decay.  ``clip`` = ν is the gradient clipping.
-    Non-invariant groups follow SGD with ``momentum``.
+    PyTorch port); it is not weight decay.  ``ortho_rows="fitting"`` (default) applies it, as
+    the authors' code does, only to tensors with fewer rows than entries per row (their
+    ``value.size(0) < prod(value.size()[1:])``), where ``YYᵀ = I`` can hold; the rows of the
+    others take the same sphere step without the penalty (each row is still scale-invariant).
+    ``ortho_rows="all"`` penalises every tensor of two rows or more (psiopt before this
+    option).  ``clip`` = ν is the gradient clipping.  Non-invariant groups follow SGD with
+    ``momentum``.
     """
 
     def __init__(self, params, lr: float = 0.2, momentum: float = 0.9, clip: float = 0.1,
-                 ortho: float = 0.1, weight_decay: float = 0.0, *, grouping=None,
-                 check_finite: bool = False, foreach=None, fused=None):
+                 ortho: float = 0.1, weight_decay: float = 0.0, *, ortho_rows: str = "fitting",
+                 grouping=None, check_finite: bool = False, foreach=None, fused=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, clip=clip, ortho=ortho,
+                                      ortho_rows=ortho_rows,
                                       weight_decay=weight_decay, grouping=grouping,
                                       check_finite=check_finite, foreach=foreach, fused=fused))
 
     def _init_state(self, group, w, state, n):
         state["momentum_buffer"] = torch.zeros_like(w)
-        state["live"] = self._live(n)
+        state["live"] = self._live(n, w)
 
     def _update_one(self, group, w, g, state, stats):
         m = state["momentum_buffer"]
@@ -330,7 +416,7 @@ class SGDG(_SphereOptimizer):
         geodesic_step_(ws, ms, torch.ones_like(live), layout, _geodesic_sums(a, b, hh, sums))
 
 
-class AdamG(_SphereOptimizer):
+class AdamG(_ChoLee):
     r"""Adam on the sphere, "AdamG" (Cho & Lee 2017; baseline in Yi and Roburin).
 
     With ``h`` as in :class:`SGDG` and one scalar second moment per row::
@@ -347,16 +433,22 @@ class AdamG(_SphereOptimizer):
 
     def __init__(self, params, lr: float = 0.05, betas=(0.9, 0.99), eps: float = 1e-8,
                  clip: float = 0.1, ortho: float = 0.1, weight_decay: float = 0.0, *,
-                 grouping=None, check_finite: bool = False, foreach=None, fused=None):
+                 ortho_rows: str = "fitting", grouping=None, check_finite: bool = False,
+                 foreach=None, fused=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, clip=clip, ortho=ortho,
+                                      ortho_rows=ortho_rows,
                                       weight_decay=weight_decay, grouping=grouping,
                                       check_finite=check_finite, foreach=foreach, fused=fused))
 
+    accumulated_state = ("exp_avg_sq",)
+
     def _init_state(self, group, w, state, n):
         state["step"] = torch.tensor(0.0)
-        state["exp_avg"] = torch.zeros_like(w)
-        state["exp_avg_sq"] = torch.zeros_like(sqnorm(w))
-        state["live"] = self._live(n)
+        state["exp_avg"] = torch.zeros_like(w)  # in w's dtype, as torch.optim.Adam's
+        # one scalar per row, float32 for float16/bfloat16 rows: (1 − β2)‖h‖² is below half a
+        # unit in the last place of a bfloat16 v once v ≳ 0.5‖h‖², and v stalled there
+        state["exp_avg_sq"] = torch.zeros(n.shape, dtype=accumulate_dtype(w.dtype), device=w.device)
+        state["live"] = self._live(n, w)
 
     @staticmethod
     def _scale(group, t) -> float:
@@ -381,7 +473,7 @@ class AdamG(_SphereOptimizer):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         h = _direction(group, w, g, state["live"])
         m.lerp_(h, 1 - beta1)
-        v.mul_(beta2).add_(sqnorm(h), alpha=1 - beta2)
+        v.mul_(beta2).add_(sqnorm(h, v.dtype), alpha=1 - beta2)
         delta = m * (self._scale(group, step_value(state["step"])) * (v + group["eps"]).rsqrt())
         new = sphere_exp(w, delta)
         m.copy_(transport(w, m, delta))
