@@ -1,8 +1,10 @@
 """Issue 22, command-line half: records that mislead, and faults that gave a traceback instead of
 one line ``psiopt: error: …`` with exit status 2 (docs/reliability.md rows 68 on)."""
 
+import errno
 import json
 import os
+import pathlib
 import pickle
 import shutil
 
@@ -205,6 +207,12 @@ def test_bad_settings_that_gave_a_traceback_are_one_line(tmp_path, capsys, argv,
     assert not (tmp_path / "r").exists()
 
 
+def test_compare_with_more_seeds_than_there_are_is_one_line(tmp_path, capsys):
+    refused(capsys, ["compare", *QUICK, "--optimizers", "sgd", "--seeds", "99999999999",
+                     "--out", str(tmp_path / "r")], "invalid --seeds: 99999999999")
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("steps", ["0", "-1"])
 def test_bench_with_no_steps_is_one_line(tmp_path, capsys, steps):
     out = tmp_path / "performance.md"
@@ -279,15 +287,27 @@ def test_a_cifar_batch_with_fewer_labels_than_images_is_one_line(tmp_path, capsy
 
 
 @pytest.mark.parametrize("where", [
-    "summary.md", "accuracy.png",
+    "summary.md", "accuracy.png", "permission-denied",
     pytest.param("read-only", marks=pytest.mark.skipif(
         os.geteuid() == 0, reason="root writes into read-only directories")),
 ])
-def test_a_report_that_cannot_be_written_is_one_line(tmp_path, capsys, where):
+def test_a_report_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch, where):
+    """A file in summary.md's (or a plot's) place, or a directory that refuses writes: as root
+    (these tests' machine) a read-only directory does not refuse, so "permission-denied" makes
+    the write of summary.md's temporary file raise the EACCES a read-only directory gives."""
     assert main(["compare", *QUICK, "--optimizers", "sgd", "--out", str(tmp_path)]) == 0
     if where == "read-only":
         os.chmod(tmp_path, 0o555)
         path = tmp_path / "summary.md"
+    elif where == "permission-denied":
+        path = tmp_path / "summary.md"
+        real = pathlib.Path.write_text
+
+        def write_text(self, *args, **kwargs):
+            if self.name.endswith(".tmp"):
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(pathlib.Path, "write_text", write_text)
     else:
         path = tmp_path / where
         path.unlink()

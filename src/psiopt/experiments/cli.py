@@ -16,6 +16,7 @@ from .models import list_models
 from .recipes import RECIPES
 from .train import (
     INITS,
+    MAX_SEED,
     RunConfig,
     RunError,
     check_run_dir,
@@ -303,8 +304,9 @@ def cmd_compare(args) -> None:
         return cmd_study(args)
     variants, select = _apply_recipe(args) if args.recipe else ({}, None)
     _fill_defaults(args)
-    if args.seeds < 1:
-        raise UsageError(f"invalid --seeds: {args.seeds} (must be at least 1)")
+    if not 1 <= args.seeds <= MAX_SEED + 1:
+        raise UsageError(f"invalid --seeds: {args.seeds} (seeds 0..N-1: N must lie in "
+                         f"1..{MAX_SEED + 1})")
     out = Path(args.out) if args.out else None
     selections, arms = {}, []  # lr selection runs, and (variant, configs) of each variant
     for variant, flags in (variants or {"": {}}).items():
