@@ -89,7 +89,8 @@ def _idx_dataset(name: str, dirs: list[Path], hint: str) -> tuple:
     parts = [read_idx(path) for path in paths]
     for path, array in zip(paths, parts):
         if array.ndim and not len(array):
-            raise DataError(f"{path}: holds 0 samples; expected the {name} file")
+            raise DataError(f"{path}: holds 0 samples, so there is nothing to train or test "
+                            f"on; put the {name} files under --data-dir")
     for images, labels in (parts[:2], parts[2:]):
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{name}: images {images.shape} and labels {labels.shape} do not match")
