@@ -76,7 +76,7 @@ class _SphereOptimizer(ScaleInvariantOptimizer):
         fresh = [i for i, st in enumerate(states) if not st]
         if not fresh:
             return gs
-        if "norm_stats" not in group:
+        if "norm_stats" not in group and not torch.compiler.is_compiling():  # (a graph break)
             self._warn_unlinked(group)
         ns = self._norms(ws, layout)  # float32 for float16/bfloat16 rows
         gs = None if gs is None else list(gs)
