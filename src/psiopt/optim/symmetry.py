@@ -392,7 +392,7 @@ def _add_offsets(*offsets) -> Tensor | None:
     total = present[0]
     for o in present[1:]:
         total = total + o
-    return total
+    return total if bool(total.any()) else None  # offsets that cancel exactly (z − b after z + b)
 
 
 def _identity(ndim: int, device) -> Value:
