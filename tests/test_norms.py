@@ -183,3 +183,35 @@ def test_a_converted_model_trains_with_psi_and_keeps_its_eval_network_under_resc
         model.net[1].weight.mul_(1e-6)  # a dead layer for torch's BatchNorm, not for this one
     after = _outputs(model, x, False)
     assert torch.allclose(after, before, rtol=1e-9, atol=1e-9 * float(before.abs().max()))
+
+
+def test_the_harness_counts_groups_under_eps_warns_once_and_trains_with_exact_layers(tmp_path):
+    import json
+
+    from psiopt.experiments.report import summary_table
+    from psiopt.experiments.train import RunConfig, train
+
+    config = RunConfig(dataset="synthetic", model="mlp-bn", optimizer="psi-sgd", epochs=3,
+                       init="unbalanced", subset=256)
+    logged = []
+    metrics = train(config, tmp_path / "plain", log=logged.append, progress=False)
+    assert [m["eps_groups"] for m in metrics] == [256] * 3
+    assert all(m["eps_below"] == 128 for m in metrics)  # PSI keeps the ×1e-4 rows' norms
+    assert sum("below their eps" in line for line in logged) == 1
+    assert "| 128.0 of 256 |" in summary_table({"psi-sgd": [(config.__dict__, metrics)]})
+    exact = RunConfig(**{**config.__dict__, "exact_norms": True})
+    logged = []
+    metrics = train(exact, tmp_path / "exact", log=logged.append, progress=False)
+    assert all(m["eps_below"] == 0 for m in metrics)
+    assert not any("below their eps" in line for line in logged)
+    assert json.loads((tmp_path / "exact" / "config.json").read_text())["exact_norms"] is True
+
+
+def test_the_harness_refuses_exact_layers_it_cannot_honour():
+    from psiopt.experiments.train import RunConfig, RunError, build
+
+    with pytest.raises(RunError, match="sync_bn"):
+        build(RunConfig(dataset="synthetic", model="mlp-bn", exact_norms=True, sync_bn=True))
+    with pytest.raises(RunError, match="none can be made exact"):  # no normalisation layer
+        build(RunConfig(dataset="synthetic", model="arora-vgg", exact_norms=True, subset=16,
+                        model_kwargs={"batch_norm": False}))

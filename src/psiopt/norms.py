@@ -144,21 +144,23 @@ def _fits(m: nn.Module, index: Tensor, ndim: int, bias_shape: tuple | None) -> b
     return True
 
 
-def _compacted(t: Tensor) -> Tensor:
+def _compacted(t: Tensor, atol: float = 0.0) -> Tensor:
     for d in range(t.dim()):
-        if t.shape[d] > 1 and torch.allclose(t, t.narrow(d, 0, 1), rtol=_TOL, atol=0):
+        if t.shape[d] > 1 and torch.allclose(t, t.narrow(d, 0, 1), rtol=_TOL, atol=atol):
             t = t.narrow(d, 0, 1)
     return t
 
 
-def _bias_shape(change: Tensor, delta: Tensor) -> tuple | None:
-    """How a bias shifted by ``delta`` reaches a layer's input (``change``): the shape that
-    broadcasts it there, or ``None`` if it is not added as it is along one dimension."""
-    change = _compacted(change)
+def _bias_shape(change: Tensor, delta: Tensor, scale: float) -> tuple | None:
+    """How a bias shifted by ``delta`` reaches a layer's input (``change``, computed beside
+    values as large as ``scale``): the shape that broadcasts it there, or ``None`` if it is not
+    added as it is along one dimension."""
+    atol = _TOL * scale
+    change = _compacted(change, atol)
     wide = [d for d in range(change.dim()) if change.shape[d] > 1]
     if len(wide) != 1 or change.shape[wide[0]] != delta.numel():
         return None
-    if not torch.allclose(change.reshape(-1), delta, rtol=_TOL, atol=0):
+    if not torch.allclose(change.reshape(-1), delta, rtol=_TOL, atol=atol):
         return None
     return tuple(-1 if d == wide[0] else 1 for d in range(change.dim()))
 
@@ -166,8 +168,9 @@ def _bias_shape(change: Tensor, delta: Tensor) -> tuple | None:
 def _feeders(model: nn.Module, example_inputs, mapping: dict[str, str], layers: list[str]) -> dict:
     """``{layer name: (weight name, group index, bias name or None, bias shape)}`` for every
     layer whose input one invariant weight's groups scale exactly, around the bias added after
-    it if that bias is cancelled (a float64 copy; each weight's groups scaled by random factors,
-    each bias shifted, in turn)."""
+    it if that bias is cancelled.  On a float64 copy, for each weight in turn: its cancelled bias
+    (if any) set to zero, then shifted (how it reaches each layer), then the weight's groups
+    scaled by random factors (which layers' inputs follow them exactly)."""
     m64 = copy.deepcopy(model).double()
     many = isinstance(example_inputs, (tuple, list))
     x64 = [t.double() if isinstance(t, Tensor) and t.is_floating_point() else t
@@ -175,12 +178,13 @@ def _feeders(model: nn.Module, example_inputs, mapping: dict[str, str], layers: 
     x64 = x64 if many else x64[0]
     modules = dict(m64.named_modules())
     layers64 = {name: modules[name] for name in layers}
-    base = _inputs(m64, layers64, x64)
     params = dict(m64.named_parameters())
     gen = torch.Generator().manual_seed(0)
-    found: dict[str, list] = {name: [] for name in base}
+    found: dict[str, list] = {name: [] for name in layers}
 
-    def changed(p: Tensor, new: Tensor) -> dict[str, Tensor]:
+    def inputs(p: Tensor | None = None, new: Tensor | None = None) -> dict[str, Tensor]:
+        if p is None:
+            return _inputs(m64, layers64, x64)
         saved = p.detach().clone()
         p.data.copy_(new)
         try:
@@ -193,27 +197,36 @@ def _feeders(model: nn.Module, example_inputs, mapping: dict[str, str], layers: 
             continue
         p = params[pname]
         bname = pname.rpartition(".")[0] + (".bias" if "." in pname else "bias")
-        shifts = {}
-        if mapping.get(bname) == CANCELLED and pname.endswith("weight"):
-            b = params[bname]
-            delta = torch.randn(b.shape, generator=gen, dtype=torch.float64) * (1 + b.detach().abs().max())
-            shifted = changed(b, b.detach() + delta)
-            for name, x in base.items():
-                if name in shifted:
-                    shape = _bias_shape(shifted[name] - x, delta.reshape(-1))
-                    if shape is not None and len(shape) == x.dim():
-                        shifts[name] = shape
-        view = rows(p.detach(), grouping)
-        factors = torch.exp(2 * torch.rand(view.shape[0], generator=gen, dtype=torch.float64) - 1)
-        scaled = changed(p, (view * factors.view(-1, *[1] * (view.dim() - 1))).reshape(p.shape))
+        bias = params[bname] if mapping.get(bname) == CANCELLED and pname.endswith("weight") else None
+        saved = None if bias is None else bias.detach().clone()
+        shapes, reached = {}, set()
+        try:
+            if bias is not None:  # z = W x exactly: its ratios are exact
+                bias.data.zero_()
+                delta = torch.randn(bias.shape, generator=gen, dtype=torch.float64)
+                base, shifted = inputs(), inputs(bias, delta)
+                for name, x in base.items():
+                    change, scale = shifted.get(name, x) - x, float(x.abs().max()) + float(delta.abs().max())
+                    if bool((change.abs() > _TOL * scale).any()):
+                        reached.add(name)  # how: a per-channel shift, or nothing is claimed
+                        shape = _bias_shape(change, delta.reshape(-1), scale)
+                        if shape is not None and len(shape) == x.dim():
+                            shapes[name] = shape
+            else:
+                base = inputs()
+            view = rows(p.detach(), grouping)
+            factors = torch.exp(2 * torch.rand(view.shape[0], generator=gen, dtype=torch.float64) - 1)
+            scaled = inputs(p, (view * factors.view(-1, *[1] * (view.dim() - 1))).reshape(p.shape))
+        finally:
+            if bias is not None:
+                bias.data.copy_(saved)
         for name, x in base.items():
-            b = params[bname].detach().reshape(shifts[name]) if name in shifts else 0.0
-            if name in scaled and bool((x - b != 0).all()):
-                index = _index((scaled[name] - b) / (x - b), factors)
+            if name in scaled and bool((x != 0).all()) and (name in shapes or name not in reached):
+                index = _index(scaled[name] / x, factors)
                 if index is not None:
-                    found[name].append((pname, index, bname if name in shifts else None, shifts.get(name)))
+                    found[name].append((pname, index, bname if name in shapes else None, shapes.get(name)))
     return {name: hits[0] for name, hits in found.items()
-            if len(hits) == 1 and _fits(layers64[name], hits[0][1], base[name].dim(), hits[0][3])}
+            if len(hits) == 1 and _fits(layers64[name], hits[0][1], hits[0][1].dim(), hits[0][3])}
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ USER_ERRORS = (UsageError, DataError, RunError)
 DEFAULTS = {"dataset": "synthetic", "model": "mlp-bn", "epochs": 1, "batch_size": 128,
             "milestones": None, "gamma": 0.1, "init": "default", "subset": None, "seeds": 1,
             "optimizers": None, "threads": 1, "grouping": None, "model_kwarg": None,
-            "validation": None}
+            "validation": None, "exact_norms": False}
 
 
 class Parser(argparse.ArgumentParser):
@@ -112,6 +112,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default=None, help=f"one of {', '.join(INITS)}")
     p.add_argument("--grouping", default=None,
                    help="group every invariant weight as 'tensor' (Arora's PSGD) or 'channel'")
+    p.add_argument("--exact-norms", action="store_true", default=None,
+                   help="normalisation layers with eps·‖w‖² (Arora eq. 8): exactly invariant in "
+                        "the weight that feeds them, however small its rows")
     p.add_argument("--model-kwarg", action="append", metavar="KEY=VALUE",
                    help="model option, e.g. --model-kwarg batch_norm=false (arora-vgg)")
     p.add_argument("--threads", type=int, default=None,
@@ -203,7 +206,7 @@ def _config(args, optimizer: str, seed: int) -> RunConfig:
                        threads=args.threads, grouping=args.grouping,
                        model_kwargs=_pairs("--model-kwarg", args.model_kwarg),
                        nproc=getattr(args, "nproc", None) or 1,
-                       sync_bn=getattr(args, "sync_bn", False))
+                       sync_bn=getattr(args, "sync_bn", False), exact_norms=bool(args.exact_norms))
     try:
         config.validate()
     except RunError as e:

@@ -51,7 +51,9 @@ RECIPES = {
         {"balanced": {"init": "default"}, "unbalanced": {"init": "unbalanced"},
          # BatchNorm eps 1e-20: the ×1e-4 rows stay scale-invariant (exactly equivalent networks)
          "balanced-exact": {"init": "default", "model_kwarg": ["eps=1e-20"]},
-         "unbalanced-exact": {"init": "unbalanced", "model_kwarg": ["eps=1e-20"]}},
+         "unbalanced-exact": {"init": "unbalanced", "model_kwarg": ["eps=1e-20"]},
+         # default eps, in layers that scale it with the rows (eps·‖w‖², Arora eq. 8)
+         "unbalanced-exact-layers": {"init": "unbalanced", "exact_norms": True}},
         dataset="fashion-mnist"),
     "yi-fig4": _recipe(
         "Yi Fig. 4: full-batch gradient norm falls faster for PSI-SGD(M) and SGDG than SGD/Adam",

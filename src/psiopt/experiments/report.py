@@ -78,8 +78,10 @@ def summary_table(runs) -> str:
     regression, split = _regression(runs), _split(runs)
     key, scale = (f"{split}_loss", 1) if regression else (f"{split}_acc", 100)
     what = {"test": "test", "val": "validation"}[split] + (" loss" if regression else " acc (%)")
+    counted = any(m[-1].get("eps_groups") for seeds in runs.values() for _, m in seeds)
+    extra = " groups under eps |" if counted else ""  # the variance of their input (last batch)
     lines = [f"| optimizer | final {what} | best {what} | final train loss | final grad norm | "
-             "s/epoch | seeds | epochs |", "|---|---|---|---|---|---|---|---|"]
+             f"s/epoch | seeds | epochs |{extra}", "|---|---|---|---|---|---|---|---|" + "---|" * counted]
     for name in _ranked(runs):
         seeds = [m for _, m in runs[name]]
         ok = [m[-1][key] for m in seeds if m[-1].get(key) is not None]
@@ -101,8 +103,13 @@ def summary_table(runs) -> str:
         best_text = f"{best * scale:.2f}" if best is not None else "—"
         loss_text = f"{_mean_std(losses)[0]:.4f}" if losses else "—"
         grad_text = f"{_mean_std(grads)[0]:.3g} ± {_mean_std(grads)[1]:.2g}" if grads else "—"
-        lines.append(f"| {name} | {final} | {best_text} | {loss_text} | {grad_text} | {seconds:.2f} | "
-                     f"{len(seeds)} | {max(len(m) for m in seeds)} |")
+        row = f"| {name} | {final} | {best_text} | {loss_text} | {grad_text} | {seconds:.2f} | " \
+              f"{len(seeds)} | {max(len(m) for m in seeds)} |"
+        if counted:
+            below = [m[-1]["eps_below"] for m in seeds if m[-1].get("eps_groups")]
+            total = max((m[-1].get("eps_groups") or 0) for m in seeds)
+            row += f" {_mean_std(below)[0]:.1f} of {total} |" if below else " — |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -157,6 +164,8 @@ def _setting(config: dict) -> str:
     options = "".join(f", {k}={v}" for k, v in sorted((config.get("model_kwargs") or {}).items()))
     grouping = f", every invariant weight grouped by {config['grouping']}" \
         if config.get("grouping") else ""
+    if config.get("exact_norms"):
+        grouping += ", exact normalisation layers (eps·‖w‖²)"
     return (f"{config['dataset']} / {config['model']}{options}: {config['epochs']} epochs, batch "
             f"{config['batch_size']}{subset}, {schedule}, init {config['init']}{grouping}, "
             f"{config.get('threads', '?')} thread(s)")

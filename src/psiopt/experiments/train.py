@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
+from ..norms import EpsMonitor, exact_norms_
 from ..optim.diagnostics import StepProbe, summarize
 from ..optim.discovery import find_scale_invariant, param_groups, rescale_rows_
 from ..optim.geometry import CANCELLED, is_invariant, rows
@@ -94,6 +95,8 @@ class RunConfig:
     threads: int = 1  # one thread: the default that gives honest timings on a shared machine
     nproc: int = 1  # data-parallel processes; the batch size is the global one
     sync_bn: bool = False  # BatchNorm statistics of the global batch when nproc > 1
+    #: normalisation layers with eps·‖w‖² (Arora eq. 8): exactly invariant in their weights
+    exact_norms: bool = False
 
 
     def validate(self) -> None:
@@ -117,6 +120,9 @@ class RunConfig:
                            "as discovered)")
         if self.init not in INITS:
             raise RunError(f"unknown init {self.init!r}; choose from {', '.join(INITS)}")
+        if self.exact_norms and self.sync_bn:
+            raise RunError("exact_norms and sync_bn cannot be combined (the synchronised "
+                           "BatchNorm has no exact variant): choose one")
         if not (isinstance(self.gamma, (int, float)) and self.gamma > 0):
             raise RunError(f"invalid gamma: {self.gamma!r} (must be positive)")
         if any(not isinstance(m, int) or m < 1 for m in self.milestones) or \
@@ -308,6 +314,9 @@ def build(config: RunConfig):
         initialise(model, "glorot", [])
     elif config.init == "unbalanced":  # before the optimizer: sphere methods normalise rows there
         initialise(model, "unbalanced", param_groups(model, example))
+    if config.exact_norms and not exact_norms_(model, example):
+        raise RunError(f"--exact-norms: no normalisation layer of {config.model} is fed by one "
+                       "invariant weight, so none can be made exact; leave the flag out")
     if config.sync_bn:
         model = convert_sync_batchnorm(model)
     mapping = None
@@ -535,16 +544,26 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
     if rank == 0:
         _write_config(config, out, recorded, start, data)
         _write_metrics(out / "metrics.jsonl", metrics)
+    probe = StepProbe(optimizer)
+    with EpsMonitor(model, active=False) as eps:
+        metrics = _epochs(config, out, data, model, net, optimizer, scheduler, probe, eps, metrics,
+                          start, progress, log, checkpoint_seconds)
+    return metrics
+
+
+def _epochs(config, out, data, model, net, optimizer, scheduler, probe, eps, metrics, start,
+            progress, log, checkpoint_seconds) -> list[dict]:
+    """Epochs ``start`` to the last: train, evaluate, write the record and the checkpoint."""
+    rank, world = _world()
     regression = data.task == "regression"
     split = "val" if config.validation else "test"  # metrics say which set they were measured on
-    probe = StepProbe(optimizer)
-    saved_at = time.perf_counter()
+    saved_at, warned = time.perf_counter(), False
     for epoch in range(start, config.epochs):
         if metrics and metrics[-1].get("diverged"):
             break
         started = time.perf_counter()
         try:
-            record = _epoch(config, data, net, optimizer, probe, epoch, progress, (rank, world))
+            record = _epoch(config, data, net, optimizer, probe, epoch, progress, (rank, world), eps)
         except FloatingPointError as e:  # raised by psiopt optimizers on a non-finite gradient
             record = {"train_loss": None, "train_acc": None, "error": str(e)}
         lrs = _group_lrs(optimizer)  # the rates this epoch used
@@ -565,6 +584,12 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         record = _finite({"epoch": epoch + 1, **record, "seconds": seconds, "lr": lrs,
                           "threads": torch.get_num_threads(), "nproc": world})
         metrics.append(record)
+        if not warned and len(metrics) > 1 and all(m.get("eps_below") for m in metrics[-2:]):
+            warned = True
+            log(f"psiopt: warning: {record['eps_below']} of {record['eps_groups']} normalisation "
+                "groups have had an input variance below their eps for two epochs: their rows "
+                "are not scale-invariant, and an optimizer that keeps row norms (PSI) keeps them "
+                "there; --exact-norms (eps·‖w‖²) or a smaller eps makes them invariant")
         last = epoch + 1 == config.epochs or diverged
         if rank == 0:
             with _Writing(out / "metrics.jsonl"), open(out / "metrics.jsonl", "a") as f:
@@ -692,10 +717,12 @@ def _group_lrs(optimizer) -> dict:
             if g.get("grouping") != CANCELLED}
 
 
-def _epoch(config, data, model, optimizer, probe, epoch, progress, shard=(0, 1)) -> dict:
+def _epoch(config, data, model, optimizer, probe, epoch, progress, shard=(0, 1), eps=None) -> dict:
     """One pass over the training set; returns the epoch's training metrics.  With
     ``shard=(rank, world)`` the rank trains on every ``world``-th sample of each global batch
-    (``model`` is then a DDP module)."""
+    (``model`` is then a DDP module).  ``eps`` (an :class:`~psiopt.norms.EpsMonitor`) records
+    the last batch: ``eps_below`` normalisation groups of ``eps_groups`` had an input variance
+    under their eps."""
     rank, world = shard
     regression = data.task == "regression"
     gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
@@ -710,6 +737,8 @@ def _epoch(config, data, model, optimizer, probe, epoch, progress, shard=(0, 1))
                                          augment=data.augment, min_size=least)):
         share = len(xb[rank::world]) * world / len(xb)  # DDP's mean is then the global batch's
         xb, yb = xb[rank::world], yb[rank::world]
+        if eps is not None:
+            eps.active = i == n_batches - 1
         out = model(xb)
         loss = _loss(out, yb, regression)
         optimizer.zero_grad(set_to_none=True)
@@ -738,7 +767,9 @@ def _epoch(config, data, model, optimizer, probe, epoch, progress, shard=(0, 1))
     if world > 1:
         loss_sum, correct, total = _all_reduced(loss_sum, correct, torch.tensor(seen))
         seen = int(total)
-    return {"train_loss": loss_sum.item() / seen,
+    below, groups = eps.below(1.0) if eps is not None else (0, 0)
+    eps_record = {"eps_below": below, "eps_groups": groups} if groups else {}
+    return {**eps_record, "train_loss": loss_sum.item() / seen,
             "train_acc": None if regression else correct.item() / seen,
             "train_samples": seen, "samples_per_s": seen / (time.perf_counter() - started),
             "grad_norm": (grad_sq.item() / n_batches) ** 0.5, **summarize(layers), "layers": layers}
