@@ -3,6 +3,8 @@ diagnostics.
 
 * :mod:`.geometry` -- grouped row views, per-group reductions, sphere maps;
 * :mod:`.discovery` -- structural discovery of scale-invariant parameters and its check;
+* :mod:`.groups` -- parameter groups for any optimizer (torch.optim, timm, Muon), weight decay
+  placed by what it does;
 * :mod:`.base` -- the common optimizer machinery;
 * :mod:`.quotient` -- PSI-SGD(M) on the quotient manifold (Yi);
 * :mod:`.sphere` -- rows on the unit sphere: UN, SGDG, AdamG, AdamG*;
@@ -24,6 +26,7 @@ from .discovery import (
     unit_normalize_,
 )
 from .euclidean import SGDMRT, AdamS, AdamSRT, ProjectedSGD
+from .groups import optimizer_groups
 from .quotient import PSISGD
 from .registry import REGISTRY, create_optimizer, list_optimizers
 from .sphere import SGDG, AdamG, AdamGStar, UnitNormSGD
@@ -32,5 +35,5 @@ __all__ = [
     "PSISGD", "UnitNormSGD", "ProjectedSGD", "SGDG", "AdamG", "AdamS", "AdamSRT", "SGDMRT",
     "AdamGStar", "ScaleInvariantOptimizer", "find_scale_invariant", "param_groups",
     "check_invariance", "unit_normalize_", "rescale_rows_", "NormStats", "InvarianceReport",
-    "GroupCheck", "create_optimizer", "list_optimizers", "REGISTRY",
+    "GroupCheck", "create_optimizer", "list_optimizers", "REGISTRY", "optimizer_groups",
 ]

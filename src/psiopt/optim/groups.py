@@ -1,0 +1,89 @@
+"""Parameter groups for any optimizer: torch.optim (SGD, AdamW, Adafactor, Muon), timm's factory,
+LARS-style optimizers, Lightning, Hugging Face.
+
+Every training codebase decides by hand which parameters get weight decay: timm's
+``weight_decay_exclude_1d`` (``ndim <= 1`` or a name ending in ``.bias``, plus the model's
+``no_weight_decay()`` names), REQ's ``p.dim() > 1``, Muon's "2-D weights".  psiopt knows which
+parameters are scale-invariant (:func:`~psiopt.optim.discovery.find_scale_invariant`), so it can
+place weight decay by what it does:
+
+* on an **invariant** weight, weight decay does not change the function; it shrinks ‖w‖ and so
+  raises the effective learning rate η/‖w‖² (Arora et al. 2019, §2.5; Kosson et al. 2024): it is
+  an effective-learning-rate control, ``invariant_weight_decay`` (default: ``weight_decay``);
+* a **cancelled** parameter (a bias a normalisation removes) has no effect at all: its gradient
+  is rounding noise, so it is left out of the groups (the optimizer never sees it);
+* the **other** parameters follow timm's convention: ``weight_decay`` on tensors of two or more
+  dimensions, none on gains, biases and the model's ``no_weight_decay()`` names.
+
+The groups carry only ``params``, ``param_names``, ``weight_decay`` and ``grouping`` (a string:
+``None`` for the other parameters), which every ``torch.optim`` optimizer accepts and saves in
+its ``state_dict``.  ``select`` keeps the parameters a given optimizer takes, e.g. Muon's 2-D
+weights, and its complement the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .discovery import find_scale_invariant
+from .geometry import CANCELLED, is_invariant
+
+
+def _no_weight_decay(model: nn.Module) -> set[str]:
+    """timm's ``model.no_weight_decay()`` names (of the model and of its submodules)."""
+    out: set[str] = set()
+    for prefix, module in model.named_modules():
+        names = getattr(module, "no_weight_decay", None)
+        if callable(names):
+            out |= {f"{prefix}.{n}" if prefix else n for n in names()}
+    return out
+
+
+def optimizer_groups(model: nn.Module, example_inputs=None, *, mapping: dict | None = None,
+                     weight_decay: float = 0.0, invariant_weight_decay: float | None = None,
+                     select: Callable[[str, nn.Parameter], bool] | None = None) -> list[dict]:
+    """torch-style parameter groups for any optimizer (see the module docstring): invariant
+    weights (one group per grouping, ``invariant_weight_decay``), the other weights of two or
+    more dimensions (``weight_decay``), then gains, biases and ``no_weight_decay()`` names (no
+    decay).  Cancelled parameters and frozen ones are left out.
+
+    ``mapping`` replaces discovery (``{name: grouping}``, as :func:`find_scale_invariant`
+    returns); ``select(name, param)`` keeps only the parameters it accepts (e.g.
+    ``lambda n, p: p.ndim == 2`` for ``torch.optim.Muon``; pass the complement to the optimizer
+    of the rest).  Empty groups are dropped.
+
+    >>> groups = optimizer_groups(model, x, weight_decay=0.05)          # doctest: +SKIP
+    >>> opt = torch.optim.AdamW(groups, lr=1e-3)                        # doctest: +SKIP
+    """
+    for name, value in (("weight_decay", weight_decay), ("invariant_weight_decay", invariant_weight_decay)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value >= 0):
+            raise ValueError(f"invalid {name}: {value!r} (must be a number >= 0)")
+    if mapping is None:
+        if example_inputs is None:
+            raise ValueError("optimizer_groups needs example_inputs (or an explicit mapping)")
+        mapping = find_scale_invariant(model, example_inputs)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(mapping) - set(params))
+    if unknown:
+        raise ValueError(f"mapping names parameters the model does not have: {unknown}")
+    invariant_decay = weight_decay if invariant_weight_decay is None else invariant_weight_decay
+    excluded = _no_weight_decay(model)
+    buckets: dict = {}
+    for name, p in params.items():
+        grouping = mapping.get(name)
+        if not p.requires_grad or grouping == CANCELLED or (select is not None and not select(name, p)):
+            continue
+        if is_invariant(grouping):
+            key = (grouping, invariant_decay)
+        elif p.ndim <= 1 or name.endswith(".bias") or name in excluded:
+            key = (None, 0.0)
+        else:
+            key = (None, weight_decay)
+        bucket = buckets.setdefault(key, {"params": [], "param_names": []})
+        bucket["params"].append(p)
+        bucket["param_names"].append(name)
+    order = sorted(buckets, key=lambda k: (k[0] is None, -k[1], str(k[0])))
+    return [{**buckets[k], "weight_decay": float(k[1]), "grouping": k[0]} for k in order]
