@@ -5,6 +5,7 @@ diagnostics.
 * :mod:`.discovery` -- structural discovery of scale-invariant parameters and its check;
 * :mod:`.groups` -- parameter groups for any optimizer (torch.optim, timm, Muon), weight decay
   placed by what it does;
+* :mod:`.policies` -- norm policies (fixed, unit norm, tangent gradients) around any optimizer;
 * :mod:`.base` -- the common optimizer machinery;
 * :mod:`.quotient` -- PSI-SGD(M) on the quotient manifold (Yi);
 * :mod:`.sphere` -- rows on the unit sphere: UN, SGDG, AdamG, AdamG*;
@@ -27,6 +28,7 @@ from .discovery import (
 )
 from .euclidean import SGDMRT, AdamS, AdamSRT, ProjectedSGD
 from .groups import optimizer_groups
+from .policies import NormPolicy
 from .quotient import PSISGD
 from .registry import REGISTRY, create_optimizer, list_optimizers
 from .sphere import SGDG, AdamG, AdamGStar, UnitNormSGD
@@ -36,4 +38,5 @@ __all__ = [
     "AdamGStar", "ScaleInvariantOptimizer", "find_scale_invariant", "param_groups",
     "check_invariance", "unit_normalize_", "rescale_rows_", "NormStats", "InvarianceReport",
     "GroupCheck", "create_optimizer", "list_optimizers", "REGISTRY", "optimizer_groups",
+    "NormPolicy",
 ]

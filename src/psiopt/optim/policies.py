@@ -1,0 +1,142 @@
+"""Norm policies on top of any optimizer (issue 25, item 2).
+
+The four papers psiopt implements split a scale-invariant weight into its *direction* and its
+*norm*, and treat the two apart: PSGD = SGD + the norm held fixed (Arora et al. App. D), UN/B-SGD
+= SGD on the tangent space + unit norm (Badrinarayanan et al. eq. 2).  :class:`NormPolicy` wraps
+any ``torch.optim`` optimizer (its own update and state untouched) and, for the parameter groups
+that carry an invariant ``grouping`` only:
+
+1. ``project=True``: gives the inner step the tangent gradient of each group,
+   ``g − <w, g> w/‖w‖²`` (the radial part of ``g`` is rounding noise for an invariant group);
+2. after the inner step, applies the norm policy to each group of rows:
+
+   * ``"free"``: nothing (the inner rule and its weight decay decide the norm);
+   * ``"fixed"``: back to the norm the group had before the step (Arora's PSGD; Hyperball);
+   * ``"unit"``: unit norm (UN, B-SGD); the groups are unit-normalised once, at the first
+     step, whose gradient is then ``‖w‖·g`` (the gradient at the unit rows, by scale
+     invariance).
+
+The one-time unit-normalisation carries the BatchNorm running statistics along (``norm_stats``,
+as psiopt's optimizers do), so the eval-mode network does not change; the rescaling after each
+step is part of the update, as in psiopt's PSGD and UN-SGD (the statistics do not follow it).
+``p.grad`` is never written: the inner step reads a projected or rescaled gradient through a
+swapped ``.grad`` attribute, and the original tensor is put back.  No host synchronisation.
+With ``torch.optim.SGD`` this is psiopt's :class:`~psiopt.optim.euclidean.ProjectedSGD` (``"fixed"``) and
+:class:`~psiopt.optim.sphere.UnitNormSGD` (``"unit"``, ``project=True``), to rounding (tested in
+float64 to 1e-12).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+from .discovery import _discover, rescale_rows_
+from .geometry import dot, is_invariant, norm, rows, safe_inv
+
+POLICIES = ("free", "fixed", "unit")
+
+
+class NormPolicy:
+    """``policy`` (``"free"``, ``"fixed"``, ``"unit"``) and ``project`` on the invariant groups of
+    ``optimizer`` (groups with an invariant ``grouping``, as :func:`psiopt.optimizer_groups` and
+    :func:`psiopt.param_groups` build them); see the module docstring.
+
+    ``model`` and ``example_inputs``: the running statistics each invariant parameter feeds (by
+    its ``param_names``) are found by discovery, so that they follow every rescaling; without
+    them, a group's own ``norm_stats`` (from :func:`psiopt.param_groups`) are used, or none.
+    Schedulers and ``param_groups`` are the inner optimizer's; ``state_dict`` holds the inner
+    optimizer's and which parameters the ``"unit"`` policy has prepared.
+    """
+
+    def __init__(self, optimizer: Optimizer, policy: str = "fixed", *, project: bool = False,
+                 model=None, example_inputs=None):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if policy not in POLICIES:
+            raise ValueError(f"invalid policy {policy!r}: choose from {', '.join(POLICIES)}")
+        if not isinstance(project, bool):
+            raise ValueError(f"invalid project: {project!r} (must be True or False)")
+        if not any(is_invariant(g.get("grouping")) for g in optimizer.param_groups):
+            raise ValueError("NormPolicy: no parameter group of the optimizer declares an invariant "
+                             "'grouping' (a norm policy has no meaning on other groups); build the "
+                             "groups with psiopt.optimizer_groups(model, example_inputs)")
+        self.optimizer, self.policy, self.project = optimizer, policy, project
+        self._stats: dict[str, list] = {}
+        if model is not None and example_inputs is not None:
+            self._stats = _discover(model, example_inputs)[1]
+        self.prepared: set[tuple[int, int]] = set()  # (group, position) unit-normalised
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def _invariant(self):
+        """``(key, p, grouping, running statistics)`` of every invariant parameter with a gradient."""
+        for i, group in enumerate(self.optimizer.param_groups):
+            grouping = group.get("grouping")
+            if not is_invariant(grouping):
+                continue
+            names = group.get("param_names") or [None] * len(group["params"])
+            own = group.get("norm_stats") or [()] * len(group["params"])
+            for j, (p, name) in enumerate(zip(group["params"], names)):
+                if p.grad is not None:
+                    yield (i, j), p, grouping, self._stats.get(name, own[j])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """The inner optimizer's step with the policy around it; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = list(self._invariant())
+        swapped, before = [], []
+        for key, p, grouping, stats in work:
+            w, g = rows(p, grouping), p.grad
+            gv = None  # the gradient the inner step reads, where it is not p.grad
+            if self.policy == "unit" and key not in self.prepared:
+                n = norm(w)  # unit rows first; the gradient at them is ‖w‖·g
+                rescale_rows_(w, safe_inv(n), stats)
+                self.prepared.add(key)
+                gv = rows(g, grouping) * n
+            if self.project:  # g − <w, g> w/‖w‖²; a zero row has no tangent space: not moved
+                gv = rows(g, grouping) if gv is None else gv
+                ww = dot(w, w)
+                gv = torch.addcmul(gv, w, dot(w, gv) * safe_inv(ww), value=-1.0) * (ww > 0)
+            if gv is not None:
+                new = torch.empty_like(g)
+                rows(new, grouping).copy_(gv)
+                swapped.append((p, g))
+                p.grad = new
+            before.append(norm(w) if self.policy == "fixed" else None)
+        try:
+            self.optimizer.step()
+        finally:
+            for p, g in swapped:
+                p.grad = g
+        if self.policy != "free":  # the step's retraction: part of the update, as in psiopt's
+            for (_, p, grouping, _), n in zip(work, before):  # rules (the statistics follow the
+                w = rows(p, grouping)  # one-time unit-normalisation only)
+                after = safe_inv(norm(w))
+                w.mul_(after if n is None else n * after)
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "policy": self.policy,
+                "project": self.project, "prepared": sorted(self.prepared)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("policy") != self.policy or state_dict.get("project") != self.project:
+            raise ValueError(f"NormPolicy.load_state_dict: saved with policy="
+                             f"{state_dict.get('policy')!r}, project={state_dict.get('project')!r}; "
+                             f"this one has policy={self.policy!r}, project={self.project!r}")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.prepared = {tuple(k) for k in state_dict["prepared"]}
