@@ -317,6 +317,8 @@ def test_every_recipe_runs_end_to_end_on_a_tiny_subset(tmp_path, name):
                     assert config["hyper"]["fixed_norm"] is False
                 elif key == "model_kwarg":
                     assert config["model_kwargs"] == _pairs("--model-kwarg", value)
+                elif key == "exact_norms":
+                    assert config["exact_norms"] is value
 
 
 def test_every_recipe_list_matches_the_tests():

@@ -34,12 +34,15 @@ _ROBURIN_LRS = [1e-4, 1e-3, 1e-2, 1e-1]
 def _arora_arms(lrs) -> dict:
     """Arora App. D: for each invariant lr, SGD and PSGD (per channel) with BN, PSGD projecting
     each weight as a whole ("tensor", as the paper does), and SGD on the net without BN (where
-    the lr applies to every parameter: nothing is invariant)."""
+    the lr applies to every parameter: nothing is invariant), and SGD and PSGD with the exactly
+    invariant BatchNorm of Arora's eq. (8) (``--exact-norms``)."""
     arms = {}
     for lr in lrs:
         arms[f"lr{lr:g}-bn"] = {"invariant_lr": lr, "optimizers": "sgd,psgd"}
         arms[f"lr{lr:g}-bn-tensor"] = {"invariant_lr": lr, "optimizers": "psgd", "grouping": "tensor"}
         arms[f"lr{lr:g}-no-bn"] = {"lr": lr, "optimizers": "sgd", "model_kwarg": ["batch_norm=false"]}
+        # BatchNorm with eps·‖w‖² (Arora eq. 8): exactly invariant, the paper's own smoothed BN
+        arms[f"lr{lr:g}-bn-exact"] = {"invariant_lr": lr, "optimizers": "sgd,psgd", "exact_norms": True}
     return arms
 
 
