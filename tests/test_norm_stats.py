@@ -92,16 +92,16 @@ def test_forced_guard_leaves_the_eval_mode_network_unchanged(foreach, eps, tol):
 @pytest.mark.parametrize("eps, tol", TOLERANCE)
 @pytest.mark.parametrize("name", ["un-sgd", "sgdg", "adamg", "adamg-star", "b-sgd"])
 def test_unit_normalisation_leaves_the_eval_mode_network_unchanged(name, eps, tol):
-    """B-SGD normalises when it is built; the sphere methods at their first step (here at lr 0,
-    so that the step itself changes nothing)."""
+    """B-SGD and the sphere methods normalise at their first step (here at lr 0, so that the
+    step itself changes nothing); building them changes nothing."""
     model, x, y = setup(eps=eps)
     before = eval_out(model, x)
     assert (model.fc.weight.norm(dim=1) - 1).abs().min() > 0.05
     opt = psiopt.create_optimizer(model, name, x, lr=0.0)
-    if name != "b-sgd":
-        F.cross_entropy(model(x), y).backward()
-        before = eval_out(model, x)  # after the forward pass that updated the statistics
-        opt.step()
+    assert torch.equal(eval_out(model, x), before)
+    F.cross_entropy(model(x), y).backward()
+    before = eval_out(model, x)  # after the forward pass that updated the statistics
+    opt.step()
     assert torch.allclose(model.fc.weight.norm(dim=1), torch.ones(8, dtype=torch.float64))
     assert torch.allclose(model.seq.weight.norm(), torch.tensor(1.0, dtype=torch.float64))
     after = eval_out(model, x)

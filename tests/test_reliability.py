@@ -28,7 +28,7 @@ from psiopt.experiments.train import RunConfig, read_metrics
 NAMES = psiopt.list_optimizers()
 BASELINES = {n for n in NAMES if psiopt.REGISTRY[n].baseline}  # torch.optim updates: sgd, adam, adamw, b-sgd
 PSI = {"psi-sgd", "psi-sgdm"}  # equivariant: rows ×a give a·w(t) (Yi Theorem 1)
-UNIT_START = {"un-sgd", "sgdg", "adamg", "b-sgd"}  # unit-normalise rows at construction: a·w gives w(t)
+UNIT_START = {"un-sgd", "sgdg", "adamg", "b-sgd"}  # unit-normalise rows at the first step: a·w gives w(t)
 QUICK = ["--dataset", "synthetic", "--subset", "128", "--epochs", "1", "--no-progress"]
 
 

@@ -1,4 +1,4 @@
-"""Issue 22, library half: preparation of the sphere methods at the first step (fine-tuning order,
+"""Issue 22, library half: preparation of the sphere methods and B-SGD at the first step (fine-tuning order,
 constructors that leave the model alone, AdamG*'s r₀), settings checked at every step, PSI's
 guard settings refused where they mean nothing, scheduler keys in ``load_state_dict``, float32
 statistics for 16-bit parameters, and where Cho & Lee's orthogonality penalty applies."""
@@ -17,6 +17,7 @@ from helpers import bn_data, bn_net, exact_groups, exact_setup, train
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SPHERE = ["un-sgd", "sgdg", "adamg", "adamg-star"]
+PREPARED = [*SPHERE, "b-sgd"]  # unit rows, prepared at the first step or by prepare()
 NAMES = psiopt.list_optimizers()
 
 
@@ -85,7 +86,7 @@ def same(a, b):
 
 
 # -- item 1: fine-tuning order, hand-built groups ---------------------------------------------------
-@pytest.mark.parametrize("name", SPHERE)
+@pytest.mark.parametrize("name", PREPARED)
 def test_fine_tuning_order_leaves_the_eval_mode_network_unchanged(name):
     """create_optimizer, then model.load_state_dict(checkpoint): the first step (lr 0) prepares
     the loaded rows with their running statistics, so the eval-mode logits do not move (was:
@@ -104,30 +105,32 @@ def test_fine_tuning_order_leaves_the_eval_mode_network_unchanged(name):
     assert (after - before).abs().max() <= 1e-10 * before.abs().max()
 
 
-def test_a_hand_built_group_without_norm_stats_warns_once_at_the_first_step():
+@pytest.mark.parametrize("cls", [psiopt.UnitNormSGD, psiopt.optim.baselines.BSGD])
+def test_a_hand_built_group_without_norm_stats_warns_once_at_the_first_step(cls):
     model = Net().double()
     x, y = data()
     w = model.fc.weight
     start = w.detach().clone()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # building warns of nothing and changes nothing
-        opt = psiopt.UnitNormSGD([{"params": [w], "grouping": "channel"},
-                                  {"params": [p for p in model.parameters() if p is not w]}])
+        opt = cls([{"params": [w], "grouping": "channel"},
+                   {"params": [p for p in model.parameters() if p is not w]}], lr=0.01)
     assert torch.equal(w, start)
     with pytest.warns(UserWarning, match="carries no 'norm_stats'.*running statistics"):
         step(model, opt, x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once
         step(model, opt, x, y)
-        linked = psiopt.UnitNormSGD([{"params": [w], "grouping": "channel", "norm_stats": [[]]}])
+        linked = cls([{"params": [w], "grouping": "channel", "norm_stats": [[]]}], lr=0.01)
         step(model, linked, x, y)  # norm_stats given (here: none follow): no warning
 
 
-@pytest.mark.parametrize("name", SPHERE)
+@pytest.mark.parametrize("name", [*PREPARED, "b-sgd-momentum"])
 @pytest.mark.parametrize("foreach", [False, None])
 def test_the_first_step_is_taken_from_the_unit_rows(name, foreach):
     """Preparing at the first step gives the run that normalising before the first gradient
-    gives (the gradient at the raw rows scaled by ‖w‖: ∇L(w/‖w‖) = ‖w‖∇L(w), exact here)."""
+    gives (the gradient at the raw rows scaled by ‖w‖: ∇L(w/‖w‖) = ‖w‖∇L(w), exact here).
+    B-SGD: torch's SGD step from the unit rows, its momentum buffer and L2 term included."""
     model, x, y = exact_setup()
     with torch.no_grad():
         model.hidden.weight.mul_(torch.logspace(-1, 1, 5, dtype=torch.float64).view(-1, 1))
@@ -135,6 +138,8 @@ def test_the_first_step_is_taken_from_the_unit_rows(name, foreach):
     hyper = dict(lr=0.05, foreach=foreach)
     if name == "adamg-star":  # r₀ from the raw rows in both runs
         hyper["weight_decay"] = 1e-3
+    if name == "b-sgd-momentum":
+        name, hyper = "b-sgd", {**hyper, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
     opt = psiopt.create_optimizer(exact_groups(model), name, **hyper)
     other = psiopt.create_optimizer(exact_groups(twin), name, **hyper)
     with warnings.catch_warnings():
@@ -147,9 +152,10 @@ def test_the_first_step_is_taken_from_the_unit_rows(name, foreach):
 
 
 # -- item 2: constructors leave the model alone; the preparation is recorded -----------------------
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "b-sgd"])
+@pytest.mark.parametrize("name", NAMES)
 def test_building_an_optimizer_leaves_the_model_untouched(name):
-    """B-SGD (plain SGD from unit rows, a torch.optim subclass) still normalises when built."""
+    """Every optimizer, B-SGD (torch's SGD from unit rows) included: building changes no
+    parameter or buffer."""
     model = Net().double()
     model.load_state_dict(pretrained())
     x, _ = data()
@@ -158,22 +164,25 @@ def test_building_an_optimizer_leaves_the_model_untouched(name):
     assert same(tensors(model), before)
 
 
-@pytest.mark.parametrize("name", SPHERE)
+@pytest.mark.parametrize("name", [*PREPARED, "b-sgd-momentum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_resume_continues_bit_for_bit(name, dtype):
     """Train, save model and optimizer; load both into new objects (the model first, as usual),
     continue: bit-for-bit the run that never stopped (was: building the optimizer renormalised
     the loaded unit rows, 1e-16 apart in float64, up to 1.7e-3 in float32)."""
     x, y = data(dtype=dtype)
+    hyper = {}
+    if name == "b-sgd-momentum":
+        name, hyper = "b-sgd", {"momentum": 0.9}
     model = Net().to(dtype)
     model.load_state_dict(pretrained())
-    opt = psiopt.create_optimizer(model, name, x)
+    opt = psiopt.create_optimizer(model, name, x, **hyper)
     step(model, opt, x, y, 3)
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     step(model, opt, x, y, 3)
     resumed = Net().to(dtype)
     resumed.load_state_dict(saved_model)
-    again = psiopt.create_optimizer(resumed, name, x)
+    again = psiopt.create_optimizer(resumed, name, x, **hyper)
     again.load_state_dict(saved_opt)
     step(resumed, again, x, y, 3)
     assert same(tensors(resumed), tensors(model))
@@ -196,7 +205,26 @@ def test_a_second_adamg_star_on_the_same_model_takes_r0_from_the_raw_rows():
     assert same(*runs)
 
 
-@pytest.mark.parametrize("name", SPHERE)
+def test_b_sgd_leaves_the_gradient_alone_and_records_its_preparation():
+    """The first step uses a temporary (the gradient at the unit rows): ``p.grad`` is the
+    gradient backward wrote; the state of every stepped invariant parameter says it is prepared,
+    and the state dict carries it."""
+    x, y = data()
+    model = Net().double()
+    model.load_state_dict(pretrained())
+    opt = psiopt.create_optimizer(model, "b-sgd", x)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert opt.state[model.fc.weight] == {"prepared": True}
+    assert opt.state[model.conv.weight] == {"prepared": True}
+    assert not opt.state.get(model.head.weight)  # not invariant: torch's SGD, no state
+    assert sum(1 for st in opt.state_dict()["state"].values() if st.get("prepared")) == 2
+
+
+@pytest.mark.parametrize("name", PREPARED)
 def test_prepare_records_its_work_and_never_repeats_it(name):
     """``prepare()`` normalises now (statistics following) and creates the state; calling it
     again, stepping, or loading the state dict into a new optimizer prepares nothing again."""

@@ -134,9 +134,8 @@ class GroupHandling:
     """Parameter-group handling shared by every psiopt optimizer (torch.optim baselines included).
 
     * a ``params`` generator is read once; every group is validated (:meth:`_validate`) when it
-      is added, and groups given at construction are prepared (:meth:`_prepare`: B-SGD
-      unit-normalises rows there; the sphere methods do it at each parameter's first step)
-      only once all of them are valid;
+      is added, and nothing is done to its parameters (the methods that unit-normalise rows,
+      B-SGD and the sphere methods, do it at each parameter's first step or on ``prepare()``);
     * ``invariant_defaults``: settings a group with a ``grouping`` takes before ``defaults``
       (:func:`psiopt.create_optimizer` stores the registry's settings there, so an added group
       gets them);
@@ -150,13 +149,6 @@ class GroupHandling:
     invariant_defaults: dict = {}
     #: whether the rule reads row norms of invariant groups (their squares must be representable)
     uses_row_norms: bool = False
-
-    def __init__(self, params, *args, **kwargs):
-        self._ready = False
-        super().__init__(params, *args, **kwargs)
-        self._ready = True
-        for group in self.param_groups:
-            self._prepare(group)
 
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
@@ -192,8 +184,6 @@ class GroupHandling:
             for g in renamed:  # torch refused the group: the others stay as they were
                 del g["param_names"]
             raise
-        if getattr(self, "_ready", True):  # (not set on an unpickled optimizer)
-            self._prepare(self.param_groups[-1])
 
     def _validate(self, group: dict) -> None:
         """Raise ``ValueError`` if ``group`` (merged with the defaults) is not valid."""
@@ -210,9 +200,6 @@ class GroupHandling:
                 "(1-beta2)·g² for small gradients: Adam's step m/(√v + eps) would write inf into the "
                 "weights (torch.optim.Adam does); pass eps >= 6e-8 (1e-4 is usual in float16) or "
                 "keep float32 weights (torch.autocast)")
-
-    def _prepare(self, group: dict) -> None:
-        """Called once per group after every group is valid (B-SGD normalises here)."""
 
     def _check_state_shapes(self, state_dict: dict) -> None:
         """Raise ``ValueError`` naming the parameter when a saved state tensor fits neither the

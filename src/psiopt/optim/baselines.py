@@ -11,13 +11,17 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import warnings
 
 import torch
+from torch.optim.optimizer import _use_grad_for_differentiable
+from torch.optim.sgd import sgd
 
 from .base import GroupHandling
 from .diagnostics import group_of
-from .discovery import unit_normalize_
-from .geometry import CANCELLED, norm, rows, sqnorm
+from .discovery import rescale_rows_
+from .geometry import CANCELLED, accumulate_dtype, is_invariant, norm, rows, safe_inv, sqnorm
+from .sharded import ShardedRows, grouped_norms, is_sharded
 
 
 def _freeze_cancelled(optimizer, args, kwargs) -> None:
@@ -77,15 +81,112 @@ class SGD(_Baseline, torch.optim.SGD):
 class BSGD(SGD):
     """B-SGD (Badrinarayanan et al.'s baseline): torch's SGD from unit-normalised rows.
 
-    The rows of every invariant group are unit-normalised when the group is added (at
-    construction, once every group is valid), with the running statistics listed in its
-    ``norm_stats``; after that the update is plain SGD.
+    Building it does not touch the model.  The rows of every invariant parameter are prepared
+    once, at its first step (or when :meth:`prepare` is called): unit-normalised, with the
+    running statistics in the group's ``norm_stats`` following, so the eval-mode network is
+    unchanged by it.  That first step is SGD's step from the unit rows: it uses the gradient at
+    them (``∇L(w/‖w‖) = ‖w‖ ∇L(w)`` by scale invariance, a temporary for that step; ``p.grad`` is
+    left alone).  The preparation is recorded in the parameter's state (``prepared``), which
+    travels in ``state_dict``: a resumed optimizer never prepares again (and fine-tuning,
+    ``create_optimizer`` then ``model.load_state_dict``, prepares the loaded rows).  After that
+    the update is torch's SGD.
     """
 
     uses_row_norms = True
 
-    def _prepare(self, group):
-        unit_normalize_([group])
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Prepare now, rather than at their first step, the rows of every invariant parameter
+        not yet prepared (no state): unit-normalise them, the running statistics in the group's
+        ``norm_stats`` following, and record it in the state.  Needs no gradient; a parameter
+        with state (stepped, or loaded from a state dict) is left alone, so calling it again,
+        or after ``load_state_dict``, changes nothing."""
+        for group in self.param_groups:
+            if is_invariant(group.get("grouping")):
+                self._prepare_rows(group, [p for p in group["params"] if not self.state.get(p)],
+                                   stacklevel=5)
+
+    def _prepare_rows(self, group: dict, params: list, grads: list | None = None,
+                      stacklevel: int = 6) -> list | None:
+        """Unit-normalise the rows of ``params`` (of ``group``; running statistics following)
+        and record it in their state; with ``grads`` (theirs, taken at the raw rows), return the
+        gradients at the unit rows (``stacklevel``: the user's frame, for the warning)."""
+        if not params:
+            return [] if grads is not None else None
+        if "norm_stats" not in group and not torch.compiler.is_compiling():  # (a graph break)
+            self._warn_unlinked(stacklevel)
+        stats = group.get("norm_stats") or [()] * len(group["params"])
+        links = {id(p): st for p, st in zip(group["params"], stats)}
+        out = []
+        for i, p in enumerate(params):
+            view, n = _rows_and_norms(p, group["grouping"])
+            rescale_rows_(view, safe_inv(n), links[id(p)])
+            self.state[p]["prepared"] = True
+            if grads is not None:  # ∇L(w/‖w‖) = ‖w‖ ∇L(w); a zero row is its own unit row
+                g = grads[i].clone()
+                _local_rows(p, g, group["grouping"]).mul_(
+                    torch.where(n > 0, n, torch.ones_like(n)).to(g.dtype))
+                out.append(g)
+        return out if grads is not None else None
+
+    def _warn_unlinked(self, stacklevel: int) -> None:
+        """Warn once per optimizer that a group without ``norm_stats`` is being normalised."""
+        if self.__dict__.get("_warned_unlinked"):
+            return
+        self.__dict__["_warned_unlinked"] = True
+        warnings.warn(
+            f"{type(self).__name__}: unit-normalising the rows of a parameter group that carries "
+            "no 'norm_stats' (a hand-built group, or param_groups without example_inputs): if "
+            "they feed a BatchNorm/InstanceNorm with running statistics, those do not follow and "
+            "the eval-mode network changes. Build the groups with psiopt.param_groups(model, "
+            "example_inputs), or give the group norm_stats=[[] for each parameter] to declare that "
+            "no running statistics follow its rows", stacklevel=stacklevel)
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):
+        """torch.optim.SGD's step; the parameters of invariant groups not yet prepared (no
+        state) are prepared first, and this step uses the gradient at their unit rows."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, momentum_buffer_list = [], [], []
+            has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)
+            if is_invariant(group.get("grouping")):
+                fresh = [i for i, p in enumerate(params) if not self.state.get(p)]
+                if fresh:
+                    scaled = self._prepare_rows(group, [params[i] for i in fresh],
+                                                [grads[i] for i in fresh])
+                    for i, g in zip(fresh, scaled):
+                        grads[i] = g
+            sgd(params, grads, momentum_buffer_list, weight_decay=group["weight_decay"],
+                momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                nesterov=group["nesterov"], maximize=group["maximize"],
+                has_sparse_grad=has_sparse_grad, foreach=group["foreach"], fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None),
+                found_inf=getattr(self, "found_inf", None))
+            if group["momentum"] != 0:
+                for p, momentum_buffer in zip(params, momentum_buffer_list):
+                    self.state[p]["momentum_buffer"] = momentum_buffer
+        return loss
+
+
+def _rows_and_norms(p, grouping: str):
+    """``(view, norms)``: the grouped view of ``p`` (of its local shard for a DTensor) and the
+    per-group norms (keepdim; float32 for float16/bfloat16 rows), complete across ranks."""
+    if is_sharded(p):
+        return grouped_norms(p, grouping)
+    view = rows(p, grouping)
+    return view, norm(view, accumulate_dtype(view.dtype))
+
+
+def _local_rows(p, t, grouping: str):
+    """The grouped view of ``t`` (``p``'s gradient, or a copy of it) that matches
+    :func:`_rows_and_norms`'s view of ``p``."""
+    if is_sharded(p):
+        return ShardedRows(p, grouping).view(t.to_local())
+    return rows(t, grouping)
 
 
 class Adam(_Baseline, torch.optim.Adam):

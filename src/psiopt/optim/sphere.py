@@ -111,7 +111,7 @@ class _SphereOptimizer(ScaleInvariantOptimizer):
 class UnitNormSGD(_SphereOptimizer):
     r"""Unit-norm manifold SGD, "UN" (Badrinarayanan et al., eq. 2).
 
-    Rows are unit-normalised at construction, then::
+    Rows are unit-normalised at their first step (or by :meth:`prepare`), then::
 
         g̃ = g − <w, g> w;      w ← (w − λ g̃) / ‖w − λ g̃‖
 
@@ -366,7 +366,7 @@ class _ChoLee(_SphereOptimizer):
 class SGDG(_ChoLee):
     r"""SGD with momentum on the sphere, "SGDG" (Cho & Lee 2017; baseline in Yi).
 
-    Rows ``y`` are unit-normalised at construction, then::
+    Rows ``y`` are unit-normalised at their first step (or by :meth:`prepare`), then::
 
         h  = clip(proj(y, g + ω ∂/∂Y ½‖YYᵀ−I‖²_F), ν)
         m' = β m − η h;   y ← exp(y, m');   m ← pt(y, m')
