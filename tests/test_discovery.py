@@ -605,3 +605,87 @@ def test_values_overwritten_later_in_the_pass_are_not_trusted():
     model, x = Scratch(), torch.randn(5, 4)
     _assert_exact(model, x)
     assert "l1.weight" not in psiopt.find_scale_invariant(model, x)
+
+
+def _eval_change_after_unit_normalisation(m, make_batch, x):
+    """UN-SGD built from discovery on ``x``; the running statistics warmed on other batches; the
+    relative change of the eval outputs when ``prepare()`` unit-normalises the rows."""
+    opt = psiopt.create_optimizer(m, "un-sgd", x, lr=0.0)
+    m.train()
+    with torch.no_grad():
+        for i in range(5):
+            m(make_batch() * (1 + i))
+    xe = make_batch() * 3
+    m.eval()
+    before = m(xe).detach()
+    opt.prepare()
+    after = m(xe).detach()
+    return float((after - before).abs().max() / before.abs().max()), opt
+
+
+def test_a_number_from_the_data_between_a_conv_and_batchnorm_gives_no_centre():
+    # review: x·float(x.mean()) froze the recorded number into the centre (eval change 3e-2)
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn, self.o = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=1e-30), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.o(self.bn(self.c(x) * float(x.abs().mean())).mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = M().double()
+    batch = lambda: torch.randn(4, 3, 6, 6, dtype=torch.float64)  # noqa: E731
+    change, _ = _eval_change_after_unit_normalisation(m, batch, batch())
+    assert change < 1e-9
+
+
+def test_a_buffer_that_holds_zeros_now_stays_the_centre():
+    # review: an offset exactly zero at discovery (a zero buffer) was dropped with its centre;
+    # once the buffer changed, the running mean was rescaled around 0 (eval change 0.61)
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, bias=False)
+            self.register_buffer("shift", torch.zeros(4, 1, 1))
+            self.bn, self.o = nn.BatchNorm2d(4, eps=1e-30), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.o(self.bn(self.c(x) + self.shift).mean((2, 3)))
+
+    torch.manual_seed(0)
+    m = M().double()
+    batch = lambda: torch.randn(4, 3, 7, 7, dtype=torch.float64)  # noqa: E731
+    x = batch()
+    assert psiopt.find_scale_invariant(m, x).get("c.weight") == "channel"
+    opt = psiopt.create_optimizer(m, "un-sgd", x, lr=0.0)
+    with torch.no_grad():
+        m.shift.normal_(0, 5)  # e.g. a checkpoint loaded after the optimizer was built
+        m.train()
+        for _ in range(4):
+            m(batch())
+    m.eval()
+    before = m(x).detach()
+    opt.prepare()
+    assert float((m(x) - before).abs().max() / before.abs().max()) < 1e-9
+
+
+def test_an_optimizer_whose_statistics_follow_a_centre_pickles():
+    # review: the centre's ops (aten OpOverloads) made torch.save(optimizer) fail
+    import io
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
+    x = torch.randn(8, 6)
+    opt = psiopt.create_optimizer(m, "un-sgd", x, lr=0.1)
+    assert any(isinstance(st.bias, symmetry.Expr) for g in opt.param_groups
+               for links in g.get("norm_stats") or [] for st in links)
+    buffer = io.BytesIO()
+    torch.save((m, opt), buffer)
+    buffer.seek(0)
+    m2, opt2 = torch.load(buffer, weights_only=False)
+    batch = torch.randn(8, 6)
+    m2.eval()
+    before = m2(batch).detach()
+    opt2.prepare()
+    assert torch.allclose(m2(batch), before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))

@@ -215,3 +215,16 @@ def test_the_harness_refuses_exact_layers_it_cannot_honour():
     with pytest.raises(RunError, match="none can be made exact"):  # no normalisation layer
         build(RunConfig(dataset="synthetic", model="arora-vgg", exact_norms=True, subset=16,
                         model_kwargs={"batch_norm": False}))
+
+
+def test_the_layer_reads_its_weight_from_the_module_replaced_parameters_included():
+    # review: a replaced Parameter (load_state_dict(assign=True)) left the layer dividing by the
+    # norm of the old tensor (train output change 0.83 under rows ×1e-6)
+    model, x = zoo.build("mlp-bn")
+    model, x = model.double(), x.double()
+    exact_norms_(model, x)
+    model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
+    before = _outputs(model, x, True)
+    with torch.no_grad():
+        model.net[1].weight.mul_(1e-6)
+    assert torch.allclose(_outputs(model, x, True), before, rtol=1e-9, atol=1e-9 * float(before.abs().max()))

@@ -36,9 +36,11 @@ __all__ = ["ExactBatchNorm1d", "ExactBatchNorm2d", "ExactBatchNorm3d", "ExactGro
 
 
 class _Exact:
-    """Normalise ``(x − b) / ‖w_g‖``: ``feeder`` (a list, so that the tensors are not registered
-    as parameters of this layer) holds the weight ``w`` whose groups (``grouping``) scale the
-    input, and the bias ``b`` added after it (or nothing), shaped as ``bias_shape``;
+    """Normalise ``(x − b) / ‖w_g‖``: ``feeder`` lists ``(module, attribute)`` of the weight
+    ``w`` whose groups (``grouping``) scale the input, and of the bias ``b`` added after it (or
+    nothing), shaped as ``bias_shape`` (read from their module at every call, so that a
+    parameter replaced since, ``load_state_dict(assign=True)``, is the one used; a plain list,
+    so that they are not registered as this layer's submodules);
     ``group_index`` (a non-persistent buffer broadcastable to the input) gives the group of each
     entry.  Removing ``b`` changes nothing in train mode (the normalisation removes a constant
     per channel) and makes the running statistics those of ``W x / ‖w‖``, which no rescaling
@@ -75,8 +77,18 @@ class ExactRMSNorm(_Exact, nn.RMSNorm):
     """``nn.RMSNorm`` with ``eps·‖w‖²`` in the denominator (see the module docstring)."""
 
 
+def _feeder(m: _Exact) -> list[Tensor]:
+    """The weight (and bias) that feed ``m``, as their modules hold them now."""
+    out = [getattr(module, attr) for module, attr in m.feeder]
+    if any(is_sharded(t) for t in out):
+        raise RuntimeError(f"{type(m).__name__}: its weight is sharded (FSDP2); exact "
+                           "normalisation layers need the whole weight's row norms and do not "
+                           "support FSDP2 (use them without sharding, or DDP)")
+    return out
+
+
 def _scaled_input(m: _Exact, x: Tensor) -> Tensor:
-    w, *bias = m.feeder
+    w, *bias = _feeder(m)
     r = torch.linalg.vector_norm(rows(w, m.grouping).flatten(1), dim=1)
     if bias:
         x = x - bias[0].reshape(m.bias_shape)
@@ -238,18 +250,22 @@ def exact_norms_(model: nn.Module, example_inputs) -> dict[str, str]:
     of a BatchNorm are divided by the groups' norms (its eval-mode outputs change only by the
     new eps term).  Only torch's own layer types are converted (a subclass may have its own
     ``forward``), each fed by one weight seen in one call; a layer psiopt cannot tie to one
-    weight is left as it is.  Run it before wrapping the model (DDP, FSDP2) and before building
-    the optimizer, so that discovery sees the converted layers.
+    weight is left as it is.  Run it before wrapping the model in DDP and before building the
+    optimizer, so that discovery sees the converted layers; FSDP2 is not supported (the layers
+    need each whole row's norm).  The running statistics of a converted BatchNorm are those of
+    ``(z − b)/‖w‖``: load a checkpoint of the unconverted model before converting, and one of
+    a converted model into a converted model.
     """
     if any(is_sharded(p) for p in model.parameters()):
-        raise ValueError("exact_norms_: convert the layers before sharding the model (FSDP2)")
+        raise ValueError("exact_norms_: FSDP2-sharded models are not supported (the layers need "
+                         "each whole row's norm)")
     mapping = find_scale_invariant(model, example_inputs)
     layers = [name for name, m in model.named_modules() if type(m) in EXACT]
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
     out = {}
     for name, (pname, index, bname, shape) in _feeders(model, example_inputs, mapping, layers).items():
         m, w = modules[name], params[pname]
-        m.feeder = [w] if bname is None else [w, params[bname]]
+        m.feeder = [_owner(modules, pname)] + ([_owner(modules, bname)] if bname else [])
         m.grouping, m.bias_shape = mapping[pname], shape
         m.register_buffer("group_index", index.to(w.device), persistent=False)
         if getattr(m, "running_mean", None) is not None:
@@ -257,6 +273,11 @@ def exact_norms_(model: nn.Module, example_inputs) -> dict[str, str]:
         m.__class__ = EXACT[type(m)]
         out[name] = pname
     return out
+
+
+def _owner(modules: dict, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return modules[path], attr
 
 
 def _follow(m: nn.Module, w: Tensor, bias: Tensor | None) -> None:

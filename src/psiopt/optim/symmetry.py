@@ -88,10 +88,22 @@ def _apply(fn, *args) -> Expr | None:
     return None if any(a is None for a in args) else Expr(fn, args)
 
 
-def _invoke(func, template: dict, names: tuple, pos: int, *tensors) -> Tensor:
-    """Output ``pos`` of the aten op ``func`` called on ``template``'s arguments and
-    ``tensors`` (named ``names``)."""
-    out = Op(func, {**template, **dict(zip(names, tensors))}, [], []).call({})
+def _op_name(func) -> str:
+    """``"aten::view.default"``: how an :class:`Expr` names an op (an ``OpOverload`` does not
+    pickle; ``torch.save`` of an optimizer holds the expressions of its running statistics)."""
+    return f"{func._schema.name}.{func._overloadname}"
+
+
+def _op(name: str):
+    namespace, _, rest = name.partition("::")
+    packet, _, overload = rest.rpartition(".")
+    return getattr(getattr(getattr(torch.ops, namespace), packet), overload)
+
+
+def _invoke(name: str, template: dict, names: tuple, pos: int, *tensors) -> Tensor:
+    """Output ``pos`` of the aten op called ``name`` on ``template``'s arguments and ``tensors``
+    (named ``names``)."""
+    out = Op(_op(name), {**template, **dict(zip(names, tensors))}, [], []).call({})
     return [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)][pos]
 
 
@@ -228,7 +240,7 @@ class Trace:
             names = tuple(k for k, v in op.args.items() if isinstance(v, Tensor))
             template = {k: v for k, v in op.args.items() if k not in names}
             pos = next(i for i, o in enumerate(op.outs) if o is t)
-            return _apply(functools.partial(_invoke, op.func, template, names, pos),
+            return _apply(functools.partial(_invoke, _op_name(op.func), template, names, pos),
                           *(replayed(_leaf(op.args[k]), depth + 1) for k in names))
 
         out = replayed(expr, 0)
@@ -392,7 +404,7 @@ def _add_offsets(*offsets) -> Tensor | None:
     total = present[0]
     for o in present[1:]:
         total = total + o
-    return total if bool(total.any()) else None  # offsets that cancel exactly (z − b after z + b)
+    return total
 
 
 def _identity(ndim: int, device) -> Value:
@@ -411,6 +423,7 @@ class Propagation:
 
     def __init__(self, trace: Trace, follow_stats: bool = True):
         self.follow_stats = follow_stats
+        self.trace = trace
         self.ops, self.storage = trace.ops, trace.storage
         self.dies, self.last = trace.dies, trace.last
         self.env: dict[int, Value | Broken] = {}
@@ -517,7 +530,8 @@ def _add(a, va: Value, b, vb: Value, alpha: float = 1.0, concrete=None, exprs=No
         return Value(F, _add_offsets(va.O, Ob))
     if fb:  # b unscaled: (s a + Oa) + α(b + Ob) = s(a + αb) + Oa + αOb + (1 − s)αb
         rest = (1 - _factor(va.F)) * (alpha * get_b())
-        centre = _apply(functools.partial(_scaled, alpha), exprs.get("b", _leaf(b)))
+        centre = _apply(functools.partial(_scaled, alpha), exprs.get("b", _leaf(b))) \
+            if alpha in (1, -1) else None  # (another alpha: a number, see _times)
         return Value(va.F, _add_offsets(va.O, Ob, rest), _centre(va, vb, centre))
     if fa:
         rest = (1 - _factor(vb.F)) * get_a()
@@ -549,16 +563,28 @@ def _mul(a, va: Value, b, vb: Value) -> Value | Broken:
     return BROKEN
 
 
+def _structurally_zero(trace: Trace, centre: Expr | None) -> bool:
+    """Is ``centre`` zero whatever the model's tensors are (``b − b``, not a buffer that happens
+    to hold zeros now)?  Bound to the model's tensors (:meth:`Trace.bind`) and evaluated twice
+    with random values in their place."""
+    bound = None if centre is None else trace.bind(centre)
+    if bound is None:
+        return False
+    gen = torch.Generator().manual_seed(2)
+
+    def random(t: Tensor, drawn: dict) -> Tensor:
+        if id(t) not in drawn:
+            drawn[id(t)] = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device)
+        return drawn[id(t)]
+
+    return not any(bool(bound.value(functools.partial(random, drawn={})).any()) for _ in range(2))
+
+
 def _times(centre: Expr | None, b, op) -> Expr | None:
     """The centre of an offset multiplied (``op``: ``torch.mul``/``torch.div``) by an untouched
-    ``b`` (a tensor or a number)."""
-    if not isinstance(b, Tensor):
-        return _apply(functools.partial(_by, op, float(b)), centre)
-    return _apply(op, centre, _leaf(b))
-
-
-def _by(op, b: float, t: Tensor) -> Tensor:
-    return op(t, b)
+    tensor ``b``.  A Python number has none: it may have been read from the data or from a
+    setting that changes later (``x * float(x.mean())``), which a centre cannot follow."""
+    return _apply(op, centre, _leaf(b)) if isinstance(b, Tensor) else None
 
 
 def _sum_aligned(Fa: Tensor, Fb: Tensor) -> Tensor:
@@ -569,12 +595,12 @@ def _sum_aligned(Fa: Tensor, Fb: Tensor) -> Tensor:
 def _binary(p: Propagation, op: Op, x, y, kind: str):
     a, b = op.args[x], op.args.get(y, op.args.get("other"))
     va, vb = p.value(a), p.value(b)
-    if kind == "add":
-        r = _add(a, va, b, vb, op.args.get("alpha", 1))
-    elif kind == "sub":
-        r = _add(a, va, b, vb, -op.args.get("alpha", 1))
-    elif kind == "rsub":
-        r = _add(b, vb, a, va, -op.args.get("alpha", 1))
+    if kind in ("add", "sub", "rsub"):
+        alpha = op.args.get("alpha", 1) * (1 if kind == "add" else -1)
+        r = _add(b, vb, a, va, alpha) if kind == "rsub" else _add(a, va, b, vb, alpha)
+        if isinstance(r, Value) and r.O is not None and not bool(r.O.any()) and \
+                _structurally_zero(p.trace, r.bias):
+            r = Value(r.F)  # z − b after z = W x + b: the offset cancels whatever b is
     elif kind == "mul":
         r = _mul(a, va, b, vb)
         if a is b and isinstance(r, Value):
@@ -664,17 +690,18 @@ def _shape(p: Propagation, op: Op):
         template = {k: v for k, v in op.args.items() if k != first}
         if op.name == "constant_pad_nd":
             template["value"] = 0
-        centres = [_apply(functools.partial(_shaped, op.func, template, first, tuple(src.shape), i),
+        centres = [_apply(functools.partial(_shaped, _op_name(op.func), template, first, tuple(src.shape), i),
                           p.get(src).bias) for i in range(len(Fs))]
     return [Value(F, O, c) for F, O, c in zip(Fs, Os, centres)]
 
 
-def _shaped(func, template: dict, first: str, shape: tuple, pos: int, c: Tensor) -> Tensor:
-    """Output ``pos`` of the shape op ``func`` applied to the centre ``c`` spread to ``shape``."""
+def _shaped(name: str, template: dict, first: str, shape: tuple, pos: int, c: Tensor) -> Tensor:
+    """Output ``pos`` of the shape op called ``name`` applied to the centre ``c`` spread to
+    ``shape``."""
     c = _aligned(c, len(shape)).expand(shape)
-    if func.overloadpacket.__name__ in ("view", "_unsafe_view"):
+    if name.partition("::")[2].rpartition(".")[0] in ("view", "_unsafe_view"):
         return c.reshape(template["size"])
-    return _invoke(func, template, (first,), pos, c)
+    return _invoke(name, template, (first,), pos, c)
 
 
 def _passthrough(p: Propagation, op: Op):
@@ -838,7 +865,7 @@ def _addmm(p: Propagation, op: Op):
     if beta != 1:
         vbias = Value(vbias.F, None if vbias.O is None else vbias.O * beta)
     concrete = {"a": lambda: _d(out) - beta * _d(bias), "b": lambda: beta * _d(bias)}
-    exprs = {"b": _apply(functools.partial(_scaled, beta), _leaf(bias))}
+    exprs = {"b": _leaf(bias) if beta == 1 else None}
     return [_add(None, prod, bias, vbias, 1.0, concrete, exprs)]
 
 
@@ -878,11 +905,9 @@ def _conv(p: Propagation, op: Op):
     if Fw is None:
         return [BROKEN]
     F = Fx + Fw
-    params = [op.args[k] for k in ("stride", "padding", "dilation", "transposed", "output_padding", "groups")]
-
-    def conv(a, b):
-        return torch.ops.aten.convolution(a, b, None, *params)
-
+    params = tuple(op.args[k] for k in ("stride", "padding", "dilation", "transposed", "output_padding",
+                                        "groups"))
+    conv = functools.partial(_convolution, params)
     prod = Value(F, _matmul_offset(x, vx, w, vw, conv), _matmul_centre(x, vx, w, vw, conv))
     if bias is None:
         return [prod]
@@ -893,6 +918,10 @@ def _conv(p: Propagation, op: Op):
     concrete = {"a": lambda: _d(out) - _d(bias).reshape(shape), "b": lambda: _d(bias).reshape(shape)}
     exprs = {"b": _apply(functools.partial(_reshaped, shape), _leaf(bias))}
     return [_add(None, prod, bias, vb, 1.0, concrete, exprs)]
+
+
+def _convolution(params: tuple, a: Tensor, b: Tensor) -> Tensor:
+    return torch.ops.aten.convolution(a, b, None, *params)
 
 
 def _affine(p: Propagation, xhat, ndim: int, weight, bias, shape) -> Value | None:
