@@ -74,3 +74,36 @@ def train(model, opt, x, y, steps, loss=F.cross_entropy):
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+class StatsNet(nn.Module):
+    """Linear+bias → BN (channel, cancelled bias), conv → BN and, with ``tensor_branch``, a
+    linear over the last dimension → BatchNorm1d over dimension 1 (a "tensor" group feeding
+    every channel): rows that feed running statistics."""
+
+    def __init__(self, eps=1e-5, tensor_branch=True):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.bn = nn.BatchNorm1d(8, eps=eps)
+        self.conv = nn.Conv1d(2, 4, 2, bias=False)
+        self.bn_conv = nn.BatchNorm1d(4, eps=eps)
+        if tensor_branch:
+            self.seq = nn.Linear(3, 3, bias=False)
+            self.bn_seq = nn.BatchNorm1d(2, eps=eps)
+        self.head = nn.Linear(8 + 4 * 2 + (2 * 3 if tensor_branch else 0), 3)
+
+    def forward(self, x):
+        parts = [torch.relu(self.bn(self.fc(x))),
+                 torch.relu(self.bn_conv(self.conv(x.view(-1, 2, 3)))).flatten(1)]
+        if hasattr(self, "seq"):
+            parts.append(torch.relu(self.bn_seq(self.seq(x.view(-1, 2, 3)))).flatten(1))
+        return self.head(torch.cat(parts, 1))
+
+
+def eval_out(model, x):
+    """The eval-mode outputs (no gradient); the model is left in train mode."""
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    model.train()
+    return out

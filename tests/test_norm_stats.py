@@ -6,50 +6,20 @@ items 5 and 6)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import psiopt
-from helpers import train
+from helpers import StatsNet, eval_out, train
 from psiopt.experiments.train import initialise
-
-
-class Mixed(nn.Module):
-    """Linear+bias → BN (channel, cancelled bias), conv → BN, and a linear over the last
-    dimension → BatchNorm1d over dimension 1 (a "tensor" group feeding every channel)."""
-
-    def __init__(self, eps=1e-5):
-        super().__init__()
-        self.fc = nn.Linear(6, 8)
-        self.bn = nn.BatchNorm1d(8, eps=eps)
-        self.conv = nn.Conv1d(2, 4, 2, bias=False)
-        self.bn_conv = nn.BatchNorm1d(4, eps=eps)
-        self.seq = nn.Linear(3, 3, bias=False)
-        self.bn_seq = nn.BatchNorm1d(2, eps=eps)
-        self.head = nn.Linear(8 + 4 * 2 + 2 * 3, 3)
-
-    def forward(self, x):
-        a = torch.relu(self.bn(self.fc(x)))
-        b = torch.relu(self.bn_conv(self.conv(x.view(-1, 2, 3))))
-        c = torch.relu(self.bn_seq(self.seq(x.view(-1, 2, 3))))
-        return self.head(torch.cat([a, b.flatten(1), c.flatten(1)], 1))
 
 
 def setup(seed=0, eps=1e-5):
     torch.manual_seed(seed)
-    model = Mixed(eps).double()
+    model = StatsNet(eps).double()
     x = torch.randn(64, 6, dtype=torch.float64) * 3 + 1
     y = torch.randint(0, 3, (64,))
     warm = torch.optim.SGD(model.parameters(), lr=0.05)
     train(model, warm, x, y, 30)  # running statistics far from their initial 0 / 1
     return model, x, y
-
-
-def eval_out(model, x):
-    model.eval()
-    with torch.no_grad():
-        out = model(x)
-    model.train()
-    return out
 
 
 def test_discovery_links_rows_to_the_statistics_they_feed():

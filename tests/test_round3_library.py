@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import psiopt
-from helpers import bn_data, bn_net, exact_groups, exact_setup, train
+from helpers import StatsNet, bn_data, bn_net, eval_out, exact_groups, exact_setup, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -21,21 +21,9 @@ PREPARED = [*SPHERE, "b-sgd"]  # unit rows, prepared at the first step or by pre
 NAMES = psiopt.list_optimizers()
 
 
-class Net(nn.Module):
+def Net(eps=1e-12):
     """Linear → BN (cancelled bias), conv → BN, and a head: rows that feed running statistics."""
-
-    def __init__(self, eps=1e-12):
-        super().__init__()
-        self.fc = nn.Linear(6, 8)
-        self.bn = nn.BatchNorm1d(8, eps=eps)
-        self.conv = nn.Conv1d(2, 4, 2, bias=False)
-        self.bn_conv = nn.BatchNorm1d(4, eps=eps)
-        self.head = nn.Linear(8 + 4 * 2, 3)
-
-    def forward(self, x):
-        a = torch.relu(self.bn(self.fc(x)))
-        b = torch.relu(self.bn_conv(self.conv(x.view(-1, 2, 3))))
-        return self.head(torch.cat([a, b.flatten(1)], 1))
+    return StatsNet(eps, tensor_branch=False)
 
 
 def data(n=64, dtype=torch.float64):
@@ -60,14 +48,6 @@ def pretrained(seed=0):
                     factors = factors.view(-1, *[1] * (p.dim() - 1))
                     psiopt.rescale_rows_(p, factors, stats)
     return model.state_dict()
-
-
-def eval_out(model, x):
-    model.eval()
-    with torch.no_grad():
-        out = model(x)
-    model.train()
-    return out
 
 
 def step(model, opt, x, y, n=1):

@@ -111,6 +111,29 @@ def check_hyper(key: str, value) -> None:
         parse_grouping(value)
 
 
+def run_closure(closure):
+    """``closure()`` with gradients enabled (inside a ``no_grad`` step), or ``None``."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def warn_unlinked(optimizer, stacklevel: int) -> None:
+    """Warn once per optimizer that it unit-normalises the rows of a group without
+    ``norm_stats`` (``stacklevel``: the user's frame)."""
+    if optimizer.__dict__.get("_warned_unlinked"):
+        return
+    optimizer.__dict__["_warned_unlinked"] = True
+    warnings.warn(
+        f"{type(optimizer).__name__}: unit-normalising the rows of a parameter group that carries "
+        "no 'norm_stats' (a hand-built group, or param_groups without example_inputs): if "
+        "they feed a BatchNorm/InstanceNorm with running statistics, those do not follow and "
+        "the eval-mode network changes. Build the groups with psiopt.param_groups(model, "
+        "example_inputs), or give the group norm_stats=[[] for each parameter] to declare that "
+        "no running statistics follow its rows", stacklevel=stacklevel)
+
+
 def check_step_settings(group: dict) -> None:
     """Raise ``ValueError`` if a setting of ``group`` that the rules read at each step is out of
     range (Python numbers only: no host synchronisation; a tensor is refused, as when a group is
@@ -422,10 +445,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         work = []
         for group in self.param_groups:
             index, params, grads = [], [], []

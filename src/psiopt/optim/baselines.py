@@ -11,13 +11,12 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import warnings
 
 import torch
 from torch.optim.optimizer import _use_grad_for_differentiable
 from torch.optim.sgd import sgd
 
-from .base import GroupHandling
+from .base import GroupHandling, warn_unlinked
 from .diagnostics import group_of
 from .discovery import rescale_rows_
 from .geometry import CANCELLED, accumulate_dtype, is_invariant, norm, rows, safe_inv, sqnorm
@@ -114,7 +113,7 @@ class BSGD(SGD):
         if not params:
             return [] if grads is not None else None
         if "norm_stats" not in group and not torch.compiler.is_compiling():  # (a graph break)
-            self._warn_unlinked(stacklevel)
+            warn_unlinked(self, stacklevel)
         stats = group.get("norm_stats") or [()] * len(group["params"])
         links = {id(p): st for p, st in zip(group["params"], stats)}
         out = []
@@ -128,19 +127,6 @@ class BSGD(SGD):
                     torch.where(n > 0, n, torch.ones_like(n)).to(g.dtype))
                 out.append(g)
         return out if grads is not None else None
-
-    def _warn_unlinked(self, stacklevel: int) -> None:
-        """Warn once per optimizer that a group without ``norm_stats`` is being normalised."""
-        if self.__dict__.get("_warned_unlinked"):
-            return
-        self.__dict__["_warned_unlinked"] = True
-        warnings.warn(
-            f"{type(self).__name__}: unit-normalising the rows of a parameter group that carries "
-            "no 'norm_stats' (a hand-built group, or param_groups without example_inputs): if "
-            "they feed a BatchNorm/InstanceNorm with running statistics, those do not follow and "
-            "the eval-mode network changes. Build the groups with psiopt.param_groups(model, "
-            "example_inputs), or give the group norm_stats=[[] for each parameter] to declare that "
-            "no running statistics follow its rows", stacklevel=stacklevel)
 
     @_use_grad_for_differentiable
     def step(self, closure=None):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
+from .base import run_closure
 from .discovery import _discover, rescale_rows_
 from .geometry import dot, is_invariant, norm, rows, safe_inv
 
@@ -93,10 +94,7 @@ class NormPolicy:
     @torch.no_grad()
     def step(self, closure=None):
         """The inner optimizer's step with the policy around it; returns the closure's loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         work = list(self._invariant())
         swapped, before = [], []
         for key, p, grouping, stats in work:

@@ -15,12 +15,11 @@ every other row).
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 
 from . import kernels
-from .base import ScaleInvariantOptimizer, step_count, step_value
+from .base import ScaleInvariantOptimizer, step_count, step_value, warn_unlinked
 from .discovery import rescale_rows_
 from .geometry import (
     accumulate_dtype,
@@ -77,7 +76,7 @@ class _SphereOptimizer(ScaleInvariantOptimizer):
         if not fresh:
             return gs
         if "norm_stats" not in group and not torch.compiler.is_compiling():  # (a graph break)
-            self._warn_unlinked(group)
+            warn_unlinked(self, stacklevel=4)
         ns = self._norms(ws, layout)  # float32 for float16/bfloat16 rows
         gs = None if gs is None else list(gs)
         for i in fresh:
@@ -87,19 +86,6 @@ class _SphereOptimizer(ScaleInvariantOptimizer):
                 gs[i] = gs[i] * n.to(gs[i].dtype)
             self._init_state(group, ws[i], states[i], n)
         return gs
-
-    def _warn_unlinked(self, group) -> None:
-        """Warn once per optimizer that a group without ``norm_stats`` is being normalised."""
-        if self.__dict__.get("_warned_unlinked"):
-            return
-        self.__dict__["_warned_unlinked"] = True
-        warnings.warn(
-            f"{type(self).__name__}: unit-normalising the rows of a parameter group that carries "
-            "no 'norm_stats' (a hand-built group, or param_groups without example_inputs): if "
-            "they feed a BatchNorm/InstanceNorm with running statistics, those do not follow and "
-            "the eval-mode network changes. Build the groups with psiopt.param_groups(model, "
-            "example_inputs), or give the group norm_stats=[[] for each parameter] to declare that "
-            "no running statistics follow its rows", stacklevel=4)
 
     @staticmethod
     def _live(n, w) -> torch.Tensor:
