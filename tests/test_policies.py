@@ -113,3 +113,30 @@ def test_bad_policies_are_refused():
     with pytest.raises(ValueError, match="policy"):
         psiopt.NormPolicy(torch.optim.SGD(psiopt.optimizer_groups(model, x), lr=0.1), "unit") \
             .load_state_dict(opt.state_dict())
+
+
+def test_after_review_groupings_checked_first_half_precision_sums_and_unlinked_warning():
+    from torch import nn
+
+    # a grouping that does not fit is refused when the policy is built, before anything changes
+    a, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4, 3))
+    sgd = torch.optim.SGD([{"params": [a], "grouping": "channel"},
+                           {"params": [b], "grouping": "groups:3"}], lr=0.1)
+    with pytest.raises(ValueError):
+        psiopt.NormPolicy(sgd, "unit", project=True)
+    # float16 rows with ‖w‖² beyond float16's range: the projection sums in float32 (was NaN)
+    w = nn.Parameter(torch.full((2, 1024), 10.0, dtype=torch.float16))
+    w.grad = torch.randn(2, 1024).to(torch.float16)
+    policy = psiopt.NormPolicy(torch.optim.SGD([{"params": [w], "grouping": "channel"}], lr=1e-3),
+                               "fixed", project=True)
+    policy.step()
+    assert torch.isfinite(w).all()
+    assert torch.allclose(w.float().norm(dim=1), torch.full((2,), 320.0), rtol=2e-3)
+    # "unit" without running statistics warns once; model without example_inputs is refused
+    model, x, y = _setup("mlp-bn")
+    with pytest.raises(ValueError, match="together"):
+        psiopt.NormPolicy(torch.optim.SGD(psiopt.optimizer_groups(model, x), lr=0.1), "unit", model=model)
+    unlinked = psiopt.NormPolicy(torch.optim.SGD(psiopt.optimizer_groups(model, x), lr=0.1), "unit")
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(UserWarning, match="norm_stats"):
+        unlinked.step()

@@ -11,18 +11,22 @@ place weight decay by what it does:
   raises the effective learning rate η/‖w‖² (Arora et al. 2019, §2.5; Kosson et al. 2024): it is
   an effective-learning-rate control, ``invariant_weight_decay`` (default: ``weight_decay``);
 * a **cancelled** parameter (a bias a normalisation removes) has no effect at all: its gradient
-  is rounding noise, so it is left out of the groups (the optimizer never sees it);
+  is rounding noise, so it goes to a group of its own with ``lr=0`` and no weight decay (in the
+  optimizer, so that ``zero_grad`` and GradScaler's ``unscale_`` reach its gradient; a scheduler
+  that sets ``lr`` outright, ``OneCycleLR``, moves it, to no effect on the network);
 * the **other** parameters follow timm's convention: ``weight_decay`` on tensors of two or more
   dimensions, none on gains, biases and the model's ``no_weight_decay()`` names.
 
-The groups carry only ``params``, ``param_names``, ``weight_decay`` and ``grouping`` (a string:
-``None`` for the other parameters), which every ``torch.optim`` optimizer accepts and saves in
-its ``state_dict``.  ``select`` keeps the parameters a given optimizer takes, e.g. Muon's 2-D
-weights, and its complement the rest.
+The groups carry only ``params``, ``param_names``, ``weight_decay``, ``grouping`` (a string:
+``None`` for the other parameters) and, for the cancelled group, ``lr``, which every
+``torch.optim`` optimizer accepts and saves in its ``state_dict``.  ``select`` keeps the
+parameters a given optimizer takes, e.g. Muon's 2-D weights, and its complement the rest.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 from torch import nn
@@ -46,8 +50,8 @@ def optimizer_groups(model: nn.Module, example_inputs=None, *, mapping: dict | N
                      select: Callable[[str, nn.Parameter], bool] | None = None) -> list[dict]:
     """torch-style parameter groups for any optimizer (see the module docstring): invariant
     weights (one group per grouping, ``invariant_weight_decay``), the other weights of two or
-    more dimensions (``weight_decay``), then gains, biases and ``no_weight_decay()`` names (no
-    decay).  Cancelled parameters and frozen ones are left out.
+    more dimensions (``weight_decay``), gains, biases and ``no_weight_decay()`` names (no decay),
+    then the cancelled parameters (``lr=0``, no decay).  Frozen parameters are left out.
 
     ``mapping`` replaces discovery (``{name: grouping}``, as :func:`find_scale_invariant`
     returns); ``select(name, param)`` keeps only the parameters it accepts (e.g.
@@ -58,9 +62,10 @@ def optimizer_groups(model: nn.Module, example_inputs=None, *, mapping: dict | N
     >>> opt = torch.optim.AdamW(groups, lr=1e-3)                        # doctest: +SKIP
     """
     for name, value in (("weight_decay", weight_decay), ("invariant_weight_decay", invariant_weight_decay)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not value >= 0):
-            raise ValueError(f"invalid {name}: {value!r} (must be a number >= 0)")
+        if value is None and name == "invariant_weight_decay":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+            raise ValueError(f"invalid {name}: {value!r} (must be a finite number >= 0)")
     if mapping is None:
         if example_inputs is None:
             raise ValueError("optimizer_groups needs example_inputs (or an explicit mapping)")
@@ -74,16 +79,20 @@ def optimizer_groups(model: nn.Module, example_inputs=None, *, mapping: dict | N
     buckets: dict = {}
     for name, p in params.items():
         grouping = mapping.get(name)
-        if not p.requires_grad or grouping == CANCELLED or (select is not None and not select(name, p)):
+        if not p.requires_grad or (select is not None and not select(name, p)):
             continue
-        if is_invariant(grouping):
-            key = (grouping, invariant_decay)
+        if grouping == CANCELLED:
+            key = (CANCELLED, 0.0)
+        elif is_invariant(grouping):
+            key = (grouping, float(invariant_decay))
         elif p.ndim <= 1 or name.endswith(".bias") or name in excluded:
             key = (None, 0.0)
         else:
-            key = (None, weight_decay)
+            key = (None, float(weight_decay))
         bucket = buckets.setdefault(key, {"params": [], "param_names": []})
         bucket["params"].append(p)
         bucket["param_names"].append(name)
-    order = sorted(buckets, key=lambda k: (k[0] is None, -k[1], str(k[0])))
-    return [{**buckets[k], "weight_decay": float(k[1]), "grouping": k[0]} for k in order]
+    rank = {CANCELLED: 2, None: 1}
+    order = sorted(buckets, key=lambda k: (rank.get(k[0], 0), -k[1], str(k[0])))
+    return [{**buckets[k], "weight_decay": k[1], "grouping": k[0],
+             **({"lr": 0.0} if k[0] == CANCELLED else {})} for k in order]

@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 from torch.optim import Optimizer
 
-from .base import run_closure
+from .base import run_closure, warn_unlinked
 from .discovery import _discover, rescale_rows_
-from .geometry import dot, is_invariant, norm, rows, safe_inv
+from .geometry import accumulate_dtype, dot, is_invariant, norm, rows, safe_inv
 
 POLICIES = ("free", "fixed", "unit")
 
@@ -43,11 +43,15 @@ class NormPolicy:
     ``optimizer`` (groups with an invariant ``grouping``, as :func:`psiopt.optimizer_groups` and
     :func:`psiopt.param_groups` build them); see the module docstring.
 
-    ``model`` and ``example_inputs``: the running statistics each invariant parameter feeds (by
-    its ``param_names``) are found by discovery, so that they follow every rescaling; without
-    them, a group's own ``norm_stats`` (from :func:`psiopt.param_groups`) are used, or none.
-    Schedulers and ``param_groups`` are the inner optimizer's; ``state_dict`` holds the inner
-    optimizer's and which parameters the ``"unit"`` policy has prepared.
+    ``model`` and ``example_inputs`` (both or neither): the running statistics each invariant
+    parameter feeds (by its ``param_names``) are found by discovery, so that they follow the
+    one-time unit-normalisation; without them none follow (``"unit"`` then warns once, as
+    psiopt's sphere methods do).  It is not a ``torch.optim.Optimizer``: attach schedulers (and
+    GradScaler's ``unscale_``) to the inner optimizer, and step this one (``scaler.step(policy)``
+    works: a skipped step skips the policy too).  ``state_dict`` holds the inner optimizer's
+    and which parameters ``"unit"`` has prepared (by group and position: build the groups of a
+    resumed run as they were).  Weight decay of the inner optimizer on invariant groups is
+    undone by ``"fixed"`` and ``"unit"`` (but for its effect on the step's direction).
     """
 
     def __init__(self, optimizer: Optimizer, policy: str = "fixed", *, project: bool = False,
@@ -62,10 +66,15 @@ class NormPolicy:
             raise ValueError("NormPolicy: no parameter group of the optimizer declares an invariant "
                              "'grouping' (a norm policy has no meaning on other groups); build the "
                              "groups with psiopt.optimizer_groups(model, example_inputs)")
+        if (model is None) != (example_inputs is None):
+            raise ValueError("NormPolicy: pass model and example_inputs together (discovery needs "
+                             "both to find the running statistics that follow), or neither")
         self.optimizer, self.policy, self.project = optimizer, policy, project
+        self._linked = model is not None
         self._stats: dict[str, list] = {}
-        if model is not None and example_inputs is not None:
+        if self._linked:
             self._stats = _discover(model, example_inputs)[1]
+        self._check_groupings()
         self.prepared: set[tuple[int, int]] = set()  # (group, position) unit-normalised
 
     @property
@@ -78,6 +87,13 @@ class NormPolicy:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none)
+
+    def _check_groupings(self) -> None:
+        """``ValueError`` before anything changes if a grouping does not fit its parameter."""
+        for group in self.optimizer.param_groups:
+            if is_invariant(group.get("grouping")):
+                for p in group["params"]:
+                    rows(torch.empty(p.shape, device="meta"), group["grouping"])
 
     def _invariant(self):
         """``(key, p, grouping, running statistics)`` of every invariant parameter with a gradient."""
@@ -95,26 +111,32 @@ class NormPolicy:
     def step(self, closure=None):
         """The inner optimizer's step with the policy around it; returns the closure's loss."""
         loss = run_closure(closure)
+        self._check_groupings()  # (a group may have been added since)
         work = list(self._invariant())
         swapped, before = [], []
         for key, p, grouping, stats in work:
             w, g = rows(p, grouping), p.grad
             gv = None  # the gradient the inner step reads, where it is not p.grad
             if self.policy == "unit" and key not in self.prepared:
-                n = norm(w)  # unit rows first; the gradient at them is ‖w‖·g
+                if not stats and not self._linked and "norm_stats" not in self.param_groups[key[0]]:
+                    warn_unlinked(self, stacklevel=4)
+                n = norm(w, accumulate_dtype(w.dtype)).to(w.dtype)  # unit rows first; the
+                # gradient at them is ‖w‖·g
                 rescale_rows_(w, safe_inv(n), stats)
                 self.prepared.add(key)
                 gv = rows(g, grouping) * n
             if self.project:  # g − <w, g> w/‖w‖²; a zero row has no tangent space: not moved
                 gv = rows(g, grouping) if gv is None else gv
-                ww = dot(w, w)
-                gv = torch.addcmul(gv, w, dot(w, gv) * safe_inv(ww), value=-1.0) * (ww > 0)
+                acc = accumulate_dtype(w.dtype)  # (float32 sums for 16-bit rows)
+                wa, ga = w.to(acc), gv.to(acc)
+                ww = dot(wa, wa)
+                gv = (torch.addcmul(ga, wa, dot(wa, ga) * safe_inv(ww), value=-1.0) * (ww > 0)).to(gv.dtype)
             if gv is not None:
                 new = torch.empty_like(g)
                 rows(new, grouping).copy_(gv)
                 swapped.append((p, g))
                 p.grad = new
-            before.append(norm(w) if self.policy == "fixed" else None)
+            before.append(norm(w, accumulate_dtype(w.dtype)) if self.policy == "fixed" else None)
         try:
             self.optimizer.step()
         finally:
@@ -123,8 +145,8 @@ class NormPolicy:
         if self.policy != "free":  # the step's retraction: part of the update, as in psiopt's
             for (_, p, grouping, _), n in zip(work, before):  # rules (the statistics follow the
                 w = rows(p, grouping)  # one-time unit-normalisation only)
-                after = safe_inv(norm(w))
-                w.mul_(after if n is None else n * after)
+                after = safe_inv(norm(w, accumulate_dtype(w.dtype)))
+                w.mul_((after if n is None else n * after).to(w.dtype))
         return loss
 
     def state_dict(self) -> dict:
