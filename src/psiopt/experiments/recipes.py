@@ -56,6 +56,7 @@ RECIPES = {
          "balanced-exact": {"init": "default", "model_kwarg": ["eps=1e-20"]},
          "unbalanced-exact": {"init": "unbalanced", "model_kwarg": ["eps=1e-20"]},
          # default eps, in layers that scale it with the rows (eps·‖w‖², Arora eq. 8)
+         "balanced-exact-layers": {"init": "default", "exact_norms": True},
          "unbalanced-exact-layers": {"init": "unbalanced", "exact_norms": True}},
         dataset="fashion-mnist"),
     "yi-fig4": _recipe(
