@@ -85,9 +85,11 @@ class BSGD(SGD):
     running statistics in the group's ``norm_stats`` following, so the eval-mode network is
     unchanged by it.  That first step is SGD's step from the unit rows: it uses the gradient at
     them (``∇L(w/‖w‖) = ‖w‖ ∇L(w)`` by scale invariance, a temporary for that step; ``p.grad`` is
-    left alone).  The preparation is recorded in the parameter's state (``prepared``), which
-    travels in ``state_dict``: a resumed optimizer never prepares again (and fine-tuning,
-    ``create_optimizer`` then ``model.load_state_dict``, prepares the loaded rows).  After that
+    left alone).  The preparation is recorded in the parameter's state (``prepared``; every
+    stepped parameter also keeps a ``step`` count, so that a distributed checkpoint, which
+    refuses partial state, takes it), which travels in ``state_dict``: a resumed optimizer
+    never prepares again (and fine-tuning, ``create_optimizer`` then ``model.load_state_dict``,
+    prepares the loaded rows).  After that
     the update is torch's SGD.
     """
 
@@ -155,6 +157,12 @@ class BSGD(SGD):
             if group["momentum"] != 0:
                 for p, momentum_buffer in zip(params, momentum_buffer_list):
                     self.state[p]["momentum_buffer"] = momentum_buffer
+            for p in params:  # every stepped parameter has state (a step count, as psiopt's
+                state = self.state[p]  # rules keep): distributed checkpoints refuse partial state
+                if "step" in state:
+                    state["step"].add_(1)
+                else:
+                    state["step"] = torch.tensor(1.0)
         return loss
 
 
