@@ -7,7 +7,14 @@ import torch.nn.functional as F
 import psiopt
 from helpers import exact_groups, exact_setup
 from psiopt.optim.baselines import SGD, Adam
-from psiopt.optim.diagnostics import StepProbe, measured_effective_lr, scheduling_beta, theorem2_effective_lr
+from psiopt.optim.diagnostics import (
+    StepProbe,
+    angular_update,
+    measured_effective_lr,
+    scheduling_beta,
+    theorem2_effective_lr,
+    update_split,
+)
 from psiopt.optim.geometry import rows
 
 
@@ -104,3 +111,53 @@ def test_every_optimizer_states_its_own_effective_lr_factor():
             assert beta.shape == (5, 1) and bool((beta > 0).all())
     plain = torch.optim.SGD(model.parameters(), lr=0.1)
     assert scheduling_beta(plain, model.hidden.weight, model.hidden.weight, model.hidden.weight) is None
+
+
+def test_angular_update_and_the_split_of_a_known_step():
+    # x_new: x_old turned by θ in a plane and scaled by ρ, per group
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    v = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    u = x / x.norm(dim=1, keepdim=True)
+    t = v - (v * u).sum(1, keepdim=True) * u
+    t = t / t.norm(dim=1, keepdim=True)
+    theta = torch.tensor([1e-6, 1e-3, 0.1, 1.0, 3.0], dtype=torch.float64)[:, None]
+    rho = torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0], dtype=torch.float64)[:, None]
+    r = x.norm(dim=1, keepdim=True)
+    new = rho * r * (u * theta.cos() + t * theta.sin())
+    assert torch.allclose(angular_update(x, new), theta.flatten(), rtol=1e-9, atol=0)  # (1e-16/θ)
+    radial, tangential = update_split(x, new)
+    assert torch.allclose(radial, (rho * theta.cos() - 1).flatten(), rtol=1e-12, atol=1e-15)
+    assert torch.allclose(tangential, (rho * theta.sin()).flatten(), rtol=1e-9, atol=0)
+
+
+def test_sgd_on_an_invariant_group_steps_tangentially_and_any_optimizer_is_probed():
+    # scale invariance: g ⊥ w, so SGD's update -ηg has no radial part; its tangential part is
+    # η‖g‖/‖w‖ and the angle atan of it; AdamW's decoupled weight decay adds a radial part −ηλ
+    model, x, y = exact_setup()
+    opt = torch.optim.SGD(exact_groups(model), lr=0.3)
+    probe = StepProbe(opt)
+    opt.zero_grad()
+    F.mse_loss(model(x), y).backward()
+    w, g = model.hidden.weight.detach().clone(), model.hidden.weight.grad.clone()
+    probe.before()
+    opt.step()
+    entry = probe.after()["hidden.weight"]
+    ratio = (0.3 * g.norm(dim=1) / w.norm(dim=1))
+    assert abs(entry["radial"]) < 1e-12
+    assert entry["tangential"] == pytest.approx(float(ratio.median()), rel=1e-12)
+    assert entry["angle"] == pytest.approx(float(torch.atan(ratio).median()), rel=1e-12)
+    radial = {}
+    for decay in (0.0, 0.1):  # AdamW: w ← w(1 − ηλ) − η·m/√v, so the radial part moves by −ηλ
+        model, x, y = exact_setup()
+        groups = psiopt.optimizer_groups(model, mapping={"hidden.weight": "channel"}, weight_decay=decay)
+        adamw = torch.optim.AdamW(groups, lr=1e-3)
+        probe = StepProbe(adamw)
+        adamw.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        probe.before()
+        adamw.step()
+        entry = probe.after()["hidden.weight"]
+        radial[decay] = entry["radial"]
+        assert entry["angle"] > 0
+    assert radial[0.1] - radial[0.0] == pytest.approx(-1e-3 * 0.1, rel=1e-9)

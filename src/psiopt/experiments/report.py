@@ -204,7 +204,8 @@ def plot(runs, out_dir: str | Path) -> list[Path]:
              (f"{split}_acc", f"{what} accuracy (%)", False, 100),
              ("train_loss", "train loss", True, 1),
              ("grad_norm", "gradient norm (mean over the epoch's batches)", True, 1),
-             ("eff_lr", "effective learning rate (median over invariant layers)", True, 1)]
+             ("eff_lr", "effective learning rate (median over invariant layers)", True, 1),
+             ("angle", "angular update per step, radians (median over invariant layers)", True, 1)]
     paths = []
     for key, what, log, scale in specs:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))

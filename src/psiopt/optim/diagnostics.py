@@ -9,6 +9,12 @@ Two effective learning rates per group, both from one optimizer step ``x_k → x
   SGD-MRT, Adam, Adam-S, Adam-SRT): ``η_e = η/(r² β) · (1 − <x_k − x_{k+1}, x_k>/r²)^(-1)`` with
   ``β = d^{-1/2}‖b‖`` (1 for the SGD family).  This is Table 1 (e.g. ``η/r²`` for SGD,
   ``η/(r²(1−ηλ))`` with L2), with ``<c, u>`` read off the step itself.
+
+And, for any optimizer (a ``torch.optim`` one built from :func:`psiopt.optimizer_groups`
+included), the *angular update* ``∠(x_k, x_{k+1})`` (Kosson et al. 2024's measure of how fast a
+scale-invariant group turns) and the split of the update ``Δ = x_{k+1} − x_k`` into its radial
+part ``<Δ, u_k>/r_k`` (the relative change of the norm, to first order) and its tangential part
+``‖Δ − <Δ, u_k> u_k‖/r_k``.
 """
 
 from __future__ import annotations
@@ -41,6 +47,23 @@ def measured_effective_lr(x_old, x_new, grad) -> torch.Tensor:
     return (tan * safe_inv(norm(x_old) * norm(grad))).flatten()
 
 
+def angular_update(x_old, x_new) -> torch.Tensor:
+    """Per-group angle ``∠(x_old, x_new)`` in radians (``atan2(sin, cos)``, no ``arccos`` near
+    1: a relative error of about 1e-16/θ in float64; flat result)."""
+    u_old, u_new = x_old * safe_inv(norm(x_old)), x_new * safe_inv(norm(x_new))
+    cos = dot(u_old, u_new)
+    return torch.atan2(norm(u_new - cos * u_old), cos).flatten()
+
+
+def update_split(x_old, x_new) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(radial, tangential)`` parts of ``Δ = x_new − x_old`` relative to ``‖x_old‖``:
+    ``<Δ, u>/r`` and ``‖Δ − <Δ, u> u‖/r`` with ``u = x_old/r`` (flat results)."""
+    r = norm(x_old)
+    u, delta = x_old * safe_inv(r), x_new - x_old
+    radial = dot(delta, u)
+    return (radial * safe_inv(r)).flatten(), (norm(delta - radial * u) * safe_inv(r)).flatten()
+
+
 def theorem2_effective_lr(x_old, x_new, lr: float, beta) -> torch.Tensor:
     """Roburin eq. (11) with ``η<c,u>/(r²β) = <x_old − x_new, x_old>/r²`` (flat result)."""
     r2 = sqnorm(x_old)
@@ -58,7 +81,9 @@ def scheduling_beta(optimizer, p: torch.Tensor, view: torch.Tensor, before: torc
 
 class StepProbe:
     """Wraps one optimizer step: call :meth:`before` just before ``step()`` and :meth:`after`
-    just after; returns per-layer summaries (mean row norm, median effective learning rates)."""
+    just after; returns per-layer summaries (mean row norm; medians over the groups of the
+    effective learning rates, the angular update and the radial and tangential parts of the
+    update).  Any optimizer whose invariant groups carry a ``grouping``."""
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
@@ -75,11 +100,16 @@ class StepProbe:
         for name, p, grouping in self.layers:
             if name not in self.saved:
                 continue
-            old, grad = (rows(t, grouping) for t in self.saved[name])
-            new = rows(p.detach(), grouping)
+            # in float64: the step x_new − x_old of float32 rows is exact there, and the angle
+            # and the split of a small step keep their digits
+            old, grad = (rows(t, grouping).double() for t in self.saved[name])
+            new = rows(p.detach(), grouping).double()
             lr = group_of(self.optimizer, p)["lr"]
+            radial, tangential = update_split(old, new)
             entry = {"norm": norm(old).mean().item(),
-                     "eff_lr": measured_effective_lr(old, new, grad).median().item()}
+                     "eff_lr": measured_effective_lr(old, new, grad).median().item(),
+                     "angle": angular_update(old, new).median().item(),
+                     "radial": radial.median().item(), "tangential": tangential.median().item()}
             beta = scheduling_beta(self.optimizer, p, new, old)
             if beta is not None:
                 entry["eff_lr_theorem2"] = theorem2_effective_lr(old, new, float(lr), beta).median().item()
