@@ -334,3 +334,21 @@ def test_checkpoint_state_is_not_read_before_it_is_verified(tmp_path, monkeypatc
         harness.train(harness.RunConfig(**{**config.__dict__, "epochs": 2}), tmp_path,
                       resume=True, log=lambda *_: None)
     assert [k.get("weights_only") for k in loads] == [True]
+
+
+def test_the_recorded_commit_is_the_code_the_process_imported(monkeypatch):
+    # a commit made while a long compare runs did not change the code Python loaded at its start:
+    # config.json took `git rev-parse HEAD` at each run's start and named later commits
+    import subprocess
+
+    from psiopt.experiments import train as train_module
+
+    run = subprocess.run
+
+    def no_git(cmd, *args, **kwargs):
+        assert cmd[0] != "git", "git read again after import"
+        return run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    env = train_module.environment()
+    assert (env["git_commit"], env["git_dirty"]) == train_module._SOURCE

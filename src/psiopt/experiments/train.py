@@ -139,13 +139,27 @@ class RunConfig:
         return {"invariant": invariant, "other": other}
 
 
-def environment() -> dict:
+def _source_commit() -> tuple[str | None, bool | None]:
+    """``(commit, uncommitted changes?)`` of the source tree as this process imported it (read
+    once, at import: a commit made while a long ``compare`` runs does not describe the code that
+    runs, which Python loaded at the start); ``(None, None)`` outside a git checkout."""
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip()
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        commit = git("rev-parse", "HEAD") or None
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
     except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"psiopt": __version__, "git_commit": commit, "torch": torch.__version__,
+        return None, None
+    return commit, dirty
+
+
+_SOURCE = _source_commit()
+
+
+def environment() -> dict:
+    commit, dirty = _SOURCE
+    return {"psiopt": __version__, "git_commit": commit, "git_dirty": dirty, "torch": torch.__version__,
             "python": sys.version.split()[0], "machine": platform.platform(),
             "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
 
