@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .optim.discovery import _call, _pristine, find_scale_invariant
-from .optim.geometry import CANCELLED, is_invariant, rows
+from .optim.geometry import CANCELLED, is_invariant, norm, rows
 from .optim.sharded import is_sharded
 
 __all__ = ["ExactBatchNorm1d", "ExactBatchNorm2d", "ExactBatchNorm3d", "ExactGroupNorm",
@@ -87,12 +87,16 @@ def _feeder(m: _Exact) -> list[Tensor]:
     return out
 
 
+def _group_norms(m: _Exact, w: Tensor, dtype=None) -> Tensor:
+    """‖w_g‖ of the group of each entry of ``m``'s input (shaped as ``group_index``)."""
+    return norm(rows(w, m.grouping), dtype).reshape(-1)[m.group_index]
+
+
 def _scaled_input(m: _Exact, x: Tensor) -> Tensor:
     w, *bias = _feeder(m)
-    r = torch.linalg.vector_norm(rows(w, m.grouping).flatten(1), dim=1)
     if bias:
         x = x - bias[0].reshape(m.bias_shape)
-    return x / r[m.group_index].to(x.dtype)
+    return x / _group_norms(m, w).to(x.dtype)
 
 
 #: torch's layer (exact type; subclasses may change ``forward``) -> its exact version
@@ -132,9 +136,7 @@ def _inputs(model: nn.Module, layers: dict[str, nn.Module], example_inputs) -> d
 def _index(ratio: Tensor, factors: Tensor) -> Tensor | None:
     """The group of each entry of ``ratio`` (new input / old input, compacted), or ``None`` when
     an entry is not scaled by exactly one group's factor, or depends on the sample."""
-    for d in range(ratio.dim()):
-        if ratio.shape[d] > 1 and torch.allclose(ratio, ratio.narrow(d, 0, 1), rtol=_TOL, atol=0):
-            ratio = ratio.narrow(d, 0, 1)
+    ratio = _compacted(ratio)
     if ratio.dim() == 0 or ratio.shape[0] != 1 or not torch.isfinite(ratio).all():
         return None
     close = (ratio.unsqueeze(-1) - factors).abs() <= _TOL * factors
@@ -282,9 +284,7 @@ def _owner(modules: dict, name: str) -> tuple[nn.Module, str]:
 
 def _follow(m: nn.Module, w: Tensor, bias: Tensor | None) -> None:
     """Running statistics of ``z`` made those of ``(z − b) / r`` (one value per channel)."""
-    n = m.running_mean.numel()
-    r = torch.linalg.vector_norm(rows(w.detach(), m.grouping).flatten(1).double(), dim=1)
-    r = r[m.group_index].reshape(-1).expand(n)
+    r = _group_norms(m, w.detach(), torch.float64).reshape(-1).expand(m.running_mean.numel())
     b = 0.0 if bias is None else bias.detach().double().reshape(-1)
     m.running_mean.copy_((m.running_mean.double() - b) / r)
     m.running_var.copy_(m.running_var.double() / r.square())
