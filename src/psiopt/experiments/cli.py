@@ -22,6 +22,7 @@ from .train import (
     check_run_dir,
     read_run_config,
     run_identity,
+    setting_changes,
     train,
     train_spawned,
 )
@@ -369,7 +370,7 @@ def _check_one_setting(directory: Path, configs: list[RunConfig], asked: list[Pa
             continue
         recorded = read_run_config(path)
         theirs = {**run_identity(recorded), "epochs": recorded["epochs"]}
-        differ = [f"{k} ({theirs[k]!r} → {mine[k]!r})" for k in mine if theirs.get(k) != mine[k]]
+        differ = setting_changes(theirs, mine)
         if differ:
             raise RunError(f"{directory} already holds runs with other settings "
                            f"({path.parent.relative_to(directory)}: {', '.join(differ)}); the "

@@ -401,6 +401,11 @@ def run_identity(record: dict) -> dict:
     return json.loads(json.dumps({k: record.get(k, defaults[k]) for k in keys}))
 
 
+def setting_changes(old: dict, new: dict) -> list[str]:
+    """``"key (old → new)"`` for every setting of ``new`` that ``old`` records otherwise."""
+    return [f"{k} ({old.get(k)!r} → {new[k]!r})" for k in new if old.get(k) != new[k]]
+
+
 def check_run_dir(config: RunConfig, out_dir: str | Path, resume: bool) -> dict | None:
     """Raise :class:`RunError` unless ``out_dir`` may be used for ``config``; return the
     directory's recorded config when the run is to be continued, else ``None``."""
@@ -418,7 +423,7 @@ def check_run_dir(config: RunConfig, out_dir: str | Path, resume: bool) -> dict 
         raise RunError(f"{out} already holds a run; pass --resume to continue it or choose "
                        "another --out")
     old, new = run_identity(recorded), run_identity(asdict(config))
-    differ = [f"{k} ({old[k]!r} → {new[k]!r})" for k in new if old.get(k) != new[k]]
+    differ = setting_changes(old, new)
     if differ:
         raise RunError(f"{out} was created with other settings: {', '.join(differ)}; a run is "
                        "only continued with its own settings (choose another --out)")
@@ -477,8 +482,7 @@ def read_checkpoint(path: str | Path, config: RunConfig | None = None) -> dict:
     if ckpt["sha256"] != _digest(data, ckpt["epoch"], ckpt["settings"]):
         raise refused("corrupt: its sha256 does not match what was written")
     mine = run_identity(asdict(config)) if config is not None else ckpt["settings"]
-    differ = [f"{k} ({ckpt['settings'].get(k)!r} → {mine[k]!r})" for k in mine
-              if ckpt["settings"].get(k) != mine[k]]
+    differ = setting_changes(ckpt["settings"], mine)
     if differ:
         raise refused(f"does not fit this run: it was written by a run with other settings: "
                       f"{', '.join(differ)}", "move checkpoint.pt away to start the run over, "

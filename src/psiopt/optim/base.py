@@ -24,7 +24,6 @@ from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
 from . import kernels
-from .discovery import rescale_rows_
 from .geometry import CANCELLED, RowLayout, accumulate_dtype, is_invariant, norm, parse_grouping, rows
 from .sharded import ShardedLayout, ShardedRows, is_sharded
 
@@ -39,8 +38,16 @@ _RANGES = {
     "ortho": (0.0, math.inf, True, False),
 }
 _FLAGS = ("check_finite", "fixed_norm")
+#: SGDG/AdamG's ``ortho_rows``: Cho & Lee's penalty where rows fit (fewer than inputs), or on all
+ORTHO_ROWS = ("fitting", "all")
 #: group keys that are not hyperparameters (never validated as such, never saved)
 _NOT_SAVED = ("norm_stats",)
+
+
+def _in_range(v: float, name: str) -> bool:
+    """Does the number ``v`` lie in ``name``'s range (:data:`_RANGES`)?  (NaN does not.)"""
+    low, high, low_in, high_in = _RANGES[name]
+    return (v > low or (low_in and v == low)) and (v < high or (high_in and v == high))
 
 
 def _check_range(name: str, value) -> None:
@@ -48,8 +55,7 @@ def _check_range(name: str, value) -> None:
         raise ValueError(f"invalid {name}: {value!r} (must be a real number)")
     low, high, low_in, high_in = _RANGES[name]
     v = float(value)
-    ok = (v > low or (low_in and v == low)) and (v < high or (high_in and v == high))
-    if not ok or math.isnan(v):
+    if not _in_range(v, name) or math.isnan(v):
         lo, hi = "[" if low_in else "(", "]" if high_in else ")"
         raise ValueError(f"invalid {name}: {value!r} (must lie in {lo}{low}, {high}{hi})")
 
@@ -102,7 +108,7 @@ def check_hyper(key: str, value) -> None:
         if not isinstance(value, bool):
             raise ValueError(f"invalid {key}: {value!r} (must be True or False)")
     elif key == "ortho_rows":
-        if value not in ("fitting", "all"):
+        if value not in ORTHO_ROWS:
             raise ValueError(f"invalid ortho_rows: {value!r} (must be 'fitting' or 'all')")
     elif key in ("foreach", "fused"):
         if value is not None and not isinstance(value, bool):
@@ -138,11 +144,10 @@ def check_step_settings(group: dict) -> None:
     """Raise ``ValueError`` if a setting of ``group`` that the rules read at each step is out of
     range (Python numbers only: no host synchronisation; a tensor is refused, as when a group is
     added)."""
-    for key, (low, high, low_in, high_in) in _RANGES.items():
+    for key in _RANGES:
         if key in group:
             v = group[key]
-            if (type(v) is float or type(v) is int) and (low < v or (low_in and v == low)) \
-                    and (v < high or (high_in and v == high)):
+            if (type(v) is float or type(v) is int) and _in_range(v, key):
                 continue  # the common case, decided without the general check (NaN falls through)
             check_hyper(key, v)
     betas = group.get("betas")
@@ -436,10 +441,6 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         """The running statistics fed by parameters ``index`` of ``group`` (see ``norm_stats``)."""
         stats = group.get("norm_stats")
         return [stats[i] for i in index] if stats else [()] * len(index)
-
-    def _rescale(self, group: dict, index: int, view: Tensor, factors: Tensor) -> None:
-        """Rescale the groups of parameter ``index`` of ``group``; running statistics follow."""
-        rescale_rows_(view, factors, self._stats(group, [index])[0])
 
     # -- step ---------------------------------------------------------------------------------
     @torch.no_grad()

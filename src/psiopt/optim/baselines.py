@@ -16,7 +16,7 @@ import torch
 from torch.optim.optimizer import _use_grad_for_differentiable
 from torch.optim.sgd import sgd
 
-from .base import GroupHandling, warn_unlinked
+from .base import GroupHandling, run_closure, warn_unlinked
 from .diagnostics import group_of
 from .discovery import rescale_rows_
 from .geometry import CANCELLED, accumulate_dtype, is_invariant, norm, rows, safe_inv, sqnorm
@@ -134,10 +134,7 @@ class BSGD(SGD):
     def step(self, closure=None):
         """torch.optim.SGD's step; the parameters of invariant groups not yet prepared (no
         state) are prepared first, and this step uses the gradient at their unit rows."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             params, grads, momentum_buffer_list = [], [], []
             has_sparse_grad = self._init_group(group, params, grads, momentum_buffer_list)

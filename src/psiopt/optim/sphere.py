@@ -236,10 +236,6 @@ class AdamGStar(_SphereOptimizer):
 
 
 # -- Cho & Lee: SGDG and AdamG ----------------------------------------------------------------------
-#: ``ortho_rows``: which tensors take Cho & Lee's orthogonality penalty
-ORTHO_ROWS = ("fitting", "all")
-
-
 def _omega(group, rows: int, size: int) -> float:
     """The penalty weight ω for a tensor of ``rows`` groups of ``size`` entries: ``ortho`` where
     ``YYᵀ = I`` can hold as Cho & Lee's code requires (fewer rows than entries per row, the
