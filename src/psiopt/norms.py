@@ -145,10 +145,10 @@ def _index(ratio: Tensor, factors: Tensor) -> Tensor | None:
     return close.double().argmax(-1)
 
 
-def _fits(m: nn.Module, index: Tensor, ndim: int, bias_shape: tuple | None) -> bool:
+def _fits(m: nn.Module, index: Tensor, bias_shape: tuple | None) -> bool:
     """Is the scale constant along what each statistic of ``m`` covers (and a removed bias one
     value per channel of a BatchNorm)?"""
-    if any(index.shape[d] > 1 for d in _normalised_dims(m, ndim) if d < index.dim()):
+    if any(index.shape[d] > 1 for d in _normalised_dims(m, index.dim())):
         return False
     if bias_shape is not None and isinstance(m, nn.modules.batchnorm._BatchNorm) and bias_shape[1] != -1:
         return False
@@ -195,6 +195,7 @@ def _feeders(model: nn.Module, example_inputs, mapping: dict[str, str], layers: 
     params = dict(m64.named_parameters())
     gen = torch.Generator().manual_seed(0)
     found: dict[str, list] = {name: [] for name in layers}
+    clean = None  # the inputs with every parameter as it is (the same for every weight)
 
     def inputs(p: Tensor | None = None, new: Tensor | None = None) -> dict[str, Tensor]:
         if p is None:
@@ -224,10 +225,11 @@ def _feeders(model: nn.Module, example_inputs, mapping: dict[str, str], layers: 
                     if bool((change.abs() > _TOL * scale).any()):
                         reached.add(name)  # how: a per-channel shift, or nothing is claimed
                         shape = _bias_shape(change, delta.reshape(-1), scale)
-                        if shape is not None and len(shape) == x.dim():
+                        if shape is not None:
                             shapes[name] = shape
             else:
-                base = inputs()
+                clean = inputs() if clean is None else clean
+                base = clean
             view = rows(p.detach(), grouping)
             factors = torch.exp(2 * torch.rand(view.shape[0], generator=gen, dtype=torch.float64) - 1)
             scaled = inputs(p, (view * factors.view(-1, *[1] * (view.dim() - 1))).reshape(p.shape))
@@ -240,7 +242,7 @@ def _feeders(model: nn.Module, example_inputs, mapping: dict[str, str], layers: 
                 if index is not None:
                     found[name].append((pname, index, bname if name in shapes else None, shapes.get(name)))
     return {name: hits[0] for name, hits in found.items()
-            if len(hits) == 1 and _fits(layers64[name], hits[0][1], hits[0][1].dim(), hits[0][3])}
+            if len(hits) == 1 and _fits(layers64[name], hits[0][1], hits[0][3])}
 
 
 @torch.no_grad()

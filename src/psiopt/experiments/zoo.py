@@ -413,16 +413,18 @@ def _change(a, b) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-300))
 
 
-def holds(model: nn.Module, x, name: str, grouping: str, seed: int = 0, *, copy64=None) -> bool:
+def holds(model: nn.Module, x, name: str, grouping: str, seed: int = 0, *, copy64=None,
+          baseline=None) -> bool:
     """True when rescaling ``name``'s groups by random factors in [e⁻², e²] (or shifting it,
     for ``"cancelled"``) leaves the outputs of the float64, eps-free network put: in train mode,
     and for scaled groups also in eval mode (running statistics re-estimated on the batch).
-    ``copy64``: a :func:`float64_copy` of ``model`` to reuse (its parameter is restored)."""
+    ``copy64``: a :func:`float64_copy` of ``model`` to reuse (its parameter is restored);
+    ``baseline``: its ``(train, eval)`` outputs, when already computed."""
     m = copy64 if copy64 is not None else float64_copy(model)
     x = x.double() if x.is_floating_point() else x
     p = dict(m.named_parameters())[name]
     gen = torch.Generator().manual_seed(seed)
-    base, base_eval = _run(m, x, True), _eval(m, x)
+    base, base_eval = baseline if baseline is not None else (_run(m, x, True), _eval(m, x))
     saved = p.detach().clone()
     try:
         with torch.no_grad():
@@ -456,12 +458,14 @@ def truth(model: nn.Module, x) -> dict[str, set[str]]:
     """Every candidate grouping that holds numerically, per parameter (none: left out).  When
     the whole tensor is not invariant, no finer grouping is tried (none can hold)."""
     out, m = {}, float64_copy(model)
+    xd = x.double() if x.is_floating_point() else x
+    baseline = _run(m, xd, True), _eval(m, xd)  # the same for every candidate (m is restored)
     for name, p in model.named_parameters():
         ok = set()
         for g in candidates(p):
             if g != "tensor" and g != CANCELLED and "tensor" not in ok:
                 break
-            if holds(model, x, name, g, copy64=m):
+            if holds(model, x, name, g, copy64=m, baseline=baseline):
                 ok.add(g)
         if ok:
             out[name] = ok

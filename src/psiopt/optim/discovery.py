@@ -387,7 +387,8 @@ def _check_mapping(model: nn.Module, mapping: dict) -> dict[str, nn.Parameter]:
     params = dict(model.named_parameters())
     unknown = sorted(set(mapping) - set(params))
     if unknown:
-        raise ValueError(f"unknown parameter name(s) {unknown}; the model has {sorted(params)}")
+        raise ValueError(f"unknown parameter name(s) {unknown}: the model does not have them (it "
+                         f"has {sorted(params)})")
     for name, grouping in mapping.items():
         if is_invariant(grouping):  # ValueError for a bad grouping or shape (shape only: meta)
             rows(torch.empty(params[name].shape, device="meta"), grouping)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .discovery import find_scale_invariant
+from .discovery import _check_mapping, find_scale_invariant
 from .geometry import CANCELLED, is_invariant
 
 
@@ -70,10 +70,7 @@ def optimizer_groups(model: nn.Module, example_inputs=None, *, mapping: dict | N
         if example_inputs is None:
             raise ValueError("optimizer_groups needs example_inputs (or an explicit mapping)")
         mapping = find_scale_invariant(model, example_inputs)
-    params = dict(model.named_parameters())
-    unknown = sorted(set(mapping) - set(params))
-    if unknown:
-        raise ValueError(f"mapping names parameters the model does not have: {unknown}")
+    params = _check_mapping(model, mapping)  # names and groupings
     invariant_decay = weight_decay if invariant_weight_decay is None else invariant_weight_decay
     excluded = _no_weight_decay(model)
     buckets: dict = {}
