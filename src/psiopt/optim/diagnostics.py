@@ -39,20 +39,24 @@ def invariant_parameters(optimizer) -> list[tuple[str, torch.Tensor, str]]:
     return out
 
 
-def measured_effective_lr(x_old, x_new, grad) -> torch.Tensor:
-    """Per-group ``tan∠(x_old, x_new) / (‖x_old‖ ‖g‖)`` for grouped views (flat result)."""
+def _sin_cos(x_old, x_new) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(sin, cos)`` of ``∠(x_old, x_new)`` (keepdim), the sine as the norm of
+    ``u_new``'s part orthogonal to ``u_old`` (no ``1 − cos²``)."""
     u_old, u_new = x_old * safe_inv(norm(x_old)), x_new * safe_inv(norm(x_new))
     cos = dot(u_old, u_new)
-    tan = norm(u_new - cos * u_old) * safe_inv(cos)
-    return (tan * safe_inv(norm(x_old) * norm(grad))).flatten()
+    return norm(u_new - cos * u_old), cos
+
+
+def measured_effective_lr(x_old, x_new, grad) -> torch.Tensor:
+    """Per-group ``tan∠(x_old, x_new) / (‖x_old‖ ‖g‖)`` for grouped views (flat result)."""
+    sin, cos = _sin_cos(x_old, x_new)
+    return (sin * safe_inv(cos) * safe_inv(norm(x_old) * norm(grad))).flatten()
 
 
 def angular_update(x_old, x_new) -> torch.Tensor:
     """Per-group angle ``∠(x_old, x_new)`` in radians (``atan2(sin, cos)``, no ``arccos`` near
     1: a relative error of about 1e-16/θ in float64; flat result)."""
-    u_old, u_new = x_old * safe_inv(norm(x_old)), x_new * safe_inv(norm(x_new))
-    cos = dot(u_old, u_new)
-    return torch.atan2(norm(u_new - cos * u_old), cos).flatten()
+    return torch.atan2(*_sin_cos(x_old, x_new)).flatten()
 
 
 def update_split(x_old, x_new) -> tuple[torch.Tensor, torch.Tensor]:
