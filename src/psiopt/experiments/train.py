@@ -246,6 +246,12 @@ def _progress(total: int, desc: str, enabled: bool | None):
                 disable=not sys.stderr.isatty() if enabled is None else not enabled)
 
 
+def first_line(error: BaseException, default: str = "") -> str:
+    """The first line of an exception's message (``default`` when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else default
+
+
 def write_failure(error: BaseException) -> str | None:
     """Why a write failed, when ``error`` is a failed write: an ``OSError`` (disk full,
     permission), or the ``RuntimeError`` that ``torch.save``'s zip writer raises in its place
@@ -256,7 +262,7 @@ def write_failure(error: BaseException) -> str | None:
     text = str(error)
     if isinstance(error, RuntimeError) and ("PytorchStreamWriter" in text
                                             or "inline_container" in text):
-        return f"torch.save: {text.strip().splitlines()[0].strip()}; is the disk full?"
+        return f"torch.save: {first_line(error).strip()}; is the disk full?"
     return None
 
 
@@ -355,7 +361,7 @@ def _check_inputs(model: nn.Module, example: torch.Tensor, config: RunConfig) ->
         with torch.no_grad():
             out = probe(example[:2])
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, type(e).__name__)
         options = f" with options {config.model_kwargs}" if config.model_kwargs else ""
         raise RunError(f"model {config.model}{options} does not take the inputs of "
                        f"{config.dataset} (shape {tuple(example.shape[1:])}): {first}; choose a "
@@ -468,7 +474,7 @@ def read_checkpoint(path: str | Path, config: RunConfig | None = None) -> dict:
     try:
         ckpt = torch.load(path, weights_only=True)
     except Exception as e:  # truncated, corrupt, or not a checkpoint: say which file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e)
         raise refused(f"cannot be loaded ({type(e).__name__}: {first})") from None
     if isinstance(ckpt, dict) and CHECKPOINT_KEYS <= ckpt.keys():
         raise refused("written without a checksum by an earlier psiopt, so it cannot be verified",
@@ -506,7 +512,7 @@ def _restore(ckpt: dict, path: Path, model, optimizer, scheduler) -> None:
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, type(e).__name__)
         raise RunError(f"{path}: does not fit this run ({first}); choose another --out") from None
 
 
