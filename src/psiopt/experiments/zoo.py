@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..optim.discovery import find_scale_invariant
-from ..optim.geometry import CANCELLED, rows
+from ..optim.discovery import find_scale_invariant, part_spans
+from ..optim.geometry import CANCELLED, parse_grouping, part, rows, split_part
 
 D, H = 16, 2  # width and heads of the transformer models
 
@@ -428,10 +428,11 @@ def holds(model: nn.Module, x, name: str, grouping: str, seed: int = 0, *, copy6
     saved = p.detach().clone()
     try:
         with torch.no_grad():
-            if grouping == CANCELLED:
+            if parse_grouping(grouping)[0] == CANCELLED:  # (of a part: the other rows kept)
                 worst, noise = 0.0, torch.randn(p.shape, generator=gen, dtype=p.dtype)
                 for size in (1.0, -1.0, 10.0, -10.0, 0.1):  # both signs: crosses zero too
-                    p.copy_(saved + noise * size * (1 + saved.abs().max()))
+                    p.copy_(saved)
+                    part(p, grouping).add_(part(noise, grouping) * size * (1 + saved.abs().max()))
                     worst = max(worst, _change(base, _run(m, x, True)))
                 return worst < TOL
             view = rows(p, grouping)
@@ -443,30 +444,41 @@ def holds(model: nn.Module, x, name: str, grouping: str, seed: int = 0, *, copy6
             p.copy_(saved)
 
 
-def candidates(p: torch.Tensor) -> list[str]:
-    """The groupings a parameter of this shape could have (``tensor`` before the finer ones)."""
+def candidates(p: torch.Tensor, span: tuple[int, int] | None = None) -> list[str]:
+    """The groupings a parameter of this shape could have (``tensor`` before the finer ones), of
+    rows ``span`` of dimension 0 only (a part) when given."""
+    suffix = "" if span is None else f"[{span[0]}:{span[1]}]"
     out = [CANCELLED, "tensor"] if p.dim() <= 1 else ["tensor"]
-    if p.dim() >= 1 and p.shape[0] > 1:
+    n = (p.shape[0] if p.dim() else 0) if span is None else span[1] - span[0]
+    if p.dim() >= 1 and n > 1:
         out.append("channel")
-    if p.dim() >= 2 and p.shape[1] > 1:
+    if span is None and p.dim() >= 2 and p.shape[1] > 1:
         out.append("channel@1")
-    n = p.shape[0] if p.dim() else 0
-    return out + [f"groups:{g}" for g in range(2, n) if n % g == 0]
+    out += [f"groups:{g}" for g in range(2, n) if n % g == 0]
+    return [g + suffix if g != "channel@1" else g for g in out]
 
 
 def truth(model: nn.Module, x) -> dict[str, set[str]]:
     """Every candidate grouping that holds numerically, per parameter (none: left out).  When
-    the whole tensor is not invariant, no finer grouping is tried (none can hold)."""
+    the whole tensor (or part) is not invariant, no finer grouping of it is tried (none can
+    hold); parts (:func:`~psiopt.optim.discovery.part_spans`) are tried when no grouping of the
+    whole tensor holds."""
     out, m = {}, float64_copy(model)
     xd = x.double() if x.is_floating_point() else x
     baseline = _run(m, xd, True), _eval(m, xd)  # the same for every candidate (m is restored)
     for name, p in model.named_parameters():
         ok = set()
-        for g in candidates(p):
-            if g != "tensor" and g != CANCELLED and "tensor" not in ok:
-                break
-            if holds(model, x, name, g, copy64=m, baseline=baseline):
-                ok.add(g)
+        for span in [None, *part_spans(p)]:
+            if ok and span is not None and not any(split_part(g)[1] for g in ok):
+                break  # a grouping of the whole tensor holds (every part is tried otherwise:
+            scaled = False  # discovery may report any of them)
+            for g in candidates(p, span):
+                kind = parse_grouping(g)[0]
+                if kind not in ("tensor", CANCELLED) and not scaled:
+                    break
+                if holds(model, x, name, g, copy64=m, baseline=baseline):
+                    ok.add(g)
+                    scaled = scaled or kind == "tensor"
         if ok:
             out[name] = ok
     return out
@@ -482,15 +494,14 @@ def unused(model: nn.Module, x) -> set[str]:
 
 
 def finest(groupings: set[str]) -> str:
-    """The finest of a set of groupings that hold (``cancelled`` first)."""
+    """The best of a set of groupings that hold: of the whole tensor before a part, the larger
+    part first, then the finest grouping (``cancelled`` first)."""
     def rank(g):
-        if g == CANCELLED:
-            return (0, 0)
-        if g == "tensor":
-            return (3, 0)
-        if g.startswith("groups:"):
-            return (2, -int(g.split(":")[1].split("@")[0]))
-        return (1, 0)
+        kind, blocks, _ = parse_grouping(g)
+        span = split_part(g)[1]
+        size = 0 if span is None else span[0] - span[1]
+        order = {CANCELLED: 0, "channel": 1, "groups": 2, "tensor": 3}[kind]
+        return size, order, -blocks
     return min(groupings, key=rank)
 
 

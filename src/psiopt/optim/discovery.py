@@ -31,7 +31,7 @@ except ImportError:  # a torch built without distributed support
     FSDPModule = None
 
 from ..parallel import SyncBatchNorm
-from .geometry import CANCELLED, is_invariant, norm, rows, safe_inv
+from .geometry import CANCELLED, is_invariant, norm, parse_grouping, part, rows, safe_inv
 from .sharded import grouped_norms, is_sharded
 from .symmetry import LABELS, Expr, Failed, Propagation, Value, compact, perturbed, record, unrecorded
 
@@ -178,15 +178,30 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
         ids = names.get(name)
         if not ids or not p.is_floating_point() or not p.requires_grad or id(p) in shared:
             continue  # unused, frozen (nothing to train), or one storage for two parameters
-        for grouping in _candidates(p):
-            links = _holds(traces, ids, p, grouping, stats_of)
-            if links is not None:
-                mapping[name], stats[name] = grouping, links
-                if grouping != "tensor":
-                    break
-            elif grouping == "tensor":
-                break  # no finer grouping can hold
+        found = _first_holding(traces, ids, p, _candidates(p), stats_of)
+        for span in part_spans(p) if found is None else ():  # a part: the largest that holds
+            found = _first_holding(traces, ids, p, _candidates(p, span), stats_of)
+            if found is not None:
+                break
+        if found is not None:
+            mapping[name], stats[name] = found
     return mapping, {k: v for k, v in stats.items() if v}
+
+
+def _first_holding(traces, ids, p, candidates, stats_of) -> tuple[str, list] | None:
+    """``(grouping, running statistics)`` for the finest of ``candidates`` that holds (see
+    :func:`_candidates` for their order), or ``None``."""
+    found = None
+    for grouping in candidates:
+        kind = parse_grouping(grouping)[0]
+        links = _holds(traces, ids, p, grouping, stats_of)
+        if links is not None:
+            found = grouping, links
+            if kind != "tensor":
+                break
+        elif kind == "tensor":
+            break  # no finer grouping can hold
+    return found
 
 
 def _sharing_storage(model: nn.Module) -> set[int]:
@@ -249,28 +264,43 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, s
     return trace, seen
 
 
-def _candidates(p: Tensor):
-    """Groupings to try: cancelled, then ``tensor`` (when the whole tensor is not invariant, no
-    finer grouping is), then finer ones from the finest; the last that holds is kept."""
+def _candidates(p: Tensor, span: tuple[int, int] | None = None):
+    """Groupings to try (of rows ``span`` of dimension 0 only, a part, when given): cancelled,
+    then ``tensor`` (when the whole tensor is not invariant, no finer grouping is), then finer
+    ones from the finest; the last that holds is kept."""
+    suffix = "" if span is None else f"[{span[0]}:{span[1]}]"
     if p.dim() <= 1:
-        yield CANCELLED
-    yield "tensor"
+        yield CANCELLED + suffix
+    yield "tensor" + suffix
     if p.dim() == 0:
         return
-    if p.shape[0] > 1:
-        yield "channel"
-    if p.dim() >= 2 and p.shape[1] > 1:
+    n = p.shape[0] if span is None else span[1] - span[0]
+    if n > 1:
+        yield "channel" + suffix
+    if span is None and p.dim() >= 2 and p.shape[1] > 1:
         yield "channel@1"
-    n = p.shape[0]
     for g in sorted((g for g in range(2, n) if n % g == 0), reverse=True):
-        yield f"groups:{g}"
+        yield f"groups:{g}{suffix}"
+
+
+def part_spans(p: Tensor) -> list[tuple[int, int]]:
+    """Row ranges of dimension 0 tried as parts when no grouping of the whole tensor holds: the
+    runs of its halves and of its thirds short of the whole (a fused key-value or gate-up
+    projection, a fused qkv one), the largest first."""
+    n = p.shape[0] if p.dim() else 0
+    spans = {(i * n // k, j * n // k) for k in (2, 3) if n % k == 0 and n >= k
+             for i in range(k) for j in range(i + 1, k + 1) if j - i < k}
+    return sorted(spans, key=lambda s: (s[0] - s[1], s[0]))
 
 
 def _seed(p: Tensor, grouping: str, gen: torch.Generator) -> tuple[Value, dict[float, int]]:
     """The starting value of ``p`` for one candidate, and ``{label: group index}``."""
-    if grouping == CANCELLED:
-        offset = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device)
-        return Value(torch.zeros((1,) * p.dim(), dtype=torch.float64, device=p.device), offset), {}
+    if parse_grouping(grouping)[0] == CANCELLED:  # a random offset of every entry (of the part)
+        offset = torch.zeros(p.shape, dtype=torch.float64)
+        shifted = part(offset, grouping)
+        shifted.copy_(torch.randn(shifted.shape, generator=gen, dtype=torch.float64))
+        return Value(torch.zeros((1,) * p.dim(), dtype=torch.float64, device=p.device),
+                     offset.to(p.device)), {}
     view = rows(torch.empty(p.shape, device="meta"), grouping)
     count = view.shape[0]
     while True:  # distinct random labels
@@ -290,7 +320,7 @@ def _holds(traces, ids: list[int], p: Tensor, grouping: str, stats_of: dict) -> 
     BatchNorm, every call of which (in either pass) sees the same per-channel factors."""
     gen = torch.Generator().manual_seed(1)
     value, labels = _seed(p, grouping, gen)
-    shift = grouping == CANCELLED
+    shift = parse_grouping(grouping)[0] == CANCELLED
     found: dict[int, list] = {}
     for trace in traces[:1] if shift else traces:  # a cancelled parameter is never updated: the
         mine = [k for k in ids if k in trace.first]  # eval-mode network does not move
@@ -390,10 +420,16 @@ def _check_mapping(model: nn.Module, mapping: dict) -> dict[str, nn.Parameter]:
         raise ValueError(f"unknown parameter name(s) {unknown}: the model does not have them (it "
                          f"has {sorted(params)})")
     for name, grouping in mapping.items():
-        if is_invariant(grouping):  # ValueError for a bad grouping or shape (shape only: meta)
-            rows(torch.empty(params[name].shape, device="meta"), grouping)
-        elif grouping not in (None, CANCELLED):
-            raise ValueError(f"invalid grouping {grouping!r} for {name}")
+        if grouping is None:
+            continue
+        try:  # ValueError for a bad grouping or shape (shape only: meta)
+            meta = torch.empty(params[name].shape, device="meta")
+            if is_invariant(grouping):
+                rows(meta, grouping)
+            else:
+                part(meta, grouping)
+        except ValueError as e:
+            raise ValueError(f"invalid grouping {grouping!r} for {name}: {e}") from None
     return params
 
 

@@ -8,7 +8,11 @@ A *grouping* says how a parameter splits into scale-invariant groups (SPEC §1):
 * ``"cancelled"`` -- not a grouping: a bias whose effect the normalisation removes (never updated).
 
 A suffix ``"@1"`` (``"channel@1"``, ``"groups:G@1"``) marks weights whose output channels lie on
-dimension 1 (``ConvTranspose``).  :func:`rows` turns a parameter into a *view* whose first dimension
+dimension 1 (``ConvTranspose``).  A suffix ``"[a:b]"`` (``"groups:8[0:256]"``, ``"cancelled[128:256]"``)
+applies the grouping to rows ``a`` to ``b − 1`` of dimension 0 only, a *part* of the tensor: the q
+and k blocks of a fused qkv projection under per-head QK-norm, the key part of a fused qkv bias
+under softmax; the other rows, its *rest* (:func:`rest`), are an ordinary parameter.
+:func:`rows` turns a parameter into a *view* whose first dimension
 indexes the groups; per-group scalars are kept with ``keepdim`` shape ``(R, 1, ..., 1)`` so they
 broadcast against that view.  Nothing here copies a parameter or synchronises with the host.
 """
@@ -26,14 +30,53 @@ CANCELLED = "cancelled"
 
 
 def is_invariant(grouping) -> bool:
-    """True for a grouping that declares scale-invariant groups (not ``None``, not cancelled)."""
-    return grouping is not None and grouping != CANCELLED
+    """True for a grouping that declares scale-invariant groups (not ``None``, not cancelled,
+    whole or in part)."""
+    return grouping is not None and split_part(grouping)[0] != CANCELLED
+
+
+def split_part(grouping: str) -> tuple[str, tuple[int, int] | None]:
+    """``(grouping of the part, (a, b))`` for ``"<grouping>[a:b]"``, else ``(grouping, None)``;
+    ``ValueError`` for a malformed range."""
+    if not isinstance(grouping, str) or not grouping.endswith("]"):
+        return grouping, None
+    body, _, span = grouping[:-1].partition("[")
+    a, colon, b = span.partition(":")
+    if not (body and colon and a.isdigit() and b.isdigit() and int(a) < int(b)) or "@" in body:
+        raise ValueError(f"invalid grouping {grouping!r}: a part is written '<grouping>[a:b]' "
+                         "with 0 <= a < b, rows a to b-1 of dimension 0 (not with '@1')")
+    return body, (int(a), int(b))
+
+
+def part(t: Tensor, grouping: str) -> Tensor:
+    """The rows of ``t`` a grouping covers: ``t[a:b]`` for ``"<grouping>[a:b]"``, else ``t`` (a
+    view; ``ValueError`` when ``t`` has fewer rows)."""
+    _, span = split_part(grouping)
+    if span is None:
+        return t
+    if t.dim() == 0 or t.shape[0] < span[1]:
+        raise ValueError(f"grouping {grouping!r} needs at least {span[1]} rows, "
+                         f"got shape {tuple(t.shape)}")
+    return t[span[0]:span[1]]
+
+
+def rest(t: Tensor, grouping: str) -> list[Tensor]:
+    """The rows of ``t`` outside a part (``"<grouping>[a:b]"``): ``t[:a]`` and ``t[b:]`` where
+    not empty, views; ``[]`` for a grouping of the whole tensor."""
+    _, span = split_part(grouping)
+    if span is None:
+        return []
+    return [v for v in (t[:span[0]], t[span[1]:]) if v.shape[0]]
 
 
 def parse_grouping(grouping: str) -> tuple[str, int, int]:
-    """Split a grouping string into ``(kind, blocks, channel_dim)``; raise ``ValueError`` if bad."""
+    """Split a grouping string into ``(kind, blocks, channel_dim)`` (of the part, for a part);
+    raise ``ValueError`` if bad."""
     if not isinstance(grouping, str):
         raise ValueError(f"grouping must be a string, got {grouping!r}")
+    grouping, _ = split_part(grouping)
+    if grouping == CANCELLED:
+        return CANCELLED, 0, 0
     body, _, dim = grouping.partition("@")
     if dim not in ("", "1"):
         raise ValueError(f"grouping {grouping!r}: only '@1' may follow the kind")
@@ -43,15 +86,20 @@ def parse_grouping(grouping: str) -> tuple[str, int, int]:
     if kind == "groups" and count.isdigit() and int(count) > 0:
         return kind, int(count), int(dim or 0)
     raise ValueError(
-        f"invalid grouping {grouping!r}: expected 'channel', 'groups:G', 'tensor' (optionally '@1')"
+        f"invalid grouping {grouping!r}: expected 'channel', 'groups:G', 'tensor' (optionally '@1' "
+        "or '[a:b]'), or 'cancelled[a:b]'"
     )
 
 
 def rows(t: Tensor, grouping: str) -> Tensor:
-    """View of ``t`` with one group per index of dimension 0 (never a copy)."""
+    """View of ``t`` (of its part, for ``"<grouping>[a:b]"``) with one group per index of
+    dimension 0 (never a copy)."""
     if grouping == "channel" and t.dim() > 1:
         return t  # the common case, no view needed
     kind, blocks, dim = parse_grouping(grouping)
+    if kind == CANCELLED:
+        raise ValueError(f"grouping {grouping!r} has no scale-invariant groups")
+    t = part(t, grouping)
     if kind == "tensor":
         return t.unsqueeze(0)
     if t.dim() <= dim:

@@ -476,8 +476,8 @@ class Propagation:
         self._written(op)
 
     def _set(self, t: Tensor, v) -> None:
-        if isinstance(v, Value) and v.O is None and _zero(v.F):
-            v = None  # back to the identity
+        if isinstance(v, Value) and (v.O is None or _zero(v.O)) and _zero(v.F):
+            v = None  # back to the identity (the rows outside a part, split off: q beside k)
         if v is None:
             self.env.pop(id(t), None)
         else:
