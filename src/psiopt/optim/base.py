@@ -4,7 +4,10 @@ Parameter groups that carry a ``grouping`` (see :mod:`psiopt.optim.geometry`) ar
 and follow the subclass's rule; every other group follows the ordinary counterpart (SGD with
 momentum or Adam, through torch.optim's own functional code) with its own ``lr`` and
 ``weight_decay``.  Groups with ``grouping="cancelled"`` (biases a normalisation removes) are never
-updated.
+updated.  A grouping of part of a tensor (``"groups:4[0:32]"``, ``"cancelled[16:32]"``, see
+:mod:`psiopt.optim.geometry`) applies the group's rule (or no update) to those rows, and the
+ordinary counterpart to the other rows, the *rest*, with the group's ``rest_<key>`` settings
+(:meth:`ScaleInvariantOptimizer._rest_settings`).
 
 Each subclass writes its invariant rule twice: ``_update_one`` is the plain per-tensor reference
 path (``foreach=False``), ``_update_many`` the vectorized path over lists with ``torch._foreach_*``
@@ -24,7 +27,8 @@ from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
 from . import kernels
-from .geometry import CANCELLED, RowLayout, accumulate_dtype, is_invariant, norm, parse_grouping, rows
+from .geometry import CANCELLED, RowLayout, accumulate_dtype, is_invariant, norm, parse_grouping
+from .geometry import rest, rows, split_part
 from .sharded import ShardedLayout, ShardedRows, is_sharded
 
 #: hyperparameter -> (low, high, low inclusive, high inclusive)
@@ -42,6 +46,9 @@ _FLAGS = ("check_finite", "fixed_norm")
 ORTHO_ROWS = ("fitting", "all")
 #: group keys that are not hyperparameters (never validated as such, never saved)
 _NOT_SAVED = ("norm_stats",)
+#: settings of the ordinary counterpart that a group of part of a tensor may set for its rest
+#: (``rest_lr``, …; see :meth:`ScaleInvariantOptimizer._rest_settings`)
+REST_KEYS = {"sgd": ("lr", "momentum", "weight_decay"), "adam": ("lr", "betas", "weight_decay", "eps")}
 
 
 def _in_range(v: float, name: str) -> bool:
@@ -93,7 +100,12 @@ def check_hyper(key: str, value) -> None:
     """Raise ``ValueError`` naming ``key`` if ``value`` is not a valid setting for it."""
     if value is None and key in _UNSET_ALLOWED:
         return
-    if key in _RANGES:
+    if key.startswith("rest_"):
+        try:
+            check_hyper(key[len("rest_"):], value)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+    elif key in _RANGES:
         _check_range(key, value)
     elif key == "betas":
         if not isinstance(value, (tuple, list)) or len(value) != 2:
@@ -156,6 +168,9 @@ def check_step_settings(group: dict) -> None:
         check_hyper("betas", betas)
     if "guard_every" in group:
         check_hyper("guard_every", group["guard_every"])
+    for key, value in group.items():
+        if key.startswith("rest_"):
+            check_hyper(key, value)
 
 
 class GroupHandling:
@@ -177,6 +192,9 @@ class GroupHandling:
     invariant_defaults: dict = {}
     #: whether the rule reads row norms of invariant groups (their squares must be representable)
     uses_row_norms: bool = False
+    #: the ordinary rule of the rows outside a part (``REST_KEYS``), ``None``: no ``rest_<key>``
+    #: settings (torch.optim's rules train a parameter as one tensor)
+    rest_rule: str | None = None
 
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
@@ -218,6 +236,18 @@ class GroupHandling:
         stats = group.get("norm_stats")
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else params
+        rest_keys = sorted(k for k in group if k.startswith("rest_"))
+        if rest_keys:
+            grouping = group.get("grouping")
+            allowed = REST_KEYS.get(self.rest_rule, ())
+            if not (is_invariant(grouping) and split_part(grouping)[1]) or \
+                    any(k[len("rest_"):] not in allowed for k in rest_keys):
+                raise ValueError(
+                    f"{type(self).__name__}: {', '.join(rest_keys)} set the rows outside the part of "
+                    "a grouping '<grouping>[a:b]'; "
+                    + (f"this group's grouping is {grouping!r}" if allowed else
+                       "this optimizer trains every parameter as one tensor")
+                    + (f" (valid: {', '.join('rest_' + k for k in allowed)})" if allowed else ""))
         if stats is not None and len(stats) != len(params):
             raise ValueError("norm_stats must list the running statistics of every parameter")
         eps = group.get("eps")
@@ -239,10 +269,18 @@ class GroupHandling:
             return  # torch refuses it, naming the groups
         for key, (group, j) in zip(saved, current):
             p = group["params"][j]
-            for name, v in state_dict.get("state", {}).get(key, {}).items():
+            saved_state = state_dict.get("state", {}).get(key, {})
+            grouping = group.get("grouping")
+            pairs = [(name, v, self._state_shapes(p, grouping)) for name, v in saved_state.items()]
+            if isinstance(saved_state.get("rest"), dict):  # the rows outside a part
+                rows_ = [v.shape for v in rest(torch.empty(p.shape, device="meta"), grouping)] \
+                    if grouping is not None else []
+                shape = [torch.Size((sum(r[0] for r in rows_), *p.shape[1:]))] if rows_ else []
+                pairs += [("rest." + name, v, shape) for name, v in saved_state["rest"].items()]
+            for name, v, shapes in pairs:
                 if not isinstance(v, Tensor) or v.dim() == 0 or is_sharded(v) or is_sharded(p):
                     continue
-                if v.shape not in self._state_shapes(p, group.get("grouping")):
+                if v.shape not in shapes:
                     names = group.get("param_names")
                     raise ValueError(
                         f"{type(self).__name__}.load_state_dict: state {name!r} of "
@@ -361,6 +399,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
 
     counterpart = "sgd"  # or "adam"
     uses_row_norms = True
+
+    @property
+    def rest_rule(self) -> str:
+        return self.counterpart
     #: under ``torch.compile``, run the vectorized rule once per tensor: each tensor's scalars then
     #: depend on its own reductions only, and inductor fuses those reductions with the update in
     #: one loop over the rows (each row read from memory once); over the whole group, every
@@ -400,6 +442,15 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 rows(torch.empty(p.shape, device="meta"), grouping)  # ValueError if it does not fit
                 if is_sharded(p):
                     ShardedRows(p, grouping)  # ValueError for a placement psiopt cannot update
+        if grouping is not None and split_part(grouping)[1] is not None:
+            params = group["params"]
+            for p in [params] if isinstance(params, Tensor) else params:
+                rest(torch.empty(p.shape, device="meta"), grouping)  # ValueError if it does not fit
+                if is_sharded(p):
+                    raise ValueError(
+                        f"grouping {grouping!r}: a grouping of part of a tensor cannot be updated on "
+                        "FSDP2-sharded parameters (its part and rest would split between ranks); "
+                        "declare the parameter whole (grouping None) under FSDP2")
 
     def _check_settings(self, group: dict) -> None:
         """At each step: raise ``ValueError`` if a setting the rules read is out of range, or if an
@@ -458,10 +509,14 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         if any(group["check_finite"] for group, *_ in work):
             self._check_finite([t for g, _, ps, gs in work if g["check_finite"] for t in zip(ps, gs)])
         for group, index, params, grads in work:
-            if group["grouping"] is None:
+            grouping = group["grouping"]
+            if grouping is None:
                 self._counterpart(group, params, grads)
-            else:
+                continue
+            if is_invariant(grouping):
                 self._invariant(group, index, params, grads)
+            if split_part(grouping)[1] is not None:  # after: a fresh part's state is made first
+                self._rest(group, params, grads)
         return loss
 
     def _init_group(self, group: dict, index: list[int], params: list[Tensor],
@@ -713,8 +768,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         return None
 
     # -- non-invariant groups: torch.optim's own SGD / Adam ---------------------------------------
-    def _counterpart(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
-        states = [self.state[p] for p in params]
+    def _counterpart(self, group: dict, params: list[Tensor], grads: list[Tensor],
+                     states: list[dict] | None = None) -> None:
+        """torch.optim's SGD or Adam on ``params`` (state in ``states``, default their own)."""
+        states = [self.state[p] for p in params] if states is None else states
         fused = self._torch_fused(group, params, grads, states)
         foreach = group["foreach"] is not False and not fused
         if self.counterpart == "sgd":
@@ -731,6 +788,59 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                     beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
                     eps=group["eps"], maximize=False,
                     capturable=torch.compiler.is_compiling() and all(p.is_cpu for p in params))
+
+    def _rest_settings(self, group: dict) -> dict:
+        """The settings of the rows outside the part of a grouping ``"<grouping>[a:b]"``: of an
+        invariant part, ``rest_<key>`` where the group sets it, else the optimizer's defaults
+        (what a group without a grouping takes; :func:`psiopt.create_optimizer` sets the
+        others' settings there), ``lr`` scaled as a scheduler scaled the group's
+        (``lr / initial_lr``: warm-up and decay reach the rest too; other scheduled settings,
+        ``OneCycleLR``'s momentum, reach the part only); of a cancelled part, the group's own."""
+        if not is_invariant(group["grouping"]):
+            return group
+        out = dict(group)
+        for key in REST_KEYS[self.counterpart]:
+            out[key] = group["rest_" + key] if "rest_" + key in group else \
+                self.defaults[key] if key in self.defaults else group[key]
+        initial = group.get("initial_lr")
+        if isinstance(initial, numbers.Real) and initial:
+            out["lr"] = out["lr"] * (group["lr"] / initial)
+        return out
+
+    def _rest(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        """The ordinary update (:meth:`_counterpart`) of the rows outside a part (one or two
+        pieces per parameter, views), with :meth:`_rest_settings`.  Their state is
+        ``state["rest"]``: tensors of the rest's rows stacked (``t[:a]`` then ``t[b:]``), each
+        piece stepping on its slice of them (Adam: one step count, copied for a second piece)."""
+        settings = self._rest_settings(group)
+        pieces, piece_grads, states = [], [], []
+        for p, g in zip(params, grads):
+            ps = rest(p, group["grouping"])
+            st = self._rest_state(self.state[p].setdefault("rest", {}), ps, settings)
+            sizes = [v.shape[0] for v in ps]
+            split = {k: v.split(sizes) for k, v in st.items() if k != "step"}
+            for i, (v, gv) in enumerate(zip(ps, rest(g, group["grouping"]))):
+                pieces.append(v)
+                piece_grads.append(gv)
+                piece = {k: parts[i] for k, parts in split.items()}
+                if "step" in st:
+                    piece["step"] = st["step"] if i == 0 else st["step"].clone()
+                states.append(piece)
+        self._counterpart(settings, pieces, piece_grads, states)
+
+    def _rest_state(self, state: dict, pieces: list[Tensor], settings: dict) -> dict:
+        """``state`` (a parameter's ``state["rest"]``) with the buffers the counterpart needs made
+        (zeros: torch's first SGD-momentum step, ``buf = g``, is ``0·μ + g``)."""
+        def zeros():
+            return torch.cat([torch.zeros_like(v) for v in pieces]) if len(pieces) > 1 \
+                else torch.zeros_like(pieces[0], memory_format=torch.contiguous_format)
+
+        if self.counterpart == "sgd":
+            if settings["momentum"] and "momentum_buffer" not in state:
+                state["momentum_buffer"] = zeros()
+        elif not state:
+            state.update(step=torch.tensor(0.0), exp_avg=zeros(), exp_avg_sq=zeros())
+        return state
 
     @staticmethod
     def _torch_fused(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]) -> bool:

@@ -483,7 +483,7 @@ def param_groups(model: nn.Module, example_inputs=None, *, mapping: dict | None 
         group = {**bucket, "grouping": grouping}
         if grouping == CANCELLED:
             group.update(lr=0.0, weight_decay=0.0)
-        elif grouping is None:
+        elif not is_invariant(grouping):  # (a cancelled part: the rest is an ordinary parameter)
             group.update({k: v for k, v in (("lr", lr), ("weight_decay", weight_decay)) if v is not None})
         else:
             group.update({k: v for k, v in (("lr", invariant_lr), ("weight_decay", invariant_weight_decay))

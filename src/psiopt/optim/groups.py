@@ -32,7 +32,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .discovery import _check_mapping, find_scale_invariant
-from .geometry import CANCELLED, is_invariant
+from .geometry import CANCELLED, is_invariant, split_part
 
 
 def _no_weight_decay(model: nn.Module) -> set[str]:
@@ -80,12 +80,12 @@ def optimizer_groups(model: nn.Module, example_inputs=None, *, mapping: dict | N
             continue
         if grouping == CANCELLED:
             key = (CANCELLED, 0.0)
-        elif is_invariant(grouping):
+        elif is_invariant(grouping) and split_part(grouping)[1] is None:
             key = (grouping, float(invariant_decay))
-        elif p.ndim <= 1 or name.endswith(".bias") or name in excluded:
-            key = (None, 0.0)
-        else:
-            key = (None, float(weight_decay))
+        else:  # a part invariant (or cancelled): the tensor's other rows are ordinary ones
+            part = grouping if is_invariant(grouping) else None
+            ordinary = p.ndim <= 1 or name.endswith(".bias") or name in excluded
+            key = (part, 0.0 if ordinary else float(weight_decay))
         bucket = buckets.setdefault(key, {"params": [], "param_names": []})
         bucket["params"].append(p)
         bucket["param_names"].append(name)

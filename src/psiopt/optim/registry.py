@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base import check_hyper
+from .base import REST_KEYS, check_hyper
 from .baselines import BSGD, SGD, Adam, AdamW
 from .discovery import param_groups
 from .euclidean import SGDMRT, AdamS, AdamSRT, ProjectedSGD
-from .geometry import CANCELLED, is_invariant
+from .geometry import CANCELLED, is_invariant, split_part
 from .quotient import PSISGD
 from .sphere import SGDG, AdamG, AdamGStar, UnitNormSGD
 
@@ -137,8 +137,14 @@ def create_optimizer(model_or_param_groups, name: str, example_inputs=None, *,
         explicit = _explicit(spec, hyper)
     trained = [g for g in groups if g.get("grouping") != CANCELLED]
     for group in trained:
-        side = 0 if is_invariant(group.get("grouping")) else 1
+        grouping = group.get("grouping")
+        partial = is_invariant(grouping) and split_part(grouping)[1] is not None
+        side = 0 if is_invariant(grouping) and not (partial and spec.baseline) else 1
         group.update({**(invariant, other)[side], **group, **explicit[side]})
+        if partial and not spec.baseline:  # the rows outside the part: the others' settings
+            for key in REST_KEYS[spec.cls.counterpart]:
+                if key in other:
+                    group.setdefault("rest_" + key, other[key])
     for group in groups:  # cancelled biases: the others' settings (momentum: the same kind of
         if group.get("grouping") == CANCELLED:  # state, as checkpoints expect), lr and wd 0
             group.update({**other, **group, "lr": 0.0, "weight_decay": 0.0})
