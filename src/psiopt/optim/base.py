@@ -27,8 +27,17 @@ from torch.optim.adam import adam as _torch_adam
 from torch.optim.sgd import sgd as _torch_sgd
 
 from . import kernels
-from .geometry import CANCELLED, RowLayout, accumulate_dtype, is_invariant, norm, parse_grouping
-from .geometry import rest, rows, split_part
+from .geometry import (
+    CANCELLED,
+    RowLayout,
+    accumulate_dtype,
+    is_invariant,
+    norm,
+    parse_grouping,
+    rest,
+    rows,
+    split_part,
+)
 from .sharded import ShardedLayout, ShardedRows, is_sharded
 
 #: hyperparameter -> (low, high, low inclusive, high inclusive)
