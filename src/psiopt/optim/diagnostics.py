@@ -14,7 +14,9 @@ And, for any optimizer (a ``torch.optim`` one built from :func:`psiopt.optimizer
 included), the *angular update* ``∠(x_k, x_{k+1})`` (Kosson et al. 2024's measure of how fast a
 scale-invariant group turns) and the split of the update ``Δ = x_{k+1} − x_k`` into its radial
 part ``<Δ, u_k>/r_k`` (the relative change of the norm, to first order) and its tangential part
-``‖Δ − <Δ, u_k> u_k‖/r_k``.
+``‖Δ − <Δ, u_k> u_k‖/r_k``; beside it, where the rule has a formula, the angle ``η̂_r`` at
+which weight decay holds it in equilibrium (:func:`~psiopt.optim.policies.equilibrium_angle`:
+``√(2ηλ(1 − β1)/(1 + β1))`` for AdamW, ``√(2ηλ/(1 + α))`` for SGD with momentum ``α``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .geometry import dot, is_invariant, norm, rows, safe_inv, sqnorm
+from .policies import NormPolicy, equilibrium_angle
 
 
 def group_of(optimizer, p: torch.Tensor) -> dict:
@@ -83,11 +86,24 @@ def scheduling_beta(optimizer, p: torch.Tensor, view: torch.Tensor, before: torc
     return method(p, view, before) if method is not None else None
 
 
+def predicted_angle(optimizer, group: dict) -> float | None:
+    """REQ's equilibrium angular update of ``group`` under ``optimizer``'s rule (a
+    :class:`~psiopt.optim.policies.NormPolicy`'s inner one), or ``None`` where
+    :func:`~psiopt.optim.policies.equilibrium_angle` has no formula (another rule, no weight
+    decay)."""
+    inner = optimizer.optimizer if isinstance(optimizer, NormPolicy) else optimizer
+    try:
+        return float(equilibrium_angle(inner, group))
+    except ValueError:
+        return None
+
+
 class StepProbe:
     """Wraps one optimizer step: call :meth:`before` just before ``step()`` and :meth:`after`
     just after; returns per-layer summaries (mean row norm; medians over the groups of the
     effective learning rates, the angular update and the radial and tangential parts of the
-    update).  Any optimizer whose invariant groups carry a ``grouping``."""
+    update; ``angle_eq``, the predicted equilibrium angle, where :func:`predicted_angle` has
+    one).  Any optimizer whose invariant groups carry a ``grouping``."""
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
@@ -108,7 +124,7 @@ class StepProbe:
             # and the split of a small step keep their digits
             old, grad = (rows(t, grouping).double() for t in self.saved[name])
             new = rows(p.detach(), grouping).double()
-            lr = group_of(self.optimizer, p)["lr"]
+            group = group_of(self.optimizer, p)
             radial, tangential = update_split(old, new)
             entry = {"norm": norm(old).mean().item(),
                      "eff_lr": measured_effective_lr(old, new, grad).median().item(),
@@ -116,7 +132,11 @@ class StepProbe:
                      "radial": radial.median().item(), "tangential": tangential.median().item()}
             beta = scheduling_beta(self.optimizer, p, new, old)
             if beta is not None:
-                entry["eff_lr_theorem2"] = theorem2_effective_lr(old, new, float(lr), beta).median().item()
+                eff = theorem2_effective_lr(old, new, float(group["lr"]), beta)
+                entry["eff_lr_theorem2"] = eff.median().item()
+            predicted = predicted_angle(self.optimizer, group)
+            if predicted is not None:
+                entry["angle_eq"] = predicted
             out[name] = entry
         self.saved = {}
         return out

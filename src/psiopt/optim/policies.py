@@ -14,7 +14,37 @@ that carry an invariant ``grouping`` only:
    * ``"fixed"``: back to the norm the group had before the step (Arora's PSGD; Hyperball);
    * ``"unit"``: unit norm (UN, B-SGD); the groups are unit-normalised once, at the first
      step, whose gradient is then ``‖w‖·g`` (the gradient at the unit rows, by scale
-     invariance).
+     invariance);
+   * ``"equilibrium"``: REQ's rotational policy (Kosson et al. 2024): each group turns, every
+     step, by exactly the angle ``η̂_r`` at which weight decay would hold the inner rule in
+     equilibrium (:func:`equilibrium_angle`), towards the inner step's tangential part, its norm
+     kept: ``w ← ‖w‖ (cos η̂_r u + sin η̂_r e)`` with ``u = w/‖w‖`` before the step and ``e`` the
+     unit part of the stepped group orthogonal to ``u`` (a group whose step has no such part
+     stays where it was).  REQ's rotational variants scale the update by a running average of
+     its norm, so that the angle is ``η̂_r`` *on average*, and centre the rows; this policy holds
+     it at every step and does not centre.
+
+Equilibrium angular update (:func:`equilibrium_angle`; Kosson et al. 2024, §3, whose values
+their reference code ``epfml/rotational-optimizers`` uses too; Wan et al. 2021 for SGD).  The
+random-walk model: a scale-invariant group (``<g, w> = 0``) whose gradients are zero-mean,
+independent between steps, of ``C`` entries, at a steady state, with ``ηλ ≪ 1``.  Weight decay
+removes ``2ηλ‖w‖²`` (AdamW) from ``‖w‖²`` per step; one gradient adds, over all the steps its
+momentum spreads it across, a total step orthogonal to ``w``; the two balance, and the angle is
+the RMS step over the equilibrium norm, ``η̂_r² = E‖Δw‖²/‖w‖²``:
+
+* AdamW, ``w ← (1 − ηλ)w − η m̂/(√v̂ + ε)``: with ``v̂ ≈ E g²`` and ``ε ≪ √v̂``, a gradient's total
+  step is ``η g/√v`` (the weights ``(1 − β1)β1^k`` sum to 1), ``E‖·‖² = η²C``, so
+  ``‖w‖² = ηC/(2λ)``; one step is ``η m/√v`` with ``E‖m/√v‖² = C(1 − β1)/(1 + β1)``
+  (``Σ (1 − β1)² β1^{2k}``), hence ``η̂_r = √(2ηλ (1 − β1)/(1 + β1))``.
+* SGD with heavy-ball momentum ``α`` and L2 ``λ`` (torch's ``m ← αm + g + λw``, ``w ← w − ηm``):
+  a gradient's total step is ``η g/(1 − α)``, the decay ``ηλ/(1 − α)`` per step, and
+  ``g = g̃/‖w‖`` (scale invariance), so ``‖w‖⁴ = η E‖g̃‖²/(2λ(1 − α))``; one step has
+  ``E‖ηm‖² = η² E‖g‖²/(1 − α²)``, hence ``η̂_r = √(2ηλ/(1 + α))``.
+
+The inner optimizer's ``lr``, ``weight_decay`` and ``betas``/``momentum`` are read from its
+groups at every step (a scheduler may change them; tensors are used as they are, no host
+synchronisation).  Other inner rules (Adam with coupled L2, AMSGrad, Nesterov or dampened
+momentum, Muon, …) have no formula here and are refused, as is ``λ ≤ 0`` (no equilibrium).
 
 The one-time unit-normalisation carries the BatchNorm running statistics along (``norm_stats``,
 as psiopt's optimizers do), so the eval-mode network does not change; the rescaling after each
@@ -28,6 +58,8 @@ float64 to 1e-12).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.optim import Optimizer
 
@@ -35,13 +67,59 @@ from .base import run_closure, warn_unlinked
 from .discovery import _discover, rescale_rows_
 from .geometry import accumulate_dtype, dot, is_invariant, norm, rows, safe_inv
 
-POLICIES = ("free", "fixed", "unit")
+POLICIES = ("free", "fixed", "unit", "equilibrium")
+
+
+def equilibrium_angle(optimizer: Optimizer, group: dict):
+    """REQ's equilibrium angular update ``η̂_r`` (radians) of ``group`` under ``optimizer``'s rule
+    (module docstring): ``√(2ηλ(1 − β1)/(1 + β1))`` for AdamW (and Adam with
+    ``decoupled_weight_decay``), ``√(2ηλ/(1 + α))`` for SGD (momentum ``α``, 0 included).  A
+    Python number, or a tensor where the group's settings are tensors (never read back).
+    ``ValueError`` for a rule without a formula or a weight decay that is not positive."""
+    name = type(optimizer).__name__
+    decay = group.get("weight_decay", 0)
+    if not isinstance(decay, torch.Tensor) and not decay > 0:
+        raise ValueError(f"equilibrium: {name} group with weight_decay={decay!r}: the equilibrium "
+                         "angle needs weight decay > 0 on every invariant group")
+    if isinstance(optimizer, torch.optim.SGD) and not group["nesterov"] and not group["dampening"]:
+        return (2 * group["lr"] * decay / (1 + group["momentum"])) ** 0.5
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay")
+    if isinstance(optimizer, torch.optim.Adam) and decoupled and not group["amsgrad"]:
+        beta1 = group["betas"][0]
+        return (2 * group["lr"] * decay * (1 - beta1) / (1 + beta1)) ** 0.5
+    raise ValueError(f"equilibrium: no equilibrium angle for {name} with these settings (known: "
+                     "torch.optim.AdamW or Adam(decoupled_weight_decay=True) without amsgrad; "
+                     "torch.optim.SGD without nesterov or dampening)")
+
+
+def _cos_sin(theta):
+    """``(cos θ, sin θ)`` of a number (Python floats) or of a tensor (tensors)."""
+    if isinstance(theta, torch.Tensor):
+        return theta.cos(), theta.sin()
+    return math.cos(theta), math.sin(theta)
+
+
+def rotate_(w: torch.Tensor, old: torch.Tensor, theta) -> None:
+    """``w ← ‖old‖ (cos θ u + sin θ e)`` per group of the views ``w`` (stepped) and ``old`` (before
+    the step), ``u = old/‖old‖``, ``e`` the unit part of ``w`` orthogonal to ``u``: the angle
+    ``∠(old, w)`` becomes ``θ`` and the norm ``‖old‖``.  Where ``w`` has no such part the group
+    goes back to ``old``; a zero group stays zero.  Sums in float32 for 16-bit rows."""
+    acc = accumulate_dtype(w.dtype)
+    o, n = old.to(acc), w.to(acc)
+    r = norm(o)
+    u = o * safe_inv(r)
+    t = torch.addcmul(n, u, dot(n, u), value=-1.0)  # the part of w orthogonal to u
+    tn = norm(t)
+    cos, sin = _cos_sin(theta)
+    turns = (tn > 0).to(acc)  # 1 where the group turns (in acc's dtype: cos keeps its digits)
+    w.copy_(r * ((1 + (cos - 1) * turns) * u + sin * t * safe_inv(tn)))
 
 
 class NormPolicy:
-    """``policy`` (``"free"``, ``"fixed"``, ``"unit"``) and ``project`` on the invariant groups of
-    ``optimizer`` (groups with an invariant ``grouping``, as :func:`psiopt.optimizer_groups` and
-    :func:`psiopt.param_groups` build them); see the module docstring.
+    """``policy`` (``"free"``, ``"fixed"``, ``"unit"``, ``"equilibrium"``) and ``project`` on the
+    invariant groups of ``optimizer`` (groups with an invariant ``grouping``, as
+    :func:`psiopt.optimizer_groups` and :func:`psiopt.param_groups` build them); see the module
+    docstring.
 
     ``model`` and ``example_inputs`` (both or neither): the running statistics each invariant
     parameter feeds (by its ``param_names``) are found by discovery, so that they follow the
@@ -51,7 +129,12 @@ class NormPolicy:
     works: a skipped step skips the policy too).  ``state_dict`` holds the inner optimizer's
     and which parameters ``"unit"`` has prepared (by group and position: build the groups of a
     resumed run as they were).  Weight decay of the inner optimizer on invariant groups is
-    undone by ``"fixed"`` and ``"unit"`` (but for its effect on the step's direction).
+    undone by ``"fixed"``, ``"unit"`` and ``"equilibrium"`` (but for its effect on the step's
+    direction); ``"equilibrium"`` needs it (``λ > 0``) to set the angle, and refuses, when built
+    and at each step, an inner rule :func:`equilibrium_angle` has no formula for (it keeps a
+    copy of the invariant parameters during the step).
+    :meth:`equilibrium_angles` gives the predicted angle of every group (for any policy: with
+    ``"free"`` it is the value the inner rule's angular update should approach).
     """
 
     def __init__(self, optimizer: Optimizer, policy: str = "fixed", *, project: bool = False,
@@ -75,6 +158,8 @@ class NormPolicy:
         if self._linked:
             self._stats = _discover(model, example_inputs)[1]
         self._check_groupings()
+        if policy == "equilibrium":
+            self.equilibrium_angles()  # a ValueError now rather than at the first step
         self.prepared: set[tuple[int, int]] = set()  # (group, position) unit-normalised
 
     @property
@@ -87,6 +172,13 @@ class NormPolicy:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none)
+
+    def equilibrium_angles(self) -> list:
+        """The equilibrium angular update ``η̂_r`` of every parameter group (``None`` for a group
+        that is not invariant), from the inner optimizer's current settings
+        (:func:`equilibrium_angle`)."""
+        return [equilibrium_angle(self.optimizer, g) if is_invariant(g.get("grouping")) else None
+                for g in self.optimizer.param_groups]
 
     def _check_groupings(self) -> None:
         """``ValueError`` before anything changes if a grouping does not fit its parameter."""
@@ -112,6 +204,9 @@ class NormPolicy:
         """The inner optimizer's step with the policy around it; returns the closure's loss."""
         loss = run_closure(closure)
         self._check_groupings()  # (a group may have been added since)
+        # the equilibrium angles from the settings the inner step reads (a scheduler steps
+        # after it); a ValueError here comes before anything changes
+        angles = self.equilibrium_angles() if self.policy == "equilibrium" else None
         work = list(self._invariant())
         swapped, before = [], []
         for key, p, grouping, stats in work:
@@ -136,18 +231,31 @@ class NormPolicy:
                 rows(new, grouping).copy_(gv)
                 swapped.append((p, g))
                 p.grad = new
-            before.append(norm(w, accumulate_dtype(w.dtype)) if self.policy == "fixed" else None)
+            before.append(self._before(w))
         try:
             self.optimizer.step()
         finally:
             for p, g in swapped:
                 p.grad = g
-        if self.policy != "free":  # the step's retraction: part of the update, as in psiopt's
-            for (_, p, grouping, _), n in zip(work, before):  # rules (the statistics follow the
-                w = rows(p, grouping)  # one-time unit-normalisation only)
-                after = safe_inv(norm(w, accumulate_dtype(w.dtype)))
-                w.mul_((after if n is None else n * after).to(w.dtype))
+        for (key, p, grouping, _), old in zip(work, before):  # part of the update
+            self._retract_(rows(p, grouping), old, angles[key[0]] if angles else None)
         return loss
+
+    def _before(self, w: torch.Tensor):
+        """What the policy keeps of a group before the step: its norm (``"fixed"``), the group
+        itself (``"equilibrium"``), else nothing."""
+        if self.policy == "fixed":
+            return norm(w, accumulate_dtype(w.dtype))
+        return w.clone() if self.policy == "equilibrium" else None
+
+    def _retract_(self, w: torch.Tensor, old, angle) -> None:
+        """The policy after the step, in place (as in psiopt's rules, the running statistics
+        follow the one-time unit-normalisation only, not this)."""
+        if self.policy == "equilibrium":
+            rotate_(w, old, angle)
+        elif self.policy != "free":
+            after = safe_inv(norm(w, accumulate_dtype(w.dtype)))
+            w.mul_((after if old is None else old * after).to(w.dtype))
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "policy": self.policy,
