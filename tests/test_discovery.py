@@ -323,7 +323,7 @@ def test_discovery_has_no_side_effects():
 @pytest.mark.parametrize("name", ["conv-ReLU-conv-BN", "weight_norm + BN", "vgg (conv-BN)",
                                   "conv-depthwise-BN", "resnet20 (BN)", "LN gain → linear → BN",
                                   "tokens: LN → linear → BN (LeViT-style)",
-                                  "BN → 1×1 conv → BN (MaxViT pre-norm)"])
+                                  "BN → 1×1 conv → BN (MaxViT pre-norm)", "conv split: half → BN"])
 def test_rows_psiopt_rescales_keep_the_eval_network(name):
     # UN-SGD unit-normalises every group at its first step (lr 0: nothing else moves); the
     # running statistics discovery links to each group must follow, whatever the grouping

@@ -7,6 +7,9 @@ registered optimizer, on a network whose groups are whole on a rank (conv→Grou
 half of the batch gives, averaged over ranks, the gradient of the whole batch.  A BatchNorm network
 (conv→BatchNorm2d, linear→BatchNorm1d) under DDP with :class:`psiopt.SyncBatchNorm` (statistics of
 the global batch) must equal one process with plain BatchNorm too, running statistics included.
+A transformer of two blocks under DDP trains groupings of part of a tensor: the q and k rows of a
+fused qkv projection under per-head QK-norm ("groups:4[0:32]") and the key part of a fused qkv
+bias ("cancelled[16:32]"), the other rows with the ordinary rule.
 """
 
 from __future__ import annotations
@@ -46,9 +49,27 @@ def bn_net() -> nn.Module:
         nn.Linear(5, 3)).double()
 
 
-def data():
+def parts_net() -> nn.Module:
+    from psiopt.experiments.zoo import Block
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = Block(qk_norm="ln", bias=False)  # qkv.weight: groups:4[0:32]
+            self.b = Block()  # qkv.bias: cancelled[16:32]
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.b(self.a(x)).mean(1))
+
+    torch.manual_seed(0)
+    return Net().double()
+
+
+def data(mode=None):
     gen = torch.Generator().manual_seed(1)
-    return (torch.randn(STEPS, 8, 3, 8, 8, generator=gen, dtype=torch.float64),
+    shape = (5, 16) if mode == "ddp-parts" else (3, 8, 8)
+    return (torch.randn(STEPS, 8, *shape, generator=gen, dtype=torch.float64),
             torch.randint(0, 3, (STEPS, 8), generator=gen))
 
 
@@ -70,6 +91,12 @@ def _worker(rank, world, port, mode, names, out):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     results = {name: _compare(rank, mode, name) for name in names}
+    if mode == "fsdp":  # a part of a sharded tensor: refused, naming why
+        try:
+            psiopt.create_optimizer(_sharded(net()), "psi-sgdm", mapping={"0.weight": "channel[0:3]"})
+            results["part refused"] = None
+        except ValueError as e:
+            results["part refused"] = str(e)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
@@ -78,9 +105,9 @@ def _worker(rank, world, port, mode, names, out):
 
 def _compare(rank, mode, name) -> dict:
     """Largest relative difference between ``mode`` on two ranks and one process."""
-    xs, ys = data()
+    xs, ys = data(mode)
     half = slice(rank * 4, rank * 4 + 4)
-    make = bn_net if mode == "ddp-syncbn" else net
+    make = {"ddp-syncbn": bn_net, "ddp-parts": parts_net}.get(mode, net)
     ref = make()
     ref_opt = psiopt.create_optimizer(ref, name, xs[0])
     train(ref, ref_opt, xs, ys)
@@ -214,7 +241,7 @@ def spawn(mode, names, tmp_path) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "ddp", "ddp-syncbn"])
+@pytest.mark.parametrize("mode", ["fsdp", "ddp", "ddp-syncbn", "ddp-parts"])
 def test_two_ranks_equal_one_process_for_every_optimizer(tmp_path, mode):
     names = psiopt.list_optimizers()
     results = spawn(mode, names, tmp_path)
@@ -224,6 +251,13 @@ def test_two_ranks_equal_one_process_for_every_optimizer(tmp_path, mode):
     if mode == "ddp-syncbn":
         expected = {"module.0.weight": "channel", "module.0.bias": "cancelled",
                     "module.4.weight": "channel"}
+    if mode == "fsdp":
+        assert "FSDP2-sharded" in results.pop("part refused"), "a part of a sharded tensor was taken"
+    if mode == "ddp-parts":
+        found = psiopt.find_scale_invariant(parts_net(), data(mode)[0][0])
+        assert found["a.attn.qkv.weight"] == "groups:4[0:32]"
+        assert found["b.attn.qkv.bias"] == "cancelled[16:32]"
+        expected = {"module." + n: g for n, g in found.items()}
     for name in names:
         assert results[name]["mapping"] == expected, name
     errors = {name: (r["error"], r["worst"]) for name, r in results.items()}

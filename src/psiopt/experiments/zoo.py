@@ -275,6 +275,20 @@ class ScalarGain(nn.Module):
         return self.head(self.norm(self.lin(x) * self.g))
 
 
+class SplitBN(nn.Module):
+    """A conv whose first half of the channels goes through a BatchNorm and the other half does not
+    (a part of the weight invariant per channel, a part of the bias cancelled)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(4)
+        self.head = nn.Linear(8 * 6 * 6, 3)
+
+    def forward(self, x):
+        a, b = self.conv(x).chunk(2, dim=1)
+        return self.head(torch.cat([self.bn(a), F.relu(b)], 1).flatten(1))
+
+
 def _seq(*layers):
     return nn.Sequential(*layers)
 
@@ -345,6 +359,7 @@ def _zoo():
         "LN gain → linear → BN": (lambda: _seq(nn.Linear(D, D), nn.LayerNorm(D), nn.Linear(D, D, bias=False),
                                               nn.BatchNorm1d(D), nn.Linear(D, 3)), _vectors),
         "tokens: LN → linear → BN (LeViT-style)": (TokenBN, _tokens),
+        "conv split: half → BN": (SplitBN, _images),
         "BN → 1×1 conv → BN (MaxViT pre-norm)": (
             lambda: _seq(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4),
                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), _images),

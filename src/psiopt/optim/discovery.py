@@ -634,8 +634,10 @@ def _measure(model, example_inputs, mapping, params, scales, loss_fn) -> dict:
         p = params[name]
         saved = p.detach().clone()
         change = 0.0
-        if grouping == CANCELLED:
-            offset = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device)
+        if parse_grouping(grouping)[0] == CANCELLED:  # (of a part: the other rows kept)
+            offset = torch.zeros_like(p.data)
+            shifted = part(offset, grouping)
+            shifted.copy_(torch.randn(shifted.shape, generator=gen, dtype=p.dtype).to(p.device))
             offset.mul_(saved.abs().max().clamp_min(1.0))
             for c in scales:
                 p.data.add_(offset, alpha=c)
