@@ -180,3 +180,20 @@ def test_settings_of_the_rest_are_checked():
     opt = psiopt.create_optimizer(model, "psi-sgdm", x, other_lr=0.02, other_momentum=0.5)
     group = next(g for g in opt.param_groups if g["grouping"] == "groups:4[0:32]")
     assert (group["rest_lr"], group["rest_momentum"], group["lr"]) == (0.02, 0.5, 0.1)
+
+
+@pytest.mark.parametrize("policy", ["fixed", "unit", "equilibrium"])
+def test_a_norm_policy_on_a_part_equals_it_on_separate_tensors(policy):
+    # AdamW with weight decay 0.05 everywhere: the split network's q and k are invariant groups,
+    # its v an ordinary weight, as the fused part and its rest are
+    fused, separate, x = fused_and_separate()
+    results = []
+    for model in (fused, separate):
+        inner = torch.optim.AdamW(psiopt.optimizer_groups(model, x, weight_decay=0.05), lr=1e-2)
+        policy_ = psiopt.NormPolicy(inner, policy, project=True, model=model, example_inputs=x)
+        for _ in range(STEPS):
+            inner.zero_grad()
+            model(x).square().sum().backward()
+            policy_.step()
+        results.append(qkv(model))
+    assert torch.allclose(*results, rtol=0, atol=1e-12), float((results[0] - results[1]).abs().max())

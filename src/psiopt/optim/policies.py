@@ -65,7 +65,7 @@ from torch.optim import Optimizer
 
 from .base import run_closure, warn_unlinked
 from .discovery import _discover, rescale_rows_
-from .geometry import accumulate_dtype, dot, is_invariant, norm, rows, safe_inv
+from .geometry import accumulate_dtype, dot, is_invariant, norm, rest, rows, safe_inv
 
 POLICIES = ("free", "fixed", "unit", "equilibrium")
 
@@ -229,6 +229,8 @@ class NormPolicy:
             if gv is not None:
                 new = torch.empty_like(g)
                 rows(new, grouping).copy_(gv)
+                for piece, given in zip(rest(new, grouping), rest(g, grouping)):
+                    piece.copy_(given)  # the rows outside a part: the gradient as it is
                 swapped.append((p, g))
                 p.grad = new
             before.append(self._before(w))
