@@ -7,9 +7,14 @@ registered optimizer, on a network whose groups are whole on a rank (conv→Grou
 half of the batch gives, averaged over ranks, the gradient of the whole batch.  A BatchNorm network
 (conv→BatchNorm2d, linear→BatchNorm1d) under DDP with :class:`psiopt.SyncBatchNorm` (statistics of
 the global batch) must equal one process with plain BatchNorm too, running statistics included.
-A transformer of two blocks under DDP trains groupings of part of a tensor: the q and k rows of a
-fused qkv projection under per-head QK-norm ("groups:4[0:32]") and the key part of a fused qkv
-bias ("cancelled[16:32]"), the other rows with the ordinary rule.
+A transformer of two blocks under DDP and FSDP2 trains groupings of part of a tensor: the q and k
+rows of a fused qkv projection under per-head QK-norm ("groups:4[0:32]") and the key part of a
+fused qkv bias ("cancelled[16:32]"), the other rows with the ordinary rule.  Under FSDP2 the
+(48, 16) qkv weight is split 24 | 24 between the ranks, so the part ends inside rank 1's shard
+and rank 0 holds no row of its rest; "fsdp-parts-edges" places parts by hand where a rank holds
+no row of the part (a "tensor" and a "channel" part), where a group of the part spans the ranks
+and where the rest lies on both sides of the part on one rank (the equality of two ranks and one
+process holds for any grouping, invariant or not).
 """
 
 from __future__ import annotations
@@ -66,9 +71,20 @@ def parts_net() -> nn.Module:
     return Net().double()
 
 
+#: parts of "fsdp-parts-edges", placed by hand on parts_net (rows 0..23 on rank 0, 24..47 on 1)
+EDGES = {
+    "a.attn.qkv.weight": "groups:2[0:32]",    # the k group (rows 16..31) spans the ranks
+    "a.attn.k_norm.bias": "cancelled",
+    "b.attn.qkv.weight": "tensor[8:16]",      # none on rank 1; rank 0's rest on both sides
+    "b.attn.qkv.bias": "cancelled[16:32]",
+    "b.mlp.0.weight": "channel[40:64]",       # (64, 16): none on rank 0
+}
+PARTS = ("ddp-parts", "fsdp-parts", "fsdp-parts-edges")
+
+
 def data(mode=None):
     gen = torch.Generator().manual_seed(1)
-    shape = (5, 16) if mode == "ddp-parts" else (3, 8, 8)
+    shape = (5, 16) if mode in PARTS else (3, 8, 8)
     return (torch.randn(STEPS, 8, *shape, generator=gen, dtype=torch.float64),
             torch.randint(0, 3, (STEPS, 8), generator=gen))
 
@@ -91,12 +107,6 @@ def _worker(rank, world, port, mode, names, out):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     results = {name: _compare(rank, mode, name) for name in names}
-    if mode == "fsdp":  # a part of a sharded tensor: refused, naming why
-        try:
-            psiopt.create_optimizer(_sharded(net()), "psi-sgdm", mapping={"0.weight": "channel[0:3]"})
-            results["part refused"] = None
-        except ValueError as e:
-            results["part refused"] = str(e)
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
@@ -107,28 +117,32 @@ def _compare(rank, mode, name) -> dict:
     """Largest relative difference between ``mode`` on two ranks and one process."""
     xs, ys = data(mode)
     half = slice(rank * 4, rank * 4 + 4)
-    make = {"ddp-syncbn": bn_net, "ddp-parts": parts_net}.get(mode, net)
+    make = bn_net if mode == "ddp-syncbn" else parts_net if mode in PARTS else net
+    mapping = EDGES if mode == "fsdp-parts-edges" else None
     ref = make()
-    ref_opt = psiopt.create_optimizer(ref, name, xs[0])
+    ref_opt = psiopt.create_optimizer(ref, name, xs[0], mapping=mapping)
     train(ref, ref_opt, xs, ys)
     model = psiopt.convert_sync_batchnorm(make()) if mode == "ddp-syncbn" else make()
-    wrapped = _sharded(model) if mode == "fsdp" else nn.parallel.DistributedDataParallel(model)
-    mapping = psiopt.find_scale_invariant(wrapped, xs[0])
-    opt = psiopt.create_optimizer(wrapped, name, xs[0][half])
+    fsdp = mode.startswith("fsdp")
+    wrapped = _sharded(model) if fsdp else nn.parallel.DistributedDataParallel(model)
+    found = mapping or psiopt.find_scale_invariant(wrapped, xs[0])
+    opt = psiopt.create_optimizer(wrapped, name, xs[0][half], mapping=mapping)
     train(wrapped, opt, xs[:, half], ys[:, half])
     got, want = full(wrapped), full(ref)
-    prefix = "" if mode == "fsdp" else "module."
+    prefix = "" if fsdp else "module."
     errs = {n: float((got[prefix + n] - w).abs().max() / w.abs().max().clamp_min(1e-12))
             for n, w in want.items()}
     worst = max(errs, key=errs.get)
-    return {"error": errs[worst], "worst": worst, "mapping": mapping}
+    return {"error": errs[worst], "worst": worst, "mapping": found}
 
 
 def _sharded(model):
+    """FSDP2 on the test networks: each block (of parts_net) or layer with parameters (of net),
+    then the root."""
     from torch.distributed.fsdp import fully_shard
 
-    for i in (0, 3, 7, 10):
-        fully_shard(model[i])
+    for block in (model.a, model.b) if hasattr(model, "a") else (model[i] for i in (0, 3, 7, 10)):
+        fully_shard(block)
     fully_shard(model)
     return model
 
@@ -241,23 +255,23 @@ def spawn(mode, names, tmp_path) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "ddp", "ddp-syncbn", "ddp-parts"])
+@pytest.mark.parametrize("mode", ["fsdp", "ddp", "ddp-syncbn", *PARTS])
 def test_two_ranks_equal_one_process_for_every_optimizer(tmp_path, mode):
     names = psiopt.list_optimizers()
     results = spawn(mode, names, tmp_path)
-    prefix = "" if mode == "fsdp" else "module."
+    prefix = "" if mode.startswith("fsdp") else "module."
     expected = {f"{prefix}0.weight": "groups:2", f"{prefix}3.weight": "channel",
                 f"{prefix}3.bias": "cancelled", f"{prefix}7.weight": "tensor"}
     if mode == "ddp-syncbn":
         expected = {"module.0.weight": "channel", "module.0.bias": "cancelled",
                     "module.4.weight": "channel"}
-    if mode == "fsdp":
-        assert "FSDP2-sharded" in results.pop("part refused"), "a part of a sharded tensor was taken"
-    if mode == "ddp-parts":
+    if mode in ("ddp-parts", "fsdp-parts"):
         found = psiopt.find_scale_invariant(parts_net(), data(mode)[0][0])
         assert found["a.attn.qkv.weight"] == "groups:4[0:32]"
         assert found["b.attn.qkv.bias"] == "cancelled[16:32]"
-        expected = {"module." + n: g for n, g in found.items()}
+        expected = {prefix + n: g for n, g in found.items()}
+    if mode == "fsdp-parts-edges":
+        expected = EDGES
     for name in names:
         assert results[name]["mapping"] == expected, name
     errors = {name: (r["error"], r["worst"]) for name, r in results.items()}

@@ -81,12 +81,15 @@ def check_row_scale(p: Tensor, grouping: str, name: str) -> None:
     range of its dtype (overflow to inf, or below the smallest normal number): every rule that
     reads row norms needs ``‖w‖²`` (rows ×1e30 or ×1e-30 in float32 were set to 0 or NaN).
     Reads the values once (a host synchronisation: at construction, never in ``step``)."""
-    if is_sharded(p) and parse_grouping(grouping)[::2] != ("channel", 0):
+    shard = ShardedRows(p, grouping) if is_sharded(p) else None
+    if shard is not None and shard.index is not None:
         return  # groups spanning shards: not checked (their norms need a collective)
     local = p.to_local() if is_sharded(p) else p
     if local.is_meta or local.numel() == 0:  # nothing to read (a model built on meta, an empty shard)
         return
-    v = rows(local.detach(), grouping)
+    v = rows(local.detach(), grouping) if shard is None else shard.view(local.detach())
+    if v.numel() == 0:  # no row of the part on this rank
+        return
     v = v.reshape(v.shape[0], -1)
     sq = v.square().sum(1)
     bad = (v != 0).any(1) & torch.isfinite(v).all(1) & \
@@ -456,10 +459,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             for p in [params] if isinstance(params, Tensor) else params:
                 rest(torch.empty(p.shape, device="meta"), grouping)  # ValueError if it does not fit
                 if is_sharded(p):
-                    raise ValueError(
-                        f"grouping {grouping!r}: a grouping of part of a tensor cannot be updated on "
-                        "FSDP2-sharded parameters (its part and rest would split between ranks); "
-                        "declare the parameter whole (grouping None) under FSDP2")
+                    ShardedRows(p, grouping)  # ValueError for a placement psiopt cannot update
 
     def _check_settings(self, group: dict) -> None:
         """At each step: raise ``ValueError`` if a setting the rules read is out of range, or if an
@@ -603,7 +603,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             [s.view(g.to_local()) for s, g in zip(shards, grads)]
         states = [self.state[p] for p in params]
         if shards is not None:  # the rules run on local tensors; state is kept as DTensors
-            states, kept = self._local_states(states)
+            states, kept = self._local_states(states, shards)
         per_tensor = compiling and shards is None and (self.compile_per_tensor or layout is None)
         vectorized = compiling or shards is not None or (group["foreach"] is not False
                                                           and layout is not None)
@@ -667,12 +667,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         if not is_sharded(params[0]):
             ws = [rows(p, grouping) for p in params]
             return ws, self._layout(ws) if len({(w.dtype, w.device) for w in ws}) == 1 else None, None
-        cache = self.__dict__.setdefault("_shards", {})
-        shards = []
-        for p in params:
-            if (id(p), grouping) not in cache:
-                cache[(id(p), grouping)] = (p, ShardedRows(p, grouping))  # p kept: ids stay valid
-            shards.append(cache[(id(p), grouping)][1])
+        shards = [self._shard(p, grouping) for p in params]
         ws = [s.view(p.to_local()) for s, p in zip(shards, params)]
         if len({(w.dtype, w.device) for w in ws}) != 1:
             raise ValueError("psiopt: the sharded parameters of one group must share dtype and device")
@@ -682,10 +677,19 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             layouts[key] = ShardedLayout(ws, shards)
         return ws, layouts[key], shards
 
+    def _shard(self, p: Tensor, grouping: str) -> ShardedRows:
+        """The :class:`~psiopt.optim.sharded.ShardedRows` of the sharded ``p`` (cached)."""
+        cache = self.__dict__.setdefault("_shards", {})
+        if (id(p), grouping) not in cache:
+            cache[(id(p), grouping)] = (p, ShardedRows(p, grouping))  # p kept: ids stay valid
+        return cache[(id(p), grouping)][1]
+
     @staticmethod
-    def _local_states(states: list[dict]) -> tuple[list[dict], list[dict]]:
-        """Per-parameter state with every DTensor replaced by its local tensor, and those."""
-        local = [{k: v.to_local() if is_sharded(v) else v for k, v in st.items()} for st in states]
+    def _local_states(states: list[dict], shards: list[ShardedRows]) -> tuple[list[dict], list[dict]]:
+        """Per-parameter state with every DTensor replaced by its local tensor (the view's rows:
+        :meth:`ShardedRows.local`), and those."""
+        local = [{k: shard.local(v) if is_sharded(v) else v for k, v in st.items()}
+                 for st, shard in zip(states, shards)]
         return local, [dict(st) for st in local]
 
     def _store_states(self, params, shards, ws, states, kept, into=None) -> None:
@@ -820,22 +824,34 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         """The ordinary update (:meth:`_counterpart`) of the rows outside a part (one or two
         pieces per parameter, views), with :meth:`_rest_settings`.  Their state is
         ``state["rest"]``: tensors of the rest's rows stacked (``t[:a]`` then ``t[b:]``), each
-        piece stepping on its slice of them (Adam: one step count, copied for a second piece)."""
-        settings = self._rest_settings(group)
+        piece stepping on its slice of them (Adam: one step count, copied for a second piece).
+        Under FSDP2 the rest's rows are spread unevenly over the ranks: its buffers are shaped
+        and sharded like the parameter (DTensors, which ``torch.distributed.checkpoint`` saves),
+        the part's rows in them unused; a rank without rows of the rest steps its count only."""
+        settings, grouping = self._rest_settings(group), group["grouping"]
         pieces, piece_grads, states = [], [], []
         for p, g in zip(params, grads):
-            ps = rest(p, group["grouping"])
-            st = self._rest_state(self.state[p].setdefault("rest", {}), ps, settings)
-            sizes = [v.shape[0] for v in ps]
-            split = {k: v.split(sizes) for k, v in st.items() if k != "step"}
-            for i, (v, gv) in enumerate(zip(ps, rest(g, group["grouping"]))):
+            st = self.state[p].setdefault("rest", {})
+            if is_sharded(p):
+                cut = self._shard(p, grouping).rest  # the local rows outside the part
+                ps, gs = cut(p.to_local()), cut(g.to_local())
+                self._rest_state(st, [p], settings)  # (zeros_like of a DTensor: sharded like it)
+                split = {k: cut(v.to_local()) for k, v in st.items() if k != "step"}
+                if not ps and "step" in st:
+                    st["step"] += 1  # the count every rank keeps alike
+            else:
+                ps, gs = rest(p, grouping), rest(g, grouping)
+                self._rest_state(st, ps, settings)
+                split = {k: v.split([v.shape[0] for v in ps]) for k, v in st.items() if k != "step"}
+            for i, (v, gv) in enumerate(zip(ps, gs)):
                 pieces.append(v)
                 piece_grads.append(gv)
                 piece = {k: parts[i] for k, parts in split.items()}
                 if "step" in st:
                     piece["step"] = st["step"] if i == 0 else st["step"].clone()
                 states.append(piece)
-        self._counterpart(settings, pieces, piece_grads, states)
+        if pieces:
+            self._counterpart(settings, pieces, piece_grads, states)
 
     def _rest_state(self, state: dict, pieces: list[Tensor], settings: dict) -> dict:
         """``state`` (a parameter's ``state["rest"]``) with the buffers the counterpart needs made

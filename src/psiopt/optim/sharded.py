@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .geometry import RowLayout, norm, parse_grouping, rows
+from .geometry import CANCELLED, RowLayout, norm, parse_grouping, rows, split_part
 
 try:
     import torch.distributed as dist
@@ -41,7 +41,17 @@ class ShardedRows:
     gradient, a buffer) to the rows the rules work on; ``index`` gives the global group of each
     local row (``None`` when the local rows are whole groups), ``groups`` the number of global
     groups, ``group_size`` the entries of one, ``sharded_dim`` the dimension of the view split
-    between ranks (``None`` for a replicated parameter).
+    between ranks (``None`` for a replicated parameter), ``global_view`` the shape of the whole
+    view and ``first`` the global index (along ``sharded_dim``) of its first local row.
+
+    A grouping of part of a tensor (``"groups:4[0:32]"``) on a sharded parameter: the local rows
+    of the part are those of ``[a, b)`` on this rank, ``[lo, hi)`` of the local shard (none on
+    a rank that holds no row of the part: an empty view, whose partial sums are zero and which
+    joins every collective as the other ranks do); the view is the grouping's view of the whole
+    local shard narrowed to them, and :meth:`rest` gives the local rows outside the part.  State
+    made for the view is stored padded to the whole local shard (:meth:`wrap`, :meth:`local`):
+    the part's rows are spread unevenly over the ranks, and a DTensor sharded like the parameter
+    is what ``torch.distributed.checkpoint`` saves and reshards.
     """
 
     def __init__(self, p, grouping: str):
@@ -54,42 +64,82 @@ class ShardedRows:
         kind, blocks, dim = parse_grouping(grouping)
         self.kind = kind
         shard = placements[0] == Shard(0)
+        span = split_part(grouping)[1]
+        offset = _offset(p) if shard else 0  # global index of the local shard's first row
+        rows_here = p.to_local().shape[0] if p.dim() else 0
+        self._rows_here = rows_here  # the view's rows (on sharded_dim) of the whole local shard
+        self.window = self._part = None  # [lo, hi): the local rows of a part (window: if sharded)
+        if span is not None:
+            lo, hi = (min(max(e - offset, 0), rows_here) for e in span) if shard else span
+            self.window, self._part = ((lo, hi) if shard else None), (lo, hi)
         self.index, self.groups = None, None
-        whole_rows = not shard or (kind == "channel" and dim == 0)
-        if whole_rows:
-            self._view = lambda t: rows(t, grouping)
-            self.sharded_dim = 0 if shard else None
-        elif kind == "tensor":
-            self._view, self.sharded_dim, self.groups, per = (lambda t: t.unsqueeze(0)), 1, 1, 1
-        elif dim == 1:  # ConvTranspose: output channels on dimension 1, inputs sharded
-            self._view, self.sharded_dim = (lambda t: rows(t, "channel@1")), 1
-        else:  # groups of output channels on the sharded dimension: one view row per channel
-            self._view, self.sharded_dim = (lambda t: t if t.dim() > 1 else t.unsqueeze(1)), 0
-        whole = self._view(torch.empty(p.shape, device="meta")).shape
-        self.global_view = tuple(whole)
-        self.first = _offset(p) if self.sharded_dim == 0 else 0  # global index of the first row
-        if whole_rows:
-            self.group_size = math.prod(whole[1:])
+        if kind == CANCELLED:  # never updated: only its rest (:meth:`rest`)
             return
-        if kind != "tensor":
-            self.groups = blocks if kind == "groups" else p.shape[dim]
-            per = p.shape[dim] // self.groups
-        local = self._view(p.to_local())
+        whole_rows = not shard or (kind == "channel" and dim == 0)
+        if not shard:  # whole on every rank (a part included)
+            self._inner, self.sharded_dim = (lambda t: rows(t, grouping)), None
+        elif kind == "tensor":
+            self._inner, self.sharded_dim = (lambda t: t.unsqueeze(0)), 1
+        elif dim == 1:  # ConvTranspose: output channels on dimension 1, inputs sharded
+            self._inner, self.sharded_dim = (lambda t: rows(t, "channel@1")), 1
+        else:  # output channels (of groups) on the sharded dimension: one view row per channel
+            self._inner, self.sharded_dim = (lambda t: t if t.dim() > 1 else t.unsqueeze(1)), 0
+        stored = self._inner(torch.empty(p.shape, device="meta"))
+        self.stored_view = tuple(stored.shape)  # global shape of state stored like a buffer
+        self.global_view = tuple(stored.narrow(self.sharded_dim, span[0], span[1] - span[0]).shape
+                                 if self.window else stored.shape)
+        self.first = 0
+        if self.sharded_dim == 0:
+            self.first = offset + self.window[0] - span[0] if self.window else offset
+        if whole_rows:
+            self.group_size = math.prod(self.global_view[1:])
+            return
+        self.groups = 1 if kind == "tensor" else blocks if kind == "groups" else p.shape[dim]
+        per = 1 if kind == "tensor" else self.global_view[0] // self.groups
+        local = self.view(p.to_local())
         self.index = torch.arange(self.first, self.first + local.shape[0], device=local.device) // per
-        self.group_size = math.prod(p.shape) // self.groups
+        self.group_size = math.prod(self.global_view) // self.groups
 
     def view(self, local: Tensor) -> Tensor:
-        return self._view(local)
+        """The rows the rules work on of a tensor of the parameter's local shape."""
+        v = self._inner(local)
+        return v if self.window is None else self._narrow(v)
+
+    def _narrow(self, t: Tensor) -> Tensor:
+        lo, hi = self.window
+        return t.narrow(self.sharded_dim, lo, hi - lo)
+
+    def rest(self, local: Tensor) -> list[Tensor]:
+        """The local rows outside the part (views, the empty ones left out) of a tensor of the
+        parameter's local shape; ``[]`` for a grouping of the whole tensor."""
+        if self._part is None:
+            return []
+        lo, hi = self._part
+        return [v for v in (local[:lo], local[hi:]) if v.shape[0]]
+
+    def local(self, state: Tensor) -> Tensor:
+        """The local tensor of a state DTensor made by :meth:`wrap`, as the view's rows."""
+        t = state.to_local()
+        if self.window is None or not isinstance(state.placements[0], Shard):
+            return t
+        return self._narrow(t)
 
     def wrap(self, local: Tensor, like: Tensor) -> Tensor:
         """``local`` (a state tensor made for the local view ``like``: a buffer of its shape, or
-        one scalar per row) as a DTensor on the parameter's mesh; 0-d tensors stay as they are."""
+        one scalar per row) as a DTensor on the parameter's mesh; 0-d tensors stay as they are.
+        For a part, a sharded one is padded with zeros to the whole local shard."""
         if local.dim() == 0:
             return local
         full = local.shape == like.shape
         if self.sharded_dim is None or (not full and self.sharded_dim != 0):
             return DTensor.from_local(local, self.mesh, [Replicate()], run_check=False)
-        shape = torch.Size(self.global_view if full else (self.global_view[0], *local.shape[1:]))
+        if self.window is not None:
+            size = list(local.shape)
+            size[self.sharded_dim] = self._rows_here  # the view's rows of the whole local shard
+            padded = local.new_zeros(size)
+            self._narrow(padded).copy_(local)
+            local = padded
+        shape = torch.Size(self.stored_view if full else (self.stored_view[0], *local.shape[1:]))
         return DTensor.from_local(local, self.mesh, [Shard(self.sharded_dim)], run_check=False,
                                   shape=shape, stride=torch.empty(shape, device="meta").stride())
 

@@ -63,7 +63,7 @@ class _SphereOptimizer(ScaleInvariantOptimizer):
             ws, layout, shards = self._rows(group["grouping"], params)
             states = [self.state[p] for p in params]
             if shards is not None:
-                states, kept = self._local_states(states)
+                states, kept = self._local_states(states, shards)
             self._init_states(group, ws, None, states, layout, self._stats(group, index))
             if shards is not None:
                 self._store_states(params, shards, ws, states, kept)
