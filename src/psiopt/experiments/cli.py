@@ -39,7 +39,7 @@ USER_ERRORS = (UsageError, DataError, RunError)
 DEFAULTS = {"dataset": "synthetic", "model": "mlp-bn", "epochs": 1, "batch_size": 128,
             "milestones": None, "gamma": 0.1, "init": "default", "subset": None, "seeds": 1,
             "optimizers": None, "threads": 1, "grouping": None, "model_kwarg": None,
-            "validation": None, "exact_norms": False}
+            "validation": None, "exact_norms": False, "device": "cpu", "amp": "none"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -120,6 +120,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="model option, e.g. --model-kwarg batch_norm=false (arora-vgg)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads per run (default 1: honest timings on a shared machine)")
+    p.add_argument("--device", default=None,
+                   help="cpu (default), cuda or cuda:N: where the model, the optimizer and the "
+                        "data (when it fits) live; with --nproc, rank r uses cuda:r (NCCL)")
+    p.add_argument("--amp", default=None,
+                   help="none (default) or bf16: forward passes under torch.autocast with "
+                        "bfloat16, float32 parameters and optimizer")
     p.add_argument("--out", default=None)
     p.add_argument("--no-progress", action="store_true")
 
@@ -135,7 +141,8 @@ def parser() -> Parser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true")
     t.add_argument("--nproc", type=int, default=None,
-                   help="data-parallel processes on this machine (gloo; --batch-size is the global "
+                   help="data-parallel processes on this machine (gloo on the CPU, NCCL and "
+                        "one GPU per process with --device cuda; --batch-size is the global "
                         "batch); under torchrun, the number torchrun started")
     t.add_argument("--checkpoint-seconds", type=float, default=30.0,
                    help="write a checkpoint after an epoch ending this long after the last one "
@@ -207,7 +214,8 @@ def _config(args, optimizer: str, seed: int) -> RunConfig:
                        threads=args.threads, grouping=args.grouping,
                        model_kwargs=_pairs("--model-kwarg", args.model_kwarg),
                        nproc=getattr(args, "nproc", None) or 1,
-                       sync_bn=getattr(args, "sync_bn", False), exact_norms=bool(args.exact_norms))
+                       sync_bn=getattr(args, "sync_bn", False), exact_norms=bool(args.exact_norms),
+                       device=args.device, amp=args.amp)
     try:
         config.validate()
     except RunError as e:
@@ -236,11 +244,20 @@ def cmd_train(args) -> None:
     kwargs = {"resume": args.resume, "progress": False if args.no_progress else None,
               "checkpoint_seconds": args.checkpoint_seconds}
     if world is not None and world > 1:
+        import torch
         import torch.distributed as dist
 
-        from .train import PROCESS_GROUP_TIMEOUT, close_process_group
+        from .train import (
+            PROCESS_GROUP_TIMEOUT,
+            close_process_group,
+            process_group_backend,
+            run_device,
+        )
 
-        dist.init_process_group("gloo", timeout=PROCESS_GROUP_TIMEOUT)
+        backend = process_group_backend(config)
+        if backend == "nccl":  # before the group: NCCL's communicator is made on this GPU
+            torch.cuda.set_device(run_device(config))
+        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
         try:
             metrics = train(config, out, **kwargs)
         finally:
@@ -287,6 +304,9 @@ def cmd_study(args) -> None:
     if args.epochs is not None or args.optimizers is not None or args.seeds is not None:
         raise UsageError(f"recipe {args.recipe} takes --dataset, --model, --subset, --data-dir "
                          "and --out only")
+    if args.device not in (None, "cpu") or args.amp not in (None, "none"):
+        raise UsageError(f"recipe {args.recipe} is a study that runs on the CPU in full "
+                         "precision: leave out --device and --amp")
     torch_threads(args.threads or 1)
     out = Path(args.out or f"runs/{args.recipe}")
     if (out / "summary.md").exists():

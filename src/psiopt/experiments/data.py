@@ -5,11 +5,14 @@ python pickle batches), ``svhn`` (``train_32x32.mat``/``test_32x32.mat``, needs 
 ``synthetic`` (generated images, for tests and when no dataset is installed) and
 ``toy-regression`` (Yi §6.1).  Every set is held in memory as normalised float32 tensors of shape
 ``(N, C, H, W)`` (``(N, F)`` for vectors); batches are drawn by indexing, and CIFAR/SVHN
-augmentation (random crop with 4-pixel padding, horizontal flip) is done on whole batches.
+augmentation (random crop with 4-pixel padding, horizontal flip) is done on whole batches, with
+tensor operations on the device that holds the set (:func:`hold_on` moves a set that fits to a
+GPU once, so that no batch is copied from the host).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import pickle
 import zlib
@@ -49,6 +52,33 @@ class Dataset:
     @property
     def image_size(self) -> int:
         return self.train_x.shape[2] if self.train_x.dim() == 4 else 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self.train_x, self.train_y, self.test_x, self.test_y))
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+
+#: a dataset is held on a GPU when it takes at most this fraction of the GPU's free memory
+DEVICE_DATA_FRACTION = 0.25
+
+
+def hold_on(data: Dataset, device: torch.device | str) -> Dataset:
+    """``data`` moved to ``device`` (one transfer; its batches are then drawn and augmented
+    there) when it takes at most :data:`DEVICE_DATA_FRACTION` of the device's free memory; else
+    ``data`` itself, held on the host (each batch is then copied to the device).  On the CPU,
+    ``data`` itself."""
+    device = torch.device(device)
+    if device.type == "cpu" or data.device == device:
+        return data
+    if device.type == "cuda" and data.nbytes > DEVICE_DATA_FRACTION * torch.cuda.mem_get_info(device)[0]:
+        return data
+    return dataclasses.replace(data, **{k: getattr(data, k).to(device)
+                                        for k in ("train_x", "train_y", "test_x", "test_y")})
 
 
 # -- file formats ---------------------------------------------------------------------------------
@@ -274,27 +304,31 @@ def load_dataset(name: str, data_dir: str | Path | None = None, subset: int | No
 # -- batching -------------------------------------------------------------------------------------
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4,
                   flip: bool = True) -> torch.Tensor:
-    """Random crop with ``pad``-pixel zero padding and random horizontal flip, per sample."""
+    """Random crop with ``pad``-pixel zero padding and random horizontal flip, per sample; on
+    ``x``'s device, with ``generator`` (a generator of that device)."""
     n, c, h, w = x.shape
+    on = x.device
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    rows = (dy + torch.arange(h))[:, None, :, None]
-    cols = (dx + torch.arange(w))[:, None, None, :]
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
-                 rows, cols]
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=on)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=on)
+    rows = (dy + torch.arange(h, device=on))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=on))[:, None, None, :]
+    out = padded[torch.arange(n, device=on)[:, None, None, None],
+                 torch.arange(c, device=on)[None, :, None, None], rows, cols]
     if flip:
-        mask = torch.rand(n, generator=generator) < 0.5
+        mask = torch.rand(n, generator=generator, device=on) < 0.5
         out = torch.where(mask[:, None, None, None], out.flip(3), out)
     return out
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
             generator: torch.Generator | None = None, augment: bool = False, min_size: int = 1):
-    """Yield ``(x, y)`` mini-batches; shuffled (and augmented) when a generator is given.  A last
-    batch smaller than ``min_size`` is left out (training: BatchNorm needs two samples)."""
+    """Yield ``(x, y)`` mini-batches on ``x``'s device; shuffled (and augmented) when a generator
+    (of that device) is given.  A last batch smaller than ``min_size`` is left out (training:
+    BatchNorm needs two samples)."""
     n = len(x)
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    order = torch.randperm(n, generator=generator, device=x.device) if generator is not None \
+        else torch.arange(n, device=x.device)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         if len(idx) < min_size:

@@ -1,7 +1,8 @@
 """Presets that mirror the papers' experiments (SPEC §3), at full and at a CPU budget.
 
-``full`` is the paper's protocol (needs a GPU and the dataset on disk); ``small`` runs the same
-comparison on data that is here (Fashion-MNIST) within an hour on 2 CPU cores, one thread per run:
+``full`` is the paper's protocol (needs a GPU, ``--device cuda``, and the dataset on disk);
+``small`` runs the same comparison on data that is here (Fashion-MNIST) within an hour on 2 CPU
+cores, one thread per run:
 the full protocol with the few settings that change (the small MLPs run their full epoch count;
 the ResNets train 10 epochs on the first 10 000 images, with the lr drops at the same fractions
 of training).  Recipes only fill in ``psiopt compare``

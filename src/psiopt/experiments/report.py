@@ -168,7 +168,17 @@ def _setting(config: dict) -> str:
         grouping += ", exact normalisation layers (eps·‖w‖²)"
     return (f"{config['dataset']} / {config['model']}{options}: {config['epochs']} epochs, batch "
             f"{config['batch_size']}{subset}, {schedule}, init {config['init']}{grouping}, "
-            f"{config.get('threads', '?')} thread(s)")
+            f"{config.get('threads', '?')} thread(s){_device(config)}")
+
+
+def _device(config: dict) -> str:
+    """Where a run trained, as its record says (runs made before the device was recorded: on the
+    CPU), and its autocast."""
+    env = config.get("environment") or {}
+    where = env.get("device") or config.get("device") or "cpu"
+    gpu = f" ({env['gpu']})" if env.get("gpu") else ""
+    amp = ", bfloat16 autocast" if config.get("amp") == "bf16" else ""
+    return f" on {where}{gpu}{amp}"
 
 
 def _band(ax, seeds: list[list[dict]], key: str, label: str, scale: float) -> list[float]:

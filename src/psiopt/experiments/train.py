@@ -20,10 +20,25 @@ global batch, sums are reduced over ranks, and rank 0 alone logs and writes the 
 reads it, broadcasting a checkpoint to the others): the metrics are those of one process with the
 same global batch.  BatchNorm normalises each rank's part of the batch unless ``sync_bn``
 (:class:`psiopt.parallel.SyncBatchNorm`: the global batch's statistics).
+
+``device`` (``cpu``, ``cuda``, ``cuda:N``) is where the model, the optimizer's state and, when it
+fits (:func:`~psiopt.experiments.data.hold_on`), the dataset live: batches are then drawn and
+augmented there by a generator of that device (on the CPU exactly as before the option existed).
+With ``nproc`` > 1 on CUDA, rank ``r`` uses ``cuda:r`` (``LOCAL_RANK`` under torchrun) and the
+processes talk over NCCL (gloo on the CPU).  ``amp="bf16"`` runs the forward passes and the loss
+under ``torch.autocast`` with bfloat16; parameters, gradients and the optimizer stay float32.  A
+device that is not there, or an ``amp`` other than ``none``/``bf16``, is refused by
+:meth:`RunConfig.validate` before anything runs.  ``config.json`` records the device each session
+ran on, its GPU model and where the data was held.  The device type and ``amp`` are bound to the
+checkpoint (another device type draws other random batches and rounds otherwise: not the run that
+was started); the GPU index may change (``cuda:0`` → ``cuda:1``): on a GPU of the same model the
+run should continue bit for bit (the same kernels and random streams; not yet run on a GPU), and
+each session's GPU is recorded under ``resumed``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import hashlib
@@ -32,6 +47,7 @@ import json
 import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -52,7 +68,7 @@ from ..optim.discovery import find_scale_invariant, param_groups, rescale_rows_
 from ..optim.geometry import CANCELLED, is_invariant, rows
 from ..optim.registry import create_optimizer, settings
 from ..parallel import convert_sync_batchnorm
-from .data import DataError, batches, load_dataset
+from .data import DataError, batches, hold_on, load_dataset
 from .models import create_model, glorot_
 
 INITS = ("default", "glorot", "unbalanced")
@@ -67,6 +83,9 @@ PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
 MAX_SEED = 2**32 - 1
 #: settings the dataset fixes, which a model option may not set
 DATA_FIXED = ("in_channels", "num_classes", "image_size")
+#: mixed precision: none, or the forward passes under ``torch.autocast`` with bfloat16 (float16
+#: would need a gradient scaler, which the harness does not have)
+AMP = ("none", "bf16")
 
 
 class RunError(ValueError):
@@ -97,7 +116,8 @@ class RunConfig:
     sync_bn: bool = False  # BatchNorm statistics of the global batch when nproc > 1
     #: normalisation layers with eps·‖w‖² (Arora eq. 8): exactly invariant in their weights
     exact_norms: bool = False
-
+    device: str = "cpu"  # cpu, cuda or cuda:N; with nproc > 1 on CUDA, rank r uses cuda:r
+    amp: str = "none"  # "bf16": forward passes under torch.autocast(bfloat16), float32 parameters
 
     def validate(self) -> None:
         """Raise :class:`RunError` naming the first setting that is not valid."""
@@ -132,11 +152,65 @@ class RunConfig:
             settings(self.optimizer, **self.hyper)
         except ValueError as e:
             raise RunError(str(e)) from None
+        if self.amp not in AMP:
+            raise RunError(f"invalid amp {self.amp!r}: none, or bf16 (bfloat16 autocast, float32 "
+                           "parameters)")
+        check_device(self.device, self.nproc, self.amp)
 
     def resolved(self) -> dict:
         """Every hyperparameter the optimizer uses, per side (paper defaults merged in)."""
         invariant, other = settings(self.optimizer, **self.hyper)
         return {"invariant": invariant, "other": other}
+
+
+def check_device(device: str, nproc: int = 1, amp: str = "none") -> None:
+    """Raise :class:`RunError` unless ``device`` (``cpu``, ``cuda``, ``cuda:N``) is on this machine,
+    with a GPU per process when ``nproc`` > 1 (``LOCAL_WORLD_SIZE`` of them under torchrun) and,
+    for ``amp="bf16"`` on CUDA, bfloat16 support."""
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise RunError(f"invalid device {device!r}: cpu, cuda or cuda:N")
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else \
+            "no CUDA device is visible"
+        raise RunError(f"device {device!r} is not available: {why} (torch {torch.__version__}); "
+                       "use --device cpu")
+    count = torch.cuda.device_count()
+    if nproc > 1:
+        if device != "cuda":
+            raise RunError(f"device {device!r} with nproc {nproc}: give --device cuda (rank r "
+                           "uses cuda:r)")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", nproc))
+        if local > count:
+            raise RunError(f"nproc {nproc} needs one GPU per process ({local} on this machine), "
+                           f"but {count} CUDA device(s) are here")
+    elif int(device.partition(":")[2] or 0) >= count:
+        raise RunError(f"device {device!r} is not available: {count} CUDA device(s) here "
+                       f"(cuda:0 to cuda:{count - 1})")
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise RunError(f"amp bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
+                       "use --amp none")
+
+
+def run_device(config: RunConfig) -> torch.device:
+    """The device this process trains on: ``config.device`` with its index (the current CUDA
+    device for ``cuda``); with ``nproc`` > 1 on CUDA, ``cuda:LOCAL_RANK`` (the rank when spawned)."""
+    device = torch.device(config.device)
+    if device.type != "cuda":
+        return device
+    if config.nproc > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", _world()[0])))
+    return torch.device("cuda", torch.cuda.current_device() if device.index is None
+                        else device.index)
+
+
+def autocast(amp: str, device: torch.device):
+    """The context of the forward passes: ``torch.autocast`` with bfloat16 for ``amp="bf16"``,
+    nothing for ``"none"``."""
+    if amp == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _source_commit() -> tuple[str | None, bool | None]:
@@ -157,11 +231,20 @@ def _source_commit() -> tuple[str | None, bool | None]:
 _SOURCE = _source_commit()
 
 
-def environment() -> dict:
+def environment(device: torch.device | str | None = None) -> dict:
+    """Versions, machine and threads; with ``device``, the device this process trains on and,
+    on CUDA, its GPU model and CUDA version."""
     commit, dirty = _SOURCE
-    return {"psiopt": __version__, "git_commit": commit, "git_dirty": dirty, "torch": torch.__version__,
-            "python": sys.version.split()[0], "machine": platform.platform(),
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+    env = {"psiopt": __version__, "git_commit": commit, "git_dirty": dirty,
+           "torch": torch.__version__, "python": sys.version.split()[0],
+           "machine": platform.platform(), "cpus": os.cpu_count(),
+           "threads": torch.get_num_threads()}
+    if device is not None:
+        device = torch.device(device)
+        env["device"] = str(device)
+        if device.type == "cuda":
+            env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+    return env
 
 
 def initialise(model: nn.Module, how: str, groups: list[dict]) -> None:
@@ -188,24 +271,32 @@ def _loss(out, y, regression: bool):
 
 @torch.no_grad()
 def evaluate(model, x, y, regression: bool, batch_size: int = 1024,
-             shard: tuple[int, int] = (0, 1)) -> tuple[float, float | None]:
-    """Mean loss and accuracy of ``model`` in eval mode; with ``shard=(rank, world)`` each rank
+             shard: tuple[int, int] = (0, 1), amp: str = "none") -> tuple[float, float | None]:
+    """Mean loss and accuracy of ``model`` in eval mode, on the model's device (``amp``: the
+    forward passes' autocast, see :func:`autocast`); with ``shard=(rank, world)`` each rank
     takes every ``world``-th sample of each batch and the sums are reduced over ranks."""
     rank, world = shard
+    device = _device_of(model)
     model.eval()
-    loss, correct = torch.zeros(()), torch.zeros(())
+    loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     for xb, yb in batches(x, y, batch_size):
-        xb, yb = xb[rank::world], yb[rank::world]
+        xb, yb = xb[rank::world].to(device), yb[rank::world].to(device)
         if not len(xb):
             continue
-        out = model(xb)
-        loss += _loss(out, yb, regression) * len(xb)
+        with autocast(amp, device):
+            out = model(xb)
+            batch_loss = _loss(out, yb, regression)
+        loss += batch_loss * len(xb)
         if not regression:
             correct += (out.argmax(1) == yb).sum()
     model.train()
     if world > 1:
         loss, correct = _all_reduced(loss, correct)
     return loss.item() / len(x), None if regression else correct.item() / len(x)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _world() -> tuple[int, int]:
@@ -308,15 +399,22 @@ def _write_metrics(path: Path, metrics: list[dict]) -> None:
     _atomic_write(path, "".join(json.dumps(m) + "\n" for m in metrics))
 
 
-def build(config: RunConfig):
-    """Dataset, model, optimizer and scheduler for ``config`` (seeded)."""
+def build(config: RunConfig, device: torch.device | None = None):
+    """Dataset, model, optimizer and scheduler for ``config`` (seeded), on ``device`` (default:
+    :func:`run_device`).  The model is built and prepared (``init``, ``exact_norms``, ``sync_bn``)
+    on the CPU, so that it starts from the same weights on every device, and moved there before
+    the optimizer is made (which links the device's BatchNorm buffers); the dataset is held there
+    when it fits (:func:`~psiopt.experiments.data.hold_on`)."""
     config.validate()
+    device = run_device(config) if device is None else torch.device(device)
     torch.manual_seed(config.seed)
     try:
         data = load_dataset(config.dataset, config.data_dir, config.subset, seed=config.seed,
                             validation=config.validation)
     except ValueError as e:  # e.g. a validation split larger than the training set
         raise RunError(str(e)) from None
+    example = data.train_x[:16]  # on the CPU, as the model until it is prepared
+    data = hold_on(data, device)
     fixed = sorted(set(config.model_kwargs) & set(DATA_FIXED))
     if fixed:
         raise RunError(f"model option(s) {fixed} are set by the dataset ({config.dataset}: "
@@ -328,7 +426,6 @@ def build(config: RunConfig):
                              **config.model_kwargs)
     except (ValueError, TypeError) as e:  # an unknown model option, or a value of the wrong type
         raise RunError(f"model {config.model} with options {config.model_kwargs}: {e}") from None
-    example = data.train_x[:16]
     _check_inputs(model, example, config)
     if config.init == "glorot":
         initialise(model, "glorot", [])
@@ -339,6 +436,8 @@ def build(config: RunConfig):
                        "invariant weight, so none can be made exact; leave the flag out")
     if config.sync_bn:
         model = convert_sync_batchnorm(model)
+    model.to(device)  # before discovery: the optimizer links the buffers of the device's model
+    example = example.to(device)
     mapping = None
     if config.grouping:  # every invariant weight grouped as asked (a coarser grouping stays invariant)
         found = find_scale_invariant(model, example)
@@ -404,7 +503,10 @@ def run_identity(record: dict) -> dict:
     """The settings of a run that must not change when it is continued (JSON-normalised)."""
     defaults = asdict(RunConfig())  # a key added since the run was made: its default
     keys = [f.name for f in fields(RunConfig) if f.name not in RESUMABLE]
-    return json.loads(json.dumps({k: record.get(k, defaults[k]) for k in keys}))
+    identity = json.loads(json.dumps({k: record.get(k, defaults[k]) for k in keys}))
+    if isinstance(identity["device"], str):  # the type: a run may go on on another GPU index
+        identity["device"] = identity["device"].partition(":")[0]
+    return identity
 
 
 def setting_changes(old: dict, new: dict) -> list[str]:
@@ -487,14 +589,16 @@ def read_checkpoint(path: str | Path, config: RunConfig | None = None) -> dict:
     data = ckpt["state"].numpy().tobytes()
     if ckpt["sha256"] != _digest(data, ckpt["epoch"], ckpt["settings"]):
         raise refused("corrupt: its sha256 does not match what was written")
-    mine = run_identity(asdict(config)) if config is not None else ckpt["settings"]
-    differ = setting_changes(ckpt["settings"], mine)
+    theirs = run_identity(ckpt["settings"])  # a setting added since it was written: its default
+    mine = run_identity(asdict(config)) if config is not None else theirs
+    differ = setting_changes(theirs, mine)
     if differ:
         raise refused(f"does not fit this run: it was written by a run with other settings: "
                       f"{', '.join(differ)}", "move checkpoint.pt away to start the run over, "
                       "or choose another --out")
     try:
-        state = torch.load(io.BytesIO(data), weights_only=False)
+        # on the CPU: the run's load_state_dict calls put each tensor on its parameter's device
+        state = torch.load(io.BytesIO(data), weights_only=False, map_location="cpu")
     except Exception as e:
         raise refused(f"cannot be loaded ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys() or \
@@ -511,6 +615,8 @@ def _restore(ckpt: dict, path: Path, model, optimizer, scheduler) -> None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"])
+        if "cuda_rng" in ckpt:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], _device_of(model))
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = first_line(e, type(e).__name__)
         raise RunError(f"{path}: does not fit this run ({first}); choose another --out") from None
@@ -550,6 +656,9 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
     if world != config.nproc:
         raise RunError(f"nproc is {config.nproc} but {world} process(es) run; under torchrun "
                        "nproc is the number of processes")
+    device = run_device(config)
+    if device.type == "cuda":  # this rank's GPU, before any collective (NCCL uses it)
+        torch.cuda.set_device(device)
     recorded, ckpt, metrics = _on_rank0(lambda: _previous(config, out, resume), world)
     if rank:
         log, progress = (lambda *_: None), False
@@ -557,8 +666,18 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         log(f"{out}: no checkpoint.pt, so the run starts over from epoch 0 (it is seeded: any "
             "records it has are redone)")
     torch.set_num_threads(config.threads)
-    data, model, optimizer, scheduler = build(config)
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    data, model, optimizer, scheduler = build(config, device)
+    if data.device != device:
+        log(f"psiopt: {config.dataset} ({data.nbytes / 2**20:.0f} MiB) does not fit in a "
+            f"quarter of {device}'s free memory: it stays on the host and each batch is copied")
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    devices = [environment(device)]
+    if world > 1:  # each rank's device and GPU, as it sees them
+        devices = [None] * world
+        dist.all_gather_object(devices, environment(device))
     start = 0
     if ckpt is not None:
         _restore(ckpt, out / "checkpoint.pt", model, optimizer, scheduler)
@@ -566,7 +685,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         if start >= config.epochs == recorded["epochs"]:
             return metrics  # a finished run, asked for again: every file stays as it is
     if rank == 0:
-        _write_config(config, out, recorded, start, data)
+        _write_config(config, out, recorded, start, data, devices)
         _write_metrics(out / "metrics.jsonl", metrics)
     probe = StepProbe(optimizer)
     with EpsMonitor(model, active=False) as eps:
@@ -602,9 +721,10 @@ def _epochs(config, out, data, model, net, optimizer, scheduler, probe, eps, met
                            "diverged": True})
         else:
             record[f"{split}_loss"], record[f"{split}_acc"] = evaluate(
-                model, data.test_x, data.test_y, regression, shard=(rank, world))
+                model, data.test_x, data.test_y, regression, shard=(rank, world), amp=config.amp)
             if epoch + 1 == config.epochs:
-                record.update(_recomputed_bn(model, data, regression, split, (rank, world)))
+                record.update(_recomputed_bn(model, data, regression, split, (rank, world),
+                                             config.amp))
         record = _finite({"epoch": epoch + 1, **record, "seconds": seconds, "lr": lrs,
                           "threads": torch.get_num_threads(), "nproc": world})
         metrics.append(record)
@@ -622,6 +742,8 @@ def _epochs(config, out, data, model, net, optimizer, scheduler, probe, eps, met
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                          "epoch": epoch + 1}
+                if _device_of(model).type == "cuda":
+                    state["cuda_rng"] = torch.cuda.get_rng_state(_device_of(model))
                 _atomic_save(_checkpoint(state, config), out / "checkpoint.pt")
                 saved_at = time.perf_counter()
         _log_epoch(log, config, record, epoch, split, regression)
@@ -629,21 +751,24 @@ def _epochs(config, out, data, model, net, optimizer, scheduler, probe, eps, met
 
 
 def _write_config(config: RunConfig, out: Path, recorded: dict | None, start: int,
-                  data=None) -> None:
+                  data=None, devices: list[dict] | None = None) -> None:
     """``config.json``: the settings, the hyperparameters used, the numbers of training and test
-    (or validation) samples used and the environment of the first session (later sessions
-    listed under ``resumed``)."""
+    (or validation) samples used, where the data was held, and the environment of the first
+    session (later sessions listed under ``resumed``) with the device (and GPU) it ran on;
+    ``devices``: each rank's :func:`environment`, listed under ``ranks`` when there are several."""
     with _Writing(out):
         out.mkdir(parents=True, exist_ok=True)
-    record = {**asdict(config), "optimizer_settings": config.resolved(),
-              "environment": environment()}
+    devices = devices or [environment(run_device(config))]
+    env = devices[0] if len(devices) == 1 else {
+        **devices[0], "ranks": [{k: d[k] for k in ("device", "gpu") if k in d} for d in devices]}
+    record = {**asdict(config), "optimizer_settings": config.resolved(), "environment": env}
     if data is not None:
         record["samples"] = {"train": len(data.train_x), data.split: len(data.test_x)}
+        record["data_device"] = str(data.device)  # held there, or on the host (cpu)
     if recorded is not None:
         record["environment"] = recorded["environment"]
         record["resumed"] = [*recorded.get("resumed", []),
-                             {"at_epoch": start, "threads": config.threads,
-                              "environment": environment()}]
+                             {"at_epoch": start, "threads": config.threads, "environment": env}]
     _atomic_write(out / "config.json", json.dumps(record, indent=2))
 
 
@@ -666,10 +791,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_group_backend(config: RunConfig) -> str:
+    """NCCL on CUDA (one GPU per rank), gloo on the CPU."""
+    return "nccl" if torch.device(config.device).type == "cuda" else "gloo"
+
+
 def train_spawned(config: RunConfig, out_dir: str | Path, resume: bool = False,
                   progress: bool | None = None,
                   checkpoint_seconds: float = CHECKPOINT_SECONDS) -> list[dict]:
-    """:func:`train` with ``config.nproc`` processes spawned on this machine (gloo)."""
+    """:func:`train` with ``config.nproc`` processes spawned on this machine (gloo on the CPU,
+    NCCL with rank ``r`` on ``cuda:r`` on CUDA)."""
     import torch.multiprocessing as mp
 
     config.validate()
@@ -697,8 +828,11 @@ def close_process_group() -> None:
 
 def _spawned(rank: int, config: RunConfig, out: str, resume: bool, progress,
              checkpoint_seconds: float, port: int, errors) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=config.nproc,
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
+    backend = process_group_backend(config)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=config.nproc,
                             timeout=PROCESS_GROUP_TIMEOUT)
     try:
         train(config, out, resume, progress, checkpoint_seconds=checkpoint_seconds)
@@ -710,7 +844,7 @@ def _spawned(rank: int, config: RunConfig, out: str, resume: bool, progress,
 
 
 def _recomputed_bn(model: nn.Module, data, regression: bool, split: str = "test",
-                   shard: tuple[int, int] = (0, 1)) -> dict:
+                   shard: tuple[int, int] = (0, 1), amp: str = "none") -> dict:
     """Test (or validation) loss and accuracy with the BatchNorm statistics recomputed on the
     training set (``torch.optim.swa_utils.update_bn`` on a copy): how far the running averages
     lag behind the weights.  Empty for a model without BatchNorm.  Sharded over ranks as
@@ -721,10 +855,12 @@ def _recomputed_bn(model: nn.Module, data, regression: bool, split: str = "test"
     copy_ = copy.deepcopy(model)
     if world > 1:
         copy_ = convert_sync_batchnorm(copy_)
+    device = _device_of(model)
     parts = (xb[rank::world] for xb, _ in batches(data.train_x, data.train_y, 1024,
                                                    min_size=2 * world))
-    torch.optim.swa_utils.update_bn(parts, copy_)
-    loss, acc = evaluate(copy_, data.test_x, data.test_y, regression, shard=shard)
+    with autocast(amp, device):
+        torch.optim.swa_utils.update_bn(parts, copy_, device)
+    loss, acc = evaluate(copy_, data.test_x, data.test_y, regression, shard=shard, amp=amp)
     return {f"{split}_loss_bn_recomputed": loss, f"{split}_acc_bn_recomputed": acc}
 
 
@@ -749,8 +885,11 @@ def _epoch(config, data, model, optimizer, probe, epoch, progress, shard=(0, 1),
     under their eps."""
     rank, world = shard
     regression = data.task == "regression"
-    gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-    loss_sum, correct, grad_sq, seen = torch.zeros(()), torch.zeros(()), torch.zeros(()), 0
+    device = _device_of(model)
+    # on the device that holds the data: batches are drawn and augmented there
+    gen = torch.Generator(data.device).manual_seed(config.seed * 100_003 + epoch)
+    loss_sum, correct, grad_sq = (torch.zeros((), device=device) for _ in range(3))
+    seen = 0
     n = len(data.train_x)
     least = 2 * world  # BatchNorm needs two samples (per rank): a smaller last batch is left out
     n_batches = n // config.batch_size + (n % config.batch_size >= least)
@@ -760,11 +899,13 @@ def _epoch(config, data, model, optimizer, probe, epoch, progress, shard=(0, 1),
     for i, (xb, yb) in enumerate(batches(data.train_x, data.train_y, config.batch_size, gen,
                                          augment=data.augment, min_size=least)):
         share = len(xb[rank::world]) * world / len(xb)  # DDP's mean is then the global batch's
-        xb, yb = xb[rank::world], yb[rank::world]
+        # a no-op for data held on the device; else this rank's part of the batch is copied
+        xb, yb = xb[rank::world].to(device, non_blocking=True), yb[rank::world].to(device, non_blocking=True)
         if eps is not None:
             eps.active = i == n_batches - 1
-        out = model(xb)
-        loss = _loss(out, yb, regression)
+        with autocast(config.amp, device):
+            out = model(xb)
+            loss = _loss(out, yb, regression)
         optimizer.zero_grad(set_to_none=True)
         (loss * share if world > 1 else loss).backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -789,7 +930,8 @@ def _epoch(config, data, model, optimizer, probe, epoch, progress, shard=(0, 1),
         bar.update()
     bar.close()
     if world > 1:
-        loss_sum, correct, total = _all_reduced(loss_sum, correct, torch.tensor(seen))
+        loss_sum, correct, total = _all_reduced(loss_sum, correct,
+                                                torch.tensor(seen, device=device))
         seen = int(total)
     below, groups = eps.below(1.0) if eps is not None else (0, 0)
     eps_record = {"eps_below": below, "eps_groups": groups} if groups else {}
@@ -817,4 +959,4 @@ def read_metrics(run_dir: str | Path, limit: int | None = None) -> list[dict]:
 
 
 __all__ = ["RunConfig", "RunError", "train", "train_spawned", "build", "evaluate", "read_metrics",
-           "check_run_dir", "read_run_config", "read_checkpoint"]
+           "check_run_dir", "read_run_config", "read_checkpoint", "check_device", "run_device"]
