@@ -230,9 +230,11 @@ def _feeders(model: nn.Module, example_inputs, mapping: dict[str, str], layers: 
             else:
                 clean = inputs() if clean is None else clean
                 base = clean
-            view = rows(p.detach(), grouping)
+            new = p.detach().clone()
+            view = rows(new, grouping)  # (of a part: the other rows kept)
             factors = torch.exp(2 * torch.rand(view.shape[0], generator=gen, dtype=torch.float64) - 1)
-            scaled = inputs(p, (view * factors.view(-1, *[1] * (view.dim() - 1))).reshape(p.shape))
+            view.mul_(factors.view(-1, *[1] * (view.dim() - 1)).to(view.dtype))
+            scaled = inputs(p, new)
         finally:
             if bias is not None:
                 bias.data.copy_(saved)

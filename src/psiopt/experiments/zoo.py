@@ -473,6 +473,45 @@ def candidates(p: torch.Tensor, span: tuple[int, int] | None = None) -> list[str
     return [g + suffix if g != "channel@1" else g for g in out]
 
 
+def _gradients(m: nn.Module, x) -> dict[str, list[torch.Tensor]]:
+    """Per parameter, the train-mode gradients of two random projections of ``m``'s outputs
+    (buffers and RNG left as they were)."""
+    saved = {n: b.clone() for n, b in m.named_buffers()}
+    params = dict(m.named_parameters())
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        out = m.train()(x)
+    leaves = out if isinstance(out, (tuple, list)) else [out]
+    out = torch.cat([t.reshape(-1) for t in leaves if t.is_floating_point()])
+    directions = torch.randn(2, out.numel(), generator=torch.Generator().manual_seed(2), dtype=out.dtype)
+    grads = [torch.autograd.grad(out @ r, list(params.values()), allow_unused=True, retain_graph=True)
+             for r in directions]
+    with torch.no_grad():
+        for n, b in m.named_buffers():
+            b.copy_(saved[n])
+    return {n: [g[i] for g in grads] for i, n in enumerate(params)}
+
+
+def _may_hold(p: torch.Tensor, grads: list, grouping: str, scale: float) -> bool:
+    """A necessary condition for ``grouping`` of ``p`` to hold, from its gradients: zero on a
+    cancelled part (any shift leaves the outputs put), orthogonal to every group otherwise
+    (Euler's theorem for a function of degree 0); ``scale``: the largest gradient entry of the
+    model.  It spares the full check of most candidates (of every part of every parameter)."""
+    for g in grads:
+        if g is None:
+            return True
+        if parse_grouping(grouping)[0] == CANCELLED:
+            if float(part(g, grouping).abs().max()) > 1e-8 * scale:
+                return False
+            continue
+        v, w = (rows(t, grouping) for t in (g, p.detach()))
+        v, w = v.reshape(v.shape[0], -1), w.reshape(w.shape[0], -1)
+        bound = 1e-8 * w.norm(dim=1) * v.norm(dim=1).clamp_min(scale)  # (a group of one entry:
+        if bool(((v * w).sum(1).abs() > bound).any()):  # its gradient must vanish)
+            return False
+    return True
+
+
 def truth(model: nn.Module, x) -> dict[str, set[str]]:
     """Every candidate grouping that holds numerically, per parameter (none: left out).  When
     the whole tensor (or part) is not invariant, no finer grouping of it is tried (none can
@@ -480,7 +519,11 @@ def truth(model: nn.Module, x) -> dict[str, set[str]]:
     whole tensor holds."""
     out, m = {}, float64_copy(model)
     xd = x.double() if x.is_floating_point() else x
+    grads = _gradients(m, xd)
+    scale = max((float(g.abs().max()) for gs in grads.values() for g in gs if g is not None and g.numel()),
+                default=0.0)
     baseline = _run(m, xd, True), _eval(m, xd)  # the same for every candidate (m is restored)
+    params64 = dict(m.named_parameters())
     for name, p in model.named_parameters():
         ok = set()
         for span in [None, *part_spans(p)]:
@@ -491,7 +534,8 @@ def truth(model: nn.Module, x) -> dict[str, set[str]]:
                 kind = parse_grouping(g)[0]
                 if kind not in ("tensor", CANCELLED) and not scaled:
                     break
-                if holds(model, x, name, g, copy64=m, baseline=baseline):
+                if _may_hold(params64[name], grads[name], g, scale) and \
+                        holds(model, x, name, g, copy64=m, baseline=baseline):
                     ok.add(g)
                     scaled = scaled or kind == "tensor"
         if ok:

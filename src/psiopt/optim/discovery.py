@@ -179,7 +179,8 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
         if not ids or not p.is_floating_point() or not p.requires_grad or id(p) in shared:
             continue  # unused, frozen (nothing to train), or one storage for two parameters
         found = _first_holding(traces, ids, p, _candidates(p), stats_of)
-        for span in part_spans(p) if found is None else ():  # a part: the largest that holds
+        split = found is None and any(t.split_after(ids) for t in traces)
+        for span in part_spans(p) if split else ():  # a part: the largest that holds
             found = _first_holding(traces, ids, p, _candidates(p, span), stats_of)
             if found is not None:
                 break

@@ -198,6 +198,15 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+#: for :meth:`Trace.split_after`: ops that only move entries, ops that map or combine, ops that split
+_SHAPE_OPS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze",
+              "squeeze", "clone", "alias", "detach", "flatten", "unflatten", "contiguous"}
+_MIXING = {"addmm", "mm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution", "add",
+           "mul", "sub", "div"}
+_SPLITS = {"split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "unbind", "slice",
+           "select", "narrow", "chunk", "unsafe_chunk"}
+
+
 @dataclass(eq=False)
 class Trace:
     """The aten ops of one forward pass, with what the propagation needs to know about tensors:
@@ -216,6 +225,27 @@ class Trace:
         """Tensors whose values matter after the pass (never dropped as dead)."""
         ids = {id(t) for t in tensors}
         self.dies = {i: [k for k in dead if k not in ids] for i, dead in self.dies.items()}
+
+    def split_after(self, ids) -> bool:
+        """Whether a tensor made from the tensors ``ids`` (a parameter) by shape ops, at most one
+        op that maps or combines it (a linear map, a sum, a product) and shape ops again is
+        split, sliced or indexed (``unbind``, ``split``, ``slice``, ``select``: a fused
+        projection's blocks), the only way a part of the parameter can be invariant on its own
+        (discovery tries parts only then; a cheap necessary condition, not a proof)."""
+        reached = {k: 0 for k in ids if k in self.first}
+        if not reached:
+            return False
+        for op in self.ops[min(self.first[k] for k in reached):]:
+            depths = [reached[id(t)] for t in op.args.values() if isinstance(t, Tensor) and id(t) in reached]
+            if not depths:
+                continue
+            if op.name in _SPLITS:
+                return True
+            depth = min(depths) + (op.name in _MIXING)
+            if op.name in _SHAPE_OPS or (op.name in _MIXING and depth <= 1):
+                for t in op.outs:
+                    reached.setdefault(id(t), depth)
+        return False
 
     def bind(self, expr: Expr, usable=lambda t: True) -> Expr | None:
         """``expr`` as a function of the model's own tensors (:attr:`originals` that are
