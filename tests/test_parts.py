@@ -197,3 +197,18 @@ def test_a_norm_policy_on_a_part_equals_it_on_separate_tensors(policy):
             policy_.step()
         results.append(qkv(model))
     assert torch.allclose(*results, rtol=0, atol=1e-12), float((results[0] - results[1]).abs().max())
+
+
+def test_the_harness_grouping_option_keeps_a_part_and_never_refines():
+    from psiopt.experiments.train import RunError, regrouped
+
+    found = {"qkv.weight": "groups:4[0:32]", "conv.weight": "channel", "ln.weight": "tensor",
+             "bias": "cancelled[16:32]", "b0": "cancelled"}
+    assert regrouped(found, "tensor") == {**found, "qkv.weight": "tensor[0:32]", "conv.weight": "tensor"}
+    with pytest.raises(RunError, match="qkv.weight is invariant only as 'groups:4"):
+        regrouped(found, "channel")
+    assert regrouped({"conv.weight": "channel", "b0": "cancelled"}, "channel") == \
+        {"conv.weight": "channel", "b0": "cancelled"}
+    model, _, x = fused_and_separate()
+    tensor = regrouped(psiopt.find_scale_invariant(model, x), "tensor")
+    assert psiopt.check_invariance(model, x, tensor).ok  # a coarser grouping of the part holds

@@ -65,7 +65,7 @@ from .. import __version__
 from ..norms import EpsMonitor, exact_norms_
 from ..optim.diagnostics import StepProbe, summarize
 from ..optim.discovery import find_scale_invariant, param_groups, rescale_rows_
-from ..optim.geometry import CANCELLED, is_invariant, rows
+from ..optim.geometry import CANCELLED, is_invariant, rows, split_part
 from ..optim.registry import create_optimizer, settings
 from ..parallel import convert_sync_batchnorm
 from .data import DataError, batches, hold_on, load_dataset
@@ -439,9 +439,8 @@ def build(config: RunConfig, device: torch.device | None = None):
     model.to(device)  # before discovery: the optimizer links the buffers of the device's model
     example = example.to(device)
     mapping = None
-    if config.grouping:  # every invariant weight grouped as asked (a coarser grouping stays invariant)
-        found = find_scale_invariant(model, example)
-        mapping = {n: config.grouping if is_invariant(g) else g for n, g in found.items()}
+    if config.grouping:  # every invariant weight grouped as asked
+        mapping = regrouped(find_scale_invariant(model, example), config.grouping)
     try:
         optimizer = create_optimizer(model, config.optimizer, example, mapping=mapping,
                                      **config.hyper)
@@ -450,6 +449,24 @@ def build(config: RunConfig, device: torch.device | None = None):
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones),
                                                      config.gamma)
     return data, model, optimizer, scheduler
+
+
+def regrouped(found: dict[str, str], grouping: str) -> dict[str, str]:
+    """``--grouping``: every invariant weight of discovery's ``found`` as ``"tensor"`` (one group:
+    coarser than any grouping that holds, so it holds too; of a part, the part as one group), or
+    as ``"channel"``, which only a weight found ``"channel"`` keeps (a finer grouping than the
+    one that holds would be a false claim: ``RunError``)."""
+    out = {}
+    for name, found_as in found.items():
+        body, span = split_part(found_as)
+        if not is_invariant(found_as) or body == grouping:
+            out[name] = found_as
+        elif grouping == "tensor":
+            out[name] = "tensor" + ("" if span is None else f"[{span[0]}:{span[1]}]")
+        else:
+            raise RunError(f"--grouping {grouping}: {name} is invariant only as {found_as!r} (a "
+                           "finer grouping would change the network); use --grouping tensor or none")
+    return out
 
 
 def _check_inputs(model: nn.Module, example: torch.Tensor, config: RunConfig) -> None:
