@@ -12,9 +12,9 @@ rows of a fused qkv projection under per-head QK-norm ("groups:4[0:32]") and the
 fused qkv bias ("cancelled[16:32]"), the other rows with the ordinary rule.  Under FSDP2 the
 (48, 16) qkv weight is split 24 | 24 between the ranks, so the part ends inside rank 1's shard
 and rank 0 holds no row of its rest; "fsdp-parts-edges" places parts by hand where a rank holds
-no row of the part (a "tensor" and a "channel" part), where a group of the part spans the ranks
-and where the rest lies on both sides of the part on one rank (the equality of two ranks and one
-process holds for any grouping, invariant or not).
+no row of the part (a "channel" and a "tensor" part), where a group of a part that starts inside
+a rank's shard spans the ranks, and where the rest lies on both sides of the part (the equality
+of two ranks and one process holds for any grouping, invariant or not).
 """
 
 from __future__ import annotations
@@ -75,9 +75,11 @@ def parts_net() -> nn.Module:
 EDGES = {
     "a.attn.qkv.weight": "groups:2[0:32]",    # the k group (rows 16..31) spans the ranks
     "a.attn.k_norm.bias": "cancelled",
-    "b.attn.qkv.weight": "tensor[8:16]",      # none on rank 1; rank 0's rest on both sides
+    "a.mlp.0.weight": "channel[40:64]",       # (64, 16), 32 | 32: none on rank 0
+    "a.mlp.2.weight": "groups:2[2:6]",        # (16, 64), 8 | 8: on rank 0 only, rest both sides
+    "b.attn.qkv.weight": "groups:2[4:36]",    # from inside rank 0's shard; group 1 spans
     "b.attn.qkv.bias": "cancelled[16:32]",
-    "b.mlp.0.weight": "channel[40:64]",       # (64, 16): none on rank 0
+    "b.mlp.0.weight": "tensor[40:64]",        # none on rank 0, one group across rank 1's rows
 }
 PARTS = ("ddp-parts", "fsdp-parts", "fsdp-parts-edges")
 
@@ -147,26 +149,28 @@ def _sharded(model):
     return model
 
 
-def _checkpoint_worker(rank, world, port, names, root, out):
+def _checkpoint_worker(rank, world, port, names, root, out, mode=None):
     """Train 4 steps, save with torch.distributed.checkpoint, train 4 more; a fresh model and
-    optimizer loaded from the checkpoint must train the last 4 steps identically."""
+    optimizer loaded from the checkpoint must train the last 4 steps identically (``mode``
+    "fsdp-parts": parts_net, whose parts' state and rest buffers are saved too)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
-    xs, ys = data()
+    xs, ys = data(mode)
     xs, ys = xs[:, rank * 4:rank * 4 + 4], ys[:, rank * 4:rank * 4 + 4]
+    make = parts_net if mode == "fsdp-parts" else net
     results = {}
     for name in names:
-        model = _sharded(net())
+        model = _sharded(make())
         opt = psiopt.create_optimizer(model, name, xs[0])
         train(model, opt, xs[:4], ys[:4])
         msd, osd = get_state_dict(model, opt)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=f"{root}/{name}")
         train(model, opt, xs[4:], ys[4:])
-        again = _sharded(net())
+        again = _sharded(make())
         opt2 = psiopt.create_optimizer(again, name, xs[0])
         msd, osd = get_state_dict(again, opt2)
         state = {"model": msd, "optim": osd}
@@ -182,10 +186,12 @@ def _checkpoint_worker(rank, world, port, names, root, out):
     close_process_group()
 
 
-def test_optimizer_state_saved_with_distributed_checkpoint_continues_identically(tmp_path):
+@pytest.mark.parametrize("mode", ["fsdp", "fsdp-parts"])
+def test_optimizer_state_saved_with_distributed_checkpoint_continues_identically(tmp_path, mode):
     names = psiopt.list_optimizers()
     out = tmp_path / "dcp.json"
-    mp.spawn(_checkpoint_worker, args=(2, _free_port(), names, str(tmp_path), str(out)), nprocs=2)
+    mp.spawn(_checkpoint_worker, args=(2, _free_port(), names, str(tmp_path), str(out), mode),
+             nprocs=2)
     results = json.loads(out.read_text())
     print(json.dumps(results, indent=1), file=sys.stderr)
     assert set(results) == set(names)
