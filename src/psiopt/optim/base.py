@@ -822,27 +822,14 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
 
     def _rest(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         """The ordinary update (:meth:`_counterpart`) of the rows outside a part (one or two
-        pieces per parameter, views), with :meth:`_rest_settings`.  Their state is
-        ``state["rest"]``: tensors of the rest's rows stacked (``t[:a]`` then ``t[b:]``), each
-        piece stepping on its slice of them (Adam: one step count, copied for a second piece).
-        Under FSDP2 the rest's rows are spread unevenly over the ranks: its buffers are shaped
-        and sharded like the parameter (DTensors, which ``torch.distributed.checkpoint`` saves),
-        the part's rows in them unused; a rank without rows of the rest steps its count only."""
-        settings, grouping = self._rest_settings(group), group["grouping"]
+        pieces per parameter, views), with :meth:`_rest_settings`, their state in
+        ``state["rest"]`` (:meth:`_rest_pieces`), each piece stepping on its slice of it (Adam:
+        one step count, copied for a second piece)."""
+        settings = self._rest_settings(group)
         pieces, piece_grads, states = [], [], []
         for p, g in zip(params, grads):
             st = self.state[p].setdefault("rest", {})
-            if is_sharded(p):
-                cut = self._shard(p, grouping).rest  # the local rows outside the part
-                ps, gs = cut(p.to_local()), cut(g.to_local())
-                self._rest_state(st, [p], settings)  # (zeros_like of a DTensor: sharded like it)
-                split = {k: cut(v.to_local()) for k, v in st.items() if k != "step"}
-                if not ps and "step" in st:
-                    st["step"] += 1  # the count every rank keeps alike
-            else:
-                ps, gs = rest(p, grouping), rest(g, grouping)
-                self._rest_state(st, ps, settings)
-                split = {k: v.split([v.shape[0] for v in ps]) for k, v in st.items() if k != "step"}
+            ps, gs, split = self._rest_pieces(p, g, group["grouping"], st, settings)
             for i, (v, gv) in enumerate(zip(ps, gs)):
                 pieces.append(v)
                 piece_grads.append(gv)
@@ -852,6 +839,25 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 states.append(piece)
         if pieces:
             self._counterpart(settings, pieces, piece_grads, states)
+
+    def _rest_pieces(self, p: Tensor, g: Tensor, grouping: str, st: dict, settings: dict):
+        """``(pieces of p, of g, {key: pieces of each state buffer})`` outside the part, views.
+        The state ``st`` (made here) holds the rest's rows stacked (``t[:a]`` then ``t[b:]``).
+        Under FSDP2 the rest's rows are spread unevenly over the ranks: its buffers are shaped
+        and sharded like the parameter (DTensors, which ``torch.distributed.checkpoint`` saves),
+        the part's rows in them unused, and a rank without rows of the rest steps its count
+        only, so that every rank's count is alike."""
+        if not is_sharded(p):
+            ps = rest(p, grouping)
+            self._rest_state(st, ps, settings)
+            return ps, rest(g, grouping), {k: v.split([v.shape[0] for v in ps])
+                                           for k, v in st.items() if k != "step"}
+        cut = self._shard(p, grouping).rest  # the local rows outside the part
+        ps = cut(p.to_local())
+        self._rest_state(st, [p], settings)  # (zeros_like of a DTensor: sharded like it)
+        if not ps and "step" in st:
+            st["step"] += 1
+        return ps, cut(g.to_local()), {k: cut(v.to_local()) for k, v in st.items() if k != "step"}
 
     def _rest_state(self, state: dict, pieces: list[Tensor], settings: dict) -> dict:
         """``state`` (a parameter's ``state["rest"]``) with the buffers the counterpart needs made
