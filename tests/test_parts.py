@@ -212,3 +212,15 @@ def test_the_harness_grouping_option_keeps_a_part_and_never_refines():
     model, _, x = fused_and_separate()
     tensor = regrouped(psiopt.find_scale_invariant(model, x), "tensor")
     assert psiopt.check_invariance(model, x, tensor).ok  # a coarser grouping of the part holds
+
+
+def test_a_group_with_lr_zero_moves_neither_its_part_nor_its_rest():
+    # torch.distributed.checkpoint initialises a fresh optimizer's state with one lr=0 step
+    model, _, x = fused_and_separate()
+    opt = psiopt.create_optimizer(model, "adams", x, other_weight_decay=0.1)
+    group = next(g for g in opt.param_groups if g["grouping"] == "groups:4[0:32]")
+    assert group["rest_weight_decay"] == 0.1
+    group["lr"] = 0.0
+    before = qkv(model).clone()
+    train(model, opt, x, steps=1)
+    assert torch.equal(qkv(model), before)

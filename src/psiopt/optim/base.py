@@ -808,7 +808,9 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         (what a group without a grouping takes; :func:`psiopt.create_optimizer` sets the
         others' settings there), ``lr`` scaled as a scheduler scaled the group's
         (``lr / initial_lr``: warm-up and decay reach the rest too; other scheduled settings,
-        ``OneCycleLR``'s momentum, reach the part only); of a cancelled part, the group's own."""
+        ``OneCycleLR``'s momentum, reach the part only; a group with ``lr = 0`` moves neither, as
+        torch.distributed.checkpoint's initialising step expects); of a cancelled part, the
+        group's own."""
         if not is_invariant(group["grouping"]):
             return group
         out = dict(group)
@@ -818,6 +820,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         initial = group.get("initial_lr")
         if isinstance(initial, numbers.Real) and initial:
             out["lr"] = out["lr"] * (group["lr"] / initial)
+        elif group["lr"] == 0:
+            out["lr"] = 0.0
         return out
 
     def _rest(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
