@@ -287,7 +287,7 @@ def test_summary_states_each_runs_settings_and_the_plots_mark_lr_drops(tmp_path)
 
 # -- recipes (issue 8, part 2) ---------------------------------------------------------------------
 COMPARE_RECIPES = ["yi-fig1", "yi-fig4", "yi-table1", "yi-table2", "badrinarayanan-table2",
-                   "roburin-table2", "arora-lr-sweep"]
+                   "roburin-table2", "arora-lr-sweep", "norm-policies"]
 
 def _recipe_argv(name, tmp_path, *extra):
     from psiopt.experiments.recipes import RECIPES

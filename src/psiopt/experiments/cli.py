@@ -53,6 +53,23 @@ def _choice(kind: str, value: str, valid) -> str:
     return value
 
 
+def _optimizer(name: str) -> str:
+    """A registered optimizer, or ``<inner>+<policy>[+project]`` / ``muon``
+    (:mod:`psiopt.experiments.wrapped`); one line naming the choices otherwise."""
+    from . import wrapped
+
+    try:
+        if wrapped.parse(name) is not None:
+            return name
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if name not in list_optimizers():
+        raise UsageError(f"unknown optimizer {name!r}; choose from {', '.join(list_optimizers())}, "
+                         f"or <inner>+<policy>[+project] with inner {', '.join(wrapped.INNERS)} "
+                         f"and policy {', '.join(wrapped.POLICIES)}, or muon")
+    return name
+
+
 def _number(text: str):
     """``0.1`` → 0.1, ``0.9,0.99`` → (0.9, 0.99), ``true``/``false`` → bool, ``16`` → 16."""
     if text.lower() in ("true", "false"):
@@ -178,6 +195,9 @@ def cmd_list(data_dir=None) -> None:
     print("optimizers:")
     for name, spec in REGISTRY.items():
         print(f"  {name:12s} {spec.paper}")
+    print("  <inner>+<policy>[+project]: torch.optim adamw, sgd or muon on psiopt.optimizer_groups "
+          "with NormPolicy free, fixed, unit or equilibrium (e.g. adamw+fixed); muon: Muon + "
+          "AdamW")
     print("models:\n  " + ", ".join(list_models()))
     print("datasets:")
     for name in DATASETS:
@@ -237,7 +257,7 @@ def cmd_train(args) -> None:
         if args.nproc not in (None, world):
             raise UsageError(f"--nproc {args.nproc} but torchrun started {world} processes")
         args.nproc = world
-    config = _config(args, _choice("optimizer", args.optimizer, list_optimizers()), args.seed)
+    config = _config(args, _optimizer(args.optimizer), args.seed)
     out = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.optimizer}-s{args.seed}")
     if not args.checkpoint_seconds >= 0:
         raise UsageError(f"invalid --checkpoint-seconds {args.checkpoint_seconds} (must be >= 0)")
@@ -339,7 +359,7 @@ def cmd_compare(args) -> None:
             setattr(args, key, value)
         if not args.optimizers:
             raise UsageError("--optimizers is required (or --recipe)")
-        names = [_choice("optimizer", n.strip(), list_optimizers()) for n in args.optimizers.split(",")]
+        names = [_optimizer(n.strip()) for n in args.optimizers.split(",")]
         configs = [_config(args, name, seed) for name in names for seed in range(args.seeds)]
         if select:
             selections[variant] = _selection_runs(args, names, select)

@@ -2,7 +2,8 @@
 
 Registry names: ``resnet20/32/44/56/110`` and ``preact-resnet20`` (CIFAR ResNets, He et al.),
 ``vgg16-bn``, ``archbn2``/``archbn4`` (Badrinarayanan's ArchBN), ``arora-vgg`` (Arora App. D),
-``toy-elu`` (Yi §6.1) and ``mlp-bn``.  Every builder takes ``in_channels``, ``num_classes`` and
+``toy-elu`` (Yi §6.1), ``mlp-bn`` and ``vit-qk`` (a small ViT with QK-norm, issue 25).
+Every builder takes ``in_channels``, ``num_classes`` and
 ``image_size`` (``in_features`` for vector inputs) so that one harness can feed any dataset.
 """
 
@@ -163,6 +164,23 @@ def _flat(in_channels, image_size):
     return in_channels * image_size * image_size
 
 
+def vit_qk(in_channels: int = 1, num_classes: int = 10, image_size: int = 28, dim: int = 64,
+           depth: int = 4, heads: int = 4, patch: int = 4, qk_norm: str = "ln") -> nn.Module:
+    """A small pre-LN ViT with per-head QK-norm (``psiopt.experiments.zoo.ViT``): a fused qkv
+    projection without bias (with a bias, the q and k rows alone are not invariant), LayerNorm
+    on each head's queries and keys, so that each head's block of q rows and of k rows is
+    scale-invariant ("groups:2H[0:2·dim]"); 7 × 7 patches of 4 × 4 on 28 × 28 images, a class
+    token, learned positions; width 64, 4 blocks, 4 heads (about 0.2 M parameters)."""
+    from .zoo import ViT
+
+    if image_size % patch:
+        raise ValueError(f"image size {image_size} is not a multiple of the patch {patch}")
+    model = ViT(dim=dim, depth=depth, heads=heads, patch=patch, image=image_size,
+                classes=num_classes, qk_norm=qk_norm, fused=True, bias=False)
+    model.patch = nn.Conv2d(in_channels, dim, patch, patch)
+    return model
+
+
 MODELS = {
     **{f"resnet{d}": _resnet(d) for d in (20, 32, 44, 56, 110)},
     "preact-resnet20": _resnet(20, preact=True),
@@ -181,6 +199,7 @@ MODELS = {
         bias=False),
     "mlp-bn": lambda in_channels=1, num_classes=10, image_size=28, eps=1e-5: MLP(
         _flat(in_channels, image_size), num_classes, eps=eps),
+    "vit-qk": vit_qk,
 }
 
 

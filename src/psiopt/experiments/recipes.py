@@ -47,7 +47,24 @@ def _arora_arms(lrs) -> dict:
     return arms
 
 
+#: issue 25: AdamW (on psiopt.optimizer_groups, wrapped in the policy that does nothing), AdamW
+#: with each norm policy, Muon, Muon + fixed, and two of psiopt's paper optimizers
+_POLICY_OPTIMIZERS = "adamw+free,adamw+fixed,adamw+unit,adamw+equilibrium,psi-sgdm,adams"
+#: torch.optim.Muon takes 2-D weights only: ResNet-20's are 4-D convolutions and the classifier
+_POLICY_VARIANTS = {"vit-qk": {"model": "vit-qk",
+                               "optimizers": _POLICY_OPTIMIZERS + ",muon,muon+fixed"},
+                    "resnet20": {"model": "resnet20", "optimizers": _POLICY_OPTIMIZERS}}
+
 RECIPES = {
+    "norm-policies": _recipe(
+        "issue 25: a norm policy on AdamW (fixed, unit, equilibrium) or Muon (fixed) trains as well "
+        "as or better than the plain rule (Hyperball/MuonH, REQ), on a QK-norm ViT and ResNet-20; "
+        "beside psiopt's PSI-SGDM and Adam-S",
+        dict(dataset="cifar10", optimizers=_POLICY_OPTIMIZERS, epochs=100, milestones="50,75",
+             gamma=0.1, seeds=3),
+        _POLICY_VARIANTS,
+        # one core, well under an hour: 4 epochs on 5 000 images, lr ×0.1 before the last
+        dataset="fashion-mnist", epochs=4, subset=5000, milestones="3", seeds=2),
     "yi-fig1": _recipe(
         "Yi Fig. 1: with an unbalanced init, SGD trains poorly and PSI-SGD is unaffected",
         dict(dataset="mnist", model="mlp-bn", optimizers="sgd,psi-sgd,psi-sgdm", epochs=20,

@@ -68,6 +68,7 @@ from ..optim.discovery import find_scale_invariant, param_groups, rescale_rows_
 from ..optim.geometry import CANCELLED, is_invariant, rows, split_part
 from ..optim.registry import create_optimizer, settings
 from ..parallel import convert_sync_batchnorm
+from . import wrapped
 from .data import DataError, batches, hold_on, load_dataset
 from .models import create_model, glorot_
 
@@ -149,7 +150,10 @@ class RunConfig:
                 list(self.milestones) != sorted(set(self.milestones)):
             raise RunError(f"invalid milestones: {self.milestones!r} (increasing epochs >= 1)")
         try:
-            settings(self.optimizer, **self.hyper)
+            if wrapped.is_wrapped(self.optimizer):  # <inner>+<policy>, muon
+                wrapped.settings(self.optimizer, **self.hyper)
+            else:
+                settings(self.optimizer, **self.hyper)
         except ValueError as e:
             raise RunError(str(e)) from None
         if self.amp not in AMP:
@@ -158,7 +162,11 @@ class RunConfig:
         check_device(self.device, self.nproc, self.amp)
 
     def resolved(self) -> dict:
-        """Every hyperparameter the optimizer uses, per side (paper defaults merged in)."""
+        """Every hyperparameter the optimizer uses, per side (paper defaults merged in); for an
+        ``<inner>+<policy>`` name also the inner rule, the policy and ``project``
+        (:func:`psiopt.experiments.wrapped.settings`)."""
+        if wrapped.is_wrapped(self.optimizer):
+            return wrapped.settings(self.optimizer, **self.hyper)
         invariant, other = settings(self.optimizer, **self.hyper)
         return {"invariant": invariant, "other": other}
 
@@ -442,11 +450,17 @@ def build(config: RunConfig, device: torch.device | None = None):
     if config.grouping:  # every invariant weight grouped as asked
         mapping = regrouped(find_scale_invariant(model, example), config.grouping)
     try:
-        optimizer = create_optimizer(model, config.optimizer, example, mapping=mapping,
-                                     **config.hyper)
+        if wrapped.is_wrapped(config.optimizer):  # a torch.optim rule (+ a NormPolicy); the
+            # scheduler drives the inner rule
+            optimizer, scheduled = wrapped.create(config.optimizer, model, example,
+                                                  mapping=mapping, **config.hyper)
+        else:
+            optimizer = scheduled = create_optimizer(model, config.optimizer, example,
+                                                     mapping=mapping, **config.hyper)
     except ValueError as e:  # a setting the rule cannot honour (validated before any change)
-        raise RunError(f"{config.optimizer}: {e}") from None
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(config.milestones),
+        where = f" on {config.model}" if wrapped.is_wrapped(config.optimizer) else ""
+        raise RunError(f"{config.optimizer}{where}: {first_line(e)}") from None
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(scheduled, list(config.milestones),
                                                      config.gamma)
     return data, model, optimizer, scheduler
 
@@ -702,7 +716,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         if start >= config.epochs == recorded["epochs"]:
             return metrics  # a finished run, asked for again: every file stays as it is
     if rank == 0:
-        _write_config(config, out, recorded, start, data, devices)
+        groups = wrapped.describe(optimizer) if wrapped.is_wrapped(config.optimizer) else None
+        _write_config(config, out, recorded, start, data, devices, groups)
         _write_metrics(out / "metrics.jsonl", metrics)
     probe = StepProbe(optimizer)
     with EpsMonitor(model, active=False) as eps:
@@ -768,17 +783,21 @@ def _epochs(config, out, data, model, net, optimizer, scheduler, probe, eps, met
 
 
 def _write_config(config: RunConfig, out: Path, recorded: dict | None, start: int,
-                  data=None, devices: list[dict] | None = None) -> None:
+                  data=None, devices: list[dict] | None = None,
+                  groups: list[dict] | None = None) -> None:
     """``config.json``: the settings, the hyperparameters used, the numbers of training and test
     (or validation) samples used, where the data was held, and the environment of the first
     session (later sessions listed under ``resumed``) with the device (and GPU) it ran on;
-    ``devices``: each rank's :func:`environment`, listed under ``ranks`` when there are several."""
+    ``devices``: each rank's :func:`environment`, listed under ``ranks`` when there are several;
+    ``groups``: the optimizer's groups as built (``optimizer_groups``: an ``<inner>+<policy>`` run)."""
     with _Writing(out):
         out.mkdir(parents=True, exist_ok=True)
     devices = devices or [environment(run_device(config))]
     env = devices[0] if len(devices) == 1 else {
         **devices[0], "ranks": [{k: d[k] for k in ("device", "gpu") if k in d} for d in devices]}
     record = {**asdict(config), "optimizer_settings": config.resolved(), "environment": env}
+    if groups is not None:
+        record["optimizer_groups"] = groups
     if data is not None:
         record["samples"] = {"train": len(data.train_x), data.split: len(data.test_x)}
         record["data_device"] = str(data.device)  # held there, or on the host (cpu)
