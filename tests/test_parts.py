@@ -224,3 +224,31 @@ def test_a_group_with_lr_zero_moves_neither_its_part_nor_its_rest():
     before = qkv(model).clone()
     train(model, opt, x, steps=1)
     assert torch.equal(qkv(model), before)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["psi-sgdm", "adams"])  # an SGD and an Adam rest
+def test_a_compiled_step_on_a_part_agrees_with_eager_without_graph_breaks(name):
+    import torch._dynamo as dynamo
+
+    fused, _, x = fused_and_separate()
+    eager, compiled = fused.float(), copy.deepcopy(fused).float()
+    x = x.float()
+    mapping = psiopt.find_scale_invariant(eager, x)
+    opt_e, opt_c = (psiopt.create_optimizer(m, name, mapping=mapping) for m in (eager, compiled))
+    step = torch.compile(opt_c.step)
+    dynamo.reset()
+    try:
+        for _ in range(3):
+            for model, fn in ((eager, opt_e.step), (compiled, step)):
+                model.zero_grad()
+                model(x).square().sum().backward()
+                fn()
+        torch.testing.assert_close(qkv(compiled), qkv(eager), rtol=1e-5, atol=1e-6)
+        compiled.zero_grad()
+        compiled(x).square().sum().backward()
+        report = dynamo.explain(opt_c.step)()
+    finally:
+        dynamo.reset()
+    assert report.graph_break_count == 0, [str(r.reason)[:200] for r in report.break_reasons]
