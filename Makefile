@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench gpu-check clean
 
 # constraints.txt pins this machine's torch build (a CPU wheel from a local file); the package
 # itself accepts a range of torch versions.
@@ -32,6 +32,12 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[compare]" || echo "adamp/geoopt not installed: peers skipped"
 	$(VENV)/bin/psiopt bench
+
+# On a GPU machine (CUDA build of torch and psiopt installed, e.g. `pip install -e .`): the CUDA
+# tests (a skipped one fails), `psiopt bench --device cuda`, a short CUDA training run; writes
+# gpu-report.md and exits 1 on any failure.  No $(STAMP): constraints.txt pins a CPU torch.
+gpu-check:
+	scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

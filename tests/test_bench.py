@@ -18,8 +18,10 @@ def test_parameter_set_gradients_are_tangent(monkeypatch):
 
 
 def test_bench_rows_and_table(monkeypatch):
-    """Step times replaced by known ones (psiopt 3 ms, torch 2 ms, alternating with 6 ms / 4 ms
-    rounds): the row must report those medians and their paired ratio, 1.5."""
+    """Step times replaced by known ones (psiopt 3 ms, torch's fused and foreach steps 2 ms,
+    alternating with 6 ms / 4 ms rounds): the row must report those medians and their paired
+    ratios, 1.5, against both forms of torch's step; launches are counted, as integers, and
+    memory passes estimated."""
     monkeypatch.setitem(bench.SETS, "tiny", lambda: (MLP(8, 3, widths=(6,)), torch.randn(4, 8)))
     def fake_time(step):
         step()
@@ -33,10 +35,82 @@ def test_bench_rows_and_table(monkeypatch):
     assert [r["optimizer"] for r in out] == ["psi-sgdm", "adamsrt", "sgdg ω=0"]
     for r in out:
         assert r["ratio"] == pytest.approx(1.5) and r["ms"] == pytest.approx(4.5)
-        assert r["torch_ms"] == pytest.approx(3.0)
+        assert r["ratio_foreach"] == pytest.approx(1.5)
+        assert r["torch_ms"] == pytest.approx(3.0) and r["foreach_ms"] == pytest.approx(3.0)
+        for prefix in ("", "torch_", "foreach_"):
+            assert type(r[prefix + "launches"]) is int and r[prefix + "launches"] >= 1
+            assert type(r[prefix + "ops"]) is int and r[prefix + "passes"] > 0
+    assert out[0]["torch_launches"] == 1 and out[0]["torch_passes"] == pytest.approx(5.0)
     assert out[1]["state_mb"] < out[1]["torch_state_mb"]  # Adam-SRT: no full second moment
     table = bench.format_table(out)
     assert table.count("\n") == 4 and "| tiny | psi-sgdm |" in table
+    head = table.splitlines()[0]
+    for column in ("fused ms", "ratio to fused", "foreach ms", "ratio to foreach",
+                   "launches (fused, foreach)", "passes (fused, foreach)"):
+        assert f"| {column} |" in head
+    assert all(line.count("|") == head.count("|") for line in table.splitlines())
+
+
+def _model_with_grads():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    return model
+
+
+@pytest.mark.parametrize("family, impl, launches, passes", [
+    ("sgd", "fused", 1, 5.0),  # one _fused_sgd_: reads w, g, buffer; writes w, buffer
+    ("sgd", "foreach", 3, 8.0),  # mul_/add_ on the buffers, add_ on the weights
+    ("adam", "fused", 2, 7.0),  # the step counters' add_, one _fused_adam_
+])
+def test_launches_and_passes_of_torch_steps(family, impl, launches, passes):
+    opt = bench._counterpart(family, _model_with_grads(), {}, impl)
+    opt.step()  # the state exists: the steady state is counted
+    counts = bench.count_step(opt)
+    assert counts["launches"] == counts["ops"] == launches
+    assert counts["passes"] == pytest.approx(passes, abs=0.05)  # Adam's counters: a few bytes
+
+
+def test_psiopt_kernel_calls_are_counted_with_their_traffic():
+    """psiopt's CPU kernels are called through ctypes, not dispatched: the counter sees them."""
+    from psiopt.optim import kernels
+
+    if not kernels.available():
+        pytest.skip("psiopt's C kernels are not built here (no compiler): nothing to count")
+    model = _model_with_grads()
+    opt = bench._create(model, "psi-sgd", {"0.weight": "channel"})
+    opt.step()
+    counter = bench._StepCounter()
+    with counter, bench._counting_kernels(counter):
+        opt.step()
+    assert counter.kernel_calls == 1  # one call for the invariant group
+    counts = bench.count_step(opt)
+    assert counts["launches"] == counts["ops"] >= 2 and counts["passes"] >= 3
+
+
+def test_device_events_are_counted_by_their_device():
+    from torch.autograd import DeviceType
+
+    class Event:
+        def __init__(self, device_type):
+            self.device_type = device_type
+
+    events = [Event(DeviceType.CPU), Event(DeviceType.CUDA), Event(DeviceType.CUDA)]
+    assert bench.count_device_events(events) == 2
+
+
+def test_machine_line_names_threads_commit_and_load():
+    line = bench.machine()
+    assert f"{torch.get_num_threads()} torch thread(s)" in line and "commit " in line
+    assert bench._load().startswith("load average")
+
+
+def test_cuda_targets_are_those_of_issue_23():
+    rows_ = [{"optimizer": "un-sgd", "ratio": 1.25}, {"optimizer": "sgdg ω=0", "ratio": 1.4}]
+    text = bench.targets_table(rows_, [], targets=bench.CUDA_TARGETS)
+    assert "| un-sgd ≤ 1.2 × torch fused | 1.25 | no |" in text
+    assert "| sgdg ω=0 ≤ 1.5 × torch fused | 1.40 | yes |" in text
 
 
 def test_allocation_tracker_counts_temporaries():

@@ -52,3 +52,21 @@ def test_compiled_steps_keep_step_counters_on_the_cpu():
     assert all(st["step"].is_cpu for st in opt.state.values())
     step_without_sync(opt)
     assert all(torch.isfinite(w).all() for w in (w1, w2))
+
+
+def test_bench_times_with_cuda_events_and_counts_kernels(monkeypatch):
+    """``psiopt bench --device cuda``'s machinery on a small model: CUDA-event timings, kernel
+    launches from the profiler (integers, at least one per step), memory passes estimated."""
+    from psiopt.experiments import bench
+    from psiopt.experiments.models import MLP
+
+    monkeypatch.setattr(bench, "DEVICE", torch.device("cuda"))
+    monkeypatch.setitem(bench.SETS, "tiny", lambda: (MLP(8, 3, widths=(6,)), torch.randn(4, 8)))
+    assert bench._time(lambda: torch.ones(1000, device="cuda").sum()) > 0
+    (row,) = bench.bench_optimizers("tiny", steps=2, names=["psi-sgdm"])
+    assert row["ms"] > 0 and row["torch_ms"] > 0 and row["foreach_ms"] > 0
+    assert row["ratio"] > 0 and row["ratio_foreach"] > 0
+    for prefix in ("", "torch_", "foreach_"):
+        assert type(row[prefix + "launches"]) is int and row[prefix + "launches"] >= 1
+    assert row["torch_passes"] == pytest.approx(5.0)  # _fused_sgd_: w, g, buffer in; w, buffer out
+    assert "GPU " in bench.machine()

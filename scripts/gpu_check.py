@@ -1,0 +1,332 @@
+"""One command for a GPU machine (``make gpu-check`` or ``scripts/gpu_check.sh``): check a psiopt
+install on CUDA and write one report.
+
+Steps, each with a time cap, all within ten minutes on one H100:
+
+1. the environment: torch with CUDA and a GPU, or a one-line failure (nothing is skipped);
+2. the optional GPU extra of ``pyproject.toml`` (``--extra``, default ``gpu``), installed with
+   pip when it exists and is not installed yet (the CUDA build of torch is never touched);
+3. the CUDA tests (``tests/test_cuda.py`` and ``tests/test_device.py``) with ``pytest -rs``:
+   a CUDA test that is skipped fails the check, as does a run with no CUDA test passed; the only
+   skips allowed are listed in :data:`ALLOWED_SKIPS` (tests for a machine without CUDA, and the
+   two-GPU test on a one-GPU machine) and the report names each of them;
+4. ``psiopt bench --device cuda`` on resnet56 (a short run, no ``torch.compile`` section);
+5. ``psiopt train --device cuda``: two epochs of resnet20 on synthetic data;
+6. the report (``--report``, default ``gpu-report.md``): device, versions, every step's result,
+   the test summary with every skip and its reason, the bench tables and the training metrics.
+
+Exit status 0 only when every step passed.  ``--dry-run`` prints the steps and exits 0 without
+running anything (no GPU needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_FILES = ("tests/test_cuda.py", "tests/test_device.py")
+#: total wall-clock budget (seconds) and each step's cap within it
+BUDGET_S = 570
+CAPS_S = {"install": 120, "tests": 300, "bench": 180, "train": 120}
+#: skips that are not CUDA tests being skipped: (reason pattern, condition on the GPU count)
+ALLOWED_SKIPS = (
+    (r"a machine without CUDA", lambda gpus: gpus >= 1),  # CPU-only tests of test_device.py
+    (r"needs two CUDA devices", lambda gpus: gpus < 2),  # the NCCL test on a one-GPU machine
+)
+
+
+class CheckFailed(Exception):
+    """A step failed: its message is the report's and the one line printed."""
+
+
+@dataclass
+class Step:
+    name: str
+    ok: bool
+    summary: str
+    seconds: float = 0.0
+    details: str = ""
+
+
+@dataclass
+class TestResults:
+    passed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (test, reason)
+
+    def judge(self, gpus: int) -> tuple[bool, list[str], list[str]]:
+        """Whether the run passes: no failure or error, at least one test passed, and every skip
+        allowed for ``gpus`` GPUs.  Returns it with the forbidden and the allowed skips."""
+        forbidden, allowed = [], []
+        for test, reason in self.skipped:
+            ok = any(re.search(p, reason) and cond(gpus) for p, cond in ALLOWED_SKIPS)
+            (allowed if ok else forbidden).append(f"{test}: {reason}")
+        return (not self.failed and not forbidden and bool(self.passed)), forbidden, allowed
+
+
+def parse_junit(path: Path) -> TestResults:
+    """The outcome of every test case of pytest's ``--junitxml`` file."""
+    results = TestResults()
+    for case in ET.parse(path).getroot().iter("testcase"):
+        test = f"{case.get('classname', '')}::{case.get('name', '')}"
+        skip = case.find("skipped")
+        if case.find("failure") is not None or case.find("error") is not None:
+            results.failed.append(test)
+        elif skip is not None:
+            reason = skip.get("message", "") or (skip.text or "")
+            results.skipped.append((test, reason.strip()))
+        else:
+            results.passed.append(test)
+    return results
+
+
+def _run(command: list[str], cap: float, log: Path) -> tuple[int | None, str]:
+    """Run ``command`` in the repository with a time cap; its output goes to ``log``.  Returns
+    the exit status (``None`` on time-out) and the output's last 40 lines."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with log.open("w") as out:
+        out.write("$ " + shlex.join(command) + "\n")
+        out.flush()
+        try:
+            rc = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env=env, timeout=max(cap, 1)).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+    return rc, tail
+
+
+def environment() -> dict:
+    """Versions and the device; ``cuda`` False (with ``why``) where CUDA cannot be used."""
+    import torch
+
+    env = {"python": platform.python_version(), "platform": platform.platform(),
+           "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+           "python_executable": sys.executable, "commit": _git("rev-parse", "--short", "HEAD"),
+           "uncommitted": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+    for dist in ("psiopt", "triton", "pytorch-triton"):
+        try:
+            env[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            env[dist] = None
+    if torch.version.cuda is None:
+        env["cuda"], env["why"] = False, (f"torch {torch.__version__} is a CPU build "
+                                          "(torch.version.cuda is None): install a CUDA build of torch")
+    elif not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        env["cuda"], env["why"] = False, (
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r}; "
+            "is the driver loaded? see nvidia-smi)")
+    else:
+        env["cuda"], env["gpus"] = True, torch.cuda.device_count()
+        env["gpu"] = [torch.cuda.get_device_name(i) for i in range(env["gpus"])]
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
+        env["driver"] = _nvidia_smi()
+    return env
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _nvidia_smi() -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total",
+                               "--format=csv,noheader"], capture_output=True, text=True,
+                              timeout=20).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def extra_requirements(extra: str) -> list[str] | None:
+    """The requirements of ``extra`` in ``pyproject.toml``, ``None`` where it has no such extra."""
+    text = (ROOT / "pyproject.toml").read_text()
+    try:
+        import tomllib  # Python 3.11
+    except ModuleNotFoundError:  # Python 3.10: the extras are one-line lists of strings
+        section = text.split("[project.optional-dependencies]", 1)[-1].split("\n[", 1)[0]
+        found = re.search(rf"^{re.escape(extra)}\s*=\s*(\[.*\])\s*$", section, flags=re.M)
+        return ast.literal_eval(found.group(1)) if found else None
+    project = tomllib.loads(text)["project"]
+    return project.get("optional-dependencies", {}).get(extra)
+
+
+def _installed(requirement: str) -> bool:
+    name = re.split(r"[\s<>=!~\[;]", requirement, maxsplit=1)[0]
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def commands(python: str, work: Path, device: str) -> dict[str, list[str]]:
+    """The commands of the test, bench and train steps."""
+    cli = [python, "-m", "psiopt.experiments.cli"]
+    return {
+        "tests": [python, "-m", "pytest", "-rs", "-q", "-p", "no:cacheprovider",
+                  f"--junitxml={work / 'junit.xml'}", *TEST_FILES],
+        "bench": [*cli, "bench", "--device", device, "--sets", "resnet56", "--steps", "20",
+                  "--no-compile", "--out", str(work / "bench.md")],
+        "train": [*cli, "train", "--device", device, "--dataset", "synthetic", "--model", "resnet20",
+                  "--optimizer", "psi-sgdm", "--epochs", "2", "--subset", "2048", "--batch-size",
+                  "128", "--no-progress", "--out", str(work / "train")],
+    }
+
+
+def run_check(args) -> int:
+    python, work, start = sys.executable, Path(args.workdir).resolve(), time.monotonic()
+    plan = commands(python, work, args.device)
+    if args.dry_run:
+        print(f"gpu-check: dry run (report {args.report}, work directory {work})")
+        print(f"1. environment: torch with CUDA and a GPU on {args.device}, or fail")
+        print(f"2. install the extra {args.extra!r} of pyproject.toml when it exists and is missing: "
+              f"{extra_requirements(args.extra)}")
+        for i, (name, command) in enumerate(plan.items(), 3):
+            print(f"{i}. {name} (cap {CAPS_S[name]} s): {shlex.join(command)}")
+        print(f"6. write the report; exit 1 if any step failed or any CUDA test was skipped "
+              f"(allowed skips: {', '.join(p for p, _ in ALLOWED_SKIPS)})")
+        return 0
+    work.mkdir(parents=True, exist_ok=True)
+    steps: list[Step] = []
+    env = environment()
+    if not env["cuda"]:
+        steps.append(Step("environment", False, f"CUDA is not available: {env['why']}"))
+        return finish(args, env, steps, work)
+    steps.append(Step("environment", True, f"{env['gpus']} GPU(s): {', '.join(env['gpu'])}"))
+
+    def remaining(name):
+        return min(CAPS_S[name], BUDGET_S - (time.monotonic() - start))
+
+    steps.append(install_extra(args, python, work, remaining("install")))
+    t = time.monotonic()
+    (work / "junit.xml").unlink(missing_ok=True)  # a stale one is no result
+    rc, tail = _run(plan["tests"], remaining("tests"), work / "tests.log")
+    steps.append(judge_tests(rc, tail, work / "junit.xml", env["gpus"], time.monotonic() - t))
+    for name in ("bench", "train"):
+        t = time.monotonic()
+        cap = remaining(name)
+        if cap < 10:
+            steps.append(Step(name, False, f"not run: the {BUDGET_S} s budget is spent"))
+            continue
+        rc, tail = _run(plan[name], cap, work / f"{name}.log")
+        ok = rc == 0
+        summary = ("passed" if ok else f"timed out after {cap:.0f} s" if rc is None
+                   else f"failed (exit {rc})")
+        steps.append(Step(name, ok, summary, time.monotonic() - t, "" if ok else tail))
+    return finish(args, env, steps, work)
+
+
+def install_extra(args, python: str, work: Path, cap: float) -> Step:
+    requirements = extra_requirements(args.extra)
+    if requirements is None:
+        return Step("install", True, f"pyproject.toml has no {args.extra!r} extra: nothing to install")
+    missing = [r for r in requirements if not _installed(r)]
+    if not missing:
+        return Step("install", True, f"extra {args.extra!r} already installed: {', '.join(requirements)}")
+    if args.no_install:
+        return Step("install", False, f"extra {args.extra!r} missing ({', '.join(missing)}) and "
+                                      "--no-install given")
+    t = time.monotonic()  # the requirements alone: reinstalling psiopt could replace CUDA torch
+    rc, tail = _run([python, "-m", "pip", "install", *missing], cap, work / "install.log")
+    return Step("install", rc == 0, f"pip install {' '.join(missing)}: "
+                + ("done" if rc == 0 else "failed"), time.monotonic() - t, "" if rc == 0 else tail)
+
+
+def judge_tests(rc, tail: str, junit: Path, gpus: int, seconds: float) -> Step:
+    if rc is None:
+        return Step("tests", False, f"timed out after {seconds:.0f} s", seconds, tail)
+    if not junit.exists():
+        return Step("tests", False, f"pytest wrote no results (exit {rc})", seconds, tail)
+    results = parse_junit(junit)
+    ok, forbidden, allowed = results.judge(gpus)
+    summary = (f"{len(results.passed)} passed, {len(results.failed)} failed, "
+               f"{len(results.skipped)} skipped ({len(forbidden)} of them CUDA tests)")
+    details = []
+    if results.failed:
+        details.append("Failed:\n" + "\n".join(f"- {t}" for t in results.failed))
+    if forbidden:
+        details.append("Skipped CUDA tests (this fails the check):\n"
+                       + "\n".join(f"- {t}" for t in forbidden))
+    if allowed:
+        details.append("Skips allowed (not CUDA tests on this machine):\n"
+                       + "\n".join(f"- {t}" for t in allowed))
+    if not results.passed:
+        details.append("No test passed.")
+    if not ok or rc != 0:
+        details.append("pytest's last lines:\n\n```\n" + tail + "\n```")
+    return Step("tests", ok and rc == 0, summary, seconds, "\n\n".join(details))
+
+
+def finish(args, env: dict, steps: list[Step], work: Path) -> int:
+    ok = all(s.ok for s in steps)
+    lines = [f"# psiopt GPU check: {'PASSED' if ok else 'FAILED'}", "",
+             f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `scripts/gpu_check.py`; "
+             f"artefacts (logs, junit.xml, bench.md, train/) in `{work}`.", "",
+             "## Environment", "", "```", json.dumps(env, indent=1), "```", "",
+             "## Steps", "", "| step | result | seconds | summary |", "|---|---|---|---|"]
+    lines += [f"| {s.name} | {'ok' if s.ok else 'FAILED'} | {s.seconds:.0f} | {s.summary} |"
+              for s in steps]
+    for s in steps:
+        if s.details:
+            lines += ["", f"### {s.name}", "", s.details]
+    bench = work / "bench.md"
+    if any(s.name == "bench" and s.ok for s in steps) and bench.exists():
+        lines += ["", "## Benchmark (`psiopt bench --device cuda`)", "",
+                  re.sub(r"^#", "##", bench.read_text().split("## How the steps run")[0],
+                         flags=re.M)]
+    metrics = work / "train" / "metrics.jsonl"
+    if any(s.name == "train" and s.ok for s in steps) and metrics.exists():
+        lines += ["", "## Training (`psiopt train --device cuda`, resnet20, synthetic data)", "",
+                  "```", metrics.read_text().strip(), "```"]
+    Path(args.report).write_text("\n".join(lines) + "\n")
+    for s in steps:
+        if not s.ok:
+            print(f"gpu-check: FAILED at {s.name}: {s.summary}", file=sys.stderr)
+    print(f"gpu-check: {'PASSED' if ok else 'FAILED'}; report written to {args.report}",
+          file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--report", default="gpu-report.md", help="the report file (markdown)")
+    parser.add_argument("--workdir", default="gpu-check", help="logs and artefacts")
+    parser.add_argument("--device", default="cuda", help="cuda or cuda:N")
+    parser.add_argument("--extra", default="gpu", help="optional dependencies to install")
+    parser.add_argument("--no-install", action="store_true", help="fail if the extra is missing")
+    parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"cuda(:\d+)?", args.device):
+        parser.error(f"--device {args.device!r}: expected cuda or cuda:N")
+    try:
+        import torch  # noqa: F401
+
+        import psiopt  # noqa: F401
+    except ImportError as e:
+        print(f"gpu-check: FAILED: {sys.executable} cannot import torch and psiopt ({e}); install "
+              "a CUDA build of torch, then `pip install -e .` in this repository", file=sys.stderr)
+        return 1
+    return run_check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""``scripts/gpu_check.sh`` (``make gpu-check``) on a machine without a GPU: what it can check here.
+It must fail loudly, never skip: no CUDA is a failure with a one-line reason and a report saying
+FAILED, and a skipped CUDA test fails the test step."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+
+
+def run_script(*args, **env):
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+def test_without_cuda_the_check_fails_with_one_line_and_a_report(tmp_path):
+    """``CUDA_VISIBLE_DEVICES=""`` hides any GPU, so this runs the same on a GPU machine."""
+    report = tmp_path / "gpu-report.md"
+    done = run_script("--report", str(report), "--workdir", str(tmp_path / "work"),
+                      CUDA_VISIBLE_DEVICES="")
+    assert done.returncode == 1
+    assert "gpu-check: FAILED at environment: CUDA is not available:" in done.stderr
+    text = report.read_text()
+    assert text.startswith("# psiopt GPU check: FAILED")
+    assert "| environment | FAILED |" in text and '"torch":' in text
+    assert not (tmp_path / "work" / "junit.xml").exists()  # nothing ran after it
+
+
+def test_dry_run_lists_the_steps_without_a_gpu(tmp_path):
+    done = run_script("--dry-run", "--workdir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "pytest -rs" in out and "tests/test_cuda.py tests/test_device.py" in out
+    assert "bench --device cuda" in out and "train --device cuda" in out
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_device_that_is_not_cuda_is_refused():
+    done = run_script("--dry-run", "--device", "cpu")
+    assert done.returncode == 2 and "expected cuda or cuda:N" in done.stderr
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.test_cuda" name="test_step[sgd]" time="0.1"/>
+<testcase classname="tests.test_device" name="test_cpu_only" time="0.0">
+  <skipped type="pytest.skip" message="a machine without CUDA">skip</skipped></testcase>
+<testcase classname="tests.test_device" name="test_two_gpus" time="0.0">
+  <skipped type="pytest.skip" message="needs two CUDA devices">skip</skipped></testcase>
+{extra}
+</testsuite></testsuites>"""
+
+
+@pytest.mark.parametrize("extra, gpus, ok", [
+    ("", 1, True),  # the allowed skips on one GPU
+    ("", 2, False),  # with two GPUs the NCCL test must run
+    ('<testcase classname="tests.test_cuda" name="test_x" time="0"><skipped message="needs a '
+     'CUDA device">s</skipped></testcase>', 1, False),  # a CUDA test skipped
+    ('<testcase classname="tests.test_cuda" name="test_x" time="0"><failure message="boom">'
+     'f</failure></testcase>', 1, False),
+    ('<testcase classname="tests.test_cuda" name="test_x" time="0"><error message="setup">'
+     'e</error></testcase>', 1, False),
+])
+def test_skips_and_failures_are_judged(tmp_path, extra, gpus, ok):
+    junit = tmp_path / "junit.xml"
+    junit.write_text(JUNIT.format(extra=extra))
+    step = gpu_check.judge_tests(0, "tail", junit, gpus, 1.0)
+    assert step.ok is ok
+    assert "Skips allowed" in step.details or gpus == 2
+    if "needs a CUDA device" in extra:
+        assert "Skipped CUDA tests (this fails the check):" in step.details
+        assert "test_x: needs a CUDA device" in step.details
+
+
+def test_no_result_and_nothing_passed_fail(tmp_path):
+    assert not gpu_check.judge_tests(0, "", tmp_path / "absent.xml", 1, 0).ok
+    assert not gpu_check.judge_tests(None, "", tmp_path / "absent.xml", 1, 0).ok  # timed out
+    junit = tmp_path / "junit.xml"
+    junit.write_text('<testsuites><testsuite name="pytest"></testsuite></testsuites>')
+    step = gpu_check.judge_tests(0, "", junit, 1, 0)
+    assert not step.ok and "No test passed." in step.details
