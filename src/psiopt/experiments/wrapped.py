@@ -160,8 +160,8 @@ class Combined(Optimizer):
     """Several ``torch.optim`` optimizers stepped as one (Muon and AdamW): ``param_groups`` is
     theirs, in order (a scheduler sets their ``lr``), ``state_dict`` a list of theirs."""
 
-    def __init__(self, optimizers: list[Optimizer]):  # noqa: super().__init__ not called: the
-        self.optimizers = list(optimizers)  # groups live in the inner optimizers
+    def __init__(self, optimizers: list[Optimizer]):  # (super().__init__ is not called: the
+        self.optimizers = list(optimizers)  # groups live in the inner optimizers)
         self.defaults = {}
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
