@@ -122,13 +122,13 @@ def _compare(rank, mode, name) -> dict:
     make = bn_net if mode == "ddp-syncbn" else parts_net if mode in PARTS else net
     mapping = EDGES if mode == "fsdp-parts-edges" else None
     ref = make()
-    ref_opt = psiopt.create_optimizer(ref, name, xs[0], mapping=mapping)
+    ref_opt = _optimizer(ref, name, xs[0], mapping)
     train(ref, ref_opt, xs, ys)
     model = psiopt.convert_sync_batchnorm(make()) if mode == "ddp-syncbn" else make()
     fsdp = mode.startswith("fsdp")
     wrapped = _sharded(model) if fsdp else nn.parallel.DistributedDataParallel(model)
     found = mapping or psiopt.find_scale_invariant(wrapped, xs[0])
-    opt = psiopt.create_optimizer(wrapped, name, xs[0][half], mapping=mapping)
+    opt = _optimizer(wrapped, name, xs[0][half], mapping)
     train(wrapped, opt, xs[:, half], ys[:, half])
     got, want = full(wrapped), full(ref)
     prefix = "" if fsdp else "module."
@@ -136,6 +136,25 @@ def _compare(rank, mode, name) -> dict:
             for n, w in want.items()}
     worst = max(errs, key=errs.get)
     return {"error": errs[worst], "worst": worst, "mapping": found}
+
+
+#: NormPolicy (issue 25) on torch.optim rules built on psiopt.optimizer_groups:
+#: "<inner>+<policy>[+project]", every policy with and without projection, AdamW and SGD-momentum
+POLICY_CASES = [f"{inner}+{policy}{extra}" for inner in ("adamw", "sgd")
+                for policy in psiopt.optim.policies.POLICIES for extra in ("", "+project")]
+
+
+def _optimizer(model, name, x, mapping=None):
+    """A registered psiopt optimizer, or a ``POLICY_CASES`` norm policy (decay on every
+    invariant group, parts included: ``"equilibrium"`` needs it)."""
+    if "+" not in name:
+        return psiopt.create_optimizer(model, name, x, mapping=mapping)
+    inner, policy, *project = name.split("+")
+    groups = psiopt.optimizer_groups(model, x, mapping=mapping, weight_decay=0.05,
+                                     invariant_weight_decay=0.1)
+    opt = torch.optim.AdamW(groups, lr=1e-2) if inner == "adamw" else \
+        torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    return psiopt.NormPolicy(opt, policy, project=bool(project), model=model, example_inputs=x)
 
 
 def _sharded(model):
@@ -206,10 +225,19 @@ def test_optimizer_state_saved_with_distributed_checkpoint_continues_identically
 COLLECTIVES = {"sgd": 0, "adam": 0, "adamw": 0, "b-sgd": 0, "psi-sgd": 2, "psi-sgdm": 2,
                "adams": 2, "un-sgd": 2, "sgdmrt": 2, "adamg-star": 2, "psgd": 2, "adamsrt": 2,
                "sgdg": 8, "adamg": 8}
+#: NormPolicy (one layout for the float64 views: one all_reduce per reduction for every
+#: parameter): the projection's <w, g> with ‖w‖² (which "fixed" reuses), the norms before
+#: ("fixed") and after ("fixed", "unit"; "unit"'s preparation is done by then), "equilibrium"'s
+#: ‖old‖² with <w, old>, then the norm of the tangential part
+_POLICY_COLLECTIVES = {"free": 0, "free+project": 1, "fixed": 2, "fixed+project": 2, "unit": 1,
+                       "unit+project": 2, "equilibrium": 2, "equilibrium+project": 3}
+COLLECTIVES.update({f"{inner}+{case}": n for inner in ("adamw", "sgd")
+                    for case, n in _POLICY_COLLECTIVES.items()})
 
 
 def _collectives_worker(rank, world, port, out):
-    """Count the collectives of one FSDP2 step (after two warm-up steps) of every optimizer."""
+    """Count the collectives of one FSDP2 step (after two warm-up steps) of every optimizer
+    and norm policy."""
     from torch.distributed.tensor.debug import CommDebugMode
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -218,9 +246,9 @@ def _collectives_worker(rank, world, port, out):
     xs, ys = data()
     xs, ys = xs[:, rank * 4:rank * 4 + 4], ys[:, rank * 4:rank * 4 + 4]
     results, all_reduce = {}, dist.all_reduce
-    for name in psiopt.list_optimizers():
+    for name in [*psiopt.list_optimizers(), *POLICY_CASES]:
         model = _sharded(net())
-        opt = psiopt.create_optimizer(model, name, xs[0])
+        opt = _optimizer(model, name, xs[0])
         train(model, opt, xs[:3], ys[:3])  # the third step's backward is left for the count
         sizes = []
 
@@ -259,6 +287,59 @@ def spawn(mode, names, tmp_path) -> dict:
     out = tmp_path / f"{mode}.json"
     mp.spawn(_worker, args=(2, _free_port(), mode, names, str(out)), nprocs=2)
     return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-parts"])
+def test_two_ranks_equal_one_process_for_norm_policies_on_adamw_and_sgd(tmp_path, mode):
+    """NormPolicy under DDP and FSDP2 (its per-group sums of sharded rows complete across ranks,
+    "groups:2" and "tensor" groups and the parts of parts_net spanning them) equals one process,
+    for every policy with and without projection, on AdamW and SGD-momentum."""
+    results = spawn(mode, POLICY_CASES, tmp_path)
+    errors = {name: (r["error"], r["worst"]) for name, r in results.items()}
+    print(json.dumps(errors, indent=1), file=sys.stderr)
+    assert set(errors) == set(POLICY_CASES)
+    assert all(e < 1e-6 for e, _ in errors.values()), errors
+
+
+def _unit_refusal_worker(rank, world, port, out):
+    """bn_net under FSDP2: "unit" (whose one-time unit-normalisation the BatchNorm1d statistics
+    fed by the split rows of "4.weight" would have to follow) is refused when built, nothing
+    changed; "fixed" (no statistics follow its rescaling) is taken and steps."""
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    xs, ys = data()
+    x, y = xs[0][rank * 4:rank * 4 + 4], ys[0][rank * 4:rank * 4 + 4]
+    model = bn_net()
+    for i in (0, 4):
+        fully_shard(model[i])
+    fully_shard(model)
+    before = full(model)
+    result = {}
+    try:
+        psiopt.NormPolicy(torch.optim.AdamW(psiopt.optimizer_groups(model, x)), "unit", model=model,
+                          example_inputs=x)
+    except ValueError as e:
+        result["unit"] = str(e)
+    result["unchanged"] = all(torch.equal(v, full(model)[n]) for n, v in before.items())
+    policy = psiopt.NormPolicy(torch.optim.AdamW(psiopt.optimizer_groups(model, x)), "fixed",
+                               model=model, example_inputs=x)
+    train(model, policy, x[None], y[None])
+    result["fixed stepped"] = not torch.equal(before["4.weight"], full(model)["4.weight"])
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    close_process_group()
+
+
+def test_unit_policy_refuses_running_statistics_of_sharded_rows_when_built(tmp_path):
+    out = tmp_path / "refusal.json"
+    mp.spawn(_unit_refusal_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    result = json.loads(out.read_text())
+    assert "BatchNorm1d" in result.get("unit", "") and "FSDP2" in result["unit"], result
+    assert result["unchanged"] and result["fixed stepped"], result
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp", "ddp-syncbn", *PARTS])

@@ -51,6 +51,14 @@ as psiopt's optimizers do), so the eval-mode network does not change; the rescal
 step is part of the update, as in psiopt's PSGD and UN-SGD (the statistics do not follow it).
 ``p.grad`` is never written: the inner step reads a projected or rescaled gradient through a
 swapped ``.grad`` attribute, and the original tensor is put back.  No host synchronisation.
+Under DDP every rank applies the policy to the same averaged gradients.  Under FSDP2
+(``fully_shard``: DTensor parameters sharded on dimension 0) it works on each rank's local rows
+(:class:`~psiopt.optim.sharded.ShardedRows`, parts ``"<grouping>[a:b]"`` included) and completes
+the per-group sums of groups that span ranks with one ``all_reduce`` per reduction for every
+parameter of the step (:class:`~psiopt.optim.sharded.ShardedLayout`: ``‖w‖²`` with ``<w, g>`` for
+the projection, the norms before and after for ``"fixed"``/``"unit"``, two for
+``"equilibrium"``); nothing is gathered.  The running statistics of a BatchNorm fed by rows split
+between ranks cannot follow ``"unit"``'s one-time unit-normalisation: refused when built.
 With ``torch.optim.SGD`` this is psiopt's :class:`~psiopt.optim.euclidean.ProjectedSGD` (``"fixed"``) and
 :class:`~psiopt.optim.sphere.UnitNormSGD` (``"unit"``, ``project=True``), to rounding (tested in
 float64 to 1e-12).
@@ -66,6 +74,7 @@ from torch.optim import Optimizer
 from .base import run_closure, warn_unlinked
 from .discovery import _discover, rescale_rows_
 from .geometry import accumulate_dtype, dot, is_invariant, norm, rest, rows, safe_inv
+from .sharded import ShardedLayout, ShardedRows, is_sharded
 
 POLICIES = ("free", "fixed", "unit", "equilibrium")
 
@@ -99,20 +108,84 @@ def _cos_sin(theta):
     return math.cos(theta), math.sin(theta)
 
 
-def rotate_(w: torch.Tensor, old: torch.Tensor, theta) -> None:
+class _Sums:
+    """Per-group sums of lists of views (one per invariant parameter of a step), complete across
+    ranks, in the accumulate dtype (:func:`accumulate_dtype`), keepdim per view.  Plain views
+    reduce by themselves; FSDP2-sharded ones (:class:`ShardedRows`) go through one
+    :class:`ShardedLayout` per dtype and device: per-row partial sums and one ``all_reduce`` per
+    call, whatever the number of pairs and parameters; nothing is gathered."""
+
+    def __init__(self, views: list[torch.Tensor], shards: list, layouts: dict):
+        self.size, self.plain = len(views), {i for i, s in enumerate(shards) if s is None}
+        buckets: dict = {}
+        for i, (v, s) in enumerate(zip(views, shards)):
+            if s is not None:
+                buckets.setdefault((accumulate_dtype(v.dtype), v.device), []).append(i)
+        self.sharded = []
+        for index in buckets.values():  # layouts cached by their shards and shapes
+            key = tuple((id(shards[i]), tuple(views[i].shape)) for i in index)
+            if key not in layouts:
+                layouts[key] = ShardedLayout([views[i] for i in index], [shards[i] for i in index])
+            self.sharded.append((index, layouts[key]))
+
+    def __call__(self, pairs: list[tuple[list, list]]) -> list[list[torch.Tensor]]:
+        """``Σ x y`` per group of each pair ``(xs, ys)`` of lists (``xs is ys``: ``‖x‖²``)."""
+        out = self._sharded_sums(pairs)
+        for i in self.plain:
+            for o, (xs, ys) in zip(out, pairs):
+                acc = accumulate_dtype(xs[i].dtype)
+                o[i] = norm(xs[i], acc).square() if xs is ys else dot(xs[i].to(acc), ys[i])
+        return out
+
+    def norms(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``‖x‖`` per group (of a plain view: one norm, as psiopt's rules take it)."""
+        (out,) = self._sharded_sums([(xs, xs)])
+        for i in self.plain:
+            out[i] = norm(xs[i], accumulate_dtype(xs[i].dtype))
+        return [o if i in self.plain else o.sqrt_() for i, o in enumerate(out)]
+
+    def _sharded_sums(self, pairs: list[tuple[list, list]]) -> list[list]:
+        """The sums of the sharded views (``None`` for the plain ones): one collective per layout."""
+        out = [[None] * self.size for _ in pairs]
+        for index, layout in self.sharded:
+            picked = [[x[i] for i in index] for x, _ in pairs]
+            flat = layout.sums([(xs, xs if x is y else [y[i] for i in index])
+                                for xs, (x, y) in zip(picked, pairs)])
+            for o, row in zip(out, flat):
+                for i, v in zip(index, layout.split(row)):
+                    o[i] = v
+        return out
+
+
+def _project(ws: list[torch.Tensor], gs: list[torch.Tensor], sums: _Sums) -> tuple[list, list]:
+    """``(tangent gradients, ‖w‖²)``: ``g − <w, g> w/‖w‖²`` per group (a zero group has no
+    tangent space: its gradient is zero), in ``g``'s dtype, the sums in float32 for 16-bit rows
+    (one reduction for every group)."""
+    acc = [accumulate_dtype(w.dtype) for w in ws]
+    was, gas = [w.to(a) for w, a in zip(ws, acc)], [g.to(a) for g, a in zip(gs, acc)]
+    sq, wg = sums([(was, was), (was, gas)])
+    tangents = [(torch.addcmul(ga, wa, c * safe_inv(ww), value=-1.0) * (ww > 0)).to(g.dtype)
+                for wa, ga, g, ww, c in zip(was, gas, gs, sq, wg)]
+    return tangents, sq
+
+
+def rotate_(ws: list[torch.Tensor], olds: list[torch.Tensor], thetas: list, sums: _Sums) -> None:
     """``w ← ‖old‖ (cos θ u + sin θ e)`` per group of the views ``w`` (stepped) and ``old`` (before
     the step), ``u = old/‖old‖``, ``e`` the unit part of ``w`` orthogonal to ``u``: the angle
     ``∠(old, w)`` becomes ``θ`` and the norm ``‖old‖``.  Where ``w`` has no such part the group
-    goes back to ``old``; a zero group stays zero.  Sums in float32 for 16-bit rows."""
-    acc = accumulate_dtype(w.dtype)
-    o, n = old.to(acc), w.to(acc)
-    r = norm(o)
-    u = o * safe_inv(r)
-    t = torch.addcmul(n, u, dot(n, u), value=-1.0)  # the part of w orthogonal to u
-    tn = norm(t)
-    cos, sin = _cos_sin(theta)
-    turns = (tn > 0).to(acc)  # 1 where the group turns (in acc's dtype: cos keeps its digits)
-    w.copy_(r * ((1 + (cos - 1) * turns) * u + sin * t * safe_inv(tn)))
+    goes back to ``old``; a zero group stays zero.  Sums in float32 for 16-bit rows; two
+    reductions (``sums``: ``‖old‖²`` with ``<w, old>``, then ``‖t‖``) for every group at once."""
+    acc = [accumulate_dtype(w.dtype) for w in ws]
+    os_, ns = [o.to(a) for o, a in zip(olds, acc)], [w.to(a) for w, a in zip(ws, acc)]
+    rr, nr = sums([(os_, os_), (ns, os_)])
+    rs = [x.sqrt() for x in rr]
+    us = [o * safe_inv(r) for o, r in zip(os_, rs)]
+    ts = [torch.addcmul(n, u, c * safe_inv(r), value=-1.0)  # the part of w orthogonal to u
+          for n, u, c, r in zip(ns, us, nr, rs)]
+    for w, r, u, t, tn, theta in zip(ws, rs, us, ts, sums.norms(ts), thetas):
+        cos, sin = _cos_sin(theta)
+        turns = (tn > 0).to(r.dtype)  # 1 where the group turns (in acc's dtype: cos keeps its digits)
+        w.copy_(r * ((1 + (cos - 1) * turns) * u + sin * t * safe_inv(tn)))
 
 
 class NormPolicy:
@@ -155,9 +228,13 @@ class NormPolicy:
         self.optimizer, self.policy, self.project = optimizer, policy, project
         self._linked = model is not None
         self._stats: dict[str, list] = {}
+        self._shards: dict = {}  # (id(p), grouping) -> (p, ShardedRows) of FSDP2-sharded p
+        self._layouts: dict = {}  # ShardedLayouts of the sharded views (see _Sums)
         if self._linked:
             self._stats = _discover(model, example_inputs)[1]
         self._check_groupings()
+        if policy == "unit":
+            self._check_sharded_stats()
         if policy == "equilibrium":
             self.equilibrium_angles()  # a ValueError now rather than at the first step
         self.prepared: set[tuple[int, int]] = set()  # (group, position) unit-normalised
@@ -181,14 +258,43 @@ class NormPolicy:
                 for g in self.optimizer.param_groups]
 
     def _check_groupings(self) -> None:
-        """``ValueError`` before anything changes if a grouping does not fit its parameter."""
+        """``ValueError`` before anything changes if a grouping does not fit its parameter (or a
+        sharded parameter's placement is not one psiopt can update)."""
         for group in self.optimizer.param_groups:
             if is_invariant(group.get("grouping")):
                 for p in group["params"]:
                     rows(torch.empty(p.shape, device="meta"), group["grouping"])
+                    self._shard(p, group["grouping"])
 
-    def _invariant(self):
-        """``(key, p, grouping, running statistics)`` of every invariant parameter with a gradient."""
+    def _shard(self, p: torch.Tensor, grouping: str):
+        """The cached :class:`ShardedRows` of an FSDP2-sharded ``p``, else ``None``."""
+        if not is_sharded(p):
+            return None
+        if (id(p), grouping) not in self._shards:
+            self._shards[(id(p), grouping)] = (p, ShardedRows(p, grouping))  # p kept: ids stay valid
+        return self._shards[(id(p), grouping)][1]
+
+    def _check_sharded_stats(self) -> None:
+        """``"unit"`` under FSDP2: ``ValueError`` when built, before anything changes, where running
+        statistics would have to follow rows split between ranks (psiopt's sphere optimizers
+        refuse them at their first step: :meth:`NormStats.rescale_`)."""
+        for _, p, grouping, stats in self._invariant(every=True):
+            shard = self._shard(p, grouping)
+            if shard is None or shard.sharded_dim is None or shard.mesh.size() == 1 \
+                    or shard.kind == "tensor":  # (one factor for the whole tensor: it can follow)
+                continue
+            for st in stats:
+                if getattr(st.norm, "running_mean", None) is not None:
+                    raise ValueError(
+                        f"NormPolicy 'unit': the running statistics of a {type(st.norm).__name__} "
+                        f"are fed by rows ({grouping}) split between FSDP2 ranks and cannot follow "
+                        "the one-time unit-normalisation; use GroupNorm or LayerNorm, or the "
+                        "'fixed', 'equilibrium' or 'free' policy (their rescaling after each step "
+                        "is part of the update: no statistics follow it)")
+
+    def _invariant(self, every: bool = False):
+        """``(key, p, grouping, running statistics)`` of every invariant parameter with a gradient
+        (``every``: with or without)."""
         for i, group in enumerate(self.optimizer.param_groups):
             grouping = group.get("grouping")
             if not is_invariant(grouping):
@@ -196,68 +302,98 @@ class NormPolicy:
             names = group.get("param_names") or [None] * len(group["params"])
             own = group.get("norm_stats") or [()] * len(group["params"])
             for j, (p, name) in enumerate(zip(group["params"], names)):
-                if p.grad is not None:
+                if every or p.grad is not None:
                     yield (i, j), p, grouping, self._stats.get(name, own[j])
+
+    @staticmethod
+    def _view(t: torch.Tensor, grouping: str, shard) -> torch.Tensor:
+        """The grouped rows of ``t`` (a parameter or its gradient; the local shard's, sharded)."""
+        return rows(t, grouping) if shard is None else shard.view(t.to_local())
 
     @torch.no_grad()
     def step(self, closure=None):
         """The inner optimizer's step with the policy around it; returns the closure's loss."""
         loss = run_closure(closure)
         self._check_groupings()  # (a group may have been added since)
+        if self.policy == "unit":
+            self._check_sharded_stats()
         # the equilibrium angles from the settings the inner step reads (a scheduler steps
         # after it); a ValueError here comes before anything changes
         angles = self.equilibrium_angles() if self.policy == "equilibrium" else None
         work = list(self._invariant())
-        swapped, before = [], []
-        for key, p, grouping, stats in work:
-            w, g = rows(p, grouping), p.grad
-            gv = None  # the gradient the inner step reads, where it is not p.grad
-            if self.policy == "unit" and key not in self.prepared:
-                if not stats and not self._linked and "norm_stats" not in self.param_groups[key[0]]:
-                    warn_unlinked(self, stacklevel=4)
-                n = norm(w, accumulate_dtype(w.dtype)).to(w.dtype)  # unit rows first; the
-                # gradient at them is ‖w‖·g
-                rescale_rows_(w, safe_inv(n), stats)
-                self.prepared.add(key)
-                gv = rows(g, grouping) * n
-            if self.project:  # g − <w, g> w/‖w‖²; a zero row has no tangent space: not moved
-                gv = rows(g, grouping) if gv is None else gv
-                acc = accumulate_dtype(w.dtype)  # (float32 sums for 16-bit rows)
-                wa, ga = w.to(acc), gv.to(acc)
-                ww = dot(wa, wa)
-                gv = (torch.addcmul(ga, wa, dot(wa, ga) * safe_inv(ww), value=-1.0) * (ww > 0)).to(gv.dtype)
-            if gv is not None:
-                new = torch.empty_like(g)
-                rows(new, grouping).copy_(gv)
-                for piece, given in zip(rest(new, grouping), rest(g, grouping)):
-                    piece.copy_(given)  # the rows outside a part: the gradient as it is
-                swapped.append((p, g))
-                p.grad = new
-            before.append(self._before(w))
+        shards = [self._shard(p, grouping) for _, p, grouping, _ in work]
+        ws = [self._view(p, grouping, s) for (_, p, grouping, _), s in zip(work, shards)]
+        gs = [self._view(p.grad, grouping, s) for (_, p, grouping, _), s in zip(work, shards)]
+        sums = _Sums(ws, shards, self._layouts)
+        gvs = self._prepare(work, ws, gs, shards) if self.policy == "unit" else [None] * len(ws)
+        sq = None  # ‖w‖² per group, where the projection took it
+        if self.project:
+            gvs, sq = _project(ws, [g if v is None else v for g, v in zip(gs, gvs)], sums)
+        before = self._before(ws, sums, sq)
+        swapped = [self._swap(p, grouping, shard, gv)
+                   for (_, p, grouping, _), shard, gv in zip(work, shards, gvs) if gv is not None]
         try:
             self.optimizer.step()
         finally:
             for p, g in swapped:
                 p.grad = g
-        for (key, p, grouping, _), old in zip(work, before):  # part of the update
-            self._retract_(rows(p, grouping), old, angles[key[0]] if angles else None)
+        self._retract_(ws, before, sums, [angles[key[0]] for key, *_ in work] if angles else None)
         return loss
 
-    def _before(self, w: torch.Tensor):
-        """What the policy keeps of a group before the step: its norm (``"fixed"``), the group
-        itself (``"equilibrium"``), else nothing."""
-        if self.policy == "fixed":
-            return norm(w, accumulate_dtype(w.dtype))
-        return w.clone() if self.policy == "equilibrium" else None
+    def _prepare(self, work, ws, gs, shards) -> list:
+        """``"unit"``'s one-time unit-normalisation of the groups not prepared yet (the running
+        statistics follow: under FSDP2 those fed by sharded rows cannot, and
+        :meth:`NormStats.rescale_` refuses them); returns the gradients the inner step reads,
+        ``‖w‖·g`` (the gradient at the unit rows, by scale invariance), ``None`` elsewhere."""
+        fresh = [i for i, (key, *_) in enumerate(work) if key not in self.prepared]
+        gvs = [None] * len(ws)
+        if not fresh:
+            return gvs
+        norms = _Sums([ws[i] for i in fresh], [shards[i] for i in fresh], self._layouts) \
+            .norms([ws[i] for i in fresh])
+        for i, n in zip(fresh, norms):
+            key, _, _, stats = work[i]
+            if not stats and not self._linked and "norm_stats" not in self.param_groups[key[0]]:
+                warn_unlinked(self, stacklevel=5)
+            n = n.to(ws[i].dtype)
+            rescale_rows_(ws[i], safe_inv(n), stats)
+            self.prepared.add(key)
+            gvs[i] = gs[i] * n
+        return gvs
 
-    def _retract_(self, w: torch.Tensor, old, angle) -> None:
+    @staticmethod
+    def _swap(p: torch.Tensor, grouping: str, shard, gv: torch.Tensor) -> tuple:
+        """Put a new ``p.grad`` with the rows ``gv`` (the gradient as it is outside a part);
+        returns ``(p, the original gradient)``."""
+        g = p.grad
+        new = torch.empty_like(g)  # (a DTensor sharded as g, for a sharded p)
+        NormPolicy._view(new, grouping, shard).copy_(gv)
+        outside = (rest(new, grouping), rest(g, grouping)) if shard is None else \
+            (shard.rest(new.to_local()), shard.rest(g.to_local()))
+        for piece, given in zip(*outside):
+            piece.copy_(given)  # the rows outside a part: the gradient as it is
+        p.grad = new
+        return p, g
+
+    def _before(self, ws: list[torch.Tensor], sums: _Sums, sq) -> list:
+        """What the policy keeps of each group before the step: its norm (``"fixed"``; from
+        the projection's ``‖w‖²`` where it took them), the group itself (``"equilibrium"``),
+        else nothing."""
+        if self.policy == "fixed":
+            return sums.norms(ws) if sq is None else [x.sqrt() for x in sq]
+        if self.policy == "equilibrium":
+            return [w.clone() for w in ws]
+        return [None] * len(ws)
+
+    def _retract_(self, ws: list[torch.Tensor], olds: list, sums: _Sums, angles) -> None:
         """The policy after the step, in place (as in psiopt's rules, the running statistics
         follow the one-time unit-normalisation only, not this)."""
         if self.policy == "equilibrium":
-            rotate_(w, old, angle)
+            rotate_(ws, olds, angles, sums)
         elif self.policy != "free":
-            after = safe_inv(norm(w, accumulate_dtype(w.dtype)))
-            w.mul_((after if old is None else old * after).to(w.dtype))
+            for w, old, after in zip(ws, olds, sums.norms(ws)):
+                after = safe_inv(after)
+                w.mul_((after if old is None else old * after).to(w.dtype))
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "policy": self.policy,
