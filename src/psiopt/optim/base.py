@@ -490,11 +490,14 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         if not self.fused_rule:
             raise ValueError(f"fused=True: {type(self).__name__} has no fused kernel")
         params = group["params"]
-        for p in [params] if isinstance(params, Tensor) else params:
-            if not is_sharded(p) and not p.is_meta and not kernels.takes(p):  # (meta: at the step)
-                raise ValueError(f"fused=True: the fused kernels take float32/float64 CPU tensors, "
-                                 f"not {p.dtype} on {p.device} (pass fused=None or False)")
-        kernels.load()  # RuntimeError, saying why, if the kernels cannot be built
+        params = [params] if isinstance(params, Tensor) else params
+        for p in params:
+            if not is_sharded(p) and not p.is_meta and kernels.backend(p) is None:  # (meta: at the step)
+                raise ValueError(f"fused=True: the fused kernels take float32/float64 CPU tensors "
+                                 "(and float16/bfloat16/float32/float64 CUDA tensors with triton "
+                                 f"installed), not {p.dtype} on {p.device} (pass fused=None or False)")
+        if not params or any(kernels.backend(p) != "triton" for p in params):
+            kernels.load()  # RuntimeError, saying why, if the kernels cannot be built
 
     @staticmethod
     def _stats(group: dict, index: list[int]) -> list:
@@ -636,9 +639,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                stats: list) -> bool:
         """Step the views the fused kernels take with :meth:`_update_fused`, the others with
         :meth:`_update_many`; ``False`` (nothing done) when the kernels take none of them."""
-        if not kernels.takes(ws[0]):  # (fused=True was refused for these by _check_rule)
+        backend = kernels.backend(ws[0])  # (fused=True was refused for others by _check_rule)
+        if backend is None:
             return False
-        if group["fused"] is None and not kernels.available():
+        if backend == "c" and group["fused"] is None and not kernels.available():
             return False
         fit = [kernels.fits(w, g) for w, g in zip(ws, gs)]
         if not any(fit):

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from . import triton_rows
+
 _SOURCE = Path(__file__).with_name("kernels.c")
 _TYPES = {torch.float32: ("float", "_f32", "FLT_MIN"), torch.float64: ("double", "_f64", "DBL_MIN")}
 _state: dict = {}  # "lib" once built, or "error"
@@ -141,8 +143,26 @@ def available() -> bool:
 
 
 def takes(t: torch.Tensor) -> bool:
-    """Whether the kernels take tensors of ``t``'s dtype and device."""
+    """Whether the C kernels take tensors of ``t``'s dtype and device."""
     return t.is_cpu and t.dtype in _TYPES
+
+
+#: step CPU tensors with the Triton kernels (:mod:`psiopt.optim.triton_rows`) rather than the C
+#: ones: for tests, under Triton's interpreter (``TRITON_INTERPRET=1``); ``PSIOPT_TRITON_CPU=1``
+#: sets it at import
+TRITON_ON_CPU = os.environ.get("PSIOPT_TRITON_CPU") == "1"
+
+
+def backend(t: torch.Tensor) -> str | None:
+    """Which fused kernels step tensors like ``t``: ``"c"`` (``kernels.c``: float32/float64 CPU
+    tensors), ``"triton"`` (:mod:`psiopt.optim.triton_rows`: float16/bfloat16/float32/float64
+    CUDA tensors, when triton is importable; CPU tensors too with :data:`TRITON_ON_CPU`), or
+    ``None``."""
+    if t.is_cpu and not TRITON_ON_CPU:
+        return "c" if t.dtype in _TYPES else None
+    if (t.is_cuda or t.is_cpu) and t.dtype in triton_rows.TYPES and triton_rows.importable():
+        return "triton"
+    return None
 
 
 def fits(w: torch.Tensor, g: torch.Tensor) -> bool:
@@ -152,7 +172,10 @@ def fits(w: torch.Tensor, g: torch.Tensor) -> bool:
 
 def state_fits(ws, b=None, s1=None, s2=None) -> bool:
     """Whether the state tensors (see :func:`run`) are contiguous CPU tensors of the views' dtype
-    and of the sizes the kernels read and write."""
+    and of the sizes the kernels read and write (for the Triton kernels:
+    :func:`triton_rows.state_fits`)."""
+    if backend(ws[0]) == "triton":
+        return triton_rows.state_fits(ws, b, s1, s2)
     dtype = ws[0].dtype
     return all(ts is None or all(t.dtype == dtype and t.is_contiguous() and t.is_cpu
                                  and t.numel() == size(w) for t, w in zip(ts, ws))
@@ -165,7 +188,10 @@ def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     numbers, or of 0-d tensors while ``torch.compile`` traces the step), ``h`` hyperparameters.
     Returns ``False``, changing nothing, when a state tensor is not of the views' dtype or not
     contiguous (e.g. loaded from a checkpoint with other strides).  Traced by ``torch.compile``,
-    it is one call of the op ``psiopt::fused_rows``, which runs the same kernel."""
+    it is one call of the op ``psiopt::fused_rows``, which runs the same kernel.  Tensors of the
+    Triton backend (:func:`backend`) take :func:`triton_rows.run`."""
+    if backend(ws[0]) == "triton":
+        return triton_rows.run(kernel, ws, gs, b=b, s1=s1, s2=s2, k=k, h=h)
     if not state_fits(ws, b, s1, s2):
         return False  # e.g. state loaded from another model: the other paths say what is wrong
     b, s1, s2, h = b or [], s1 or [], s2 or [], [float(x) for x in h]

@@ -1,0 +1,350 @@
+"""The fused step with Triton: one kernel launch per rule, parameter group and step.
+
+Built from each rule's single definition in :mod:`psiopt.optim.rowrules` (its ``pre``, ``coef``
+and ``post``): those plain Python functions are compiled by Triton with their helpers
+(``sqrt``, ``safe_inv``…) rebound to Triton functions, and inlined into one kernel template,
+:func:`_row_kernel`.  Nothing here restates a rule.
+
+The launch takes a table, as torch's multi-tensor apply does: per tensor the addresses of its
+weights, gradients, buffer and per-row state and its row length; per row its tensor and index.
+One program per row: it loads the row (``BLOCK`` entries, the smallest power of two that holds
+the group's longest row, at most :data:`MAX_BLOCK`), takes its sums, its coefficients and its
+update with the row in registers, and writes the row, the buffer and the row's state once.
+Rows longer than ``MAX_BLOCK`` (LayerNorm "tensor" groups) are read in chunks twice: the sums
+(and the buffer's update) on the first pass, the update on the second.  Per-entry arithmetic
+and sums are in float32 for 16- and 32-bit parameters (float64 for float64), coefficients in
+float64.
+
+The table is made on the host and copied to the device without synchronisation
+(``non_blocking``), and kept while the tensors' addresses are the same (a step whose buffers
+were allocated once copies only its hyperparameters).  Triton is imported on first use:
+CPU-only users never need it.
+
+CUDA tensors take this path (when triton is importable); the tests run it on CPU tensors under
+Triton's interpreter (``TRITON_INTERPRET=1``) with ``PSIOPT_TRITON_CPU=1`` (or
+``psiopt.optim.kernels.TRITON_ON_CPU = True``).  While ``torch.compile`` traces a step, it is
+one call of the op ``psiopt::triton_rows`` (opaque to inductor: the addresses in the table are
+read from the real tensors).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import types
+
+import torch
+
+from . import rowrules
+
+#: the longest row held in registers; longer rows are read in chunks of this many entries, twice
+MAX_BLOCK = 4096
+#: the dtypes the kernels take
+TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TABLES: dict = {}  # cached device tables (row map by shapes, pointers by addresses)
+#: names the functions below compile with (bound in their Triton scope by :func:`_kernel`)
+tl = PRE = COEF = POST = TINY = None
+
+
+@functools.cache
+def importable() -> bool:
+    """Whether triton can be imported (tried once, on the first step of a tensor of the Triton
+    backend: never on the CPU)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- the kernel template (compiled by Triton; PRE, COEF, POST and the helpers bound per rule) -----
+def _cast_all(c, T):
+    out = ()
+    for j in tl.static_range(len(c)):
+        out = out + (tl.cast(c[j], T),)
+    return out
+
+
+def _add(a, b):
+    return a + b
+
+
+def _sum_all(terms):
+    out = ()
+    for j in tl.static_range(len(terms)):  # (tl.reduce, not tl.sum: see _build)
+        out = out + (tl.reduce(terms[j], 0, _add).to(tl.float64),)
+    return out
+
+
+def _add_all(a, b):
+    out = ()
+    for j in tl.static_range(len(a)):
+        out = out + (a[j] + b[j],)
+    return out
+
+
+def _row_kernel(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
+                HAS_B: tl.constexpr, HAS_S1: tl.constexpr, HAS_S2: tl.constexpr,
+                WRITES_S1: tl.constexpr, WRITES_S2: tl.constexpr, OPT: tl.constexpr,
+                NT, T: tl.constexpr, S1T: tl.constexpr, S2T: tl.constexpr,
+                ACC: tl.constexpr):
+    r = tl.program_id(0)
+    t = tl.load(ROW_T + r)
+    d = tl.load(COLS + t)
+    off = tl.load(ROW_I + r) * d
+    w_ptr = tl.load(PTR + t).to(tl.pointer_type(T)) + off
+    g_ptr = tl.load(PTR + NT + t).to(tl.pointer_type(T)) + off
+    b_ptr = w_ptr
+    if HAS_B:
+        b_ptr = tl.load(PTR + 2 * NT + t).to(tl.pointer_type(T)) + off
+    h = (tl.load(H), tl.load(H + 1), tl.load(H + 2), tl.load(H + 3), tl.load(H + 4), tl.load(H + 5))
+    hc = _cast_all(h, ACC)
+    k = (tl.load(K + 2 * t), tl.load(K + 2 * t + 1))
+    kc = _cast_all(k, ACC)
+    st1 = tl.full((), 0.0, tl.float64)
+    st2 = tl.full((), 0.0, tl.float64)
+    s1_ptr = tl.load(PTR + 3 * NT + t).to(tl.pointer_type(S1T)) + tl.load(ROW_I + r)
+    s2_ptr = tl.load(PTR + 4 * NT + t).to(tl.pointer_type(S2T)) + tl.load(ROW_I + r)
+    if HAS_S1:
+        st1 = tl.load(s1_ptr).to(tl.float64)
+    if HAS_S2:
+        st2 = tl.load(s2_ptr).to(tl.float64)
+    o = tl.arange(0, BLOCK)
+    if ONE_PASS:  # the row in registers: one read, one write
+        mask = o < d
+        w = tl.load(w_ptr + o, mask=mask, other=0.0).to(ACC)
+        g = tl.load(g_ptr + o, mask=mask, other=0.0).to(ACC)
+        b = w
+        if HAS_B:
+            b = tl.load(b_ptr + o, mask=mask, other=0.0).to(ACC)
+        b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
+        c, n1, n2 = COEF(_sum_all(terms), st1, st2, k, h, d, HAS_S1, HAS_S2, OPT)
+        w, b = POST(w, g, b, _cast_all(c, ACC), hc, HAS_B, OPT)
+        tl.store(w_ptr + o, w.to(T), mask=mask)
+        if HAS_B:
+            tl.store(b_ptr + o, b.to(T), mask=mask)
+    else:  # a long row: sums (and the buffer's update) chunk by chunk, then the update
+        mask = o < d
+        w = tl.load(w_ptr + o, mask=mask, other=0.0).to(ACC)
+        g = tl.load(g_ptr + o, mask=mask, other=0.0).to(ACC)
+        b = w
+        if HAS_B:
+            b = tl.load(b_ptr + o, mask=mask, other=0.0).to(ACC)
+        b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
+        if HAS_B:
+            tl.store(b_ptr + o, b.to(T), mask=mask)
+        s = _sum_all(terms)
+        for start in range(BLOCK, d, BLOCK):
+            mask = start + o < d
+            w = tl.load(w_ptr + start + o, mask=mask, other=0.0).to(ACC)
+            g = tl.load(g_ptr + start + o, mask=mask, other=0.0).to(ACC)
+            b = w
+            if HAS_B:
+                b = tl.load(b_ptr + start + o, mask=mask, other=0.0).to(ACC)
+            b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
+            if HAS_B:
+                tl.store(b_ptr + start + o, b.to(T), mask=mask)
+            s = _add_all(s, _sum_all(terms))
+        c, n1, n2 = COEF(s, st1, st2, k, h, d, HAS_S1, HAS_S2, OPT)
+        cc = _cast_all(c, ACC)
+        for start in range(0, d, BLOCK):
+            mask = start + o < d
+            w = tl.load(w_ptr + start + o, mask=mask, other=0.0).to(ACC)
+            g = tl.load(g_ptr + start + o, mask=mask, other=0.0).to(ACC)
+            b = w
+            if HAS_B:
+                b = tl.load(b_ptr + start + o, mask=mask, other=0.0).to(ACC)
+            w, b = POST(w, g, b, cc, hc, HAS_B, OPT)
+            tl.store(w_ptr + start + o, w.to(T), mask=mask)
+            if HAS_B:
+                tl.store(b_ptr + start + o, b.to(T), mask=mask)
+    if WRITES_S1:
+        tl.store(s1_ptr, n1.to(S1T))
+    if WRITES_S2:
+        tl.store(s2_ptr, n2.to(S2T))
+
+
+# Triton math helpers of the rule definitions (rowrules' names, rebound)
+def _sqrt(x):
+    return tl.sqrt(x)  # (the coefficients are float64: correctly rounded)
+
+
+def _cos(x):
+    return tl.cos(x)
+
+
+def _sin(x):
+    return tl.sin(x)
+
+
+def _where(cond, a, b):
+    return tl.where(cond, a, b)
+
+
+def _fabs(x):
+    return tl.abs(x)
+
+
+def _wide(x):
+    return x.to(tl.float64)
+
+
+def _safe_inv(x):
+    return tl.where(x > 0, 1.0 / tl.maximum(x, TINY), 0.0)
+
+
+_TRITON_HELPERS = {"sqrt": _sqrt, "cos": _cos, "sin": _sin, "where": _where, "fabs": _fabs,
+                   "wide": _wide, "safe_inv": _safe_inv}
+
+
+def _jit(fn, scope: dict, **options):
+    """``fn``'s code compiled by Triton with the globals ``scope`` (the same source: Triton reads
+    it from the function's file)."""
+    import triton
+
+    return triton.jit(types.FunctionType(fn.__code__, scope, fn.__name__), **options)
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    """Rule ``name``'s kernel for ``dtype`` parameters (its helpers' ``TINY`` is the dtype's),
+    compiled, or interpreted under ``TRITON_INTERPRET=1``.  The kernels call Triton's builtins
+    only, none of ``triton.language``'s own jit functions (``tl.sum``, ``tl.zeros``), which are
+    interpreted only if ``TRITON_INTERPRET=1`` was set before triton was first imported: so the
+    tests can interpret them in a process that imported triton before (torch does)."""
+    return _build(name, dtype, os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.cache
+def _build(name: str, dtype: torch.dtype, interpret: bool):
+    import triton
+    import triton.language as tl
+
+    scope = {"__name__": __name__, "tl": tl, "triton": triton,
+             "TINY": tl.constexpr(torch.finfo(dtype).tiny)}
+    for key, fn in _TRITON_HELPERS.items():
+        scope[key] = _jit(fn, scope)
+    scope["sqnorm_of_sum"] = _jit(rowrules.sqnorm_of_sum, scope)
+    for fn in (_add, _cast_all, _sum_all, _add_all):
+        scope[fn.__name__] = _jit(fn, scope)
+    rule = rowrules.RULES[name]
+    kernel_scope = dict(scope, PRE=_jit(rule.pre, scope), COEF=_jit(rule.coef, scope),
+                        POST=_jit(rule.post, scope))
+    return _jit(_row_kernel, kernel_scope, do_not_specialize=["NT"])
+
+
+def _triton_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64}[dtype]
+
+
+def state_fits(ws, b=None, s1=None, s2=None) -> bool:
+    """Whether the state tensors are contiguous, on the views' device, of the sizes the kernel
+    reads and writes, the buffers of the views' dtype and the per-row state of a dtype it takes."""
+    dtype, device = ws[0].dtype, ws[0].device
+
+    def ok(ts, size, dtypes):
+        return ts is None or all(t.dtype in dtypes and t.is_contiguous() and t.device == device
+                                 and t.numel() == size(w) for t, w in zip(ts, ws))
+
+    rows = lambda w: w.shape[0]  # noqa: E731
+    return ok(b, torch.numel, (dtype,)) and ok(s1, rows, TYPES) and ok(s2, rows, TYPES)
+
+
+def _device_table(key, make, device):
+    """A small table made on the host, copied to ``device`` without synchronisation, cached by
+    ``key`` (a few hundred entries at most)."""
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) > 256:
+            _TABLES.clear()
+        table = make()
+        if table.device != device:
+            table = table.to(device, non_blocking=True)
+        _TABLES[key] = table
+    return table
+
+
+def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
+    """Rule ``kernel`` (:data:`psiopt.optim.rowrules.RULES`) on the views ``ws``, arguments as
+    :func:`psiopt.optim.kernels.run`: one launch.  ``False``, changing nothing, when a state tensor
+    does not fit (:func:`state_fits`)."""
+    if not state_fits(ws, b, s1, s2):
+        return False
+    b, s1, s2 = b or [], s1 or [], s2 or []
+    h = [float(x) for x in h]
+    if torch.compiler.is_compiling():
+        k = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in row])
+                         for row in k]) if k else None
+        triton_rows(kernel, ws, gs, b, s1, s2, k, h)
+    else:
+        _launch(kernel, ws, gs, b, s1, s2, torch.tensor(k, dtype=torch.float64) if k else None, h)
+        torch.autograd.graph.increment_version([*ws, *b, *s1, *s2])
+    return True
+
+
+def _launch(kernel, ws, gs, b, s1, s2, k, h) -> None:
+    rule = rowrules.RULES[kernel]
+    device, dtype, n = ws[0].device, ws[0].dtype, len(ws)
+    rows = [w.shape[0] for w in ws]
+    cols = [w.numel() // w.shape[0] for w in ws]
+    shape_key = ("rows", device, tuple(rows), tuple(cols))
+
+    rowmap = _device_table(shape_key, lambda: _row_map(rows, cols), device)
+    nrows = sum(rows)
+    addresses = [t.data_ptr() for t in ws] + [t.data_ptr() for t in gs] + \
+        [t.data_ptr() for t in b or ws] + [t.data_ptr() for t in s1 or ws] + \
+        [t.data_ptr() for t in s2 or ws]
+    ptr = _device_table(("ptr", device, tuple(addresses)),
+                        lambda: torch.tensor(addresses, dtype=torch.int64), device)
+    h = h + [0.0] * (6 - len(h))
+    kt = torch.zeros(n, 2, dtype=torch.float64)
+    if k is not None:
+        kt[:, : k.shape[1]] = k.to(torch.float64)
+    hk = torch.cat([torch.tensor(h, dtype=torch.float64), kt.view(-1)])
+    if hk.device != device:
+        hk = hk.to(device, non_blocking=True)
+    longest = max(cols)
+    block = min(MAX_BLOCK, 1 << max(0, (longest - 1).bit_length()))
+    block = max(block, 16)
+    fn = _kernel(kernel, dtype)
+    fn[(nrows,)](ptr, rowmap[0], rowmap[1], rowmap[2], hk[6:], hk, BLOCK=block,
+                 ONE_PASS=longest <= block, HAS_B=bool(b), HAS_S1=bool(s1), HAS_S2=bool(s2),
+                 WRITES_S1=bool(s1) and rule.writes_s1, WRITES_S2=bool(s2) and rule.writes_s2,
+                 OPT=bool(h[rule.option]) if rule.option is not None else False, NT=n,
+                 T=_triton_dtype(dtype), S1T=_triton_dtype(s1[0].dtype if s1 else dtype),
+                 S2T=_triton_dtype(s2[0].dtype if s2 else dtype),
+                 ACC=_triton_dtype(torch.float64 if dtype == torch.float64 else torch.float32))
+
+
+def _row_map(rows, cols) -> torch.Tensor:
+    """``(3, R)`` int64: each row's tensor, its index in the tensor, and (first ``n`` entries)
+    each tensor's row length."""
+    n, total = len(rows), sum(rows)
+    out = torch.zeros(3, max(total, n), dtype=torch.int64)
+    out[0, :total] = torch.repeat_interleave(torch.arange(n), torch.tensor(rows))
+    out[1, :total] = torch.cat([torch.arange(r) for r in rows])
+    out[2, :n] = torch.tensor(cols)
+    return out
+
+
+def _triton_rows(kernel, ws, gs, b, s1, s2, k, h) -> None:
+    """The op's kernel: bumps the versions of what it writes; refuses tensors requiring grad."""
+    written = [*ws, *b, *s1, *s2]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in written):
+        raise RuntimeError("psiopt::triton_rows writes tensors that require grad: call it under "
+                           "torch.no_grad()")
+    _launch(kernel, ws, gs, b, s1, s2, k, h)
+    torch.autograd.graph.increment_version(written)
+
+
+# the op ``torch.compile`` traces (declared once a process, as psiopt::fused_rows)
+if not hasattr(torch.ops.psiopt, "triton_rows"):
+    _LIB = torch.library.Library("psiopt", "FRAGMENT")
+    _LIB.define("triton_rows(str kernel, Tensor(a!)[] ws, Tensor[] gs, Tensor(b!)[] b, "
+                "Tensor(c!)[] s1, Tensor(d!)[] s2, Tensor? k, float[] h) -> ()")
+    for _key in ("CUDA", "CPU"):  # CPU: Triton's interpreter (tests)
+        _LIB.impl("triton_rows", _triton_rows, _key)
+    torch.library.register_fake("psiopt::triton_rows", lambda *args: None, lib=_LIB)
+triton_rows = torch.ops.psiopt.triton_rows.default

@@ -1,0 +1,199 @@
+"""The Triton fused step (``psiopt.optim.triton_rows``), without a GPU.
+
+The kernels run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), selected with
+``psiopt.optim.kernels.TRITON_ON_CPU`` (``PSIOPT_TRITON_CPU=1``): every rule with a fused kernel
+and its settings, several tensors of different shapes in one group, the groupings channel,
+groups:2, tensor (rows longer than a block: the two-pass form) and a part, against the reference
+path (``foreach=False``) in float64 (1e-12) and float32.  The same rule definitions
+(``psiopt.optim.rowrules``) also run with torch (``rowrules.evaluate``) against the reference path,
+and every rule's kernel is compiled by Triton for an sm_90 GPU (to a cubin: the compiler's own
+checks, which the interpreter does not make).  Whether the kernels run right and fast on a GPU
+only a GPU can tell (``make gpu-check``).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install -e '.[gpu]'); CI installs it")
+
+import psiopt  # noqa: E402
+from psiopt.optim import kernels, rowrules, triton_rows  # noqa: E402
+
+#: (registered name, settings) reaching every branch of the rule definitions
+CASES = [
+    ("psi-sgd", {"lr": 0.5}),
+    ("psi-sgdm", {"lr": 0.1, "momentum": 0.9}),
+    ("psi-sgdm", {"lr": 0.1, "momentum": 0.9, "fixed_norm": False, "weight_decay": 1e-2}),
+    ("psgd", {"lr": 0.1}),
+    ("psgd", {"lr": 0.1, "momentum": 0.9}),
+    ("un-sgd", {"lr": 0.05}),
+    ("adamg-star", {"lr": 0.1, "weight_decay": 5e-4}),
+    ("sgdmrt", {"lr": 0.1, "momentum": 0.9}),
+    ("sgdmrt", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-2}),
+    ("adams", {"lr": 1e-2, "weight_decay": 1e-2}),
+    ("adamsrt", {"lr": 1e-2}),
+    ("sgdg", {"lr": 0.2, "ortho": 0.0}),
+    ("sgdg", {"lr": 0.2, "ortho": 0.1}),  # Cho & Lee's penalty: one call per penalised tensor
+    ("adamg", {"lr": 0.05, "ortho": 0.1, "betas": (0.3, 0.99)}),  # lerp from the start
+]
+GROUPINGS = ["channel", "groups:2", "tensor", "groups:2[0:8]"]
+SHAPES = [(10, 3, 2, 2), (10, 5), (12, 3), (10, 1)]  # (a part [0:8] of every one: a rest)
+STEPS = 3
+
+
+def covered():
+    return sorted(n for n in psiopt.list_optimizers() if getattr(psiopt.REGISTRY[n].cls, "fused_rule", False))
+
+
+def test_every_rule_with_a_fused_kernel_is_covered():
+    assert sorted({n for n, _ in CASES}) == covered()
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The Triton kernels on CPU tensors, interpreted; counts their launches."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
+    calls = []
+    launch = triton_rows._launch
+
+    def counted(kernel, ws, *args):
+        calls.append((kernel, len(ws)))
+        return launch(kernel, ws, *args)
+
+    monkeypatch.setattr(triton_rows, "_launch", counted)
+    monkeypatch.setattr(kernels, "_call", lambda *a: pytest.fail("the C kernels ran"))
+    return calls
+
+
+def run(name, settings, grouping, dtype, steps=STEPS, **kw):
+    """``steps`` steps of fixed gradients on tensors of SHAPES in one group."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+              for s in SHAPES]
+    grads = [[0.1 * torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
+             for _ in range(steps)]
+    group = {"params": params, "grouping": grouping, "norm_stats": [[] for _ in params]}
+    opt = psiopt.REGISTRY[name].cls([group], **settings, **kw)
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt
+
+
+def max_error(a, b):
+    (pa, oa), (pb, ob) = a, b
+    errors = [(x - y).abs().max().item() for x, y in zip(pa, pb)]
+    for x, y in zip(pa, pb):
+        for key, value in oa.state[x].items():
+            if isinstance(value, torch.Tensor) and value.dim():
+                errors.append((value - ob.state[y][key]).abs().max().item())
+    return max(errors)
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("name, settings", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_triton_steps_agree_with_the_reference_path_in_float64(name, settings, grouping, interpreted,
+                                                              monkeypatch):
+    if grouping == "tensor":  # rows longer than a block: sums, then the update, chunk by chunk
+        monkeypatch.setattr(triton_rows, "MAX_BLOCK", 16)
+    fused = run(name, settings, grouping, torch.float64, fused=True)
+    assert interpreted, "the Triton kernels did not run"
+    monkeypatch.setattr(kernels, "TRITON_ON_CPU", False)
+    reference = run(name, settings, grouping, torch.float64, foreach=False)
+    assert max_error(fused, reference) < 1e-12
+
+
+@pytest.mark.parametrize("name, settings", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_triton_steps_agree_with_the_reference_path_in_float32(name, settings, interpreted, monkeypatch):
+    fused = run(name, settings, "channel", torch.float32, fused=True)
+    assert interpreted
+    monkeypatch.setattr(kernels, "TRITON_ON_CPU", False)
+    reference = run(name, settings, "channel", torch.float32, foreach=False)
+    truth = run(name, settings, "channel", torch.float64, foreach=False)
+    # within 4x the reference path's own float32 error (and 1e-5 absolute)
+    assert max_error(fused, truth) <= 4 * max_error(reference, truth) + 1e-5
+
+
+def test_one_launch_per_group_and_step_whatever_the_number_of_tensors(interpreted):
+    run("psi-sgdm", {"lr": 0.1, "momentum": 0.9}, "channel", torch.float64, fused=True)
+    assert interpreted == [("psi", len(SHAPES))] * STEPS
+
+
+@pytest.mark.parametrize("name, settings", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_the_rule_definitions_run_with_torch_as_the_reference_path_steps(name, settings, monkeypatch):
+    """``rowrules.evaluate``: the same definitions, every row at once in torch (no Triton)."""
+    monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
+    monkeypatch.setattr(triton_rows, "_launch", lambda kernel, ws, gs, b, s1, s2, k, h: rowrules.evaluate(
+        kernel, ws, gs, b=b or None, s1=s1 or None, s2=s2 or None, k=None if k is None else k.tolist(), h=h))
+    fused = run(name, settings, "groups:2[0:8]", torch.float64, fused=True)
+    monkeypatch.setattr(kernels, "TRITON_ON_CPU", False)
+    assert max_error(fused, run(name, settings, "groups:2[0:8]", torch.float64, foreach=False)) < 1e-12
+
+
+def test_a_compiled_step_calls_the_op(interpreted):
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in SHAPES]
+    qs = [p.detach().clone().requires_grad_() for p in ps]
+    opts = [psiopt.REGISTRY["un-sgd"].cls([{"params": x, "grouping": "channel",
+                                            "norm_stats": [[] for _ in x]}], lr=0.05) for x in (ps, qs)]
+    compiled = torch.compile(opts[0].step, backend="aot_eager", fullgraph=True)
+    for step in range(3):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            q.grad = p.grad.clone()
+        compiled() if step else opts[0].step()  # the first step makes the state
+        opts[1].step()
+    assert len(interpreted) == 6  # eager and compiled, one launch per step each
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+def test_cpu_steps_need_no_triton():
+    """With triton not importable (blocked in a fresh process), CPU steps take the C kernels."""
+    code = ("import sys; sys.modules['triton'] = None\n"  # import triton raises ImportError
+            "import torch, psiopt\n"
+            "from psiopt.optim import kernels, triton_rows\n"
+            "p = torch.randn(4, 3, requires_grad=True)\n"
+            "o = psiopt.REGISTRY['un-sgd'].cls([{'params': [p], 'grouping': 'channel', "
+            "'norm_stats': [[]]}], lr=0.1, fused=True)\n"
+            "p.grad = torch.randn(4, 3); o.step()\n"
+            "assert not triton_rows.importable() and kernels.backend(p) == 'c'\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PSIOPT_TRITON_CPU", "TRITON_INTERPRET")}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_cuda_tensors_would_take_triton():
+    assert kernels.backend(torch.empty(2, 2, device="meta")) is None
+    assert triton_rows.importable()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
+    """Triton's compiler (not its interpreter) on every rule's kernel, to an sm_90 cubin: no GPU
+    is needed to compile."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        target = GPUTarget("cuda", 90, 32)
+    except ImportError:
+        pytest.skip("this triton has no GPUTarget")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    for name, rule in rowrules.RULES.items():
+        for one_pass in (True, False) if dtype == torch.float32 else (True,):
+            constants = dict(BLOCK=256, ONE_PASS=one_pass, HAS_B=True, HAS_S1=True, HAS_S2=True,
+                             WRITES_S1=rule.writes_s1, WRITES_S2=rule.writes_s2, OPT=True,
+                             T=triton_rows._triton_dtype(dtype), S1T=tl.float32, S2T=tl.float32,
+                             ACC=tl.float32)
+            signature = dict(PTR="*i64", ROW_T="*i64", ROW_I="*i64", COLS="*i64", K="*fp64",
+                             H="*fp64", NT="i32", **{k: "constexpr" for k in constants})
+            source = triton.compiler.ASTSource(triton_rows._kernel(name, dtype), signature, constants)
+            assert "cubin" in triton.compile(source, target=target).asm, name
