@@ -397,7 +397,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       (sums in the tensor's precision over chunks of a row, the chunks added in double, but
       SGDG's and AdamG's ‖y‖², <y,ĝ>, ‖ĝ‖² in double; norms after the step derived from sums
       before it); where a float32 gradient's norm overflows, SGDG's and AdamG's kernel clips
-      and steps, where the other paths' tangent norm is inf and their step zero.
+      and steps, where the other paths' tangent norm is inf and their step zero.  Invariant groups of
+      CUDA tensors take, likewise, the Triton kernels built from the same rule definitions
+      (:mod:`psiopt.optim.triton_rows`, :mod:`psiopt.optim.rowrules`; one launch per group and
+      step) when triton is importable; not yet run on a GPU.
 
     Every group is validated in full before anything is changed, and building an optimizer
     never changes the model: subclasses that keep rows on the unit sphere prepare them (rows
