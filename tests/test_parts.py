@@ -252,3 +252,14 @@ def test_a_compiled_step_on_a_part_agrees_with_eager_without_graph_breaks(name):
     finally:
         dynamo.reset()
     assert report.graph_break_count == 0, [str(r.reason)[:200] for r in report.break_reasons]
+
+
+@pytest.mark.parametrize("name", ["psi-sgdm", "adams"])
+def test_a_part_of_every_row_steps_as_the_whole_grouping(name):
+    model, _, x = fused_and_separate()
+    mapping = psiopt.find_scale_invariant(model, x)
+    whole = copy.deepcopy(model)
+    mapping_all = {**mapping, "block.attn.qkv.weight": "tensor[0:48]"}
+    for m, mp in ((model, mapping_all), (whole, {**mapping, "block.attn.qkv.weight": "tensor"})):
+        train(m, psiopt.create_optimizer(m, name, mapping=mp), x)
+    assert torch.equal(qkv(model), qkv(whole))

@@ -860,6 +860,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         only, so that every rank's count is alike."""
         if not is_sharded(p):
             ps = rest(p, grouping)
+            if not ps:  # a part of every row ("channel[0:N]"): nothing else to step
+                return [], [], {}
             self._rest_state(st, ps, settings)
             return ps, rest(g, grouping), {k: v.split([v.shape[0] for v in ps])
                                            for k, v in st.items() if k != "step"}
