@@ -12,10 +12,12 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import psiopt
 from psiopt.experiments import zoo
 from psiopt.optim.geometry import parse_grouping, part, rest, rows, split_part
+from psiopt.optim.registry import REGISTRY
 
 STEPS = 4
 #: the rules whose update of a group reads that group only (SGDG/AdamG's orthogonality penalty
@@ -263,3 +265,57 @@ def test_a_part_of_every_row_steps_as_the_whole_grouping(name):
     for m, mp in ((model, mapping_all), (whole, {**mapping, "block.attn.qkv.weight": "tensor"})):
         train(m, psiopt.create_optimizer(m, name, mapping=mp), x)
     assert torch.equal(qkv(model), qkv(whole))
+
+
+@pytest.mark.parametrize("name", psiopt.list_optimizers())
+def test_a_cancelled_part_is_an_ordinary_group_for_the_rules_checks(name):
+    # nn.MultiheadAttention's key bias part is cancelled; its group takes the others' settings
+    # (weight decay included), which an invariant rule's own checks must not refuse
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.m = nn.LayerNorm(16), nn.MultiheadAttention(16, 2, batch_first=True)
+            self.o = nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.ln(x)
+            return self.o(self.m(h, h, h, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 6, 16)
+    opt = psiopt.create_optimizer(model, name, x, weight_decay=5e-4)
+    assert "cancelled[16:32]" in [g["grouping"] for g in opt.param_groups]
+    bias = model.m.in_proj_bias
+    before = bias.detach().clone()
+    model(x).square().sum().backward()
+    opt.step()
+    if not REGISTRY[name].baseline:  # (torch.optim's rules train the tensor as one)
+        assert torch.equal(bias[16:32], before[16:32])
+    assert not torch.equal(bias[:16], before[:16])
+
+
+@pytest.mark.parametrize("schedule", ["plateau", "by hand"])
+def test_a_decay_written_into_lr_reaches_the_rest_as_the_part(schedule):
+    fused, separate, x = fused_and_separate()
+    results = []
+    for model in (fused, separate):
+        opt = psiopt.create_optimizer(model, "psi-sgdm", x)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.3, patience=0)
+        for _ in range(STEPS):
+            train(model, opt, x, steps=1)
+            if schedule == "plateau":
+                plateau.step(1.0)  # never improves: lr × 0.3 each step after the first
+            else:
+                for g in opt.param_groups:
+                    g["lr"] *= 0.5
+        results.append(qkv(model))
+    assert torch.allclose(*results, rtol=0, atol=1e-12)
+
+
+def test_param_groups_settings_of_the_others_reach_the_rest():
+    model, _, x = fused_and_separate()
+    groups = psiopt.param_groups(model, x, lr=0.05, weight_decay=5e-4, invariant_lr=0.2)
+    part = next(g for g in groups if g["grouping"] == "groups:4[0:32]")
+    assert (part["lr"], part["rest_lr"], part["rest_weight_decay"]) == (0.2, 0.05, 5e-4)
+    opt = psiopt.SGDG(groups)
+    assert opt._rest_settings(opt.param_groups[0])["lr"] == 0.05

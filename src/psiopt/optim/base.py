@@ -242,6 +242,9 @@ class GroupHandling:
             for g in renamed:  # torch refused the group: the others stay as they were
                 del g["param_names"]
             raise
+        added = self.param_groups[-1]
+        if is_invariant(grouping) and split_part(grouping)[1] is not None and self.rest_rule:
+            added.setdefault("part_lr0", added["lr"])  # the rest's lr follows lr / part_lr0
 
     def _validate(self, group: dict) -> None:
         """Raise ``ValueError`` if ``group`` (merged with the defaults) is not valid."""
@@ -471,7 +474,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         ``OneCycleLR(max_momentum=1.0)``).  Python numbers only: no host synchronisation (a
         tensor-valued setting is refused, as it is when a group is added)."""
         check_step_settings(group)
-        if group["grouping"] is not None:
+        if is_invariant(group["grouping"]):  # (not a cancelled part: an ordinary group)
             self._check_rule(group)
 
     def _check_rule(self, group: dict) -> None:
@@ -813,22 +816,22 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         """The settings of the rows outside the part of a grouping ``"<grouping>[a:b]"``: of an
         invariant part, ``rest_<key>`` where the group sets it, else the optimizer's defaults
         (what a group without a grouping takes; :func:`psiopt.create_optimizer` sets the
-        others' settings there), ``lr`` scaled as a scheduler scaled the group's
-        (``lr / initial_lr``: warm-up and decay reach the rest too; other scheduled settings,
-        ``OneCycleLR``'s momentum, reach the part only; a group with ``lr = 0`` moves neither, as
-        torch.distributed.checkpoint's initialising step expects); of a cancelled part, the
-        group's own."""
+        others' settings there), ``lr`` scaled as the group's has been since it was added
+        (``rest_lr · lr / part_lr0``, ``part_lr0`` recorded then: a scheduler's or a hand-written
+        decay reaches the rest in proportion, and a group with ``lr = 0`` moves neither, as
+        torch.distributed.checkpoint's initialising step expects).  Schedules of absolute values
+        (``OneCycleLR``'s and ``CyclicLR``'s ``max_lr``, an ``eta_min``, ``ReduceLROnPlateau``'s
+        ``min_lr``) and other scheduled settings (momentum) reach the rest only in that
+        proportion, or not at all: there a separate tensor would follow another schedule.  Of a
+        cancelled part: the group's own settings."""
         if not is_invariant(group["grouping"]):
             return group
         out = dict(group)
         for key in REST_KEYS[self.counterpart]:
             out[key] = group["rest_" + key] if "rest_" + key in group else \
                 self.defaults[key] if key in self.defaults else group[key]
-        initial = group.get("initial_lr")
-        if isinstance(initial, numbers.Real) and initial:
-            out["lr"] = out["lr"] * (group["lr"] / initial)
-        elif group["lr"] == 0:
-            out["lr"] = 0.0
+        lr0 = group.get("part_lr0") or 0.0
+        out["lr"] = out["lr"] * (group["lr"] / lr0 if lr0 else float(group["lr"] != 0))
         return out
 
     def _rest(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:

@@ -31,7 +31,7 @@ except ImportError:  # a torch built without distributed support
     FSDPModule = None
 
 from ..parallel import SyncBatchNorm
-from .geometry import CANCELLED, is_invariant, norm, parse_grouping, part, rows, safe_inv
+from .geometry import CANCELLED, is_invariant, norm, parse_grouping, part, rows, safe_inv, split_part
 from .sharded import grouped_norms, is_sharded
 from .symmetry import LABELS, Expr, Failed, Propagation, Value, compact, perturbed, record, unrecorded
 
@@ -489,6 +489,9 @@ def param_groups(model: nn.Module, example_inputs=None, *, mapping: dict | None 
         else:
             group.update({k: v for k, v in (("lr", invariant_lr), ("weight_decay", invariant_weight_decay))
                           if v is not None})
+            if split_part(grouping)[1] is not None:  # the other rows of a part: the others' settings
+                group.update({f"rest_{k}": v for k, v in (("lr", lr), ("weight_decay", weight_decay))
+                              if v is not None})
             if example_inputs is not None:
                 group["norm_stats"] = [stats.get(n, []) for n in bucket["param_names"]]
         groups.append(group)
