@@ -178,12 +178,12 @@ def _installed(requirement: str) -> bool:
     return True
 
 
-def commands(python: str, work: Path, device: str) -> dict[str, list[str]]:
+def commands(python: str, work: Path, device: str, tests=TEST_FILES) -> dict[str, list[str]]:
     """The commands of the test, bench and train steps."""
     cli = [python, "-m", "psiopt.experiments.cli"]
     return {
         "tests": [python, "-m", "pytest", "-rs", "-q", "-p", "no:cacheprovider",
-                  f"--junitxml={work / 'junit.xml'}", *TEST_FILES],
+                  f"--junitxml={work / 'junit.xml'}", *tests],
         "bench": [*cli, "bench", "--device", device, "--sets", "resnet56", "--steps", "20",
                   "--no-compile", "--out", str(work / "bench.md")],
         "train": [*cli, "train", "--device", device, "--dataset", "synthetic", "--model", "resnet20",
@@ -194,7 +194,7 @@ def commands(python: str, work: Path, device: str) -> dict[str, list[str]]:
 
 def run_check(args) -> int:
     python, work, start = sys.executable, Path(args.workdir).resolve(), time.monotonic()
-    plan = commands(python, work, args.device)
+    plan = commands(python, work, args.device, args.tests.split(","))
     if args.dry_run:
         print(f"gpu-check: dry run (report {args.report}, work directory {work})")
         print(f"1. environment: torch with CUDA and a GPU on {args.device}, or fail")
@@ -312,6 +312,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default="gpu-check", help="logs and artefacts")
     parser.add_argument("--device", default="cuda", help="cuda or cuda:N")
     parser.add_argument("--extra", default="gpu", help="optional dependencies to install")
+    parser.add_argument("--tests", default=",".join(TEST_FILES),
+                        help="comma-separated test files run with pytest -rs (default: %(default)s)")
     parser.add_argument("--no-install", action="store_true", help="fail if the extra is missing")
     parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
     args = parser.parse_args(argv)
