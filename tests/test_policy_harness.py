@@ -50,6 +50,13 @@ def test_malformed_names_are_refused_in_one_line(tmp_path, capsys, name, words):
     (["--optimizer", "sgd+equilibrium", "--set", "nesterov=true"], "Nesterov"),
     (["--optimizer", "muon", "--set", "ns_steps=0"], "ns_steps"),
     (["--optimizer", "adamw+fixed", "--lr", "-1"], "lr"),
+    (["--optimizer", "adamw+fixed", "--invariant-lr", "inf"], "invalid invariant_lr: inf"),
+    # vit-qk's invariant groups are all parts of fused qkv weights: torch.optim trains each
+    # tensor with the others' settings, so these would reach no group
+    (["--optimizer", "adamw+fixed", "--model", "vit-qk", "--invariant-weight-decay", "0.2"],
+     "--invariant-weight-decay: no group takes it.*groups:8\\[0:128\\]"),
+    (["--optimizer", "adamw+fixed", "--model", "vit-qk", "--invariant-lr", "0.005"],
+     "--invariant-lr: no group takes it"),
 ])
 def test_settings_that_cannot_apply_are_refused(tmp_path, capsys, flags, words):
     assert main(["train", *flags, "--out", str(tmp_path / "r")]) == 2
@@ -84,20 +91,21 @@ def test_vit_qk_has_invariant_qk_heads_and_a_cancelled_key_norm_bias():
 # -- runs ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["adamw+fixed", "muon+fixed"])
 def test_a_tiny_run_records_what_ran(tmp_path, name):
-    config = tiny(name, hyper={"weight_decay": 0.1, "invariant_weight_decay": 0.02})
+    config = tiny(name, hyper={"weight_decay": 0.1})  # (vit-qk: its invariant groups are parts)
     metrics = train(config, tmp_path, **QUIET)
     record = json.loads((tmp_path / "config.json").read_text())
     s = record["optimizer_settings"]
     assert (s["inner"], s["policy"], s["project"]) == (name.split("+")[0], "fixed", False)
-    assert s["invariant"]["weight_decay"] == 0.02 and s["other"]["weight_decay"] == 0.1
+    assert s["invariant"]["weight_decay"] == s["other"]["weight_decay"] == 0.1
     groups = record["optimizer_groups"]
     rules = {g["rule"] for g in groups}
     qkv = [g for g in groups if g["grouping"] == "groups:8[0:128]"]
-    # a partly invariant tensor takes weight_decay as a whole (optimizer_groups)
+    # a partly invariant tensor takes the others' lr and weight_decay as a whole
     assert len(qkv) == 1 and qkv[0]["weight_decay"] == 0.1 and len(qkv[0]["params"]) == 4
+    assert qkv[0]["lr"] == s["other"]["lr"]
     if name.startswith("muon"):
         assert rules == {"torch.optim.Muon", "torch.optim.AdamW"}
-        assert s["muon_fixed"] == {"adjust_lr_fn": "match_rms_adamw"}
+        assert s["muon_fixed"] == {"adjust_lr_fn": "match_rms_adamw", "eps": 1e-7}
         muon = {p for g in groups if g["rule"] == "torch.optim.Muon" for p in g["params"]}
         assert "head.weight" not in muon and "blocks.0.mlp.0.weight" in muon
         assert "blocks.0.attn.qkv.weight" in muon
@@ -147,7 +155,7 @@ def _group_norms(config, state=None):
                                         ("adamw+unit", "one"), ("adamw+equilibrium", "initial"),
                                         ("adamw+free", None)])
 def test_group_norms_in_the_trained_model(tmp_path, name, kept):
-    config = tiny(name, hyper={"lr": 3e-3, "invariant_weight_decay": 0.5})
+    config = tiny(name, hyper={"lr": 3e-3})  # (weight decay 0.05, the qkv parts' as the others')
     train(config, tmp_path, **QUIET)
     before = _group_norms(config)
     after = _group_norms(config, read_checkpoint(tmp_path / "checkpoint.pt")["model"])

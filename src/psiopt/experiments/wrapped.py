@@ -24,15 +24,17 @@ them, and any other key is refused naming the valid ones):
   weight decay 0.05 on both sides.  ``torch.optim.Muon`` takes 2-D parameters only: a model
   with no other 2-D weight (ResNet-20: 4-D convolutions and the classifier) is refused.
 
-Weight decay is placed by :func:`psiopt.optimizer_groups`: ``weight_decay`` on the other
-weights of two or more dimensions, none on gains, biases and ``no_weight_decay()`` names,
-``invariant_weight_decay`` (default: ``weight_decay``) on the invariant groups, lr 0 and no
-decay on cancelled parameters; a tensor only part of which is invariant (a fused qkv weight)
-takes ``weight_decay`` as a whole.  ``invariant_lr`` (default: ``lr``) sets the invariant groups'
-rate.  ``"fixed"``, ``"unit"`` and ``"equilibrium"`` undo the invariant weight decay's effect on
-the norm; ``"equilibrium"`` needs it positive (it sets the angle) and has a formula for AdamW and
-SGD (without Nesterov or dampening) only, so ``muon+equilibrium`` is refused.  A policy on a
-model in which discovery finds no invariant group is refused.
+Weight decay is placed by :func:`psiopt.optimizer_groups`: ``weight_decay`` on the other weights of
+two or more dimensions, none on gains, biases and ``no_weight_decay()`` names,
+``invariant_weight_decay`` (default: ``weight_decay``) on the invariant groups, lr 0 and no decay on
+cancelled parameters; a tensor only part of which is invariant (a fused qkv weight) takes ``lr`` and
+``weight_decay`` as a whole (torch.optim has one setting per tensor; the policy acts on the part's
+rows). ``invariant_lr`` (default: ``lr``) sets the other invariant groups' rate; ``invariant_lr`` or
+``invariant_weight_decay`` set on a model whose invariant groups are all parts reaches no group and
+is refused. ``"fixed"``, ``"unit"`` and ``"equilibrium"`` undo the invariant weight decay's effect
+on the norm; ``"equilibrium"`` needs it positive (it sets the angle) and has a formula for AdamW and
+SGD (without Nesterov or dampening) only, so ``muon+equilibrium`` is refused. A policy on a model in
+which discovery finds no invariant group is refused.
 
 ``config.json`` records the resolved settings (:func:`settings`: inner rule, policy, project,
 every hyperparameter per side) and the groups as built (:func:`describe`: rule, grouping, lr,
@@ -51,7 +53,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..optim.base import check_hyper
-from ..optim.geometry import is_invariant
+from ..optim.geometry import is_invariant, split_part
 from ..optim.groups import optimizer_groups
 from ..optim.policies import POLICIES, NormPolicy
 
@@ -64,8 +66,9 @@ DEFAULTS = {
     "muon": {"lr": 1e-3, "weight_decay": 0.05, "momentum": 0.95, "nesterov": True, "ns_steps": 5,
              "betas": (0.9, 0.999), "eps": 1e-8},
 }
-#: fixed settings of torch.optim.Muon (recorded, not settable)
-MUON_FIXED = {"adjust_lr_fn": "match_rms_adamw"}
+#: fixed settings of torch.optim.Muon (recorded, not settable; ``eps``: Muon's own, torch's default,
+#: apart from AdamW's)
+MUON_FIXED = {"adjust_lr_fn": "match_rms_adamw", "eps": 1e-7}
 PROJECT = "project"
 
 
@@ -111,7 +114,11 @@ def _check(key: str, value) -> None:
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
             raise ValueError(f"invalid dampening: {value!r} (must lie in [0, 1))")
     else:
-        check_hyper(key.removeprefix("invariant_"), value)
+        bare = key.removeprefix("invariant_")
+        try:
+            check_hyper(bare, value)
+        except ValueError as e:  # (naming the flag that was given)
+            raise ValueError(str(e).replace(f"invalid {bare}:", f"invalid {key}:", 1)) from None
         if key.endswith("lr") and not (isinstance(value, numbers.Real) and math.isfinite(value)):
             raise ValueError(f"invalid {key}: {value!r} (must be a finite number >= 0)")
 
@@ -232,8 +239,8 @@ def create(name: str, model: nn.Module, example: torch.Tensor, mapping: dict | N
         made = optimizer_groups(model, example, mapping=mapping, select=select,
                                 weight_decay=other["weight_decay"],
                                 invariant_weight_decay=inv["weight_decay"])
-        for g in made:
-            if is_invariant(g["grouping"]):
+        for g in made:  # (a part of a tensor: the tensor takes the others' lr and decay)
+            if is_invariant(g["grouping"]) and split_part(g["grouping"])[1] is None:
                 g["lr"] = inv["lr"]
         return made
 
@@ -259,6 +266,7 @@ def create(name: str, model: nn.Module, example: torch.Tensor, mapping: dict | N
             optimizers.append(torch.optim.AdamW(rest, lr=other["lr"], betas=other["betas"],
                                                 eps=other["eps"]))
         opt = Combined(optimizers)
+    _check_reached(opt, {k for k in hyper if k.startswith("invariant_")})
     if policy is None:
         return opt, opt
     if not any(is_invariant(g.get("grouping")) for g in opt.param_groups):
@@ -266,6 +274,20 @@ def create(name: str, model: nn.Module, example: torch.Tensor, mapping: dict | N
                          f"none in this model: '+{policy}' would do nothing; choose an optimizer "
                          "without '+<policy>' or a model with normalised weights")
     return NormPolicy(opt, policy, project=project, model=model, example_inputs=example), opt
+
+
+def _check_reached(opt, keys: set[str]) -> None:
+    """``ValueError`` when ``--invariant-lr``/``--invariant-weight-decay`` was set and no group
+    takes it: every invariant group is part of a tensor, which torch.optim trains as one tensor
+    with the other weights' settings (a fused qkv weight under QK-norm)."""
+    whole = [g for g in opt.param_groups
+             if is_invariant(g.get("grouping")) and split_part(g["grouping"])[1] is None]
+    if keys and not whole:
+        parts = sorted({g["grouping"] for g in opt.param_groups if is_invariant(g.get("grouping"))})
+        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(keys))
+        raise ValueError(f"{flags}: no group takes it: the model's invariant groups are all parts "
+                         f"of tensors ({', '.join(parts) or 'none'}), which torch.optim trains as "
+                         "one tensor with the other weights' lr and weight decay; leave it unset")
 
 
 def describe(optimizer) -> list[dict]:
@@ -277,6 +299,7 @@ def describe(optimizer) -> list[dict]:
     for rule in rules:
         for g in rule.param_groups:
             out.append({"rule": f"torch.optim.{type(rule).__name__}", "grouping": g.get("grouping"),
-                        "lr": float(g["lr"]), "weight_decay": float(g["weight_decay"]),
+                        "lr": float(g.get("initial_lr", g["lr"])),  # (as built: before any
+                        "weight_decay": float(g["weight_decay"]),  # scheduler step, resumed too)
                         "params": list(g.get("param_names") or [])})
     return out
