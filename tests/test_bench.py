@@ -151,4 +151,4 @@ def test_bench_refuses_a_device_it_cannot_use(capsys):
     from psiopt.experiments.cli import main
 
     assert main(["bench", "--device", "tpu"]) == 2
-    assert "--device 'tpu': expected cpu, or cuda" in capsys.readouterr().err
+    assert "--device 'tpu': invalid device 'tpu': cpu, cuda or cuda:N" in capsys.readouterr().err

@@ -179,16 +179,19 @@ def parser() -> Parser:
     b.add_argument("--sets", default=None, help="comma-separated: resnet56,vgg16-bn,mlp-ln")
     b.add_argument("--out", default="docs/performance.md")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile check")
-    b.add_argument("--device", default="cpu", help="cpu or cuda (times synchronise around each step)")
+    b.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N (CUDA: timed with CUDA events)")
+    b.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (default: unchanged)")
     return top
 
 
 def _check_bench_device(device: str) -> None:
-    import torch
+    from .train import RunError, check_device
 
-    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise UsageError(f"--device {device!r}: expected cpu, or cuda on a machine with a GPU "
-                         f"(CUDA available here: {torch.cuda.is_available()})")
+    try:
+        check_device(device)  # (the harness's own check: cpu, cuda or cuda:N, here)
+    except RunError as e:
+        raise UsageError(f"--device {device!r}: {e}") from None
 
 
 def cmd_list(data_dir=None) -> None:
@@ -510,8 +513,10 @@ def main(argv=None) -> int:
             if args.steps < 1:
                 raise UsageError(f"invalid --steps {args.steps} (must be at least 1: the rounds "
                                  "timed per optimizer)")
+            if args.threads is not None and args.threads < 1:
+                raise UsageError(f"invalid --threads {args.threads} (must be at least 1)")
             run(args.out, steps=args.steps, sets=sets, compile_check=not args.no_compile,
-                device=args.device)
+                device=args.device, threads=args.threads)
         else:
             parser().print_help()
             return 2
