@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import triton_rows
+from . import rowrules, triton_rows
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _TYPES = {torch.float32: ("float", "_f32", "FLT_MIN"), torch.float64: ("double", "_f64", "DBL_MIN")}
@@ -205,27 +205,10 @@ def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     return True
 
 
-def _fused_rows(kernel, ws, gs, b, s1, s2, k, h) -> None:
-    """The op's CPU kernel: the kernel's writes bump the versions of what it writes, as in-place
-    ops do; it has no derivative, and refuses tensors that require one."""
-    written = [*ws, *b, *s1, *s2]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in written):
-        raise RuntimeError("psiopt::fused_rows writes tensors that require grad: call it under "
-                           "torch.no_grad()")
-    _call(kernel, ws, gs, b, s1, s2, k, h)
-    torch.autograd.graph.increment_version(written)
-
-
 # ``torch.compile`` calls the kernel as the op ``psiopt::fused_rows``, declared with
 # ``torch.library.Library`` (``torch.library.custom_op``'s Python wrappers cost 60-120 us a
-# call, this about 6 us over the ctypes call), once a process: a module imported again (e.g.
-# ``importlib.reload``) finds it declared.
-if not hasattr(torch.ops.psiopt, "fused_rows"):
-    _LIB = torch.library.Library("psiopt", "FRAGMENT")
-    _LIB.define("fused_rows(str kernel, Tensor(a!)[] ws, Tensor[] gs, Tensor(b!)[] b, "
-                "Tensor(c!)[] s1, Tensor(d!)[] s2, Tensor? k, float[] h) -> ()")
-    _LIB.impl("fused_rows", _fused_rows, "CPU")
-    torch.library.register_fake("psiopt::fused_rows", lambda *args: None, lib=_LIB)
+# call, this about 6 us over the ctypes call)
+rowrules.declare_op("fused_rows", lambda *args: _call(*args), ("CPU",))
 fused_rows = torch.ops.psiopt.fused_rows.default
 
 

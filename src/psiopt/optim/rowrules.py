@@ -294,3 +294,37 @@ def evaluate(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> 
             s1[i].copy_(n1.view_as(s1[i]))
         if s2 and rule.writes_s2:
             s2[i].copy_(n2.view_as(s2[i]))
+
+
+# -- the op both row backends are called through -----------------------------------------------
+
+#: the signature of the row kernels' ops (``psiopt::fused_rows``, ``psiopt::triton_rows``): the
+#: rule's name, the rows (written), gradients, buffers, per-row states (written), per-tensor
+#: scalars and hyperparameters
+OP_SIGNATURE = ("(str kernel, Tensor(a!)[] ws, Tensor[] gs, Tensor(b!)[] b, Tensor(c!)[] s1, "
+                "Tensor(d!)[] s2, Tensor? k, float[] h) -> ()")
+_LIBS: list = []  # (a Library unregisters its ops when collected)
+
+
+def declare_op(name: str, launch, keys: tuple[str, ...]) -> None:
+    """Declare ``psiopt::<name>`` (what ``torch.compile`` traces a fused step as) once a process,
+    for dispatch ``keys``: it calls ``launch(kernel, ws, gs, b, s1, s2, k, h)``, bumps the
+    versions of what it writes, as in-place ops do, and, having no derivative, refuses tensors
+    that require one.  A module imported again (``importlib.reload``) finds it declared."""
+    if hasattr(torch.ops.psiopt, name):
+        return
+
+    def impl(kernel, ws, gs, b, s1, s2, k, h) -> None:
+        written = [*ws, *b, *s1, *s2]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in written):
+            raise RuntimeError(f"psiopt::{name} writes tensors that require grad: call it under "
+                               "torch.no_grad()")
+        launch(kernel, ws, gs, b, s1, s2, k, h)
+        torch.autograd.graph.increment_version(written)
+
+    lib = torch.library.Library("psiopt", "FRAGMENT")
+    lib.define(name + OP_SIGNATURE)
+    for key in keys:
+        lib.impl(name, impl, key)
+    torch.library.register_fake(f"psiopt::{name}", lambda *args: None, lib=lib)
+    _LIBS.append(lib)

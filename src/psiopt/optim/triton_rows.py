@@ -329,22 +329,6 @@ def _row_map(rows, cols) -> torch.Tensor:
     return out
 
 
-def _triton_rows(kernel, ws, gs, b, s1, s2, k, h) -> None:
-    """The op's kernel: bumps the versions of what it writes; refuses tensors requiring grad."""
-    written = [*ws, *b, *s1, *s2]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in written):
-        raise RuntimeError("psiopt::triton_rows writes tensors that require grad: call it under "
-                           "torch.no_grad()")
-    _launch(kernel, ws, gs, b, s1, s2, k, h)
-    torch.autograd.graph.increment_version(written)
-
-
-# the op ``torch.compile`` traces (declared once a process, as psiopt::fused_rows)
-if not hasattr(torch.ops.psiopt, "triton_rows"):
-    _LIB = torch.library.Library("psiopt", "FRAGMENT")
-    _LIB.define("triton_rows(str kernel, Tensor(a!)[] ws, Tensor[] gs, Tensor(b!)[] b, "
-                "Tensor(c!)[] s1, Tensor(d!)[] s2, Tensor? k, float[] h) -> ()")
-    for _key in ("CUDA", "CPU"):  # CPU: Triton's interpreter (tests)
-        _LIB.impl("triton_rows", _triton_rows, _key)
-    torch.library.register_fake("psiopt::triton_rows", lambda *args: None, lib=_LIB)
+# the op ``torch.compile`` traces (CPU: Triton's interpreter, in the tests)
+rowrules.declare_op("triton_rows", lambda *args: _launch(*args), ("CUDA", "CPU"))
 triton_rows = torch.ops.psiopt.triton_rows.default
