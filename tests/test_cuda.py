@@ -70,3 +70,22 @@ def test_bench_times_with_cuda_events_and_counts_kernels(monkeypatch):
         assert type(row[prefix + "launches"]) is int and row[prefix + "launches"] >= 1
     assert row["torch_passes"] == pytest.approx(5.0)  # _fused_sgd_: w, g, buffer in; w, buffer out
     assert "GPU " in bench.machine()
+
+
+@pytest.mark.parametrize("name", ["adams", "psi-sgdm", "adamg"])
+def test_a_loaded_state_keeps_step_counters_on_the_cpu_and_steps_without_sync(name):
+    """torch's ``load_state_dict`` moves ``state["step"]`` to the parameter's device for a group
+    that sets ``fused`` (psiopt's groups carry it): psiopt moves its counters back."""
+    model = net().cuda()
+    x, y = torch.randn(8, 3, 8, 8, device="cuda"), torch.randint(0, 3, (8,), device="cuda")
+    opt = psiopt.create_optimizer(model, name, x, fused=True)  # (the Triton kernels)
+    for _ in range(2):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    again = psiopt.create_optimizer(model, name, x, fused=True)
+    again.load_state_dict(opt.state_dict())
+    assert all(st["step"].is_cpu for st in again.state.values() if "step" in st)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    step_without_sync(again)

@@ -128,6 +128,7 @@ def test_one_launch_per_group_and_step_whatever_the_number_of_tensors(interprete
 @pytest.mark.parametrize("name, settings", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
 def test_the_rule_definitions_run_with_torch_as_the_reference_path_steps(name, settings, monkeypatch):
     """``rowrules.evaluate``: the same definitions, every row at once in torch (no Triton)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # (what selecting the Triton path on CPU asks)
     monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
     monkeypatch.setattr(triton_rows, "_launch", lambda kernel, ws, gs, b, s1, s2, k, h: rowrules.evaluate(
         kernel, ws, gs, b=b or None, s1=s1 or None, s2=s2 or None, k=None if k is None else k.tolist(), h=h))
@@ -197,3 +198,29 @@ def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
                              H="*fp64", NT="i32", **{k: "constexpr" for k in constants})
             source = triton.compiler.ASTSource(triton_rows._kernel(name, dtype), signature, constants)
             assert "cubin" in triton.compile(source, target=target).asm, name
+
+
+def test_a_16_bit_parameters_float32_state_is_inverted_down_to_float32s_floor(interpreted, monkeypatch):
+    # AdamG*'s r4 is float32 state for a float16 weight: 1/√r4 must not stop at float16's
+    # smallest normal number (6e-5), as the reference path's does not
+    w0 = torch.nn.functional.normalize(torch.randn(3, 8, dtype=torch.float64,
+                                                   generator=torch.Generator().manual_seed(0)), dim=1).half()
+    g0 = (1e-3 * torch.randn(3, 8, generator=torch.Generator().manual_seed(1))).half()
+    out = {}
+    for path, kw in (("triton", {"fused": True}), ("reference", {"foreach": False})):
+        monkeypatch.setattr(kernels, "TRITON_ON_CPU", path == "triton")
+        p = torch.nn.Parameter(w0.clone())
+        opt = psiopt.AdamGStar([{"params": [p], "grouping": "channel", "norm_stats": [[]]}], lr=0.1, **kw)
+        p.grad = torch.zeros_like(p)
+        opt.step()  # (state made)
+        opt.state[p]["r4"].copy_(torch.tensor([[1e-12], [1e-8], [1.0]]))  # √r4: 1e-6, 1e-4, 1
+        p.grad = g0.clone()
+        opt.step()
+        out[path] = p.detach().float()
+    assert (out["triton"] - out["reference"]).abs().max() < 1e-2  # (0.22 with float16's floor)
+
+
+def test_per_row_state_of_mixed_dtypes_is_not_taken():
+    ws = [torch.zeros(3, 4), torch.zeros(3, 4)]
+    assert triton_rows.state_fits(ws, s1=[torch.zeros(3, 1), torch.zeros(3, 1)])
+    assert not triton_rows.state_fits(ws, s1=[torch.zeros(3, 1), torch.zeros(3, 1, dtype=torch.float64)])

@@ -731,17 +731,19 @@ on a GPU only `make gpu-check` on one can tell.
   PSI-SGDM (fixed norm and literal, with L2), PSGD (with and without momentum), UN-SGD, AdamG*,
   SGD-MRT, Adam-S, Adam-SRT, SGDG and AdamG (with and without Cho & Lee's penalty, computed by
   torch per tensor as on the CPU).  Not covered: B-SGD (a torch.optim baseline).
-* **Kernel.**  One launch per group and step whatever the number of tensors: a table, as torch's
+* **Kernel.** One launch per group and step whatever the number of tensors (SGDG and AdamG with
+  Cho & Lee's penalty on, their default: one more launch per penalised tensor, whose penalty torch
+  computes per tensor; PSI-SGD's guard steps take the vectorized path): a table, as torch's
   multi-tensor apply, of each tensor's addresses (weights, gradients, buffer, per-row state) and
-  row length, and of each row's tensor and index; one program per row.  A row of up to
-  `MAX_BLOCK` = 4096 entries is loaded once into registers, its sums, coefficients and update
-  taken there, and written once; longer rows (LayerNorm "tensor" groups) are read in chunks twice
-  (sums and the buffer's update, then the update), in the same program.  Per-entry arithmetic and
-  sums in float32 for float16/bfloat16/float32 parameters (float64 for float64; SGDG's and
-  AdamG's ‖y‖², ⟨y,ĝ⟩, ‖ĝ‖² always in float64, as the C kernel), coefficients in float64.  The
-  tables are built on the host and copied with `non_blocking=True` (no synchronisation), kept
-  while the tensors' addresses stay the same; hyperparameters and per-tensor scalars (Adam's
-  bias corrections) are copied at each step.
+  row length, and of each row's tensor and index; one program per row. A row of up to `MAX_BLOCK`
+  = 4096 entries is loaded once into registers, its sums, coefficients and update taken there, and
+  written once; longer rows (LayerNorm "tensor" groups) are read in chunks twice (sums and the
+  buffer's update, then the update), in the same program. Per-entry arithmetic and sums in float32
+  for float16/bfloat16/float32 parameters (float64 for float64; SGDG's and AdamG's ‖y‖², ⟨y,ĝ⟩,
+  ‖ĝ‖² always in float64, as the C kernel), coefficients in float64. The tables are built on the
+  host and copied with `non_blocking=True` (no synchronisation), kept while the tensors' addresses
+  stay the same; hyperparameters and per-tensor scalars (Adam's bias corrections) are copied at
+  each step.
 * **Selection.**  Invariant groups of CUDA tensors (float16, bfloat16, float32, float64) take it
   with `fused=None` (default, `foreach` unset) or `fused=True` when `import triton` works
   (`pip install 'psiopt[gpu]'`), else the vectorized path; `fused=False` never.  CPU steps take

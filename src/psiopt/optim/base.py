@@ -758,11 +758,18 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     accumulated_state: tuple[str, ...] = ()
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch.optim; state in :attr:`accumulated_state` of invariant float16/bfloat16
+        """As torch.optim; step counters stay on the CPU (torch moves them to the parameter's
+        device for a group that sets ``fused``, and psiopt reads them without a device
+        synchronisation), and state in :attr:`accumulated_state` of invariant float16/bfloat16
         parameters stays float32 (read from the saved tensor, not from its cast)."""
         saved = [{k: state_dict["state"].get(i, {}).get(k) for k in self.accumulated_state}
                  for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
         super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for st in (state, state.get("rest") or {}):
+                step = st.get("step")
+                if isinstance(step, Tensor) and not step.is_cpu and not is_sharded(step):
+                    st["step"] = step.cpu()
         if not self.accumulated_state:
             return
         params = [(g, p) for g in self.param_groups for p in g["params"]]

@@ -160,6 +160,9 @@ def backend(t: torch.Tensor) -> str | None:
     ``None``."""
     if t.is_cpu and not TRITON_ON_CPU:
         return "c" if t.dtype in _TYPES else None
+    if t.is_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("PSIOPT_TRITON_CPU (kernels.TRITON_ON_CPU) runs the Triton kernels on CPU "
+                           "tensors through Triton's interpreter: set TRITON_INTERPRET=1 too")
     if (t.is_cuda or t.is_cpu) and t.dtype in triton_rows.TYPES and triton_rows.importable():
         return "triton"
     return None

@@ -79,7 +79,8 @@ def sqnorm_of_sum(a, b, xx, xy, yy):
     return where(v < 0, 0.0, v)
 
 
-#: the smallest positive value :func:`safe_inv` inverts (set per dtype by the backends)
+#: the smallest positive value :func:`safe_inv` inverts (here, for :func:`evaluate`: float64's;
+#: the Triton kernels take float32's for 16/32-bit parameters, as the reference path's state)
 TINY = torch.finfo(torch.float64).tiny
 
 

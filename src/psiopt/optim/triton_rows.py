@@ -1,4 +1,5 @@
-"""The fused step with Triton: one kernel launch per rule, parameter group and step.
+"""The fused step with Triton: one kernel launch per rule, parameter group and step (SGDG/AdamG
+with Cho & Lee's penalty: one more per penalised tensor, computed by torch).
 
 Built from each rule's single definition in :mod:`psiopt.optim.rowrules` (its ``pre``, ``coef``
 and ``post``): those plain Python functions are compiled by Triton with their helpers
@@ -29,6 +30,7 @@ read from the real tensors).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import types
@@ -206,7 +208,7 @@ def _jit(fn, scope: dict, **options):
 
 
 def _kernel(name: str, dtype: torch.dtype):
-    """Rule ``name``'s kernel for ``dtype`` parameters (its helpers' ``TINY`` is the dtype's),
+    """Rule ``name``'s kernel for ``dtype`` parameters (its helpers' ``TINY``: see ``_build``),
     compiled, or interpreted under ``TRITON_INTERPRET=1``.  The kernels call Triton's builtins
     only, none of ``triton.language``'s own jit functions (``tl.sum``, ``tl.zeros``), which are
     interpreted only if ``TRITON_INTERPRET=1`` was set before triton was first imported: so the
@@ -219,8 +221,11 @@ def _build(name: str, dtype: torch.dtype, interpret: bool):
     import triton
     import triton.language as tl
 
+    # safe_inv's floor is that of the dtype the reference path inverts in: the per-row state's
+    # and sums' (float32 for 16-bit parameters, whose float16 floor, 6e-5, cut AdamG*'s 1/√r4)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
     scope = {"__name__": __name__, "tl": tl, "triton": triton,
-             "TINY": tl.constexpr(torch.finfo(dtype).tiny)}
+             "TINY": tl.constexpr(torch.finfo(wide).tiny)}
     for key, fn in _TRITON_HELPERS.items():
         scope[key] = _jit(fn, scope)
     scope["sqnorm_of_sum"] = _jit(rowrules.sqnorm_of_sum, scope)
@@ -244,9 +249,10 @@ def state_fits(ws, b=None, s1=None, s2=None) -> bool:
     reads and writes, the buffers of the views' dtype and the per-row state of a dtype it takes."""
     dtype, device = ws[0].dtype, ws[0].device
 
-    def ok(ts, size, dtypes):
-        return ts is None or all(t.dtype in dtypes and t.is_contiguous() and t.device == device
-                                 and t.numel() == size(w) for t, w in zip(ts, ws))
+    def ok(ts, size, dtypes):  # (one dtype per list: the kernel reads all as the first's)
+        return ts is None or len({t.dtype for t in ts}) <= 1 and all(
+            t.dtype in dtypes and t.is_contiguous() and t.device == device and t.numel() == size(w)
+            for t, w in zip(ts, ws))
 
     rows = lambda w: w.shape[0]  # noqa: E731
     return ok(b, torch.numel, (dtype,)) and ok(s1, rows, TYPES) and ok(s2, rows, TYPES)
@@ -309,13 +315,15 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h) -> None:
     block = min(MAX_BLOCK, 1 << max(0, (longest - 1).bit_length()))
     block = max(block, 16)
     fn = _kernel(kernel, dtype)
-    fn[(nrows,)](ptr, rowmap[0], rowmap[1], rowmap[2], hk[6:], hk, BLOCK=block,
-                 ONE_PASS=longest <= block, HAS_B=bool(b), HAS_S1=bool(s1), HAS_S2=bool(s2),
-                 WRITES_S1=bool(s1) and rule.writes_s1, WRITES_S2=bool(s2) and rule.writes_s2,
-                 OPT=bool(h[rule.option]) if rule.option is not None else False, NT=n,
-                 T=_triton_dtype(dtype), S1T=_triton_dtype(s1[0].dtype if s1 else dtype),
-                 S2T=_triton_dtype(s2[0].dtype if s2 else dtype),
-                 ACC=_triton_dtype(torch.float64 if dtype == torch.float64 else torch.float32))
+    # (on the parameters' GPU: Triton launches on the current device's current stream)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        fn[(nrows,)](ptr, rowmap[0], rowmap[1], rowmap[2], hk[6:], hk, BLOCK=block,
+                     ONE_PASS=longest <= block, HAS_B=bool(b), HAS_S1=bool(s1), HAS_S2=bool(s2),
+                     WRITES_S1=bool(s1) and rule.writes_s1, WRITES_S2=bool(s2) and rule.writes_s2,
+                     OPT=bool(h[rule.option]) if rule.option is not None else False, NT=n,
+                     T=_triton_dtype(dtype), S1T=_triton_dtype(s1[0].dtype if s1 else dtype),
+                     S2T=_triton_dtype(s2[0].dtype if s2 else dtype),
+                     ACC=_triton_dtype(torch.float64 if dtype == torch.float64 else torch.float32))
 
 
 def _row_map(rows, cols) -> torch.Tensor:
