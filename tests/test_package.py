@@ -14,9 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "src" / "psiopt" / "optim"
 
 
-def imported_modules(path: Path) -> set[str]:
+#: optional extras a library module may import, inside its functions only (``psiopt[gpu]``)
+OPTIONAL = {"triton"}
+
+
+def imported_modules(path: Path, top_level: bool = False) -> set[str]:
+    """Modules ``path`` imports (anywhere, or in its module body only)."""
+    tree = ast.parse(path.read_text())
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in tree.body if top_level else ast.walk(tree):
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -31,7 +37,10 @@ def test_library_imports_torch_and_the_standard_library_only():
     for path in files:
         for name in imported_modules(path):
             top = name.split(".")[0]
-            assert top == "torch" or top in sys.stdlib_module_names, f"{path.name} imports {name}"
+            assert top == "torch" or top in sys.stdlib_module_names or top in OPTIONAL, \
+                f"{path.name} imports {name}"
+        lazy = {n for n in imported_modules(path, top_level=True) if n.split(".")[0] in OPTIONAL}
+        assert not lazy, f"{path.name} imports the optional {lazy} when it is imported"
 
 
 def test_importing_psiopt_does_not_load_the_harness():
