@@ -78,6 +78,18 @@ def _sum_all(terms):
     return out
 
 
+def _load_row(w_ptr, g_ptr, b_ptr, start, o, d, HAS_B: tl.constexpr, ACC: tl.constexpr):
+    """The row's entries ``start + o`` (those below ``d``) of the weight, gradient and buffer
+    (the weight where there is none), in ``ACC``; and their mask."""
+    mask = start + o < d
+    w = tl.load(w_ptr + start + o, mask=mask, other=0.0).to(ACC)
+    g = tl.load(g_ptr + start + o, mask=mask, other=0.0).to(ACC)
+    b = w
+    if HAS_B:
+        b = tl.load(b_ptr + start + o, mask=mask, other=0.0).to(ACC)
+    return w, g, b, mask
+
+
 def _add_all(a, b):
     out = ()
     for j in tl.static_range(len(a)):
@@ -113,12 +125,7 @@ def _row_kernel(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr, ONE_PASS: tl
         st2 = tl.load(s2_ptr).to(tl.float64)
     o = tl.arange(0, BLOCK)
     if ONE_PASS:  # the row in registers: one read, one write
-        mask = o < d
-        w = tl.load(w_ptr + o, mask=mask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + o, mask=mask, other=0.0).to(ACC)
-        b = w
-        if HAS_B:
-            b = tl.load(b_ptr + o, mask=mask, other=0.0).to(ACC)
+        w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, 0, o, d, HAS_B, ACC)
         b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
         c, n1, n2 = COEF(_sum_all(terms), st1, st2, k, h, d, HAS_S1, HAS_S2, OPT)
         w, b = POST(w, g, b, _cast_all(c, ACC), hc, HAS_B, OPT)
@@ -126,23 +133,13 @@ def _row_kernel(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr, ONE_PASS: tl
         if HAS_B:
             tl.store(b_ptr + o, b.to(T), mask=mask)
     else:  # a long row: sums (and the buffer's update) chunk by chunk, then the update
-        mask = o < d
-        w = tl.load(w_ptr + o, mask=mask, other=0.0).to(ACC)
-        g = tl.load(g_ptr + o, mask=mask, other=0.0).to(ACC)
-        b = w
-        if HAS_B:
-            b = tl.load(b_ptr + o, mask=mask, other=0.0).to(ACC)
+        w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, 0, o, d, HAS_B, ACC)
         b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
         if HAS_B:
             tl.store(b_ptr + o, b.to(T), mask=mask)
         s = _sum_all(terms)
         for start in range(BLOCK, d, BLOCK):
-            mask = start + o < d
-            w = tl.load(w_ptr + start + o, mask=mask, other=0.0).to(ACC)
-            g = tl.load(g_ptr + start + o, mask=mask, other=0.0).to(ACC)
-            b = w
-            if HAS_B:
-                b = tl.load(b_ptr + start + o, mask=mask, other=0.0).to(ACC)
+            w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, start, o, d, HAS_B, ACC)
             b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
             if HAS_B:
                 tl.store(b_ptr + start + o, b.to(T), mask=mask)
@@ -150,12 +147,7 @@ def _row_kernel(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr, ONE_PASS: tl
         c, n1, n2 = COEF(s, st1, st2, k, h, d, HAS_S1, HAS_S2, OPT)
         cc = _cast_all(c, ACC)
         for start in range(0, d, BLOCK):
-            mask = start + o < d
-            w = tl.load(w_ptr + start + o, mask=mask, other=0.0).to(ACC)
-            g = tl.load(g_ptr + start + o, mask=mask, other=0.0).to(ACC)
-            b = w
-            if HAS_B:
-                b = tl.load(b_ptr + start + o, mask=mask, other=0.0).to(ACC)
+            w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, start, o, d, HAS_B, ACC)
             w, b = POST(w, g, b, cc, hc, HAS_B, OPT)
             tl.store(w_ptr + start + o, w.to(T), mask=mask)
             if HAS_B:
@@ -229,7 +221,7 @@ def _build(name: str, dtype: torch.dtype, interpret: bool):
     for key, fn in _TRITON_HELPERS.items():
         scope[key] = _jit(fn, scope)
     scope["sqnorm_of_sum"] = _jit(rowrules.sqnorm_of_sum, scope)
-    for fn in (_add, _cast_all, _sum_all, _add_all):
+    for fn in (_add, _cast_all, _sum_all, _add_all, _load_row):
         scope[fn.__name__] = _jit(fn, scope)
     rule = rowrules.RULES[name]
     kernel_scope = dict(scope, PRE=_jit(rule.pre, scope), COEF=_jit(rule.coef, scope),
