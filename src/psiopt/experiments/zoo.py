@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..optim.discovery import find_scale_invariant, part_spans
+from ..optim.discovery import candidate_groupings, find_scale_invariant, part_spans
 from ..optim.geometry import CANCELLED, parse_grouping, part, rows, split_part
 
 D, H = 16, 2  # width and heads of the transformer models
@@ -459,20 +459,6 @@ def holds(model: nn.Module, x, name: str, grouping: str, seed: int = 0, *, copy6
             p.copy_(saved)
 
 
-def candidates(p: torch.Tensor, span: tuple[int, int] | None = None) -> list[str]:
-    """The groupings a parameter of this shape could have (``tensor`` before the finer ones), of
-    rows ``span`` of dimension 0 only (a part) when given."""
-    suffix = "" if span is None else f"[{span[0]}:{span[1]}]"
-    out = [CANCELLED, "tensor"] if p.dim() <= 1 else ["tensor"]
-    n = (p.shape[0] if p.dim() else 0) if span is None else span[1] - span[0]
-    if p.dim() >= 1 and n > 1:
-        out.append("channel")
-    if span is None and p.dim() >= 2 and p.shape[1] > 1:
-        out.append("channel@1")
-    out += [f"groups:{g}" for g in range(2, n) if n % g == 0]
-    return [g + suffix if g != "channel@1" else g for g in out]
-
-
 def _gradients(m: nn.Module, x) -> dict[str, list[torch.Tensor]]:
     """Per parameter, the train-mode gradients of two random projections of ``m``'s outputs
     (buffers and RNG left as they were)."""
@@ -530,7 +516,7 @@ def truth(model: nn.Module, x) -> dict[str, set[str]]:
             if ok and span is not None and not any(split_part(g)[1] for g in ok):
                 break  # a grouping of the whole tensor holds (every part is tried otherwise:
             scaled = False  # discovery may report any of them)
-            for g in candidates(p, span):
+            for g in candidate_groupings(p, span):
                 kind = parse_grouping(g)[0]
                 if kind not in ("tensor", CANCELLED) and not scaled:
                     break

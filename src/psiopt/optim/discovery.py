@@ -178,10 +178,10 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
         ids = names.get(name)
         if not ids or not p.is_floating_point() or not p.requires_grad or id(p) in shared:
             continue  # unused, frozen (nothing to train), or one storage for two parameters
-        found = _first_holding(traces, ids, p, _candidates(p), stats_of)
+        found = _first_holding(traces, ids, p, candidate_groupings(p), stats_of)
         split = found is None and any(t.split_after(ids) for t in traces)
         for span in part_spans(p) if split else ():  # a part: the largest that holds
-            found = _first_holding(traces, ids, p, _candidates(p, span), stats_of)
+            found = _first_holding(traces, ids, p, candidate_groupings(p, span), stats_of)
             if found is not None:
                 break
         if found is not None:
@@ -191,7 +191,7 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
 
 def _first_holding(traces, ids, p, candidates, stats_of) -> tuple[str, list] | None:
     """``(grouping, running statistics)`` for the finest of ``candidates`` that holds (see
-    :func:`_candidates` for their order), or ``None``."""
+    :func:`candidate_groupings` for their order), or ``None``."""
     found = None
     for grouping in candidates:
         kind = parse_grouping(grouping)[0]
@@ -265,7 +265,7 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, s
     return trace, seen
 
 
-def _candidates(p: Tensor, span: tuple[int, int] | None = None):
+def candidate_groupings(p: Tensor, span: tuple[int, int] | None = None):
     """Groupings to try (of rows ``span`` of dimension 0 only, a part, when given): cancelled,
     then ``tensor`` (when the whole tensor is not invariant, no finer grouping is), then finer
     ones from the finest; the last that holds is kept."""
