@@ -8,7 +8,9 @@ the ResNets train 10 epochs on the first 10 000 images, with the lr drops at the
 of training).  Recipes only fill in ``psiopt compare``
 arguments; any flag given on the command line wins.  A recipe with ``variants`` runs the
 comparison once per variant (e.g. balanced and unbalanced initialisation), each in its own
-subdirectory.
+subdirectory.  Recipes leave the device, ``--amp`` and ``--channels-last`` to the command line
+(``--channels-last`` suits the conv-net recipes, resnet20 and arora-vgg, on a GPU; a recipe
+whose model has no 4-D conv weight refuses it, as ``train`` does).
 """
 
 

@@ -173,12 +173,13 @@ def _setting(config: dict) -> str:
 
 def _device(config: dict) -> str:
     """Where a run trained, as its record says (runs made before the device was recorded: on the
-    CPU), and its autocast."""
+    CPU), its autocast and its memory format."""
     env = config.get("environment") or {}
     where = env.get("device") or config.get("device") or "cpu"
     gpu = f" ({env['gpu']})" if env.get("gpu") else ""
     amp = ", bfloat16 autocast" if config.get("amp") == "bf16" else ""
-    return f" on {where}{gpu}{amp}"
+    layout = ", channels_last" if config.get("channels_last") else ""
+    return f" on {where}{gpu}{amp}{layout}"
 
 
 def _band(ax, seeds: list[list[dict]], key: str, label: str, scale: float) -> list[float]:

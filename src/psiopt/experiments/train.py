@@ -34,6 +34,16 @@ checkpoint (another device type draws other random batches and rounds otherwise:
 was started); the GPU index may change (``cuda:0`` → ``cuda:1``): on a GPU of the same model the
 run should continue bit for bit (the same kernels and random streams; not yet run on a GPU), and
 each session's GPU is recorded under ``resumed``.
+
+``channels_last``: the model is converted with ``model.to(memory_format=torch.channels_last)``
+(its 4-D convolution weights; other parameters are left as they are) and every input batch
+(training, evaluation, the BatchNorm recomputation) is made channels_last before the forward
+pass: the layout cuDNN's convolutions prefer on tensor-core GPUs, above all under ``amp="bf16"``.
+Off by default, so nothing changes unless asked; a model without a 4-D weight, or a dataset whose
+inputs are not 4-D images, is refused (the memory format would change nothing).  psiopt's
+optimizers step channels_last weights through views of their rows, as contiguous ones
+(``tests/test_channels_last.py``); the fused per-row kernels take contiguous rows only, so
+such weights take the vectorized path.  Bound to the checkpoint like ``amp``.
 """
 
 from __future__ import annotations
@@ -119,6 +129,8 @@ class RunConfig:
     exact_norms: bool = False
     device: str = "cpu"  # cpu, cuda or cuda:N; with nproc > 1 on CUDA, rank r uses cuda:r
     amp: str = "none"  # "bf16": forward passes under torch.autocast(bfloat16), float32 parameters
+    #: the model's 4-D (conv) weights and the input batches in torch.channels_last memory format
+    channels_last: bool = False
 
     def validate(self) -> None:
         """Raise :class:`RunError` naming the first setting that is not valid."""
@@ -159,6 +171,8 @@ class RunConfig:
         if self.amp not in AMP:
             raise RunError(f"invalid amp {self.amp!r}: none, or bf16 (bfloat16 autocast, float32 "
                            "parameters)")
+        if not isinstance(self.channels_last, bool):
+            raise RunError(f"invalid channels_last: {self.channels_last!r} (true or false)")
         check_device(self.device, self.nproc, self.amp)
 
     def resolved(self) -> dict:
@@ -221,6 +235,26 @@ def autocast(amp: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def as_inputs(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A batch as the model takes it: in ``torch.channels_last`` memory format with
+    ``channels_last`` (a copy unless it is already), else as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def check_channels_last(model: nn.Module, example: torch.Tensor, config: RunConfig) -> None:
+    """Raise :class:`RunError` where ``channels_last`` makes no sense: a model without a 4-D
+    (convolution) weight, or inputs that are not 4-D images (nothing would change)."""
+    if not config.channels_last:
+        return
+    if not any(p.dim() == 4 for p in model.parameters()):
+        raise RunError(f"--channels-last: model {config.model} has no 4-D (convolution) weight, "
+                       "so the memory format would change nothing; leave the flag out")
+    if example.dim() != 4:
+        raise RunError(f"--channels-last: the inputs of {config.dataset} are not images "
+                       f"(shape {tuple(example.shape[1:])}, not channels × height × width); "
+                       "leave the flag out")
+
+
 def _source_commit() -> tuple[str | None, bool | None]:
     """``(commit, uncommitted changes?)`` of the source tree as this process imported it (read
     once, at import: a commit made while a long ``compare`` runs does not describe the code that
@@ -279,16 +313,18 @@ def _loss(out, y, regression: bool):
 
 @torch.no_grad()
 def evaluate(model, x, y, regression: bool, batch_size: int = 1024,
-             shard: tuple[int, int] = (0, 1), amp: str = "none") -> tuple[float, float | None]:
+             shard: tuple[int, int] = (0, 1), amp: str = "none",
+             channels_last: bool = False) -> tuple[float, float | None]:
     """Mean loss and accuracy of ``model`` in eval mode, on the model's device (``amp``: the
-    forward passes' autocast, see :func:`autocast`); with ``shard=(rank, world)`` each rank
+    forward passes' autocast, see :func:`autocast`; ``channels_last``: the batches in that
+    memory format, see :func:`as_inputs`); with ``shard=(rank, world)`` each rank
     takes every ``world``-th sample of each batch and the sums are reduced over ranks."""
     rank, world = shard
     device = _device_of(model)
     model.eval()
     loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
     for xb, yb in batches(x, y, batch_size):
-        xb, yb = xb[rank::world].to(device), yb[rank::world].to(device)
+        xb, yb = as_inputs(xb[rank::world].to(device), channels_last), yb[rank::world].to(device)
         if not len(xb):
             continue
         with autocast(amp, device):
@@ -435,6 +471,7 @@ def build(config: RunConfig, device: torch.device | None = None):
     except (ValueError, TypeError) as e:  # an unknown model option, or a value of the wrong type
         raise RunError(f"model {config.model} with options {config.model_kwargs}: {e}") from None
     _check_inputs(model, example, config)
+    check_channels_last(model, example, config)
     if config.init == "glorot":
         initialise(model, "glorot", [])
     elif config.init == "unbalanced":  # before the optimizer: sphere methods normalise rows there
@@ -446,6 +483,9 @@ def build(config: RunConfig, device: torch.device | None = None):
         model = convert_sync_batchnorm(model)
     model.to(device)  # before discovery: the optimizer links the buffers of the device's model
     example = example.to(device)
+    if config.channels_last:  # (the parameters stay the same objects: their data is converted)
+        model.to(memory_format=torch.channels_last)
+        example = as_inputs(example, True)
     mapping = None
     if config.grouping:  # every invariant weight grouped as asked
         mapping = regrouped(find_scale_invariant(model, example), config.grouping)
@@ -753,10 +793,11 @@ def _epochs(config, out, data, model, net, optimizer, scheduler, probe, eps, met
                            "diverged": True})
         else:
             record[f"{split}_loss"], record[f"{split}_acc"] = evaluate(
-                model, data.test_x, data.test_y, regression, shard=(rank, world), amp=config.amp)
+                model, data.test_x, data.test_y, regression, shard=(rank, world), amp=config.amp,
+                channels_last=config.channels_last)
             if epoch + 1 == config.epochs:
                 record.update(_recomputed_bn(model, data, regression, split, (rank, world),
-                                             config.amp))
+                                             config.amp, config.channels_last))
         record = _finite({"epoch": epoch + 1, **record, "seconds": seconds, "lr": lrs,
                           "threads": torch.get_num_threads(), "nproc": world})
         metrics.append(record)
@@ -880,11 +921,13 @@ def _spawned(rank: int, config: RunConfig, out: str, resume: bool, progress,
 
 
 def _recomputed_bn(model: nn.Module, data, regression: bool, split: str = "test",
-                   shard: tuple[int, int] = (0, 1), amp: str = "none") -> dict:
+                   shard: tuple[int, int] = (0, 1), amp: str = "none",
+                   channels_last: bool = False) -> dict:
     """Test (or validation) loss and accuracy with the BatchNorm statistics recomputed on the
     training set (``torch.optim.swa_utils.update_bn`` on a copy): how far the running averages
-    lag behind the weights.  Empty for a model without BatchNorm.  Sharded over ranks as
-    :func:`evaluate`, with the statistics of each global batch (SyncBatchNorm)."""
+    lag behind the weights (batches channels_last with ``channels_last``).  Empty for a model
+    without BatchNorm.  Sharded over ranks as :func:`evaluate`, with the statistics of each
+    global batch (SyncBatchNorm)."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return {}
     rank, world = shard
@@ -892,11 +935,12 @@ def _recomputed_bn(model: nn.Module, data, regression: bool, split: str = "test"
     if world > 1:
         copy_ = convert_sync_batchnorm(copy_)
     device = _device_of(model)
-    parts = (xb[rank::world] for xb, _ in batches(data.train_x, data.train_y, 1024,
-                                                   min_size=2 * world))
+    parts = (as_inputs(xb[rank::world], channels_last)
+             for xb, _ in batches(data.train_x, data.train_y, 1024, min_size=2 * world))
     with autocast(amp, device):
         torch.optim.swa_utils.update_bn(parts, copy_, device)
-    loss, acc = evaluate(copy_, data.test_x, data.test_y, regression, shard=shard, amp=amp)
+    loss, acc = evaluate(copy_, data.test_x, data.test_y, regression, shard=shard, amp=amp,
+                         channels_last=channels_last)
     return {f"{split}_loss_bn_recomputed": loss, f"{split}_acc_bn_recomputed": acc}
 
 
@@ -937,6 +981,7 @@ def _epoch(config, data, model, optimizer, probe, epoch, progress, shard=(0, 1),
         share = len(xb[rank::world]) * world / len(xb)  # DDP's mean is then the global batch's
         # a no-op for data held on the device; else this rank's part of the batch is copied
         xb, yb = xb[rank::world].to(device, non_blocking=True), yb[rank::world].to(device, non_blocking=True)
+        xb = as_inputs(xb, config.channels_last)
         if eps is not None:
             eps.active = i == n_batches - 1
         with autocast(config.amp, device):
