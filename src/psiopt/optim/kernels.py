@@ -9,6 +9,9 @@ for a whole group (the rows of all its tensors split among torch's threads by si
 
 Each rule is two passes over a row: its sums, then its update from coefficients derived from
 them (``kernels.c`` says how); rows larger than the cache are split among the threads.
+``kernels.c`` holds the loop over rows that every rule shares; each rule's ``pre``, ``coef``
+and ``post`` are generated in C from its one definition (:mod:`psiopt.optim.rowrules`, by
+:mod:`psiopt.optim.c_rows`) and compiled after it (:func:`source`).
 
 The C source is compiled on first use with the system's C compiler (``$CC``, else ``cc``; about a
 second) into ``$PSIOPT_CACHE_DIR`` (default ``~/.cache/psiopt``), keyed by the source, the
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from . import rowrules, triton_rows
+from . import c_rows, rowrules, triton_rows
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _TYPES = {torch.float32: ("float", "_f32", "FLT_MIN"), torch.float64: ("double", "_f64", "DBL_MIN")}
@@ -63,12 +66,19 @@ def _cpu() -> str:
         return platform.processor() or platform.machine()
 
 
+def source() -> str:
+    """The kernels' C text: ``kernels.c`` and the rules generated from their definitions
+    (:func:`psiopt.optim.c_rows.source`)."""
+    return _SOURCE.read_text() + "\n" + c_rows.source()
+
+
 def _compile(cc: list[str], flags: list[str], out: Path, tmp: Path) -> None:
-    objects = []
+    objects, text = [], tmp / "kernels.c"
+    text.write_text(source())
     for real, suffix, tiny in _TYPES.values():
         obj = tmp / f"kernels{suffix}.o"
         _run([*cc, *flags, "-c", f"-DREAL={real}", f"-DNAME(x)=x##{suffix}", f"-DTINY={tiny}",
-              str(_SOURCE), "-o", str(obj)])
+              str(text), "-o", str(obj)])
         objects.append(str(obj))
     _run([*cc, *flags, "-shared", *objects, "-o", str(out), "-lm"])
 
@@ -90,7 +100,7 @@ _FLAGS = [["-O3", "-march=native", "-mprefer-vector-width=512", "-fassociative-m
 def _build() -> ctypes.CDLL:
     cc = shlex.split(os.environ.get("CC") or "cc")  # e.g. CC="ccache gcc"
     version = _run([*cc, "--version"])
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), Path(__file__).read_text(), *cc, version,
+    key = hashlib.sha256("\0".join([source(), Path(__file__).read_text(), *cc, version,
                                     torch.__version__, _cpu()]).encode()).hexdigest()[:16]
     path = _cache_dir() / f"kernels-{key}.so"
     if path.exists():

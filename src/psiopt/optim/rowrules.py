@@ -20,13 +20,15 @@ several backends:
 * :mod:`psiopt.optim.triton_rows` compiles them with Triton (the helpers rebound to Triton
   functions): one kernel launch per group and step on CUDA tensors (and on CPU tensors under
   Triton's interpreter, in the tests);
+* :mod:`psiopt.optim.c_rows` writes them in C (run on symbolic values that record each
+  operation): the rules of the fused CPU kernels, compiled after ``kernels.c``'s row loop;
 * :func:`evaluate` runs them with torch on every row at once (the helpers as torch functions,
   per-row scalars as ``(R, 1)`` tensors): the form from which the vectorized path can derive
   (``tests/test_triton.py`` checks it against the reference path too).
 
 The reference paths (``_update_one`` of each rule) stay the readable statement of each paper's
-equation; ``kernels.c`` holds the same arithmetic in C (written from these; see
-``docs/performance.md`` for the plan to generate it from them).
+equation; the tests hold every backend to them.  A rule added to :data:`RULES` gets its C and
+Triton kernels from its three functions.
 """
 
 from __future__ import annotations
