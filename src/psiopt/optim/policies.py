@@ -71,6 +71,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
+from . import kernels
 from .base import run_closure, warn_unlinked
 from .discovery import _discover, rescale_rows_
 from .geometry import accumulate_dtype, dot, is_invariant, norm, rest, rows, safe_inv
@@ -116,6 +117,7 @@ class _Sums:
     call, whatever the number of pairs and parameters; nothing is gathered."""
 
     def __init__(self, views: list[torch.Tensor], shards: list, layouts: dict):
+        self.views, self.shards, self.layouts = views, shards, layouts
         self.size, self.plain = len(views), {i for i, s in enumerate(shards) if s is None}
         buckets: dict = {}
         for i, (v, s) in enumerate(zip(views, shards)):
@@ -127,6 +129,12 @@ class _Sums:
             if key not in layouts:
                 layouts[key] = ShardedLayout([views[i] for i in index], [shards[i] for i in index])
             self.sharded.append((index, layouts[key]))
+
+    def subset(self, index: list[int]) -> _Sums:
+        """The sums of the views at positions ``index`` (every rank must take the same)."""
+        if index == list(range(self.size)):
+            return self
+        return _Sums([self.views[i] for i in index], [self.shards[i] for i in index], self.layouts)
 
     def __call__(self, pairs: list[tuple[list, list]]) -> list[list[torch.Tensor]]:
         """``Σ x y`` per group of each pair ``(xs, ys)`` of lists (``xs is ys``: ``‖x‖²``)."""
@@ -157,35 +165,81 @@ class _Sums:
         return out
 
 
-def _project(ws: list[torch.Tensor], gs: list[torch.Tensor], sums: _Sums) -> tuple[list, list]:
-    """``(tangent gradients, ‖w‖²)``: ``g − <w, g> w/‖w‖²`` per group (a zero group has no
-    tangent space: its gradient is zero), in ``g``'s dtype, the sums in float32 for 16-bit rows
-    (one reduction for every group)."""
-    acc = [accumulate_dtype(w.dtype) for w in ws]
-    was, gas = [w.to(a) for w, a in zip(ws, acc)], [g.to(a) for g, a in zip(gs, acc)]
-    sq, wg = sums([(was, was), (was, gas)])
-    tangents = [(torch.addcmul(ga, wa, c * safe_inv(ww), value=-1.0) * (ww > 0)).to(g.dtype)
-                for wa, ga, g, ww, c in zip(was, gas, gs, sq, wg)]
-    return tangents, sq
+def _fused_sets(ws: list[torch.Tensor], others: list[list], candidates, fused: bool) -> list:
+    """The positions among ``candidates`` of the views the fused per-row kernels take
+    (:mod:`psiopt.optim.kernels`: contiguous rows of the dtypes and devices they take, with
+    contiguous ``others`` of the same shape), in lists of one dtype and device: one kernel call
+    each.  ``fused`` off: none."""
+    sets: dict = {}
+    for i in sorted(candidates) if fused else ():
+        w = ws[i]
+        if kernels.backend(w) is not None and all(kernels.fits(w, x[i]) for x in others) \
+                and (kernels.backend(w) == "triton" or kernels.available()):
+            sets.setdefault((w.dtype, w.device), []).append(i)
+    return list(sets.values())
 
 
-def rotate_(ws: list[torch.Tensor], olds: list[torch.Tensor], thetas: list, sums: _Sums) -> None:
+def _keepdim(w: torch.Tensor) -> torch.Tensor:
+    """An empty per-group scalar of the view ``w`` (keepdim shape, its accumulate dtype)."""
+    return w.new_empty((w.shape[0],) + (1,) * (w.dim() - 1), dtype=accumulate_dtype(w.dtype))
+
+
+def _project(ws: list[torch.Tensor], gs: list[torch.Tensor], outs: list[torch.Tensor], sums: _Sums,
+             fused: bool) -> list:
+    """Write into ``outs`` the tangent gradients ``g − <w, g> w/‖w‖²`` of the groups (a zero group
+    has no tangent space: its gradient is zero), in ``g``'s dtype, the sums in float32 for
+    16-bit rows (one reduction for every group, or the fused kernel ``"project"`` on the views it
+    takes); returns ``‖w‖²`` per group."""
+    sq = [None] * len(ws)
+    for index in _fused_sets(ws, [gs, outs], sums.plain, fused):
+        for i in index:
+            sq[i] = _keepdim(ws[i])
+        kernels.run("project", [ws[i] for i in index], [gs[i] for i in index],
+                    b=[outs[i] for i in index], s1=[sq[i] for i in index])
+    index = [i for i, x in enumerate(sq) if x is None]
+    if not index:
+        return sq
+    acc = [accumulate_dtype(ws[i].dtype) for i in index]
+    was = [ws[i].to(a) for i, a in zip(index, acc)]
+    gas = [gs[i].to(a) for i, a in zip(index, acc)]
+    squares, wg = sums.subset(index)([(was, was), (was, gas)])
+    for i, wa, ga, ww, c in zip(index, was, gas, squares, wg):
+        outs[i].copy_(torch.addcmul(ga, wa, c * safe_inv(ww), value=-1.0) * (ww > 0))
+        sq[i] = ww
+    return sq
+
+
+def rotate_(ws: list[torch.Tensor], olds: list[torch.Tensor], thetas: list, sums: _Sums,
+            fused: bool = False) -> None:
     """``w ← ‖old‖ (cos θ u + sin θ e)`` per group of the views ``w`` (stepped) and ``old`` (before
     the step), ``u = old/‖old‖``, ``e`` the unit part of ``w`` orthogonal to ``u``: the angle
     ``∠(old, w)`` becomes ``θ`` and the norm ``‖old‖``.  Where ``w`` has no such part the group
     goes back to ``old``; a zero group stays zero.  Sums in float32 for 16-bit rows; two
-    reductions (``sums``: ``‖old‖²`` with ``<w, old>``, then ``‖t‖``) for every group at once."""
-    acc = [accumulate_dtype(w.dtype) for w in ws]
-    os_, ns = [o.to(a) for o, a in zip(olds, acc)], [w.to(a) for w, a in zip(ws, acc)]
+    reductions (``sums``: ``‖old‖²`` with ``<w, old>``, then ``‖t‖``) for every group at once;
+    or, with ``fused``, the fused kernel ``"rotate"`` on the views it takes (angles that are
+    numbers), one pass (``‖t‖²`` derived from sums in float64)."""
+    done = set()
+    numbers = [i for i in sums.plain if not isinstance(thetas[i], torch.Tensor)]
+    for index in _fused_sets(ws, [olds], numbers, fused):
+        kernels.run("rotate", [ws[i] for i in index], [ws[i] for i in index],
+                    b=[olds[i] for i in index], k=[_cos_sin(thetas[i]) for i in index])
+        done.update(index)
+    index = [i for i in range(len(ws)) if i not in done]
+    if not index:
+        return
+    sums = sums.subset(index)
+    acc = [accumulate_dtype(ws[i].dtype) for i in index]
+    os_ = [olds[i].to(a) for i, a in zip(index, acc)]
+    ns = [ws[i].to(a) for i, a in zip(index, acc)]
     rr, nr = sums([(os_, os_), (ns, os_)])
     rs = [x.sqrt() for x in rr]
     us = [o * safe_inv(r) for o, r in zip(os_, rs)]
     ts = [torch.addcmul(n, u, c * safe_inv(r), value=-1.0)  # the part of w orthogonal to u
           for n, u, c, r in zip(ns, us, nr, rs)]
-    for w, r, u, t, tn, theta in zip(ws, rs, us, ts, sums.norms(ts), thetas):
-        cos, sin = _cos_sin(theta)
+    for i, r, u, t, tn in zip(index, rs, us, ts, sums.norms(ts)):
+        cos, sin = _cos_sin(thetas[i])
         turns = (tn > 0).to(r.dtype)  # 1 where the group turns (in acc's dtype: cos keeps its digits)
-        w.copy_(r * ((1 + (cos - 1) * turns) * u + sin * t * safe_inv(tn)))
+        ws[i].copy_(r * ((1 + (cos - 1) * turns) * u + sin * t * safe_inv(tn)))
 
 
 class NormPolicy:
@@ -211,13 +265,15 @@ class NormPolicy:
     """
 
     def __init__(self, optimizer: Optimizer, policy: str = "fixed", *, project: bool = False,
-                 model=None, example_inputs=None):
+                 model=None, example_inputs=None, fused: bool | None = None):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if policy not in POLICIES:
             raise ValueError(f"invalid policy {policy!r}: choose from {', '.join(POLICIES)}")
         if not isinstance(project, bool):
             raise ValueError(f"invalid project: {project!r} (must be True or False)")
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"invalid fused: {fused!r} (must be None, True or False)")
         if not any(is_invariant(g.get("grouping")) for g in optimizer.param_groups):
             raise ValueError("NormPolicy: no parameter group of the optimizer declares an invariant "
                              "'grouping' (a norm policy has no meaning on other groups); build the "
@@ -225,7 +281,7 @@ class NormPolicy:
         if (model is None) != (example_inputs is None):
             raise ValueError("NormPolicy: pass model and example_inputs together (discovery needs "
                              "both to find the running statistics that follow), or neither")
-        self.optimizer, self.policy, self.project = optimizer, policy, project
+        self.optimizer, self.policy, self.project, self.fused = optimizer, policy, project, fused
         self._linked = model is not None
         self._stats: dict[str, list] = {}
         self._shards: dict = {}  # (id(p), grouping) -> (p, ShardedRows) of FSDP2-sharded p
@@ -325,20 +381,44 @@ class NormPolicy:
         ws = [self._view(p, grouping, s) for (_, p, grouping, _), s in zip(work, shards)]
         gs = [self._view(p.grad, grouping, s) for (_, p, grouping, _), s in zip(work, shards)]
         sums = _Sums(ws, shards, self._layouts)
+        self._check_fused(ws, gs, shards)
         gvs = self._prepare(work, ws, gs, shards) if self.policy == "unit" else [None] * len(ws)
-        sq = None  # ‖w‖² per group, where the projection took it
-        if self.project:
-            gvs, sq = _project(ws, [g if v is None else v for g, v in zip(gs, gvs)], sums)
-        before = self._before(ws, sums, sq)
-        swapped = [self._swap(p, grouping, shard, gv)
-                   for (_, p, grouping, _), shard, gv in zip(work, shards, gvs) if gv is not None]
+        swapped, outs = [], []  # (p, its gradient) put back after the step; the new rows
         try:
+            for (_, p, grouping, _), shard, gv in zip(work, shards, gvs):
+                if gv is not None or self.project:
+                    g, out = self._swap(p, grouping, shard)
+                    swapped.append((p, g))
+                    outs.append(out)
+            sq = None  # ‖w‖² per group, where the projection took it
+            if self.project:
+                sq = _project(ws, [g if v is None else v for g, v in zip(gs, gvs)], outs, sums,
+                              self.fused is not False)
+            else:
+                for out, gv in zip(outs, (gv for gv in gvs if gv is not None)):
+                    out.copy_(gv)
+            before = self._before(ws, sums, sq)
             self.optimizer.step()
         finally:
             for p, g in swapped:
                 p.grad = g
         self._retract_(ws, before, sums, [angles[key[0]] for key, *_ in work] if angles else None)
         return loss
+
+    def _check_fused(self, ws: list[torch.Tensor], gs: list[torch.Tensor], shards: list) -> None:
+        """``fused=True``: ``ValueError``, before anything changes, for a group the fused kernels
+        do not take (sharded, not contiguous, or of a dtype or device they do not take)."""
+        if self.fused is not True:
+            return
+        for w, g, shard in zip(ws, gs, shards):
+            if shard is not None or kernels.backend(w) is None or not kernels.fits(w, g):
+                raise ValueError(
+                    f"NormPolicy(fused=True): a group of {tuple(w.shape)} {w.dtype} rows on "
+                    f"{w.device}{' sharded by FSDP2' if shard is not None else ''} is not one "
+                    "the fused kernels take (contiguous float32/float64 CPU rows, or CUDA rows "
+                    "with triton); pass fused=None (the default) to take them where they apply")
+            if kernels.backend(w) == "c":
+                kernels.load()  # RuntimeError, saying why, if they cannot be built
 
     def _prepare(self, work, ws, gs, shards) -> list:
         """``"unit"``'s one-time unit-normalisation of the groups not prepared yet (the running
@@ -362,18 +442,17 @@ class NormPolicy:
         return gvs
 
     @staticmethod
-    def _swap(p: torch.Tensor, grouping: str, shard, gv: torch.Tensor) -> tuple:
-        """Put a new ``p.grad`` with the rows ``gv`` (the gradient as it is outside a part);
-        returns ``(p, the original gradient)``."""
+    def _swap(p: torch.Tensor, grouping: str, shard) -> tuple:
+        """Put a new ``p.grad``, the gradient outside a part's rows; returns ``(the original
+        gradient, the new one's rows)`` (to be written)."""
         g = p.grad
         new = torch.empty_like(g)  # (a DTensor sharded as g, for a sharded p)
-        NormPolicy._view(new, grouping, shard).copy_(gv)
         outside = (rest(new, grouping), rest(g, grouping)) if shard is None else \
             (shard.rest(new.to_local()), shard.rest(g.to_local()))
         for piece, given in zip(*outside):
             piece.copy_(given)  # the rows outside a part: the gradient as it is
         p.grad = new
-        return p, g
+        return g, NormPolicy._view(new, grouping, shard)
 
     def _before(self, ws: list[torch.Tensor], sums: _Sums, sq) -> list:
         """What the policy keeps of each group before the step: its norm (``"fixed"``; from
@@ -387,13 +466,23 @@ class NormPolicy:
 
     def _retract_(self, ws: list[torch.Tensor], olds: list, sums: _Sums, angles) -> None:
         """The policy after the step, in place (as in psiopt's rules, the running statistics
-        follow the one-time unit-normalisation only, not this)."""
+        follow the one-time unit-normalisation only, not this): the fused kernels ``"rotate"``
+        and ``"retract"`` on the views they take, else torch."""
+        fused = self.fused is not False
         if self.policy == "equilibrium":
-            rotate_(ws, olds, angles, sums)
-        elif self.policy != "free":
-            for w, old, after in zip(ws, olds, sums.norms(ws)):
-                after = safe_inv(after)
-                w.mul_((after if old is None else old * after).to(w.dtype))
+            rotate_(ws, olds, angles, sums, fused)
+            return
+        if self.policy == "free":
+            return
+        done = set()
+        for index in _fused_sets(ws, [ws], sums.plain, fused):
+            targets = None if self.policy == "unit" else [olds[i] for i in index]
+            if kernels.run("retract", [ws[i] for i in index], [ws[i] for i in index], s1=targets):
+                done.update(index)
+        index = [i for i in range(len(ws)) if i not in done]
+        for i, after in zip(index, sums.subset(index).norms([ws[i] for i in index])):
+            after = safe_inv(after)
+            ws[i].mul_((after if olds[i] is None else olds[i] * after).to(ws[i].dtype))
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "policy": self.policy,

@@ -246,6 +246,62 @@ def sphere_post(w, g, b, c, h, HAS_B, OPT):
     return c[6] * y, c[5] * m
 
 
+# The norm policies around any optimizer (policies.py, NormPolicy), per group of rows:
+# the tangent gradient (project=True): b <- f (g - <w,g>/||w||^2 w), f = 0 for a zero group, 1
+# else (b: the gradient the inner step reads); s1 <- ||w||^2 where given.
+def project_pre(w, g, b, h, k, HAS_B, OPT):
+    return b, (w * w, w * g)
+
+
+def project_coef(s, s1, s2, k, h, d, HAS_S1, HAS_S2, OPT):
+    f = where(s[0] > 0, 1.0, 0.0)
+    return (f, -s[1] * safe_inv(s[0]) * f), s[0], s2
+
+
+def project_post(w, g, b, c, h, HAS_B, OPT):
+    return w, c[0] * g + c[1] * w
+
+
+# "fixed" and "unit": w <- n/||w|| w, n = s1 (the norm before the step) or 1 (no s1).
+def retract_pre(w, g, b, h, k, HAS_B, OPT):
+    return b, (w * w,)
+
+
+def retract_coef(s, s1, s2, k, h, d, HAS_S1, HAS_S2, OPT):
+    n = 1.0
+    if HAS_S1:
+        n = s1
+    return (n * safe_inv(sqrt(s[0])),), s1, s2
+
+
+def retract_post(w, g, b, c, h, HAS_B, OPT):
+    return c[0] * w, b
+
+
+# "equilibrium": w <- ||o|| (cos u + sin t/||t||), u = o/||o||, t = w - <w,u> u (b = o, the group
+# before the inner step; k = (cos, sin) of the tensor's angle).  Sums of the step x = w - o, in
+# float64: t = x - <x,o>/||o||^2 o, and ||t||^2 = ||x||^2 - <x,o>^2/||o||^2 cancels only where the
+# step is nearly radial.  Where ||t||^2 <= 1e-12 ||x||^2 (the step radial to rounding: the
+# direction of t is noise) the group goes back to o.
+
+
+def rotate_pre(w, g, b, h, k, HAS_B, OPT):
+    x = wide(w) - wide(b)
+    return b, (wide(b) * wide(b), x * wide(b), x * x)
+
+
+def rotate_coef(s, s1, s2, k, h, d, HAS_S1, HAS_S2, OPT):
+    a = s[1] * safe_inv(s[0])  # t = x - a o
+    tt = s[2] - a * s[1]
+    turns = where(tt > 1e-12 * s[2], 1.0, 0.0)  # (a literal: the backends see no globals)
+    cx = sqrt(s[0]) * k[1] * safe_inv(sqrt(tt)) * turns
+    return ((1.0 + (k[0] - 1.0) * turns) - cx * a, cx), s1, s2
+
+
+def rotate_post(w, g, b, c, h, HAS_B, OPT):
+    return c[0] * b + c[1] * (w - b), b
+
+
 @dataclass(frozen=True)
 class RowRule:
     """A rule's three functions, the per-row state its ``coef`` writes, and ``option``: the index
@@ -268,6 +324,9 @@ RULES = {
     "sgdmrt": RowRule(sgdmrt_pre, sgdmrt_coef, sgdmrt_post),
     "adams": RowRule(adams_pre, adams_coef, adams_post, writes_s1=True, option=4),
     "sphere": RowRule(sphere_pre, sphere_coef, sphere_post, writes_s2=True),
+    "project": RowRule(project_pre, project_coef, project_post, writes_s1=True),
+    "retract": RowRule(retract_pre, retract_coef, retract_post),
+    "rotate": RowRule(rotate_pre, rotate_coef, rotate_post),
 }
 
 
