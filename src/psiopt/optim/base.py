@@ -884,9 +884,12 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         # torch's capturable Adam reads nothing on the host: compiled, and for counters on the
         # parameters' device (see counters_on_device); else a tensor lr on the CPU is a number
         capturable = torch.compiler.is_compiling() or not all(t.is_cpu for t in steps)
+        lr = group["lr"] if capturable else host_lr(group["lr"])
+        if isinstance(lr, Tensor) and not capturable:  # (not met: see counters_on_device)
+            foreach = fused = False  # torch's per-tensor Adam reads it, as torch.optim.Adam's
         _torch_adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                     [], steps, foreach=foreach, fused=fused, amsgrad=False, beta1=beta1,
-                    beta2=beta2, lr=group["lr"] if capturable else host_lr(group["lr"]),
+                    beta2=beta2, lr=lr,
                     weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
                     capturable=capturable)
 
@@ -1042,10 +1045,9 @@ def counters_on_device(group: dict, p: Tensor) -> bool:
 
 
 def new_step(group: dict, p: Tensor) -> Tensor:
-    """A new step counter (0., float32 as torch.optim's) for ``group``'s parameter (or view)
-    ``p``, where :func:`counters_on_device` says."""
-    return torch.tensor(0.0, dtype=torch.float32,
-                        device=p.device if counters_on_device(group, p) else "cpu")
+    """A new step counter (0., in the default dtype as torch.optim's) for ``group``'s parameter
+    (or view) ``p``, where :func:`counters_on_device` says."""
+    return torch.tensor(0.0, device=p.device if counters_on_device(group, p) else "cpu")
 
 
 def add_scaled_(t: Tensor, x: Tensor, c) -> Tensor:
@@ -1072,8 +1074,10 @@ def momentum_buffer(state: dict, like: Tensor, make=torch.zeros_like) -> Tensor:
 def step_value(step: Tensor):
     """A CPU step counter as a Python number (no device synchronisation, as in torch.optim), or,
     while ``torch.compile`` traces the step or for a counter on a device (see
-    :func:`counters_on_device`), the tensor itself (no graph break, no synchronisation)."""
-    return step.item() if readable(step) else step
+    :func:`counters_on_device`), the tensor itself in float64 (no graph break, no
+    synchronisation; the number's precision: powers of β taken in the counter's float32 were
+    1e-8 off)."""
+    return step.item() if readable(step) else step.to(torch.float64)
 
 
 def step_count(states: list[dict]) -> list[Tensor]:
