@@ -9,6 +9,10 @@ updated.  A grouping of part of a tensor (``"groups:4[0:32]"``, ``"cancelled[16:
 ordinary counterpart to the other rows, the *rest*, with the group's ``rest_<key>`` settings
 (:meth:`ScaleInvariantOptimizer._rest_settings`).
 
+``lr`` may be a 0-d tensor, which a scheduler writes in place so that a compiled step is not
+compiled again (see "Tensor settings" in :class:`ScaleInvariantOptimizer`); step counters live on
+the parameters' device in compiled steps (:func:`counters_on_device`).
+
 Each subclass writes its invariant rule twice: ``_update_one`` is the plain per-tensor reference
 path (``foreach=False``), ``_update_many`` the vectorized path over lists with ``torch._foreach_*``
 (the default).  Tests check that the two agree in float64, in parameters and state.
@@ -460,6 +464,27 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     since: ``LambdaLR`` driving ``lr`` below 0), on Python numbers, without a host
     synchronisation; a setting with no meaning for the rule (``invariant_zero``) is refused
     likewise.
+
+    Tensor settings.  As torch.optim's SGD and Adam, ``lr`` (and ``rest_lr``) may be a 0-d
+    floating-point tensor (not requiring grad), on the CPU or on the parameters' device; torch's
+    learning-rate schedulers then write it in place (``fill_``), so a step compiled with
+    ``torch.compile`` is not compiled again when the schedule changes it (a Python number is
+    specialised: each new value compiles anew).  The other settings must be Python numbers
+    (``ValueError`` for a tensor): the momentum schedules (``OneCycleLR``, ``CyclicLR``) write
+    numbers.  A tensor ``lr`` is range-checked, reading it, when its group is added; at each
+    step a CPU tensor is read and checked as a number (and an eager step is that number's: the
+    same result, as fast), while a tensor on a device, or in a compiled step, is never read
+    (its form is checked, its value is not: a scheduler writing it out of range goes
+    unnoticed there).  The rules compute with such a tensor without reading it (the fused
+    kernels' ops take the hyperparameters as a tensor, :data:`psiopt.optim.rowrules.OP_SIGNATURE`).
+    Use a float64 tensor for the steps of a float ``lr`` to the last bit (a float32 one rounds
+    it).
+
+    Step counters (``state["step"]``) live on the CPU, as torch.optim's, in eager steps (read
+    as numbers without a device synchronisation), and on the parameters' device in compiled
+    steps and in the steps of a group whose ``lr`` is a tensor on that device (the step then
+    reads nothing on the host: it can be captured in a CUDA graph); see
+    :func:`counters_on_device`.  A counter on a device stays there.
     """
 
     counterpart = "sgd"  # or "adam"
@@ -527,8 +552,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         """At each step: raise ``ValueError`` if a setting the rules read is out of range, or if an
         invariant group sets what its rule cannot honour (a scheduler, or a user, may have
         written it since the group was added: ``LambdaLR`` driving ``lr`` below 0,
-        ``OneCycleLR(max_momentum=1.0)``).  Python numbers only: no host synchronisation (a
-        tensor-valued setting is refused, as it is when a group is added)."""
+        ``OneCycleLR(max_momentum=1.0)``).  No host synchronisation: Python numbers, and a tensor
+        ``lr`` on the CPU outside a trace (see :func:`check_step_settings`)."""
         check_step_settings(group)
         if is_invariant(group["grouping"]):  # (not a cancelled part: an ordinary group)
             self._check_rule(group)
