@@ -34,14 +34,17 @@ def step_without_sync(opt):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_compiled_steps_keep_step_counters_on_the_cpu():
+@pytest.mark.parametrize("name", ["adams", "psi-sgd"])
+def test_compiled_steps_keep_step_counters_on_the_parameters_device(name):
     """dynamo moves every ``state["step"]`` to its parameter's device before it runs
-    ``_init_group`` (``move_step_if_cpu``, for torch.optim's capturable steps); psiopt moves its
-    counters back while tracing, so that a parameter whose first gradient comes after a compiled
-    step (a counter made on the CPU) joins the others, and an eager step after compiled ones
-    reads its counters without a host synchronisation."""
+    ``_init_group`` (``move_step_if_cpu``, as for torch.optim's capturable steps), and psiopt
+    keeps them there (``psiopt.optim.base.counters_on_device``): a parameter whose first
+    gradient comes after a compiled step gets its counter there too, and an eager step after
+    compiled ones computes with the counters as tensors, without a host synchronisation
+    (PSI-SGD's literal guard included)."""
     w1, w2 = (torch.nn.Parameter(torch.randn(4, 3, device="cuda")) for _ in range(2))
-    opt = psiopt.AdamS([{"params": [w1, w2], "grouping": "channel"}])
+    kw = {"fixed_norm": False, "guard_every": 2} if name == "psi-sgd" else {}
+    opt = psiopt.create_optimizer([{"params": [w1, w2], "grouping": "channel"}], name, **kw)
     step = torch.compile(opt.step)
     w1.grad = torch.randn_like(w1)
     step()
@@ -49,9 +52,91 @@ def test_compiled_steps_keep_step_counters_on_the_cpu():
     w2.grad = torch.randn_like(w2)
     step()
     step()
-    assert all(st["step"].is_cpu for st in opt.state.values())
+    assert all(st["step"].is_cuda for st in opt.state.values())
     step_without_sync(opt)
     assert all(torch.isfinite(w).all() for w in (w1, w2))
+
+
+@pytest.mark.parametrize("name", psiopt.list_optimizers())
+def test_eager_step_with_a_cuda_tensor_lr_has_no_host_synchronisation(name):
+    """A tensor lr on the parameters' device: never read on the host (counters on the device,
+    torch's capturable Adam for the other parameters, the kernels' ``h`` on the device)."""
+    model = net().cuda()
+    x, y = torch.randn(8, 3, 8, 8, device="cuda"), torch.randint(0, 3, (8,), device="cuda")
+    lr = psiopt.REGISTRY[name].invariant.get("lr", 0.1)
+    opt = psiopt.create_optimizer(model, name, x, lr=torch.tensor(lr, device="cuda"))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        if name in ("sgd", "adam", "adamw", "b-sgd"):
+            opt.step()  # torch.optim's own steps (eager, a tensor lr: torch reads it)
+        else:
+            step_without_sync(opt)
+        sched.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", psiopt.list_optimizers())
+def test_compiled_step_with_a_scheduled_cuda_lr_compiles_once(name):
+    from torch._dynamo.testing import CompileCounter
+
+    model = net().cuda()
+    x, y = torch.randn(8, 3, 8, 8, device="cuda"), torch.randint(0, 3, (8,), device="cuda")
+    lr = psiopt.REGISTRY[name].invariant.get("lr", 0.1)
+    opt = psiopt.create_optimizer(model, name, x, lr=torch.tensor(lr, device="cuda"))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend=counter)
+    frames = []
+    try:
+        for _ in range(5):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            step()
+            frames.append(counter.frame_count)
+            sched.step()
+    finally:
+        torch._dynamo.reset()
+    assert frames[1:] == [frames[1]] * 4, frames
+
+
+@pytest.mark.parametrize("name", ["psi-sgdm", "adams", "un-sgd"])
+def test_a_step_with_a_cuda_tensor_lr_is_captured_in_a_cuda_graph(name):
+    """Nothing of such a step is read on the host, so it can be captured (after a warm-up step
+    that makes the state) and replayed: the replays equal eager steps, and a scheduler's new lr
+    (written in place) reaches the replays.  The vectorized path (``fused=False``): the Triton
+    launch copies ``h``'s Python numbers from the host at each step, which a graph would not
+    repeat."""
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(8, 6, device="cuda")) for _ in range(2)]
+    ref = [torch.nn.Parameter(w.detach().clone()) for w in ws]
+    grads = [torch.randn(8, 6, device="cuda") for _ in ws]
+    opts = [psiopt.create_optimizer([{"params": ps, "grouping": "channel",
+                                      "norm_stats": [[], []]}], name, fused=False,
+                                    lr=torch.tensor(0.05, device="cuda")) for ps in (ws, ref)]
+    for ps in (ws, ref):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opts[0].step()  # warm-up: state made
+    torch.cuda.current_stream().wait_stream(side)
+    opts[1].step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opts[0].step()
+    for i in range(3):
+        if i == 2:
+            for opt in opts:
+                opt.param_groups[0]["lr"].fill_(0.01)
+        graph.replay()
+        opts[1].step()
+    torch.cuda.synchronize()
+    for a, b in zip(ref, ws):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
 def test_bench_times_with_cuda_events_and_counts_kernels(monkeypatch):
@@ -75,7 +160,8 @@ def test_bench_times_with_cuda_events_and_counts_kernels(monkeypatch):
 @pytest.mark.parametrize("name", ["adams", "psi-sgdm", "adamg"])
 def test_a_loaded_state_keeps_step_counters_on_the_cpu_and_steps_without_sync(name):
     """torch's ``load_state_dict`` moves ``state["step"]`` to the parameter's device for a group
-    that sets ``fused`` (psiopt's groups carry it): psiopt moves its counters back."""
+    that sets ``fused`` (psiopt's groups carry it): psiopt moves its counters back (a float lr:
+    eager steps read CPU counters as numbers)."""
     model = net().cuda()
     x, y = torch.randn(8, 3, 8, 8, device="cuda"), torch.randint(0, 3, (8,), device="cuda")
     opt = psiopt.create_optimizer(model, name, x, fused=True)  # (the Triton kernels)

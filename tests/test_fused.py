@@ -360,18 +360,19 @@ def test_the_op_bumps_versions_refuses_grad_and_survives_a_reload():
     again (``importlib.reload``) finds it declared."""
     import importlib
 
+    H = torch.tensor([0.1], dtype=torch.float64)  # (h: a float64 tensor, see rowrules.OP_SIGNATURE)
     g, live = torch.randn(4, 8), torch.ones(4, 1)
     w = torch.randn(4, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match="require grad"):
-        kernels.fused_rows("unit", [w], [g], [], [live], [], None, [0.1])
+        kernels.fused_rows("unit", [w], [g], [], [live], [], None, H, False)
     with torch.no_grad():
         version = w._version
-        kernels.fused_rows("unit", [w], [g], [], [live], [], None, [0.1])
+        kernels.fused_rows("unit", [w], [g], [], [live], [], None, H, False)
     assert w._version > version
     importlib.reload(kernels)
     assert kernels.fused_rows is torch.ops.psiopt.fused_rows.default
     with torch.no_grad():
-        kernels.fused_rows("unit", [w], [g], [], [live], [], None, [0.1])
+        kernels.fused_rows("unit", [w], [g], [], [live], [], None, H, False)
     assert w._version > version + 1
 
 

@@ -130,8 +130,11 @@ def test_the_rule_definitions_run_with_torch_as_the_reference_path_steps(name, s
     """``rowrules.evaluate``: the same definitions, every row at once in torch (no Triton)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # (what selecting the Triton path on CPU asks)
     monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
-    monkeypatch.setattr(triton_rows, "_launch", lambda kernel, ws, gs, b, s1, s2, k, h: rowrules.evaluate(
-        kernel, ws, gs, b=b or None, s1=s1 or None, s2=s2 or None, k=None if k is None else k.tolist(), h=h))
+    def launch(kernel, ws, gs, b, s1, s2, k, h, opt):
+        rowrules.evaluate(kernel, ws, gs, b=b or None, s1=s1 or None, s2=s2 or None,
+                          k=None if k is None else k.tolist(), h=h.tolist())
+
+    monkeypatch.setattr(triton_rows, "_launch", launch)
     fused = run(name, settings, "groups:2[0:8]", torch.float64, fused=True)
     monkeypatch.setattr(kernels, "TRITON_ON_CPU", False)
     assert max_error(fused, run(name, settings, "groups:2[0:8]", torch.float64, foreach=False)) < 1e-12

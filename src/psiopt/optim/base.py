@@ -9,6 +9,10 @@ updated.  A grouping of part of a tensor (``"groups:4[0:32]"``, ``"cancelled[16:
 ordinary counterpart to the other rows, the *rest*, with the group's ``rest_<key>`` settings
 (:meth:`ScaleInvariantOptimizer._rest_settings`).
 
+``lr`` may be a 0-d tensor, which a scheduler writes in place so that a compiled step is not
+compiled again (see "Tensor settings" in :class:`ScaleInvariantOptimizer`); step counters live on
+the parameters' device in compiled steps (:func:`counters_on_device`).
+
 Each subclass writes its invariant rule twice: ``_update_one`` is the plain per-tensor reference
 path (``foreach=False``), ``_update_many`` the vectorized path over lists with ``torch._foreach_*``
 (the default).  Tests check that the two agree in float64, in parameters and state.
@@ -66,7 +70,43 @@ def _in_range(v: float, name: str) -> bool:
     return (v > low or (low_in and v == low)) and (v < high or (high_in and v == high))
 
 
-def _check_range(name: str, value) -> None:
+#: settings that may be 0-d tensors (see :class:`ScaleInvariantOptimizer`, "Tensor settings"):
+#: those torch's learning-rate schedulers write in place (``fill_``); the momentum schedules
+#: (``OneCycleLR``, ``CyclicLR``) write Python numbers, so ``momentum``/``betas`` stay numbers
+TENSOR_KEYS = ("lr",)
+
+
+def readable(value) -> bool:
+    """Whether a setting can be read as a Python number without a host synchronisation and
+    without a graph break: a number, or a CPU tensor outside a ``torch.compile`` trace."""
+    if not isinstance(value, Tensor):
+        return True
+    return value.is_cpu and not value.is_meta and not torch.compiler.is_compiling()
+
+
+def _check_tensor(name: str, value: Tensor, read: bool = True) -> float | None:
+    """A tensor setting's form (0-d, floating point, no autograd); returns its value where it
+    may be read: with ``read`` (a group being added: a host read is acceptable then) on any
+    device but meta outside a trace, else where :func:`readable`; else ``None``."""
+    base = name[len("rest_"):] if name.startswith("rest_") else name
+    if base not in TENSOR_KEYS:
+        raise ValueError(
+            f"invalid {name}: a tensor ({value!r}); only {', '.join(TENSOR_KEYS)} may be a tensor "
+            "(torch's schedulers write the others as Python numbers): pass a number")
+    if value.dim() != 0 or not value.dtype.is_floating_point or value.requires_grad:
+        raise ValueError(
+            f"invalid {name}: {value!r} (a tensor {name} must be a 0-d floating-point tensor that "
+            "does not require grad, e.g. torch.tensor(0.1, dtype=torch.float64))")
+    if readable(value) or (read and not value.is_meta and not torch.compiler.is_compiling()):
+        return float(value)
+    return None
+
+
+def _check_range(name: str, value, read: bool = True) -> None:
+    if isinstance(value, Tensor):
+        value = _check_tensor(name, value, read)
+        if value is None:
+            return  # on a device (or traced): not read (no host synchronisation)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"invalid {name}: {value!r} (must be a real number)")
     low, high, low_in, high_in = _RANGES[name]
@@ -108,20 +148,28 @@ def check_row_scale(p: Tensor, grouping: str, name: str) -> None:
 _UNSET_ALLOWED = ("max_norm", "guard_every")
 
 
-def check_hyper(key: str, value) -> None:
-    """Raise ``ValueError`` naming ``key`` if ``value`` is not a valid setting for it."""
+def check_hyper(key: str, value, read: bool = True) -> None:
+    """Raise ``ValueError`` naming ``key`` if ``value`` is not a valid setting for it (a tensor
+    :data:`TENSOR_KEYS` setting: its form always, its value where :func:`readable`; a tensor for
+    any other key is refused).  ``read=False`` (at a step): a tensor is read only where
+    :func:`readable`."""
     if value is None and key in _UNSET_ALLOWED:
         return
+    if isinstance(value, Tensor) and key not in _RANGES and key[len("rest_"):] not in _RANGES:
+        _check_tensor(key, value)  # ValueError: no tensor but lr
     if key.startswith("rest_"):
         try:
-            check_hyper(key[len("rest_"):], value)
+            check_hyper(key[len("rest_"):], value, read)
         except ValueError as e:
             raise ValueError(f"{key}: {e}") from None
     elif key in _RANGES:
-        _check_range(key, value)
+        _check_range(key, value, read)
     elif key == "betas":
         if not isinstance(value, (tuple, list)) or len(value) != 2:
             raise ValueError(f"invalid betas: {value!r} (need a pair, e.g. (0.9, 0.999))")
+        if any(isinstance(b, Tensor) for b in value):
+            raise ValueError(f"invalid betas: {value!r} (must be Python numbers: only "
+                             f"{', '.join(TENSOR_KEYS)} may be a tensor)")
         for b in value:
             if isinstance(b, bool) or not isinstance(b, numbers.Real) or not 0.0 <= b < 1.0:
                 raise ValueError(f"invalid betas: {value!r} (each must lie in [0, 1))")
@@ -166,14 +214,16 @@ def warn_unlinked(optimizer, stacklevel: int) -> None:
 
 def check_step_settings(group: dict) -> None:
     """Raise ``ValueError`` if a setting of ``group`` that the rules read at each step is out of
-    range (Python numbers only: no host synchronisation; a tensor is refused, as when a group is
-    added)."""
+    range, without a host synchronisation: Python numbers, and tensor settings
+    (:data:`TENSOR_KEYS`) on the CPU outside ``torch.compile`` (their form and value); a tensor on
+    a device, or in a traced step, is checked for its form only (its value was checked when the
+    group was added, and a scheduler writes it in place); a tensor for another key is refused."""
     for key in _RANGES:
         if key in group:
             v = group[key]
             if (type(v) is float or type(v) is int) and _in_range(v, key):
                 continue  # the common case, decided without the general check (NaN falls through)
-            check_hyper(key, v)
+            check_hyper(key, v, read=False)
     betas = group.get("betas")
     if betas is not None and not (type(betas) is tuple and len(betas) == 2 and all(
             type(b) is float and 0.0 <= b < 1.0 for b in betas)):
@@ -182,7 +232,7 @@ def check_step_settings(group: dict) -> None:
         check_hyper("guard_every", group["guard_every"])
     for key, value in group.items():
         if key.startswith("rest_"):
-            check_hyper(key, value)
+            check_hyper(key, value, read=False)
 
 
 class GroupHandling:
@@ -244,7 +294,8 @@ class GroupHandling:
             raise
         added = self.param_groups[-1]
         if is_invariant(grouping) and split_part(grouping)[1] is not None and self.rest_rule:
-            added.setdefault("part_lr0", added["lr"])  # the rest's lr follows lr / part_lr0
+            lr = added["lr"]  # (a tensor lr read once, here: the scheduler writes it in place)
+            added.setdefault("part_lr0", float(lr) if isinstance(lr, Tensor) else lr)
 
     def _validate(self, group: dict) -> None:
         """Raise ``ValueError`` if ``group`` (merged with the defaults) is not valid."""
@@ -413,6 +464,27 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     since: ``LambdaLR`` driving ``lr`` below 0), on Python numbers, without a host
     synchronisation; a setting with no meaning for the rule (``invariant_zero``) is refused
     likewise.
+
+    Tensor settings.  As torch.optim's SGD and Adam, ``lr`` (and ``rest_lr``) may be a 0-d
+    floating-point tensor (not requiring grad), on the CPU or on the parameters' device; torch's
+    learning-rate schedulers then write it in place (``fill_``), so a step compiled with
+    ``torch.compile`` is not compiled again when the schedule changes it (a Python number is
+    specialised: each new value compiles anew).  The other settings must be Python numbers
+    (``ValueError`` for a tensor): the momentum schedules (``OneCycleLR``, ``CyclicLR``) write
+    numbers.  A tensor ``lr`` is range-checked, reading it, when its group is added; at each
+    step a CPU tensor is read and checked as a number (and an eager step is that number's: the
+    same result, as fast), while a tensor on a device, or in a compiled step, is never read
+    (its form is checked, its value is not: a scheduler writing it out of range goes
+    unnoticed there).  The rules compute with such a tensor without reading it (the fused
+    kernels' ops take the hyperparameters as a tensor, :data:`psiopt.optim.rowrules.OP_SIGNATURE`).
+    Use a float64 tensor for the steps of a float ``lr`` to the last bit (a float32 one rounds
+    it).
+
+    Step counters (``state["step"]``) live on the CPU, as torch.optim's, in eager steps (read
+    as numbers without a device synchronisation), and on the parameters' device in compiled
+    steps and in the steps of a group whose ``lr`` is a tensor on that device (the step then
+    reads nothing on the host: it can be captured in a CUDA graph); see
+    :func:`counters_on_device`.  A counter on a device stays there.
     """
 
     counterpart = "sgd"  # or "adam"
@@ -452,9 +524,18 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         for key, value in group.items():
             if key not in ("params", "param_names") + _NOT_SAVED:
                 check_hyper(key, value)
+        params = group["params"]
+        devices = {p.device for p in ([params] if isinstance(params, Tensor) else params)}
+        for key, value in group.items():
+            if isinstance(value, Tensor) and not value.is_cpu and devices - {value.device}:
+                raise ValueError(
+                    f"invalid {key}: a tensor on {value.device}, but the group's parameters are "
+                    f"on {', '.join(sorted(map(str, devices)))} (put it on the CPU or on their "
+                    "device)")
         grouping = group["grouping"]
-        if is_invariant(grouping):
-            self._check_rule(group)
+        if is_invariant(grouping):  # (a tensor setting read: the group is being added)
+            self._check_rule({**group, **{k: float(v) for k, v in group.items() if k in TENSOR_KEYS
+                                          and isinstance(v, Tensor) and not v.is_meta}})
             params = group["params"]
             for p in [params] if isinstance(params, Tensor) else params:
                 rows(torch.empty(p.shape, device="meta"), grouping)  # ValueError if it does not fit
@@ -471,8 +552,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         """At each step: raise ``ValueError`` if a setting the rules read is out of range, or if an
         invariant group sets what its rule cannot honour (a scheduler, or a user, may have
         written it since the group was added: ``LambdaLR`` driving ``lr`` below 0,
-        ``OneCycleLR(max_momentum=1.0)``).  Python numbers only: no host synchronisation (a
-        tensor-valued setting is refused, as it is when a group is added)."""
+        ``OneCycleLR(max_momentum=1.0)``).  No host synchronisation: Python numbers, and a tensor
+        ``lr`` on the CPU outside a trace (see :func:`check_step_settings`)."""
         check_step_settings(group)
         if is_invariant(group["grouping"]):  # (not a cancelled part: an ordinary group)
             self._check_rule(group)
@@ -521,7 +602,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             index, params, grads = [], [], []
             self._init_group(group, index, params, grads)
             if params:
-                work.append((group, index, params, grads))
+                work.append((self._numbers(group), index, params, grads))
         for group, *_ in work:  # a scheduler may have written a setting since the group was added
             self._check_settings(group)
         if any(group["check_finite"] for group, *_ in work):
@@ -537,6 +618,14 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 self._rest(group, params, grads)
         return loss
 
+    @staticmethod
+    def _numbers(group: dict) -> dict:
+        """``group``, or a copy with its tensor settings as Python numbers where they are
+        :func:`readable` (a CPU tensor in an eager step: read without a device
+        synchronisation, so the step is the one of that number, computed as fast)."""
+        tensors = [k for k in TENSOR_KEYS if isinstance(group.get(k), Tensor) and readable(group[k])]
+        return {**group, **{k: group[k].item() for k in tensors}} if tensors else group
+
     def _init_group(self, group: dict, index: list[int], params: list[Tensor],
                     grads: list[Tensor]) -> None:
         """Append the positions, parameters and gradients of ``group``'s parameters that have a
@@ -545,15 +634,18 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         it eagerly and guards what it returns as torch.optim's (state tensors by identity,
         gradients by presence), a fraction of the guards a traced state lookup installs.
 
-        Before calling it, dynamo moves every ``state["step"]`` to its parameter's device (for
-        torch.optim's capturable steps); psiopt's counters stay on the CPU (read without a
-        device synchronisation in eager steps, made on the CPU for new parameters), so they are
-        moved back here."""
-        if torch.compiler.is_compiling():
-            for st in self.state.values():
-                step = st.get("step")
-                if isinstance(step, Tensor) and not step.is_cpu:
-                    st["step"] = step.cpu()
+        Step counters (see :func:`counters_on_device`): before calling it, dynamo moves every
+        ``state["step"]`` to its parameter's device (as for torch.optim's capturable steps), and
+        they stay there; here the others (``state["rest"]``'s) follow, and, in an eager step of
+        a group whose ``lr`` is a tensor on the parameters' device, CPU counters are copied to
+        that device (``non_blocking``: no host synchronisation)."""
+        if group["params"] and counters_on_device(group, group["params"][0]):
+            for p in group["params"]:
+                st = self.state.get(p)
+                for sub in (st, (st or {}).get("rest")):
+                    step = (sub or {}).get("step")
+                    if isinstance(step, Tensor) and step.device != p.device and not is_sharded(step):
+                        sub["step"] = step.to(p.device, non_blocking=True)
         if is_invariant(group["grouping"]) and self._wants_kernels(group) and group["params"] \
                 and kernels.takes(group["params"][0]):
             kernels.available()  # built here, before torch.compile traces the step
@@ -562,7 +654,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 continue
             if group["grouping"] == CANCELLED:
                 if p not in self.state:
-                    self.state[p]["step"] = torch.tensor(0.0)
+                    self.state[p]["step"] = new_step(group, p)
                 continue
             index.append(i)
             params.append(p)
@@ -741,7 +833,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
 
     def _init_state(self, group: dict, w: Tensor, state: dict, n: Tensor) -> None:
         """Create the state of the grouped view ``w`` (``n``: its per-group norms, keepdim)."""
-        state["step"] = torch.tensor(0.0)
+        state["step"] = new_step(group, w)
 
     def _update_one(self, group: dict, w: Tensor, g: Tensor, state: dict, stats) -> None:
         """Reference path for one grouped view ``w``; ``stats``: the running statistics it feeds
@@ -809,15 +901,22 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             return
         for p, s in zip(params, states):
             if not s:
-                s["step"] = torch.tensor(0.0)
+                s["step"] = new_step(group, p)
                 s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
+        steps = [s["step"] for s in states]
+        # torch's capturable Adam reads nothing on the host: compiled, and for counters on the
+        # parameters' device (see counters_on_device); else a tensor lr on the CPU is a number
+        capturable = torch.compiler.is_compiling() or not all(t.is_cpu for t in steps)
+        lr = group["lr"] if capturable else host_lr(group["lr"])
+        if isinstance(lr, Tensor) and not capturable:  # (not met: see counters_on_device)
+            foreach = fused = False  # torch's per-tensor Adam reads it, as torch.optim.Adam's
         _torch_adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                    [], [s["step"] for s in states], foreach=foreach, fused=fused, amsgrad=False, beta1=beta1,
-                    beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
-                    eps=group["eps"], maximize=False,
-                    capturable=torch.compiler.is_compiling() and all(p.is_cpu for p in params))
+                    [], steps, foreach=foreach, fused=fused, amsgrad=False, beta1=beta1,
+                    beta2=beta2, lr=lr,
+                    weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                    capturable=capturable)
 
     def _rest_settings(self, group: dict) -> dict:
         """The settings of the rows outside the part of a grouping ``"<grouping>[a:b]"``: of an
@@ -837,8 +936,9 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         for key in REST_KEYS[self.counterpart]:
             out[key] = group["rest_" + key] if "rest_" + key in group else \
                 self.defaults[key] if key in self.defaults else group[key]
-        lr0 = group.get("part_lr0") or 0.0
-        out["lr"] = out["lr"] * (group["lr"] / lr0 if lr0 else float(group["lr"] != 0))
+        lr0, lr = group.get("part_lr0") or 0.0, group["lr"]
+        moved = (lr != 0).double() if isinstance(lr, Tensor) else float(lr != 0)
+        out["lr"] = out["lr"] * (lr / lr0 if lr0 else moved)
         return out
 
     def _rest(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
@@ -893,7 +993,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             if settings["momentum"] and "momentum_buffer" not in state:
                 state["momentum_buffer"] = zeros()
         elif not state:
-            state.update(step=torch.tensor(0.0), exp_avg=zeros(), exp_avg_sq=zeros())
+            state.update(step=new_step(settings, pieces[0]), exp_avg=zeros(), exp_avg_sq=zeros())
         return state
 
     @staticmethod
@@ -917,12 +1017,76 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
              foreach: bool, fused: bool = False) -> None:
         """torch.optim's SGD (momentum, L2) on ``params``; buffers kept in ``states``."""
         bufs = [s.get("momentum_buffer") for s in states]
-        _torch_sgd(params, grads, bufs, foreach=foreach, fused=fused, weight_decay=group["weight_decay"],
-                   momentum=group["momentum"], lr=group["lr"], dampening=0.0, nesterov=False,
-                   maximize=False)
+        lr = host_lr(group["lr"])  # a CPU tensor: the step of its number (no synchronisation)
+        if isinstance(lr, Tensor) and not torch.compiler.is_compiling():
+            _sgd_device_lr(group, params, grads, bufs)  # (torch's foreach SGD would read it)
+        else:  # (compiled, torch's foreach SGD multiplies by a tensor lr: no graph break)
+            _torch_sgd(params, grads, bufs, foreach=foreach or (isinstance(lr, Tensor) and not fused),
+                       fused=fused, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                       lr=lr, dampening=0.0, nesterov=False, maximize=False)
         if group["momentum"]:
             for s, b in zip(states, bufs):
                 s["momentum_buffer"] = b
+
+
+def _sgd_device_lr(group: dict, params: list[Tensor], grads: list[Tensor], bufs: list) -> None:
+    """torch.optim's SGD step (momentum, L2; no dampening or Nesterov) for an ``lr`` tensor on
+    the parameters' device in an eager step, without reading it: torch's foreach SGD passes it as
+    ``alpha`` (a host synchronisation; it multiplies instead while compiling, as here)."""
+    wd, mu = group["weight_decay"], group["momentum"]
+    ds = torch._foreach_add(grads, params, alpha=wd) if wd else list(grads)
+    if mu:
+        old = [i for i, b in enumerate(bufs) if b is not None]
+        if old:
+            torch._foreach_mul_([bufs[i] for i in old], mu)
+            torch._foreach_add_([bufs[i] for i in old], [ds[i] for i in old])
+        for i, b in enumerate(bufs):
+            if b is None:
+                bufs[i] = ds[i].detach().clone()
+        ds = bufs
+    torch._foreach_add_(params, torch._foreach_mul(ds, -group["lr"]))
+
+
+def host_lr(lr):
+    """``lr`` as a Python number where :func:`readable` (a CPU tensor outside a trace), else as
+    it is."""
+    return lr.item() if isinstance(lr, Tensor) and readable(lr) else lr
+
+
+def counters_on_device(group: dict, p: Tensor) -> bool:
+    """Where the step counters of ``group``'s parameter ``p`` live.  As torch.optim's: on the CPU
+    (an eager step reads them as Python numbers without a device synchronisation), but on
+    ``p``'s device while ``torch.compile`` traces a step (dynamo puts torch.optim's there for
+    capturable steps: the graph then holds no CPU tensor, and ``mode="reduce-overhead"`` can
+    capture it in a CUDA graph) and in the steps of a group whose ``lr`` is a tensor on that
+    device (nothing of the step is then read on the host: it can be captured in a CUDA graph).
+    A counter on a device stays there (moving it back would synchronise): an eager step after
+    compiled ones computes with it as a tensor (bias corrections, PSI-SGD's guard schedule),
+    without reading it."""
+    if p.is_cpu or p.is_meta:
+        return False
+    lr = group.get("lr")
+    return torch.compiler.is_compiling() or (isinstance(lr, Tensor) and lr.device == p.device)
+
+
+def new_step(group: dict, p: Tensor) -> Tensor:
+    """A new step counter (0., in the default dtype as torch.optim's) for ``group``'s parameter
+    (or view) ``p``, where :func:`counters_on_device` says."""
+    return torch.tensor(0.0, device=p.device if counters_on_device(group, p) else "cpu")
+
+
+def add_scaled_(t: Tensor, x: Tensor, c) -> Tensor:
+    """``t += c·x`` in place for a number ``c`` (``alpha``) or a 0-d tensor (multiplied: a tensor
+    passed as ``alpha`` is read on the host)."""
+    return t.add_(x, alpha=c) if not isinstance(c, Tensor) else t.add_(x * c)
+
+
+def foreach_add_scaled_(ts: list[Tensor], xs: list[Tensor], c) -> None:
+    """:func:`add_scaled_` over lists (``torch._foreach_*``)."""
+    if isinstance(c, Tensor):
+        torch._foreach_add_(ts, torch._foreach_mul(xs, c))
+    else:
+        torch._foreach_add_(ts, xs, alpha=c)
 
 
 def momentum_buffer(state: dict, like: Tensor, make=torch.zeros_like) -> Tensor:
@@ -934,12 +1098,15 @@ def momentum_buffer(state: dict, like: Tensor, make=torch.zeros_like) -> Tensor:
 
 def step_value(step: Tensor):
     """A CPU step counter as a Python number (no device synchronisation, as in torch.optim), or,
-    while ``torch.compile`` traces the step, the tensor itself (no graph break)."""
-    return step if torch.compiler.is_compiling() else step.item()
+    while ``torch.compile`` traces the step or for a counter on a device (see
+    :func:`counters_on_device`), the tensor itself in float64 (no graph break, no
+    synchronisation; the number's precision: powers of β taken in the counter's float32 were
+    1e-8 off)."""
+    return step.item() if readable(step) else step.to(torch.float64)
 
 
 def step_count(states: list[dict]) -> list[Tensor]:
-    """Advance and return the per-parameter step counters (CPU tensors, as in torch.optim)."""
+    """Advance and return the per-parameter step counters (see :func:`counters_on_device`)."""
     steps = [s["step"] for s in states]
     torch._foreach_add_(steps, 1.0)
     return steps

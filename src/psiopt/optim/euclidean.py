@@ -15,7 +15,15 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import ScaleInvariantOptimizer, momentum_buffer, step_count, step_value
+from .base import (
+    ScaleInvariantOptimizer,
+    add_scaled_,
+    foreach_add_scaled_,
+    momentum_buffer,
+    new_step,
+    step_count,
+    step_value,
+)
 from .geometry import (
     accumulate_dtype,
     group_size,
@@ -133,7 +141,7 @@ class AdamS(ScaleInvariantOptimizer):
     accumulated_state = ("exp_avg_sq",)
 
     def _init_state(self, group, w, state, n):
-        state["step"] = torch.tensor(0.0)
+        state["step"] = new_step(group, w)
         state["exp_avg"] = torch.zeros_like(w)  # in w's dtype, as torch.optim.Adam's
         state["exp_avg_sq"] = torch.zeros(n.shape, dtype=accumulate_dtype(w.dtype), device=w.device)
 
@@ -243,7 +251,7 @@ class SGDMRT(ScaleInvariantOptimizer):
         if group["weight_decay"]:
             buf.add_(w, alpha=group["weight_decay"])
         old = w.clone()
-        w.add_(buf, alpha=-group["lr"])
+        add_scaled_(w, buf, -group["lr"])
         buf.copy_(rescale_transport(buf, old, w))
 
     fused_rule = True
@@ -260,9 +268,9 @@ class SGDMRT(ScaleInvariantOptimizer):
             torch._foreach_add_(bufs, ws, alpha=group["weight_decay"])
         if layout.fuse_reductions:
             sums = layout.sums([(ws, ws), (ws, bufs), (bufs, bufs)], apart=True)
-            _step_and_project_(ws, bufs, torch.full_like(sums[0], -group["lr"]), layout, *sums)
+            _step_and_project_(ws, bufs, torch.zeros_like(sums[0]).sub_(group["lr"]), layout, *sums)
             return
-        torch._foreach_add_(ws, bufs, alpha=-group["lr"])
+        foreach_add_scaled_(ws, bufs, -group["lr"])
         coef = layout.dots(ws, bufs).neg_().mul_(safe_inv(layout.norms(ws).square_()))
         torch._foreach_addcmul_(bufs, ws, layout.split(coef))
 

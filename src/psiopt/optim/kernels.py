@@ -198,7 +198,9 @@ def state_fits(ws, b=None, s1=None, s2=None) -> bool:
 def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     """Run ``kernel`` of ``kernels.c`` on the views ``ws`` (gradients ``gs``): ``b`` full-size
     buffers, ``s1``/``s2`` per-row state (keepdim), ``k`` per-tensor scalars (a list of tuples of
-    numbers, or of 0-d tensors while ``torch.compile`` traces the step), ``h`` hyperparameters.
+    numbers, or of 0-d tensors: step counters while ``torch.compile`` traces the step or on a
+    device), ``h`` hyperparameters (Python numbers, or 0-d tensors: a tensor ``lr``, see
+    :func:`rowrules.hyper_tensor`).
     Returns ``False``, changing nothing, when a state tensor is not of the views' dtype or not
     contiguous (e.g. loaded from a checkpoint with other strides).  Traced by ``torch.compile``,
     it is one call of the op ``psiopt::fused_rows``, which runs the same kernel.  Tensors of the
@@ -207,13 +209,12 @@ def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
         return triton_rows.run(kernel, ws, gs, b=b, s1=s1, s2=s2, k=k, h=h)
     if not state_fits(ws, b, s1, s2):
         return False  # e.g. state loaded from another model: the other paths say what is wrong
-    b, s1, s2, h = b or [], s1 or [], s2 or [], [float(x) for x in h]
+    b, s1, s2 = b or [], s1 or [], s2 or []
+    opt, h = rowrules.option(kernel, h), rowrules.hyper_tensor(h, "cpu")
     if torch.compiler.is_compiling():  # the op declares what it mutates
-        k = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in row])
-                         for row in k]) if k else None
-        fused_rows(kernel, ws, gs, b, s1, s2, k, h)
+        fused_rows(kernel, ws, gs, b, s1, s2, scalars(k), h, opt)
     else:  # no dispatch; the writes bump the tensors' versions, as in-place ops do
-        _call(kernel, ws, gs, b, s1, s2, torch.tensor(k, dtype=torch.float64) if k else None, h)
+        _call(kernel, ws, gs, b, s1, s2, scalars(k), h, opt)
         torch.autograd.graph.increment_version([*ws, *b, *s1, *s2])
     return True
 
@@ -225,8 +226,21 @@ rowrules.declare_op("fused_rows", lambda *args: _call(*args), ("CPU",))
 fused_rows = torch.ops.psiopt.fused_rows.default
 
 
-def _call(kernel, ws, gs, b, s1, s2, k, h) -> None:
-    """Call ``kernel`` (an empty list for a tensor list the rule does not take)."""
+def scalars(k, device="cpu") -> torch.Tensor | None:
+    """The per-tensor scalars ``k`` of :func:`run` (tuples of numbers or 0-d tensors) as one
+    float64 tensor ``(tensors, scalars)`` on ``device`` (for the C kernels, the CPU), or
+    ``None``."""
+    if not k:
+        return None
+    if not any(isinstance(x, torch.Tensor) for row in k for x in row):
+        out = torch.tensor(k, dtype=torch.float64)
+        return out if out.device == torch.device(device) else out.to(device, non_blocking=True)
+    return torch.stack([rowrules.hyper_tensor(row, device)[:len(row)] for row in k])
+
+
+def _call(kernel, ws, gs, b, s1, s2, k, h, opt=None) -> None:
+    """Call ``kernel`` (an empty list for a tensor list the rule does not take); ``h`` the float64
+    CPU tensor of :func:`rowrules.hyper_tensor`, read here (``opt``: the C kernel reads ``h``)."""
     n = len(ws)
     arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in ts]) if ts else None
               for ts in (ws, gs, b, s1, s2)]
@@ -234,6 +248,6 @@ def _call(kernel, ws, gs, b, s1, s2, k, h) -> None:
     cols = (ctypes.c_int64 * n)(*[w.numel() // w.shape[0] for w in ws])
     args = _Args(*[None if a is None else ctypes.addressof(a) for a in arrays],
                  None if k is None else k.data_ptr(), ctypes.addressof(rows), ctypes.addressof(cols),
-                 0 if k is None else k.shape[1], (ctypes.c_double * 6)(*h))
+                 0 if k is None else k.shape[1], (ctypes.c_double * 6)(*h.tolist()))
     fn = getattr(load(), kernel + _TYPES[ws[0].dtype][1])
     fn(ctypes.c_int(n), ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import ScaleInvariantOptimizer, momentum_buffer, step_count
+from .base import ScaleInvariantOptimizer, momentum_buffer, new_step, readable, step_count
 from .geometry import norm, safe_inv
 
 
@@ -109,17 +109,22 @@ class PSISGD(ScaleInvariantOptimizer):
         if group["fixed_norm"]:
             state["norm"] = n.clone()
         else:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = new_step(group, w)
 
     @staticmethod
-    def _steps(group, states) -> bool:
+    def _steps(group, states, ws) -> bool:
         """Literal mode's step counters, the guard's schedule (made if ``fixed_norm`` was on
         before; with it on no counter is kept: torch.optim.SGD keeps none either).  Returns
-        whether the counters are uneven (parameters that missed steps)."""
+        whether the counters are uneven (parameters that missed steps), where they can be read
+        (:func:`~psiopt.optim.base.readable`); counters on a device, or traced, are not read
+        (``False``): :meth:`_factor` then schedules the guard per tensor without a branch."""
         if group["fixed_norm"]:
             return False
-        for st in states:
-            st.setdefault("step", torch.tensor(0.0))
+        for st, w in zip(states, ws):
+            if "step" not in st:
+                st["step"] = new_step(group, w)
+        if len(states) < 2 or not all(readable(st["step"]) for st in states):
+            return False
         return len({float(st["step"]) for st in states}) > 1
 
     @staticmethod
@@ -127,16 +132,29 @@ class PSISGD(ScaleInvariantOptimizer):
         """Per-group factor ``1/‖w‖`` above ``max_norm``, else 1."""
         return torch.where(n > max_norm, safe_inv(n), torch.ones_like(n))
 
-    def _factor(self, group, n, states, r0):
+    def _factor(self, group, n, states, r0, layout=None):
         """Per-group rescaling ``s`` applied before this step, or ``None``; and whether the
-        running statistics follow it (they do for the guard, not for the fixed norm)."""
+        running statistics follow it (they do for the guard, not for the fixed norm).  The
+        guard's schedule is read from a CPU counter (no device synchronisation, as in
+        torch.optim); counters on a device, or traced by ``torch.compile``, are not read: the
+        guard's factor is then taken at every step and applied where the counter says (1
+        elsewhere; no graph break, one more pass over the weights per step)."""
         if group["fixed_norm"]:
             return r0 * safe_inv(n), False
-        t = int(states[0]["step"])  # a CPU counter, as in torch.optim: no device synchronisation
-        if t % self._guard_every(group):
-            return None, False
         max_norm = group["max_norm"]
-        return self._guard(n, self.MAX_NORM if max_norm is None else max_norm), True
+        max_norm = self.MAX_NORM if max_norm is None else max_norm
+        every = self._guard_every(group)
+        steps = [st["step"] for st in states]
+        if all(readable(t) for t in steps):
+            if int(steps[0]) % every:
+                return None, False
+            return self._guard(n, max_norm), True
+        due = torch.stack(steps).remainder(every).eq(0).to(n.device)  # per tensor
+        if layout is not None and len(steps) > 1:
+            due = torch.cat([d.expand(k) for d, k in zip(due, layout.sizes)]).view(n.shape)
+        else:
+            due = due.view(())
+        return torch.where(due, self._guard(n, max_norm), torch.ones_like(n)), True
 
     @classmethod
     def _guard_every(cls, group) -> int:
@@ -149,7 +167,7 @@ class PSISGD(ScaleInvariantOptimizer):
 
     def _update_one(self, group, w, g, state, stats):
         lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
-        self._steps(group, [state])
+        self._steps(group, [state], [w])
         if not group["fixed_norm"]:
             step_count([state])
         n = norm(w)
@@ -175,9 +193,10 @@ class PSISGD(ScaleInvariantOptimizer):
 
     def _update_fused(self, group, ws, gs, states, stats):
         literal = not group["fixed_norm"]
-        if literal and (self._steps(group, states)
+        if literal and (self._steps(group, states, ws)
+                        or not all(readable(st["step"]) for st in states)
                         or (int(states[0]["step"]) + 1) % self._guard_every(group) == 0):
-            return False  # uneven counters or a guard step: the vectorized path
+            return False  # uneven or unread counters, or a guard step: the vectorized path
         if not literal and any("norm" not in st for st in states):
             return False  # fixed_norm switched on later: the vectorized path takes the norms
         us = [momentum_buffer(st, w) for st, w in zip(states, ws)] \
@@ -190,7 +209,7 @@ class PSISGD(ScaleInvariantOptimizer):
 
     def _update_many(self, group, ws, gs, states, layout, stats):
         lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
-        if self._steps(group, states):
+        if self._steps(group, states, ws):
             for w, g, st, sts in zip(ws, gs, states, stats):  # uneven steps: per-tensor guard
                 self._update_one(group, w, g, st, sts)
             return
@@ -203,7 +222,7 @@ class PSISGD(ScaleInvariantOptimizer):
                 for st, v, w in zip(states, layout.split(n), ws):  # in the parameter's dtype
                     st.setdefault("norm", v.to(w.dtype, copy=True))
             r0 = layout.gather([st["norm"] for st in states])
-        s, follow = self._factor(group, n, states, r0)
+        s, follow = self._factor(group, n, states, r0, layout)
         coef = n.square().mul_(-lr)
         if s is not None:
             coef.mul_(s)

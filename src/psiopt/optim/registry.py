@@ -101,6 +101,11 @@ def settings(name: str, **hyper) -> tuple[dict, dict]:
     set_invariant, set_other = _explicit(spec, hyper)
     invariant = {**defaults, **spec.invariant, **set_invariant}
     other = {**defaults, **spec.other, **set_other}
+    if spec.baseline and issubclass(spec.cls, torch.optim.Adam) and any(
+            isinstance(g.get("lr"), torch.Tensor) for g in (invariant, other)):
+        # torch.optim.Adam/AdamW refuse a tensor lr with foreach=True (but capturable, which
+        # torch.compile sets on CUDA): left to torch's choice
+        invariant["foreach"] = other["foreach"] = None
     unknown = sorted((set(invariant) | set(other)) - set(signature))
     if unknown:
         raise ValueError(f"{name}: unknown hyperparameter(s) {unknown}; valid: {sorted(signature)}")

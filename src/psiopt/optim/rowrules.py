@@ -362,26 +362,53 @@ def evaluate(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> 
 
 #: the signature of the row kernels' ops (``psiopt::fused_rows``, ``psiopt::triton_rows``): the
 #: rule's name, the rows (written), gradients, buffers, per-row states (written), per-tensor
-#: scalars and hyperparameters
+#: scalars, hyperparameters and the rule's static option.  ``h`` is a tensor (float64, 1-D, six
+#: entries; :func:`hyper_tensor`): a learning rate given as a tensor stays one in a compiled
+#: step, which a scheduler's change then does not recompile (a ``float[]`` was specialised);
+#: the C op reads it on the CPU, the Triton op loads it on the parameters' device.  ``opt`` is
+#: :attr:`RowRule.option`'s truth, a Python number's (compiled into the Triton kernel; the C
+#: kernel reads ``h`` at that index).
 OP_SIGNATURE = ("(str kernel, Tensor(a!)[] ws, Tensor[] gs, Tensor(b!)[] b, Tensor(c!)[] s1, "
-                "Tensor(d!)[] s2, Tensor? k, float[] h) -> ()")
+                "Tensor(d!)[] s2, Tensor? k, Tensor h, bool opt) -> ()")
 _LIBS: list = []  # (a Library unregisters its ops when collected)
+
+
+def hyper_tensor(h, device) -> torch.Tensor:
+    """The hyperparameters ``h`` (Python numbers and 0-d tensors, at most six) as the ops' ``h``:
+    a float64 tensor of six entries on ``device``, made without a host synchronisation (the
+    numbers copied ``non_blocking``, tensors converted on the device)."""
+    values = list(h) + [0.0] * (6 - len(h))
+    numbers = torch.tensor([0.0 if isinstance(x, torch.Tensor) else float(x) for x in values],
+                           dtype=torch.float64)
+    if numbers.device != torch.device(device):
+        numbers = numbers.to(device, non_blocking=True)
+    if not any(isinstance(x, torch.Tensor) for x in values):
+        return numbers
+    return torch.stack([x.to(device=numbers.device, dtype=torch.float64, non_blocking=True)
+                        if isinstance(x, torch.Tensor) else numbers[i] for i, x in enumerate(values)])
+
+
+def option(kernel: str, h) -> bool:
+    """Rule ``kernel``'s static option (:attr:`RowRule.option`) from ``h`` (a Python number
+    there)."""
+    index = RULES[kernel].option
+    return index is not None and index < len(h) and bool(h[index])
 
 
 def declare_op(name: str, launch, keys: tuple[str, ...]) -> None:
     """Declare ``psiopt::<name>`` (what ``torch.compile`` traces a fused step as) once a process,
-    for dispatch ``keys``: it calls ``launch(kernel, ws, gs, b, s1, s2, k, h)``, bumps the
+    for dispatch ``keys``: it calls ``launch(kernel, ws, gs, b, s1, s2, k, h, opt)``, bumps the
     versions of what it writes, as in-place ops do, and, having no derivative, refuses tensors
     that require one.  A module imported again (``importlib.reload``) finds it declared."""
     if hasattr(torch.ops.psiopt, name):
         return
 
-    def impl(kernel, ws, gs, b, s1, s2, k, h) -> None:
+    def impl(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
         written = [*ws, *b, *s1, *s2]
         if torch.is_grad_enabled() and any(t.requires_grad for t in written):
             raise RuntimeError(f"psiopt::{name} writes tensors that require grad: call it under "
                                "torch.no_grad()")
-        launch(kernel, ws, gs, b, s1, s2, k, h)
+        launch(kernel, ws, gs, b, s1, s2, k, h, opt)
         torch.autograd.graph.increment_version(written)
 
     lib = torch.library.Library("psiopt", "FRAGMENT")

@@ -19,7 +19,16 @@ import functools
 import torch
 
 from . import kernels
-from .base import ScaleInvariantOptimizer, step_count, step_value, warn_unlinked
+from .base import (
+    ScaleInvariantOptimizer,
+    add_scaled_,
+    foreach_add_scaled_,
+    new_step,
+    readable,
+    step_count,
+    step_value,
+    warn_unlinked,
+)
 from .discovery import rescale_rows_
 from .geometry import (
     accumulate_dtype,
@@ -116,7 +125,7 @@ class UnitNormSGD(_SphereOptimizer):
         state["live"] = self._live(n, w)
 
     def _update_one(self, group, w, g, state, stats):
-        w.add_(tangent(w, g) * state["live"], alpha=-group["lr"])
+        add_scaled_(w, tangent(w, g) * state["live"], -group["lr"])
         normalize_(w)
 
     fused_rule = True
@@ -175,7 +184,8 @@ class AdamGStar(_SphereOptimizer):
 
     def _check_rule(self, group):
         super()._check_rule(group)
-        if group["lr"] * group["weight_decay"] >= 1.0:
+        lr = group["lr"]  # (a tensor on a device, or traced: checked when the group was added)
+        if readable(lr) and lr * group["weight_decay"] >= 1.0:
             raise ValueError(f"invalid lr·weight_decay for AdamGStar: {group['lr']}·"
                              f"{group['weight_decay']} (SGD+L2 needs lr·weight_decay < 1)")
 
@@ -210,7 +220,7 @@ class AdamGStar(_SphereOptimizer):
         r4 = state["r4"]
         w.add_(g * (step * safe_inv(r4.sqrt()) * state["live"]))
         normalize_(w)
-        r4.mul_(keep).add_(sqnorm(g, r4.dtype), alpha=add)
+        add_scaled_(r4.mul_(keep), sqnorm(g, r4.dtype), add)
 
     fused_rule = True
 
@@ -232,7 +242,7 @@ class AdamGStar(_SphereOptimizer):
             gg = layout.norms(gs).square_()
             torch._foreach_addcmul_(ws, gs, layout.split(coef))
             torch._foreach_mul_(ws, layout.split(safe_inv(layout.norms(ws))))
-        torch._foreach_copy_(r4s, layout.split(r4.mul_(keep).add_(gg, alpha=add)))
+        torch._foreach_copy_(r4s, layout.split(add_scaled_(r4.mul_(keep), gg, add)))
 
 
 # -- Cho & Lee: SGDG and AdamG ----------------------------------------------------------------------
@@ -315,10 +325,10 @@ def _directions(group, ys, gs, ms, live, layout):
     return hs, hh, (yy, ym, mm, f * yg * (1.0 - yy), mh)
 
 
-def _momentum_(ms, hs, a: float, b: float) -> None:
+def _momentum_(ms, hs, a: float, b) -> None:
     """``m ← a m + b h`` for the directions ``hs`` of :func:`_directions`, in place."""
     torch._foreach_mul_(ms, a)
-    torch._foreach_add_(ms, hs, alpha=b)
+    foreach_add_scaled_(ms, hs, b)
 
 
 def _geodesic_sums(a, b, hh, sums):
@@ -378,7 +388,7 @@ class SGDG(_ChoLee):
 
     def _update_one(self, group, w, g, state, stats):
         m = state["momentum_buffer"]
-        m.mul_(group["momentum"]).add_(_direction(group, w, g, state["live"]), alpha=-group["lr"])
+        add_scaled_(m.mul_(group["momentum"]), _direction(group, w, g, state["live"]), -group["lr"])
         new = sphere_exp(w, m)
         m.copy_(transport_self(w, m))
         w.copy_(new)
@@ -425,7 +435,7 @@ class AdamG(_ChoLee):
     accumulated_state = ("exp_avg_sq",)
 
     def _init_state(self, group, w, state, n):
-        state["step"] = torch.tensor(0.0)
+        state["step"] = new_step(group, w)
         state["exp_avg"] = torch.zeros_like(w)  # in w's dtype, as torch.optim.Adam's
         # one scalar per row, float32 for float16/bfloat16 rows: (1 − β2)‖h‖² is below half a
         # unit in the last place of a bfloat16 v once v ≳ 0.5‖h‖², and v stalled there

@@ -270,19 +270,22 @@ def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     does not fit (:func:`state_fits`)."""
     if not state_fits(ws, b, s1, s2):
         return False
+    from .kernels import scalars
+
     b, s1, s2 = b or [], s1 or [], s2 or []
-    h = [float(x) for x in h]
+    device = ws[0].device  # h and k made there without a host synchronisation
+    opt, h, k = rowrules.option(kernel, h), rowrules.hyper_tensor(h, device), scalars(k, device)
     if torch.compiler.is_compiling():
-        k = torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float64) for x in row])
-                         for row in k]) if k else None
-        triton_rows(kernel, ws, gs, b, s1, s2, k, h)
+        triton_rows(kernel, ws, gs, b, s1, s2, k, h, opt)
     else:
-        _launch(kernel, ws, gs, b, s1, s2, torch.tensor(k, dtype=torch.float64) if k else None, h)
+        _launch(kernel, ws, gs, b, s1, s2, k, h, opt)
         torch.autograd.graph.increment_version([*ws, *b, *s1, *s2])
     return True
 
 
-def _launch(kernel, ws, gs, b, s1, s2, k, h) -> None:
+def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
+    """One launch; ``h`` (float64, six entries) and ``k`` on the parameters' device, loaded by
+    the kernel (nothing read on the host), ``opt`` the rule's static option."""
     rule = rowrules.RULES[kernel]
     device, dtype, n = ws[0].device, ws[0].dtype, len(ws)
     rows = [w.shape[0] for w in ws]
@@ -296,13 +299,10 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h) -> None:
         [t.data_ptr() for t in s2 or ws]
     ptr = _device_table(("ptr", device, tuple(addresses)),
                         lambda: torch.tensor(addresses, dtype=torch.int64), device)
-    h = h + [0.0] * (6 - len(h))
-    kt = torch.zeros(n, 2, dtype=torch.float64)
+    kt = torch.zeros(n, 2, dtype=torch.float64, device=device)
     if k is not None:
-        kt[:, : k.shape[1]] = k.to(torch.float64)
-    hk = torch.cat([torch.tensor(h, dtype=torch.float64), kt.view(-1)])
-    if hk.device != device:
-        hk = hk.to(device, non_blocking=True)
+        kt[:, : k.shape[1]] = k.to(device, torch.float64, non_blocking=True)
+    hk = torch.cat([h.to(device, torch.float64, non_blocking=True), kt.view(-1)])
     longest = max(cols)
     block = min(MAX_BLOCK, 1 << max(0, (longest - 1).bit_length()))
     block = max(block, 16)
@@ -312,7 +312,7 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h) -> None:
         fn[(nrows,)](ptr, rowmap[0], rowmap[1], rowmap[2], hk[6:], hk, BLOCK=block,
                      ONE_PASS=longest <= block, HAS_B=bool(b), HAS_S1=bool(s1), HAS_S2=bool(s2),
                      WRITES_S1=bool(s1) and rule.writes_s1, WRITES_S2=bool(s2) and rule.writes_s2,
-                     OPT=bool(h[rule.option]) if rule.option is not None else False, NT=n,
+                     OPT=bool(opt), NT=n,
                      T=_triton_dtype(dtype), S1T=_triton_dtype(s1[0].dtype if s1 else dtype),
                      S2T=_triton_dtype(s2[0].dtype if s2 else dtype),
                      ACC=_triton_dtype(torch.float64 if dtype == torch.float64 else torch.float32))

@@ -1,0 +1,204 @@
+"""Hyperparameters as tensors (issue 23, item 5): ``lr`` may be a 0-d tensor, which torch's
+schedulers write in place (``fill_``), so that a compiled step is not compiled again when the
+schedule changes it; the step with a tensor lr is the step with its number.
+
+Every registered optimizer, on a small network with the groupings the rules split on (float64,
+one thread, ``aot_eager``: the graphs are those inductor would take, without its code
+generation).  PSI-SGD's literal mode (``fixed_norm=False``) compiles to one graph (its overflow
+guard scheduled without a branch on the step counter).
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.testing import CompileCounter
+
+import psiopt
+from psiopt.optim import base
+
+pytestmark = pytest.mark.usefixtures("one_thread", "float64_default")
+
+
+@pytest.fixture
+def float64_default():
+    """Step counters are made in the default dtype, as torch.optim's: float64 here, so that
+    compiled Adam steps (bias corrections from the counter tensors, torch's counterpart
+    included) agree with eager ones to 1e-12 (in float32, torch's own Adam: 3e-8)."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(dtype)
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 2 * 2, 6, bias=False), nn.LayerNorm(6),
+                         nn.Linear(6, 3)).double()
+
+
+def data():
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(4, 2, 4, 4, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (4,), generator=gen))
+
+
+def build(name, lr, **kw):
+    x, _ = data()
+    model = net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = psiopt.create_optimizer(model, name, x, lr=lr, **kw)
+    return model, opt
+
+
+def train(model, opt, wrap, steps):
+    """``steps`` steps of ``wrap(opt.step)`` (made after the scheduler, which wraps ``opt.step``),
+    lr halved every two."""
+    x, y = data()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    step = wrap(opt.step)
+    for _ in range(steps):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        step()
+        sched.step()
+
+
+@pytest.mark.parametrize("name", psiopt.list_optimizers())
+def test_scheduled_tensor_lr_compiles_once_and_steps_as_the_number(name):
+    lr = psiopt.REGISTRY[name].invariant.get("lr", 0.1)
+    runs = {"float": build(name, lr), "tensor": build(name, torch.tensor(lr, dtype=torch.float64)),
+            "compiled": build(name, torch.tensor(lr, dtype=torch.float64))}
+    for key in ("float", "tensor"):
+        model, opt = runs[key]
+        train(model, opt, lambda f: f, 6)
+    model, opt = runs["compiled"]
+    counter = CompileCounter()
+    dynamo.reset()
+    frames = []
+    try:
+        def counted(fn):
+            step = torch.compile(fn, backend=counter)
+
+            def run():
+                step()
+                frames.append(counter.frame_count)
+            return run
+
+        train(model, opt, counted, 6)
+    finally:
+        dynamo.reset()
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)  # written in place
+    # the first step makes state (another graph); from the second on, no new compilation while
+    # the scheduler halves lr (steps 2 and 4)
+    assert frames[1:] == [frames[1]] * 5, frames
+    for key in ("tensor", "compiled"):
+        for a, b in zip(runs["float"][0].parameters(), runs[key][0].parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=f"{key}")
+
+
+@pytest.mark.parametrize("name", ["psi-sgdm", "adams", "adamg", "sgdmrt", "un-sgd", "adamg-star",
+                                  "psgd", "sgdg", "adamsrt", "psi-sgd"])
+def test_tensor_arithmetic_of_a_device_lr_agrees(name, monkeypatch):
+    """The paths a tensor lr on a device takes in eager steps (nothing read on the host: the lr
+    and the step counters computed with as tensors, the kernels' ``h`` a tensor), taken here on
+    the CPU by making tensors unreadable (:func:`base.readable`), on every path."""
+    lr = psiopt.REGISTRY[name].invariant.get("lr", 0.1)
+    for path in ({}, {"fused": False}, {"foreach": False}):
+        ref_model, ref_opt = build(name, lr, **path)
+        train(ref_model, ref_opt, lambda f: f, 4)
+        model, opt = build(name, torch.tensor(lr, dtype=torch.float64), **path)
+        with monkeypatch.context() as m:
+            m.setattr(base, "readable", lambda v: not isinstance(v, torch.Tensor))
+            for mod in ("quotient", "sphere"):
+                if hasattr(getattr(psiopt.optim, mod), "readable"):
+                    m.setattr(getattr(psiopt.optim, mod), "readable",
+                              lambda v: not isinstance(v, torch.Tensor))
+            train(model, opt, lambda f: f, 4)
+        for a, b in zip(ref_model.parameters(), model.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=str(path))
+
+
+def test_psi_sgd_literal_mode_compiles_without_a_graph_break():
+    """``fixed_norm=False``: the guard (every second step here, rows above norm 0.5: it rescales
+    rows and the BatchNorm's running statistics) is scheduled from the traced counter."""
+    model, opt = build("psi-sgdm", 0.1, fixed_norm=False, guard_every=2, max_norm=0.5)
+    ref_model, ref_opt = build("psi-sgdm", 0.1, fixed_norm=False, guard_every=2, max_norm=0.5)
+    x, y = data()
+    dynamo.reset()
+    try:
+        step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+        for _ in range(5):
+            for m, fn in ((ref_model, ref_opt.step), (model, step)):
+                m.zero_grad()
+                F.cross_entropy(m(x), y).backward()
+                fn()
+        for a, b in zip(ref_model.parameters(), model.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+        # the running statistics followed the guard's rescaling alike
+        for a, b in zip(ref_model.buffers(), model.buffers()):
+            torch.testing.assert_close(b.double(), a.double(), rtol=1e-12, atol=1e-12)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        report = dynamo.explain(opt.step)()
+    finally:
+        dynamo.reset()
+    assert report.graph_break_count == 0, [str(r.reason)[:200] for r in report.break_reasons]
+    assert report.graph_count == 1
+
+
+def test_compiled_counters_live_on_the_parameters_device():
+    """While compiling, new counters are made on the parameters' device (meta here, standing in
+    for a GPU: the decision, :func:`base.counters_on_device`)."""
+    p = torch.empty(3, 2, device="meta")
+    assert not base.counters_on_device({"lr": 0.1}, torch.empty(2))
+    assert not base.counters_on_device({"lr": 0.1}, p)  # (meta: nothing to compile on)
+    q = torch.empty(2)
+    assert base.new_step({"lr": torch.tensor(0.1)}, q).is_cpu
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.tensor([0.1]), "0-d"),
+    (torch.tensor(1, dtype=torch.int64), "floating-point"),
+    (torch.tensor(0.1, requires_grad=True), "require grad"),
+    (torch.tensor(-0.1), r"must lie in"),
+    (torch.tensor(float("nan")), r"must lie in"),
+])
+def test_a_bad_tensor_lr_is_refused_when_added(bad, match):
+    with pytest.raises(ValueError, match=match):
+        build("psi-sgdm", bad)
+
+
+def test_tensors_other_than_lr_are_refused():
+    with pytest.raises(ValueError, match="only lr may be a tensor"):
+        build("psi-sgdm", 0.1, momentum=torch.tensor(0.9))
+    with pytest.raises(ValueError, match="only lr may be a tensor"):
+        build("adams", 1e-3, betas=(torch.tensor(0.9), 0.999))
+
+
+def test_a_cpu_tensor_lr_written_out_of_range_is_refused_at_the_step():
+    model, opt = build("psi-sgdm", torch.tensor(0.1, dtype=torch.float64))
+    x, y = data()
+    F.cross_entropy(model(x), y).backward()
+    opt.param_groups[0]["lr"].fill_(-1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="invalid lr"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_part_s_rest_follows_a_tensor_lr_in_proportion():
+    """``part_lr0`` is the lr's number when the group is added (not the tensor, which the
+    scheduler writes in place)."""
+    w = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+    opt = psiopt.PSISGD([{"params": [w], "grouping": "channel[0:3]"}],
+                        lr=torch.tensor(0.2, dtype=torch.float64), momentum=0.9)
+    group = opt.param_groups[0]
+    assert group["part_lr0"] == pytest.approx(0.2) and not isinstance(group["part_lr0"], torch.Tensor)
+    group["lr"].fill_(0.1)
+    assert float(opt._rest_settings(group)["lr"]) == pytest.approx(0.5 * float(opt.defaults["lr"]))
