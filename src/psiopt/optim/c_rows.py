@@ -251,7 +251,8 @@ def _loop(name: str, fn, has_b: bool, opt: bool, sums: bool, assume: dict) -> st
     else:
         c = [gen.leaf(f"c{j}") for j in range(NCOEF)]
         nw, nb = _rebind(fn, scope)(w, g, b, c, h, has_b, opt)
-        stores.append(f"w[i] = {gen.operand(nw, 'REAL')};")
+        if nw is not w:
+            stores.append(f"w[i] = {gen.operand(nw, 'REAL')};")
         if has_b and nb is not b:
             stores.append(f"b[i] = {gen.operand(nb, 'REAL')};")
     tail = stores + [f"{n} += {x};" for n, _, x in acc]
