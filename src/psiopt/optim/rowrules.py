@@ -56,6 +56,8 @@ def sin(x):
 def where(cond, a, b):
     if isinstance(cond, bool):  # a condition on hyperparameters (Python numbers)
         return a if cond else b
+    if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):  # (float64, as coef)
+        a = torch.tensor(a, dtype=torch.float64)
     return torch.where(cond, a, b)
 
 
