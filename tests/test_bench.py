@@ -152,3 +152,26 @@ def test_bench_refuses_a_device_it_cannot_use(capsys):
 
     assert main(["bench", "--device", "tpu"]) == 2
     assert "--device 'tpu': invalid device 'tpu': cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+def test_bench_policies_times_each_policy_against_its_inner_step(monkeypatch):
+    """Each policy around torch's fused AdamW, with its kernels and with fused=False: the step
+    that runs is the one named (a NormPolicy of that policy, or the inner AdamW alone), and the
+    table reports the medians' ratios."""
+    monkeypatch.setitem(bench.SETS, "tiny", lambda: (MLP(8, 3, widths=(6,)), torch.randn(4, 8)))
+    seen = []
+
+    def fake_time(step):
+        opt = step.__self__
+        seen.append((type(opt).__name__, getattr(opt, "policy", None), getattr(opt, "fused", "inner")))
+        step()
+        return 2e-3 if type(opt).__name__ == "NormPolicy" else 1e-3
+
+    monkeypatch.setattr(bench, "_time", fake_time)
+    out = bench.bench_policies("tiny", steps=2)
+    assert [r["policy"] for r in out] == [label for label, _, _ in bench.POLICY_CASES]
+    assert all(r["fused_ratio"] == r["torch_ratio"] == 2.0 for r in out)
+    for _, policy, _ in bench.POLICY_CASES:
+        assert ("NormPolicy", policy, None) in seen and ("NormPolicy", policy, False) in seen
+    assert ("AdamW", None, "inner") in seen
+    assert "| tiny | equilibrium | 1.00 | 2.00 (2.00) | 2.00 (2.00) |" in bench.policies_table(out)

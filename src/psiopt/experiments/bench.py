@@ -393,6 +393,52 @@ def bench_optimizers(set_name: str, steps: int = 30, names=None) -> list[dict]:
     return rows_out
 
 
+#: the norm policies timed by :func:`bench_policies`: (label, policy, project)
+POLICY_CASES = (("fixed", "fixed", False), ("fixed+project", "fixed", True),
+                ("unit", "unit", False), ("equilibrium", "equilibrium", False))
+
+
+def _policy(model, mapping, policy: str | None, project: bool = False, fused=None):
+    """torch's fused AdamW (weight decay 0.05 on every parameter) on a copy of ``model``, wrapped
+    in :class:`~psiopt.NormPolicy` ``policy`` (``None``: not wrapped) on the invariant groups."""
+    from ..optim.policies import NormPolicy
+
+    twin = _clone(model, mapping)
+    groups = [{"params": [p], "grouping": mapping[n], "norm_stats": [[]]} if n in mapping
+              else {"params": [p]} for n, p in twin.named_parameters()]
+    inner = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.05, fused=True)
+    return inner if policy is None else NormPolicy(inner, policy, project=project, fused=fused)
+
+
+def bench_policies(set_name: str = "vgg16-bn", steps: int = 30) -> list[dict]:
+    """One row per norm policy around torch's fused AdamW: the wrapped step's time over the
+    inner step's alone, with the policies' fused per-row kernels (the default) and with their
+    torch path (``fused=False``), interleaved."""
+    model, mapping = parameter_set(set_name)
+    out = []
+    for label, policy, project in POLICY_CASES:
+        times = compare_steps({
+            "inner": partial(_policy, model, mapping, None),
+            "fused": partial(_policy, model, mapping, policy, project),
+            "torch": partial(_policy, model, mapping, policy, project, False)}, steps)
+        out.append({"set": set_name, "policy": label,
+                     "inner_ms": statistics.median(times["inner"]) * 1e3,
+                     "fused_ms": statistics.median(times["fused"]) * 1e3,
+                     "torch_ms": statistics.median(times["torch"]) * 1e3,
+                     "fused_ratio": paired_ratio(times["fused"], times["inner"]),
+                     "torch_ratio": paired_ratio(times["torch"], times["inner"])})
+    return out
+
+
+def policies_table(rows_: list[dict]) -> str:
+    lines = ["| set | policy | AdamW ms | + policy, kernels ms (ratio) | + policy, torch ms (ratio) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['set']} | {r['policy']} | {r['inner_ms']:.2f} | {r['fused_ms']:.2f} "
+              f"({r['fused_ratio']:.2f}) | {r['torch_ms']:.2f} ({r['torch_ratio']:.2f}) |"
+              for r in rows_]
+    return "\n".join(lines)
+
+
 def bench_training_step(steps: int = 12, batch: int = 128, model_name: str = "resnet20",
                         pairs=(("psi-sgdm", "sgd"), ("adamsrt", "adam"))) -> list[dict]:
     """Whole training step (forward, backward, step) of ``model_name``, interleaved: ratios of
@@ -763,18 +809,49 @@ on a GPU only `make gpu-check` on one can tell.
 * **Left for a GPU**: timings and launch counts against torch's fused SGD/Adam; rows split across
   programs (a long row is one program today: on a GPU a million-entry LayerNorm row would run on
   one SM; the plan is a first launch of per-chunk partial sums and a second of coefficients and
-  update); CUDA-graph capture (the hyperparameter copy at each step is not capturable: it needs
-  hyperparameters held as device tensors, issue 23 item 5); float16/bfloat16 accuracy (the
+  update); CUDA-graph capture of the Triton path (issue 23 item 5 made `lr` a tensor the
+  kernels load on the device, `h` a tensor argument of the ops, and the step counters of
+  compiled steps and of groups with a device `lr` live on the parameters' device; but the
+  Triton launch still copies `h`'s Python numbers and the per-tensor scalars from the host at
+  each step, which a graph would not repeat: `tests/test_cuda.py` captures the vectorized path,
+  `fused=False`, untested without a GPU); float16/bfloat16 accuracy (the
   interpreter tests run float32/float64); torch's fused CUDA SGD/Adam for the other parameters
-  (their step counters live on the CPU, which torch's fused CUDA step refuses).
-* **Plan for the other backends** (issue 23 item 4): the C kernel (`kernels.c`) and the
-  vectorized path still hold their own copy of each rule's arithmetic (the C code is what the
-  definitions were written from; the float64 tests hold all of them to the reference path).  The
-  definitions can generate both: evaluating `pre`/`coef`/`post` on symbolic values that record
-  each operation gives C expressions for the `pre`/`coef`/`post` of `kernels.c` (its loop
-  structure, threading and chunked sums stay hand-written, once), and the vectorized path becomes
-  `RowLayout.sums` of the `pre` terms, `coef` on the flat per-group tensors, and the `post` as
-  `torch._foreach_*` calls; `rowrules.evaluate` is the first step of the latter.
+  (their step counters live on the CPU in eager steps with a float `lr`, which torch's fused
+  CUDA step refuses).
+* **One definition, three backends** (issue 23 item 4): the C kernels are generated from the
+  same definitions (`src/psiopt/optim/c_rows.py`): each rule's `pre`, `coef` and `post` run on
+  symbolic values that record each operation and write it as C (a value of the row's entries in
+  the tensor's precision, a `wide` one in double, hyperparameters, per-tensor scalars and
+  coefficients in double, computed once and cast where they meet an entry, as a Python number
+  meets a tensor in torch); `kernels.c` keeps only the loop over rows that every rule shares
+  (threads, chunked sums, the split of rows larger than the cache).  A rule's static choices
+  (buffer, per-row states, Adam-SRT's transport) give one C function each, picked at the call; a
+  choice the rule makes once per row between values of its entries (`where(wd != 0, g + wd w,
+  g)`, torch's lerp from the start or the end) gives one loop per outcome: written as a
+  selection inside the loop, GCC left the loop unvectorized (Adam-S and Adam-SRT 0.83 -> 1.99 ×
+  torch's fused Adam on vgg16-bn, SGD-MRT 1.08 -> 2.17, until then).  Against the hand-written
+  kernels they replace, on vgg16-bn with one thread (two runs on a shared machine, the second
+  under load): every rule's ratio to torch's fused step within the runs' noise (psi-sgd 0.77 ->
+  0.73/0.86, psi-sgdm 1.17 -> 1.09/1.06, sgdmrt 1.08 -> 1.08, adams 0.83 -> 0.83, sgdg ω=0 1.36
+  -> 1.31/1.47).  `tests/test_policy_kernels.py` holds every rule's generated kernel to the same
+  definition run with torch (`rowrules.evaluate`) on every combination of the tensors it takes
+  (float64 to 1e-12), and `tests/test_fused.py` every optimizer's kernel step to its reference
+  path.  What the rewrite changed: nothing measurable in the tests (Adam-S's choice of lerp form
+  is now decided on `1 - β1` in double, where the C code cast it to float first).  The
+  vectorized path (`_update_many`, the fallback for strided views, FSDP2 shards, float16 on the
+  CPU and compiled steps) still holds its own copy of each rule, written with
+  `torch._foreach_*` and `RowLayout` sums; `rowrules.evaluate` (per tensor, not multi-tensor) is
+  not yet a replacement for it.
+* **Norm policies** (`psiopt.NormPolicy`, issue 25): the projection, the `fixed`/`unit`
+  retraction and the `equilibrium` rotation are rules of the same file (`project`, `retract`,
+  `rotate`), so they run as one C kernel call per rule, dtype and step on the CPU and one
+  Triton launch on CUDA (`fused=None`, the default; `fused=False`: torch).  The rotation's
+  sums are of the step `x = w − o` in double, so that `‖t‖² = ‖x‖² − <x,o>²/‖o‖²` cancels only
+  where the step is nearly radial (a step radial to 1e-6 rad goes back to `o`; the torch path
+  turns it by the angle in the direction of its rounding noise).  Their cost around torch's
+  fused AdamW is in the table "Norm policies" (a `fixed` policy adds a norm before the step and
+  one read and write of the rows after it; `equilibrium` a copy of the rows and a pass over
+  the copy and the rows).
 """
 
 
@@ -868,6 +945,13 @@ def run(out: str | Path | None = "docs/performance.md", steps: int = 30, sets=No
                  f"SGDG's step includes Cho & Lee's penalty (ω = 0.1): {penalty_gflop():.2f} GFLOP "
                  "per step on vgg16-bn (4R²d per weight of R rows of d entries).\n")
     log("\n".join(lines))
+    log("benchmarking norm policies ...")
+    text = policies_table([r for name in ("resnet56", "vgg16-bn") if name in (sets or list(SETS))
+                           for r in bench_policies(name, steps)])
+    parts.append("## Norm policies around torch's fused AdamW (`psiopt.NormPolicy`)\n\n"
+                 "Ratios: the wrapped step's time over AdamW's alone (median of per-round "
+                 "ratios).\n\n" + text + "\n")
+    log(text)
     compiled = []
     if compile_check:
         for set_name in sets or list(SETS):
