@@ -188,4 +188,4 @@ def test_generated_c_kernel_equals_the_definition_run_with_torch(rule, dtype):
             for key, got, want in [("w", ws, tws)] + [(k, made[k], twin[k]) for k in ("b", "s1", "s2")
                                                       if k in made]:
                 for a, e in zip(got, want):
-                    torch.testing.assert_close(a, e, **tol, msg=lambda m: f"{rule} {key}: {m}")
+                    torch.testing.assert_close(a, e, **tol, msg=lambda m, key=key: f"{rule} {key}: {m}")
