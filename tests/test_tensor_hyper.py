@@ -201,4 +201,24 @@ def test_a_part_s_rest_follows_a_tensor_lr_in_proportion():
     group = opt.param_groups[0]
     assert group["part_lr0"] == pytest.approx(0.2) and not isinstance(group["part_lr0"], torch.Tensor)
     group["lr"].fill_(0.1)
-    assert float(opt._rest_settings(group)["lr"]) == pytest.approx(0.5 * float(opt.defaults["lr"]))
+    assert float(opt._rest_settings(group)["lr"]) == pytest.approx(0.1)  # 0.2 · 0.1/0.2, once
+
+
+@pytest.mark.parametrize("name", ["psi-sgdm", "adams"])
+def test_a_scheduled_tensor_lr_reaches_a_part_s_rest_as_a_float_lr_does(name):
+    """The rest's lr shared the tensor the scheduler writes (the group's, through the defaults
+    or the others' settings): it took the schedule twice, once in place and once through
+    lr / part_lr0."""
+    out = []
+    for lr in (0.2, torch.tensor(0.2, dtype=torch.float64)):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+        opt = psiopt.create_optimizer([{"params": [w], "grouping": "channel[0:3]"}], name, lr=lr)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)
+        for step in range(4):
+            w.grad = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            opt.step()
+            scheduler.step()
+        out.append((w.detach().clone(), float(opt._rest_settings(opt.param_groups[0])["lr"])))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-12, atol=0)
+    assert out[1][1] == pytest.approx(out[0][1]) == pytest.approx(0.2 * 0.5 ** 4)

@@ -296,6 +296,11 @@ class GroupHandling:
         if is_invariant(grouping) and split_part(grouping)[1] is not None and self.rest_rule:
             lr = added["lr"]  # (a tensor lr read once, here: the scheduler writes it in place)
             added.setdefault("part_lr0", float(lr) if isinstance(lr, Tensor) else lr)
+            base = added.get("rest_lr", self.defaults.get("lr"))
+            if isinstance(base, Tensor):  # the rest's lr as it is now: a scheduler writes the
+                # tensor it shares with lr (or the others' groups, or the defaults) in place,
+                # and the rest follows lr / part_lr0 already
+                added["rest_lr"] = base.detach().clone()
 
     def _validate(self, group: dict) -> None:
         """Raise ``ValueError`` if ``group`` (merged with the defaults) is not valid."""
