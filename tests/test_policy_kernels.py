@@ -189,3 +189,32 @@ def test_generated_c_kernel_equals_the_definition_run_with_torch(rule, dtype):
                                                       if k in made]:
                 for a, e in zip(got, want):
                     torch.testing.assert_close(a, e, **tol, msg=lambda m, key=key: f"{rule} {key}: {m}")
+
+
+@pytest.mark.parametrize("inner", ["sgdm", "adamw"])
+@pytest.mark.parametrize("fused", [None, False])
+def test_equilibrium_leaves_a_group_whose_step_is_radial_where_it_was(inner, fused):
+    """A dead filter (zero gradient) under weight decay steps radially, to rounding: the
+    direction of its step's tangential part is noise, so the group goes back to where it was
+    (the torch path turned it in that direction and changed its norm by 7 %), on the kernels'
+    path, the torch path and channels_last rows (which take the torch path)."""
+    conv = torch.nn.Conv2d(3, 4, 3, bias=False).double()
+    model = torch.nn.Sequential(conv, torch.nn.BatchNorm2d(4).double())
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        net = copy.deepcopy(model).to(memory_format=layout)
+        opt = INNER[inner](psiopt.optimizer_groups(net, x, weight_decay=0.1))
+        policy = psiopt.NormPolicy(opt, "equilibrium", model=net, example_inputs=x, fused=fused)
+        w = net[0].weight
+        start = w.detach().clone()
+        for _ in range(3):
+            opt.zero_grad()
+            net(x.to(memory_format=layout)).square().mean().backward()
+            w.grad[1] = 0  # filter 1 is dead
+            policy.step()
+        torch.testing.assert_close(w[1], start[1], rtol=1e-12, atol=0)
+        assert (w[0] - start[0]).abs().max() > 1e-4  # the others turned
+        out.append(w.detach().clone())
+    # (the layouts' convolutions round differently: 3e-10 apart after three steps)
+    torch.testing.assert_close(out[0], out[1], rtol=1e-8, atol=1e-12)

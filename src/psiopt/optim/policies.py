@@ -192,10 +192,11 @@ def _project(ws: list[torch.Tensor], gs: list[torch.Tensor], outs: list[torch.Te
     takes); returns ``‖w‖²`` per group."""
     sq = [None] * len(ws)
     for index in _fused_sets(ws, [gs, outs], sums.plain, fused):
-        for i in index:
-            sq[i] = _keepdim(ws[i])
-        kernels.run("project", [ws[i] for i in index], [gs[i] for i in index],
-                    b=[outs[i] for i in index], s1=[sq[i] for i in index])
+        made = [_keepdim(ws[i]) for i in index]
+        if kernels.run("project", [ws[i] for i in index], [gs[i] for i in index],
+                       b=[outs[i] for i in index], s1=made):
+            for i, x in zip(index, made):
+                sq[i] = x
     index = [i for i, x in enumerate(sq) if x is None]
     if not index:
         return sq
@@ -209,37 +210,43 @@ def _project(ws: list[torch.Tensor], gs: list[torch.Tensor], outs: list[torch.Te
     return sq
 
 
+#: a step ``x`` whose part ``t`` orthogonal to ``old`` has ``‖t‖² ≤ RADIAL ‖x‖²`` is radial to
+#: rounding (the direction of ``t`` is noise): the group goes back to ``old`` (rowrules' "rotate")
+RADIAL = 1e-12
+
+
 def rotate_(ws: list[torch.Tensor], olds: list[torch.Tensor], thetas: list, sums: _Sums,
             fused: bool = False) -> None:
     """``w ← ‖old‖ (cos θ u + sin θ e)`` per group of the views ``w`` (stepped) and ``old`` (before
-    the step), ``u = old/‖old‖``, ``e`` the unit part of ``w`` orthogonal to ``u``: the angle
-    ``∠(old, w)`` becomes ``θ`` and the norm ``‖old‖``.  Where ``w`` has no such part the group
-    goes back to ``old``; a zero group stays zero.  Sums in float32 for 16-bit rows; two
-    reductions (``sums``: ``‖old‖²`` with ``<w, old>``, then ``‖t‖``) for every group at once;
-    or, with ``fused``, the fused kernel ``"rotate"`` on the views it takes (angles that are
-    numbers), one pass (``‖t‖²`` derived from sums in float64)."""
+    the step), ``u = old/‖old‖``, ``e = t/‖t‖`` with ``t = x − <x, u> u`` the part of the step
+    ``x = w − old`` orthogonal to ``u``: the angle ``∠(old, w)`` becomes ``θ`` and the norm
+    ``‖old‖``.  Where the step has no such part (``‖t‖² ≤`` :data:`RADIAL` ``‖x‖²``: a step
+    radial to rounding, e.g. weight decay alone on a zero gradient) the group goes back to
+    ``old``; a zero group stays zero.  Sums in float32 for 16-bit rows; two reductions
+    (``sums``: ``‖old‖²`` with ``<x, old>``, then ``‖t‖²`` with ``‖x‖²``) for every group at
+    once; or, with ``fused``, the fused kernel ``"rotate"`` on the views it takes (angles that
+    are numbers), one pass (``‖t‖²`` derived from sums in float64)."""
     done = set()
     numbers = [i for i in sums.plain if not isinstance(thetas[i], torch.Tensor)]
     for index in _fused_sets(ws, [olds], numbers, fused):
-        kernels.run("rotate", [ws[i] for i in index], [ws[i] for i in index],
-                    b=[olds[i] for i in index], k=[_cos_sin(thetas[i]) for i in index])
-        done.update(index)
+        if kernels.run("rotate", [ws[i] for i in index], [ws[i] for i in index],
+                       b=[olds[i] for i in index], k=[_cos_sin(thetas[i]) for i in index]):
+            done.update(index)
     index = [i for i in range(len(ws)) if i not in done]
     if not index:
         return
     sums = sums.subset(index)
     acc = [accumulate_dtype(ws[i].dtype) for i in index]
     os_ = [olds[i].to(a) for i, a in zip(index, acc)]
-    ns = [ws[i].to(a) for i, a in zip(index, acc)]
-    rr, nr = sums([(os_, os_), (ns, os_)])
-    rs = [x.sqrt() for x in rr]
-    us = [o * safe_inv(r) for o, r in zip(os_, rs)]
-    ts = [torch.addcmul(n, u, c * safe_inv(r), value=-1.0)  # the part of w orthogonal to u
-          for n, u, c, r in zip(ns, us, nr, rs)]
-    for i, r, u, t, tn in zip(index, rs, us, ts, sums.norms(ts)):
+    xs = [ws[i].to(a) - o for i, a, o in zip(index, acc, os_)]  # the step
+    rr, xo = sums([(os_, os_), (xs, os_)])
+    ts = [torch.addcmul(x, o, c * safe_inv(r), value=-1.0)  # its part orthogonal to old
+          for x, o, c, r in zip(xs, os_, xo, rr)]
+    tt, xx = sums([(ts, ts), (xs, xs)])
+    for i, o, r, t, t2, x2 in zip(index, os_, rr, ts, tt, xx):
         cos, sin = _cos_sin(thetas[i])
-        turns = (tn > 0).to(r.dtype)  # 1 where the group turns (in acc's dtype: cos keeps its digits)
-        ws[i].copy_(r * ((1 + (cos - 1) * turns) * u + sin * t * safe_inv(tn)))
+        turns = (t2 > RADIAL * x2).to(r.dtype)  # (in acc's dtype: cos keeps its digits)
+        ws[i].copy_((1 + (cos - 1) * turns) * o + (r.sqrt() * sin * turns * safe_inv(t2.sqrt())) * t)
 
 
 class NormPolicy:

@@ -284,7 +284,7 @@ def retract_post(w, g, b, c, h, HAS_B, OPT):
 # before the inner step; k = (cos, sin) of the tensor's angle).  Sums of the step x = w - o, in
 # float64: t = x - <x,o>/||o||^2 o, and ||t||^2 = ||x||^2 - <x,o>^2/||o||^2 cancels only where the
 # step is nearly radial.  Where ||t||^2 <= 1e-12 ||x||^2 (the step radial to rounding: the
-# direction of t is noise) the group goes back to o.
+# direction of t is noise; policies.RADIAL) the group goes back to o.
 
 
 def rotate_pre(w, g, b, h, k, HAS_B, OPT):
