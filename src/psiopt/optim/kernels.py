@@ -242,12 +242,14 @@ def _call(kernel, ws, gs, b, s1, s2, k, h, opt=None) -> None:
     """Call ``kernel`` (an empty list for a tensor list the rule does not take); ``h`` the float64
     CPU tensor of :func:`rowrules.hyper_tensor`, read here (``opt``: the C kernel reads ``h``)."""
     n = len(ws)
+    if k is None:  # zeros, as rowrules.evaluate takes (never a NULL the rule would read)
+        k = torch.zeros(n, 2, dtype=torch.float64)
     arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in ts]) if ts else None
               for ts in (ws, gs, b, s1, s2)]
     rows = (ctypes.c_int64 * n)(*[w.shape[0] for w in ws])
     cols = (ctypes.c_int64 * n)(*[w.numel() // w.shape[0] for w in ws])
     args = _Args(*[None if a is None else ctypes.addressof(a) for a in arrays],
-                 None if k is None else k.data_ptr(), ctypes.addressof(rows), ctypes.addressof(cols),
-                 0 if k is None else k.shape[1], (ctypes.c_double * 6)(*h.tolist()))
+                 k.data_ptr(), ctypes.addressof(rows), ctypes.addressof(cols), k.shape[1],
+                 (ctypes.c_double * 6)(*h.tolist()))
     fn = getattr(load(), kernel + _TYPES[ws[0].dtype][1])
     fn(ctypes.c_int(n), ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))
