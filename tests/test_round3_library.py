@@ -275,16 +275,26 @@ def test_settings_written_after_construction_are_checked_at_the_step(name, how):
     assert same(tensors(model), before)
 
 
-def test_a_tensor_lr_written_later_is_refused_as_when_the_group_is_added():
-    """The settings are Python numbers: reading them never touches a tensor (a tensor lr is
-    refused as it is when the group is added)."""
-    model = bn_net()
-    x, y = bn_data()
-    opt = psiopt.create_optimizer(model, "adamg", x)
-    opt.param_groups[0]["lr"] = torch.tensor(0.01)
-    F.cross_entropy(model(x), y).backward()
-    with pytest.raises(ValueError, match="invalid lr: tensor.*must be a real number"):
+def test_a_tensor_lr_written_later_steps_as_its_number_and_is_range_checked():
+    """A 0-d tensor lr written into a group after it was added (issue 23 item 5: schedulers
+    write it in place) steps as the number it holds would, and one out of range is refused at
+    the step, before anything changes."""
+    out = []
+    for lr in (0.01, torch.tensor(0.01, dtype=torch.float64), torch.tensor(-0.01)):
+        model = bn_net()
+        x, y = bn_data()
+        opt = psiopt.create_optimizer(model, "adamg", x)
+        opt.param_groups[0]["lr"] = lr
+        F.cross_entropy(model(x), y).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        if isinstance(lr, torch.Tensor) and lr < 0:
+            with pytest.raises(ValueError, match="invalid lr"):
+                opt.step()
+            assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+            continue
         opt.step()
+        out.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*out))
 
 
 # -- item 4: PSI's guard settings with fixed_norm ---------------------------------------------------

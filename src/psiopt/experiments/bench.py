@@ -248,9 +248,9 @@ def _counting_kernels(counter: _StepCounter):
 
     real = kernels._call
 
-    def call(kernel, ws, gs, b, s1, s2, k, h):
+    def call(kernel, ws, gs, b, s1, s2, k, h, *rest):
         counter.kernel(ws, gs, b, s1, s2)
-        return real(kernel, ws, gs, b, s1, s2, k, h)
+        return real(kernel, ws, gs, b, s1, s2, k, h, *rest)
 
     kernels._call = call
     try:
