@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_a_diverging_run_stops_and_is_reported(tmp_path):
     assert "| sgd | — (diverged" in (tmp_path / "summary.md").read_text()
 
 
-@pytest.mark.parametrize("args, words", [
+BAD_ARGUMENTS = [
     (["train", "--optimizer", "nope"], ["unknown optimizer 'nope'", "psi-sgdm"]),
     (["train", "--model", "resnet19"], ["unknown model", "resnet20"]),
     (["train", "--dataset", "imagenet"], ["unknown dataset", "fashion-mnist"]),
@@ -105,9 +106,69 @@ def test_a_diverging_run_stops_and_is_reported(tmp_path):
     (["train", "--dataset", "cifar10"], ["--data-dir"]),
     (["compare", "--optimizers", "sgd,adamx"], ["unknown optimizer 'adamx'"]),
     (["train", "--epochs", "x"], ["invalid int value"]),
-])
-def test_bad_arguments_give_one_line(args, words):
-    result = run_cli(*args)
+]
+
+#: ``python -m psiopt`` on each command line of argv[2] (JSON) in turn, in one process (one
+#: import of torch instead of one per command line): file descriptor 2 captured per command line,
+#: what the imports wrote to it before the first put in front of each, warnings shown again for
+#: each (a fresh process shows a warning once), an uncaught exception's traceback written there
+#: with status 1, as a process of its own would end; [status, stderr] of each to argv[1]
+_RUN_EACH = """
+import json, os, runpy, sys, tempfile, traceback, warnings
+
+def captured(fn):
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            code = fn()
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        f.seek(0)
+        return code, f.read().decode()
+
+def run():
+    try:
+        runpy.run_module("psiopt", run_name="__main__", alter_sys=True)
+        return 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 1
+        return e.code or 0
+    except BaseException:
+        traceback.print_exc()
+        return 1
+
+out, cases = sys.argv[1], json.loads(sys.argv[2])
+_, imported = captured(lambda: __import__("psiopt.experiments.cli"))
+results = []
+for argv in cases:
+    sys.argv = ["psiopt", *argv]
+    warnings._filters_mutated()
+    code, err = captured(run)
+    results.append([code, imported + err])
+with open(out, "w") as f:
+    json.dump(results, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_argument_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bad-arguments") / "runs.json"
+    result = subprocess.run([sys.executable, "-c", _RUN_EACH, str(out),
+                             json.dumps([args for args, _ in BAD_ARGUMENTS])],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return [types.SimpleNamespace(returncode=c, stderr=e) for c, e in json.loads(out.read_text())]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_ARGUMENTS)), ids=[" ".join(a) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_give_one_line(bad_argument_runs, case):
+    result, words = bad_argument_runs[case], BAD_ARGUMENTS[case][1]
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("psiopt: error:"), result.stderr
@@ -297,10 +358,31 @@ def _recipe_argv(name, tmp_path, *extra):
             "--no-progress", "--out", str(tmp_path), *extra]
 
 
-@pytest.mark.parametrize("name", COMPARE_RECIPES)
-def test_every_recipe_runs_end_to_end_on_a_tiny_subset(tmp_path, name):
+def _grid_ends(name):
+    """The recipe, its grid cut to its two ends where its small runs repeat one setting over a
+    grid of numbers (test time): arora-lr-sweep's four arms at the invariant lrs 0.01 and 100
+    (of five), roburin-table2's lr selection at 1e-4 and 0.1 (of four); every kind of arm and
+    every optimizer still runs.  test_every_full_recipe_validates_without_data builds every arm
+    and every trial of the whole grids."""
     from psiopt.experiments.recipes import RECIPES
 
+    recipe = RECIPES[name]
+    if name == "arora-lr-sweep":
+        variants = {k: v for k, v in recipe["variants"].items() if k.startswith(("lr0.01-", "lr100-"))}
+        assert len(variants) == 8 and len(recipe["variants"]) == 20
+        return {**recipe, "variants": variants}
+    if name == "roburin-table2":
+        small = recipe["select"]["small"]
+        assert len(small["lrs"]) == 4
+        return {**recipe, "select": {**recipe["select"], "small": {**small, "lrs": small["lrs"][::3]}}}
+    return recipe
+
+
+@pytest.mark.parametrize("name", COMPARE_RECIPES)
+def test_every_recipe_runs_end_to_end_on_a_tiny_subset(tmp_path, monkeypatch, name):
+    from psiopt.experiments.recipes import RECIPES
+
+    monkeypatch.setitem(RECIPES, name, _grid_ends(name))
     assert main(_recipe_argv(name, tmp_path)) == 0
     variants = RECIPES[name]["variants"] or {"": {}}
     optimizers = RECIPES[name]["small"]["optimizers"].split(",")

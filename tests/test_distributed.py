@@ -168,16 +168,25 @@ def _sharded(model):
     return model
 
 
-def _checkpoint_worker(rank, world, port, names, root, out, mode=None):
-    """Train 4 steps, save with torch.distributed.checkpoint, train 4 more; a fresh model and
-    optimizer loaded from the checkpoint must train the last 4 steps identically (``mode``
-    "fsdp-parts": parts_net, whose parts' state and rest buffers are saved too)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
+def _checkpoint_worker(rank, world, port, names, root, out, modes):
+    """For each mode of ``modes`` (one spawn for all, test time): train 4 steps, save with
+    torch.distributed.checkpoint, train 4 more; a fresh model and optimizer loaded from the
+    checkpoint must train the last 4 steps identically ("fsdp-parts": parts_net, whose parts'
+    state and rest buffers are saved too)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
+    results = {mode: _checkpoint_mode(rank, names, f"{root}/{mode}", mode) for mode in modes}
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    close_process_group()
+
+
+def _checkpoint_mode(rank, names, root, mode):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     xs, ys = data(mode)
     xs, ys = xs[:, rank * 4:rank * 4 + 4], ys[:, rank * 4:rank * 4 + 4]
     make = parts_net if mode == "fsdp-parts" else net
@@ -199,19 +208,26 @@ def _checkpoint_worker(rank, world, port, names, root, out, mode=None):
         train(again, opt2, xs[4:], ys[4:])
         a, b = full(model), full(again)
         results[name] = max(float((a[n] - b[n]).abs().max()) for n in a)
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
-    close_process_group()
+    return results
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "fsdp-parts"])
-def test_optimizer_state_saved_with_distributed_checkpoint_continues_identically(tmp_path, mode):
+CHECKPOINT_MODES = ("fsdp", "fsdp-parts")
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """``_checkpoint_worker``'s results for every mode of ``CHECKPOINT_MODES``, one spawn."""
+    root = tmp_path_factory.mktemp("dcp")
+    out = root / "dcp.json"
+    mp.spawn(_checkpoint_worker, args=(2, _free_port(), psiopt.list_optimizers(), str(root),
+                                       str(out), CHECKPOINT_MODES), nprocs=2)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mode", CHECKPOINT_MODES)
+def test_optimizer_state_saved_with_distributed_checkpoint_continues_identically(checkpointed, mode):
     names = psiopt.list_optimizers()
-    out = tmp_path / "dcp.json"
-    mp.spawn(_checkpoint_worker, args=(2, _free_port(), names, str(tmp_path), str(out), mode),
-             nprocs=2)
-    results = json.loads(out.read_text())
+    results = checkpointed[mode]
     print(json.dumps(results, indent=1), file=sys.stderr)
     assert set(results) == set(names)
     assert all(e == 0.0 for e in results.values()), results
@@ -289,13 +305,32 @@ def spawn(mode, names, tmp_path) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp-parts"])
-def test_two_ranks_equal_one_process_for_norm_policies_on_adamw_and_sgd(tmp_path, mode):
+#: modes whose two tests (every optimizer, every norm policy) share one spawn (test time)
+SHARED = ("ddp", "fsdp", "fsdp-parts")
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """``spawn(mode, names)`` results by mode: every optimizer and every norm policy in one spawn
+    for the modes of ``SHARED`` (each name trained from scratch, as in a spawn of its own)."""
+    cache = {}
+
+    def get(mode):
+        if mode not in cache:
+            names = [*psiopt.list_optimizers(), *(POLICY_CASES if mode in SHARED else ())]
+            cache[mode] = spawn(mode, names, tmp_path_factory.mktemp(mode))
+        return cache[mode]
+
+    return get
+
+
+@pytest.mark.parametrize("mode", SHARED)
+def test_two_ranks_equal_one_process_for_norm_policies_on_adamw_and_sgd(spawned, mode):
     """NormPolicy under DDP and FSDP2 (its per-group sums of sharded rows complete across ranks,
     "groups:2" and "tensor" groups and the parts of parts_net spanning them) equals one process,
     for every policy with and without projection, on AdamW and SGD-momentum."""
-    results = spawn(mode, POLICY_CASES, tmp_path)
-    errors = {name: (r["error"], r["worst"]) for name, r in results.items()}
+    results = spawned(mode)
+    errors = {name: (r["error"], r["worst"]) for name, r in results.items() if name in POLICY_CASES}
     print(json.dumps(errors, indent=1), file=sys.stderr)
     assert set(errors) == set(POLICY_CASES)
     assert all(e < 1e-6 for e, _ in errors.values()), errors
@@ -343,9 +378,10 @@ def test_unit_policy_refuses_running_statistics_of_sharded_rows_when_built(tmp_p
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp", "ddp-syncbn", *PARTS])
-def test_two_ranks_equal_one_process_for_every_optimizer(tmp_path, mode):
+def test_two_ranks_equal_one_process_for_every_optimizer(spawned, mode):
     names = psiopt.list_optimizers()
-    results = spawn(mode, names, tmp_path)
+    results = {name: r for name, r in spawned(mode).items() if name in names}
+    assert set(results) == set(names)
     prefix = "" if mode.startswith("fsdp") else "module."
     expected = {f"{prefix}0.weight": "groups:2", f"{prefix}3.weight": "channel",
                 f"{prefix}3.bias": "cancelled", f"{prefix}7.weight": "tensor"}
