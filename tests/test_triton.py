@@ -193,11 +193,13 @@ def test_the_rule_definitions_run_with_torch_as_the_reference_path_steps(name, s
     assert max_error(fused, run(name, settings, "groups:2[0:8]", torch.float64, foreach=False)) < 1e-12
 
 
-def test_a_compiled_step_calls_the_op(interpreted):
+@pytest.mark.parametrize("grouping", ["channel", "tensor"])
+def test_a_compiled_step_calls_the_op(grouping, launches, interpreted, monkeypatch):
+    monkeypatch.setattr(triton_rows, "MAX_BLOCK", SPLIT)  # (tensor: rows split into chunks)
     gen = torch.Generator().manual_seed(0)
     ps = [torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in SHAPES]
     qs = [p.detach().clone().requires_grad_() for p in ps]
-    opts = [psiopt.REGISTRY["un-sgd"].cls([{"params": x, "grouping": "channel",
+    opts = [psiopt.REGISTRY["un-sgd"].cls([{"params": x, "grouping": grouping,
                                             "norm_stats": [[] for _ in x]}], lr=0.05) for x in (ps, qs)]
     compiled = torch.compile(opts[0].step, backend="aot_eager", fullgraph=True)
     for step in range(3):
@@ -206,7 +208,8 @@ def test_a_compiled_step_calls_the_op(interpreted):
             q.grad = p.grad.clone()
         compiled() if step else opts[0].step()  # the first step makes the state
         opts[1].step()
-    assert len(interpreted) == 6  # eager and compiled, one launch per step each
+    assert len(interpreted) == 6  # eager and compiled, one call per step each
+    assert len(launches) == 6 * (1 if grouping == "channel" else 3)
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 

@@ -1,31 +1,45 @@
-"""The fused step with Triton: one kernel launch per rule, parameter group and step (SGDG/AdamG
-with Cho & Lee's penalty: one more per penalised tensor, computed by torch).
+"""The fused step with Triton: one kernel launch per rule, parameter group and step, three where
+the group has rows longer than :data:`MAX_BLOCK`, whatever the number of tensors (SGDG/AdamG with
+Cho & Lee's penalty: as many more per penalised tensor, whose penalty torch computes).
 
 Built from each rule's single definition in :mod:`psiopt.optim.rowrules` (its ``pre``, ``coef``
 and ``post``): those plain Python functions are compiled by Triton with their helpers
-(``sqrt``, ``safe_inv``…) rebound to Triton functions, and inlined into one kernel template,
-:func:`_row_kernel`.  Nothing here restates a rule.
+(``sqrt``, ``safe_inv``…) rebound to Triton functions, and inlined into the kernel templates
+(:func:`_row_kernel`, :func:`_partials_kernel`, :func:`_update_kernel`).  Nothing here restates a
+rule.
 
 The launch takes a table, as torch's multi-tensor apply does: per tensor the addresses of its
-weights, gradients, buffer and per-row state and its row length; per row its tensor and index.
-One program per row: it loads the row (``BLOCK`` entries, the smallest power of two that holds
-the group's longest row, at most :data:`MAX_BLOCK`), takes its sums, its coefficients and its
-update with the row in registers, and writes the row, the buffer and the row's state once.
-Rows longer than ``MAX_BLOCK`` (LayerNorm "tensor" groups) are read in chunks twice: the sums
-(and the buffer's update) on the first pass, the update on the second.  Per-entry arithmetic
-and sums are in float32 for 16- and 32-bit parameters (float64 for float64), coefficients in
-float64.
+weights, gradients, buffer and per-row state and its row length; per row its tensor and index
+(per chunk of a long row: its tensor, its row's index and its place in the row).
 
-The table is made on the host and copied to the device without synchronisation
-(``non_blocking``), and kept while the tensors' addresses are the same (a step whose buffers
-were allocated once copies only its hyperparameters).  Triton is imported on first use:
+* Rows of at most :data:`MAX_BLOCK` entries, one launch (:func:`_row_kernel`), one program per
+  row: it loads the row (``BLOCK`` entries, the smallest power of two that holds the longest of
+  these rows), takes its sums, its coefficients and its update with the row in registers, and
+  writes the row, the buffer and the row's state once.
+* Longer rows (LayerNorm "tensor" groups: a whole weight is one row), split into chunks of
+  ``MAX_BLOCK`` entries, two launches of one program per chunk: the first
+  (:func:`_partials_kernel`) takes the buffer's update (written) and writes the chunk's sums
+  (float64) and its row's state before the step to a scratch tensor (``NSUM + 2`` values a
+  chunk); the second (:func:`_update_kernel`) adds its row's chunk sums, :data:`MAX_PARTS` at a
+  time and always in the same order (every program of a row has the same sums, so the same
+  coefficients), takes the coefficients from them and the state's copy, updates its chunk (the
+  buffer read again, as the first launch wrote it) and, in the program of the row's first chunk,
+  writes the row's state (no program of the second launch reads the state tensors it writes).
+
+Per-entry arithmetic and sums within a row (or a chunk) are in float32 for 16- and 32-bit
+parameters (float64 for float64), the chunks' sums added and the coefficients taken in float64.
+
+The tables are made on the host and copied to the device without synchronisation
+(``non_blocking``), and kept while the tensors' shapes (row and chunk map) and addresses are the
+same (a step whose buffers were allocated once copies only its hyperparameters); the scratch
+tensor is allocated on the device at each step.  Triton is imported on first use:
 CPU-only users never need it.
 
 CUDA tensors take this path (when triton is importable); the tests run it on CPU tensors under
 Triton's interpreter (``TRITON_INTERPRET=1``) with ``PSIOPT_TRITON_CPU=1`` (or
 ``psiopt.optim.kernels.TRITON_ON_CPU = True``).  While ``torch.compile`` traces a step, it is
-one call of the op ``psiopt::triton_rows`` (opaque to inductor: the addresses in the table are
-read from the real tensors).
+one call of the op ``psiopt::triton_rows``, its launches inside (opaque to inductor: the
+addresses in the table are read from the real tensors).
 """
 
 from __future__ import annotations
@@ -357,8 +371,9 @@ def _device_table(key, make, device):
 
 def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     """Rule ``kernel`` (:data:`psiopt.optim.rowrules.RULES`) on the views ``ws``, arguments as
-    :func:`psiopt.optim.kernels.run`: one launch.  ``False``, changing nothing, when a state tensor
-    does not fit (:func:`state_fits`)."""
+    :func:`psiopt.optim.kernels.run`: one launch (three with rows longer than
+    :data:`MAX_BLOCK`).  ``False``, changing nothing, when a state tensor does not fit
+    (:func:`state_fits`)."""
     if not state_fits(ws, b, s1, s2):
         return False
     from .kernels import scalars
