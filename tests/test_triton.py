@@ -170,6 +170,12 @@ def test_at_most_three_launches_per_group_and_step_with_long_rows(launches, inte
     assert launches == [("partials", 2 * 15 + 2 * 8 + 2 * 2), ("update", 50)] * STEPS
 
 
+def test_the_first_launch_writes_the_buffer_of_the_rules_that_change_it():
+    changes = {name for name in rowrules.RULES if triton_rows._pre_shape(name, True, False)[1]}
+    assert changes == {"psgd", "sgdmrt", "adams"}
+    assert not triton_rows._pre_shape("psgd", False, False)[1]  # (no buffer: nothing to write)
+
+
 def test_the_chunks_of_a_row_are_mapped_in_order():
     table = triton_rows._row_map([2, 3, 1], [5, 3, 9], 4)  # rows of 5 and 9 entries: 2 and 3 chunks
     assert table[:3, :3].tolist() == [[1, 1, 1], [0, 1, 2], [0, 0, 0]]  # the short rows
@@ -255,9 +261,9 @@ def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
                      T=triton_rows._triton_dtype(dtype), S1T=tl.float32, S2T=tl.float32,
                      ACC=tl.float32)
         writes = dict(WRITES_S1=rule.writes_s1, WRITES_S2=rule.writes_s2)
-        nsum = triton_rows._nsum(name, True, True)
+        nsum, store_b = triton_rows._pre_shape(name, True, True)
         forms = {"rows": (tables, dict(BLOCK=256, **writes, **flags)),
-                 "partials": (chunks, dict(BLOCK=4096, NSUM=nsum, **flags)),
+                 "partials": (chunks, dict(BLOCK=4096, NSUM=nsum, STORE_B=store_b, **flags)),
                  "update": (chunks, dict(BLOCK=4096, NSUM=nsum, PARTS=256, **writes, **flags))}
         for form, (pointers, constants) in forms.items():
             signature = dict(pointers, NT="i32", **{k: "constexpr" for k in constants})

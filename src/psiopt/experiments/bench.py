@@ -786,7 +786,8 @@ on a GPU only `make gpu-check` on one can tell.
   per shapes. A row of up to 4096 entries is one program: loaded once into registers, its sums,
   coefficients and update taken there, and written once. Longer rows (LayerNorm "tensor" groups: a
   whole weight is one row) are split across programs, one per chunk of 4096 entries, in two more
-  launches: the first updates the chunk's buffer (written) and writes the chunk's sums (float64)
+  launches: the first updates the chunk's buffer (written by the rules that change it: PSGD with
+  momentum, SGD-MRT, Adam-S/SRT) and writes the chunk's sums (float64)
   and its row's state before the step to a scratch tensor; the second adds the row's chunk sums
   (256 at a time, always in the same order: every program of the row gets the same sums, and the
   same coefficients), takes the coefficients and updates its chunk (reading the buffer the first

@@ -18,7 +18,8 @@ weights, gradients, buffer and per-row state and its row length; per row its ten
   writes the row, the buffer and the row's state once.
 * Longer rows (LayerNorm "tensor" groups: a whole weight is one row), split into chunks of
   ``MAX_BLOCK`` entries, two launches of one program per chunk: the first
-  (:func:`_partials_kernel`) takes the buffer's update (written) and writes the chunk's sums
+  (:func:`_partials_kernel`) takes the buffer's update (written where ``pre`` changes the
+  buffer) and writes the chunk's sums
   (float64) and its row's state before the step to a scratch tensor (``NSUM + 2`` values a
   chunk); the second (:func:`_update_kernel`) adds its row's chunk sums, :data:`MAX_PARTS` at a
   time and always in the same order (every program of a row has the same sums, so the same
@@ -177,12 +178,13 @@ def _row_kernel(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr,
 
 
 def _partials_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
-                     NSUM: tl.constexpr, HAS_B: tl.constexpr, HAS_S1: tl.constexpr,
-                     HAS_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
-                     S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr):
+                     NSUM: tl.constexpr, STORE_B: tl.constexpr, HAS_B: tl.constexpr,
+                     HAS_S1: tl.constexpr, HAS_S2: tl.constexpr, OPT: tl.constexpr, NT,
+                     T: tl.constexpr, S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr):
     """A long row's first launch, one program per chunk (``BLOCK`` entries, chunk ``CH_J`` of its
-    row): the buffer's update, written, and the chunk's sums (float64) and its row's state before
-    the step into its slot of ``SCR`` (``NSUM + 2`` values)."""
+    row): the buffer's update, written (``STORE_B``: where ``PRE`` changes the buffer), and the
+    chunk's sums (float64) and its row's state before the step into its slot of ``SCR``
+    (``NSUM + 2`` values)."""
     p = tl.program_id(0)
     t, i, d, w_ptr, g_ptr, b_ptr = _row_at(PTR, CH_T, CH_I, COLS, p, NT, HAS_B, T)
     h, hc, k, kc = _hyper(K, H, t, ACC)
@@ -193,7 +195,7 @@ def _partials_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr
     w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, start, o, d, HAS_B, ACC)
     b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
     tl.static_assert(len(terms) == NSUM)
-    if HAS_B:
+    if STORE_B:
         tl.store(b_ptr + start + o, b.to(T), mask=mask)
     s = _sum_all(terms)
     slot = SCR + p * (NSUM + 2)
@@ -328,10 +330,12 @@ def _build(name: str, dtype: torch.dtype, interpret: bool) -> dict:
 
 
 @functools.cache
-def _nsum(name: str, has_b: bool, opt: bool) -> int:
-    """How many sums rule ``name``'s ``pre`` gives (its definition run once with torch)."""
-    x = torch.zeros(1, dtype=torch.float64)
-    return len(rowrules.RULES[name].pre(x, x, x, [0.0] * 6, [0.0, 0.0], has_b, opt)[1])
+def _pre_shape(name: str, has_b: bool, opt: bool) -> tuple[int, bool]:
+    """How many sums rule ``name``'s ``pre`` gives, and whether it changes the buffer (rather
+    than pass it through): its definition run once with torch."""
+    w, g, b = (torch.zeros(1, dtype=torch.float64) for _ in range(3))
+    new_b, terms = rowrules.RULES[name].pre(w, g, b, [0.0] * 6, [0.0, 0.0], has_b, opt)
+    return len(terms), has_b and new_b is not b
 
 
 def _triton_dtype(dtype: torch.dtype):
@@ -426,11 +430,12 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
             _kernel(kernel, dtype, "rows")[(nshort,)](
                 ptr, table[0], table[1], table[3], hk[6:], hk, BLOCK=block, **writes, **flags)
         if nchunks:  # one program per chunk: sums, then coefficients and update
-            nsum = _nsum(kernel, bool(b), bool(opt))
+            nsum, store_b = _pre_shape(kernel, bool(b), bool(opt))
             scratch = torch.empty(nchunks * (nsum + 2), dtype=torch.float64, device=device)
             chunks = (table[0, nshort:], table[1, nshort:], table[2, nshort:], table[3])
             _kernel(kernel, dtype, "partials")[(nchunks,)](
-                ptr, *chunks, hk[6:], hk, scratch, BLOCK=chunk, NSUM=nsum, **flags)
+                ptr, *chunks, hk[6:], hk, scratch, BLOCK=chunk, NSUM=nsum, STORE_B=store_b,
+                **flags)
             _kernel(kernel, dtype, "update")[(nchunks,)](
                 ptr, *chunks, hk[6:], hk, scratch, BLOCK=chunk, NSUM=nsum,
                 PARTS=min(MAX_PARTS, 1 << (max(parts) - 1).bit_length()), **writes, **flags)
