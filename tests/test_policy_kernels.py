@@ -95,14 +95,18 @@ def test_fused_policy_in_float32_is_as_close_to_float64_as_its_torch_path(policy
         assert (a.double() - e).abs().max() <= 4 * (b.double() - e).abs().max() + 1e-6
 
 
-def test_the_fused_policy_runs_through_triton_kernels_as_through_torch(monkeypatch, calls):
+@pytest.mark.parametrize("split", [False, True], ids=["rows", "split"])
+def test_the_fused_policy_runs_through_triton_kernels_as_through_torch(monkeypatch, calls, split):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
-    launched = []
+    launched, forms = [], set()
     from psiopt.optim import triton_rows
-    launch = triton_rows._launch
+    launch, kernel = triton_rows._launch, triton_rows._kernel
     monkeypatch.setattr(triton_rows, "_launch", lambda *a: (launched.append(a[0]), launch(*a)))
+    monkeypatch.setattr(triton_rows, "_kernel", lambda *a: (forms.add(a[1:]), kernel(*a))[1])
+    if split:  # rows longer than 16 entries (all here): one program per chunk, in two launches
+        monkeypatch.setattr(triton_rows, "MAX_BLOCK", 16)
     for policy, project, inner in [("fixed", True, "adamw"), ("equilibrium", False, "sgdm"),
                                    ("unit", False, "sgdm")]:
         model, x, y = _setup("QK-norm (LayerNorm), fused qkv, no bias")
@@ -112,6 +116,7 @@ def test_the_fused_policy_runs_through_triton_kernels_as_through_torch(monkeypat
         for a, b in zip(fused, plain):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert launched == calls and {"project", "rotate", "retract"} <= set(launched)
+    assert {form for _, form in forms} == ({"partials", "update"} if split else {"rows"})
 
 
 def test_fused_true_refuses_rows_the_kernels_do_not_take_before_anything_changes():

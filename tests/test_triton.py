@@ -2,9 +2,10 @@
 
 The kernels run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``), selected with
 ``psiopt.optim.kernels.TRITON_ON_CPU`` (``PSIOPT_TRITON_CPU=1``): every rule with a fused kernel
-and its settings, several tensors of different shapes in one group, the groupings channel,
-groups:2, tensor (rows longer than a block: the two-pass form) and a part, against the reference
-path (``foreach=False``) in float64 (1e-12) and float32.  The same rule definitions
+and its settings, several tensors of different shapes in one group, the groupings channel (rows
+in registers: one launch), groups:2, tensor and a part (with ``MAX_BLOCK`` 16: rows longer than a
+block split into chunks, one program per chunk in two launches, beside the short rows' launch),
+against the reference path (``foreach=False``) in float64 (1e-12) and float32.  The same rule definitions
 (``psiopt.optim.rowrules``) also run with torch (``rowrules.evaluate``) against the reference path,
 and every rule's kernel is compiled by Triton for an sm_90 GPU (to a cubin: the compiler's own
 checks, which the interpreter does not make).  Whether the kernels run right and fast on a GPU
@@ -70,6 +71,30 @@ def interpreted(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def launches(interpreted, monkeypatch):
+    """The Triton launches themselves: (form, number of programs) of each."""
+    out = []
+    kernel = triton_rows._kernel
+
+    class Counted:
+        def __init__(self, fn, form):
+            self.fn, self.form = fn, form
+
+        def __getitem__(self, grid):
+            out.append((self.form, grid[0]))
+            return self.fn[grid]
+
+    monkeypatch.setattr(triton_rows, "_kernel",
+                        lambda name, dtype, form="rows": Counted(kernel(name, dtype, form), form))
+    return out
+
+
+#: rows longer than a block: the split form (with SHAPES, rows of 120, 60 and 48 entries over 8, 4
+#: and 3 chunks, and of 30 and 20 over 2; a short row beside them in every group)
+SPLIT = 16
+
+
 def run(name, settings, grouping, dtype, steps=STEPS, **kw):
     """``steps`` steps of fixed gradients on tensors of SHAPES in one group."""
     gen = torch.Generator().manual_seed(0)
@@ -98,21 +123,27 @@ def max_error(a, b):
 
 @pytest.mark.parametrize("grouping", GROUPINGS)
 @pytest.mark.parametrize("name, settings", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
-def test_triton_steps_agree_with_the_reference_path_in_float64(name, settings, grouping, interpreted,
+def test_triton_steps_agree_with_the_reference_path_in_float64(name, settings, grouping, launches,
                                                               monkeypatch):
-    if grouping == "tensor":  # rows longer than a block: sums, then the update, chunk by chunk
-        monkeypatch.setattr(triton_rows, "MAX_BLOCK", 16)
+    split = grouping != "channel"
+    if split:  # rows longer than a block: one program per chunk, partial sums then the update
+        monkeypatch.setattr(triton_rows, "MAX_BLOCK", SPLIT)
+        monkeypatch.setattr(triton_rows, "MAX_PARTS", 2)  # (their sums 2 chunks at a time)
     fused = run(name, settings, grouping, torch.float64, fused=True)
-    assert interpreted, "the Triton kernels did not run"
+    assert {form for form, _ in launches} == ({"rows", "partials", "update"} if split else {"rows"})
     monkeypatch.setattr(kernels, "TRITON_ON_CPU", False)
     reference = run(name, settings, grouping, torch.float64, foreach=False)
     assert max_error(fused, reference) < 1e-12
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["rows", "split"])
 @pytest.mark.parametrize("name, settings", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
-def test_triton_steps_agree_with_the_reference_path_in_float32(name, settings, interpreted, monkeypatch):
+def test_triton_steps_agree_with_the_reference_path_in_float32(name, settings, split, launches,
+                                                              monkeypatch):
+    if split:
+        monkeypatch.setattr(triton_rows, "MAX_BLOCK", SPLIT)
     fused = run(name, settings, "groups:2", torch.float32, fused=True)
-    assert interpreted
+    assert {form for form, _ in launches} == ({"rows", "partials", "update"} if split else {"rows"})
     monkeypatch.setattr(kernels, "TRITON_ON_CPU", False)
     reference = run(name, settings, "groups:2", torch.float32, foreach=False)
     truth = run(name, settings, "groups:2", torch.float64, foreach=False)
@@ -120,9 +151,37 @@ def test_triton_steps_agree_with_the_reference_path_in_float32(name, settings, i
     assert max_error(fused, truth) <= 4 * max_error(reference, truth) + 1e-5
 
 
-def test_one_launch_per_group_and_step_whatever_the_number_of_tensors(interpreted):
+def test_one_launch_per_group_and_step_whatever_the_number_of_tensors(launches, interpreted):
     run("psi-sgdm", {"lr": 0.1, "momentum": 0.9}, "channel", torch.float64, fused=True)
     assert interpreted == [("psi", len(SHAPES))] * STEPS
+    assert launches == [("rows", 10 + 12 + 10)] * STEPS  # one program per row
+
+
+def test_at_most_three_launches_per_group_and_step_with_long_rows(launches, interpreted, monkeypatch):
+    """Rows longer than ``MAX_BLOCK``: two launches of one program per chunk (8 + 4 for the rows of
+    120 and 60 entries), the short row's (10 entries) in the first launch."""
+    monkeypatch.setattr(triton_rows, "MAX_BLOCK", SPLIT)
+    run("psi-sgdm", {"lr": 0.1, "momentum": 0.9}, "tensor", torch.float64, fused=True)
+    assert interpreted == [("psi", len(SHAPES))] * STEPS
+    assert launches == [("rows", 1), ("partials", 12), ("update", 12)] * STEPS
+    launches.clear()
+    monkeypatch.setattr(triton_rows, "MAX_BLOCK", 4)  # every row long: two launches
+    run("adams", {"lr": 1e-2}, "groups:2", torch.float64, fused=True)
+    assert launches == [("partials", 2 * 15 + 2 * 8 + 2 * 2), ("update", 50)] * STEPS
+
+
+def test_the_first_launch_writes_the_buffer_of_the_rules_that_change_it():
+    changes = {name for name in rowrules.RULES if triton_rows._pre_shape(name, True, False)[1]}
+    assert changes == {"psgd", "sgdmrt", "adams"}
+    assert not triton_rows._pre_shape("psgd", False, False)[1]  # (no buffer: nothing to write)
+
+
+def test_the_chunks_of_a_row_are_mapped_in_order():
+    table = triton_rows._row_map([2, 3, 1], [5, 3, 9], 4)  # rows of 5 and 9 entries: 2 and 3 chunks
+    assert table[:3, :3].tolist() == [[1, 1, 1], [0, 1, 2], [0, 0, 0]]  # the short rows
+    assert table[:3, 3:].tolist() == [[0, 0, 0, 0, 2, 2, 2], [0, 0, 1, 1, 0, 0, 0],
+                                      [0, 1, 0, 1, 0, 1, 2]]
+    assert table[3, :3].tolist() == [5, 3, 9]
 
 
 @pytest.mark.parametrize("name, settings", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
@@ -140,11 +199,13 @@ def test_the_rule_definitions_run_with_torch_as_the_reference_path_steps(name, s
     assert max_error(fused, run(name, settings, "groups:2[0:8]", torch.float64, foreach=False)) < 1e-12
 
 
-def test_a_compiled_step_calls_the_op(interpreted):
+@pytest.mark.parametrize("grouping", ["channel", "tensor"])
+def test_a_compiled_step_calls_the_op(grouping, launches, interpreted, monkeypatch):
+    monkeypatch.setattr(triton_rows, "MAX_BLOCK", SPLIT)  # (tensor: rows split into chunks)
     gen = torch.Generator().manual_seed(0)
     ps = [torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in SHAPES]
     qs = [p.detach().clone().requires_grad_() for p in ps]
-    opts = [psiopt.REGISTRY["un-sgd"].cls([{"params": x, "grouping": "channel",
+    opts = [psiopt.REGISTRY["un-sgd"].cls([{"params": x, "grouping": grouping,
                                             "norm_stats": [[] for _ in x]}], lr=0.05) for x in (ps, qs)]
     compiled = torch.compile(opts[0].step, backend="aot_eager", fullgraph=True)
     for step in range(3):
@@ -153,7 +214,8 @@ def test_a_compiled_step_calls_the_op(interpreted):
             q.grad = p.grad.clone()
         compiled() if step else opts[0].step()  # the first step makes the state
         opts[1].step()
-    assert len(interpreted) == 6  # eager and compiled, one launch per step each
+    assert len(interpreted) == 6  # eager and compiled, one call per step each
+    assert len(launches) == 6 * (1 if grouping == "channel" else 3)
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
@@ -191,16 +253,23 @@ def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
         pytest.skip("this triton has no GPUTarget")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    tables = dict(PTR="*i64", ROW_T="*i64", ROW_I="*i64", COLS="*i64", K="*fp64", H="*fp64")
+    chunks = dict(PTR="*i64", CH_T="*i64", CH_I="*i64", CH_J="*i64", COLS="*i64", K="*fp64",
+                  H="*fp64", SCR="*fp64")
     for name, rule in rowrules.RULES.items():
-        for one_pass in (True, False) if dtype == torch.float32 else (True,):
-            constants = dict(BLOCK=256, ONE_PASS=one_pass, HAS_B=True, HAS_S1=True, HAS_S2=True,
-                             WRITES_S1=rule.writes_s1, WRITES_S2=rule.writes_s2, OPT=True,
-                             T=triton_rows._triton_dtype(dtype), S1T=tl.float32, S2T=tl.float32,
-                             ACC=tl.float32)
-            signature = dict(PTR="*i64", ROW_T="*i64", ROW_I="*i64", COLS="*i64", K="*fp64",
-                             H="*fp64", NT="i32", **{k: "constexpr" for k in constants})
-            source = triton.compiler.ASTSource(triton_rows._kernel(name, dtype), signature, constants)
-            assert "cubin" in triton.compile(source, target=target).asm, name
+        flags = dict(HAS_B=True, HAS_S1=True, HAS_S2=True, OPT=True,
+                     T=triton_rows._triton_dtype(dtype), S1T=tl.float32, S2T=tl.float32,
+                     ACC=tl.float32)
+        writes = dict(WRITES_S1=rule.writes_s1, WRITES_S2=rule.writes_s2)
+        nsum, store_b = triton_rows._pre_shape(name, True, True)
+        forms = {"rows": (tables, dict(BLOCK=256, **writes, **flags)),
+                 "partials": (chunks, dict(BLOCK=4096, NSUM=nsum, STORE_B=store_b, **flags)),
+                 "update": (chunks, dict(BLOCK=4096, NSUM=nsum, PARTS=256, **writes, **flags))}
+        for form, (pointers, constants) in forms.items():
+            signature = dict(pointers, NT="i32", **{k: "constexpr" for k in constants})
+            source = triton.compiler.ASTSource(triton_rows._kernel(name, dtype, form), signature,
+                                               constants)
+            assert "cubin" in triton.compile(source, target=target).asm, (name, form)
 
 
 def test_a_16_bit_parameters_float32_state_is_inverted_down_to_float32s_floor(interpreted, monkeypatch):

@@ -760,7 +760,7 @@ above is this run's):
   torch's fused step, SGDG/AdamG without the penalty ≤ 1.5 ×) are judged by the table a GPU
   run writes.
 
-## The Triton backend (CUDA): one launch per rule, group and step
+## The Triton backend (CUDA): one launch per rule, group and step (three with long rows)
 
 *Not yet run on a GPU* (these machines have none): what follows is tested on the CPU under
 Triton's interpreter and by compiling every kernel to an sm_90 cubin; whether it is right and fast
@@ -777,14 +777,23 @@ on a GPU only `make gpu-check` on one can tell.
   PSI-SGDM (fixed norm and literal, with L2), PSGD (with and without momentum), UN-SGD, AdamG*,
   SGD-MRT, Adam-S, Adam-SRT, SGDG and AdamG (with and without Cho & Lee's penalty, computed by
   torch per tensor as on the CPU).  Not covered: B-SGD (a torch.optim baseline).
-* **Kernel.** One launch per group and step whatever the number of tensors (SGDG and AdamG with
-  Cho & Lee's penalty on, their default: one more launch per penalised tensor, whose penalty torch
-  computes per tensor; PSI-SGD's guard steps take the vectorized path): a table, as torch's
-  multi-tensor apply, of each tensor's addresses (weights, gradients, buffer, per-row state) and
-  row length, and of each row's tensor and index; one program per row. A row of up to `MAX_BLOCK`
-  = 4096 entries is loaded once into registers, its sums, coefficients and update taken there, and
-  written once; longer rows (LayerNorm "tensor" groups) are read in chunks twice (sums and the
-  buffer's update, then the update), in the same program. Per-entry arithmetic and sums in float32
+* **Kernel.** One launch per group and step whatever the number of tensors, three where the
+  group has rows longer than `MAX_BLOCK` = 4096 entries (SGDG and AdamG with Cho & Lee's penalty
+  on, their default: as many more per penalised tensor, whose penalty torch computes per tensor;
+  PSI-SGD's guard steps take the vectorized path): a table, as torch's multi-tensor apply, of each
+  tensor's addresses (weights, gradients, buffer, per-row state) and row length, and of each row's
+  tensor and index (of each chunk's tensor, row and place in the row for the long rows), made once
+  per shapes. A row of up to 4096 entries is one program: loaded once into registers, its sums,
+  coefficients and update taken there, and written once. Longer rows (LayerNorm "tensor" groups: a
+  whole weight is one row) are split across programs, one per chunk of 4096 entries, in two more
+  launches: the first updates the chunk's buffer (written by the rules that change it: PSGD with
+  momentum, SGD-MRT, Adam-S/SRT) and writes the chunk's sums (float64)
+  and its row's state before the step to a scratch tensor; the second adds the row's chunk sums
+  (256 at a time, always in the same order: every program of the row gets the same sums, and the
+  same coefficients), takes the coefficients and updates its chunk (reading the buffer the first
+  wrote), and the row's first chunk's program writes the row's state. A group with both kinds of
+  rows has the three launches; the scratch (24 to 64 bytes per chunk) is allocated at each step on
+  the device, without synchronisation. Per-entry arithmetic and sums in float32
   for float16/bfloat16/float32 parameters (float64 for float64; SGDG's and AdamG's ‖y‖², ⟨y,ĝ⟩,
   ‖ĝ‖² always in float64, as the C kernel), coefficients in float64. The tables are built on the
   host and copied with `non_blocking=True` (no synchronisation), kept while the tensors' addresses
@@ -798,26 +807,31 @@ on a GPU only `make gpu-check` on one can tell.
   `TRITON_INTERPRET=1`.  Compiled steps call it as the op `psiopt::triton_rows` (one opaque call
   in the graph: the table holds the real tensors' addresses, so `torch.library.triton_op`, which
   traces the kernel with fake tensors, does not fit).
-* **Tests** (`tests/test_triton.py`, 43 s on two shared cores; CI installs triton with the `dev`
-  extra): for every rule and setting above, three steps of three tensors of different shapes in one
-  group, groupings channel, groups:2, tensor (with `MAX_BLOCK` 16: the two-pass form) and a part
-  `groups:2[0:8]`, against the reference path (`foreach=False`): float64 to 1e-12 (largest error
-  6.8e-14), float32 within 4× the reference path's own float32 error (and 1e-5); one launch per
-  group and step; `rowrules.evaluate` against the reference path (float64, 1e-12); a compiled
-  step (`aot_eager`, full graph) equals the eager one; CPU steps work with triton blocked; every
-  kernel compiles to an sm_90 cubin (float32 one- and two-pass, bfloat16).
-* **Left for a GPU**: timings and launch counts against torch's fused SGD/Adam; rows split across
-  programs (a long row is one program today: on a GPU a million-entry LayerNorm row would run on
-  one SM; the plan is a first launch of per-chunk partial sums and a second of coefficients and
-  update); CUDA-graph capture of the Triton path (issue 23 item 5 made `lr` a tensor the
-  kernels load on the device, `h` a tensor argument of the ops, and the step counters of
-  compiled steps and of groups with a device `lr` live on the parameters' device; but the
-  Triton launch still copies `h`'s Python numbers and the per-tensor scalars from the host at
-  each step, which a graph would not repeat: `tests/test_cuda.py` captures the vectorized path,
-  `fused=False`, untested without a GPU); float16/bfloat16 accuracy (the
-  interpreter tests run float32/float64); torch's fused CUDA SGD/Adam for the other parameters
-  (their step counters live on the CPU in eager steps with a float `lr`, which torch's fused
-  CUDA step refuses).
+* **Tests** (`tests/test_triton.py`, 90 s on two shared cores; CI installs triton with the `dev`
+  extra): for every rule and setting above, three steps of three tensors of different shapes in
+  one group, groupings channel (rows in registers), groups:2, tensor and a part `groups:2[0:8]`
+  (with `MAX_BLOCK` 16: rows of 120, 60, 48, 30 and 20 entries split over 8, 4, 3 and 2 chunks,
+  the short rows beside them in the first launch; chunk sums added 2 at a time), against the
+  reference path (`foreach=False`): float64 to 1e-12 (largest error 2.3e-13: PSI-SGD, split rows,
+  entries up to 736, 2 ulps), float32 (groups:2, rows in registers and split) within 4× the
+  reference path's own float32 error (and 1e-5); one launch per group and step (rows in
+  registers), three (short and long rows), two (long rows only); the norm policies' rules through
+  both forms (`tests/test_policy_kernels.py`); `rowrules.evaluate` against the reference path
+  (float64, 1e-12); a compiled step (`aot_eager`, full graph) equals the eager one; CPU steps work
+  with triton blocked; every kernel compiles to an sm_90 cubin (the three kernels of each rule,
+  float32 and bfloat16).
+* **Left for a GPU**: timings and launch counts against torch's fused SGD/Adam; the split of long
+  rows across programs (issue 23 item 2: done and tested under the interpreter, with every kernel
+  compiled to a cubin; its speed on a ViT's LayerNorm groups, and whether a chunk of 4096 entries
+  and 256 chunk sums at a time are the right sizes, only a GPU can tell); CUDA-graph capture of
+  the Triton path (issue 23 item 5 made `lr` a tensor the kernels load on the device, `h` a tensor
+  argument of the ops, and the step counters of compiled steps and of groups with a device `lr`
+  live on the parameters' device; but the Triton launch still copies `h`'s Python numbers and the
+  per-tensor scalars from the host at each step, which a graph would not repeat:
+  `tests/test_cuda.py` captures the vectorized path, `fused=False`, untested without a GPU);
+  float16/bfloat16 accuracy (the interpreter tests run float32/float64); torch's fused CUDA
+  SGD/Adam for the other parameters (their step counters live on the CPU in eager steps with a
+  float `lr`, which torch's fused CUDA step refuses).
 * **One definition, three backends** (issue 23 item 4): the C kernels are generated from the
   same definitions (`src/psiopt/optim/c_rows.py`): each rule's `pre`, `coef` and `post` run on
   symbolic values that record each operation and write it as C (a value of the row's entries in

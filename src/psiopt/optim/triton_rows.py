@@ -1,31 +1,46 @@
-"""The fused step with Triton: one kernel launch per rule, parameter group and step (SGDG/AdamG
-with Cho & Lee's penalty: one more per penalised tensor, computed by torch).
+"""The fused step with Triton: one kernel launch per rule, parameter group and step, three where
+the group has rows longer than :data:`MAX_BLOCK`, whatever the number of tensors (SGDG/AdamG with
+Cho & Lee's penalty: as many more per penalised tensor, whose penalty torch computes).
 
 Built from each rule's single definition in :mod:`psiopt.optim.rowrules` (its ``pre``, ``coef``
 and ``post``): those plain Python functions are compiled by Triton with their helpers
-(``sqrt``, ``safe_inv``…) rebound to Triton functions, and inlined into one kernel template,
-:func:`_row_kernel`.  Nothing here restates a rule.
+(``sqrt``, ``safe_inv``…) rebound to Triton functions, and inlined into the kernel templates
+(:func:`_row_kernel`, :func:`_partials_kernel`, :func:`_update_kernel`).  Nothing here restates a
+rule.
 
 The launch takes a table, as torch's multi-tensor apply does: per tensor the addresses of its
-weights, gradients, buffer and per-row state and its row length; per row its tensor and index.
-One program per row: it loads the row (``BLOCK`` entries, the smallest power of two that holds
-the group's longest row, at most :data:`MAX_BLOCK`), takes its sums, its coefficients and its
-update with the row in registers, and writes the row, the buffer and the row's state once.
-Rows longer than ``MAX_BLOCK`` (LayerNorm "tensor" groups) are read in chunks twice: the sums
-(and the buffer's update) on the first pass, the update on the second.  Per-entry arithmetic
-and sums are in float32 for 16- and 32-bit parameters (float64 for float64), coefficients in
-float64.
+weights, gradients, buffer and per-row state and its row length; per row its tensor and index
+(per chunk of a long row: its tensor, its row's index and its place in the row).
 
-The table is made on the host and copied to the device without synchronisation
-(``non_blocking``), and kept while the tensors' addresses are the same (a step whose buffers
-were allocated once copies only its hyperparameters).  Triton is imported on first use:
+* Rows of at most :data:`MAX_BLOCK` entries, one launch (:func:`_row_kernel`), one program per
+  row: it loads the row (``BLOCK`` entries, the smallest power of two that holds the longest of
+  these rows), takes its sums, its coefficients and its update with the row in registers, and
+  writes the row, the buffer and the row's state once.
+* Longer rows (LayerNorm "tensor" groups: a whole weight is one row), split into chunks of
+  ``MAX_BLOCK`` entries, two launches of one program per chunk: the first
+  (:func:`_partials_kernel`) takes the buffer's update (written where ``pre`` changes the
+  buffer) and writes the chunk's sums
+  (float64) and its row's state before the step to a scratch tensor (``NSUM + 2`` values a
+  chunk); the second (:func:`_update_kernel`) adds its row's chunk sums, :data:`MAX_PARTS` at a
+  time and always in the same order (every program of a row has the same sums, so the same
+  coefficients), takes the coefficients from them and the state's copy, updates its chunk (the
+  buffer read again, as the first launch wrote it) and, in the program of the row's first chunk,
+  writes the row's state (no program of the second launch reads the state tensors it writes).
+
+Per-entry arithmetic and sums within a row (or a chunk) are in float32 for 16- and 32-bit
+parameters (float64 for float64), the chunks' sums added and the coefficients taken in float64.
+
+The tables are made on the host and copied to the device without synchronisation
+(``non_blocking``), and kept while the tensors' shapes (row and chunk map) and addresses are the
+same (a step whose buffers were allocated once copies only its hyperparameters); the scratch
+tensor is allocated on the device at each step.  Triton is imported on first use:
 CPU-only users never need it.
 
 CUDA tensors take this path (when triton is importable); the tests run it on CPU tensors under
 Triton's interpreter (``TRITON_INTERPRET=1``) with ``PSIOPT_TRITON_CPU=1`` (or
 ``psiopt.optim.kernels.TRITON_ON_CPU = True``).  While ``torch.compile`` traces a step, it is
-one call of the op ``psiopt::triton_rows`` (opaque to inductor: the addresses in the table are
-read from the real tensors).
+one call of the op ``psiopt::triton_rows``, its launches inside (opaque to inductor: the
+addresses in the table are read from the real tensors).
 """
 
 from __future__ import annotations
@@ -39,8 +54,11 @@ import torch
 
 from . import rowrules
 
-#: the longest row held in registers; longer rows are read in chunks of this many entries, twice
+#: the longest row held in registers (one program per row); longer rows are split into chunks of
+#: this many entries, one program per chunk in each of two launches
 MAX_BLOCK = 4096
+#: the most chunks' partial sums the second launch's programs add at once (a power of two)
+MAX_PARTS = 256
 #: the dtypes the kernels take
 TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TABLES: dict = {}  # cached device tables (row map by shapes, pointers by addresses)
@@ -97,65 +115,143 @@ def _add_all(a, b):
     return out
 
 
-def _row_kernel(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr,
-                HAS_B: tl.constexpr, HAS_S1: tl.constexpr, HAS_S2: tl.constexpr,
-                WRITES_S1: tl.constexpr, WRITES_S2: tl.constexpr, OPT: tl.constexpr,
-                NT, T: tl.constexpr, S1T: tl.constexpr, S2T: tl.constexpr,
-                ACC: tl.constexpr):
-    r = tl.program_id(0)
+def _row_at(PTR, ROW_T, ROW_I, COLS, r, NT, HAS_B: tl.constexpr, T: tl.constexpr):
+    """Entry ``r`` of a table (a row, or a chunk of one): its tensor, its row's index and length,
+    and the addresses of the row's weights, gradients and buffer (the weights' where none)."""
     t = tl.load(ROW_T + r)
+    i = tl.load(ROW_I + r)
     d = tl.load(COLS + t)
-    off = tl.load(ROW_I + r) * d
-    w_ptr = tl.load(PTR + t).to(tl.pointer_type(T)) + off
-    g_ptr = tl.load(PTR + NT + t).to(tl.pointer_type(T)) + off
+    w_ptr = tl.load(PTR + t).to(tl.pointer_type(T)) + i * d
+    g_ptr = tl.load(PTR + NT + t).to(tl.pointer_type(T)) + i * d
     b_ptr = w_ptr
     if HAS_B:
-        b_ptr = tl.load(PTR + 2 * NT + t).to(tl.pointer_type(T)) + off
+        b_ptr = tl.load(PTR + 2 * NT + t).to(tl.pointer_type(T)) + i * d
+    return t, i, d, w_ptr, g_ptr, b_ptr
+
+
+def _hyper(K, H, t, ACC: tl.constexpr):
+    """The hyperparameters and tensor ``t``'s scalars, in float64 and in ``ACC``."""
     h = (tl.load(H), tl.load(H + 1), tl.load(H + 2), tl.load(H + 3), tl.load(H + 4), tl.load(H + 5))
-    hc = _cast_all(h, ACC)
     k = (tl.load(K + 2 * t), tl.load(K + 2 * t + 1))
-    kc = _cast_all(k, ACC)
+    return h, _cast_all(h, ACC), k, _cast_all(k, ACC)
+
+
+def _state_at(PTR, t, i, NT, S1T: tl.constexpr, S2T: tl.constexpr):
+    """The addresses of row ``i``'s per-row state in tensor ``t``."""
+    s1_ptr = tl.load(PTR + 3 * NT + t).to(tl.pointer_type(S1T)) + i
+    s2_ptr = tl.load(PTR + 4 * NT + t).to(tl.pointer_type(S2T)) + i
+    return s1_ptr, s2_ptr
+
+
+def _load_state(s1_ptr, s2_ptr, HAS_S1: tl.constexpr, HAS_S2: tl.constexpr):
     st1 = tl.full((), 0.0, tl.float64)
     st2 = tl.full((), 0.0, tl.float64)
-    s1_ptr = tl.load(PTR + 3 * NT + t).to(tl.pointer_type(S1T)) + tl.load(ROW_I + r)
-    s2_ptr = tl.load(PTR + 4 * NT + t).to(tl.pointer_type(S2T)) + tl.load(ROW_I + r)
     if HAS_S1:
         st1 = tl.load(s1_ptr).to(tl.float64)
     if HAS_S2:
         st2 = tl.load(s2_ptr).to(tl.float64)
+    return st1, st2
+
+
+def _row_kernel(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr,
+                HAS_B: tl.constexpr, HAS_S1: tl.constexpr, HAS_S2: tl.constexpr,
+                WRITES_S1: tl.constexpr, WRITES_S2: tl.constexpr, OPT: tl.constexpr,
+                NT, T: tl.constexpr, S1T: tl.constexpr, S2T: tl.constexpr,
+                ACC: tl.constexpr):
+    """One program per row of at most ``BLOCK`` entries, held in registers: one read, one write."""
+    t, i, d, w_ptr, g_ptr, b_ptr = _row_at(PTR, ROW_T, ROW_I, COLS, tl.program_id(0), NT, HAS_B, T)
+    h, hc, k, kc = _hyper(K, H, t, ACC)
+    s1_ptr, s2_ptr = _state_at(PTR, t, i, NT, S1T, S2T)
+    st1, st2 = _load_state(s1_ptr, s2_ptr, HAS_S1, HAS_S2)
     o = tl.arange(0, BLOCK)
-    if ONE_PASS:  # the row in registers: one read, one write
-        w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, 0, o, d, HAS_B, ACC)
-        b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
-        c, n1, n2 = COEF(_sum_all(terms), st1, st2, k, h, d, HAS_S1, HAS_S2, OPT)
-        w, b = POST(w, g, b, _cast_all(c, ACC), hc, HAS_B, OPT)
-        tl.store(w_ptr + o, w.to(T), mask=mask)
-        if HAS_B:
-            tl.store(b_ptr + o, b.to(T), mask=mask)
-    else:  # a long row: sums (and the buffer's update) chunk by chunk, then the update
-        w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, 0, o, d, HAS_B, ACC)
-        b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
-        if HAS_B:
-            tl.store(b_ptr + o, b.to(T), mask=mask)
-        s = _sum_all(terms)
-        for start in range(BLOCK, d, BLOCK):
-            w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, start, o, d, HAS_B, ACC)
-            b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
-            if HAS_B:
-                tl.store(b_ptr + start + o, b.to(T), mask=mask)
-            s = _add_all(s, _sum_all(terms))
-        c, n1, n2 = COEF(s, st1, st2, k, h, d, HAS_S1, HAS_S2, OPT)
-        cc = _cast_all(c, ACC)
-        for start in range(0, d, BLOCK):
-            w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, start, o, d, HAS_B, ACC)
-            w, b = POST(w, g, b, cc, hc, HAS_B, OPT)
-            tl.store(w_ptr + start + o, w.to(T), mask=mask)
-            if HAS_B:
-                tl.store(b_ptr + start + o, b.to(T), mask=mask)
+    w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, 0, o, d, HAS_B, ACC)
+    b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
+    c, n1, n2 = COEF(_sum_all(terms), st1, st2, k, h, d, HAS_S1, HAS_S2, OPT)
+    w, b = POST(w, g, b, _cast_all(c, ACC), hc, HAS_B, OPT)
+    tl.store(w_ptr + o, w.to(T), mask=mask)
+    if HAS_B:
+        tl.store(b_ptr + o, b.to(T), mask=mask)
     if WRITES_S1:
         tl.store(s1_ptr, n1.to(S1T))
     if WRITES_S2:
         tl.store(s2_ptr, n2.to(S2T))
+
+
+def _partials_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
+                     NSUM: tl.constexpr, STORE_B: tl.constexpr, HAS_B: tl.constexpr,
+                     HAS_S1: tl.constexpr, HAS_S2: tl.constexpr, OPT: tl.constexpr, NT,
+                     T: tl.constexpr, S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr):
+    """A long row's first launch, one program per chunk (``BLOCK`` entries, chunk ``CH_J`` of its
+    row): the buffer's update, written (``STORE_B``: where ``PRE`` changes the buffer), and the
+    chunk's sums (float64) and its row's state before the step into its slot of ``SCR``
+    (``NSUM + 2`` values)."""
+    p = tl.program_id(0)
+    t, i, d, w_ptr, g_ptr, b_ptr = _row_at(PTR, CH_T, CH_I, COLS, p, NT, HAS_B, T)
+    h, hc, k, kc = _hyper(K, H, t, ACC)
+    s1_ptr, s2_ptr = _state_at(PTR, t, i, NT, S1T, S2T)
+    st1, st2 = _load_state(s1_ptr, s2_ptr, HAS_S1, HAS_S2)
+    start = tl.load(CH_J + p) * BLOCK
+    o = tl.arange(0, BLOCK)
+    w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, start, o, d, HAS_B, ACC)
+    b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
+    tl.static_assert(len(terms) == NSUM)
+    if STORE_B:
+        tl.store(b_ptr + start + o, b.to(T), mask=mask)
+    s = _sum_all(terms)
+    slot = SCR + p * (NSUM + 2)
+    for j in tl.static_range(NSUM):
+        tl.store(slot + j, s[j])
+    tl.store(slot + NSUM, st1)
+    tl.store(slot + NSUM + 1, st2)
+
+
+def _row_sums(P, n, NSUM: tl.constexpr, PARTS: tl.constexpr):
+    """The sums of a row's ``n`` chunks from their slots at ``P`` (``NSUM + 2`` values apart),
+    ``PARTS`` chunks at a time, always in the same order: the same in every program of the row."""
+    q = tl.arange(0, PARTS)
+    s = ()
+    for _j in tl.static_range(NSUM):
+        s = s + (tl.full((), 0.0, tl.float64),)
+    for first in range(0, n, PARTS):
+        m = first + q < n
+        part = ()
+        for j in tl.static_range(NSUM):
+            x = tl.load(P + (first + q) * (NSUM + 2) + j, mask=m, other=0.0)
+            part = part + (tl.reduce(x, 0, _add),)
+        s = _add_all(s, part)
+    return s
+
+
+def _update_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
+                   NSUM: tl.constexpr, PARTS: tl.constexpr, HAS_B: tl.constexpr,
+                   HAS_S1: tl.constexpr, HAS_S2: tl.constexpr, WRITES_S1: tl.constexpr,
+                   WRITES_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
+                   S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr):
+    """A long row's second launch, one program per chunk: the row's sums from its chunks' slots,
+    its coefficients, and the chunk's update (of the buffer the first launch wrote, read again);
+    the program of the row's first chunk writes the row's state."""
+    p = tl.program_id(0)
+    t, i, d, w_ptr, g_ptr, b_ptr = _row_at(PTR, CH_T, CH_I, COLS, p, NT, HAS_B, T)
+    h, hc, k, kc = _hyper(K, H, t, ACC)
+    s1_ptr, s2_ptr = _state_at(PTR, t, i, NT, S1T, S2T)
+    j = tl.load(CH_J + p)
+    slot = SCR + (p - j) * (NSUM + 2)  # the row's first chunk's
+    s = _row_sums(slot, (d + BLOCK - 1) // BLOCK, NSUM, PARTS)
+    st1 = tl.load(slot + NSUM)  # (the state before the step: the first launch's copy)
+    st2 = tl.load(slot + NSUM + 1)
+    c, n1, n2 = COEF(s, st1, st2, k, h, d, HAS_S1, HAS_S2, OPT)
+    start = j * BLOCK
+    o = tl.arange(0, BLOCK)
+    w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, start, o, d, HAS_B, ACC)
+    w, b = POST(w, g, b, _cast_all(c, ACC), hc, HAS_B, OPT)
+    tl.store(w_ptr + start + o, w.to(T), mask=mask)
+    if HAS_B:
+        tl.store(b_ptr + start + o, b.to(T), mask=mask)
+    if j == 0:
+        if WRITES_S1:
+            tl.store(s1_ptr, n1.to(S1T))
+        if WRITES_S2:
+            tl.store(s2_ptr, n2.to(S2T))
 
 
 # Triton math helpers of the rule definitions (rowrules' names, rebound)
@@ -199,17 +295,19 @@ def _jit(fn, scope: dict, **options):
     return triton.jit(types.FunctionType(fn.__code__, scope, fn.__name__), **options)
 
 
-def _kernel(name: str, dtype: torch.dtype):
+def _kernel(name: str, dtype: torch.dtype, form: str = "rows"):
     """Rule ``name``'s kernel for ``dtype`` parameters (its helpers' ``TINY``: see ``_build``),
-    compiled, or interpreted under ``TRITON_INTERPRET=1``.  The kernels call Triton's builtins
-    only, none of ``triton.language``'s own jit functions (``tl.sum``, ``tl.zeros``), which are
-    interpreted only if ``TRITON_INTERPRET=1`` was set before triton was first imported: so the
-    tests can interpret them in a process that imported triton before (torch does)."""
-    return _build(name, dtype, os.environ.get("TRITON_INTERPRET") == "1")
+    compiled, or interpreted under ``TRITON_INTERPRET=1``: ``form`` "rows" (:func:`_row_kernel`),
+    "partials" (:func:`_partials_kernel`) or "update" (:func:`_update_kernel`).  The kernels call
+    Triton's builtins only, none of ``triton.language``'s own jit functions (``tl.sum``,
+    ``tl.zeros``, ``tl.cdiv``), which are interpreted only if ``TRITON_INTERPRET=1`` was set before
+    triton was first imported: so the tests can interpret them in a process that imported triton
+    before (torch does)."""
+    return _build(name, dtype, os.environ.get("TRITON_INTERPRET") == "1")[form]
 
 
 @functools.cache
-def _build(name: str, dtype: torch.dtype, interpret: bool):
+def _build(name: str, dtype: torch.dtype, interpret: bool) -> dict:
     import triton
     import triton.language as tl
 
@@ -221,12 +319,23 @@ def _build(name: str, dtype: torch.dtype, interpret: bool):
     for key, fn in _TRITON_HELPERS.items():
         scope[key] = _jit(fn, scope)
     scope["sqnorm_of_sum"] = _jit(rowrules.sqnorm_of_sum, scope)
-    for fn in (_add, _cast_all, _sum_all, _add_all, _load_row):
+    for fn in (_add, _cast_all, _sum_all, _add_all, _load_row, _row_at, _hyper, _state_at,
+               _load_state, _row_sums):
         scope[fn.__name__] = _jit(fn, scope)
     rule = rowrules.RULES[name]
     kernel_scope = dict(scope, PRE=_jit(rule.pre, scope), COEF=_jit(rule.coef, scope),
                         POST=_jit(rule.post, scope))
-    return _jit(_row_kernel, kernel_scope, do_not_specialize=["NT"])
+    return {form: _jit(fn, kernel_scope, do_not_specialize=["NT"]) for form, fn in
+            (("rows", _row_kernel), ("partials", _partials_kernel), ("update", _update_kernel))}
+
+
+@functools.cache
+def _pre_shape(name: str, has_b: bool, opt: bool) -> tuple[int, bool]:
+    """How many sums rule ``name``'s ``pre`` gives, and whether it changes the buffer (rather
+    than pass it through): its definition run once with torch."""
+    w, g, b = (torch.zeros(1, dtype=torch.float64) for _ in range(3))
+    new_b, terms = rowrules.RULES[name].pre(w, g, b, [0.0] * 6, [0.0, 0.0], has_b, opt)
+    return len(terms), has_b and new_b is not b
 
 
 def _triton_dtype(dtype: torch.dtype):
@@ -266,8 +375,9 @@ def _device_table(key, make, device):
 
 def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     """Rule ``kernel`` (:data:`psiopt.optim.rowrules.RULES`) on the views ``ws``, arguments as
-    :func:`psiopt.optim.kernels.run`: one launch.  ``False``, changing nothing, when a state tensor
-    does not fit (:func:`state_fits`)."""
+    :func:`psiopt.optim.kernels.run`: one launch (three with rows longer than
+    :data:`MAX_BLOCK`).  ``False``, changing nothing, when a state tensor does not fit
+    (:func:`state_fits`)."""
     if not state_fits(ws, b, s1, s2):
         return False
     from .kernels import scalars
@@ -284,16 +394,21 @@ def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
 
 
 def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
-    """One launch; ``h`` (float64, six entries) and ``k`` on the parameters' device, loaded by
-    the kernel (nothing read on the host), ``opt`` the rule's static option."""
+    """The step: at most three launches whatever the number of tensors (rows of at most
+    :data:`MAX_BLOCK` entries: one; longer rows: two, of one program per chunk); ``h`` (float64,
+    six entries) and ``k`` on the parameters' device, loaded by the kernels (nothing read on the
+    host), ``opt`` the rule's static option."""
     rule = rowrules.RULES[kernel]
     device, dtype, n = ws[0].device, ws[0].dtype, len(ws)
     rows = [w.shape[0] for w in ws]
     cols = [w.numel() // w.shape[0] for w in ws]
-    shape_key = ("rows", device, tuple(rows), tuple(cols))
-
-    rowmap = _device_table(shape_key, lambda: _row_map(rows, cols), device)
-    nrows = sum(rows)
+    chunk = MAX_BLOCK
+    short = [d for d in cols if d <= chunk]
+    nshort = sum(r for r, d in zip(rows, cols) if d <= chunk)
+    parts = [-(-d // chunk) for d in cols if d > chunk]  # chunks per long row
+    nchunks = sum(r * -(-d // chunk) for r, d in zip(rows, cols) if d > chunk)
+    table = _device_table(("rows", device, tuple(rows), tuple(cols), chunk),
+                          lambda: _row_map(rows, cols, chunk), device)
     addresses = [t.data_ptr() for t in ws] + [t.data_ptr() for t in gs] + \
         [t.data_ptr() for t in b or ws] + [t.data_ptr() for t in s1 or ws] + \
         [t.data_ptr() for t in s2 or ws]
@@ -303,29 +418,50 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
     if k is not None:
         kt[:, : k.shape[1]] = k.to(device, torch.float64, non_blocking=True)
     hk = torch.cat([h.to(device, torch.float64, non_blocking=True), kt.view(-1)])
-    longest = max(cols)
-    block = min(MAX_BLOCK, 1 << max(0, (longest - 1).bit_length()))
-    block = max(block, 16)
-    fn = _kernel(kernel, dtype)
+    flags = dict(HAS_B=bool(b), HAS_S1=bool(s1), HAS_S2=bool(s2), OPT=bool(opt), NT=n,
+                 T=_triton_dtype(dtype), S1T=_triton_dtype(s1[0].dtype if s1 else dtype),
+                 S2T=_triton_dtype(s2[0].dtype if s2 else dtype),
+                 ACC=_triton_dtype(torch.float64 if dtype == torch.float64 else torch.float32))
+    writes = dict(WRITES_S1=bool(s1) and rule.writes_s1, WRITES_S2=bool(s2) and rule.writes_s2)
     # (on the parameters' GPU: Triton launches on the current device's current stream)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        fn[(nrows,)](ptr, rowmap[0], rowmap[1], rowmap[2], hk[6:], hk, BLOCK=block,
-                     ONE_PASS=longest <= block, HAS_B=bool(b), HAS_S1=bool(s1), HAS_S2=bool(s2),
-                     WRITES_S1=bool(s1) and rule.writes_s1, WRITES_S2=bool(s2) and rule.writes_s2,
-                     OPT=bool(opt), NT=n,
-                     T=_triton_dtype(dtype), S1T=_triton_dtype(s1[0].dtype if s1 else dtype),
-                     S2T=_triton_dtype(s2[0].dtype if s2 else dtype),
-                     ACC=_triton_dtype(torch.float64 if dtype == torch.float64 else torch.float32))
+        if nshort:  # one program per row, the row in registers
+            block = max(16, 1 << max(0, (max(short) - 1).bit_length()))
+            _kernel(kernel, dtype, "rows")[(nshort,)](
+                ptr, table[0], table[1], table[3], hk[6:], hk, BLOCK=block, **writes, **flags)
+        if nchunks:  # one program per chunk: sums, then coefficients and update
+            nsum, store_b = _pre_shape(kernel, bool(b), bool(opt))
+            scratch = torch.empty(nchunks * (nsum + 2), dtype=torch.float64, device=device)
+            chunks = (table[0, nshort:], table[1, nshort:], table[2, nshort:], table[3])
+            _kernel(kernel, dtype, "partials")[(nchunks,)](
+                ptr, *chunks, hk[6:], hk, scratch, BLOCK=chunk, NSUM=nsum, STORE_B=store_b,
+                **flags)
+            _kernel(kernel, dtype, "update")[(nchunks,)](
+                ptr, *chunks, hk[6:], hk, scratch, BLOCK=chunk, NSUM=nsum,
+                PARTS=min(MAX_PARTS, 1 << (max(parts) - 1).bit_length()), **writes, **flags)
 
 
-def _row_map(rows, cols) -> torch.Tensor:
-    """``(3, R)`` int64: each row's tensor, its index in the tensor, and (first ``n`` entries)
-    each tensor's row length."""
-    n, total = len(rows), sum(rows)
-    out = torch.zeros(3, max(total, n), dtype=torch.int64)
-    out[0, :total] = torch.repeat_interleave(torch.arange(n), torch.tensor(rows))
-    out[1, :total] = torch.cat([torch.arange(r) for r in rows])
-    out[2, :n] = torch.tensor(cols)
+def _row_map(rows, cols, chunk) -> torch.Tensor:
+    """``(4, L)`` int64: the rows of at most ``chunk`` entries (each one's tensor and index in
+    it), then the chunks of the longer rows (each one's tensor, row index and number in its row,
+    a row's chunks in order); row 3, first ``n`` entries: each tensor's row length."""
+    n = len(rows)
+    short = [i for i in range(n) if cols[i] <= chunk]
+    long = [i for i in range(n) if cols[i] > chunk]
+    t, i, j = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)], []
+    for x in short:
+        t.append(torch.full((rows[x],), x, dtype=torch.int64))
+        i.append(torch.arange(rows[x]))
+    j.append(torch.zeros(sum(rows[x] for x in short), dtype=torch.int64))
+    for x in long:
+        m = -(-cols[x] // chunk)
+        t.append(torch.full((rows[x] * m,), x, dtype=torch.int64))
+        i.append(torch.arange(rows[x]).repeat_interleave(m))
+        j.append(torch.arange(m).repeat(rows[x]))
+    t, i, j = torch.cat(t), torch.cat(i), torch.cat(j)
+    out = torch.zeros(4, max(len(t), n), dtype=torch.int64)
+    out[0, : len(t)], out[1, : len(t)], out[2, : len(t)] = t, i, j
+    out[3, :n] = torch.tensor(cols)
     return out
 
 
