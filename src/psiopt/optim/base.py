@@ -652,9 +652,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                     step = (sub or {}).get("step")
                     if isinstance(step, Tensor) and step.device != p.device and not is_sharded(step):
                         sub["step"] = step.to(p.device, non_blocking=True)
-        if is_invariant(group["grouping"]) and self._wants_kernels(group) and group["params"] \
-                and kernels.takes(group["params"][0]):
-            kernels.available()  # built here, before torch.compile traces the step
+        if is_invariant(group["grouping"]) and self._wants_kernels(group) and group["params"]:
+            backend = kernels.backend(group["params"][0])  # (triton imported here, if at all)
+            if backend == "c":
+                kernels.available()  # built here, before torch.compile traces the step
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue

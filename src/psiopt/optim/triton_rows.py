@@ -66,15 +66,21 @@ _TABLES: dict = {}  # cached device tables (row map by shapes, pointers by addre
 tl = PRE = COEF = POST = TINY = None
 
 
-@functools.cache
+_IMPORTABLE: list[bool] = []  # the answer, once known
+
+
 def importable() -> bool:
     """Whether triton can be imported (tried once, on the first step of a tensor of the Triton
-    backend: never on the CPU)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    backend: never on the CPU).  The answer is kept in a module list, not a ``functools`` cache:
+    a compiled step reads it as a constant (``ScaleInvariantOptimizer._init_group``, which
+    dynamo runs eagerly, asks first), where dynamo traces through a cache wrapper and warns."""
+    if not _IMPORTABLE:
+        try:
+            import triton  # noqa: F401
+            _IMPORTABLE.append(True)
+        except ImportError:
+            _IMPORTABLE.append(False)
+    return _IMPORTABLE[0]
 
 
 # -- the kernel template (compiled by Triton; PRE, COEF, POST and the helpers bound per rule) -----
