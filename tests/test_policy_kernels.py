@@ -116,7 +116,7 @@ def test_the_fused_policy_runs_through_triton_kernels_as_through_torch(monkeypat
         for a, b in zip(fused, plain):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert launched == calls and {"project", "rotate", "retract"} <= set(launched)
-    assert {form for _, form in forms} == ({"partials", "update"} if split else {"rows"})
+    assert {form for _, form in forms} == ({"partials", "reduce", "update"} if split else {"rows"})
 
 
 def test_fused_true_refuses_rows_the_kernels_do_not_take_before_anything_changes():

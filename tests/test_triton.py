@@ -23,6 +23,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install -e '.
 
 import psiopt  # noqa: E402
 from psiopt.optim import kernels, rowrules, triton_rows  # noqa: E402
+from psiopt.optim.rowrules import safe_inv, sqrt, where  # noqa: E402  (the test rule's helpers)
 
 #: (registered name, settings) reaching every branch of the rule definitions
 CASES = [
@@ -93,6 +94,8 @@ def launches(interpreted, monkeypatch):
 #: rows longer than a block: the split form (with SHAPES, rows of 120, 60 and 48 entries over 8, 4
 #: and 3 chunks, and of 30 and 20 over 2; a short row beside them in every group)
 SPLIT = 16
+#: the launches of rows longer than a block: per chunk, per row, per chunk
+SPLIT_FORMS = {"rows", "partials", "reduce", "update"}
 
 
 def run(name, settings, grouping, dtype, steps=STEPS, **kw):
@@ -130,7 +133,7 @@ def test_triton_steps_agree_with_the_reference_path_in_float64(name, settings, g
         monkeypatch.setattr(triton_rows, "MAX_BLOCK", SPLIT)
         monkeypatch.setattr(triton_rows, "MAX_PARTS", 2)  # (their sums 2 chunks at a time)
     fused = run(name, settings, grouping, torch.float64, fused=True)
-    assert {form for form, _ in launches} == ({"rows", "partials", "update"} if split else {"rows"})
+    assert {form for form, _ in launches} == (SPLIT_FORMS if split else {"rows"})
     monkeypatch.setattr(kernels, "TRITON_ON_CPU", False)
     reference = run(name, settings, grouping, torch.float64, foreach=False)
     assert max_error(fused, reference) < 1e-12
@@ -143,7 +146,7 @@ def test_triton_steps_agree_with_the_reference_path_in_float32(name, settings, s
     if split:
         monkeypatch.setattr(triton_rows, "MAX_BLOCK", SPLIT)
     fused = run(name, settings, "groups:2", torch.float32, fused=True)
-    assert {form for form, _ in launches} == ({"rows", "partials", "update"} if split else {"rows"})
+    assert {form for form, _ in launches} == (SPLIT_FORMS if split else {"rows"})
     monkeypatch.setattr(kernels, "TRITON_ON_CPU", False)
     reference = run(name, settings, "groups:2", torch.float32, foreach=False)
     truth = run(name, settings, "groups:2", torch.float64, foreach=False)
@@ -157,23 +160,51 @@ def test_one_launch_per_group_and_step_whatever_the_number_of_tensors(launches, 
     assert launches == [("rows", 10 + 12 + 10)] * STEPS  # one program per row
 
 
-def test_at_most_three_launches_per_group_and_step_with_long_rows(launches, interpreted, monkeypatch):
-    """Rows longer than ``MAX_BLOCK``: two launches of one program per chunk (8 + 4 for the rows of
-    120 and 60 entries), the short row's (10 entries) in the first launch."""
+def test_at_most_four_launches_per_group_and_step_with_long_rows(launches, interpreted, monkeypatch):
+    """Rows longer than ``MAX_BLOCK``: a launch of one program per chunk (8 + 4 for the rows of
+    120 and 60 entries), one per row (their sums), one per chunk again; the short row's (10
+    entries) in the first launch."""
     monkeypatch.setattr(triton_rows, "MAX_BLOCK", SPLIT)
     run("psi-sgdm", {"lr": 0.1, "momentum": 0.9}, "tensor", torch.float64, fused=True)
     assert interpreted == [("psi", len(SHAPES))] * STEPS
-    assert launches == [("rows", 1), ("partials", 12), ("update", 12)] * STEPS
+    assert launches == [("rows", 1), ("partials", 12), ("reduce", 2), ("update", 12)] * STEPS
     launches.clear()
-    monkeypatch.setattr(triton_rows, "MAX_BLOCK", 4)  # every row long: two launches
+    monkeypatch.setattr(triton_rows, "MAX_BLOCK", 4)  # every row long: three launches (no short rows)
     run("adams", {"lr": 1e-2}, "groups:2", torch.float64, fused=True)
-    assert launches == [("partials", 2 * 15 + 2 * 8 + 2 * 2), ("update", 50)] * STEPS
+    assert launches == [("partials", 2 * 15 + 2 * 8 + 2 * 2), ("reduce", 6), ("update", 50)] * STEPS
 
 
-def test_the_first_launch_writes_the_buffer_of_the_rules_that_change_it():
-    changes = {name for name in rowrules.RULES if triton_rows._pre_shape(name, True, False)[1]}
-    assert changes == {"psgd", "sgdmrt", "adams"}
-    assert not triton_rows._pre_shape("psgd", False, False)[1]  # (no buffer: nothing to write)
+# a rule whose pre changes the buffer only for a nonzero hyperparameter (h[1]): the split form
+# must not decide from one evaluation whether the buffer changes (a review found it did)
+def _some_momentum_pre(w, g, b, h, k, HAS_B, OPT):
+    return where(h[1] != 0, h[1] * b + g, b), (w * w, w * b)
+
+
+def _some_momentum_coef(s, s1, s2, k, h, d, HAS_S1, HAS_S2, OPT):
+    return (-h[0] * safe_inv(sqrt(s[0])),), s1, s2
+
+
+def _some_momentum_post(w, g, b, c, h, HAS_B, OPT):
+    return w + c[0] * b, b
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_split_form_takes_the_buffer_as_the_definition_does(interpreted, monkeypatch, momentum):
+    rule = rowrules.RowRule(_some_momentum_pre, _some_momentum_coef, _some_momentum_post)
+    monkeypatch.setitem(rowrules.RULES, "some_momentum", rule)
+    monkeypatch.setattr(triton_rows, "MAX_BLOCK", SPLIT)
+    gen = torch.Generator().manual_seed(0)
+    make = lambda: [torch.randn(3, 40, dtype=torch.float64, generator=gen) for _ in range(3)]  # noqa: E731
+    for name, kw, h in (("some_momentum", {"b": True}, (0.1, momentum)),  # a buffer it may change
+                        ("sgdmrt", {}, (0.1, 0.9, 0.01))):  # pre makes a buffer though there is none
+        ws, gs, bs = make()[0:1], make()[0:1], make()[0:1]
+        twin = [[x.clone() for x in xs] for xs in (ws, gs, bs)]
+        extra = {"b": bs} if kw else {}
+        assert triton_rows.run(name, ws, gs, h=h, **extra)
+        rowrules.evaluate(name, twin[0], twin[1], h=h, **({"b": twin[2]} if kw else {}))
+        torch.testing.assert_close(ws[0], twin[0][0], rtol=1e-12, atol=1e-14)
+        if kw:
+            torch.testing.assert_close(bs[0], twin[2][0], rtol=1e-12, atol=1e-14)
 
 
 def test_the_chunks_of_a_row_are_mapped_in_order():
@@ -215,7 +246,7 @@ def test_a_compiled_step_calls_the_op(grouping, launches, interpreted, monkeypat
         compiled() if step else opts[0].step()  # the first step makes the state
         opts[1].step()
     assert len(interpreted) == 6  # eager and compiled, one call per step each
-    assert len(launches) == 6 * (1 if grouping == "channel" else 3)
+    assert len(launches) == 6 * (1 if grouping == "channel" else 4)  # (short rows, then split)
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
 
@@ -261,12 +292,14 @@ def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
                      T=triton_rows._triton_dtype(dtype), S1T=tl.float32, S2T=tl.float32,
                      ACC=tl.float32)
         writes = dict(WRITES_S1=rule.writes_s1, WRITES_S2=rule.writes_s2)
-        nsum, store_b = triton_rows._pre_shape(name, True, True)
+        nsum = triton_rows._nsum(name, True, True)
         forms = {"rows": (tables, dict(BLOCK=256, **writes, **flags)),
-                 "partials": (chunks, dict(BLOCK=4096, NSUM=nsum, STORE_B=store_b, **flags)),
-                 "update": (chunks, dict(BLOCK=4096, NSUM=nsum, PARTS=256, **writes, **flags))}
+                 "partials": (chunks, dict(BLOCK=4096, NSUM=nsum, **flags)),
+                 "reduce": (dict(SCR="*fp64", FIRST="*i64", COUNT="*i64"), dict(NSUM=nsum, PARTS=256)),
+                 "update": (chunks, dict(BLOCK=4096, NSUM=nsum, **writes, **flags))}
         for form, (pointers, constants) in forms.items():
-            signature = dict(pointers, NT="i32", **{k: "constexpr" for k in constants})
+            nt = {} if form == "reduce" else {"NT": "i32"}
+            signature = dict(pointers, **nt, **{k: "constexpr" for k in constants})
             source = triton.compiler.ASTSource(triton_rows._kernel(name, dtype, form), signature,
                                                constants)
             assert "cubin" in triton.compile(source, target=target).asm, (name, form)

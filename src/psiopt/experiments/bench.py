@@ -760,7 +760,7 @@ above is this run's):
   torch's fused step, SGDG/AdamG without the penalty ≤ 1.5 ×) are judged by the table a GPU
   run writes.
 
-## The Triton backend (CUDA): one launch per rule, group and step (three with long rows)
+## The Triton backend (CUDA): one launch per rule, group and step (four with long rows)
 
 *Not yet run on a GPU* (these machines have none): what follows is tested on the CPU under
 Triton's interpreter and by compiling every kernel to an sm_90 cubin; whether it is right and fast
@@ -777,7 +777,7 @@ on a GPU only `make gpu-check` on one can tell.
   PSI-SGDM (fixed norm and literal, with L2), PSGD (with and without momentum), UN-SGD, AdamG*,
   SGD-MRT, Adam-S, Adam-SRT, SGDG and AdamG (with and without Cho & Lee's penalty, computed by
   torch per tensor as on the CPU).  Not covered: B-SGD (a torch.optim baseline).
-* **Kernel.** One launch per group and step whatever the number of tensors, three where the
+* **Kernel.** One launch per group and step whatever the number of tensors, four where the
   group has rows longer than `MAX_BLOCK` = 4096 entries (SGDG and AdamG with Cho & Lee's penalty
   on, their default: as many more per penalised tensor, whose penalty torch computes per tensor;
   PSI-SGD's guard steps take the vectorized path): a table, as torch's multi-tensor apply, of each
@@ -785,14 +785,17 @@ on a GPU only `make gpu-check` on one can tell.
   tensor and index (of each chunk's tensor, row and place in the row for the long rows), made once
   per shapes. A row of up to 4096 entries is one program: loaded once into registers, its sums,
   coefficients and update taken there, and written once. Longer rows (LayerNorm "tensor" groups: a
-  whole weight is one row) are split across programs, one per chunk of 4096 entries, in two more
-  launches: the first updates the chunk's buffer (written by the rules that change it: PSGD with
-  momentum, SGD-MRT, Adam-S/SRT) and writes the chunk's sums (float64)
-  and its row's state before the step to a scratch tensor; the second adds the row's chunk sums
-  (256 at a time, always in the same order: every program of the row gets the same sums, and the
-  same coefficients), takes the coefficients and updates its chunk (reading the buffer the first
-  wrote), and the row's first chunk's program writes the row's state. A group with both kinds of
-  rows has the three launches; the scratch (24 to 64 bytes per chunk) is allocated at each step on
+  whole weight is one row) are split across programs in three more launches: one program per
+  chunk of 4096 entries writes the chunk's sums (float64) and its row's state before the step to a
+  scratch tensor (the buffer's update is taken, not written); one program per row adds its chunk
+  sums (256 at a time, always in the same order) over its first chunk's slot (each slot read once:
+  when every chunk's program added them, a row of m chunks read m² slots, found by review); one
+  program per chunk reads its row's sums, takes the coefficients, runs `pre` again on the chunk
+  (the buffer's update, as the one-program form does: a rule whose `pre` changes the buffer only
+  for some hyperparameters, or makes one where there is none, was wrong when the first launch
+  wrote it only for the rules seen to change it, found by review) and updates it, and the row's
+  first chunk's program writes the row's state. A group with both kinds of rows has the four
+  launches; the scratch (24 to 64 bytes per chunk) is allocated at each step on
   the device, without synchronisation. Per-entry arithmetic and sums in float32
   for float16/bfloat16/float32 parameters (float64 for float64; SGDG's and AdamG's ‖y‖², ⟨y,ĝ⟩,
   ‖ĝ‖² always in float64, as the C kernel), coefficients in float64. The tables are built on the
@@ -815,10 +818,10 @@ on a GPU only `make gpu-check` on one can tell.
   reference path (`foreach=False`): float64 to 1e-12 (largest error 2.3e-13: PSI-SGD, split rows,
   entries up to 736, 2 ulps), float32 (groups:2, rows in registers and split) within 4× the
   reference path's own float32 error (and 1e-5); one launch per group and step (rows in
-  registers), three (short and long rows), two (long rows only); the norm policies' rules through
+  registers), four (short and long rows), three (long rows only); the norm policies' rules through
   both forms (`tests/test_policy_kernels.py`); `rowrules.evaluate` against the reference path
   (float64, 1e-12); a compiled step (`aot_eager`, full graph) equals the eager one; CPU steps work
-  with triton blocked; every kernel compiles to an sm_90 cubin (the three kernels of each rule,
+  with triton blocked; every kernel compiles to an sm_90 cubin (the four kernels of each rule,
   float32 and bfloat16).
 * **Left for a GPU**: timings and launch counts against torch's fused SGD/Adam; the split of long
   rows across programs (issue 23 item 2: done and tested under the interpreter, with every kernel

@@ -459,7 +459,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       and steps, where the other paths' tangent norm is inf and their step zero.  Invariant groups of
       CUDA tensors take, likewise, the Triton kernels built from the same rule definitions
       (:mod:`psiopt.optim.triton_rows`, :mod:`psiopt.optim.rowrules`; one launch per group and
-      step, three with rows longer than 4096 entries, split across programs) when triton is
+      step, four with rows longer than 4096 entries, split across programs) when triton is
       importable; not yet run on a GPU.
 
     Every group is validated in full before anything is changed, and building an optimizer

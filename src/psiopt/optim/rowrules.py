@@ -18,7 +18,7 @@ written with arithmetic operators and the helpers below (``sqrt``, ``safe_inv``,
 several backends:
 
 * :mod:`psiopt.optim.triton_rows` compiles them with Triton (the helpers rebound to Triton
-  functions): one kernel launch per group and step on CUDA tensors, three where rows longer than
+  functions): one kernel launch per group and step on CUDA tensors, four where rows longer than
   ``triton_rows.MAX_BLOCK`` are split across programs (and on CPU tensors under Triton's
   interpreter, in the tests);
 * :mod:`psiopt.optim.c_rows` writes them in C (run on symbolic values that record each

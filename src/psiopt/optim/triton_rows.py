@@ -1,12 +1,12 @@
-"""The fused step with Triton: one kernel launch per rule, parameter group and step, three where
+"""The fused step with Triton: one kernel launch per rule, parameter group and step, four where
 the group has rows longer than :data:`MAX_BLOCK`, whatever the number of tensors (SGDG/AdamG with
 Cho & Lee's penalty: as many more per penalised tensor, whose penalty torch computes).
 
 Built from each rule's single definition in :mod:`psiopt.optim.rowrules` (its ``pre``, ``coef``
 and ``post``): those plain Python functions are compiled by Triton with their helpers
 (``sqrt``, ``safe_inv``…) rebound to Triton functions, and inlined into the kernel templates
-(:func:`_row_kernel`, :func:`_partials_kernel`, :func:`_update_kernel`).  Nothing here restates a
-rule.
+(:func:`_row_kernel`, :func:`_partials_kernel`, :func:`_reduce_kernel`,
+:func:`_update_kernel`).  Nothing here restates a rule.
 
 The launch takes a table, as torch's multi-tensor apply does: per tensor the addresses of its
 weights, gradients, buffer and per-row state and its row length; per row its tensor and index
@@ -17,15 +17,17 @@ weights, gradients, buffer and per-row state and its row length; per row its ten
   these rows), takes its sums, its coefficients and its update with the row in registers, and
   writes the row, the buffer and the row's state once.
 * Longer rows (LayerNorm "tensor" groups: a whole weight is one row), split into chunks of
-  ``MAX_BLOCK`` entries, two launches of one program per chunk: the first
-  (:func:`_partials_kernel`) takes the buffer's update (written where ``pre`` changes the
-  buffer) and writes the chunk's sums
-  (float64) and its row's state before the step to a scratch tensor (``NSUM + 2`` values a
-  chunk); the second (:func:`_update_kernel`) adds its row's chunk sums, :data:`MAX_PARTS` at a
-  time and always in the same order (every program of a row has the same sums, so the same
-  coefficients), takes the coefficients from them and the state's copy, updates its chunk (the
-  buffer read again, as the first launch wrote it) and, in the program of the row's first chunk,
-  writes the row's state (no program of the second launch reads the state tensors it writes).
+  ``MAX_BLOCK`` entries, three launches: the first (:func:`_partials_kernel`), one program per
+  chunk, writes the chunk's sums (float64; ``pre``'s buffer update is taken, not written) and
+  its row's state before the step to a scratch tensor (``NSUM + 2`` values a chunk); the second
+  (:func:`_reduce_kernel`), one program per row, adds the row's chunk sums, :data:`MAX_PARTS` at
+  a time and always in the same order, over its first chunk's slot (each row's slots read once,
+  not once per chunk); the third (:func:`_update_kernel`), one program per chunk, reads its row's
+  sums and state copy, takes the coefficients, runs ``pre`` again on the chunk (the buffer's
+  update, as the one-program form: a definition whose ``pre`` changes the buffer only for some
+  hyperparameters, or makes one where there is none, needs no special case) and the update, and,
+  in the program of the row's first chunk, writes the row's state (no program of the last
+  launch reads the state tensors it writes).
 
 Per-entry arithmetic and sums within a row (or a chunk) are in float32 for 16- and 32-bit
 parameters (float64 for float64), the chunks' sums added and the coefficients taken in float64.
@@ -55,9 +57,9 @@ import torch
 from . import rowrules
 
 #: the longest row held in registers (one program per row); longer rows are split into chunks of
-#: this many entries, one program per chunk in each of two launches
+#: this many entries, one program per chunk (and one per row to add their sums)
 MAX_BLOCK = 4096
-#: the most chunks' partial sums the second launch's programs add at once (a power of two)
+#: the most chunks' partial sums a row's program adds at once (a power of two)
 MAX_PARTS = 256
 #: the dtypes the kernels take
 TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -184,13 +186,13 @@ def _row_kernel(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr,
 
 
 def _partials_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
-                     NSUM: tl.constexpr, STORE_B: tl.constexpr, HAS_B: tl.constexpr,
-                     HAS_S1: tl.constexpr, HAS_S2: tl.constexpr, OPT: tl.constexpr, NT,
-                     T: tl.constexpr, S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr):
+                     NSUM: tl.constexpr, HAS_B: tl.constexpr, HAS_S1: tl.constexpr,
+                     HAS_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
+                     S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr):
     """A long row's first launch, one program per chunk (``BLOCK`` entries, chunk ``CH_J`` of its
-    row): the buffer's update, written (``STORE_B``: where ``PRE`` changes the buffer), and the
-    chunk's sums (float64) and its row's state before the step into its slot of ``SCR``
-    (``NSUM + 2`` values)."""
+    row): the chunk's sums (float64; ``PRE``'s buffer update is not written: the last launch
+    takes it again) and its row's state before the step into its slot of ``SCR`` (``NSUM + 2``
+    values)."""
     p = tl.program_id(0)
     t, i, d, w_ptr, g_ptr, b_ptr = _row_at(PTR, CH_T, CH_I, COLS, p, NT, HAS_B, T)
     h, hc, k, kc = _hyper(K, H, t, ACC)
@@ -201,8 +203,6 @@ def _partials_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr
     w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, start, o, d, HAS_B, ACC)
     b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
     tl.static_assert(len(terms) == NSUM)
-    if STORE_B:
-        tl.store(b_ptr + start + o, b.to(T), mask=mask)
     s = _sum_all(terms)
     slot = SCR + p * (NSUM + 2)
     for j in tl.static_range(NSUM):
@@ -228,27 +228,42 @@ def _row_sums(P, n, NSUM: tl.constexpr, PARTS: tl.constexpr):
     return s
 
 
+def _reduce_kernel(SCR, FIRST, COUNT, NSUM: tl.constexpr, PARTS: tl.constexpr):
+    """A long row's second launch, one program per row: the row's sums from its chunks' slots
+    (in a fixed order), written over its first chunk's slot (each program reads and writes its
+    own row's slots only)."""
+    r = tl.program_id(0)
+    slot = SCR + tl.load(FIRST + r) * (NSUM + 2)
+    s = _row_sums(slot, tl.load(COUNT + r), NSUM, PARTS)
+    for j in tl.static_range(NSUM):
+        tl.store(slot + j, s[j])
+
+
 def _update_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
-                   NSUM: tl.constexpr, PARTS: tl.constexpr, HAS_B: tl.constexpr,
+                   NSUM: tl.constexpr, HAS_B: tl.constexpr,
                    HAS_S1: tl.constexpr, HAS_S2: tl.constexpr, WRITES_S1: tl.constexpr,
                    WRITES_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
                    S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr):
-    """A long row's second launch, one program per chunk: the row's sums from its chunks' slots,
-    its coefficients, and the chunk's update (of the buffer the first launch wrote, read again);
-    the program of the row's first chunk writes the row's state."""
+    """A long row's last launch, one program per chunk: the row's sums and its state before the
+    step from its first chunk's slot, its coefficients, and the chunk's buffer update (``PRE``
+    again, on the buffer as it was) and update, as the one-program form; the program of the
+    row's first chunk writes the row's state."""
     p = tl.program_id(0)
     t, i, d, w_ptr, g_ptr, b_ptr = _row_at(PTR, CH_T, CH_I, COLS, p, NT, HAS_B, T)
     h, hc, k, kc = _hyper(K, H, t, ACC)
     s1_ptr, s2_ptr = _state_at(PTR, t, i, NT, S1T, S2T)
     j = tl.load(CH_J + p)
-    slot = SCR + (p - j) * (NSUM + 2)  # the row's first chunk's
-    s = _row_sums(slot, (d + BLOCK - 1) // BLOCK, NSUM, PARTS)
+    slot = SCR + (p - j) * (NSUM + 2)  # the row's first chunk's: the row's sums
+    s = ()
+    for q in tl.static_range(NSUM):
+        s = s + (tl.load(slot + q),)
     st1 = tl.load(slot + NSUM)  # (the state before the step: the first launch's copy)
     st2 = tl.load(slot + NSUM + 1)
     c, n1, n2 = COEF(s, st1, st2, k, h, d, HAS_S1, HAS_S2, OPT)
     start = j * BLOCK
     o = tl.arange(0, BLOCK)
     w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, start, o, d, HAS_B, ACC)
+    b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
     w, b = POST(w, g, b, _cast_all(c, ACC), hc, HAS_B, OPT)
     tl.store(w_ptr + start + o, w.to(T), mask=mask)
     if HAS_B:
@@ -332,16 +347,15 @@ def _build(name: str, dtype: torch.dtype, interpret: bool) -> dict:
     kernel_scope = dict(scope, PRE=_jit(rule.pre, scope), COEF=_jit(rule.coef, scope),
                         POST=_jit(rule.post, scope))
     return {form: _jit(fn, kernel_scope, do_not_specialize=["NT"]) for form, fn in
-            (("rows", _row_kernel), ("partials", _partials_kernel), ("update", _update_kernel))}
+            (("rows", _row_kernel), ("partials", _partials_kernel), ("update", _update_kernel))} \
+        | {"reduce": _jit(_reduce_kernel, scope)}
 
 
 @functools.cache
-def _pre_shape(name: str, has_b: bool, opt: bool) -> tuple[int, bool]:
-    """How many sums rule ``name``'s ``pre`` gives, and whether it changes the buffer (rather
-    than pass it through): its definition run once with torch."""
+def _nsum(name: str, has_b: bool, opt: bool) -> int:
+    """How many sums rule ``name``'s ``pre`` gives: its definition run once with torch."""
     w, g, b = (torch.zeros(1, dtype=torch.float64) for _ in range(3))
-    new_b, terms = rowrules.RULES[name].pre(w, g, b, [0.0] * 6, [0.0, 0.0], has_b, opt)
-    return len(terms), has_b and new_b is not b
+    return len(rowrules.RULES[name].pre(w, g, b, [0.0] * 6, [0.0, 0.0], has_b, opt)[1])
 
 
 def _triton_dtype(dtype: torch.dtype):
@@ -381,7 +395,7 @@ def _device_table(key, make, device):
 
 def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     """Rule ``kernel`` (:data:`psiopt.optim.rowrules.RULES`) on the views ``ws``, arguments as
-    :func:`psiopt.optim.kernels.run`: one launch (three with rows longer than
+    :func:`psiopt.optim.kernels.run`: one launch (four with rows longer than
     :data:`MAX_BLOCK`).  ``False``, changing nothing, when a state tensor does not fit
     (:func:`state_fits`)."""
     if not state_fits(ws, b, s1, s2):
@@ -400,8 +414,9 @@ def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
 
 
 def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
-    """The step: at most three launches whatever the number of tensors (rows of at most
-    :data:`MAX_BLOCK` entries: one; longer rows: two, of one program per chunk); ``h`` (float64,
+    """The step: at most four launches whatever the number of tensors (rows of at most
+    :data:`MAX_BLOCK` entries: one; longer rows: three, of one program per chunk, per row, per
+    chunk); ``h`` (float64,
     six entries) and ``k`` on the parameters' device, loaded by the kernels (nothing read on the
     host), ``opt`` the rule's static option."""
     rule = rowrules.RULES[kernel]
@@ -413,6 +428,7 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
     nshort = sum(r for r, d in zip(rows, cols) if d <= chunk)
     parts = [-(-d // chunk) for d in cols if d > chunk]  # chunks per long row
     nchunks = sum(r * -(-d // chunk) for r, d in zip(rows, cols) if d > chunk)
+    nlong = sum(r for r, d in zip(rows, cols) if d > chunk)
     table = _device_table(("rows", device, tuple(rows), tuple(cols), chunk),
                           lambda: _row_map(rows, cols, chunk), device)
     addresses = [t.data_ptr() for t in ws] + [t.data_ptr() for t in gs] + \
@@ -435,22 +451,24 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
             block = max(16, 1 << max(0, (max(short) - 1).bit_length()))
             _kernel(kernel, dtype, "rows")[(nshort,)](
                 ptr, table[0], table[1], table[3], hk[6:], hk, BLOCK=block, **writes, **flags)
-        if nchunks:  # one program per chunk: sums, then coefficients and update
-            nsum, store_b = _pre_shape(kernel, bool(b), bool(opt))
+        if nchunks:  # per chunk: sums; per row: their sum; per chunk: coefficients and update
+            nsum = _nsum(kernel, bool(b), bool(opt))
             scratch = torch.empty(nchunks * (nsum + 2), dtype=torch.float64, device=device)
             chunks = (table[0, nshort:], table[1, nshort:], table[2, nshort:], table[3])
             _kernel(kernel, dtype, "partials")[(nchunks,)](
-                ptr, *chunks, hk[6:], hk, scratch, BLOCK=chunk, NSUM=nsum, STORE_B=store_b,
-                **flags)
+                ptr, *chunks, hk[6:], hk, scratch, BLOCK=chunk, NSUM=nsum, **flags)
+            _kernel(kernel, dtype, "reduce")[(nlong,)](
+                scratch, table[4], table[5], NSUM=nsum,
+                PARTS=min(MAX_PARTS, 1 << (max(parts) - 1).bit_length()))
             _kernel(kernel, dtype, "update")[(nchunks,)](
-                ptr, *chunks, hk[6:], hk, scratch, BLOCK=chunk, NSUM=nsum,
-                PARTS=min(MAX_PARTS, 1 << (max(parts) - 1).bit_length()), **writes, **flags)
+                ptr, *chunks, hk[6:], hk, scratch, BLOCK=chunk, NSUM=nsum, **writes, **flags)
 
 
 def _row_map(rows, cols, chunk) -> torch.Tensor:
-    """``(4, L)`` int64: the rows of at most ``chunk`` entries (each one's tensor and index in
+    """``(6, L)`` int64: the rows of at most ``chunk`` entries (each one's tensor and index in
     it), then the chunks of the longer rows (each one's tensor, row index and number in its row,
-    a row's chunks in order); row 3, first ``n`` entries: each tensor's row length."""
+    a row's chunks in order); row 3, first ``n`` entries: each tensor's row length; rows 4 and
+    5: each longer row's first chunk (among the chunks) and number of chunks."""
     n = len(rows)
     short = [i for i in range(n) if cols[i] <= chunk]
     long = [i for i in range(n) if cols[i] > chunk]
@@ -465,9 +483,13 @@ def _row_map(rows, cols, chunk) -> torch.Tensor:
         i.append(torch.arange(rows[x]).repeat_interleave(m))
         j.append(torch.arange(m).repeat(rows[x]))
     t, i, j = torch.cat(t), torch.cat(i), torch.cat(j)
-    out = torch.zeros(4, max(len(t), n), dtype=torch.int64)
+    counts = torch.tensor([-(-cols[x] // chunk) for x in long for _ in range(rows[x])],
+                          dtype=torch.int64)
+    out = torch.zeros(6, max(len(t), n), dtype=torch.int64)
     out[0, : len(t)], out[1, : len(t)], out[2, : len(t)] = t, i, j
     out[3, :n] = torch.tensor(cols)
+    out[4, : len(counts)] = torch.cumsum(counts, 0) - counts  # each long row's first chunk
+    out[5, : len(counts)] = counts  # and its number of chunks
     return out
 
 
