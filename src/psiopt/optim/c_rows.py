@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import re
-import types
 
 from . import rowrules
 
@@ -167,18 +166,12 @@ def _helpers(gen: _Gen) -> dict:
     scope = {"sqrt": unary("sqrt", math.sqrt), "cos": unary("cos", math.cos),
              "sin": unary("sin", math.sin), "fabs": unary("fabs", abs), "where": gen.where,
              "wide": wide, "safe_inv": safe_inv}
-    scope["sqnorm_of_sum"] = _rebind(rowrules.sqnorm_of_sum, scope)
+    scope["sqnorm_of_sum"] = rowrules.rebind(rowrules.sqnorm_of_sum, scope)
     return scope
-
-
-def _rebind(fn, scope: dict):
-    return types.FunctionType(fn.__code__, scope, fn.__name__)
 
 
 #: the most sums and coefficients a rule takes (``NSUM``, ``NCOEF`` of ``kernels.c``)
 NSUM, NCOEF = 6, 8
-#: the Args fields of the row's entries
-_ROWS = {"w": "a->w", "g": "a->g", "b": "a->b"}
 
 
 def _uses(lines: list[str], name: str) -> bool:
@@ -242,7 +235,7 @@ def _loop(name: str, fn, has_b: bool, opt: bool, sums: bool, assume: dict) -> st
     k = [gen.leaf(f"k{j}") for j in range(2)]
     stores, acc = [], []
     if sums:
-        nb, terms = _rebind(fn, scope)(w, g, b, h, k, has_b, opt)
+        nb, terms = rowrules.rebind(fn, scope)(w, g, b, h, k, has_b, opt)
         if has_b and nb is not b:
             stores.append(f"b[i] = {gen.operand(nb, 'REAL')};")
         for j, term in enumerate(terms):
@@ -250,7 +243,7 @@ def _loop(name: str, fn, has_b: bool, opt: bool, sums: bool, assume: dict) -> st
             acc.append((f"s{j}", ctype, gen.operand(term, ctype)))
     else:
         c = [gen.leaf(f"c{j}") for j in range(NCOEF)]
-        nw, nb = _rebind(fn, scope)(w, g, b, c, h, has_b, opt)
+        nw, nb = rowrules.rebind(fn, scope)(w, g, b, c, h, has_b, opt)
         if nw is not w:
             stores.append(f"w[i] = {gen.operand(nw, 'REAL')};")
         if has_b and nb is not b:
@@ -260,7 +253,7 @@ def _loop(name: str, fn, has_b: bool, opt: bool, sums: bool, assume: dict) -> st
     uniform = _live(gen.uniform, body)
     loads = [f"const REAL {x}_ = {x}[i];" for x in "wgb" if _uses(body, x + "_")]
     written = {x for x in "wb" if any(line.startswith(f"{x}[i] =") for line in stores)}
-    pointers = [f"{'' if x in written else 'const '}REAL *{x} = SPAN({_ROWS[x]});"
+    pointers = [f"{'' if x in written else 'const '}REAL *{x} = SPAN(a->{x});"
                 for x in "wgb" if _uses(body, x + "_") or x in written]
     lines = [f"static void {name}(const Args *a, int t, int64_t r, int64_t lo, int64_t hi, "
              f"{'double *s' if sums else 'const double *c'}) {{", *pointers]
@@ -282,7 +275,7 @@ def _coef(name: str, rule: rowrules.RowRule, has_s1: bool, has_s2: bool, opt: bo
     s2 = gen.leaf("(double)a->s2[t][r]") if has_s2 else 0.0
     h = [gen.leaf(f"h{j}") for j in range(6)]
     k = [gen.leaf(f"k{j}") for j in range(2)]
-    c, n1, n2 = _rebind(rule.coef, _helpers(gen))(s, s1, s2, k, h, gen.leaf("(double)d"),
+    c, n1, n2 = rowrules.rebind(rule.coef, _helpers(gen))(s, s1, s2, k, h, gen.leaf("(double)d"),
                                                   has_s1, has_s2, opt)
     out = [f"c[{j}] = {gen.operand(x, 'double')};" for j, x in enumerate(c)]
     if has_s1 and rule.writes_s1:

@@ -173,10 +173,16 @@ def _fused_sets(ws: list[torch.Tensor], others: list[list], candidates, fused: b
     sets: dict = {}
     for i in sorted(candidates) if fused else ():
         w = ws[i]
-        if kernels.backend(w) is not None and all(kernels.fits(w, x[i]) for x in others) \
+        if _kernels_take(w, *(x[i] for x in others)) \
                 and (kernels.backend(w) == "triton" or kernels.available()):
             sets.setdefault((w.dtype, w.device), []).append(i)
     return list(sets.values())
+
+
+def _kernels_take(w: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the fused kernels take the view ``w`` with the views ``others``: contiguous rows of
+    a dtype and device they take (:func:`psiopt.optim.kernels.backend`, ``kernels.fits``)."""
+    return kernels.backend(w) is not None and all(kernels.fits(w, x) for x in others)
 
 
 def _keepdim(w: torch.Tensor) -> torch.Tensor:
@@ -418,7 +424,7 @@ class NormPolicy:
         if self.fused is not True:
             return
         for w, g, shard in zip(ws, gs, shards):
-            if shard is not None or kernels.backend(w) is None or not kernels.fits(w, g):
+            if shard is not None or not _kernels_take(w, g):
                 raise ValueError(
                     f"NormPolicy(fused=True): a group of {tuple(w.shape)} {w.dtype} rows on "
                     f"{w.device}{' sharded by FSDP2' if shard is not None else ''} is not one "

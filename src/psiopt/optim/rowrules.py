@@ -35,6 +35,7 @@ Triton kernels from its three functions.
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,12 @@ def sqnorm_of_sum(a, b, xx, xy, yy):
     """``‖a x + b y‖²`` from ``‖x‖², <x,y>, ‖y‖²``, clamped at 0 against rounding (NaN stays)."""
     v = a * a * xx + 2.0 * a * b * xy + b * b * yy
     return where(v < 0, 0.0, v)
+
+
+def rebind(fn, scope: dict):
+    """``fn``'s code with the globals ``scope``: how a backend runs a rule's functions with the
+    helpers above rebound to its own (Triton's, or C code generation's)."""
+    return types.FunctionType(fn.__code__, scope, fn.__name__)
 
 
 #: the smallest positive value :func:`safe_inv` inverts (here, for :func:`evaluate`: float64's;

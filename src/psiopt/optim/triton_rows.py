@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import types
 
 import torch
 
@@ -313,7 +312,7 @@ def _jit(fn, scope: dict, **options):
     it from the function's file)."""
     import triton
 
-    return triton.jit(types.FunctionType(fn.__code__, scope, fn.__name__), **options)
+    return triton.jit(rowrules.rebind(fn, scope), **options)
 
 
 def _kernel(name: str, dtype: torch.dtype, form: str = "rows"):
