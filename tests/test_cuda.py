@@ -102,19 +102,20 @@ def test_compiled_step_with_a_scheduled_cuda_lr_compiles_once(name):
     assert frames[1:] == [frames[1]] * 4, frames
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["vectorized", "triton"])
 @pytest.mark.parametrize("name", ["psi-sgdm", "adams", "un-sgd"])
-def test_a_step_with_a_cuda_tensor_lr_is_captured_in_a_cuda_graph(name):
+def test_a_step_with_a_cuda_tensor_lr_is_captured_in_a_cuda_graph(name, fused):
     """Nothing of such a step is read on the host, so it can be captured (after a warm-up step
     that makes the state) and replayed: the replays equal eager steps, and a scheduler's new lr
-    (written in place) reaches the replays.  The vectorized path (``fused=False``): the Triton
-    launch copies ``h``'s Python numbers from the host at each step, which a graph would not
-    repeat."""
+    (written in place) reaches the replays.  Both paths: the vectorized one, and the Triton
+    kernels (whose hyperparameters' Python numbers and tables were copied to the device at the
+    warm-up step: ``rowrules.numbers_on``; the capture copies nothing from the host)."""
     torch.manual_seed(0)
     ws = [torch.nn.Parameter(torch.randn(8, 6, device="cuda")) for _ in range(2)]
     ref = [torch.nn.Parameter(w.detach().clone()) for w in ws]
     grads = [torch.randn(8, 6, device="cuda") for _ in ws]
     opts = [psiopt.create_optimizer([{"params": ps, "grouping": "channel",
-                                      "norm_stats": [[], []]}], name, fused=False,
+                                      "norm_stats": [[], []]}], name, fused=fused,
                                     lr=torch.tensor(0.05, device="cuda")) for ps in (ws, ref)]
     for ps in (ws, ref):
         for p, g in zip(ps, grads):

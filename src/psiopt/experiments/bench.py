@@ -827,11 +827,11 @@ on a GPU only `make gpu-check` on one can tell.
   rows across programs (issue 23 item 2: done and tested under the interpreter, with every kernel
   compiled to a cubin; its speed on a ViT's LayerNorm groups, and whether a chunk of 4096 entries
   and 256 chunk sums at a time are the right sizes, only a GPU can tell); CUDA-graph capture of
-  the Triton path (issue 23 item 5 made `lr` a tensor the kernels load on the device, `h` a tensor
-  argument of the ops, and the step counters of compiled steps and of groups with a device `lr`
-  live on the parameters' device; but the Triton launch still copies `h`'s Python numbers and the
-  per-tensor scalars from the host at each step, which a graph would not repeat:
-  `tests/test_cuda.py` captures the vectorized path, `fused=False`, untested without a GPU);
+  both paths (`lr` a tensor the kernels load on the device, `h` a tensor argument of the ops, the
+  step counters of compiled steps and of groups with a device `lr` on the parameters' device; the
+  Triton launch's Python numbers, per-tensor scalars and tables copied to the device once and
+  kept while they are unchanged, so that a captured step copies nothing from the host:
+  `tests/test_cuda.py` captures `fused=False` and `fused=True`, untested without a GPU);
   float16/bfloat16 accuracy (the interpreter tests run float32/float64); torch's fused CUDA
   SGD/Adam for the other parameters (their step counters live on the CPU in eager steps with a
   float `lr`, which torch's fused CUDA step refuses).

@@ -233,8 +233,7 @@ def scalars(k, device="cpu") -> torch.Tensor | None:
     if not k:
         return None
     if not any(isinstance(x, torch.Tensor) for row in k for x in row):
-        out = torch.tensor(k, dtype=torch.float64)
-        return out if out.device == torch.device(device) else out.to(device, non_blocking=True)
+        return rowrules.numbers_on([[float(x) for x in row] for row in k], device)
     return torch.stack([rowrules.hyper_tensor(row, device)[:len(row)] for row in k])
 
 

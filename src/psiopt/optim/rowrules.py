@@ -383,15 +383,37 @@ OP_SIGNATURE = ("(str kernel, Tensor(a!)[] ws, Tensor[] gs, Tensor(b!)[] b, Tens
 _LIBS: list = []  # (a Library unregisters its ops when collected)
 
 
+_ON_DEVICE: dict = {}  # numbers_on's tensors, by device and values
+
+
+def numbers_on(values, device) -> torch.Tensor:
+    """The Python numbers ``values`` (a list, or a list of equal lists) as a float64 tensor on
+    ``device``, not to be written.  On a device other than the CPU, in an eager step, the
+    tensor is copied from the host once (``non_blocking``) and kept by its values: a step whose
+    numbers did not change copies nothing from the host, as a CUDA graph's capture needs (a
+    captured copy from host memory would read that memory at each replay).  While
+    ``torch.compile`` traces, a new tensor (the graph holds it as a constant)."""
+    numbers = torch.tensor(values, dtype=torch.float64)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return numbers
+    if torch.compiler.is_compiling():
+        return numbers.to(device, non_blocking=True)
+    key = (device, numbers.shape, tuple(x.hex() for x in numbers.view(-1).tolist()))  # (-0.0: not 0.0)
+    out = _ON_DEVICE.get(key)
+    if out is None:
+        if len(_ON_DEVICE) >= 1024:  # (a float lr a scheduler changes at every step)
+            _ON_DEVICE.clear()
+        out = _ON_DEVICE[key] = numbers.to(device, non_blocking=True)
+    return out
+
+
 def hyper_tensor(h, device) -> torch.Tensor:
     """The hyperparameters ``h`` (Python numbers and 0-d tensors, at most six) as the ops' ``h``:
     a float64 tensor of six entries on ``device``, made without a host synchronisation (the
-    numbers copied ``non_blocking``, tensors converted on the device)."""
+    numbers by :func:`numbers_on`, tensors converted on the device)."""
     values = list(h) + [0.0] * (6 - len(h))
-    numbers = torch.tensor([0.0 if isinstance(x, torch.Tensor) else float(x) for x in values],
-                           dtype=torch.float64)
-    if numbers.device != torch.device(device):
-        numbers = numbers.to(device, non_blocking=True)
+    numbers = numbers_on([0.0 if isinstance(x, torch.Tensor) else float(x) for x in values], device)
     if not any(isinstance(x, torch.Tensor) for x in values):
         return numbers
     return torch.stack([x.to(device=numbers.device, dtype=torch.float64, non_blocking=True)

@@ -34,9 +34,11 @@ parameters (float64 for float64), the chunks' sums added and the coefficients ta
 
 The tables are made on the host and copied to the device without synchronisation
 (``non_blocking``), and kept while the tensors' shapes (row and chunk map) and addresses are the
-same (a step whose buffers were allocated once copies only its hyperparameters); the scratch
-tensor is allocated on the device at each step.  Triton is imported on first use:
-CPU-only users never need it.
+same; so are the hyperparameters' Python numbers while they are the same
+(:func:`psiopt.optim.rowrules.numbers_on`): a step whose buffers were allocated once and whose
+numbers did not change copies nothing from the host, and can be captured in a CUDA graph.  The
+scratch tensor is allocated on the device at each step (from the graph's pool when captured).
+Triton is imported on first use: CPU-only users never need it.
 
 CUDA tensors take this path (when triton is importable); the tests run it on CPU tensors under
 Triton's interpreter (``TRITON_INTERPRET=1``) with ``PSIOPT_TRITON_CPU=1`` (or
