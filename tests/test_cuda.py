@@ -109,7 +109,7 @@ def test_a_step_with_a_cuda_tensor_lr_is_captured_in_a_cuda_graph(name, fused):
     that makes the state) and replayed: the replays equal eager steps, and a scheduler's new lr
     (written in place) reaches the replays.  Both paths: the vectorized one, and the Triton
     kernels (whose hyperparameters' Python numbers and tables were copied to the device at the
-    warm-up step: ``rowrules.numbers_on``; the capture copies nothing from the host)."""
+    warm-up steps: ``rowrules.on_device``; the capture copies nothing from the host)."""
     torch.manual_seed(0)
     ws = [torch.nn.Parameter(torch.randn(8, 6, device="cuda")) for _ in range(2)]
     ref = [torch.nn.Parameter(w.detach().clone()) for w in ws]
@@ -123,9 +123,11 @@ def test_a_step_with_a_cuda_tensor_lr_is_captured_in_a_cuda_graph(name, fused):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        opts[0].step()  # warm-up: state made
+        for _ in range(3):
+            opts[0].step()  # warm-up: state made (un-sgd's first step reads scaled gradients)
     torch.cuda.current_stream().wait_stream(side)
-    opts[1].step()
+    for _ in range(3):
+        opts[1].step()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opts[0].step()
@@ -138,6 +140,18 @@ def test_a_step_with_a_cuda_tensor_lr_is_captured_in_a_cuda_graph(name, fused):
     torch.cuda.synchronize()
     for a, b in zip(ref, ws):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_capturing_a_step_without_a_warm_up_is_refused_in_one_line():
+    """A Triton step whose tables were never copied to the device cannot be captured (the copy
+    would be captured reading host memory): refused, saying to warm up first."""
+    w = torch.nn.Parameter(torch.randn(8, 6, device="cuda"))
+    w.grad = torch.randn_like(w)
+    opt = psiopt.create_optimizer([{"params": [w], "grouping": "channel", "norm_stats": [[]]}],
+                                  "psi-sgdm", fused=True, lr=torch.tensor(0.05, device="cuda"))
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="warm up"), torch.cuda.graph(graph):
+        opt.step()
 
 
 def test_bench_times_with_cuda_events_and_counts_kernels(monkeypatch):

@@ -226,17 +226,19 @@ def test_a_scheduled_tensor_lr_reaches_a_part_s_rest_as_a_float_lr_does(name):
 
 def test_numbers_copied_to_a_device_once_per_distinct_values():
     """The kernels' hyperparameters and per-tensor scalars given as Python numbers are copied to
-    a device once and kept by their values (``rowrules.numbers_on``): a step whose numbers did
+    a device once and kept by their values (``rowrules.on_device``): a step whose numbers did
     not change copies nothing from the host, as capture in a CUDA graph needs (on the meta
     device here: the tensor kept, or a new one).  Values that differ (-0.0 and 0.0 included)
     get their own tensor; CPU tensors are made anew (the C kernels read them)."""
     from psiopt.optim import kernels, rowrules
 
+    rowrules._KEPT.clear()
     h = rowrules.hyper_tensor((0.1, 0.9, 0.0), "meta")
     assert h.shape == (6,) and h.dtype == torch.float64 and h.is_meta
     assert rowrules.hyper_tensor((0.1, 0.9, 0.0), "meta") is h
     assert rowrules.hyper_tensor((0.1, 0.9, -0.0), "meta") is not h
     assert rowrules.hyper_tensor((0.2, 0.9, 0.0), "meta") is not h
+    assert kernels.scalars([(x,) for x in (0.1, 0.9, 0.0, 0.0, 0.0, 0.0)], "meta").shape == (6, 1)
     k = kernels.scalars([(1.0, 2.0), (3.0, 4.0)], "meta")
     assert k.shape == (2, 2) and kernels.scalars([(1.0, 2.0), (3.0, 4.0)], "meta") is k
     lr = torch.tensor(0.5, device="meta")

@@ -450,8 +450,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       ``foreach`` unset, the other parameters' eager steps take torch.optim's fused CPU
       SGD/Adam (float32/float64 CPU tensors; one kernel per tensor where foreach makes several).
       Views whose rows are not contiguous (``"@1"`` groupings, channels-last gradients), steps
-      the kernel does not cover (PSI-SGD's guard steps), groups whose tensors differ in dtype
-      and FSDP2 steps take the other paths.  Compiled steps call the kernels through the op
+      the kernel does not cover (PSI-SGD's literal mode: its guard steps, and every step where
+      its counters live on a device, with a device ``lr`` or compiled, as the guard's schedule
+      is not read there), groups whose tensors differ in dtype and FSDP2 steps take the other
+      paths.  Compiled steps call the kernels through the op
       ``psiopt::fused_rows`` (but for a step that makes state).  The same rule to rounding
       (sums in the tensor's precision over chunks of a row, the chunks added in double, but
       SGDG's and AdamG's ‖y‖², <y,ĝ>, ‖ĝ‖² in double; norms after the step derived from sums

@@ -383,29 +383,74 @@ OP_SIGNATURE = ("(str kernel, Tensor(a!)[] ws, Tensor[] gs, Tensor(b!)[] b, Tens
 _LIBS: list = []  # (a Library unregisters its ops when collected)
 
 
-_ON_DEVICE: dict = {}  # numbers_on's tensors, by device and values
+class _Kept:
+    """A tensor :func:`on_device` keeps: the stream that made it and an event recorded after its
+    copy (CUDA), so that another stream waits for the copy before it reads the tensor."""
+
+    __slots__ = ("tensor", "stream", "event")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.stream, self.event = tensor, None, None
+        if tensor.is_cuda:
+            self.stream = torch.cuda.current_stream(tensor.device)
+            self.event = torch.cuda.Event()
+            self.event.record(self.stream)
+
+
+_KEPT: dict = {}  # on_device's tensors, by key (cleared when it grows past _KEEP)
+_CAPTURED: dict = {}  # those a CUDA graph read: never freed (a graph reads their memory)
+_KEEP = 1024
+
+
+def on_device(key, make, device) -> torch.Tensor:
+    """``make()`` (a small CPU tensor: hyperparameters, a row table) on ``device``, not to be
+    written.  On the CPU, made at each call.  On another device, in an eager step, copied from
+    the host once (``non_blocking``) and kept by ``key``: a step whose numbers and tables did not
+    change copies nothing from the host, as a CUDA graph's capture needs (a captured copy from
+    host memory would read that memory at each replay).  So that capture is safe:
+
+    * a key not kept when a graph is being captured is refused (``RuntimeError``): the steps
+      before the capture (its warm-up) make what the captured one reads;
+    * what a captured step read is kept for good (a graph holds addresses, not tensors);
+    * read on another stream than the one that copied it, the stream first waits for the copy
+      (an event, no host synchronisation) and the tensor is marked as used there.
+
+    While ``torch.compile`` traces, a new tensor (the graph holds it as a constant)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return make()
+    if torch.compiler.is_compiling():
+        return make().to(device, non_blocking=True)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = (device, key)
+    kept = _CAPTURED.get(key) or _KEPT.get(key)
+    if kept is None:
+        if capturing:
+            raise RuntimeError(
+                "psiopt: a CUDA graph is capturing a step whose hyperparameters or row tables "
+                "were not copied to the device before the capture: warm up with the same "
+                "tensors and hyperparameters (torch.cuda.graphs's docs: a few steps on a side "
+                "stream) before capturing")
+        if len(_KEPT) >= _KEEP:
+            _KEPT.clear()
+        kept = _KEPT[key] = _Kept(make().to(device, non_blocking=True))
+    elif capturing:
+        _CAPTURED[key] = _KEPT.pop(key, kept)
+    elif kept.stream is not None:
+        stream = torch.cuda.current_stream(device)
+        if stream != kept.stream:
+            stream.wait_event(kept.event)
+            kept.tensor.record_stream(stream)
+    return kept.tensor
 
 
 def numbers_on(values, device) -> torch.Tensor:
     """The Python numbers ``values`` (a list, or a list of equal lists) as a float64 tensor on
-    ``device``, not to be written.  On a device other than the CPU, in an eager step, the
-    tensor is copied from the host once (``non_blocking``) and kept by its values: a step whose
-    numbers did not change copies nothing from the host, as a CUDA graph's capture needs (a
-    captured copy from host memory would read that memory at each replay).  While
-    ``torch.compile`` traces, a new tensor (the graph holds it as a constant)."""
-    numbers = torch.tensor(values, dtype=torch.float64)
-    device = torch.device(device)
-    if device.type == "cpu":
-        return numbers
-    if torch.compiler.is_compiling():
-        return numbers.to(device, non_blocking=True)
-    key = (device, numbers.shape, tuple(x.hex() for x in numbers.view(-1).tolist()))  # (-0.0: not 0.0)
-    out = _ON_DEVICE.get(key)
-    if out is None:
-        if len(_ON_DEVICE) >= 1024:  # (a float lr a scheduler changes at every step)
-            _ON_DEVICE.clear()
-        out = _ON_DEVICE[key] = numbers.to(device, non_blocking=True)
-    return out
+    ``device`` (:func:`on_device`, kept by their values), not to be written."""
+    nested = bool(values) and isinstance(values[0], (list, tuple))
+    rows = values if nested else [values]
+    key = ("numbers", nested, len(values), tuple(float(x).hex() for row in rows for x in row))
+    return on_device(key, lambda: torch.tensor(values, dtype=torch.float64), device)  # (-0.0: not 0.0)
 
 
 def hyper_tensor(h, device) -> torch.Tensor:

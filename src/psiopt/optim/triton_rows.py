@@ -34,10 +34,11 @@ parameters (float64 for float64), the chunks' sums added and the coefficients ta
 
 The tables are made on the host and copied to the device without synchronisation
 (``non_blocking``), and kept while the tensors' shapes (row and chunk map) and addresses are the
-same; so are the hyperparameters' Python numbers while they are the same
-(:func:`psiopt.optim.rowrules.numbers_on`): a step whose buffers were allocated once and whose
-numbers did not change copies nothing from the host, and can be captured in a CUDA graph.  The
-scratch tensor is allocated on the device at each step (from the graph's pool when captured).
+same, as the hyperparameters' Python numbers are while they are the same
+(:func:`psiopt.optim.rowrules.on_device`): a step whose buffers were allocated before and whose
+numbers did not change copies nothing from the host, and can be captured in a CUDA graph after
+a warm-up.  The scratch tensor is allocated on the device at each step (from the graph's pool
+when captured).
 Triton is imported on first use: CPU-only users never need it.
 
 CUDA tensors take this path (when triton is importable); the tests run it on CPU tensors under
@@ -64,7 +65,6 @@ MAX_BLOCK = 4096
 MAX_PARTS = 256
 #: the dtypes the kernels take
 TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TABLES: dict = {}  # cached device tables (row map by shapes, pointers by addresses)
 #: names the functions below compile with (bound in their Triton scope by :func:`_kernel`)
 tl = PRE = COEF = POST = TINY = None
 
@@ -380,20 +380,6 @@ def state_fits(ws, b=None, s1=None, s2=None) -> bool:
     return ok(b, torch.numel, (dtype,)) and ok(s1, rows, TYPES) and ok(s2, rows, TYPES)
 
 
-def _device_table(key, make, device):
-    """A small table made on the host, copied to ``device`` without synchronisation, cached by
-    ``key`` (a few hundred entries at most)."""
-    table = _TABLES.get(key)
-    if table is None:
-        if len(_TABLES) > 256:
-            _TABLES.clear()
-        table = make()
-        if table.device != device:
-            table = table.to(device, non_blocking=True)
-        _TABLES[key] = table
-    return table
-
-
 def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
     """Rule ``kernel`` (:data:`psiopt.optim.rowrules.RULES`) on the views ``ws``, arguments as
     :func:`psiopt.optim.kernels.run`: one launch (four with rows longer than
@@ -430,13 +416,13 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
     parts = [-(-d // chunk) for d in cols if d > chunk]  # chunks per long row
     nchunks = sum(r * -(-d // chunk) for r, d in zip(rows, cols) if d > chunk)
     nlong = sum(r for r, d in zip(rows, cols) if d > chunk)
-    table = _device_table(("rows", device, tuple(rows), tuple(cols), chunk),
-                          lambda: _row_map(rows, cols, chunk), device)
+    table = rowrules.on_device(("rows", tuple(rows), tuple(cols), chunk),
+                               lambda: _row_map(rows, cols, chunk), device)
     addresses = [t.data_ptr() for t in ws] + [t.data_ptr() for t in gs] + \
         [t.data_ptr() for t in b or ws] + [t.data_ptr() for t in s1 or ws] + \
         [t.data_ptr() for t in s2 or ws]
-    ptr = _device_table(("ptr", device, tuple(addresses)),
-                        lambda: torch.tensor(addresses, dtype=torch.int64), device)
+    ptr = rowrules.on_device(("ptr", tuple(addresses)),
+                             lambda: torch.tensor(addresses, dtype=torch.int64), device)
     kt = torch.zeros(n, 2, dtype=torch.float64, device=device)
     if k is not None:
         kt[:, : k.shape[1]] = k.to(device, torch.float64, non_blocking=True)
