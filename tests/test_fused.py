@@ -208,6 +208,47 @@ def test_the_other_parameters_take_torchs_fused_step_where_the_kernels_run(name,
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name, op", [("psi-sgdm", "_fused_sgd_"), ("adams", "_fused_adam_")])
+def test_the_other_parameters_of_cuda_tensors_take_torchs_fused_step(name, op, monkeypatch):
+    """On CUDA the other parameters take torch's fused CUDA SGD/Adam (one call per dtype and
+    step, bfloat16 included), unless ``foreach`` or ``fused=False`` is set; torch's Adam
+    counters of CUDA tensors live on their device in float32, as ``torch.optim.Adam(fused=True)``
+    keeps them, and stay there through a state_dict round trip, while the rule's own counters
+    (Adam-S's invariant rows) stay on the CPU.  Fake CUDA tensors (no GPU here: torch's fused
+    SGD has no fake kernel, so it is recorded and not run; the invariant rows take the
+    vectorized path, the Triton kernels set aside)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls, real = [], getattr(torch, op)
+    record = lambda *a, **k: calls.append([t.dtype for t in a[0]])  # noqa: E731
+    monkeypatch.setattr(torch, op, (lambda *a, **k: record(*a) or real(*a, **k)) if name == "adams"
+                        else record)
+    monkeypatch.setattr(kernels, "backend", lambda t: None)
+    for kw, fused in [({}, True), ({"fused": False}, False), ({"foreach": True}, False)]:
+        calls.clear()
+        with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            others = [torch.nn.Parameter(torch.randn(4, 3, device="cuda")),
+                      torch.nn.Parameter(torch.randn(5, device="cuda", dtype=torch.bfloat16))]
+            inv = [torch.nn.Parameter(torch.randn(4, 3, device="cuda"))] if name == "adams" else []
+            for p in [*inv, *others]:
+                p.grad = torch.randn_like(p)
+            groups = [{"params": others}] + \
+                [{"params": inv, "grouping": "channel", "norm_stats": [[]]}] * bool(inv)
+            opt = psiopt.create_optimizer(groups, name, **kw)
+            opt.step()
+            opt.step()
+            for _ in range(2):
+                if name == "adams":
+                    assert [(st["step"].device.type, st["step"].dtype) for st in
+                            (opt.state[p] for p in others)] == [("cuda" if fused else "cpu",
+                                                                 torch.float32)] * 2, kw
+                    assert opt.state[inv[0]]["step"].is_cpu
+                opt.load_state_dict(opt.state_dict())
+        assert sorted(map(str, calls)) == (sorted(map(str, [[torch.float32], [torch.bfloat16]] * 2))
+                                           if fused else []), kw
+
+
 @pytest.mark.parametrize("name", ["psi-sgdm", "adams"])
 @pytest.mark.parametrize("case", ["late-gradient", "strided-gradient", "strided-state"])
 def test_the_other_parameters_step_as_foreach_where_torchs_fused_step_cannot(name, case):

@@ -800,8 +800,11 @@ on a GPU only `make gpu-check` on one can tell.
   for float16/bfloat16/float32 parameters (float64 for float64; SGDG's and AdamG's ‖y‖², ⟨y,ĝ⟩,
   ‖ĝ‖² always in float64, as the C kernel), coefficients in float64. The tables are built on the
   host and copied with `non_blocking=True` (no synchronisation), kept while the tensors' addresses
-  stay the same; hyperparameters and per-tensor scalars (Adam's bias corrections) are copied at
-  each step.
+  stay the same, as are the hyperparameters' and per-tensor scalars' numbers while they are the
+  same (`rowrules.on_device`: a float `lr` a scheduler changes, or Adam's bias corrections from
+  CPU counters, are copied at each step; a tensor `lr` and device counters never); a CUDA graph
+  capturing a step whose tables or numbers were not copied before is refused (warm up first),
+  and what a capture read is never freed.
 * **Selection.**  Invariant groups of CUDA tensors (float16, bfloat16, float32, float64) take it
   with `fused=None` (default, `foreach` unset) or `fused=True` when `import triton` works
   (`pip install 'psiopt[gpu]'`), else the vectorized path; `fused=False` never.  CPU steps take
@@ -833,8 +836,9 @@ on a GPU only `make gpu-check` on one can tell.
   kept while they are unchanged, so that a captured step copies nothing from the host:
   `tests/test_cuda.py` captures `fused=False` and `fused=True`, untested without a GPU);
   float16/bfloat16 accuracy (the interpreter tests run float32/float64); torch's fused CUDA
-  SGD/Adam for the other parameters (their step counters live on the CPU in eager steps with a
-  float `lr`, which torch's fused CUDA step refuses).
+  SGD/Adam for the other parameters (taken by default, torch's Adam counters of CUDA tensors
+  kept on their device in float32 as `torch.optim.Adam(fused=True)` keeps them; checked here
+  with fake CUDA tensors only, `tests/test_fused.py`).
 * **One definition, three backends** (issue 23 item 4): the C kernels are generated from the
   same definitions (`src/psiopt/optim/c_rows.py`): each rule's `pre`, `coef` and `post` run on
   symbolic values that record each operation and write it as C (a value of the row's entries in

@@ -447,8 +447,9 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       with ``foreach`` set, for a rule without a kernel or for tensors that are not
       float32/float64 on the CPU, checked before any group is stepped; ``RuntimeError`` if they
       cannot be built); ``False`` never uses them.  Where ``fused`` is not ``False`` and
-      ``foreach`` unset, the other parameters' eager steps take torch.optim's fused CPU
-      SGD/Adam (float32/float64 CPU tensors; one kernel per tensor where foreach makes several).
+      ``foreach`` unset, the other parameters' eager steps take torch.optim's fused SGD/Adam
+      (float32/float64 CPU tensors, one kernel per tensor where foreach makes several; floating
+      CUDA tensors, multi-tensor kernels; see :meth:`_torch_fused`).
       Views whose rows are not contiguous (``"@1"`` groupings, channels-last gradients), steps
       the kernel does not cover (PSI-SGD's literal mode: its guard steps, and every step where
       its counters live on a device, with a device ``lr`` or compiled, as the guard's schedule
@@ -492,7 +493,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     as numbers without a device synchronisation), and on the parameters' device in compiled
     steps and in the steps of a group whose ``lr`` is a tensor on that device (the step then
     reads nothing on the host: it can be captured in a CUDA graph); see
-    :func:`counters_on_device`.  A counter on a device stays there.
+    :func:`counters_on_device`.  A counter on a device stays there.  The counters of torch's
+    Adam on the other parameters of CUDA tensors live on their device (float32, as
+    ``torch.optim.Adam(fused=True)``'s) where ``fused`` is not ``False`` and ``foreach`` unset:
+    torch's fused CUDA Adam reads them there (:func:`rest_counter_on_device`).
     """
 
     counterpart = "sgd"  # or "adam"
@@ -861,16 +865,26 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch.optim; step counters stay on the CPU (torch moves them to the parameter's
         device for a group that sets ``fused``, and psiopt reads them without a device
-        synchronisation), and state in :attr:`accumulated_state` of invariant float16/bfloat16
-        parameters stays float32 (read from the saved tensor, not from its cast)."""
+        synchronisation), but those of torch's Adam on the other parameters of CUDA tensors,
+        which stay on the device (:func:`rest_counter_on_device`); state in
+        :attr:`accumulated_state` of invariant float16/bfloat16 parameters stays float32 (read
+        from the saved tensor, not from its cast)."""
         saved = [{k: state_dict["state"].get(i, {}).get(k) for k in self.accumulated_state}
                  for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
         super().load_state_dict(state_dict)
-        for state in self.state.values():
-            for st in (state, state.get("rest") or {}):
-                step = st.get("step")
-                if isinstance(step, Tensor) and not step.is_cpu and not is_sharded(step):
-                    st["step"] = step.cpu()
+        for group in self.param_groups:
+            rest = self._rest_settings(group)
+            for p in group["params"]:
+                state = self.state.get(p) or {}
+                for st in (state, state.get("rest") or {}):
+                    step = st.get("step")
+                    if not isinstance(step, Tensor) or step.is_cpu or is_sharded(step):
+                        continue
+                    own = st is state and is_invariant(group["grouping"])  # the rule's
+                    if own or not rest_counter_on_device(rest, p):
+                        st["step"] = step.cpu()
+                    else:  # torch's fused CUDA Adam's, as torch.optim.Adam(fused=True) keeps it
+                        st["step"] = step.to(torch.float32)
         if not self.accumulated_state:
             return
         params = [(g, p) for g in self.param_groups for p in g["params"]]
@@ -910,7 +924,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             return
         for p, s in zip(params, states):
             if not s:
-                s["step"] = new_step(group, p)
+                s["step"] = new_rest_step(group, p)
                 s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
@@ -918,7 +932,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         # torch's capturable Adam reads nothing on the host: compiled, and for counters on the
         # parameters' device (see counters_on_device); else a tensor lr on the CPU is a number
         capturable = torch.compiler.is_compiling() or not all(t.is_cpu for t in steps)
-        lr = group["lr"] if capturable else host_lr(group["lr"])
+        lr = host_lr(group["lr"])  # (a tensor on a device, or traced, stays one)
         if isinstance(lr, Tensor) and not capturable:  # (not met: see counters_on_device)
             foreach = fused = False  # torch's per-tensor Adam reads it, as torch.optim.Adam's
         _torch_adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
@@ -1002,24 +1016,29 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             if settings["momentum"] and "momentum_buffer" not in state:
                 state["momentum_buffer"] = zeros()
         elif not state:
-            state.update(step=new_step(settings, pieces[0]), exp_avg=zeros(), exp_avg_sq=zeros())
+            state.update(step=new_rest_step(settings, pieces[0]), exp_avg=zeros(), exp_avg_sq=zeros())
         return state
 
     @staticmethod
     def _torch_fused(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict]) -> bool:
-        """Whether the other parameters take torch.optim's fused CPU SGD/Adam (one kernel per
-        tensor where foreach makes three to a dozen): eager steps of contiguous float32/float64
-        CPU tensors and state (torch's fused kernels read gradients and state with the
+        """Whether the other parameters take torch.optim's fused SGD/Adam (one kernel per
+        tensor on the CPU where foreach makes three to a dozen; multi-tensor kernels on CUDA):
+        eager steps of contiguous tensors and state of the dtypes torch's fused kernels take
+        (:func:`torch_fused_takes`; torch's fused kernels read gradients and state with the
         parameter's strides: others gave wrong steps), with ``fused`` not ``False`` and
-        ``foreach`` unset, and momentum buffers for all the parameters or none (torch's fused
-        SGD raises on a mix, e.g. a parameter whose first gradient comes late)."""
+        ``foreach`` unset, momentum buffers for all the parameters or none (torch's fused SGD
+        raises on a mix, e.g. a parameter whose first gradient comes late), and Adam's
+        counters of CUDA tensors on their device (:func:`rest_counter_on_device`; a counter
+        made on the CPU before, or loaded there, keeps the foreach step)."""
         if group["fused"] is False or group["foreach"] is not None or torch.compiler.is_compiling():
             return False
         if len({"momentum_buffer" in s for s in states}) > 1:
             return False
-        return all(kernels.takes(p) and p.is_contiguous() and not is_sharded(p) for p in params) \
+        return all(torch_fused_takes(p) and p.is_contiguous() and not is_sharded(p) for p in params) \
             and all(g.is_contiguous() for g in grads) \
-            and all(t.is_contiguous() for s in states for k, t in s.items() if k != "step")
+            and all(t.is_contiguous() for s in states for k, t in s.items() if k != "step") \
+            and all(s["step"].device == p.device for p, s in zip(params, states)
+                    if p.is_cuda and "step" in s)
 
     @staticmethod
     def _sgd(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
@@ -1082,6 +1101,32 @@ def new_step(group: dict, p: Tensor) -> Tensor:
     """A new step counter (0., in the default dtype as torch.optim's) for ``group``'s parameter
     (or view) ``p``, where :func:`counters_on_device` says."""
     return torch.tensor(0.0, device=p.device if counters_on_device(group, p) else "cpu")
+
+
+def torch_fused_takes(p: Tensor) -> bool:
+    """Whether torch.optim's fused SGD/Adam take ``p``'s dtype and device, as psiopt calls them:
+    float32/float64 CPU tensors (as the C kernels), floating CUDA tensors."""
+    return kernels.takes(p) or (p.is_cuda and p.dtype in (torch.float16, torch.bfloat16,
+                                                          torch.float32, torch.float64))
+
+
+def rest_counter_on_device(group: dict, p: Tensor) -> bool:
+    """Whether torch's Adam steps the other parameter (or piece of a part's rest) ``p`` of
+    ``group`` with its counter on ``p``'s device: a CUDA tensor with ``fused`` not ``False`` and
+    ``foreach`` unset, so that torch's fused CUDA Adam can take it (it reads its counters on the
+    device, as ``torch.optim.Adam(fused=True)`` keeps them: float32, on the device); where it
+    does not (a strided gradient), torch's capturable foreach Adam does, reading nothing on the
+    host either."""
+    return p.is_cuda and group.get("fused") is not False and group.get("foreach") is None
+
+
+def new_rest_step(group: dict, p: Tensor) -> Tensor:
+    """A new step counter for torch's Adam on the other parameter ``p``: as
+    ``torch.optim.Adam(fused=True)``'s where :func:`rest_counter_on_device`, else
+    :func:`new_step`."""
+    if rest_counter_on_device(group, p) and not torch.compiler.is_compiling():
+        return torch.zeros((), dtype=torch.float32, device=p.device)
+    return new_step(group, p)
 
 
 def add_scaled_(t: Tensor, x: Tensor, c) -> Tensor:
