@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_FILES = ("tests/test_cuda.py", "tests/test_device.py")
 #: total wall-clock budget (seconds) and each step's cap within it
 BUDGET_S = 570
-CAPS_S = {"install": 120, "tests": 300, "bench": 180, "train": 120}
+CAPS_S = {"install": 120, "tests": 360, "bench": 180, "train": 120}
 #: skips that are not CUDA tests being skipped: (reason pattern, condition on the GPU count)
 ALLOWED_SKIPS = (
     (r"a machine without CUDA", lambda gpus: gpus >= 1),  # CPU-only tests of test_device.py

@@ -1,6 +1,10 @@
-"""On a machine with a GPU: every optimizer steps on CUDA without a host synchronisation
-(``torch.cuda.set_sync_debug_mode("error")``).  Skipped here (no GPU); the meta-device detector of
-``tests/test_optimizer_matrix.py`` checks the same property on any machine."""
+"""On a machine with a GPU (``make gpu-check``): every optimizer steps on CUDA without a host
+synchronisation (``torch.cuda.set_sync_debug_mode("error")``), with a float or a tensor ``lr``;
+the Triton kernels, compiled for the GPU, agree with the reference path (float64, float32,
+bfloat16); compiled steps agree with eager ones and a scheduled tensor ``lr`` compiles once;
+steps are captured in CUDA graphs.  Skipped here (no GPU); the meta-device detector of
+``tests/test_optimizer_matrix.py`` checks the no-synchronisation property on any machine, and
+``tests/test_triton.py`` the kernels under Triton's interpreter."""
 
 import pytest
 import torch
@@ -153,6 +157,94 @@ def test_capturing_a_step_without_a_warm_up_is_refused_in_one_line():
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="warm up"), torch.cuda.graph(graph):
         opt.step()
+
+
+@pytest.fixture
+def on_triton(monkeypatch):
+    """The Triton steps of CUDA tensors (the kernels compiled for the GPU, not interpreted)."""
+    from psiopt.optim import triton_rows
+
+    calls, launch = [], triton_rows._launch
+    monkeypatch.setattr(triton_rows, "_launch",
+                        lambda kernel, ws, *args: calls.append(kernel) or launch(kernel, ws, *args))
+    return calls
+
+
+#: (dtype, absolute slack of the 16/32-bit comparisons)
+DTYPES = [(torch.float64, 0.0), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)]
+
+
+@pytest.mark.parametrize("dtype, slack", DTYPES, ids=[str(d)[6:] for d, _ in DTYPES])
+@pytest.mark.parametrize("case", range(14))
+def test_the_triton_kernels_on_the_gpu_agree_with_the_reference_path(case, dtype, slack, on_triton,
+                                                                      monkeypatch):
+    """tests/test_triton.py's cases on the GPU, with rows longer than a block (``MAX_BLOCK``
+    16: all four kernels run, short rows beside split ones): float64 to 1e-12 of the reference
+    path on the GPU, float32 and bfloat16 within 4x the reference path's own error against
+    float64 (and the slack)."""
+    from psiopt.optim import triton_rows
+    from test_triton import CASES, SPLIT, max_error, run
+
+    assert len(CASES) == 14
+    name, settings = CASES[case]
+    monkeypatch.setattr(triton_rows, "MAX_BLOCK", SPLIT)
+    fused = run(name, settings, "groups:2", dtype, device="cuda", fused=True)
+    assert on_triton, "the Triton kernels did not run"
+    reference = run(name, settings, "groups:2", dtype, device="cuda", foreach=False)
+    if dtype == torch.float64:
+        assert max_error(fused, reference) < 1e-12
+    else:
+        truth = run(name, settings, "groups:2", torch.float64, device="cuda", foreach=False)
+        assert max_error(fused, truth) <= 4 * max_error(reference, truth) + slack
+
+
+@pytest.mark.parametrize("name, backend", [(n, "aot_eager") for n in psiopt.list_optimizers()]
+                         + [("psi-sgdm", "inductor"), ("adams", "inductor")])
+def test_a_compiled_step_on_cuda_agrees_with_the_eager_one(name, backend):
+    """tests/test_compile.py's check on the GPU: four compiled steps (the Triton kernels through
+    their op) equal four eager ones; inductor for two rules only (its compilation is slow)."""
+    from test_compile import backward
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 8, 8, generator=gen).cuda()
+    y = torch.randint(0, 3, (8,), generator=gen).cuda()
+    eager, compiled = net().cuda(), net().cuda()
+    opt_e = psiopt.create_optimizer(eager, name, x)
+    opt_c = psiopt.create_optimizer(compiled, name, x)
+    step = torch.compile(opt_c.step, backend=backend)
+    torch._dynamo.reset()
+    try:
+        for _ in range(4):
+            for model, fn in ((eager, opt_e.step), (compiled, step)):
+                backward(model, x, y)
+                fn()
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, op", [("psi-sgdm", "_fused_sgd_"), ("adams", "_fused_adam_")])
+def test_the_other_parameters_take_torchs_fused_cuda_step(name, op, monkeypatch):
+    """The non-invariant parameters take torch's fused CUDA SGD/Adam by default (its counters
+    on the device), and step as with ``foreach=True`` to rounding, without a host
+    synchronisation."""
+    calls, real = [], getattr(torch, op)
+    monkeypatch.setattr(torch, op, lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    x, y = torch.randn(8, 3, 8, 8, device="cuda"), torch.randint(0, 3, (8,), device="cuda")
+    models = []
+    for kw in ({}, {"foreach": True}):
+        calls.clear()
+        model = net().cuda()
+        opt = psiopt.create_optimizer(model, name, x, **kw)
+        for _ in range(3):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            step_without_sync(opt)
+        assert bool(calls) == (not kw), kw
+        models.append(model)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_bench_times_with_cuda_events_and_counts_kernels(monkeypatch):

@@ -238,15 +238,50 @@ def test_the_other_parameters_of_cuda_tensors_take_torchs_fused_step(name, op, m
             opt = psiopt.create_optimizer(groups, name, **kw)
             opt.step()
             opt.step()
-            for _ in range(2):
-                if name == "adams":
-                    assert [(st["step"].device.type, st["step"].dtype) for st in
-                            (opt.state[p] for p in others)] == [("cuda" if fused else "cpu",
-                                                                 torch.float32)] * 2, kw
-                    assert opt.state[inv[0]]["step"].is_cpu
-                opt.load_state_dict(opt.state_dict())
+            if name == "adams":
+                assert [(st["step"].device.type, st["step"].dtype) for st in
+                        (opt.state[p] for p in others)] == [("cuda" if fused else "cpu",
+                                                             torch.float32)] * 2, kw
+                assert opt.state[inv[0]]["step"].is_cpu
         assert sorted(map(str, calls)) == (sorted(map(str, [[torch.float32], [torch.bfloat16]] * 2))
                                            if fused else []), kw
+
+
+def test_torchs_adam_counters_of_cuda_tensors_come_back_to_the_device_after_a_load(monkeypatch):
+    """A state loaded with the counters of torch's Adam elsewhere (on the CPU: a checkpoint read
+    with ``map_location="cpu"``, or written before they lived on the device; torch moves them to
+    the device only for a group that sets ``fused``) or in float64: they go back to the
+    parameter's device in float32, the rule's own counters to the CPU, and torch's fused CUDA
+    Adam takes every parameter again, one whose first gradient comes after the load included
+    (fake CUDA tensors, as above)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls, real = [], torch._fused_adam_
+    monkeypatch.setattr(torch, "_fused_adam_", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    monkeypatch.setattr(kernels, "backend", lambda t: None)
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        others = [torch.nn.Parameter(torch.randn(4, 3, device="cuda")) for _ in range(3)]
+        inv = torch.nn.Parameter(torch.randn(4, 3, device="cuda"))
+        for p in [inv, *others[:2]]:
+            p.grad = torch.randn_like(p)
+        for fused in (None, True):
+            groups = [{"params": others, "fused": fused},
+                      {"params": [inv], "grouping": "channel", "norm_stats": [[]]}]
+            opt = psiopt.create_optimizer(groups, "adams")
+            opt.step()
+            state = opt.state_dict()
+            for st in state["state"].values():
+                st["step"] = st["step"].to("cpu", torch.float64)
+            opt.load_state_dict(state)
+            where = [(opt.state[p]["step"].device.type, opt.state[p]["step"].dtype) for p in others[:2]]
+            assert where == [("cuda", torch.float32)] * 2 and opt.state[inv]["step"].is_cpu, fused
+            others[2].grad = torch.randn_like(others[2])
+            calls.clear()
+            opt.step()
+            assert calls == [3], fused
+            assert all(opt.state[p]["step"].is_cuda for p in others) and opt.state[inv]["step"].is_cpu
+            others[2].grad = None
 
 
 @pytest.mark.parametrize("name", ["psi-sgdm", "adams"])

@@ -658,6 +658,9 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                     step = (sub or {}).get("step")
                     if isinstance(step, Tensor) and step.device != p.device and not is_sharded(step):
                         sub["step"] = step.to(p.device, non_blocking=True)
+        elif not torch.compiler.is_compiling():
+            for p in group["params"]:
+                self._counters_to_device(group, p)
         if is_invariant(group["grouping"]) and self._wants_kernels(group) and group["params"]:
             backend = kernels.backend(group["params"][0])  # (triton imported here, if at all)
             if backend == "c":
@@ -672,6 +675,18 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             index.append(i)
             params.append(p)
             grads.append(self._grad(p))
+
+    def _counters_to_device(self, group: dict, p: Tensor) -> None:
+        """The counters of torch's Adam on ``p`` (other parameter, or a part's rest rows) that
+        live on its device (:func:`rest_counter_on_device`) but are not there, or not float32
+        (loaded on the CPU or another GPU, made by a compiled step): copied there
+        (``non_blocking``), so that torch's fused CUDA Adam takes them."""
+        state = self.state.get(p) or {}
+        for st in (state, state.get("rest") or {}):
+            step = st.get("step")
+            if isinstance(step, Tensor) and _on_device_counter(group, p, state, st) \
+                    and (step.device != p.device or step.dtype != torch.float32):
+                st["step"] = step.to(p.device, torch.float32, non_blocking=True)
 
     @staticmethod
     def _grad(p: Tensor) -> Tensor:
@@ -873,18 +888,14 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                  for g in state_dict.get("param_groups", []) for i in g.get("params", [])]
         super().load_state_dict(state_dict)
         for group in self.param_groups:
-            rest = self._rest_settings(group)
             for p in group["params"]:
                 state = self.state.get(p) or {}
                 for st in (state, state.get("rest") or {}):
                     step = st.get("step")
-                    if not isinstance(step, Tensor) or step.is_cpu or is_sharded(step):
-                        continue
-                    own = st is state and is_invariant(group["grouping"])  # the rule's
-                    if own or not rest_counter_on_device(rest, p):
+                    if isinstance(step, Tensor) and not step.is_cpu and not is_sharded(step) \
+                            and not _on_device_counter(group, p, state, st):
                         st["step"] = step.cpu()
-                    else:  # torch's fused CUDA Adam's, as torch.optim.Adam(fused=True) keeps it
-                        st["step"] = step.to(torch.float32)
+                self._counters_to_device(group, p)
         if not self.accumulated_state:
             return
         params = [(g, p) for g in self.param_groups for p in g["params"]]
@@ -1028,8 +1039,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         parameter's strides: others gave wrong steps), with ``fused`` not ``False`` and
         ``foreach`` unset, momentum buffers for all the parameters or none (torch's fused SGD
         raises on a mix, e.g. a parameter whose first gradient comes late), and Adam's
-        counters of CUDA tensors on their device (:func:`rest_counter_on_device`; a counter
-        made on the CPU before, or loaded there, keeps the foreach step)."""
+        counters of CUDA tensors on their device in float32 (:func:`rest_counter_on_device`;
+        :meth:`_init_group` brings them there, a step before which keeps the foreach step)."""
         if group["fused"] is False or group["foreach"] is not None or torch.compiler.is_compiling():
             return False
         if len({"momentum_buffer" in s for s in states}) > 1:
@@ -1037,8 +1048,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         return all(torch_fused_takes(p) and p.is_contiguous() and not is_sharded(p) for p in params) \
             and all(g.is_contiguous() for g in grads) \
             and all(t.is_contiguous() for s in states for k, t in s.items() if k != "step") \
-            and all(s["step"].device == p.device for p, s in zip(params, states)
-                    if p.is_cuda and "step" in s)
+            and all(s["step"].device == p.device and s["step"].dtype == torch.float32
+                    for p, s in zip(params, states) if p.is_cuda and "step" in s)
 
     @staticmethod
     def _sgd(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
@@ -1110,14 +1121,23 @@ def torch_fused_takes(p: Tensor) -> bool:
                                                           torch.float32, torch.float64))
 
 
+def _on_device_counter(group: dict, p: Tensor, state: dict, st: dict) -> bool:
+    """Whether ``st`` (``p``'s ``state``, or its ``state["rest"]``) holds a counter of torch's
+    Adam that lives on ``p``'s device (:func:`rest_counter_on_device`): not the rule's own (an
+    invariant or cancelled group's ``state``), which psiopt reads on the host."""
+    theirs = st is not state or not (is_invariant(group["grouping"]) or group["grouping"] == CANCELLED)
+    return theirs and rest_counter_on_device(group, p)
+
+
 def rest_counter_on_device(group: dict, p: Tensor) -> bool:
     """Whether torch's Adam steps the other parameter (or piece of a part's rest) ``p`` of
     ``group`` with its counter on ``p``'s device: a CUDA tensor with ``fused`` not ``False`` and
     ``foreach`` unset, so that torch's fused CUDA Adam can take it (it reads its counters on the
     device, as ``torch.optim.Adam(fused=True)`` keeps them: float32, on the device); where it
     does not (a strided gradient), torch's capturable foreach Adam does, reading nothing on the
-    host either."""
-    return p.is_cuda and group.get("fused") is not False and group.get("foreach") is None
+    host either.  Not for a sharded (FSDP2) parameter, whose counters stay on the CPU."""
+    return p.is_cuda and not is_sharded(p) and group.get("fused") is not False \
+        and group.get("foreach") is None
 
 
 def new_rest_step(group: dict, p: Tensor) -> Tensor:
