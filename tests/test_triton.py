@@ -5,7 +5,8 @@ The kernels run on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`
 and its settings, several tensors of different shapes in one group, the groupings channel (rows
 in registers: one launch), groups:2, tensor and a part (with ``MAX_BLOCK`` 16: rows longer than a
 block split into chunks, one program per chunk in two launches, beside the short rows' launch),
-against the reference path (``foreach=False``) in float64 (1e-12) and float32.  The same rule definitions
+against the reference path (``foreach=False``) in float64 (1e-12), float32, bfloat16 and
+float16.  The same rule definitions
 (``psiopt.optim.rowrules``) also run with torch (``rowrules.evaluate``) against the reference path,
 and every rule's kernel is compiled by Triton for an sm_90 GPU (to a cubin: the compiler's own
 checks, which the interpreter does not make).  Whether the kernels run right and fast on a GPU
@@ -153,6 +154,26 @@ def test_triton_steps_agree_with_the_reference_path_in_float32(name, settings, s
     truth = run(name, settings, "groups:2", torch.float64, foreach=False)
     # within 4x the reference path's own float32 error (and 1e-5 absolute)
     assert max_error(fused, truth) <= 4 * max_error(reference, truth) + 1e-5
+
+
+@pytest.mark.parametrize("dtype, slack", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)],
+                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("name, settings", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_triton_steps_of_16_bit_parameters_stay_within_the_reference_paths_error(
+        name, settings, dtype, slack, launches, monkeypatch):
+    """float16/bfloat16 parameters (per-entry arithmetic and a row's sums in float32, per-row
+    state in float32): within 4x the reference path's own error against float64 (and the
+    slack), rows split into chunks beside short rows (every kernel form).  Adam's eps is 1e-4
+    in float16 (1e-8 is refused there: it is 0 in float16)."""
+    monkeypatch.setattr(triton_rows, "MAX_BLOCK", SPLIT)
+    if dtype == torch.float16 and name in ("adams", "adamsrt", "adamg"):
+        settings = dict(settings, eps=1e-4)
+    fused = run(name, settings, "groups:2", dtype, fused=True)
+    assert {form for form, _ in launches} == SPLIT_FORMS
+    monkeypatch.setattr(kernels, "TRITON_ON_CPU", False)
+    reference = run(name, settings, "groups:2", dtype, foreach=False)
+    truth = run(name, settings, "groups:2", torch.float64, foreach=False)
+    assert max_error(fused, truth) <= 4 * max_error(reference, truth) + slack
 
 
 def test_one_launch_per_group_and_step_whatever_the_number_of_tensors(launches, interpreted):

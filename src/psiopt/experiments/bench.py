@@ -820,7 +820,8 @@ on a GPU only `make gpu-check` on one can tell.
   the short rows beside them in the first launch; chunk sums added 2 at a time), against the
   reference path (`foreach=False`): float64 to 1e-12 (largest error 2.3e-13: PSI-SGD, split rows,
   entries up to 736, 2 ulps), float32 (groups:2, rows in registers and split) within 4× the
-  reference path's own float32 error (and 1e-5); one launch per group and step (rows in
+  reference path's own float32 error (and 1e-5), bfloat16 and float16 (split rows) within 4× its
+  own error (and 1e-2, 1e-3); one launch per group and step (rows in
   registers), four (short and long rows), three (long rows only); the norm policies' rules through
   both forms (`tests/test_policy_kernels.py`); `rowrules.evaluate` against the reference path
   (float64, 1e-12); a compiled step (`aot_eager`, full graph) equals the eager one; CPU steps work
@@ -834,8 +835,9 @@ on a GPU only `make gpu-check` on one can tell.
   step counters of compiled steps and of groups with a device `lr` on the parameters' device; the
   Triton launch's Python numbers, per-tensor scalars and tables copied to the device once and
   kept while they are unchanged, so that a captured step copies nothing from the host:
-  `tests/test_cuda.py` captures `fused=False` and `fused=True`, untested without a GPU);
-  float16/bfloat16 accuracy (the interpreter tests run float32/float64); torch's fused CUDA
+  `tests/test_cuda.py` captures `fused=False` and `fused=True`, untested without a GPU); the
+  kernels compiled for the GPU against the reference path (`tests/test_cuda.py`: float64,
+  float32, bfloat16, as the interpreter tests); torch's fused CUDA
   SGD/Adam for the other parameters (taken by default, torch's Adam counters of CUDA tensors
   kept on their device in float32 as `torch.optim.Adam(fused=True)` keeps them; checked here
   with fake CUDA tensors only, `tests/test_fused.py`).
