@@ -148,12 +148,18 @@ def test_a_step_with_a_cuda_tensor_lr_is_captured_in_a_cuda_graph(name, fused):
 
 
 def test_capturing_a_step_without_a_warm_up_is_refused_in_one_line():
-    """A Triton step whose tables were never copied to the device cannot be captured (the copy
+    """A Triton step whose hyperparameters and tables were not copied to the device before (here:
+    the copies dropped after an eager step that made the state) cannot be captured (the copy
     would be captured reading host memory): refused, saying to warm up first."""
+    from psiopt.optim import rowrules
+
     w = torch.nn.Parameter(torch.randn(8, 6, device="cuda"))
     w.grad = torch.randn_like(w)
     opt = psiopt.create_optimizer([{"params": [w], "grouping": "channel", "norm_stats": [[]]}],
                                   "psi-sgdm", fused=True, lr=torch.tensor(0.05, device="cuda"))
+    opt.step()
+    torch.cuda.synchronize()
+    rowrules._KEPT.clear()
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="warm up"), torch.cuda.graph(graph):
         opt.step()

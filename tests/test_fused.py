@@ -247,6 +247,39 @@ def test_the_other_parameters_of_cuda_tensors_take_torchs_fused_step(name, op, m
                                            if fused else []), kw
 
 
+@pytest.mark.parametrize("case", ["cpu-and-cuda", "strided-gradient"])
+def test_torchs_adam_on_tensors_it_cannot_fuse_steps_with_foreach(case, monkeypatch):
+    """A CUDA tensor with a strided gradient (torch's fused step would read it with the
+    parameter's strides) steps with torch's foreach Adam; in a group of CPU and CUDA tensors
+    (counters on the CPU for the first, on the device for the second: torch's capturable
+    foreach Adam takes no CPU tensor) they step apart, a bfloat16 CPU tensor with foreach, the
+    CUDA one fused (fake tensors, as above)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls, fused, real = [], [], torch._foreach_add_
+    monkeypatch.setattr(kernels, "backend", lambda t: None)
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        others = [torch.nn.Parameter(torch.randn(4, 3, device="cuda"))]
+        if case == "cpu-and-cuda":
+            others.append(torch.nn.Parameter(torch.randn(5, dtype=torch.bfloat16)))
+            for p in others:
+                p.grad = torch.randn_like(p)
+        else:
+            others[0].grad = torch.randn(3, 4, device="cuda").t()
+        opt = psiopt.create_optimizer([{"params": others}], "adams")
+        monkeypatch.setattr(torch, "_fused_adam_", lambda *a, **k: fused.append(a[0][0].device.type))
+        monkeypatch.setattr(torch, "_foreach_add_",
+                            lambda ts, *a, **k: calls.append(ts[0].device.type) or real(ts, *a, **k))
+        opt.step()
+        opt.step()
+        if case == "cpu-and-cuda":
+            assert fused == ["cuda"] * 2 and "cpu" in calls  # (and the fused step's counters' add)
+            assert [opt.state[p]["step"].device.type for p in others] == ["cuda", "cpu"]
+        else:
+            assert not fused and set(calls) == {"cuda"} and opt.state[others[0]]["step"].is_cuda
+
+
 def test_torchs_adam_counters_of_cuda_tensors_come_back_to_the_device_after_a_load(monkeypatch):
     """A state loaded with the counters of torch's Adam elsewhere (on the CPU: a checkpoint read
     with ``map_location="cpu"``, or written before they lived on the device; torch moves them to

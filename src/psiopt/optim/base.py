@@ -449,7 +449,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       cannot be built); ``False`` never uses them.  Where ``fused`` is not ``False`` and
       ``foreach`` unset, the other parameters' eager steps take torch.optim's fused SGD/Adam
       (float32/float64 CPU tensors, one kernel per tensor where foreach makes several; floating
-      CUDA tensors, multi-tensor kernels; see :meth:`_torch_fused`).
+      CUDA tensors, multi-tensor kernels; see :meth:`_torch_fused`; SGD with a CUDA tensor
+      ``lr`` takes psiopt's foreach form, which reads it on the device).
       Views whose rows are not contiguous (``"@1"`` groupings, channels-last gradients), steps
       the kernel does not cover (PSI-SGD's literal mode: its guard steps, and every step where
       its counters live on a device, with a device ``lr`` or compiled, as the guard's schedule
@@ -658,9 +659,6 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                     step = (sub or {}).get("step")
                     if isinstance(step, Tensor) and step.device != p.device and not is_sharded(step):
                         sub["step"] = step.to(p.device, non_blocking=True)
-        elif not torch.compiler.is_compiling():
-            for p in group["params"]:
-                self._counters_to_device(group, p)
         if is_invariant(group["grouping"]) and self._wants_kernels(group) and group["params"]:
             backend = kernels.backend(group["params"][0])  # (triton imported here, if at all)
             if backend == "c":
@@ -678,9 +676,9 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
 
     def _counters_to_device(self, group: dict, p: Tensor) -> None:
         """The counters of torch's Adam on ``p`` (other parameter, or a part's rest rows) that
-        live on its device (:func:`rest_counter_on_device`) but are not there, or not float32
-        (loaded on the CPU or another GPU, made by a compiled step): copied there
-        (``non_blocking``), so that torch's fused CUDA Adam takes them."""
+        live on its device (:func:`rest_counter_on_device`) but were loaded elsewhere (on the CPU
+        or another GPU) or in another dtype: copied there in float32, so that torch's fused CUDA
+        Adam takes them."""
         state = self.state.get(p) or {}
         for st in (state, state.get("rest") or {}):
             step = st.get("step")
@@ -938,8 +936,13 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 s["step"] = new_rest_step(group, p)
                 s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        beta1, beta2 = group["betas"]
         steps = [s["step"] for s in states]
+        if len({t.is_cpu for t in steps}) > 1:  # (a group of CPU and CUDA tensors): torch's
+            for cpu in (True, False):  # capturable foreach Adam takes no CPU tensor, so apart
+                keep = [i for i, t in enumerate(steps) if t.is_cpu == cpu]
+                self._counterpart(group, *([xs[i] for i in keep] for xs in (params, grads, states)))
+            return
+        beta1, beta2 = group["betas"]
         # torch's capturable Adam reads nothing on the host: compiled, and for counters on the
         # parameters' device (see counters_on_device); else a tensor lr on the CPU is a number
         capturable = torch.compiler.is_compiling() or not all(t.is_cpu for t in steps)
@@ -1040,7 +1043,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         ``foreach`` unset, momentum buffers for all the parameters or none (torch's fused SGD
         raises on a mix, e.g. a parameter whose first gradient comes late), and Adam's
         counters of CUDA tensors on their device in float32 (:func:`rest_counter_on_device`;
-        :meth:`_init_group` brings them there, a step before which keeps the foreach step)."""
+        :meth:`load_state_dict` brings loaded ones there; others, e.g. made by a compiled step
+        in float64, keep the foreach step)."""
         if group["fused"] is False or group["foreach"] is not None or torch.compiler.is_compiling():
             return False
         if len({"momentum_buffer" in s for s in states}) > 1:
