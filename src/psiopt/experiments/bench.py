@@ -841,6 +841,14 @@ on a GPU only `make gpu-check` on one can tell.
   SGD/Adam for the other parameters (taken by default, torch's Adam counters of CUDA tensors
   kept on their device in float32 as `torch.optim.Adam(fused=True)` keeps them; checked here
   with fake CUDA tensors only, `tests/test_fused.py`).
+* **Host time, a risk for the GPU target** (`python scripts/host_overhead.py`: one thread, a
+  quiet machine, resnet56's 167 tensors shrunk to two entries so that the kernels take nearly
+  no time): psiopt's eager step takes 448 µs (psi-sgdm), 850 (adams), 377 (un-sgd) and 476
+  (sgdg) of host time, torch's fused SGD/Adam 171, 441, 169 and 173: 1.9-2.8×.  On a GPU a
+  step's kernels take tens of microseconds, so this host time (Python, the checks that choose a
+  path, the kernels' tables) is likely to decide the ratio to torch's fused step there: the
+  1.2× target is at risk until it is cut, or the step is captured in a CUDA graph (which
+  replays the kernels without it).
 * **One definition, three backends** (issue 23 item 4): the C kernels are generated from the
   same definitions (`src/psiopt/optim/c_rows.py`): each rule's `pre`, `coef` and `post` run on
   symbolic values that record each operation and write it as C (a value of the row's entries in

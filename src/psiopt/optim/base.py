@@ -1049,11 +1049,15 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             return False
         if len({"momentum_buffer" in s for s in states}) > 1:
             return False
-        return all(torch_fused_takes(p) and p.is_contiguous() and not is_sharded(p) for p in params) \
-            and all(g.is_contiguous() for g in grads) \
-            and all(t.is_contiguous() for s in states for k, t in s.items() if k != "step") \
-            and all(s["step"].device == p.device and s["step"].dtype == torch.float32
-                    for p, s in zip(params, states) if p.is_cuda and "step" in s)
+        for p, g, s in zip(params, grads, states):  # (one loop: a step's host time, on a GPU)
+            if not (torch_fused_takes(p) and p.is_contiguous() and g.is_contiguous()) \
+                    or is_sharded(p):
+                return False
+            for key, t in s.items():
+                if key != "step" and not t.is_contiguous() or key == "step" and p.is_cuda \
+                        and (t.device != p.device or t.dtype != torch.float32):
+                    return False
+        return True
 
     @staticmethod
     def _sgd(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
