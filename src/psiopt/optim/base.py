@@ -42,7 +42,7 @@ from .geometry import (
     rows,
     split_part,
 )
-from .sharded import ShardedLayout, ShardedRows, is_sharded
+from .sharded import ShardedLayout, ShardedRows, any_sharded, is_sharded
 
 #: hyperparameter -> (low, high, low inclusive, high inclusive)
 _RANGES = {
@@ -663,16 +663,18 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             backend = kernels.backend(group["params"][0])  # (triton imported here, if at all)
             if backend == "c":
                 kernels.available()  # built here, before torch.compile traces the step
-        for i, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            if group["grouping"] == CANCELLED:
-                if p not in self.state:
+        if group["grouping"] == CANCELLED:
+            for p in group["params"]:
+                if p.grad is not None and p not in self.state:
                     self.state[p]["step"] = new_step(group, p)
-                continue
-            index.append(i)
-            params.append(p)
-            grads.append(self._grad(p))
+            return
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is not None:
+                index.append(i)
+                params.append(p)
+                grads.append(g)
+        self._check_grads(params, grads)
 
     def _counters_to_device(self, group: dict, p: Tensor) -> None:
         """The counters of torch's Adam on ``p`` (other parameter, or a part's rest rows) that
@@ -687,13 +689,14 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 st["step"] = step.to(p.device, torch.float32, non_blocking=True)
 
     @staticmethod
-    def _grad(p: Tensor) -> Tensor:
-        g = p.grad
-        if g.is_sparse:
-            raise RuntimeError("psiopt optimizers do not support sparse gradients")
-        if g.dtype.is_complex or p.dtype.is_complex:
-            raise RuntimeError("psiopt optimizers do not support complex parameters or gradients")
-        return g
+    def _check_grads(params: list[Tensor], grads: list[Tensor]) -> None:
+        """Refuse sparse gradients and complex parameters or gradients (the first parameter of
+        ``params`` that has one says which)."""
+        for p, g in zip(params, grads):
+            if g.is_sparse:
+                raise RuntimeError("psiopt optimizers do not support sparse gradients")
+            if g.dtype.is_complex or p.dtype.is_complex:
+                raise RuntimeError("psiopt optimizers do not support complex parameters or gradients")
 
     def _check_finite(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
         grads = [g for _, g in pairs]
@@ -769,6 +772,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         if backend == "c" and group["fused"] is None and not kernels.available():
             return False
         fit = [kernels.fits(w, g) for w, g in zip(ws, gs)]
+        if all(fit):  # (the usual step: the lists as they are, no copies)
+            return self._update_fused(group, ws, gs, states, stats)
         if not any(fit):
             return False
 
@@ -777,9 +782,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
 
         if not self._update_fused(group, *take(True)):
             return False
-        if not all(fit):
-            rest_ws, rest_gs, rest_states, rest_stats = take(False)
-            self._update_many(group, rest_ws, rest_gs, rest_states, self._layout(rest_ws), rest_stats)
+        rest_ws, rest_gs, rest_states, rest_stats = take(False)
+        self._update_many(group, rest_ws, rest_gs, rest_states, self._layout(rest_ws), rest_stats)
         return True
 
     def _update_fused(self, group: dict, ws: list[Tensor], gs: list[Tensor], states: list[dict],
@@ -1049,15 +1053,15 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             return False
         if len({"momentum_buffer" in s for s in states}) > 1:
             return False
-        for p, g, s in zip(params, grads, states):  # (one loop: a step's host time, on a GPU)
-            if not (torch_fused_takes(p) and p.is_contiguous() and g.is_contiguous()) \
-                    or is_sharded(p):
-                return False
-            for key, t in s.items():
-                if key != "step" and not t.is_contiguous() or key == "step" and p.is_cuda \
-                        and (t.device != p.device or t.dtype != torch.float32):
-                    return False
-        return True
+        # each check one pass over a list, no call per tensor (a step's host time, on a GPU)
+        if not (torch_fused_takes_all(params) and all(map(Tensor.is_contiguous, params))
+                and all(map(Tensor.is_contiguous, grads))) or any_sharded(params):
+            return False
+        if not all(t.is_contiguous() for s in states for key, t in s.items() if key != "step"):
+            return False
+        return not any("step" in s and p.is_cuda and (s["step"].device != p.device
+                                                      or s["step"].dtype != torch.float32)
+                       for p, s in zip(params, states))
 
     @staticmethod
     def _sgd(group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
@@ -1122,11 +1126,24 @@ def new_step(group: dict, p: Tensor) -> Tensor:
     return torch.tensor(0.0, device=p.device if counters_on_device(group, p) else "cpu")
 
 
+_CUDA_FUSED = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
 def torch_fused_takes(p: Tensor) -> bool:
     """Whether torch.optim's fused SGD/Adam take ``p``'s dtype and device, as psiopt calls them:
     float32/float64 CPU tensors (as the C kernels), floating CUDA tensors."""
-    return kernels.takes(p) or (p.is_cuda and p.dtype in (torch.float16, torch.bfloat16,
-                                                          torch.float32, torch.float64))
+    return kernels.takes(p) or (p.is_cuda and p.dtype in _CUDA_FUSED)
+
+
+def torch_fused_takes_all(ts: list[Tensor]) -> bool:
+    """:func:`torch_fused_takes` of every tensor of ``ts``: from their set of dtypes where all
+    are on the CPU or all on CUDA (no call per tensor: host time)."""
+    dtypes = {t.dtype for t in ts}
+    if all(t.is_cpu for t in ts):
+        return dtypes <= kernels.TYPES
+    if all(t.is_cuda for t in ts):
+        return dtypes <= _CUDA_FUSED
+    return all(map(torch_fused_takes, ts))
 
 
 def _on_device_counter(group: dict, p: Tensor, state: dict, st: dict) -> bool:

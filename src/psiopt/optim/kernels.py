@@ -25,8 +25,10 @@ foreach path.  Eager steps call them directly; ``torch.compile`` traces the op
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
+import operator
 import os
 import platform
 import shlex
@@ -36,12 +38,16 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from . import c_rows, rowrules, triton_rows
 
 _SOURCE = Path(__file__).with_name("kernels.c")
 _TYPES = {torch.float32: ("float", "_f32", "FLT_MIN"), torch.float64: ("double", "_f64", "DBL_MIN")}
+#: the dtypes the C kernels take
+TYPES = frozenset(_TYPES)
 _state: dict = {}  # "lib" once built, or "error"
+_POINTER = next(c for c in "QLI" if array.array(c).itemsize == ctypes.sizeof(ctypes.c_void_p))
 
 
 class _Args(ctypes.Structure):
@@ -189,10 +195,13 @@ def state_fits(ws, b=None, s1=None, s2=None) -> bool:
     :func:`triton_rows.state_fits`)."""
     if backend(ws[0]) == "triton":
         return triton_rows.state_fits(ws, b, s1, s2)
-    dtype = ws[0].dtype
-    return all(ts is None or all(t.dtype == dtype and t.is_contiguous() and t.is_cpu
-                                 and t.numel() == size(w) for t, w in zip(ts, ws))
-               for ts, size in ((b, torch.numel), (s1, lambda w: w.shape[0]), (s2, lambda w: w.shape[0])))
+    dtype, rows = ws[0].dtype, [w.shape[0] for w in ws] if s1 or s2 else []
+
+    def fit(ts, sizes) -> bool:  # (a comparison per tensor, no call: host time)
+        return ts is None or all(t.dtype == dtype and t.is_contiguous() and t.is_cpu
+                                 and t.numel() == n for t, n in zip(ts, sizes))
+
+    return fit(b, [w.numel() for w in ws] if b else []) and fit(s1, rows) and fit(s2, rows)
 
 
 def run(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> bool:
@@ -232,23 +241,26 @@ def scalars(k, device="cpu") -> torch.Tensor | None:
     ``None``."""
     if not k:
         return None
-    if not any(isinstance(x, torch.Tensor) for row in k for x in row):
+    types = {type(x) for row in k for x in row}  # (not an isinstance per number: host time)
+    if not any(issubclass(t, torch.Tensor) for t in types):
         return rowrules.numbers_on([[float(x) for x in row] for row in k], device)
     return torch.stack([rowrules.hyper_tensor(row, device)[:len(row)] for row in k])
 
 
 def _call(kernel, ws, gs, b, s1, s2, k, h, opt=None) -> None:
     """Call ``kernel`` (an empty list for a tensor list the rule does not take); ``h`` the float64
-    CPU tensor of :func:`rowrules.hyper_tensor`, read here (``opt``: the C kernel reads ``h``)."""
+    CPU tensor of :func:`rowrules.hyper_tensor`, read here (``opt``: the C kernel reads ``h``).
+    The C arrays are :mod:`array` buffers, kept alive here for the call (filled from a list
+    about twice as fast as ctypes arrays)."""
     n = len(ws)
     if k is None:  # zeros, as rowrules.evaluate takes (never a NULL the rule would read)
         k = torch.zeros(n, 2, dtype=torch.float64)
-    arrays = [(ctypes.c_void_p * n)(*[t.data_ptr() for t in ts]) if ts else None
+    arrays = [array.array(_POINTER, [t.data_ptr() for t in ts]) if ts else None
               for ts in (ws, gs, b, s1, s2)]
-    rows = (ctypes.c_int64 * n)(*[w.shape[0] for w in ws])
-    cols = (ctypes.c_int64 * n)(*[w.numel() // w.shape[0] for w in ws])
-    args = _Args(*[None if a is None else ctypes.addressof(a) for a in arrays],
-                 k.data_ptr(), ctypes.addressof(rows), ctypes.addressof(cols), k.shape[1],
+    rows = array.array("q", [w.shape[0] for w in ws])
+    cols = array.array("q", map(operator.floordiv, map(Tensor.numel, ws), rows))
+    args = _Args(*[None if a is None else a.buffer_info()[0] for a in arrays],
+                 k.data_ptr(), rows.buffer_info()[0], cols.buffer_info()[0], k.shape[1],
                  (ctypes.c_double * 6)(*h.tolist()))
     fn = getattr(load(), kernel + _TYPES[ws[0].dtype][1])
     fn(ctypes.c_int(n), ctypes.byref(args), ctypes.c_int(torch.get_num_threads()))

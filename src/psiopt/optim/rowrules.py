@@ -447,10 +447,15 @@ def on_device(key, make, device) -> torch.Tensor:
 def numbers_on(values, device) -> torch.Tensor:
     """The Python numbers ``values`` (a list, or a list of equal lists) as a float64 tensor on
     ``device`` (:func:`on_device`, kept by their values), not to be written."""
+    def make():
+        return torch.tensor(values, dtype=torch.float64)
+
+    if torch.device(device).type == "cpu":  # made at each call there: no key to build
+        return make()
     nested = bool(values) and isinstance(values[0], (list, tuple))
     rows = values if nested else [values]
     key = ("numbers", nested, len(values), tuple(float(x).hex() for row in rows for x in row))
-    return on_device(key, lambda: torch.tensor(values, dtype=torch.float64), device)  # (-0.0: not 0.0)
+    return on_device(key, make, device)  # (-0.0: not 0.0)
 
 
 def hyper_tensor(h, device) -> torch.Tensor:

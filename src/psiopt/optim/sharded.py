@@ -34,6 +34,12 @@ def is_sharded(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def any_sharded(ts) -> bool:
+    """Whether any of ``ts`` is a DTensor (:func:`is_sharded`), from their set of types (an
+    FSDP2 parameter's type is DTensor; ``isinstance`` per tensor took 5x as long)."""
+    return DTensor is not None and any(issubclass(c, DTensor) for c in {type(t) for t in ts})
+
+
 class ShardedRows:
     """How the local shard of one DTensor parameter splits into (parts of) groups.
 
