@@ -843,12 +843,13 @@ on a GPU only `make gpu-check` on one can tell.
   with fake CUDA tensors only, `tests/test_fused.py`).
 * **Host time, a risk for the GPU target** (`python scripts/host_overhead.py`: one thread, a
   quiet machine, resnet56's 167 tensors shrunk to two entries so that the kernels take nearly
-  no time): psiopt's eager step takes 448 µs (psi-sgdm), 850 (adams), 377 (un-sgd) and 476
-  (sgdg) of host time, torch's fused SGD/Adam 171, 441, 169 and 173: 1.9-2.8×.  On a GPU a
-  step's kernels take tens of microseconds, so this host time (Python, the checks that choose a
-  path, the kernels' tables) is likely to decide the ratio to torch's fused step there: the
-  1.2× target is at risk until it is cut, or the step is captured in a CUDA graph (which
-  replays the kernels without it).
+  no time): psiopt's eager step takes 373 µs (psi-sgdm), 736 (adams), 321 (un-sgd) and 402
+  (sgdg) of host time, torch's fused SGD/Adam 172, 446, 170 and 170: 1.6-2.4× (448, 850, 377
+  and 476 µs, 1.9-2.8×, before the checks and the C kernels' argument arrays were made
+  cheaper).  On a GPU a step's kernels take tens of microseconds, so this host time (Python,
+  the checks that choose a path, the kernels' tables) is likely to decide the ratio to torch's
+  fused step there: the 1.2× target is at risk until it is cut, or the step is captured in a
+  CUDA graph (which replays the kernels without it).
 * **One definition, three backends** (issue 23 item 4): the C kernels are generated from the
   same definitions (`src/psiopt/optim/c_rows.py`): each rule's `pre`, `coef` and `post` run on
   symbolic values that record each operation and write it as C (a value of the row's entries in
