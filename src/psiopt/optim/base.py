@@ -1054,7 +1054,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         if len({"momentum_buffer" in s for s in states}) > 1:
             return False
         # each check one pass over a list, no call per tensor (a step's host time, on a GPU)
-        if not (torch_fused_takes_all(params) and all(map(Tensor.is_contiguous, params))
+        if not (torch_fused_takes(params) and all(map(Tensor.is_contiguous, params))
                 and all(map(Tensor.is_contiguous, grads))) or any_sharded(params):
             return False
         if not all(t.is_contiguous() for s in states for key, t in s.items() if key != "step"):
@@ -1129,21 +1129,13 @@ def new_step(group: dict, p: Tensor) -> Tensor:
 _CUDA_FUSED = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 
 
-def torch_fused_takes(p: Tensor) -> bool:
-    """Whether torch.optim's fused SGD/Adam take ``p``'s dtype and device, as psiopt calls them:
-    float32/float64 CPU tensors (as the C kernels), floating CUDA tensors."""
-    return kernels.takes(p) or (p.is_cuda and p.dtype in _CUDA_FUSED)
-
-
-def torch_fused_takes_all(ts: list[Tensor]) -> bool:
-    """:func:`torch_fused_takes` of every tensor of ``ts``: from their set of dtypes where all
-    are on the CPU or all on CUDA (no call per tensor: host time)."""
-    dtypes = {t.dtype for t in ts}
-    if all(t.is_cpu for t in ts):
-        return dtypes <= kernels.TYPES
-    if all(t.is_cuda for t in ts):
-        return dtypes <= _CUDA_FUSED
-    return all(map(torch_fused_takes, ts))
+def torch_fused_takes(ts: list[Tensor]) -> bool:
+    """Whether torch.optim's fused SGD/Adam take every tensor of ``ts``, as psiopt calls them:
+    float32/float64 CPU tensors (as the C kernels), floating CUDA tensors (from the set of their
+    kinds: no call per tensor, a step's host time)."""
+    kinds = {(t.is_cpu, t.is_cuda, t.dtype) for t in ts}
+    return all(dtype in (kernels.TYPES if cpu else _CUDA_FUSED if cuda else ())
+               for cpu, cuda, dtype in kinds)
 
 
 def _on_device_counter(group: dict, p: Tensor, state: dict, st: dict) -> bool:

@@ -158,11 +158,6 @@ def available() -> bool:
         return False
 
 
-def takes(t: torch.Tensor) -> bool:
-    """Whether the C kernels take tensors of ``t``'s dtype and device."""
-    return t.is_cpu and t.dtype in _TYPES
-
-
 #: step CPU tensors with the Triton kernels (:mod:`psiopt.optim.triton_rows`) rather than the C
 #: ones: for tests, under Triton's interpreter (``TRITON_INTERPRET=1``); ``PSIOPT_TRITON_CPU=1``
 #: sets it at import
