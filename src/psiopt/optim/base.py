@@ -676,18 +676,6 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 grads.append(g)
         self._check_grads(params, grads)
 
-    def _counters_to_device(self, group: dict, p: Tensor) -> None:
-        """The counters of torch's Adam on ``p`` (other parameter, or a part's rest rows) that
-        live on its device (:func:`rest_counter_on_device`) but were loaded elsewhere (on the CPU
-        or another GPU) or in another dtype: copied there in float32, so that torch's fused CUDA
-        Adam takes them."""
-        state = self.state.get(p) or {}
-        for st in (state, state.get("rest") or {}):
-            step = st.get("step")
-            if isinstance(step, Tensor) and _on_device_counter(group, p, state, st) \
-                    and (step.device != p.device or step.dtype != torch.float32):
-                st["step"] = step.to(p.device, torch.float32, non_blocking=True)
-
     @staticmethod
     def _check_grads(params: list[Tensor], grads: list[Tensor]) -> None:
         """Refuse sparse gradients and complex parameters or gradients (the first parameter of
@@ -908,6 +896,18 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             for key, value in values.items():
                 if isinstance(value, Tensor) and key in state and not is_sharded(value):
                     state[key] = value.to(p.device, accumulate_dtype(p.dtype), copy=True)
+
+    def _counters_to_device(self, group: dict, p: Tensor) -> None:
+        """The counters of torch's Adam on ``p`` (other parameter, or a part's rest rows) that
+        live on its device (:func:`rest_counter_on_device`) but were loaded elsewhere (on the CPU
+        or another GPU) or in another dtype: copied there in float32, so that torch's fused CUDA
+        Adam takes them."""
+        state = self.state.get(p) or {}
+        for st in (state, state.get("rest") or {}):
+            step = st.get("step")
+            if isinstance(step, Tensor) and _on_device_counter(group, p, state, st) \
+                    and (step.device != p.device or step.dtype != torch.float32):
+                st["step"] = step.to(p.device, torch.float32, non_blocking=True)
 
     def __setstate__(self, state: dict) -> None:
         initial = state.pop("_initial", None)  # pickled by earlier psiopt: state held apart
