@@ -238,7 +238,7 @@ def test_numbers_copied_to_a_device_once_per_distinct_values():
     assert rowrules.hyper_tensor((0.1, 0.9, 0.0), "meta") is h
     assert rowrules.hyper_tensor((0.1, 0.9, -0.0), "meta") is not h
     assert rowrules.hyper_tensor((0.2, 0.9, 0.0), "meta") is not h
-    assert kernels.scalars([(x,) for x in (0.1, 0.9, 0.0, 0.0, 0.0, 0.0)], "meta").shape == (6, 1)
+    assert kernels.scalars([(x,) for x in (0.1, 0.9, 0.0, 0.0, 0.0, 0.0)], "meta").shape == (6, 2)
     k = kernels.scalars([(1.0, 2.0), (3.0, 4.0)], "meta")
     assert k.shape == (2, 2) and kernels.scalars([(1.0, 2.0), (3.0, 4.0)], "meta") is k
     lr = torch.tensor(0.5, device="meta")

@@ -231,15 +231,18 @@ fused_rows = torch.ops.psiopt.fused_rows.default
 
 
 def scalars(k, device="cpu") -> torch.Tensor | None:
-    """The per-tensor scalars ``k`` of :func:`run` (tuples of numbers or 0-d tensors) as one
-    float64 tensor ``(tensors, scalars)`` on ``device`` (for the C kernels, the CPU), or
-    ``None``."""
+    """The per-tensor scalars ``k`` of :func:`run` (tuples of at most two numbers or 0-d
+    tensors) as one float64 tensor ``(tensors, 2)`` on ``device`` (for the C kernels, the CPU),
+    zeros after a tensor's own; or ``None``."""
     if not k:
         return None
+    if max(map(len, k)) > 2:
+        raise ValueError("the fused kernels take at most two scalars per tensor")
     types = {type(x) for row in k for x in row}  # (not an isinstance per number: host time)
     if not any(issubclass(t, torch.Tensor) for t in types):
-        return rowrules.numbers_on([[float(x) for x in row] for row in k], device)
-    return torch.stack([rowrules.hyper_tensor(row, device)[:len(row)] for row in k])
+        return rowrules.numbers_on([[float(x) for x in row] + [0.0] * (2 - len(row)) for row in k],
+                                   device)
+    return torch.stack([rowrules.hyper_tensor(row, device)[:2] for row in k])
 
 
 def _call(kernel, ws, gs, b, s1, s2, k, h, opt=None) -> None:

@@ -423,10 +423,7 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
         [t.data_ptr() for t in s2 or ws]
     ptr = rowrules.on_device(("ptr", tuple(addresses)),
                              lambda: torch.tensor(addresses, dtype=torch.int64), device)
-    kt = torch.zeros(n, 2, dtype=torch.float64, device=device)
-    if k is not None:
-        kt[:, : k.shape[1]] = k.to(device, torch.float64, non_blocking=True)
-    hk = torch.cat([h.to(device, torch.float64, non_blocking=True), kt.view(-1)])
+    hs, ks = h.to(device, torch.float64, non_blocking=True), _per_tensor(k, n, device)
     flags = dict(HAS_B=bool(b), HAS_S1=bool(s1), HAS_S2=bool(s2), OPT=bool(opt), NT=n,
                  T=_triton_dtype(dtype), S1T=_triton_dtype(s1[0].dtype if s1 else dtype),
                  S2T=_triton_dtype(s2[0].dtype if s2 else dtype),
@@ -437,18 +434,29 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
         if nshort:  # one program per row, the row in registers
             block = max(16, 1 << max(0, (max(short) - 1).bit_length()))
             _kernel(kernel, dtype, "rows")[(nshort,)](
-                ptr, table[0], table[1], table[3], hk[6:], hk, BLOCK=block, **writes, **flags)
+                ptr, table[0], table[1], table[3], ks, hs, BLOCK=block, **writes, **flags)
         if nchunks:  # per chunk: sums; per row: their sum; per chunk: coefficients and update
             nsum = _nsum(kernel, bool(b), bool(opt))
             scratch = torch.empty(nchunks * (nsum + 2), dtype=torch.float64, device=device)
             chunks = (table[0, nshort:], table[1, nshort:], table[2, nshort:], table[3])
             _kernel(kernel, dtype, "partials")[(nchunks,)](
-                ptr, *chunks, hk[6:], hk, scratch, BLOCK=chunk, NSUM=nsum, **flags)
+                ptr, *chunks, ks, hs, scratch, BLOCK=chunk, NSUM=nsum, **flags)
             _kernel(kernel, dtype, "reduce")[(nlong,)](
                 scratch, table[4], table[5], NSUM=nsum,
                 PARTS=min(MAX_PARTS, 1 << (max(parts) - 1).bit_length()))
             _kernel(kernel, dtype, "update")[(nchunks,)](
-                ptr, *chunks, hk[6:], hk, scratch, BLOCK=chunk, NSUM=nsum, **writes, **flags)
+                ptr, *chunks, ks, hs, scratch, BLOCK=chunk, NSUM=nsum, **writes, **flags)
+
+
+def _per_tensor(k, n: int, device) -> torch.Tensor:
+    """The per-tensor scalars as the kernels read them, ``(n, 2)`` float64 rows on ``device``:
+    ``k`` itself where it is so (:func:`psiopt.optim.kernels.scalars` makes them so: a kept
+    tensor for numbers, no launch), zeros where there is none (kept too), else padded."""
+    if k is None:
+        return rowrules.on_device(("zeros", n), lambda: torch.zeros(n, 2, dtype=torch.float64), device)
+    k = k.to(device, torch.float64, non_blocking=True)
+    return k if k.shape[1] == 2 and k.is_contiguous() else \
+        torch.nn.functional.pad(k, (0, 2 - k.shape[1])).contiguous()
 
 
 def _row_map(rows, cols, chunk) -> torch.Tensor:
