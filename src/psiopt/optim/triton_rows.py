@@ -423,7 +423,8 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
         [t.data_ptr() for t in s2 or ws]
     ptr = rowrules.on_device(("ptr", tuple(addresses)),
                              lambda: torch.tensor(addresses, dtype=torch.int64), device)
-    hs, ks = h.to(device, torch.float64, non_blocking=True), _per_tensor(k, n, device)
+    hs = h.to(device, torch.float64, non_blocking=True).contiguous()
+    ks = _per_tensor(k, n, device)
     flags = dict(HAS_B=bool(b), HAS_S1=bool(s1), HAS_S2=bool(s2), OPT=bool(opt), NT=n,
                  T=_triton_dtype(dtype), S1T=_triton_dtype(s1[0].dtype if s1 else dtype),
                  S2T=_triton_dtype(s2[0].dtype if s2 else dtype),
@@ -454,6 +455,8 @@ def _per_tensor(k, n: int, device) -> torch.Tensor:
     tensor for numbers, no launch), zeros where there is none (kept too), else padded."""
     if k is None:
         return rowrules.on_device(("zeros", n), lambda: torch.zeros(n, 2, dtype=torch.float64), device)
+    if k.shape[0] != n:
+        raise ValueError(f"per-tensor scalars for {k.shape[0]} tensors, not {n}")
     k = k.to(device, torch.float64, non_blocking=True)
     return k if k.shape[1] == 2 and k.is_contiguous() else \
         torch.nn.functional.pad(k, (0, 2 - k.shape[1])).contiguous()
