@@ -871,7 +871,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         """As torch.optim; step counters stay on the CPU (torch moves them to the parameter's
         device for a group that sets ``fused``, and psiopt reads them without a device
         synchronisation), but those of torch's Adam on the other parameters of CUDA tensors,
-        which stay on the device (:func:`rest_counter_on_device`); state in
+        which go to the parameter's device in float32, wherever they were saved, so that torch's
+        fused CUDA Adam takes them (:func:`rest_counter_on_device`); state in
         :attr:`accumulated_state` of invariant float16/bfloat16 parameters stays float32 (read
         from the saved tensor, not from its cast)."""
         saved = [{k: state_dict["state"].get(i, {}).get(k) for k in self.accumulated_state}
@@ -882,10 +883,13 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 state = self.state.get(p) or {}
                 for st in (state, state.get("rest") or {}):
                     step = st.get("step")
-                    if isinstance(step, Tensor) and not step.is_cpu and not is_sharded(step) \
-                            and not _on_device_counter(group, p, state, st):
+                    if not isinstance(step, Tensor) or is_sharded(step):
+                        continue
+                    if _on_device_counter(group, p, state, st):  # torch's fused CUDA Adam's
+                        if step.device != p.device or step.dtype != torch.float32:
+                            st["step"] = step.to(p.device, torch.float32, non_blocking=True)
+                    elif not step.is_cpu:
                         st["step"] = step.cpu()
-                self._counters_to_device(group, p)
         if not self.accumulated_state:
             return
         params = [(g, p) for g in self.param_groups for p in g["params"]]
@@ -896,18 +900,6 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             for key, value in values.items():
                 if isinstance(value, Tensor) and key in state and not is_sharded(value):
                     state[key] = value.to(p.device, accumulate_dtype(p.dtype), copy=True)
-
-    def _counters_to_device(self, group: dict, p: Tensor) -> None:
-        """The counters of torch's Adam on ``p`` (other parameter, or a part's rest rows) that
-        live on its device (:func:`rest_counter_on_device`) but were loaded elsewhere (on the CPU
-        or another GPU) or in another dtype: copied there in float32, so that torch's fused CUDA
-        Adam takes them."""
-        state = self.state.get(p) or {}
-        for st in (state, state.get("rest") or {}):
-            step = st.get("step")
-            if isinstance(step, Tensor) and _on_device_counter(group, p, state, st) \
-                    and (step.device != p.device or step.dtype != torch.float32):
-                st["step"] = step.to(p.device, torch.float32, non_blocking=True)
 
     def __setstate__(self, state: dict) -> None:
         initial = state.pop("_initial", None)  # pickled by earlier psiopt: state held apart

@@ -451,15 +451,13 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
 
 def _per_tensor(k, n: int, device) -> torch.Tensor:
     """The per-tensor scalars as the kernels read them, ``(n, 2)`` float64 rows on ``device``:
-    ``k`` itself where it is so (:func:`psiopt.optim.kernels.scalars` makes them so: a kept
-    tensor for numbers, no launch), zeros where there is none (kept too), else padded."""
+    ``k`` as :func:`psiopt.optim.kernels.scalars` made it (a kept tensor for numbers: no
+    launch), or zeros where there is none (kept too)."""
     if k is None:
         return rowrules.on_device(("zeros", n), lambda: torch.zeros(n, 2, dtype=torch.float64), device)
-    if k.shape[0] != n:
-        raise ValueError(f"per-tensor scalars for {k.shape[0]} tensors, not {n}")
-    k = k.to(device, torch.float64, non_blocking=True)
-    return k if k.shape[1] == 2 and k.is_contiguous() else \
-        torch.nn.functional.pad(k, (0, 2 - k.shape[1])).contiguous()
+    if tuple(k.shape) != (n, 2):
+        raise ValueError(f"per-tensor scalars of shape {tuple(k.shape)}, not ({n}, 2)")
+    return k.to(device, torch.float64, non_blocking=True).contiguous()
 
 
 def _row_map(rows, cols, chunk) -> torch.Tensor:
