@@ -141,10 +141,10 @@ def test_a_nearly_radial_penalised_gradient_in_float32(name, tangential, path):
 def test_float32_sums_that_overflow(name):
     """Gradients of 1e30 (‖g‖² beyond float32's range) on unit rows.  The kernels' float32 sums
     overflow where the other paths' do, and the step is theirs (double sums stepped where the
-    others stopped) but for SGDG and AdamG, whose kernel sums ‖y‖², <y,ĝ>, ‖ĝ‖² in double (see
-    test_a_nearly_radial_penalised_gradient_in_float32): it clips the gradient and steps, where
-    the other paths' tangent norm overflows and their step is zero (AdamG's vectorized second
-    moment was NaN, inf·0)."""
+    others stopped).  SGDG's and AdamG's clipping takes the tangent's norm in double on every
+    path (the kernel's sums, ``geometry.clip``, ``RowLayout.sums(dtype=)``): the gradient is
+    clipped to ``clip`` and the rows step alike (the other paths' norm overflowed and their step
+    was zero, AdamG's vectorized second moment NaN, inf·0)."""
     results = {}
     for kw in ({"fused": True}, {"foreach": True}, {"foreach": False}):
         torch.manual_seed(0)
@@ -157,11 +157,32 @@ def test_float32_sums_that_overflow(name):
         results[str(kw)] = w.detach()
     fused, vectorized, reference = results.values()
     torch.testing.assert_close(vectorized, reference, rtol=1e-5, atol=1e-6)
-    if name in ("sgdg", "adamg"):
-        torch.testing.assert_close(reference, before / before.norm(dim=1, keepdim=True))
-        assert (fused - reference).norm(dim=1).min() > 1e-3
-    else:
-        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-6)
+    if name in ("sgdg", "adamg"):  # a clipped step: every row moved
+        assert (reference - before / before.norm(dim=1, keepdim=True)).norm(dim=1).min() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["sgdg", "adamg"])
+def test_float16_tangent_norm_beyond_float16s_range_is_clipped_on_every_path(name):
+    """float16 rows (vectorized and reference paths; the kernels take no float16 CPU tensors)
+    with a finite gradient whose tangent norm (about 8e4) is beyond float16's 65504: every path
+    clips it to ``clip`` and steps (the reference path's float16 norm was inf and its step zero,
+    where the vectorized path, summing in float32, stepped)."""
+    moved = {}
+    for kw in ({"foreach": True}, {"foreach": False}):
+        torch.manual_seed(0)
+        w = nn.Parameter((torch.randn(4, 64) / 8).half())
+        unit = w.detach().float() / w.detach().float().norm(dim=1, keepdim=True)
+        extra = {"eps": 1e-4} if name == "adamg" else {}
+        opt = psiopt.REGISTRY[name].cls([{"params": [w], "grouping": "channel"}], lr=0.1, **kw,
+                                        **extra)
+        w.grad = (torch.randn(4, 64) * 1e4).half()
+        assert torch.isfinite(w.grad).all() and float(w.grad.float().norm(dim=1).min()) > 65504
+        opt.step()
+        moved[str(kw)] = (w.detach().float() - unit).norm(dim=1)
+    vectorized, reference = moved.values()
+    assert reference.min() > 0.5 * vectorized.max()  # each row moved by the clipped step
+    torch.testing.assert_close(reference, vectorized, rtol=0.05, atol=0)
 
 
 def test_views_the_kernels_do_not_take_step_as_the_others_do():

@@ -459,8 +459,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       ``psiopt::fused_rows`` (but for a step that makes state).  The same rule to rounding
       (sums in the tensor's precision over chunks of a row, the chunks added in double, but
       SGDG's and AdamG's ‖y‖², <y,ĝ>, ‖ĝ‖² in double; norms after the step derived from sums
-      before it); where a float32 gradient's norm overflows, SGDG's and AdamG's kernel clips
-      and steps, where the other paths' tangent norm is inf and their step zero.  Invariant groups of
+      before it); SGDG's and AdamG's clipping takes the tangent's norm in double on every
+      path, so a gradient whose norm leaves its dtype's range is clipped alike.  Invariant groups of
       CUDA tensors take, likewise, the Triton kernels built from the same rule definitions
       (:mod:`psiopt.optim.triton_rows`, :mod:`psiopt.optim.rowrules`; one launch per group and
       step, four with rows longer than 4096 entries, split across programs) when triton is

@@ -19,6 +19,7 @@ broadcast against that view.  Nothing here copies a parameter or synchronises wi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -195,8 +196,10 @@ def transport(y: Tensor, h1: Tensor, h2: Tensor) -> Tensor:
 
 
 def clip(h: Tensor, limit: float) -> Tensor:
-    """``h · min(1, limit/‖h‖)`` per group (new tensor)."""
-    return h * (limit / norm(h)).clamp_max(1.0)
+    """``h · min(1, limit/‖h‖)`` per group (new tensor).  ``‖h‖`` is taken in float64, as the
+    fused kernels' sums: a float32 (float16) ``h`` whose norm leaves its dtype's range is clipped
+    to ``limit``, not stopped (``limit/inf = 0``)."""
+    return h * (limit / norm(h, torch.float64)).clamp_max(1.0).to(h.dtype)
 
 
 def orthogonality_residual(y: Tensor) -> Tensor | None:
@@ -286,17 +289,17 @@ class RowLayout:
             for x in xs)
 
     @classmethod
-    def _norm(cls, x, dims, out=None):
-        if cls._blas(out, x):
+    def _norm(cls, x, dims, out=None, dtype=None):
+        if cls._blas(out, x) and dtype in (None, x.dtype):
             return cls._sqnorm(x, dims, out).sqrt_()
-        return torch.linalg.vector_norm(x, dim=dims, keepdim=True, dtype=accumulate_dtype(x.dtype),
-                                        out=out)
+        return torch.linalg.vector_norm(x, dim=dims, keepdim=True,
+                                        dtype=dtype or accumulate_dtype(x.dtype), out=out)
 
     @classmethod
-    def _sqnorm(cls, x, dims, out=None):
-        if cls._blas(out, x):
+    def _sqnorm(cls, x, dims, out=None, dtype=None):
+        if cls._blas(out, x) and dtype in (None, x.dtype):
             return torch.dot(x.view(-1), x.view(-1), out=out.view(()))
-        return cls._norm(x, dims, out).square_()
+        return cls._norm(x, dims, out, dtype).square_()
 
     @classmethod
     def _dot(cls, x, y, dims, out=None):
@@ -313,9 +316,12 @@ class RowLayout:
         """Flat per-group inner products ``<x_i, y_i>``."""
         return self._reduce(self._dot, xs, ys)
 
-    def sums(self, pairs: list[tuple[list[Tensor], list[Tensor]]], apart: bool = False) -> Tensor:
+    def sums(self, pairs: list[tuple[list[Tensor], list[Tensor]]], apart: bool = False,
+             dtype: torch.dtype | None = None) -> Tensor:
         """Per-group sums ``Σ x_i y_i`` of several pairs of lists at once, as a ``(k, groups)``
-        tensor (row ``j`` for pair ``j``; a pair ``(xs, xs)`` gives squared norms).  With
+        tensor (row ``j`` for pair ``j``; a pair ``(xs, xs)`` gives squared norms).  ``dtype``:
+        the sums' dtype where it is not the layout's, for squared norms only (``float64``: a
+        float32 norm that would leave float32's range; no copy of the tensors).  With
         :attr:`fuse_reductions` a rule takes every scalar of its step from one call and derives
         the later ones algebraically (e.g. ``‖w − ηb‖² = ‖w‖² − 2η<w, b> + η²‖b‖²``): under
         FSDP2, one collective per step (:class:`~psiopt.optim.sharded.ShardedLayout`).
@@ -325,13 +331,17 @@ class RowLayout:
         that update a momentum buffer and then the weights from it need that (torch 2.13, CPU:
         "KeyError: 'bufN'" in inductor's outer-loop fusion, a write-after-read dependency its
         local-buffer check does not expect)."""
+        if dtype not in (None, self.dtype) and any(xs is not ys for xs, ys in pairs):
+            raise ValueError("RowLayout.sums: another dtype is for squared norms only")
         if torch.compiler.is_compiling():  # straight from the reductions (see _reduce)
-            flats = [self._reduce(self._dot, xs, ys) for xs, ys in pairs]
+            flats = [self._reduce(self._dot, xs, ys) if dtype is None else
+                     self._reduce(functools.partial(self._sqnorm, dtype=dtype), xs)
+                     for xs, ys in pairs]
             return torch.stack(flats) if apart else flats
-        flat = torch.empty(len(pairs), sum(self.sizes), dtype=self.dtype, device=self.device)
+        flat = torch.empty(len(pairs), sum(self.sizes), dtype=dtype or self.dtype, device=self.device)
         for (xs, ys), out in zip(pairs, flat):
             if xs is ys:
-                self._reduce(self._sqnorm, xs, out=out)
+                self._reduce(functools.partial(self._sqnorm, dtype=dtype), xs, out=out)
             else:
                 self._reduce(self._dot, xs, ys, out=out)
         return flat

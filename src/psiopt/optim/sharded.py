@@ -195,8 +195,9 @@ class ShardedLayout(RowLayout):
     def dots(self, xs: list[Tensor], ys: list[Tensor]) -> Tensor:
         return self.sums([(xs, ys)])[0]
 
-    def sums(self, pairs: list[tuple[list[Tensor], list[Tensor]]], apart: bool = False) -> Tensor:
-        flat = super().sums(pairs, apart)  # a list of flats under torch.compile
+    def sums(self, pairs: list[tuple[list[Tensor], list[Tensor]]], apart: bool = False,
+             dtype: torch.dtype | None = None) -> Tensor:
+        flat = super().sums(pairs, apart, dtype)  # a list of flats under torch.compile
         return self._complete(flat if isinstance(flat, Tensor) else torch.stack(flat))
 
     def rows_and_size(self, index: int) -> tuple[int, int]:

@@ -317,7 +317,8 @@ def _directions(group, ys, gs, ms, live, layout):
     else:
         yy, yg = None, layout.sums([(ys, gs)])[0]
     hs = torch._foreach_addcmul(gs, ys, layout.split(yg), value=-1.0)  # ĝ − t y
-    f = (group["clip"] / layout.sums([(hs, hs)])[0].sqrt()).clamp_max_(1.0).mul_(live)
+    hh = layout.sums([(hs, hs)], dtype=torch.float64)[0]  # (as geometry.clip: no overflow)
+    f = (group["clip"] / hh.sqrt()).clamp_max_(1.0).to(live.dtype).mul_(live)
     torch._foreach_mul_(hs, layout.split(f))
     if yy is None:
         return hs, layout.sums([(hs, hs)])[0], None
