@@ -292,10 +292,33 @@ def test_cuda_tensors_would_take_triton():
     assert triton_rows.importable()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def _registers(cubin: bytes) -> tuple[int, int]:
+    """``(registers, stack bytes)`` of a cubin's kernel, from the CUDA toolkit's ``cuobjdump``
+    that Triton's wheel carries (no GPU needed)."""
+    import re
+    import tempfile
+
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    assert found, out
+    return int(found[1]), int(found[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
-    """Triton's compiler (not its interpreter) on every rule's kernel, to an sm_90 cubin: no GPU
-    is needed to compile."""
+    """Triton's compiler (not its interpreter) on every rule's kernel, with the options the
+    launches take (``launch_options``), to an sm_90 cubin: no GPU is needed to compile.  At the
+    largest block (``MAX_BLOCK``), none takes ptxas's 255 registers, the mark of a spill (with
+    Triton's default four warps PSI-SGD's did, and spilled 48 bytes); the stack holds at most
+    the 40 bytes of libdevice's sin/cos argument reduction (SGDG/AdamG's rule), and 16 bytes
+    more for SGDG/AdamG's float64 rows of 4096 entries (sixteen warps leave a thread 128
+    registers, and that kernel spills two doubles)."""
     triton = pytest.importorskip("triton")
     import triton.language as tl
 
@@ -305,26 +328,32 @@ def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
     except ImportError:
         pytest.skip("this triton has no GPUTarget")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
     tables = dict(PTR="*i64", ROW_T="*i64", ROW_I="*i64", COLS="*i64", K="*fp64", H="*fp64")
     chunks = dict(PTR="*i64", CH_T="*i64", CH_I="*i64", CH_J="*i64", COLS="*i64", K="*fp64",
                   H="*fp64", SCR="*fp64")
+    wide = tl.float64 if dtype == torch.float64 else tl.float32
+    block = triton_rows.MAX_BLOCK
     for name, rule in rowrules.RULES.items():
         flags = dict(HAS_B=True, HAS_S1=True, HAS_S2=True, OPT=True,
-                     T=triton_rows._triton_dtype(dtype), S1T=tl.float32, S2T=tl.float32,
-                     ACC=tl.float32)
+                     T=triton_rows._triton_dtype(dtype), S1T=wide, S2T=wide, ACC=wide)
         writes = dict(WRITES_S1=rule.writes_s1, WRITES_S2=rule.writes_s2)
         nsum = triton_rows._nsum(name, True, True)
-        forms = {"rows": (tables, dict(BLOCK=256, **writes, **flags)),
-                 "partials": (chunks, dict(BLOCK=4096, NSUM=nsum, **flags)),
-                 "reduce": (dict(SCR="*fp64", FIRST="*i64", COUNT="*i64"), dict(NSUM=nsum, PARTS=256)),
-                 "update": (chunks, dict(BLOCK=4096, NSUM=nsum, **writes, **flags))}
+        forms = {"rows": (tables, dict(BLOCK=block, **writes, **flags)),
+                 "partials": (chunks, dict(BLOCK=block, NSUM=nsum, **flags)),
+                 "reduce": (dict(SCR="*fp64", FIRST="*i64", COUNT="*i64"),
+                            dict(NSUM=nsum, PARTS=triton_rows.MAX_PARTS)),
+                 "update": (chunks, dict(BLOCK=block, NSUM=nsum, **writes, **flags))}
         for form, (pointers, constants) in forms.items():
             nt = {} if form == "reduce" else {"NT": "i32"}
             signature = dict(pointers, **nt, **{k: "constexpr" for k in constants})
             source = triton.compiler.ASTSource(triton_rows._kernel(name, dtype, form), signature,
                                                constants)
-            assert "cubin" in triton.compile(source, target=target).asm, (name, form)
+            options = triton_rows.launch_options(constants.get("BLOCK", constants.get("PARTS")))
+            registers, stack = _registers(triton.compile(source, target=target,
+                                                         options=options).asm["cubin"])
+            trig = (56 if dtype == torch.float64 and form != "partials" else 40) \
+                if name == "sphere" else 0
+            assert registers < 255 and stack <= trig, (name, form, registers, stack)
 
 
 def test_a_16_bit_parameters_float32_state_is_inverted_down_to_float32s_floor(interpreted, monkeypatch):

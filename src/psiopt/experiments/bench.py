@@ -795,7 +795,13 @@ on a GPU only `make gpu-check` on one can tell.
   for some hyperparameters, or makes one where there is none, was wrong when the first launch
   wrote it only for the rules seen to change it, found by review) and updates it, and the row's
   first chunk's program writes the row's state. A group with both kinds of rows has the four
-  launches; the scratch (24 to 64 bytes per chunk) is allocated at each step on
+  launches; each launch takes `num_warps` for eight entries per thread (`block // 256`, 1 to
+  16: with Triton's default of four, a block of 4096 entries took 255 registers and spilled,
+  PSI-SGD's float32 kernel 48 bytes; at eight entries per thread every rule's kernel takes 70 to
+  150 registers on sm_90, chosen from ptxas's counts, not timed) and `enable_fp_fusion=False` (each
+  operation rounded as in Triton's interpreter and the reference path's torch operations; Triton
+  warns where the choice is left to its default, which changes in 3.10); the scratch (24 to 64
+  bytes per chunk) is allocated at each step on
   the device, without synchronisation. Per-entry arithmetic and sums in float32
   for float16/bfloat16/float32 parameters (float64 for float64; SGDG's and AdamG's ‖y‖², ⟨y,ĝ⟩,
   ‖ĝ‖² always in float64, as the C kernel), coefficients in float64. The tables are built on the
@@ -826,7 +832,8 @@ on a GPU only `make gpu-check` on one can tell.
   both forms (`tests/test_policy_kernels.py`); `rowrules.evaluate` against the reference path
   (float64, 1e-12); a compiled step (`aot_eager`, full graph) equals the eager one; CPU steps work
   with triton blocked; every kernel compiles to an sm_90 cubin (the four kernels of each rule,
-  float32 and bfloat16).
+  float32, bfloat16 and float64, at 4096 entries, with the launches' options) below ptxas's 255
+  registers, without a spill but SGDG/AdamG's two float64 doubles at 16 warps.
 * **Left for a GPU**: timings and launch counts against torch's fused SGD/Adam; the split of long
   rows across programs (issue 23 item 2: done and tested under the interpreter, with every kernel
   compiled to a cubin; its speed on a ViT's LayerNorm groups, and whether a chunk of 4096 entries

@@ -435,18 +435,38 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
         if nshort:  # one program per row, the row in registers
             block = max(16, 1 << max(0, (max(short) - 1).bit_length()))
             _kernel(kernel, dtype, "rows")[(nshort,)](
-                ptr, table[0], table[1], table[3], ks, hs, BLOCK=block, **writes, **flags)
+                ptr, table[0], table[1], table[3], ks, hs, BLOCK=block, **writes, **flags,
+                **launch_options(block))
         if nchunks:  # per chunk: sums; per row: their sum; per chunk: coefficients and update
             nsum = _nsum(kernel, bool(b), bool(opt))
             scratch = torch.empty(nchunks * (nsum + 2), dtype=torch.float64, device=device)
             chunks = (table[0, nshort:], table[1, nshort:], table[2, nshort:], table[3])
             _kernel(kernel, dtype, "partials")[(nchunks,)](
-                ptr, *chunks, ks, hs, scratch, BLOCK=chunk, NSUM=nsum, **flags)
+                ptr, *chunks, ks, hs, scratch, BLOCK=chunk, NSUM=nsum, **flags,
+                **launch_options(chunk))
+            together = min(MAX_PARTS, 1 << (max(parts) - 1).bit_length())  # chunks' sums at once
             _kernel(kernel, dtype, "reduce")[(nlong,)](
-                scratch, table[4], table[5], NSUM=nsum,
-                PARTS=min(MAX_PARTS, 1 << (max(parts) - 1).bit_length()))
+                scratch, table[4], table[5], NSUM=nsum, PARTS=together, **launch_options(together))
             _kernel(kernel, dtype, "update")[(nchunks,)](
-                ptr, *chunks, ks, hs, scratch, BLOCK=chunk, NSUM=nsum, **writes, **flags)
+                ptr, *chunks, ks, hs, scratch, BLOCK=chunk, NSUM=nsum, **writes, **flags,
+                **launch_options(chunk))
+
+
+def launch_options(block: int) -> dict:
+    """Triton's compile options for a kernel of ``block`` entries per program:
+
+    * ``num_warps``: eight entries per thread (``block // 256`` warps, 1 to 16).  With Triton's
+      default four warps a block of 4096 entries took ptxas's 255 registers and spilled (sm_90,
+      triton 3.9: 48 bytes of stack for PSI-SGD's float32 kernel, 352 for float64); at eight
+      entries per thread every rule's kernel takes 70-150 registers at any block, no spill
+      (``tests/test_triton.py::test_every_kernel_compiles_for_a_gpu`` checks it);
+    * ``enable_fp_fusion=False``: no fused multiply-add contracted from a product and a sum, so
+      that the compiled kernel rounds each operation of the rule's definition as Triton's
+      interpreter (the CPU tests) and the reference path's torch operations do (and Triton
+      warns when the choice is left to its default, which changes in Triton 3.10).
+
+    Taken at launch by the compiled kernels; the interpreter ignores them."""
+    return {"num_warps": min(16, max(1, block // 256)), "enable_fp_fusion": False}
 
 
 def _per_tensor(k, n: int, device) -> torch.Tensor:
