@@ -187,3 +187,33 @@ def test_compiled_psgd_without_momentum_takes_the_kernels(kernel_calls):
     finally:
         dynamo.reset()
     assert calls == ["psgd"]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float32, torch.float64])
+def test_compiled_layout_sums_agree_with_eager(dtype):
+    """``RowLayout.sums`` compiled (its own branch: the reductions as they are) gives what the
+    eager one does for every pair and ``dtype``: inner products of two lists, squared norms of
+    one list in another dtype (the compiled branch once took any pair for a squared norm when a
+    dtype was given); a dtype with an inner product is refused alike."""
+    from psiopt.optim.geometry import RowLayout
+
+    torch.manual_seed(0)
+    xs, ys = [torch.randn(3, 5), torch.randn(2, 4, 2)], [torch.randn(3, 5), torch.randn(2, 4, 2)]
+    layout = RowLayout(xs)
+    square = dtype not in (None, torch.float32)
+    pairs = (lambda a, b: [(a, a)]) if square else (lambda a, b: [(a, a), (a, b), (b, b)])
+
+    def sums(a, b):
+        out = layout.sums(pairs(a, b), dtype=dtype)
+        return torch.stack(list(out))
+
+    eager = sums(xs, ys)
+    dynamo.reset()
+    compiled = torch.compile(sums, backend="eager", fullgraph=True)(xs, ys)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    assert eager.dtype == (dtype or torch.float32)
+    want = [torch.cat([(a * b).flatten(1).sum(1) for a, b in zip(p, q)]) for p, q in pairs(xs, ys)]
+    torch.testing.assert_close(eager.double(), torch.stack(want).double(), rtol=1e-5, atol=1e-6)
+    if square:
+        with pytest.raises(ValueError, match="squared norms only"):
+            layout.sums([(xs, ys)], dtype=dtype)

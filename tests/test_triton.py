@@ -313,12 +313,13 @@ def _registers(cubin: bytes) -> tuple[int, int]:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
     """Triton's compiler (not its interpreter) on every rule's kernel, with the options the
-    launches take (``launch_options``), to an sm_90 cubin: no GPU is needed to compile.  At the
-    largest block (``MAX_BLOCK``), none takes ptxas's 255 registers, the mark of a spill (with
-    Triton's default four warps PSI-SGD's did, and spilled 48 bytes); the stack holds at most
-    the 40 bytes of libdevice's sin/cos argument reduction (SGDG/AdamG's rule), and 16 bytes
-    more for SGDG/AdamG's float64 rows of 4096 entries (sixteen warps leave a thread 128
-    registers, and that kernel spills two doubles)."""
+    launches take (``launch_options``), to an sm_90 cubin: no GPU is needed to compile.  The
+    four kernels at the largest block (``MAX_BLOCK``), the one-program kernel at 256 entries
+    too: no spill, i.e. the stack holds at most the 40 bytes of libdevice's sin/cos argument
+    reduction (SGDG/AdamG's rule), and 16 bytes more for SGDG/AdamG's float64 rows of 4096
+    entries (sixteen warps leave a thread 128 registers, and that kernel spills two doubles).
+    With Triton's default four warps PSI-SGD's kernel took 255 registers and spilled 48 bytes
+    at 4096 entries."""
     triton = pytest.importorskip("triton")
     import triton.language as tl
 
@@ -339,6 +340,7 @@ def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
         writes = dict(WRITES_S1=rule.writes_s1, WRITES_S2=rule.writes_s2)
         nsum = triton_rows._nsum(name, True, True)
         forms = {"rows": (tables, dict(BLOCK=block, **writes, **flags)),
+                 "rows at 256": (tables, dict(BLOCK=256, **writes, **flags)),
                  "partials": (chunks, dict(BLOCK=block, NSUM=nsum, **flags)),
                  "reduce": (dict(SCR="*fp64", FIRST="*i64", COUNT="*i64"),
                             dict(NSUM=nsum, PARTS=triton_rows.MAX_PARTS)),
@@ -346,14 +348,14 @@ def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
         for form, (pointers, constants) in forms.items():
             nt = {} if form == "reduce" else {"NT": "i32"}
             signature = dict(pointers, **nt, **{k: "constexpr" for k in constants})
-            source = triton.compiler.ASTSource(triton_rows._kernel(name, dtype, form), signature,
-                                               constants)
+            source = triton.compiler.ASTSource(triton_rows._kernel(name, dtype, form.split()[0]),
+                                               signature, constants)
             options = triton_rows.launch_options(constants.get("BLOCK", constants.get("PARTS")))
             registers, stack = _registers(triton.compile(source, target=target,
                                                          options=options).asm["cubin"])
-            trig = (56 if dtype == torch.float64 and form != "partials" else 40) \
+            trig = (56 if dtype == torch.float64 and form in ("rows", "update") else 40) \
                 if name == "sphere" else 0
-            assert registers < 255 and stack <= trig, (name, form, registers, stack)
+            assert stack <= trig, (name, form, registers, stack)
 
 
 def test_a_16_bit_parameters_float32_state_is_inverted_down_to_float32s_floor(interpreted, monkeypatch):

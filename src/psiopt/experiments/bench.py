@@ -797,8 +797,9 @@ on a GPU only `make gpu-check` on one can tell.
   first chunk's program writes the row's state. A group with both kinds of rows has the four
   launches; each launch takes `num_warps` for eight entries per thread (`block // 256`, 1 to
   16: with Triton's default of four, a block of 4096 entries took 255 registers and spilled,
-  PSI-SGD's float32 kernel 48 bytes; at eight entries per thread every rule's kernel takes 70 to
-  150 registers on sm_90, chosen from ptxas's counts, not timed) and `enable_fp_fusion=False` (each
+  PSI-SGD's float32 kernel 48 bytes; so, every rule's one-program kernel takes 37 to 150
+  registers on sm_90 at blocks of 16 to 4096 entries; chosen from ptxas's counts, not timed) and
+  `enable_fp_fusion=False` (each
   operation rounded as in Triton's interpreter and the reference path's torch operations; Triton
   warns where the choice is left to its default, which changes in 3.10); the scratch (24 to 64
   bytes per chunk) is allocated at each step on
@@ -832,8 +833,9 @@ on a GPU only `make gpu-check` on one can tell.
   both forms (`tests/test_policy_kernels.py`); `rowrules.evaluate` against the reference path
   (float64, 1e-12); a compiled step (`aot_eager`, full graph) equals the eager one; CPU steps work
   with triton blocked; every kernel compiles to an sm_90 cubin (the four kernels of each rule,
-  float32, bfloat16 and float64, at 4096 entries, with the launches' options) below ptxas's 255
-  registers, without a spill but SGDG/AdamG's two float64 doubles at 16 warps.
+  float32, bfloat16 and float64, at 4096 entries and the one-program kernel at 256 too, with
+  the launches' options) without a spill, but for SGDG/AdamG's float64 kernel at 4096 entries
+  (16 bytes: sixteen warps leave a thread 128 registers).
 * **Left for a GPU**: timings and launch counts against torch's fused SGD/Adam; the split of long
   rows across programs (issue 23 item 2: done and tested under the interpreter, with every kernel
   compiled to a cubin; its speed on a ViT's LayerNorm groups, and whether a chunk of 4096 entries

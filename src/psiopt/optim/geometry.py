@@ -128,7 +128,8 @@ def sqnorm(a: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 
 def norm(a: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """Per-group norm ``‖a_i‖`` in keepdim shape (in ``dtype`` if given: no copy of ``a``)."""
+    """Per-group norm ``‖a_i‖`` in keepdim shape (in ``dtype`` if given: torch reduces a copy of
+    ``a`` in ``dtype``, but from float16/bfloat16 to float32)."""
     return torch.linalg.vector_norm(a, dim=_dims(a), keepdim=True, dtype=dtype)
 
 
@@ -197,9 +198,12 @@ def transport(y: Tensor, h1: Tensor, h2: Tensor) -> Tensor:
 
 def clip(h: Tensor, limit: float) -> Tensor:
     """``h · min(1, limit/‖h‖)`` per group (new tensor).  ``‖h‖`` is taken in float64, as the
-    fused kernels' sums: a float32 (float16) ``h`` whose norm leaves its dtype's range is clipped
-    to ``limit``, not stopped (``limit/inf = 0``)."""
-    return h * (limit / norm(h, torch.float64)).clamp_max(1.0).to(h.dtype)
+    fused kernels' sums (a float64 copy of ``h`` for the reduction): a float32 (float16) ``h``
+    whose norm leaves its dtype's range is clipped to ``limit``, not stopped (``limit/inf = 0``).
+    The factor is applied in float32 for float16/bfloat16 ``h`` (:func:`accumulate_dtype`; a
+    float16 factor below 6e-5 lost its bits, and was 0 below 6e-8) and the product rounded."""
+    factor = (limit / norm(h, torch.float64)).clamp_max(1.0).to(accumulate_dtype(h.dtype))
+    return (h * factor).to(h.dtype)
 
 
 def orthogonality_residual(y: Tensor) -> Tensor | None:
@@ -321,7 +325,8 @@ class RowLayout:
         """Per-group sums ``Σ x_i y_i`` of several pairs of lists at once, as a ``(k, groups)``
         tensor (row ``j`` for pair ``j``; a pair ``(xs, xs)`` gives squared norms).  ``dtype``:
         the sums' dtype where it is not the layout's, for squared norms only (``float64``: a
-        float32 norm that would leave float32's range; no copy of the tensors).  With
+        float32 norm that would leave float32's range; torch reduces a float64 copy of each
+        tensor, one at a time).  With
         :attr:`fuse_reductions` a rule takes every scalar of its step from one call and derives
         the later ones algebraically (e.g. ``‖w − ηb‖² = ‖w‖² − 2η<w, b> + η²‖b‖²``): under
         FSDP2, one collective per step (:class:`~psiopt.optim.sharded.ShardedLayout`).
@@ -334,8 +339,8 @@ class RowLayout:
         if dtype not in (None, self.dtype) and any(xs is not ys for xs, ys in pairs):
             raise ValueError("RowLayout.sums: another dtype is for squared norms only")
         if torch.compiler.is_compiling():  # straight from the reductions (see _reduce)
-            flats = [self._reduce(self._dot, xs, ys) if dtype is None else
-                     self._reduce(functools.partial(self._sqnorm, dtype=dtype), xs)
+            flats = [self._reduce(functools.partial(self._sqnorm, dtype=dtype), xs) if xs is ys
+                     and dtype is not None else self._reduce(self._dot, xs, ys)
                      for xs, ys in pairs]
             return torch.stack(flats) if apart else flats
         flat = torch.empty(len(pairs), sum(self.sizes), dtype=dtype or self.dtype, device=self.device)

@@ -455,11 +455,14 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
 def launch_options(block: int) -> dict:
     """Triton's compile options for a kernel of ``block`` entries per program:
 
-    * ``num_warps``: eight entries per thread (``block // 256`` warps, 1 to 16).  With Triton's
-      default four warps a block of 4096 entries took ptxas's 255 registers and spilled (sm_90,
-      triton 3.9: 48 bytes of stack for PSI-SGD's float32 kernel, 352 for float64); at eight
-      entries per thread every rule's kernel takes 70-150 registers at any block, no spill
-      (``tests/test_triton.py::test_every_kernel_compiles_for_a_gpu`` checks it);
+    * ``num_warps``: ``block // 256``, 1 to 16 (eight entries per thread from 256 entries on,
+      fewer below).  With Triton's default four warps a block of 4096 entries took ptxas's 255
+      registers and spilled (sm_90, triton 3.9: 48 bytes of stack for PSI-SGD's float32 kernel,
+      352 for float64); so, every rule's one-program kernel takes 37 to 150 registers at blocks
+      of 16 to 4096 entries (float32, bfloat16, float64), without a spill but SGDG/AdamG's
+      float64 kernel at 4096 entries (sixteen warps leave a thread 128 registers: 16 bytes;
+      ``tests/test_triton.py::test_every_kernel_compiles_for_a_gpu`` checks the stacks).
+      Chosen from ptxas's counts, not timed: only a GPU can tell the fastest;
     * ``enable_fp_fusion=False``: no fused multiply-add contracted from a product and a sum, so
       that the compiled kernel rounds each operation of the rule's definition as Triton's
       interpreter (the CPU tests) and the reference path's torch operations do (and Triton
