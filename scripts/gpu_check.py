@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -124,8 +125,10 @@ def environment() -> dict:
         except importlib.metadata.PackageNotFoundError:
             env[dist] = None
     if torch.version.cuda is None:
-        env["cuda"], env["why"] = False, (f"torch {torch.__version__} is a CPU build "
-                                          "(torch.version.cuda is None): install a CUDA build of torch")
+        env["cuda"], env["why"] = False, (
+            f"torch {torch.__version__} of {sys.executable} is a CPU build (torch.version.cuda is "
+            "None): install a CUDA build of torch, or name another interpreter (PYTHON=... "
+            "scripts/gpu_check.sh; it takes .venv/bin/python where there is one)")
     elif not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         env["cuda"], env["why"] = False, (
             f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU "
@@ -170,11 +173,14 @@ def extra_requirements(extra: str) -> list[str] | None:
 
 
 def _installed(requirement: str) -> bool:
+    """Whether ``requirement``'s distribution is installed, or a module of its name importable
+    (torch's nightly builds bring triton as the distribution ``pytorch-triton``: a pip install
+    of ``triton`` there would replace it, or fail on a machine without network)."""
     name = re.split(r"[\s<>=!~\[;]", requirement, maxsplit=1)[0]
     try:
         importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
-        return False
+        return importlib.util.find_spec(name.replace("-", "_")) is not None
     return True
 
 

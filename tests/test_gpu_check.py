@@ -87,3 +87,17 @@ def test_no_result_and_nothing_passed_fail(tmp_path):
     junit.write_text('<testsuites><testsuite name="pytest"></testsuite></testsuites>')
     step = gpu_check.judge_tests(0, "", junit, 1, 0)
     assert not step.ok and "No test passed." in step.details
+
+
+def test_an_extra_importable_under_another_distribution_is_not_installed_again(monkeypatch):
+    """triton from torch's nightly builds is the distribution ``pytorch-triton``: importable as
+    ``triton``, it counts as installed (no pip install, which fails without network or replaces
+    it); a requirement neither installed nor importable is missing."""
+    import importlib.metadata
+
+    def no_distribution(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_distribution)
+    assert gpu_check._installed("pytest>=7")  # importable as a module
+    assert not gpu_check._installed("surely-not-a-module-psiopt>=1")

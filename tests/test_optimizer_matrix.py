@@ -40,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import psiopt
+from psiopt.optim import base
 from psiopt.optim.geometry import CANCELLED, RowLayout, is_invariant, norm, rows
 
 STEPS = 8
@@ -531,3 +532,25 @@ def test_frozen_and_dropped_parameters_include_invariant_ones():
     names = {n for ns in DROPS.values() for n in ns}
     assert any(is_invariant(GROUPINGS.get(n)) for n in names)
     assert any(n not in GROUPINGS for n in names)
+
+
+@pytest.mark.parametrize("name", psiopt.list_optimizers())
+def test_first_step_with_counters_on_the_device_does_not_synchronise(name, monkeypatch):
+    """A tensor ``lr`` on the parameters' device puts the step counters there (as on CUDA, see
+    ``base.counters_on_device``; here the meta device stands for it): the first step, which
+    makes every counter and buffer, is recorded too.  Counters were made as
+    ``torch.tensor(0.0, device=...)``, a copy from the host that CUDA's synchronisation
+    detector flags (``tests/test_cuda.py``'s step with a CUDA ``lr``)."""
+    if name in ("sgd", "adam", "adamw", "b-sgd"):
+        pytest.skip("torch.optim's own step (an eager tensor lr: torch reads it)")
+    monkeypatch.setattr(base, "counters_on_device", lambda group, p: not p.is_cpu)
+    model, mapping = meta_model(SETTINGS["defaults"])
+    lr = psiopt.REGISTRY[name].invariant.get("lr", 0.1)
+    with no_running_stats_warning():  # (the invariant groups: torch's capturable Adam of the
+        groups = [g for g in psiopt.param_groups(model, mapping=mapping)  # others takes no meta)
+                  if is_invariant(g.get("grouping"))]
+        opt = psiopt.create_optimizer(groups, name, lr=torch.tensor(lr, device="meta"))
+    record = meta_steps(model, opt, SETTINGS["defaults"], steps=2, record_from=0)
+    assert record.found == []
+    assert any(s["step"].is_meta for s in opt.state.values() if "step" in s) or all(
+        "step" not in s for s in opt.state.values())

@@ -358,6 +358,66 @@ def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
             assert stack <= trig, (name, form, registers, stack)
 
 
+class _Sm90:
+    """A Triton driver that reports one sm_90 GPU: enough for Triton's JIT to bind a launch's
+    arguments and compile it (no launch: see test_the_jit_binds_and_compiles_every_launch)."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_jit_binds_and_compiles_every_launch(dtype, monkeypatch):
+    """The launches of a step as Triton's JIT takes them on a GPU, not its interpreter: each
+    launch of ``_launch`` (rows in registers, and split rows: four kernels) goes through the
+    JIT's binder with its arguments and options and is compiled to an sm_90 cubin, on a driver
+    that reports that GPU, as a warm-up (compiled, not launched).  The binder reads which
+    parameters are ``tl.constexpr`` from the kernels' annotations: the rule definitions'
+    rebinding once dropped them, and every launch raised "failed to specialize argument of
+    type: dtype" (the interpreter and ASTSource compiles, which name the constexprs themselves,
+    did not see it)."""
+    pytest.importorskip("triton")
+    from triton.runtime.driver import driver
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(triton_rows, "MAX_BLOCK", 256)  # (small split rows: quick compiles)
+    compiled = []
+    build = triton_rows._kernel
+
+    class Warmup:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def warm(*args, **kwargs):
+                compiled.append(self.fn.run(*args, grid=grid, warmup=True, **kwargs))
+            return warm
+
+    monkeypatch.setattr(triton_rows, "_kernel", lambda *a: Warmup(build(*a)))
+    monkeypatch.setattr(driver, "_active", _Sm90())
+    torch.manual_seed(0)
+    ws = [torch.randn(3, 20, dtype=dtype), torch.randn(2, 300, dtype=dtype)]  # short, split rows
+    for name, b, s1, s2, h in [
+            ("psi", True, False, False, (0.1, 0.9, 1e-4)),
+            ("adams", True, True, False, (0.9, 0.999, 0.0, 1e-8, 1.0)),
+            ("sphere", True, True, True, (0.9, -0.1, 0.1, 0.99, 1e-8))]:
+        state = lambda shape, yes: [torch.zeros(shape(w), dtype=w.dtype) for w in ws] if yes else []  # noqa: E731
+        args = (ws, [torch.randn_like(w) for w in ws], state(lambda w: w.shape, b),
+                state(lambda w: (w.shape[0], 1), s1), state(lambda w: (w.shape[0], 1), s2))
+        compiled.clear()
+        triton_rows._launch(name, *args, None, rowrules.hyper_tensor(h, "cpu"),
+                            rowrules.option(name, h))
+        assert len(compiled) == 4 and all("cubin" in k.asm for k in compiled), name
+
+
 def test_a_16_bit_parameters_float32_state_is_inverted_down_to_float32s_floor(interpreted, monkeypatch):
     # AdamG*'s r4 is float32 state for a float16 weight: 1/√r4 must not stop at float16's
     # smallest normal number (6e-5), as the reference path's does not

@@ -811,7 +811,12 @@ on a GPU only `make gpu-check` on one can tell.
   same (`rowrules.on_device`: a float `lr` a scheduler changes, or Adam's bias corrections from
   CPU counters, are copied at each step; a tensor `lr` and device counters never); a CUDA graph
   capturing a step whose tables or numbers were not copied before is refused (warm up first),
-  and what a capture read is never freed.
+  and what a capture read is never freed. A step whose kernels read tensors it allocates itself
+  (SGDG/AdamG with Cho & Lee's penalty on, the norm policies' project, equilibrium and
+  "fixed" retraction) has new addresses in the capture's memory pool, so its table is never
+  kept: it is refused however long the warm-up (`fused=False`: the torch path instead; found by
+  review; copying the table from pinned host memory inside the capture would lift this, untried
+  without a GPU).
 * **Selection.**  Invariant groups of CUDA tensors (float16, bfloat16, float32, float64) take it
   with `fused=None` (default, `foreach` unset) or `fused=True` when `import triton` works
   (`pip install 'psiopt[gpu]'`), else the vectorized path; `fused=False` never.  CPU steps take

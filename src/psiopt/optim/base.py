@@ -1115,7 +1115,9 @@ def counters_on_device(group: dict, p: Tensor) -> bool:
 def new_step(group: dict, p: Tensor) -> Tensor:
     """A new step counter (0., in the default dtype as torch.optim's) for ``group``'s parameter
     (or view) ``p``, where :func:`counters_on_device` says."""
-    return torch.tensor(0.0, device=p.device if counters_on_device(group, p) else "cpu")
+    if counters_on_device(group, p):  # (not torch.tensor(0.0, device=...): a synchronising copy)
+        return torch.zeros((), device=p.device)
+    return torch.tensor(0.0)
 
 
 _CUDA_FUSED = {torch.float16, torch.bfloat16, torch.float32, torch.float64}

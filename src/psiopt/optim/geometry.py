@@ -370,7 +370,7 @@ class RowLayout:
         if not any(isinstance(v, Tensor) for v in values):
             torch._foreach_mul_(self.split(flat), values)
             return flat
-        factors = torch.stack([torch.as_tensor(v).to(flat) for v in values])  # any device
+        factors = torch.stack([torch.as_tensor(v).to(flat, non_blocking=True) for v in values])
         return flat.mul_(torch.cat([f.expand(n) for f, n in zip(factors, self.sizes)]))
 
 

@@ -87,8 +87,13 @@ def sqnorm_of_sum(a, b, xx, xy, yy):
 
 def rebind(fn, scope: dict):
     """``fn``'s code with the globals ``scope``: how a backend runs a rule's functions with the
-    helpers above rebound to its own (Triton's, or C code generation's)."""
-    return types.FunctionType(fn.__code__, scope, fn.__name__)
+    helpers above rebound to its own (Triton's, or C code generation's).  The function is ``fn``
+    in all else: defaults, closure, names and annotations (Triton's JIT reads its ``tl.constexpr``
+    parameters from them; without them a launch on a GPU could not bind its dtypes)."""
+    out = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    out.__kwdefaults__, out.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    out.__annotations__, out.__module__ = dict(fn.__annotations__), fn.__module__
+    return out
 
 
 #: the smallest positive value :func:`safe_inv` inverts (here, for :func:`evaluate`: float64's;
@@ -430,7 +435,10 @@ def on_device(key, make, device) -> torch.Tensor:
                 "psiopt: a CUDA graph is capturing a step whose hyperparameters or row tables "
                 "were not copied to the device before the capture: warm up with the same "
                 "tensors and hyperparameters (torch.cuda.graphs's docs: a few steps on a side "
-                "stream) before capturing")
+                "stream) before capturing.  A step whose kernels read tensors it allocates "
+                "itself (SGDG/AdamG with Cho & Lee's penalty on; the norm policies' project, "
+                "equilibrium and \"fixed\" retraction) has new addresses in the capture's pool "
+                "and cannot be captured with the kernels: pass fused=False")
         if len(_KEPT) >= _KEEP:
             _KEPT.clear()
         kept = _KEPT[key] = _Kept(make().to(device, non_blocking=True))
