@@ -3,7 +3,9 @@ install on CUDA and write one report.
 
 Steps, each with a time cap, all within ten minutes on one H100:
 
-1. the environment: torch with CUDA and a GPU, or a one-line failure (nothing is skipped);
+1. the environment: the modules and the C compiler the steps need (:func:`missing_prerequisites`),
+   torch with CUDA and a GPU, or a one-line failure (nothing is skipped); the steps import this
+   checkout's psiopt (``src`` first on the path);
 2. the optional GPU extra of ``pyproject.toml`` (``--extra``, default ``gpu``), installed with
    pip when it exists and is not installed yet (the CUDA build of torch is never touched);
 3. the CUDA tests (``tests/test_cuda.py`` and ``tests/test_device.py``) with ``pytest -rs``:
@@ -11,7 +13,8 @@ Steps, each with a time cap, all within ten minutes on one H100:
    skips allowed are listed in :data:`ALLOWED_SKIPS` (tests for a machine without CUDA, and the
    two-GPU test on a one-GPU machine) and the report names each of them;
 4. ``psiopt bench --device cuda`` on resnet56 (a short run, no ``torch.compile`` section);
-5. ``psiopt train --device cuda``: two epochs of resnet20 on synthetic data;
+5. ``psiopt train --device cuda``: two epochs of resnet20 on synthetic data (into
+   ``<workdir>/train``, an earlier check's run there removed first);
 6. the report (``--report``, default ``gpu-report.md``): device, versions, every step's result,
    the test summary with every skip and its reason, the bench tables and the training metrics.
 
@@ -30,6 +33,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -94,10 +98,12 @@ def parse_junit(path: Path) -> TestResults:
     return results
 
 
-def _run(command: list[str], cap: float, log: Path) -> tuple[int | None, str]:
-    """Run ``command`` in the repository with a time cap; its output goes to ``log``.  Returns
-    the exit status (``None`` on time-out) and the output's last 40 lines."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _run(command: list[str], cap: float, log: Path, **extra_env: str) -> tuple[int | None, str]:
+    """Run ``command`` in the repository with a time cap, importing this checkout's psiopt
+    (``src`` first on ``PYTHONPATH``); its output goes to ``log``.  Returns the exit status
+    (``None`` on time-out) and the output's last 40 lines."""
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra_env}
     with log.open("w") as out:
         out.write("$ " + shlex.join(command) + "\n")
         out.flush()
@@ -124,6 +130,13 @@ def environment() -> dict:
             env[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             env[dist] = None
+    import psiopt
+
+    env["psiopt_file"] = psiopt.__file__  # (this checkout's: see main)
+    env["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32,
+                   "cudnn": torch.backends.cudnn.allow_tf32,
+                   "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    env["missing"] = missing_prerequisites()
     if torch.version.cuda is None:
         env["cuda"], env["why"] = False, (
             f"torch {torch.__version__} of {sys.executable} is a CPU build (torch.version.cuda is "
@@ -157,6 +170,27 @@ def _nvidia_smi() -> str | None:
                               timeout=20).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+#: modules the steps import (the tests, the harness: numpy, tqdm, matplotlib for ``compare``)
+PREREQUISITE_MODULES = ("pytest", "numpy", "tqdm", "matplotlib")
+
+
+def missing_prerequisites() -> list[str]:
+    """What the steps need and this machine lacks, checked before anything runs (a machine
+    without network cannot install them on the way): the modules of
+    :data:`PREREQUISITE_MODULES`, and a C compiler with Python's headers (Triton builds its
+    launcher with them at the first kernel; psiopt's CPU kernels too)."""
+    import sysconfig
+
+    missing = [f"the module {m} (pip install {m})" for m in PREREQUISITE_MODULES
+               if importlib.util.find_spec(m) is None]
+    if not any(shutil.which(c) for c in (os.environ.get("CC", "cc"), "gcc", "clang")):
+        missing.append("a C compiler (cc, gcc or clang; Triton builds its launcher with it)")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
+        missing.append(f"Python's headers (Python.h in {sysconfig.get_paths()['include']}; "
+                       "e.g. apt install python3-dev)")
+    return missing
 
 
 def extra_requirements(extra: str) -> list[str] | None:
@@ -214,6 +248,9 @@ def run_check(args) -> int:
     work.mkdir(parents=True, exist_ok=True)
     steps: list[Step] = []
     env = environment()
+    if env["missing"]:
+        steps.append(Step("environment", False, f"prerequisites missing: {'; '.join(env['missing'])}"))
+        return finish(args, env, steps, work)
     if not env["cuda"]:
         steps.append(Step("environment", False, f"CUDA is not available: {env['why']}"))
         return finish(args, env, steps, work)
@@ -225,7 +262,9 @@ def run_check(args) -> int:
     steps.append(install_extra(args, python, work, remaining("install")))
     t = time.monotonic()
     (work / "junit.xml").unlink(missing_ok=True)  # a stale one is no result
-    rc, tail = _run(plan["tests"], remaining("tests"), work / "tests.log")
+    index = args.device.partition(":")[2]  # the tests' "cuda" is the GPU --device names
+    rc, tail = _run(plan["tests"], remaining("tests"), work / "tests.log",
+                    **({"CUDA_VISIBLE_DEVICES": index} if index else {}))
     steps.append(judge_tests(rc, tail, work / "junit.xml", env["gpus"], time.monotonic() - t))
     for name in ("bench", "train"):
         t = time.monotonic()
@@ -233,6 +272,8 @@ def run_check(args) -> int:
         if cap < 10:
             steps.append(Step(name, False, f"not run: the {BUDGET_S} s budget is spent"))
             continue
+        if name == "train":  # (a run left by an earlier check: train would refuse its --out)
+            shutil.rmtree(work / "train", ignore_errors=True)
         rc, tail = _run(plan[name], cap, work / f"{name}.log")
         ok = rc == 0
         summary = ("passed" if ok else f"timed out after {cap:.0f} s" if rc is None
@@ -325,6 +366,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not re.fullmatch(r"cuda(:\d+)?", args.device):
         parser.error(f"--device {args.device!r}: expected cuda or cuda:N")
+    sys.path.insert(0, str(ROOT / "src"))  # this checkout's psiopt, whatever is installed
     try:
         import torch  # noqa: F401
 

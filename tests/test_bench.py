@@ -90,14 +90,52 @@ def test_psiopt_kernel_calls_are_counted_with_their_traffic():
 
 
 def test_device_events_are_counted_by_their_device():
+    """GPU events count, but for the ranges of record_function the profiler also marks as GPU
+    events (``is_user_annotation``: torch.optim's ``Optimizer.step#SGD.step``)."""
     from torch.autograd import DeviceType
 
     class Event:
-        def __init__(self, device_type):
-            self.device_type = device_type
+        def __init__(self, device_type, annotation=False):
+            self.device_type, self.is_user_annotation = device_type, annotation
 
-    events = [Event(DeviceType.CPU), Event(DeviceType.CUDA), Event(DeviceType.CUDA)]
+    events = [Event(DeviceType.CPU), Event(DeviceType.CUDA), Event(DeviceType.CUDA),
+              Event(DeviceType.CUDA, annotation=True)]
     assert bench.count_device_events(events) == 2
+
+
+def test_triton_steps_are_counted_as_kernel_calls(monkeypatch):
+    """The Triton step (``triton_rows._launch``, on CUDA) is not dispatched either: counted with
+    its traffic, as the C kernels' calls."""
+    from psiopt.optim import triton_rows
+
+    seen = []
+    monkeypatch.setattr(triton_rows, "_launch", lambda *args: seen.append(args[0]))
+    w, g, b = torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(4, 8)
+    counter = bench._StepCounter()
+    with counter, bench._counting_kernels(counter):
+        triton_rows._launch("psi", [w], [g], [b], [], [], None, None, False)
+    assert seen == ["psi"] and counter.kernel_calls == 1 and counter.bytes == 5 * w.nbytes
+    assert triton_rows._launch.__name__ == "<lambda>"  # put back
+
+
+def test_cuda_without_an_index_is_the_current_device(monkeypatch):
+    """``--device cuda``: torch.cuda.set_device takes no device without an index (a ValueError
+    in torch 2.13): the bench sets the current one."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def set_device(device):
+        if isinstance(device, torch.device) and device.index is None:
+            raise ValueError("Expected a torch.device with a specified index")
+        chosen.append(device)
+        raise KeyboardInterrupt  # (stop here: there is no GPU to bench)
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(bench, "DEVICE", bench.DEVICE)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(out=None, device="cuda")
+    assert chosen == [torch.device("cuda", 0)]
 
 
 def test_machine_line_names_threads_commit_and_load():

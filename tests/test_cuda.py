@@ -17,6 +17,14 @@ from test_compile import net
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture(autouse=True)
+def deterministic_cudnn(monkeypatch):
+    """Tests here compare two trainings of a conv net (eager and compiled, fused and foreach)
+    to 1e-5: cuDNN's deterministic algorithms, so that only the optimizers can differ."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+
 @pytest.mark.parametrize("name", psiopt.list_optimizers())
 def test_step_on_cuda_has_no_host_synchronisation(name):
     model = net().cuda()

@@ -101,3 +101,13 @@ def test_an_extra_importable_under_another_distribution_is_not_installed_again(m
     monkeypatch.setattr(importlib.metadata, "version", no_distribution)
     assert gpu_check._installed("pytest>=7")  # importable as a module
     assert not gpu_check._installed("surely-not-a-module-psiopt>=1")
+
+
+def test_missing_prerequisites_fail_the_check_before_anything_runs(tmp_path, monkeypatch):
+    """A module the steps import or a C compiler missing (a machine without network cannot
+    install them on the way): the environment step fails and says what, nothing else runs."""
+    monkeypatch.setattr(gpu_check, "PREREQUISITE_MODULES", ("pytest", "surely_not_a_module_psiopt"))
+    monkeypatch.setattr(gpu_check, "_run", lambda *a, **k: pytest.fail("a step ran"))
+    rc = gpu_check.main(["--workdir", str(tmp_path / "w"), "--report", str(tmp_path / "r.md")])
+    report = (tmp_path / "r.md").read_text()
+    assert rc == 1 and "prerequisites missing: the module surely_not_a_module_psiopt" in report

@@ -244,19 +244,27 @@ class _StepCounter(TorchDispatchMode):
 
 @contextmanager
 def _counting_kernels(counter: _StepCounter):
-    from ..optim import kernels
+    """Count psiopt's kernel calls, the C kernels' (``kernels._call``) and the Triton step's
+    (``triton_rows._launch``, one to four launches: its traffic counted once), which the
+    dispatcher does not see."""
+    from ..optim import kernels, triton_rows
 
-    real = kernels._call
+    reals = [(module, name, getattr(module, name))
+             for module, name in ((kernels, "_call"), (triton_rows, "_launch"))]
 
-    def call(kernel, ws, gs, b, s1, s2, k, h, *rest):
-        counter.kernel(ws, gs, b, s1, s2)
-        return real(kernel, ws, gs, b, s1, s2, k, h, *rest)
+    def counting(real):
+        def call(kernel, ws, gs, b, s1, s2, k, h, *rest):
+            counter.kernel(ws, gs, b, s1, s2)
+            return real(kernel, ws, gs, b, s1, s2, k, h, *rest)
+        return call
 
-    kernels._call = call
+    for module, name, real in reals:
+        setattr(module, name, counting(real))
     try:
         yield
     finally:
-        kernels._call = real
+        for module, name, real in reals:
+            setattr(module, name, real)
 
 
 def _parameter_bytes(opt) -> int:
@@ -290,10 +298,13 @@ def cuda_launches(step) -> int:
 
 
 def count_device_events(events) -> int:
-    """How many of the profiler's ``events`` ran on a GPU."""
+    """How many of the profiler's ``events`` ran on a GPU: kernels, copies, memsets, not the
+    ranges of ``record_function`` (torch.optim's ``Optimizer.step#…``) that the profiler also
+    marks as GPU events (``gpu_user_annotation``; torch's own tables leave them out alike)."""
     from torch.autograd import DeviceType
 
-    return sum(1 for e in events if e.device_type == DeviceType.CUDA)
+    return sum(1 for e in events
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
 
 
 def _peers(name: str, model, mapping):
@@ -971,6 +982,8 @@ def run(out: str | Path | None = "docs/performance.md", steps: int = 30, sets=No
     if DEVICE.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"psiopt bench --device {device}: CUDA is not available here")
+        if DEVICE.index is None:  # (set_device takes no device without an index)
+            DEVICE = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(DEVICE)
     if threads is not None:
         torch.set_num_threads(threads)
