@@ -301,3 +301,56 @@ def test_equilibrium_refuses_rules_without_a_formula_and_no_weight_decay():
     with pytest.raises(ValueError, match="weight_decay"):
         policy.step()
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), saved))
+
+
+@pytest.mark.parametrize("policy, project", [("fixed", False), ("unit", True), ("equilibrium", True)])
+def test_a_compiled_policy_step_equals_the_eager_one(policy, project):
+    """``torch.compile(policy.step)`` on a model whose groups include views of whole tensors
+    (the first conv of conv-ReLU-conv-BN is grouped "tensor"): it resumes after torch.optim's
+    graph break with the rows it made (views of ``p.detach()``; views of ``p`` made under
+    no_grad and written after stopped dynamo: "A view was created in no_grad mode") and steps as
+    the eager policy."""
+    model, x = zoo.build("conv-ReLU-conv-BN")
+    model, x = model.float(), x.float()
+    out = model(x)
+    y = torch.randint(0, out.shape[-1], out.shape[:-1], generator=torch.Generator().manual_seed(0))
+    results = []
+    for compiled in (False, True):
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(psiopt.optimizer_groups(m, x, weight_decay=1e-2,
+                                                        invariant_weight_decay=0.1), lr=3e-3)
+        wrapped = psiopt.NormPolicy(opt, policy, project=project, model=m, example_inputs=x)
+        assert any(g.get("grouping") == "tensor" for g in opt.param_groups)
+        torch._dynamo.reset()
+        step = torch.compile(wrapped.step, backend="eager") if compiled else wrapped.step
+        for _ in range(3):
+            opt.zero_grad()
+            o = m(x)
+            F.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1)).backward()
+            step()
+        results.append([p.detach().clone() for p in m.parameters()])
+    torch._dynamo.reset()
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_a_gradscaler_unscales_the_policy_once():
+    """With a GradScaler, ``scaler.unscale_(policy)`` then ``scaler.step(policy)``: the inner
+    step sees the gradients unscaled once (GradScaler keeps its record per optimizer object:
+    ``unscale_`` on the inner optimizer, then ``step(policy)``, divided them twice)."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4),
+                            torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    x = torch.randn(4, 3, 6, 6)
+    plain = copy.deepcopy(m)
+    plain(x).square().mean().backward()
+    opt = torch.optim.SGD(psiopt.optimizer_groups(m, x), lr=0.1)
+    policy = psiopt.NormPolicy(opt, "free", model=m, example_inputs=x)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(m(x).square().mean()).backward()
+    scaler.unscale_(policy)
+    seen = []
+    step = opt.step
+    opt.step = lambda *a, **k: seen.append(m[3].weight.grad.clone()) or step(*a, **k)
+    scaler.step(policy)
+    torch.testing.assert_close(seen[0], plain[3].weight.grad, rtol=1e-5, atol=1e-7)

@@ -123,7 +123,7 @@ class NormStats:
             return
         s = factors.reshape(-1).to(mean.dtype)
         if self.index is not None:
-            s = torch.cat([s, s.new_ones(1)])[self.index.to(s.device)]
+            s = torch.cat([s, s.new_ones(1)])[self.index.to(s.device, non_blocking=True)]
         if s.numel() not in (1, mean.numel()):  # e.g. the rows of one FSDP2 shard
             raise ValueError(
                 f"{type(self.norm).__name__}: its running statistics cover {mean.numel()} channels "

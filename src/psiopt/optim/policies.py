@@ -264,15 +264,17 @@ class NormPolicy:
     ``model`` and ``example_inputs`` (both or neither): the running statistics each invariant
     parameter feeds (by its ``param_names``) are found by discovery, so that they follow the
     one-time unit-normalisation; without them none follow (``"unit"`` then warns once, as
-    psiopt's sphere methods do).  It is not a ``torch.optim.Optimizer``: attach schedulers (and
-    GradScaler's ``unscale_``) to the inner optimizer, and step this one (``scaler.step(policy)``
-    works: a skipped step skips the policy too).  ``state_dict`` holds the inner optimizer's
-    and which parameters ``"unit"`` has prepared (by group and position: build the groups of a
-    resumed run as they were).  Weight decay of the inner optimizer on invariant groups is
-    undone by ``"fixed"``, ``"unit"`` and ``"equilibrium"`` (but for its effect on the step's
-    direction); ``"equilibrium"`` needs it (``λ > 0``) to set the angle, and refuses, when built
-    and at each step, an inner rule :func:`equilibrium_angle` has no formula for (it keeps a
-    copy of the invariant parameters during the step).
+    psiopt's sphere methods do).  It is not a ``torch.optim.Optimizer``: attach schedulers to
+    the inner optimizer, and step this one.  With a GradScaler, give it this one for both calls,
+    ``scaler.unscale_(policy)`` (e.g. before clipping) and ``scaler.step(policy)`` (a skipped
+    step skips the policy too): GradScaler keeps its record per optimizer object, and
+    ``unscale_`` on the inner optimizer then ``step(policy)`` unscaled the gradients twice.
+    ``state_dict`` holds the inner optimizer's and which parameters ``"unit"`` has prepared (by
+    group and position: build the groups of a resumed run as they were).  Weight decay of the
+    inner optimizer on invariant groups is undone by ``"fixed"``, ``"unit"`` and ``"equilibrium"``
+    (but for its effect on the step's direction); ``"equilibrium"`` needs it (``λ > 0``) to set
+    the angle, and refuses, when built and at each step, an inner rule :func:`equilibrium_angle`
+    has no formula for (it keeps a copy of the invariant parameters during the step).
     :meth:`equilibrium_angles` gives the predicted angle of every group (for any policy: with
     ``"free"`` it is the value the inner rule's angular update should approach).
     """
@@ -376,8 +378,12 @@ class NormPolicy:
 
     @staticmethod
     def _view(t: torch.Tensor, grouping: str, shard) -> torch.Tensor:
-        """The grouped rows of ``t`` (a parameter or its gradient; the local shard's, sharded)."""
-        return rows(t, grouping) if shard is None else shard.view(t.to_local())
+        """The grouped rows of ``t`` (a parameter or its gradient; the local shard's, sharded), a
+        view of ``t.detach()``: written in place, it writes ``t`` (and bumps its version); a view
+        of ``t`` itself, made under no_grad and written after, stopped ``torch.compile`` of
+        :meth:`step` where it resumes after torch.optim's graph break ("A view was created in
+        no_grad mode ...": "tensor" groupings, parts, "groups:k")."""
+        return rows(t.detach(), grouping) if shard is None else shard.view(t.to_local())
 
     @torch.no_grad()
     def step(self, closure=None):
