@@ -6,6 +6,8 @@ steps are captured in CUDA graphs.  Skipped here (no GPU); the meta-device detec
 ``tests/test_optimizer_matrix.py`` checks the no-synchronisation property on any machine, and
 ``tests/test_triton.py`` the kernels under Triton's interpreter."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -306,3 +308,43 @@ def test_a_loaded_state_keeps_step_counters_on_the_cpu_and_steps_without_sync(na
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     step_without_sync(again)
+
+
+@pytest.mark.parametrize("model_name", ["conv-ReLU-conv-BN", "QK-norm (LayerNorm), fused qkv, no bias",
+                                        "RMSNorm MLP"])
+@pytest.mark.parametrize("policy, project, inner", [("fixed", True, "adamw"), ("unit", False, "sgd"),
+                                                    ("equilibrium", True, "adamw")])
+def test_norm_policies_take_the_triton_kernels_on_cuda_and_step_as_torch(model_name, policy,
+                                                                        project, inner, on_triton,
+                                                                        monkeypatch):
+    """The norm policies around torch's AdamW/SGD on CUDA: the Triton kernels of their rules
+    ("project", "retract", "rotate") on channels, whole tensors and a part (QK-norm's fused
+    qkv), rows longer than a block split (``MAX_BLOCK`` 16), no host synchronisation after the
+    first step (which prepares "unit"'s rows), and the steps of ``fused=False`` (torch) to
+    rounding."""
+    from psiopt.experiments import zoo
+    from psiopt.optim import triton_rows
+    from test_triton import SPLIT
+
+    monkeypatch.setattr(triton_rows, "MAX_BLOCK", SPLIT)
+    model, x = zoo.build(model_name)
+    model, x = model.float().cuda(), x.float().cuda()  # (the three take float inputs)
+    results = []
+    for fused in (None, False):
+        on_triton.clear()
+        torch.manual_seed(0)
+        m = copy.deepcopy(model)
+        groups = psiopt.optimizer_groups(m, x, weight_decay=1e-2, invariant_weight_decay=0.1)
+        opt = (torch.optim.AdamW(groups, lr=3e-3) if inner == "adamw"
+               else torch.optim.SGD(groups, lr=0.05, momentum=0.9))
+        wrapped = psiopt.NormPolicy(opt, policy, project=project, model=m, example_inputs=x,
+                                    fused=fused)
+        for i in range(3):
+            opt.zero_grad()
+            m(x).float().square().mean().backward()
+            wrapped.step() if i == 0 else step_without_sync(wrapped)
+        assert bool(on_triton) == (fused is None), on_triton
+        assert all(p.is_cuda for p in m.parameters())
+        results.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
