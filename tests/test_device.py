@@ -334,3 +334,16 @@ def test_two_processes_on_two_gpus_over_nccl(tmp_path):
     one, two = (read_metrics(tmp_path / d) for d in ("one", "two"))
     for a, b in zip(one, two):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+def test_where_the_data_is_held_is_decided_for_every_rank_together():
+    """``hold_on`` takes the decision it is given (``fits``: in a multi-process run, every
+    rank's, one collective in ``build``): ranks whose data lived on different devices would
+    draw other batches (each device's generator).  Here the meta device stands for a GPU."""
+    from psiopt.experiments import data as data_module
+
+    data = load_dataset("synthetic", None, 64, seed=0)
+    assert hold_on(data, "meta", fits=True).device.type == "meta"
+    assert hold_on(data, "meta", fits=False) is data
+    assert data_module.fits_on(data, "meta")  # (only a CUDA device's free memory is asked)
+    assert train_module._fits_everywhere(data, torch.device("cpu"))  # one process: its own

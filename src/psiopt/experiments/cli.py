@@ -287,10 +287,15 @@ def cmd_train(args) -> None:
         if backend == "nccl":  # before the group: NCCL's communicator is made on this GPU
             torch.cuda.set_device(run_device(config))
         dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
+        together = False  # (an error of one rank: no barrier, see close_process_group)
         try:
             metrics = train(config, out, **kwargs)
+            together = True
+        except (RunError, DataError):  # the same on every rank
+            together = True
+            raise
         finally:
-            close_process_group()
+            close_process_group(together)
         if int(os.environ["RANK"]):
             return
     elif config.nproc > 1:

@@ -67,15 +67,24 @@ class Dataset:
 DEVICE_DATA_FRACTION = 0.25
 
 
-def hold_on(data: Dataset, device: torch.device | str) -> Dataset:
+def fits_on(data: Dataset, device: torch.device | str) -> bool:
+    """Whether ``data`` takes at most :data:`DEVICE_DATA_FRACTION` of ``device``'s free memory
+    (a CUDA device's; any other device: yes)."""
+    device = torch.device(device)
+    return device.type != "cuda" or \
+        data.nbytes <= DEVICE_DATA_FRACTION * torch.cuda.mem_get_info(device)[0]
+
+
+def hold_on(data: Dataset, device: torch.device | str, fits: bool | None = None) -> Dataset:
     """``data`` moved to ``device`` (one transfer; its batches are then drawn and augmented
-    there) when it takes at most :data:`DEVICE_DATA_FRACTION` of the device's free memory; else
+    there) when it fits there (``fits``, default :func:`fits_on`: the processes of one run
+    decide together, as their batches are drawn by the generator of the data's device); else
     ``data`` itself, held on the host (each batch is then copied to the device).  On the CPU,
     ``data`` itself."""
     device = torch.device(device)
     if device.type == "cpu" or data.device == device:
         return data
-    if device.type == "cuda" and data.nbytes > DEVICE_DATA_FRACTION * torch.cuda.mem_get_info(device)[0]:
+    if not (fits_on(data, device) if fits is None else fits):
         return data
     return dataclasses.replace(data, **{k: getattr(data, k).to(device)
                                         for k in ("train_x", "train_y", "test_x", "test_y")})

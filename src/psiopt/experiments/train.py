@@ -79,7 +79,7 @@ from ..optim.geometry import CANCELLED, is_invariant, rows, split_part
 from ..optim.registry import create_optimizer, settings
 from ..parallel import convert_sync_batchnorm
 from . import wrapped
-from .data import DataError, batches, hold_on, load_dataset
+from .data import DataError, batches, fits_on, hold_on, load_dataset
 from .models import create_model, glorot_
 
 INITS = ("default", "glorot", "unbalanced")
@@ -357,6 +357,20 @@ def _all_reduced(*values: torch.Tensor) -> list[torch.Tensor]:
     return list(total)
 
 
+def _fits_everywhere(data, device: torch.device) -> bool:
+    """Whether ``data`` fits on ``device`` (:func:`~psiopt.experiments.data.fits_on`) on every
+    rank of a multi-process run: decided together (one collective), since ranks whose data
+    lived on different devices would draw their batches with different generators (other
+    batches: samples skipped or repeated, silently), e.g. GPUs with different free memory."""
+    fits = fits_on(data, device)
+    if device.type == "cpu" or not (dist.is_available() and dist.is_initialized()) \
+            or dist.get_world_size() == 1:
+        return fits
+    flag = torch.full((), float(fits), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _on_rank0(fn, world: int):
     """``fn()`` run on rank 0 and its result, or its exception, broadcast to every rank."""
     if world == 1:
@@ -458,7 +472,7 @@ def build(config: RunConfig, device: torch.device | None = None):
     except ValueError as e:  # e.g. a validation split larger than the training set
         raise RunError(str(e)) from None
     example = data.train_x[:16]  # on the CPU, as the model until it is prepared
-    data = hold_on(data, device)
+    data = hold_on(data, device, _fits_everywhere(data, device))
     fixed = sorted(set(config.model_kwargs) & set(DATA_FIXED))
     if fixed:
         raise RunError(f"model option(s) {fixed} are set by the dataset ({config.dataset}: "
@@ -893,13 +907,16 @@ def train_spawned(config: RunConfig, out_dir: str | Path, resume: bool = False,
     return read_metrics(out_dir)
 
 
-def close_process_group() -> None:
+def close_process_group(together: bool = True) -> None:
     """Destroy the default process group once every rank is here and the DDP modules are freed.
     A gloo group whose last reference goes with a DDP reducer freed afterwards (a reference cycle
     collected later) is destroyed with the GIL held while its worker thread waits for the GIL: a
-    deadlock, seen in the tests on a loaded machine."""
+    deadlock, seen in the tests on a loaded machine.  ``together=False`` (a rank leaving on an
+    error the others may not share): no barrier, which the others, in a collective of the run
+    or not there at all, would never meet (NCCL would pair it with another collective)."""
     gc.collect()
-    dist.barrier()
+    if together:
+        dist.barrier()
     dist.destroy_process_group()
 
 
@@ -911,13 +928,16 @@ def _spawned(rank: int, config: RunConfig, out: str, resume: bool, progress,
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=config.nproc,
                             timeout=PROCESS_GROUP_TIMEOUT)
+    together = False
     try:
         train(config, out, resume, progress, checkpoint_seconds=checkpoint_seconds)
+        together = True
     except (RunError, DataError) as e:  # the same on every rank: said once, by the parent
+        together = True
         errors.put(str(e))
         sys.exit(2)
     finally:
-        close_process_group()
+        close_process_group(together)
 
 
 def _recomputed_bn(model: nn.Module, data, regression: bool, split: str = "test",
