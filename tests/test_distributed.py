@@ -400,3 +400,41 @@ def test_two_ranks_equal_one_process_for_every_optimizer(spawned, mode):
     errors = {name: (r["error"], r["worst"]) for name, r in results.items()}
     print(json.dumps(errors, indent=1), file=sys.stderr)
     assert all(e < 1e-6 for e, _ in errors.values()), errors
+
+
+def _bad_shard_worker(rank, world, port, out):
+    """bn_net under FSDP2 (float64) with one row of "0.weight" (grouping "channel", whole rows on
+    each rank) scaled by 1e200 on rank 1's shard only (its squared norm overflows): building
+    PSI-SGD, which needs ‖w‖², raises on every rank (each rank's count summed over the mesh)."""
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    xs, _ = data()
+    model = bn_net()
+    mapping = psiopt.find_scale_invariant(model, xs[0])
+    for i in (0, 4):
+        fully_shard(model[i])
+    fully_shard(model)
+    if rank == 1:
+        with torch.no_grad():
+            model[0].weight.to_local()[0].mul_(1e200)
+    try:
+        psiopt.create_optimizer(model, "psi-sgd", mapping=mapping)
+        said = None
+    except ValueError as e:
+        said = str(e)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"mapping": mapping.get("0.weight"), "said": said}, f)
+    close_process_group()
+
+
+def test_a_bad_row_in_one_ranks_shard_is_refused_on_every_rank(tmp_path):
+    out = tmp_path / "bad"
+    mp.spawn(_bad_shard_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    results = [json.loads((tmp_path / f"bad.{r}").read_text()) for r in (0, 1)]
+    assert all(r["mapping"] == "channel" for r in results), results
+    assert all(r["said"] and "1 group(s) (channel) have squared norms outside" in r["said"]
+               for r in results), results
+    assert "another rank's rows" in results[0]["said"] and "largest entries" in results[1]["said"]

@@ -25,6 +25,7 @@ import numbers
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.adam import adam as _torch_adam
@@ -120,27 +121,47 @@ def check_row_scale(p: Tensor, grouping: str, name: str) -> None:
     """Raise ``ValueError`` when a nonzero group of ``p`` has a squared norm outside the normal
     range of its dtype (overflow to inf, or below the smallest normal number): every rule that
     reads row norms needs ``‖w‖²`` (rows ×1e30 or ×1e-30 in float32 were set to 0 or NaN).
-    Reads the values once (a host synchronisation: at construction, never in ``step``)."""
+    Reads the values once (a host synchronisation: at construction, never in ``step``).
+    Sharded (FSDP2), each rank checks its own rows and the counts are summed over the mesh
+    (one collective), so that every rank raises alike (a rank left alone would wait for the
+    others in FSDP's next collective: until the timeout under NCCL)."""
     shard = ShardedRows(p, grouping) if is_sharded(p) else None
     if shard is not None and shard.index is not None:
         return  # groups spanning shards: not checked (their norms need a collective)
     local = p.to_local() if is_sharded(p) else p
-    if local.is_meta or local.numel() == 0:  # nothing to read (a model built on meta, an empty shard)
+    if local.is_meta:  # nothing to read (a model built on meta: on every rank alike)
         return
+    count, peaks = _bad_rows(local, grouping, shard)
+    if shard is not None:
+        total = torch.full((), float(count), device=local.device)
+        dist.all_reduce(total, group=shard.mesh.get_group())
+        count = int(total.item())
+    if count:
+        where = "another rank's rows" if peaks is None else \
+            f"largest entries {peaks[0]:.3g}…{peaks[1]:.3g}"
+        raise ValueError(
+            f"{name}: {count} group(s) ({grouping}) have squared norms outside the range "
+            f"of {str(p.dtype).removeprefix('torch.')} ({where}); the rule needs ‖w‖²: rescale "
+            "those rows (the network does not change) or train in float64")
+
+
+def _bad_rows(local: Tensor, grouping: str, shard) -> tuple[int, tuple[float, float] | None]:
+    """How many nonzero, finite groups of ``local`` (a tensor, or a rank's shard) have a squared
+    norm outside their dtype's normal range, and the least and largest of their largest
+    entries (``None`` where none)."""
+    if local.numel() == 0:  # an empty shard
+        return 0, None
     v = rows(local.detach(), grouping) if shard is None else shard.view(local.detach())
     if v.numel() == 0:  # no row of the part on this rank
-        return
+        return 0, None
     v = v.reshape(v.shape[0], -1)
     sq = v.square().sum(1)
     bad = (v != 0).any(1) & torch.isfinite(v).all(1) & \
         ~(torch.isfinite(sq) & (sq >= torch.finfo(v.dtype).tiny))
-    if bool(bad.any()):
-        peak = v[bad].abs().amax(1)
-        raise ValueError(
-            f"{name}: {int(bad.sum())} group(s) ({grouping}) have squared norms outside the range "
-            f"of {str(v.dtype).removeprefix('torch.')} (largest entries {float(peak.min()):.3g}…"
-            f"{float(peak.max()):.3g}); the rule needs ‖w‖²: rescale those rows (the network "
-            "does not change) or train in float64")
+    if not bool(bad.any()):
+        return 0, None
+    peak = v[bad].abs().amax(1)
+    return int(bad.sum()), (float(peak.min()), float(peak.max()))
 
 
 #: settings that may be left unset (``None``): PSI-SGD's overflow guard, whose defaults apply only
