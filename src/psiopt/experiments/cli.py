@@ -273,29 +273,10 @@ def cmd_train(args) -> None:
     kwargs = {"resume": args.resume, "progress": False if args.no_progress else None,
               "checkpoint_seconds": args.checkpoint_seconds}
     if world is not None and world > 1:
-        import torch
-        import torch.distributed as dist
+        from .train import process_group, run_device
 
-        from .train import (
-            PROCESS_GROUP_TIMEOUT,
-            close_process_group,
-            process_group_backend,
-            run_device,
-        )
-
-        backend = process_group_backend(config)
-        if backend == "nccl":  # before the group: NCCL's communicator is made on this GPU
-            torch.cuda.set_device(run_device(config))
-        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
-        together = False  # (an error of one rank: no barrier, see close_process_group)
-        try:
+        with process_group(config, run_device(config)):  # (torchrun: ranks from its variables)
             metrics = train(config, out, **kwargs)
-            together = True
-        except (RunError, DataError):  # the same on every rank
-            together = True
-            raise
-        finally:
-            close_process_group(together)
         if int(os.environ["RANK"]):
             return
     elif config.nproc > 1:

@@ -920,24 +920,37 @@ def close_process_group(together: bool = True) -> None:
     dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def process_group(config: RunConfig, device, **init):
+    """The default process group of a multi-process run, for the ``with`` block: made with
+    :func:`process_group_backend` (under NCCL on ``device``, the rank's GPU, set first: NCCL's
+    communicator is made there), ``init`` passed to ``init_process_group``; closed after
+    (:func:`close_process_group`), with its barrier where the block ends or raises an error every
+    rank meets alike (:class:`RunError`, :class:`DataError`), without it on another error."""
+    backend = process_group_backend(config)
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT, **init)
+    together = False
+    try:
+        yield
+        together = True
+    except (RunError, DataError):
+        together = True
+        raise
+    finally:
+        close_process_group(together)
+
+
 def _spawned(rank: int, config: RunConfig, out: str, resume: bool, progress,
              checkpoint_seconds: float, port: int, errors) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
-    backend = process_group_backend(config)
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=config.nproc,
-                            timeout=PROCESS_GROUP_TIMEOUT)
-    together = False
     try:
-        train(config, out, resume, progress, checkpoint_seconds=checkpoint_seconds)
-        together = True
+        with process_group(config, rank, rank=rank, world_size=config.nproc):
+            train(config, out, resume, progress, checkpoint_seconds=checkpoint_seconds)
     except (RunError, DataError) as e:  # the same on every rank: said once, by the parent
-        together = True
         errors.put(str(e))
         sys.exit(2)
-    finally:
-        close_process_group(together)
 
 
 def _recomputed_bn(model: nn.Module, data, regression: bool, split: str = "test",

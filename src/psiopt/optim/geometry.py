@@ -338,15 +338,15 @@ class RowLayout:
         local-buffer check does not expect)."""
         if dtype not in (None, self.dtype) and any(xs is not ys for xs, ys in pairs):
             raise ValueError("RowLayout.sums: another dtype is for squared norms only")
+        sqnorm = functools.partial(self._sqnorm, dtype=dtype)
         if torch.compiler.is_compiling():  # straight from the reductions (see _reduce)
-            flats = [self._reduce(functools.partial(self._sqnorm, dtype=dtype), xs) if xs is ys
-                     and dtype is not None else self._reduce(self._dot, xs, ys)
-                     for xs, ys in pairs]
+            flats = [self._reduce(sqnorm, xs) if xs is ys and dtype is not None
+                     else self._reduce(self._dot, xs, ys) for xs, ys in pairs]
             return torch.stack(flats) if apart else flats
         flat = torch.empty(len(pairs), sum(self.sizes), dtype=dtype or self.dtype, device=self.device)
         for (xs, ys), out in zip(pairs, flat):
             if xs is ys:
-                self._reduce(functools.partial(self._sqnorm, dtype=dtype), xs, out=out)
+                self._reduce(sqnorm, xs, out=out)
             else:
                 self._reduce(self._dot, xs, ys, out=out)
         return flat
