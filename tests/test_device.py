@@ -347,3 +347,30 @@ def test_where_the_data_is_held_is_decided_for_every_rank_together():
     assert hold_on(data, "meta", fits=False) is data
     assert data_module.fits_on(data, "meta")  # (only a CUDA device's free memory is asked)
     assert train_module._fits_everywhere(data, torch.device("cpu"))  # one process: its own
+
+
+def test_a_resumed_run_holds_its_data_where_its_first_session_did(tmp_path, monkeypatch):
+    """Continued from a checkpoint, the data is held where ``config.json`` says the first
+    session held it (another device draws other batches), not where it would fit now; a new
+    run asks :func:`_fits_everywhere`.  Here ``hold_on`` is watched: on the CPU it moves
+    nothing, and the GPU's free memory is played by ``_fits_everywhere``."""
+    asked = []
+
+    def watched(data, device, fits=None):
+        asked.append(fits)
+        return data
+
+    monkeypatch.setattr(train_module, "hold_on", watched)
+    monkeypatch.setattr(train_module, "_fits_everywhere", lambda data, device: True)
+    config = RunConfig(dataset="synthetic", subset=128, epochs=1)
+    train(config, tmp_path, log=lambda *_: None)
+    assert asked == [True]  # a new run: as it fits now
+    assert json.loads((tmp_path / "config.json").read_text())["data_device"] == "cpu"
+    train(dataclasses.replace(config, epochs=2), tmp_path, resume=True, log=lambda *_: None)
+    assert asked == [True, False]  # resumed: on the host, as the record says
+    record = json.loads((tmp_path / "config.json").read_text())
+    record["data_device"] = "cuda:1"  # as if the first session had held it on a GPU
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    monkeypatch.setattr(train_module, "_fits_everywhere", lambda data, device: False)
+    train(dataclasses.replace(config, epochs=3), tmp_path, resume=True, log=lambda *_: None)
+    assert asked[-1] is True

@@ -23,7 +23,9 @@ same global batch.  BatchNorm normalises each rank's part of the batch unless ``
 
 ``device`` (``cpu``, ``cuda``, ``cuda:N``) is where the model, the optimizer's state and, when it
 fits (:func:`~psiopt.experiments.data.hold_on`), the dataset live: batches are then drawn and
-augmented there by a generator of that device (on the CPU exactly as before the option existed).
+augmented there by a generator of that device (on the CPU exactly as before the option existed);
+a resumed run holds it where the session that started it did (``data_device``), whatever the
+device's free memory is then.
 With ``nproc`` > 1 on CUDA, rank ``r`` uses ``cuda:r`` (``LOCAL_RANK`` under torchrun) and the
 processes talk over NCCL (gloo on the CPU).  ``amp="bf16"`` runs the forward passes and the loss
 under ``torch.autocast`` with bfloat16; parameters, gradients and the optimizer stay float32.  A
@@ -371,6 +373,17 @@ def _fits_everywhere(data, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def _held_as_recorded(recorded: dict | None, ckpt: dict | None) -> bool | None:
+    """Whether a run continued from a checkpoint holds its dataset on its device: as the
+    session that started it did (``data_device`` in its ``config.json``), since data held
+    elsewhere is drawn by another generator (other batches after the resume, silently: not the
+    run that was started), whatever the device's free memory is now; ``None`` for a new run
+    (decided by :func:`_fits_everywhere`)."""
+    if recorded is None or ckpt is None or "data_device" not in recorded:
+        return None
+    return recorded["data_device"] != "cpu"
+
+
 def _on_rank0(fn, world: int):
     """``fn()`` run on rank 0 and its result, or its exception, broadcast to every rank."""
     if world == 1:
@@ -457,12 +470,13 @@ def _write_metrics(path: Path, metrics: list[dict]) -> None:
     _atomic_write(path, "".join(json.dumps(m) + "\n" for m in metrics))
 
 
-def build(config: RunConfig, device: torch.device | None = None):
+def build(config: RunConfig, device: torch.device | None = None, held: bool | None = None):
     """Dataset, model, optimizer and scheduler for ``config`` (seeded), on ``device`` (default:
     :func:`run_device`).  The model is built and prepared (``init``, ``exact_norms``, ``sync_bn``)
     on the CPU, so that it starts from the same weights on every device, and moved there before
     the optimizer is made (which links the device's BatchNorm buffers); the dataset is held there
-    when it fits (:func:`~psiopt.experiments.data.hold_on`)."""
+    when it fits (:func:`~psiopt.experiments.data.hold_on`), or as ``held`` says (a resumed run:
+    where the session that started it held it, see :func:`_held_as_recorded`)."""
     config.validate()
     device = run_device(config) if device is None else torch.device(device)
     torch.manual_seed(config.seed)
@@ -472,7 +486,7 @@ def build(config: RunConfig, device: torch.device | None = None):
     except ValueError as e:  # e.g. a validation split larger than the training set
         raise RunError(str(e)) from None
     example = data.train_x[:16]  # on the CPU, as the model until it is prepared
-    data = hold_on(data, device, _fits_everywhere(data, device))
+    data = hold_on(data, device, _fits_everywhere(data, device) if held is None else held)
     fixed = sorted(set(config.model_kwargs) & set(DATA_FIXED))
     if fixed:
         raise RunError(f"model option(s) {fixed} are set by the dataset ({config.dataset}: "
@@ -751,10 +765,13 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False,
         log(f"{out}: no checkpoint.pt, so the run starts over from epoch 0 (it is seeded: any "
             "records it has are redone)")
     torch.set_num_threads(config.threads)
-    data, model, optimizer, scheduler = build(config, device)
+    held = _held_as_recorded(recorded, ckpt)
+    data, model, optimizer, scheduler = build(config, device, held)
     if data.device != device:
-        log(f"psiopt: {config.dataset} ({data.nbytes / 2**20:.0f} MiB) does not fit in a "
-            f"quarter of {device}'s free memory: it stays on the host and each batch is copied")
+        why = ("the session that started the run held it there" if held is not None else
+               f"it does not fit in a quarter of {device}'s free memory")
+        log(f"psiopt: {config.dataset} ({data.nbytes / 2**20:.0f} MiB) stays on the host, as "
+            f"{why}, and each batch is copied")
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(
