@@ -337,7 +337,9 @@ def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
     for name, rule in rowrules.RULES.items():
         flags = dict(HAS_B=True, HAS_S1=True, HAS_S2=True, OPT=True,
                      T=triton_rows._triton_dtype(dtype), S1T=wide, S2T=wide, ACC=wide)
-        writes = dict(WRITES_S1=rule.writes_s1, WRITES_S2=rule.writes_s2)
+        writes_w, writes_b = rowrules.stores(name, True, True)
+        writes = dict(WRITES_W=writes_w, WRITES_B=writes_b, WRITES_S1=rule.writes_s1,
+                      WRITES_S2=rule.writes_s2)
         nsum = triton_rows._nsum(name, True, True)
         forms = {"rows": (tables, dict(BLOCK=block, **writes, **flags)),
                  "rows at 256": (tables, dict(BLOCK=256, **writes, **flags)),
@@ -356,6 +358,51 @@ def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
             trig = (56 if dtype == torch.float64 and form in ("rows", "update") else 40) \
                 if name == "sphere" else 0
             assert stack <= trig, (name, form, registers, stack)
+
+
+def test_a_kernel_stores_only_what_its_step_changes(monkeypatch):
+    """``rowrules.stores``, from the rules' definitions: "project" does not write ``w``, "rotate"
+    and "retract" do not write the buffer they read, and a buffer that a hyperparameter may
+    change (``where(h[1] != 0, ...)``, decided on the device) is written.  In the compiled kernels
+    (sm_90 PTX, no GPU needed) those stores are gone: fewer ``st.global`` than with every store
+    kept, and as many where the step changes both."""
+    triton = pytest.importorskip("triton")
+    import re
+
+    import triton.language as tl
+
+    try:
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        pytest.skip("this triton has no GPUTarget")
+    monkeypatch.setitem(rowrules.RULES, "some_momentum", rowrules.RowRule(
+        _some_momentum_pre, _some_momentum_coef, _some_momentum_post))
+    assert rowrules.stores("some_momentum", True, False) == (True, True)
+    assert rowrules.stores("project", True, False) == (False, True)
+    assert rowrules.stores("rotate", True, False) == rowrules.stores("retract", True, False) \
+        == (True, False)
+    assert rowrules.stores("psi", True, False) == (True, True)
+    assert rowrules.stores("psi", False, False) == (True, False)  # (no buffer: none written)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tables = dict(PTR="*i64", ROW_T="*i64", ROW_I="*i64", COLS="*i64", K="*fp64", H="*fp64")
+
+    def st_global(name, writes_w, writes_b):
+        rule = rowrules.RULES[name]
+        constants = dict(BLOCK=256, HAS_B=True, HAS_S1=True, HAS_S2=True, OPT=False,
+                         T=tl.float32, S1T=tl.float32, S2T=tl.float32, ACC=tl.float32,
+                         WRITES_W=writes_w, WRITES_B=writes_b, WRITES_S1=rule.writes_s1,
+                         WRITES_S2=rule.writes_s2)
+        signature = dict(tables, NT="i32", **{k: "constexpr" for k in constants})
+        source = triton.compiler.ASTSource(triton_rows._kernel(name, torch.float32, "rows"),
+                                           signature, constants)
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                             options=triton_rows.launch_options(256)).asm["ptx"]
+        return len(re.findall(r"\bst\.global", ptx))
+
+    for name in ("project", "rotate", "retract", "psi"):
+        derived = st_global(name, *rowrules.stores(name, True, False))
+        every = st_global(name, True, True)
+        assert (derived < every) == (rowrules.stores(name, True, False) != (True, True)), name
 
 
 class _Sm90:

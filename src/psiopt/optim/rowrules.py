@@ -34,6 +34,7 @@ Triton kernels from its three functions.
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 from dataclasses import dataclass
@@ -343,6 +344,31 @@ RULES = {
     "retract": RowRule(retract_pre, retract_coef, retract_post),
     "rotate": RowRule(rotate_pre, rotate_coef, rotate_post),
 }
+
+
+@functools.cache
+def stores(kernel: str, has_b: bool, opt: bool) -> tuple[bool, bool]:
+    """Whether rule ``kernel``'s step changes the row ``w`` and the buffer ``b`` (given: ``has_b``),
+    so that a kernel writes only what changes (a store fewer per entry): "project" writes ``b``,
+    the tangent gradient, and not ``w``; "rotate" and "retract" leave the buffer they read.  Its
+    functions run once with torch, a tensor they hand back as they got it being one the step
+    leaves alone; a choice by hyperparameters (``where`` on a Python condition) counts as a
+    change unless both of its values are the tensor itself, so the answer holds for any
+    hyperparameters."""
+    rule = RULES[kernel]
+
+    def either(cond, a, b):
+        if isinstance(cond, bool):
+            return a if a is b else torch.zeros(1, dtype=torch.float64)  # (a new tensor)
+        return where(cond, a, b)
+
+    scope = dict(globals(), where=either)
+    pre, post = rebind(rule.pre, scope), rebind(rule.post, scope)
+    w, g, b = (torch.zeros(1, dtype=torch.float64) for _ in range(3))
+    h, k = [0.0] * 6, [0.0] * 2
+    nb, _ = pre(w, g, b, h, k, has_b, opt)
+    nw, nb2 = post(w, g, nb, [0.0] * 8, h, has_b, opt)
+    return nw is not w, has_b and not (nb is b and nb2 is b)
 
 
 def evaluate(kernel: str, ws, gs, *, b=None, s1=None, s2=None, k=None, h=()) -> None:

@@ -164,9 +164,9 @@ def _load_state(s1_ptr, s2_ptr, HAS_S1: tl.constexpr, HAS_S2: tl.constexpr):
 
 def _row_kernel(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr,
                 HAS_B: tl.constexpr, HAS_S1: tl.constexpr, HAS_S2: tl.constexpr,
-                WRITES_S1: tl.constexpr, WRITES_S2: tl.constexpr, OPT: tl.constexpr,
-                NT, T: tl.constexpr, S1T: tl.constexpr, S2T: tl.constexpr,
-                ACC: tl.constexpr):
+                WRITES_W: tl.constexpr, WRITES_B: tl.constexpr, WRITES_S1: tl.constexpr,
+                WRITES_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
+                S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr):
     """One program per row of at most ``BLOCK`` entries, held in registers: one read, one write."""
     t, i, d, w_ptr, g_ptr, b_ptr = _row_at(PTR, ROW_T, ROW_I, COLS, tl.program_id(0), NT, HAS_B, T)
     h, hc, k, kc = _hyper(K, H, t, ACC)
@@ -177,8 +177,9 @@ def _row_kernel(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr,
     b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
     c, n1, n2 = COEF(_sum_all(terms), st1, st2, k, h, d, HAS_S1, HAS_S2, OPT)
     w, b = POST(w, g, b, _cast_all(c, ACC), hc, HAS_B, OPT)
-    tl.store(w_ptr + o, w.to(T), mask=mask)
-    if HAS_B:
+    if WRITES_W:
+        tl.store(w_ptr + o, w.to(T), mask=mask)
+    if WRITES_B:
         tl.store(b_ptr + o, b.to(T), mask=mask)
     if WRITES_S1:
         tl.store(s1_ptr, n1.to(S1T))
@@ -242,7 +243,8 @@ def _reduce_kernel(SCR, FIRST, COUNT, NSUM: tl.constexpr, PARTS: tl.constexpr):
 
 def _update_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
                    NSUM: tl.constexpr, HAS_B: tl.constexpr,
-                   HAS_S1: tl.constexpr, HAS_S2: tl.constexpr, WRITES_S1: tl.constexpr,
+                   HAS_S1: tl.constexpr, HAS_S2: tl.constexpr, WRITES_W: tl.constexpr,
+                   WRITES_B: tl.constexpr, WRITES_S1: tl.constexpr,
                    WRITES_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
                    S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr):
     """A long row's last launch, one program per chunk: the row's sums and its state before the
@@ -266,8 +268,9 @@ def _update_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
     w, g, b, mask = _load_row(w_ptr, g_ptr, b_ptr, start, o, d, HAS_B, ACC)
     b, terms = PRE(w, g, b, hc, kc, HAS_B, OPT)
     w, b = POST(w, g, b, _cast_all(c, ACC), hc, HAS_B, OPT)
-    tl.store(w_ptr + start + o, w.to(T), mask=mask)
-    if HAS_B:
+    if WRITES_W:
+        tl.store(w_ptr + start + o, w.to(T), mask=mask)
+    if WRITES_B:
         tl.store(b_ptr + start + o, b.to(T), mask=mask)
     if j == 0:
         if WRITES_S1:
@@ -429,7 +432,9 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
                  T=_triton_dtype(dtype), S1T=_triton_dtype(s1[0].dtype if s1 else dtype),
                  S2T=_triton_dtype(s2[0].dtype if s2 else dtype),
                  ACC=_triton_dtype(torch.float64 if dtype == torch.float64 else torch.float32))
-    writes = dict(WRITES_S1=bool(s1) and rule.writes_s1, WRITES_S2=bool(s2) and rule.writes_s2)
+    writes_w, writes_b = rowrules.stores(kernel, bool(b), bool(opt))
+    writes = dict(WRITES_W=writes_w, WRITES_B=writes_b, WRITES_S1=bool(s1) and rule.writes_s1,
+                  WRITES_S2=bool(s2) and rule.writes_s2)
     # (on the parameters' GPU: Triton launches on the current device's current stream)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         if nshort:  # one program per row, the row in registers
