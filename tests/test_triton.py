@@ -56,11 +56,35 @@ def test_every_rule_with_a_fused_kernel_is_covered():
     assert sorted({n for n, _ in CASES}) == covered()
 
 
+#: the alignment hints (``tl.multiple_of``) the interpreted kernels gave, each checked true
+HINTS: list = []
+
+
+def _checked_hints(monkeypatch) -> None:
+    """Triton's interpreter ignores ``tl.multiple_of`` (the compiler loads 16 bytes at a time on
+    its word, and a wrong one would fault only on a GPU): here each hint is checked against the
+    values it is said of (addresses, row lengths) and recorded in :data:`HINTS`."""
+    from triton.runtime import interpreter
+
+    real = interpreter.TensorHandle.set_attr
+
+    def checked(self, key, value):
+        if key == "tt.divisibility":
+            assert (self.data % value[0] == 0).all(), (self.data, value)
+            HINTS.append(value[0])
+        real(self, key, value)
+
+    HINTS.clear()
+    monkeypatch.setattr(interpreter.TensorHandle, "set_attr", checked)
+
+
 @pytest.fixture
 def interpreted(monkeypatch):
-    """The Triton kernels on CPU tensors, interpreted; counts their launches."""
+    """The Triton kernels on CPU tensors, interpreted; counts their launches; checks the
+    alignment hints the kernels give (:func:`_checked_hints`)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(kernels, "TRITON_ON_CPU", True)
+    _checked_hints(monkeypatch)
     calls = []
     launch = triton_rows._launch
 
@@ -314,12 +338,14 @@ def _registers(cubin: bytes) -> tuple[int, int]:
 def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
     """Triton's compiler (not its interpreter) on every rule's kernel, with the options the
     launches take (``launch_options``), to an sm_90 cubin: no GPU is needed to compile.  The
-    four kernels at the largest block (``MAX_BLOCK``), the one-program kernel at 256 entries
-    too: no spill, i.e. the stack holds at most the 40 bytes of libdevice's sin/cos argument
-    reduction (SGDG/AdamG's rule), and 16 bytes more for SGDG/AdamG's float64 rows of 4096
-    entries (sixteen warps leave a thread 128 registers, and that kernel spills two doubles).
-    With Triton's default four warps PSI-SGD's kernel took 255 registers and spilled 48 bytes
-    at 4096 entries."""
+    four kernels at the largest block (``MAX_BLOCK``), each with its two bodies (a row on
+    16-byte boundaries loaded 16 bytes at a time, ``VEC``; others 4), the one-program kernel at
+    256 entries with ``VEC`` 1 too: no spill, i.e. the stack holds at most the 40 bytes of
+    libdevice's sin/cos argument reduction (SGDG/AdamG's rule), but for two of SGDG/AdamG's
+    kernels with sixteen warps (128 registers a thread): float64 rows of 4096 entries, 96
+    bytes (56 with one body: two doubles spilled), and the bfloat16 chunks' update, 80 bytes
+    (ptxas gives it 64 registers).  With Triton's default four warps PSI-SGD's kernel took 255
+    registers and spilled 48 bytes at 4096 entries."""
     triton = pytest.importorskip("triton")
     import triton.language as tl
 
@@ -336,13 +362,14 @@ def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
     block = triton_rows.MAX_BLOCK
     for name, rule in rowrules.RULES.items():
         flags = dict(HAS_B=True, HAS_S1=True, HAS_S2=True, OPT=True,
-                     T=triton_rows._triton_dtype(dtype), S1T=wide, S2T=wide, ACC=wide)
+                     T=triton_rows._triton_dtype(dtype), S1T=wide, S2T=wide, ACC=wide,
+                     VEC=16 // dtype.itemsize)
         writes_w, writes_b = rowrules.stores(name, True, True)
         writes = dict(WRITES_W=writes_w, WRITES_B=writes_b, WRITES_S1=rule.writes_s1,
                       WRITES_S2=rule.writes_s2)
         nsum = triton_rows._nsum(name, True, True)
         forms = {"rows": (tables, dict(BLOCK=block, **writes, **flags)),
-                 "rows at 256": (tables, dict(BLOCK=256, **writes, **flags)),
+                 "rows at 256": (tables, dict(BLOCK=256, **writes, **dict(flags, VEC=1))),
                  "partials": (chunks, dict(BLOCK=block, NSUM=nsum, **flags)),
                  "reduce": (dict(SCR="*fp64", FIRST="*i64", COUNT="*i64"),
                             dict(NSUM=nsum, PARTS=triton_rows.MAX_PARTS)),
@@ -355,8 +382,8 @@ def test_every_kernel_compiles_for_a_gpu(dtype, monkeypatch):
             options = triton_rows.launch_options(constants.get("BLOCK", constants.get("PARTS")))
             registers, stack = _registers(triton.compile(source, target=target,
                                                          options=options).asm["cubin"])
-            trig = (56 if dtype == torch.float64 and form in ("rows", "update") else 40) \
-                if name == "sphere" else 0
+            trig = {(torch.float64, "rows"): 96, (torch.bfloat16, "update"): 80}.get(
+                (dtype, form), 40) if name == "sphere" else 0
             assert stack <= trig, (name, form, registers, stack)
 
 
@@ -389,7 +416,7 @@ def test_a_kernel_stores_only_what_its_step_changes(monkeypatch):
     def st_global(name, writes_w, writes_b):
         rule = rowrules.RULES[name]
         constants = dict(BLOCK=256, HAS_B=True, HAS_S1=True, HAS_S2=True, OPT=False,
-                         T=tl.float32, S1T=tl.float32, S2T=tl.float32, ACC=tl.float32,
+                         T=tl.float32, S1T=tl.float32, S2T=tl.float32, ACC=tl.float32, VEC=1,
                          WRITES_W=writes_w, WRITES_B=writes_b, WRITES_S1=rule.writes_s1,
                          WRITES_S2=rule.writes_s2)
         signature = dict(tables, NT="i32", **{k: "constexpr" for k in constants})
@@ -403,6 +430,51 @@ def test_a_kernel_stores_only_what_its_step_changes(monkeypatch):
         derived = st_global(name, *rowrules.stores(name, True, False))
         every = st_global(name, True, True)
         assert (derived < every) == (rowrules.stores(name, True, False) != (True, True)), name
+
+
+def test_rows_on_16_byte_boundaries_are_loaded_16_bytes_at_a_time(interpreted, monkeypatch):
+    """Each program finds whether its row lies on 16-byte boundaries (``_aligned``: the tensors'
+    addresses and the row length), as torch's multi-tensor apply does, and takes the body the
+    compiler was told so of (``VEC``: 16-byte loads and stores in sm_90 PTX), else the one
+    that loads 4 bytes at a time.  Interpreted, a group of aligned rows, rows of 27 entries and
+    a tensor 8 bytes into its storage steps as the reference path, and the hints given (checked
+    by the ``interpreted`` fixture: Triton's interpreter ignores them, and a wrong one would
+    fault only on a GPU) are the aligned rows' alone."""
+    triton = pytest.importorskip("triton")
+    import re
+
+    import triton.language as tl
+
+    try:
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        pytest.skip("this triton has no GPUTarget")
+    gen = torch.Generator().manual_seed(0)
+    ws = [torch.randn(16, 72, generator=gen, dtype=torch.float64),  # 576 bytes a row
+          torch.randn(16, 27, generator=gen, dtype=torch.float64),  # 216 bytes: not aligned
+          torch.randn(65, generator=gen, dtype=torch.float64)[1:].view(16, 4)]  # 8 bytes in
+    gs = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in ws]
+    twin = [w.clone() for w in ws]
+    assert triton_rows.run("psi", ws, gs, h=(0.1, 0.0, 0.0))
+    rowrules.evaluate("psi", twin, [g.clone() for g in gs], h=(0.1, 0.0, 0.0))
+    for w, t in zip(ws, twin):
+        torch.testing.assert_close(w, t, rtol=1e-12, atol=1e-14)
+    assert HINTS and set(HINTS) == {16, 2}  # the aligned rows' (each hint checked true)
+    HINTS.clear()
+    assert triton_rows.run("psi", ws[1:], gs[1:], h=(0.1, 0.0, 0.0))
+    assert not HINTS  # no row aligned: none said to be
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tables = dict(PTR="*i64", ROW_T="*i64", ROW_I="*i64", COLS="*i64", K="*fp64", H="*fp64")
+    constants = dict(BLOCK=256, HAS_B=True, HAS_S1=False, HAS_S2=False, OPT=False,
+                     T=tl.float32, S1T=tl.float32, S2T=tl.float32, ACC=tl.float32, VEC=4,
+                     WRITES_W=True, WRITES_B=True, WRITES_S1=False, WRITES_S2=False)
+    signature = dict(tables, NT="i32", **{k: "constexpr" for k in constants})
+    source = triton.compiler.ASTSource(triton_rows._kernel("psi", torch.float32, "rows"),
+                                       signature, constants)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                         options=triton_rows.launch_options(256)).asm["ptx"]
+    assert set(re.findall(r"st\.global(?:\.v\d)?\.b32", ptx)) == {"st.global.b32",
+                                                                   "st.global.v4.b32"}
 
 
 class _Sm90:

@@ -124,18 +124,26 @@ def _add_all(a, b):
     return out
 
 
-def _row_at(PTR, ROW_T, ROW_I, COLS, r, NT, HAS_B: tl.constexpr, T: tl.constexpr):
+def _row_at(PTR, ROW_T, ROW_I, COLS, r, NT, HAS_B: tl.constexpr, T: tl.constexpr,
+            VEC: tl.constexpr):
     """Entry ``r`` of a table (a row, or a chunk of one): its tensor, its row's index and length,
-    and the addresses of the row's weights, gradients and buffer (the weights' where none)."""
+    and the addresses of the row's weights, gradients and buffer (the weights' where none).
+    ``VEC`` > 1: the program found the tensors' addresses multiples of 16 bytes and the row
+    length a multiple of ``VEC`` entries (:func:`_aligned`), which the compiler is told, so that
+    it loads and stores 16 bytes at a time."""
     t = tl.load(ROW_T + r)
     i = tl.load(ROW_I + r)
     d = tl.load(COLS + t)
-    w_ptr = tl.load(PTR + t).to(tl.pointer_type(T)) + i * d
-    g_ptr = tl.load(PTR + NT + t).to(tl.pointer_type(T)) + i * d
+    w_ptr = tl.load(PTR + t).to(tl.pointer_type(T))
+    g_ptr = tl.load(PTR + NT + t).to(tl.pointer_type(T))
     b_ptr = w_ptr
     if HAS_B:
-        b_ptr = tl.load(PTR + 2 * NT + t).to(tl.pointer_type(T)) + i * d
-    return t, i, d, w_ptr, g_ptr, b_ptr
+        b_ptr = tl.load(PTR + 2 * NT + t).to(tl.pointer_type(T))
+    if VEC > 1:  # (told of the pointers, not of the integers they are made from: not passed on)
+        d = tl.multiple_of(d, VEC)
+        w_ptr, g_ptr = tl.multiple_of(w_ptr, 16), tl.multiple_of(g_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
+    return t, i, d, w_ptr + i * d, g_ptr + i * d, b_ptr + i * d
 
 
 def _hyper(K, H, t, ACC: tl.constexpr):
@@ -162,13 +170,13 @@ def _load_state(s1_ptr, s2_ptr, HAS_S1: tl.constexpr, HAS_S2: tl.constexpr):
     return st1, st2
 
 
-def _row_kernel(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr,
-                HAS_B: tl.constexpr, HAS_S1: tl.constexpr, HAS_S2: tl.constexpr,
-                WRITES_W: tl.constexpr, WRITES_B: tl.constexpr, WRITES_S1: tl.constexpr,
-                WRITES_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
-                S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr):
-    """One program per row of at most ``BLOCK`` entries, held in registers: one read, one write."""
-    t, i, d, w_ptr, g_ptr, b_ptr = _row_at(PTR, ROW_T, ROW_I, COLS, tl.program_id(0), NT, HAS_B, T)
+def _rows(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr,
+          HAS_B: tl.constexpr, HAS_S1: tl.constexpr, HAS_S2: tl.constexpr,
+          WRITES_W: tl.constexpr, WRITES_B: tl.constexpr, WRITES_S1: tl.constexpr,
+          WRITES_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
+          S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr):
+    """:func:`_row_kernel`'s program, its row's entries loaded ``VEC`` at a time."""
+    t, i, d, w_ptr, g_ptr, b_ptr = _row_at(PTR, ROW_T, ROW_I, COLS, tl.program_id(0), NT, HAS_B, T, VEC)
     h, hc, k, kc = _hyper(K, H, t, ACC)
     s1_ptr, s2_ptr = _state_at(PTR, t, i, NT, S1T, S2T)
     st1, st2 = _load_state(s1_ptr, s2_ptr, HAS_S1, HAS_S2)
@@ -187,16 +195,13 @@ def _row_kernel(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr,
         tl.store(s2_ptr, n2.to(S2T))
 
 
-def _partials_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
-                     NSUM: tl.constexpr, HAS_B: tl.constexpr, HAS_S1: tl.constexpr,
-                     HAS_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
-                     S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr):
-    """A long row's first launch, one program per chunk (``BLOCK`` entries, chunk ``CH_J`` of its
-    row): the chunk's sums (float64; ``PRE``'s buffer update is not written: the last launch
-    takes it again) and its row's state before the step into its slot of ``SCR`` (``NSUM + 2``
-    values)."""
+def _partials(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
+              NSUM: tl.constexpr, HAS_B: tl.constexpr, HAS_S1: tl.constexpr,
+              HAS_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
+              S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr):
+    """:func:`_partials_kernel`'s program, its chunk's entries loaded ``VEC`` at a time."""
     p = tl.program_id(0)
-    t, i, d, w_ptr, g_ptr, b_ptr = _row_at(PTR, CH_T, CH_I, COLS, p, NT, HAS_B, T)
+    t, i, d, w_ptr, g_ptr, b_ptr = _row_at(PTR, CH_T, CH_I, COLS, p, NT, HAS_B, T, VEC)
     h, hc, k, kc = _hyper(K, H, t, ACC)
     s1_ptr, s2_ptr = _state_at(PTR, t, i, NT, S1T, S2T)
     st1, st2 = _load_state(s1_ptr, s2_ptr, HAS_S1, HAS_S2)
@@ -241,18 +246,15 @@ def _reduce_kernel(SCR, FIRST, COUNT, NSUM: tl.constexpr, PARTS: tl.constexpr):
         tl.store(slot + j, s[j])
 
 
-def _update_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
-                   NSUM: tl.constexpr, HAS_B: tl.constexpr,
-                   HAS_S1: tl.constexpr, HAS_S2: tl.constexpr, WRITES_W: tl.constexpr,
-                   WRITES_B: tl.constexpr, WRITES_S1: tl.constexpr,
-                   WRITES_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
-                   S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr):
-    """A long row's last launch, one program per chunk: the row's sums and its state before the
-    step from its first chunk's slot, its coefficients, and the chunk's buffer update (``PRE``
-    again, on the buffer as it was) and update, as the one-program form; the program of the
-    row's first chunk writes the row's state."""
+def _update(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
+            NSUM: tl.constexpr, HAS_B: tl.constexpr,
+            HAS_S1: tl.constexpr, HAS_S2: tl.constexpr, WRITES_W: tl.constexpr,
+            WRITES_B: tl.constexpr, WRITES_S1: tl.constexpr,
+            WRITES_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
+            S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr):
+    """:func:`_update_kernel`'s program, its chunk's entries loaded ``VEC`` at a time."""
     p = tl.program_id(0)
-    t, i, d, w_ptr, g_ptr, b_ptr = _row_at(PTR, CH_T, CH_I, COLS, p, NT, HAS_B, T)
+    t, i, d, w_ptr, g_ptr, b_ptr = _row_at(PTR, CH_T, CH_I, COLS, p, NT, HAS_B, T, VEC)
     h, hc, k, kc = _hyper(K, H, t, ACC)
     s1_ptr, s2_ptr = _state_at(PTR, t, i, NT, S1T, S2T)
     j = tl.load(CH_J + p)
@@ -277,6 +279,69 @@ def _update_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
             tl.store(s1_ptr, n1.to(S1T))
         if WRITES_S2:
             tl.store(s2_ptr, n2.to(S2T))
+
+
+def _aligned(PTR, TAB_T, COLS, r, NT, HAS_B: tl.constexpr, VEC: tl.constexpr):
+    """Whether entry ``r`` of a table (a row, or a chunk of one) lies on 16-byte boundaries in
+    the weights, gradients and buffer: their tensors' addresses multiples of 16 bytes and the
+    row length a multiple of ``VEC`` entries (16 bytes), decided on the device by each program,
+    as torch's multi-tensor apply does; a program then loads and stores 16 bytes at a time (the
+    compiler cannot know it of addresses read from a table)."""
+    t = tl.load(TAB_T + r)
+    at = tl.load(PTR + t) | tl.load(PTR + NT + t)
+    if HAS_B:
+        at = at | tl.load(PTR + 2 * NT + t)
+    return (at % 16 == 0) & (tl.load(COLS + t) % VEC == 0)
+
+
+def _row_kernel(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK: tl.constexpr,
+                HAS_B: tl.constexpr, HAS_S1: tl.constexpr, HAS_S2: tl.constexpr,
+                WRITES_W: tl.constexpr, WRITES_B: tl.constexpr, WRITES_S1: tl.constexpr,
+                WRITES_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
+                S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr):
+    """One program per row of at most ``BLOCK`` entries, held in registers: one read, one write
+    (``VEC`` entries, 16 bytes, at a time where the row is so aligned: :func:`_aligned`)."""
+    if _aligned(PTR, ROW_T, COLS, tl.program_id(0), NT, HAS_B, VEC):
+        _rows(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK, HAS_B, HAS_S1, HAS_S2, WRITES_W, WRITES_B,
+              WRITES_S1, WRITES_S2, OPT, NT, T, S1T, S2T, ACC, VEC)
+    else:
+        _rows(PTR, ROW_T, ROW_I, COLS, K, H, BLOCK, HAS_B, HAS_S1, HAS_S2, WRITES_W, WRITES_B,
+              WRITES_S1, WRITES_S2, OPT, NT, T, S1T, S2T, ACC, 1)
+
+
+def _partials_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
+                     NSUM: tl.constexpr, HAS_B: tl.constexpr, HAS_S1: tl.constexpr,
+                     HAS_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
+                     S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr):
+    """A long row's first launch, one program per chunk (``BLOCK`` entries, chunk ``CH_J`` of its
+    row): the chunk's sums (float64; ``PRE``'s buffer update is not written: the last launch
+    takes it again) and its row's state before the step into its slot of ``SCR`` (``NSUM + 2``
+    values); 16 bytes at a time where aligned (:func:`_aligned`)."""
+    if _aligned(PTR, CH_T, COLS, tl.program_id(0), NT, HAS_B, VEC):
+        _partials(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK, NSUM, HAS_B, HAS_S1, HAS_S2,
+                  OPT, NT, T, S1T, S2T, ACC, VEC)
+    else:
+        _partials(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK, NSUM, HAS_B, HAS_S1, HAS_S2,
+                  OPT, NT, T, S1T, S2T, ACC, 1)
+
+
+def _update_kernel(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK: tl.constexpr,
+                   NSUM: tl.constexpr, HAS_B: tl.constexpr,
+                   HAS_S1: tl.constexpr, HAS_S2: tl.constexpr, WRITES_W: tl.constexpr,
+                   WRITES_B: tl.constexpr, WRITES_S1: tl.constexpr,
+                   WRITES_S2: tl.constexpr, OPT: tl.constexpr, NT, T: tl.constexpr,
+                   S1T: tl.constexpr, S2T: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr):
+    """A long row's last launch, one program per chunk: the row's sums and its state before the
+    step from its first chunk's slot, its coefficients, and the chunk's buffer update (``PRE``
+    again, on the buffer as it was) and update, as the one-program form; the program of the
+    row's first chunk writes the row's state; 16 bytes at a time where aligned
+    (:func:`_aligned`)."""
+    if _aligned(PTR, CH_T, COLS, tl.program_id(0), NT, HAS_B, VEC):
+        _update(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK, NSUM, HAS_B, HAS_S1, HAS_S2,
+                WRITES_W, WRITES_B, WRITES_S1, WRITES_S2, OPT, NT, T, S1T, S2T, ACC, VEC)
+    else:
+        _update(PTR, CH_T, CH_I, CH_J, COLS, K, H, SCR, BLOCK, NSUM, HAS_B, HAS_S1, HAS_S2,
+                WRITES_W, WRITES_B, WRITES_S1, WRITES_S2, OPT, NT, T, S1T, S2T, ACC, 1)
 
 
 # Triton math helpers of the rule definitions (rowrules' names, rebound)
@@ -345,11 +410,13 @@ def _build(name: str, dtype: torch.dtype, interpret: bool) -> dict:
         scope[key] = _jit(fn, scope)
     scope["sqnorm_of_sum"] = _jit(rowrules.sqnorm_of_sum, scope)
     for fn in (_add, _cast_all, _sum_all, _add_all, _load_row, _row_at, _hyper, _state_at,
-               _load_state, _row_sums):
+               _load_state, _row_sums, _aligned):
         scope[fn.__name__] = _jit(fn, scope)
     rule = rowrules.RULES[name]
     kernel_scope = dict(scope, PRE=_jit(rule.pre, scope), COEF=_jit(rule.coef, scope),
                         POST=_jit(rule.post, scope))
+    for fn in (_rows, _partials, _update):  # (a program's body: with the rule's functions)
+        kernel_scope[fn.__name__] = _jit(fn, kernel_scope)
     return {form: _jit(fn, kernel_scope, do_not_specialize=["NT"]) for form, fn in
             (("rows", _row_kernel), ("partials", _partials_kernel), ("update", _update_kernel))} \
         | {"reduce": _jit(_reduce_kernel, scope)}
@@ -431,7 +498,8 @@ def _launch(kernel, ws, gs, b, s1, s2, k, h, opt) -> None:
     flags = dict(HAS_B=bool(b), HAS_S1=bool(s1), HAS_S2=bool(s2), OPT=bool(opt), NT=n,
                  T=_triton_dtype(dtype), S1T=_triton_dtype(s1[0].dtype if s1 else dtype),
                  S2T=_triton_dtype(s2[0].dtype if s2 else dtype),
-                 ACC=_triton_dtype(torch.float64 if dtype == torch.float64 else torch.float32))
+                 ACC=_triton_dtype(torch.float64 if dtype == torch.float64 else torch.float32),
+                 VEC=16 // ws[0].element_size())
     writes_w, writes_b = rowrules.stores(kernel, bool(b), bool(opt))
     writes = dict(WRITES_W=writes_w, WRITES_B=writes_b, WRITES_S1=bool(s1) and rule.writes_s1,
                   WRITES_S2=bool(s2) and rule.writes_s2)
