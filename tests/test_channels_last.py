@@ -304,8 +304,8 @@ def test_train_channels_last_on_the_cpu_runs_converts_and_records(tmp_path, monk
     built = []
     real_build = train_module.build
 
-    def build(config, device=None):  # a conv deep in the net sees channels_last activations
-        out = real_build(config, device)
+    def build(config, device=None, held=None):  # a conv deep in the net sees channels_last
+        out = real_build(config, device, held)  # activations
         layer = [m for m in out[1].modules() if isinstance(m, nn.Conv2d)][-1]
         layer.register_forward_pre_hook(
             lambda m, args: built.append(args[0].is_contiguous(memory_format=CL)

@@ -374,3 +374,20 @@ def test_a_resumed_run_holds_its_data_where_its_first_session_did(tmp_path, monk
     monkeypatch.setattr(train_module, "_fits_everywhere", lambda data, device: False)
     train(dataclasses.replace(config, epochs=3), tmp_path, resume=True, log=lambda *_: None)
     assert asked[-1] is True
+
+
+def test_a_resumed_run_whose_data_no_longer_fits_where_it_was_held_is_refused(tmp_path,
+                                                                             monkeypatch):
+    """Held where the record says and out of memory there: a ``RunError`` naming the way out,
+    not the allocator's error (nor a silent move to the host: other batches)."""
+    def full(data, device, fits=None):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    config = RunConfig(dataset="synthetic", subset=128, epochs=1)
+    train(config, tmp_path, log=lambda *_: None)
+    record = json.loads((tmp_path / "config.json").read_text())
+    record["data_device"] = "cuda:0"  # as if the first session had held it on a GPU
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    monkeypatch.setattr(train_module, "hold_on", full)
+    with pytest.raises(RunError, match="where the session that started the run held it"):
+        train(dataclasses.replace(config, epochs=2), tmp_path, resume=True, log=lambda *_: None)

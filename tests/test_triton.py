@@ -436,10 +436,11 @@ def test_rows_on_16_byte_boundaries_are_loaded_16_bytes_at_a_time(interpreted, m
     """Each program finds whether its row lies on 16-byte boundaries (``_aligned``: the tensors'
     addresses and the row length), as torch's multi-tensor apply does, and takes the body the
     compiler was told so of (``VEC``: 16-byte loads and stores in sm_90 PTX), else the one
-    that loads 4 bytes at a time.  Interpreted, a group of aligned rows, rows of 27 entries and
-    a tensor 8 bytes into its storage steps as the reference path, and the hints given (checked
-    by the ``interpreted`` fixture: Triton's interpreter ignores them, and a wrong one would
-    fault only on a GPU) are the aligned rows' alone."""
+    that loads 4 bytes at a time.  Interpreted, groups of aligned rows, rows of 27 entries and
+    weights, gradients or buffers 8 bytes into their storage (float64, bfloat16) step as the
+    rules' definitions do, and the hints given (checked by the ``interpreted`` fixture:
+    Triton's interpreter ignores them, and a wrong one would fault only on a GPU) are the
+    aligned rows' alone."""
     triton = pytest.importorskip("triton")
     import re
 
@@ -450,19 +451,37 @@ def test_rows_on_16_byte_boundaries_are_loaded_16_bytes_at_a_time(interpreted, m
     except ImportError:
         pytest.skip("this triton has no GPUTarget")
     gen = torch.Generator().manual_seed(0)
-    ws = [torch.randn(16, 72, generator=gen, dtype=torch.float64),  # 576 bytes a row
-          torch.randn(16, 27, generator=gen, dtype=torch.float64),  # 216 bytes: not aligned
-          torch.randn(65, generator=gen, dtype=torch.float64)[1:].view(16, 4)]  # 8 bytes in
-    gs = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in ws]
-    twin = [w.clone() for w in ws]
-    assert triton_rows.run("psi", ws, gs, h=(0.1, 0.0, 0.0))
-    rowrules.evaluate("psi", twin, [g.clone() for g in gs], h=(0.1, 0.0, 0.0))
-    for w, t in zip(ws, twin):
-        torch.testing.assert_close(w, t, rtol=1e-12, atol=1e-14)
-    assert HINTS and set(HINTS) == {16, 2}  # the aligned rows' (each hint checked true)
-    HINTS.clear()
-    assert triton_rows.run("psi", ws[1:], gs[1:], h=(0.1, 0.0, 0.0))
-    assert not HINTS  # no row aligned: none said to be
+
+    def tensor(dtype, rows, cols, skew=0):  # ``skew`` entries into its storage
+        return torch.randn(rows * cols + skew, generator=gen, dtype=torch.float64) \
+            .to(dtype)[skew:].view(rows, cols)
+
+    def step(dtype, shapes, b=False):
+        """PSGD (with a buffer: momentum) on tensors of ``shapes`` ((rows, cols, skew of w, of
+        g, of b)), interpreted, against rowrules.evaluate; the hints given."""
+        HINTS.clear()
+        ws, gs, bs = ([tensor(dtype, r, c, sk[j]) for r, c, *sk in shapes] for j in range(3))
+        twin = [[x.clone() for x in xs] for xs in (ws, gs, bs)]
+        extra = dict(k=[[0.9, 0.0]] * len(ws)) if b else {}
+        assert triton_rows.run("psgd", ws, gs, h=(0.1,), **extra, **({"b": bs} if b else {}))
+        rowrules.evaluate("psgd", twin[0], twin[1], h=(0.1,), **extra,
+                          **({"b": twin[2]} if b else {}))
+        for w, t in zip(ws, twin[0]):
+            torch.testing.assert_close(w, t, rtol=1e-12 if dtype == torch.float64 else 1e-2,
+                                       atol=1e-14 if dtype == torch.float64 else 1e-2)
+        return set(HINTS)
+
+    f64 = torch.float64
+    # rows of 72 float64 (576 bytes), of 27 (216: not aligned), 8 bytes into w's storage
+    assert step(f64, [(16, 72, 0, 0, 0), (16, 27, 0, 0, 0), (16, 4, 1, 0, 0)]) == {16, 2}
+    assert step(f64, [(16, 27, 0, 0, 0), (16, 4, 1, 0, 0)]) == set()  # none aligned, none said
+    assert step(f64, [(16, 4, 0, 1, 0)]) == set()  # the gradient 8 bytes in
+    assert step(f64, [(16, 4, 0, 0, 1)], b=True) == set()  # the buffer 8 bytes in
+    assert step(f64, [(16, 4, 0, 0, 0)], b=True) == {16, 2}
+    bf16 = torch.bfloat16  # 8 entries: 16 bytes
+    assert step(bf16, [(4, 24, 0, 0, 0)], b=True) == {16, 8}
+    assert step(bf16, [(4, 24, 0, 0, 4)], b=True) == set()  # the buffer 8 bytes in
+    assert step(bf16, [(4, 20, 0, 0, 0)]) == set()  # rows of 40 bytes
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     tables = dict(PTR="*i64", ROW_T="*i64", ROW_I="*i64", COLS="*i64", K="*fp64", H="*fp64")
     constants = dict(BLOCK=256, HAS_B=True, HAS_S1=False, HAS_S2=False, OPT=False,

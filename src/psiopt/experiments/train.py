@@ -486,7 +486,14 @@ def build(config: RunConfig, device: torch.device | None = None, held: bool | No
     except ValueError as e:  # e.g. a validation split larger than the training set
         raise RunError(str(e)) from None
     example = data.train_x[:16]  # on the CPU, as the model until it is prepared
-    data = hold_on(data, device, _fits_everywhere(data, device) if held is None else held)
+    try:
+        data = hold_on(data, device, _fits_everywhere(data, device) if held is None else held)
+    except torch.OutOfMemoryError:
+        why = (", where the session that started the run held it (config.json's data_device; "
+               "held elsewhere its batches would differ): free the GPU's memory, or start a new "
+               "run directory" if held else "")
+        raise RunError(f"{config.dataset} ({data.nbytes / 2**20:.0f} MiB) does not fit in "
+                       f"{device}'s free memory{why}") from None
     fixed = sorted(set(config.model_kwargs) & set(DATA_FIXED))
     if fixed:
         raise RunError(f"model option(s) {fixed} are set by the dataset ({config.dataset}: "

@@ -15,7 +15,9 @@ weights, gradients, buffer and per-row state and its row length; per row its ten
 * Rows of at most :data:`MAX_BLOCK` entries, one launch (:func:`_row_kernel`), one program per
   row: it loads the row (``BLOCK`` entries, the smallest power of two that holds the longest of
   these rows), takes its sums, its coefficients and its update with the row in registers, and
-  writes the row, the buffer and the row's state once.
+  writes once what the step changes (:func:`psiopt.optim.rowrules.stores`: the row, the
+  buffer, the row's state), 16 bytes at a time where the row lies on 16-byte boundaries
+  (:func:`_aligned`).
 * Longer rows (LayerNorm "tensor" groups: a whole weight is one row), split into chunks of
   ``MAX_BLOCK`` entries, three launches: the first (:func:`_partials_kernel`), one program per
   chunk, writes the chunk's sums (float64; ``pre``'s buffer update is taken, not written) and
@@ -532,8 +534,10 @@ def launch_options(block: int) -> dict:
       fewer below).  With Triton's default four warps a block of 4096 entries took ptxas's 255
       registers and spilled (sm_90, triton 3.9: 48 bytes of stack for PSI-SGD's float32 kernel,
       352 for float64); so, every rule's one-program kernel takes 37 to 150 registers at blocks
-      of 16 to 4096 entries (float32, bfloat16, float64), without a spill but SGDG/AdamG's
-      float64 kernel at 4096 entries (sixteen warps leave a thread 128 registers: 16 bytes;
+      of 16 to 4096 entries (float32, bfloat16, float64), without a spill but two of
+      SGDG/AdamG's kernels at 4096 entries, where sixteen warps leave a thread 128 registers
+      (float64 rows: 96 bytes of stack, 56 with the one body of a kernel before 16-byte rows
+      had their own; the bfloat16 chunks' update: 80, 40 of them libdevice's sin/cos;
       ``tests/test_triton.py::test_every_kernel_compiles_for_a_gpu`` checks the stacks).
       Chosen from ptxas's counts, not timed: only a GPU can tell the fastest;
     * ``enable_fp_fusion=False``: no fused multiply-add contracted from a product and a sum, so
