@@ -129,13 +129,20 @@ def _compare(rank, mode, name) -> dict:
     wrapped = _sharded(model) if fsdp else nn.parallel.DistributedDataParallel(model)
     found = mapping or psiopt.find_scale_invariant(wrapped, xs[0])
     opt = _optimizer(wrapped, name, xs[0][half], mapping)
-    train(wrapped, opt, xs[:, half], ys[:, half])
+    from psiopt.optim import kernels
+
+    real, calls = kernels.run, []
+    kernels.run = lambda kernel, ws, *a, **k: calls.append(len(ws)) or real(kernel, ws, *a, **k)
+    try:
+        train(wrapped, opt, xs[:, half], ys[:, half])
+    finally:
+        kernels.run = real
     got, want = full(wrapped), full(ref)
     prefix = "" if fsdp else "module."
     errs = {n: float((got[prefix + n] - w).abs().max() / w.abs().max().clamp_min(1e-12))
             for n, w in want.items()}
     worst = max(errs, key=errs.get)
-    return {"error": errs[worst], "worst": worst, "mapping": found}
+    return {"error": errs[worst], "worst": worst, "mapping": found, "kernel_calls": len(calls)}
 
 
 #: NormPolicy (issue 25) on torch.optim rules built on psiopt.optimizer_groups:
@@ -400,6 +407,11 @@ def test_two_ranks_equal_one_process_for_every_optimizer(spawned, mode):
     errors = {name: (r["error"], r["worst"]) for name, r in results.items()}
     print(json.dumps(errors, indent=1), file=sys.stderr)
     assert all(e < 1e-6 for e, _ in errors.values()), errors
+    if mode == "fsdp":  # "3.weight"'s "channel" rows, whole on each rank: the fused kernels
+        # (SGDG's and AdamG's penalty couples a tensor's rows across ranks: vectorized)
+        fused = {name for name in names if getattr(psiopt.REGISTRY[name].cls, "fused_rule", False)}
+        took = {name for name in names if results[name]["kernel_calls"]}
+        assert took == fused - {"sgdg", "adamg"}, (took, fused)
 
 
 def _bad_shard_worker(rank, world, port, out):

@@ -475,8 +475,10 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
       Views whose rows are not contiguous (``"@1"`` groupings, channels-last gradients), steps
       the kernel does not cover (PSI-SGD's literal mode: its guard steps, and every step where
       its counters live on a device, with a device ``lr`` or compiled, as the guard's schedule
-      is not read there), groups whose tensors differ in dtype and FSDP2 steps take the other
-      paths.  Compiled steps call the kernels through the op
+      is not read there), groups whose tensors differ in dtype, and FSDP2 shards of groups
+      that span ranks or (SGDG/AdamG) with Cho & Lee's penalty on take the other paths (FSDP2
+      shards of whole-row groups, ``"channel"``, take the kernels, each rank its own rows:
+      :meth:`_kernels_take_shards`).  Compiled steps call the kernels through the op
       ``psiopt::fused_rows`` (but for a step that makes state).  The same rule to rounding
       (sums in the tensor's precision over chunks of a row, the chunks added in double, but
       SGDG's and AdamG's ‖y‖², <y,ĝ>, ‖ĝ‖² in double; norms after the step derived from sums
@@ -747,10 +749,11 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         vectorized = compiling or shards is not None or (group["foreach"] is not False
                                                           and layout is not None)
         gs = self._init_states(group, ws, gs, states, layout, stats)
-        if self._wants_kernels(group) and shards is None and layout is not None and not fresh \
-                and self._fused(group, ws, gs, states, stats):
-            return
-        if per_tensor:  # see compile_per_tensor
+        kernel = self._wants_kernels(group) and layout is not None and not fresh and (
+            shards is None or not compiling and self._kernels_take_shards(group, shards))
+        if kernel and self._fused(group, ws, gs, states, stats):
+            pass
+        elif per_tensor:  # see compile_per_tensor
             for i, w in enumerate(ws):
                 self._update_many(group, [w], [gs[i]], [states[i]], self._layout([w]), [stats[i]])
         elif vectorized:
@@ -760,6 +763,15 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
                 self._update_one(group, w, g, state, st)
         if shards is not None:
             self._store_states(params, shards, ws, states, kept)
+
+    def _kernels_take_shards(self, group: dict, shards: list[ShardedRows]) -> bool:
+        """Whether the fused kernels may step ``group``'s FSDP2 shards, each rank its own: where
+        every local row is a whole group (``"channel"`` rows: dimension 0, the sharded one), the
+        rules' per-row sums need no collective and the step is the one process's, row by row;
+        groups that span ranks (``"tensor"``, ``"groups:G"``, ``"@1"``) take the vectorized path
+        and its ``all_reduce``.  A rule whose kernel step couples the rows of a tensor (SGDG's and
+        AdamG's penalty) says no."""
+        return all(s.index is None for s in shards)
 
     def _keeps_state(self, group: dict) -> bool:
         """Whether the rule keeps state for ``group``'s parameters (PSGD without momentum keeps

@@ -358,6 +358,12 @@ class _ChoLee(_SphereOptimizer):
         for group in self.param_groups:  # pickled before ortho_rows was added
             group.setdefault("ortho_rows", "fitting")
 
+    def _kernels_take_shards(self, group, shards) -> bool:
+        """Not with the penalty on: ``(YYᵀ − I)Y`` couples a tensor's rows across ranks (and its
+        weight ω depends on the whole tensor's rows), which only the vectorized path's
+        collectives see (``ShardedLayout.orthogonality_residual``)."""
+        return not group["ortho"] and super()._kernels_take_shards(group, shards)
+
 
 class SGDG(_ChoLee):
     r"""SGD with momentum on the sphere, "SGDG" (Cho & Lee 2017; baseline in Yi).
