@@ -132,17 +132,25 @@ def _compare(rank, mode, name) -> dict:
     from psiopt.optim import kernels
 
     real, calls = kernels.run, []
-    kernels.run = lambda kernel, ws, *a, **k: calls.append(len(ws)) or real(kernel, ws, *a, **k)
+
+    def counted(kernel, ws, *args, **kwargs):  # the kernel steps taken (True: it stepped)
+        done = real(kernel, ws, *args, **kwargs)
+        calls.extend([kernel] if done else [])
+        return done
+
+    kernels.run = counted
     try:
         train(wrapped, opt, xs[:, half], ys[:, half])
     finally:
         kernels.run = real
+    everyone = [None] * dist.get_world_size()  # each rank's count
+    dist.all_gather_object(everyone, len(calls))
     got, want = full(wrapped), full(ref)
     prefix = "" if fsdp else "module."
     errs = {n: float((got[prefix + n] - w).abs().max() / w.abs().max().clamp_min(1e-12))
             for n, w in want.items()}
     worst = max(errs, key=errs.get)
-    return {"error": errs[worst], "worst": worst, "mapping": found, "kernel_calls": len(calls)}
+    return {"error": errs[worst], "worst": worst, "mapping": found, "kernel_steps": everyone}
 
 
 #: NormPolicy (issue 25) on torch.optim rules built on psiopt.optimizer_groups:
@@ -410,7 +418,8 @@ def test_two_ranks_equal_one_process_for_every_optimizer(spawned, mode):
     if mode == "fsdp":  # "3.weight"'s "channel" rows, whole on each rank: the fused kernels
         # (SGDG's and AdamG's penalty couples a tensor's rows across ranks: vectorized)
         fused = {name for name in names if getattr(psiopt.REGISTRY[name].cls, "fused_rule", False)}
-        took = {name for name in names if results[name]["kernel_calls"]}
+        took = {name for name in names if all(results[name]["kernel_steps"])}  # every rank
+        assert not {name for name in names if any(results[name]["kernel_steps"])} - took
         assert took == fused - {"sgdg", "adamg"}, (took, fused)
 
 
@@ -450,3 +459,59 @@ def test_a_bad_row_in_one_ranks_shard_is_refused_on_every_rank(tmp_path):
     assert all(r["said"] and "1 group(s) (channel) have squared norms outside" in r["said"]
                for r in results), results
     assert "another rank's rows" in results[0]["said"] and "largest entries" in results[1]["said"]
+
+
+def _uneven_worker(rank, world, port, out):
+    """PSI-SGD's literal mode (``fixed_norm=False``) on two linear→LayerNorm weights ("tensor"
+    groups: each spans the ranks under FSDP2) of one parameter group, the first missing step 2
+    (no gradient), so that the group's step counters are uneven from then on: two ranks against
+    one process."""
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(2)
+    xs = torch.randn(STEPS, 8, 6, generator=gen, dtype=torch.float64)
+    ys = torch.randint(0, 3, (STEPS, 8), generator=gen)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 7, bias=False), nn.LayerNorm(7), nn.ReLU(),
+                             nn.Linear(7, 5, bias=False), nn.LayerNorm(5), nn.ReLU(),
+                             nn.Linear(5, 3)).double()
+
+    def run(model, x, y):
+        opt = psiopt.create_optimizer(model, "psi-sgd", x[0], lr=0.1, fixed_norm=False,
+                                      guard_every=3, max_norm=1.5)
+        for t, (xb, yb) in enumerate(zip(x, y)):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            if t == 2:
+                model[0].weight.grad = None
+            opt.step()
+        groups = [g.get("grouping") for g in opt.param_groups if len(g["params"]) == 2]
+        return full(model), groups
+
+    want, groups = run(make(), xs, ys)
+    model = make()
+    for i in (0, 3, 6):
+        fully_shard(model[i])
+    fully_shard(model)
+    half = slice(rank * 4, rank * 4 + 4)
+    got, _ = run(model, xs[:, half], ys[:, half])
+    errs = {n: float((got[n] - w).abs().max() / w.abs().max()) for n, w in want.items()}
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"errors": errs, "groups": groups}, f)
+    close_process_group()
+
+
+def test_uneven_step_counters_of_groups_that_span_ranks_equal_one_process(tmp_path):
+    """Uneven counters step each tensor on its own; under FSDP2 their norms were taken on the
+    local shard alone (a silent wrong result: relative errors of order 1 at the time)."""
+    out = tmp_path / "uneven.json"
+    mp.spawn(_uneven_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    result = json.loads(out.read_text())
+    assert result["groups"] == ["tensor"], result
+    assert max(result["errors"].values()) < 1e-12, result

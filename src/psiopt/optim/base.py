@@ -770,7 +770,11 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         rules' per-row sums need no collective and the step is the one process's, row by row;
         groups that span ranks (``"tensor"``, ``"groups:G"``, ``"@1"``) take the vectorized path
         and its ``all_reduce``.  A rule whose kernel step couples the rows of a tensor (SGDG's and
-        AdamG's penalty) says no."""
+        AdamG's penalty) says no.  The ranks may then still step one group by different paths
+        (a rank holding no row of a part, state that the kernels do not take): safe because the
+        vectorized step of whole-row groups makes no collective (a ``ShardedLayout`` without
+        spanning groups reduces locally); a rule whose ``_update_many`` makes one there must
+        say no here too."""
         return all(s.index is None for s in shards)
 
     def _keeps_state(self, group: dict) -> bool:

@@ -265,6 +265,11 @@ class RowLayout:
         ndims = {len(s) for s in self.shapes}
         self._ones = (1,) * (ndims.pop() - 1) if len(ndims) == 1 else None  # views of one ndim
 
+    def single(self, index: int, view: Tensor) -> RowLayout:
+        """The layout of view ``index`` (``view``) alone: its reductions as this layout takes
+        them (a :class:`~psiopt.optim.sharded.ShardedLayout`'s across ranks)."""
+        return RowLayout([view])
+
     def split(self, flat: Tensor) -> list[Tensor]:
         """Keepdim per-tensor views of a flat per-group tensor (no copy)."""
         if self._ones is not None:  # one view and one split, not one view per tensor

@@ -179,6 +179,9 @@ class ShardedLayout(RowLayout):
         if base:
             self.positions, self.index = torch.cat(positions), torch.cat(index)
 
+    def single(self, index: int, view: Tensor) -> ShardedLayout:
+        return ShardedLayout([view], [self.shards[index]])
+
     def _complete(self, flat: Tensor) -> Tensor:
         """Sum the partial per-row sums of spanning groups (``flat``: one row per reduction)
         across local rows and ranks, in place: one ``all_reduce`` whatever the number of rows."""
