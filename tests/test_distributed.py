@@ -515,3 +515,121 @@ def test_uneven_step_counters_of_groups_that_span_ranks_equal_one_process(tmp_pa
     result = json.loads(out.read_text())
     assert result["groups"] == ["tensor"], result
     assert max(result["errors"].values()) < 1e-12, result
+
+
+def _refusals_worker(rank, world, port, out):
+    """bn_net under FSDP2 (its conv's "channel" rows split 3 | 3 between the ranks, feeding a
+    BatchNorm2d): the optimizers that rescale rows outside their update are refused when built;
+    then PSI-SGD with ``check_finite`` and a NaN in rank 1's shard of the gradient alone."""
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    xs, ys = data()
+    model = bn_net()
+    mapping = psiopt.find_scale_invariant(model, xs[0])
+    for i in (0, 4):
+        fully_shard(model[i])
+    fully_shard(model)
+    said, x = {}, xs[0][rank * 4: rank * 4 + 4]
+    for name, kw in [("un-sgd", {}), ("b-sgd", {}), ("adamg-star", {}), ("sgdg", {}),
+                     ("psi-sgd", {"fixed_norm": False}), ("psi-sgd", {})]:
+        key = name + ("-literal" if kw else "")
+        try:
+            psiopt.create_optimizer(model, name, x, mapping=mapping, **kw)
+            said[key] = None
+        except ValueError as e:
+            said[key] = str(e)
+    opt = psiopt.create_optimizer(model, "psi-sgd", x, mapping=mapping, check_finite=True)
+    from psiopt.optim.diagnostics import StepProbe
+
+    try:
+        StepProbe(opt)
+        said["probe"] = None
+    except ValueError as e:
+        said["probe"] = str(e)
+    nn.functional.cross_entropy(model(x), ys[0][:4]).backward()
+    if rank == 1:
+        model[0].weight.grad.to_local()[0, 0, 0, 0] = float("nan")
+    before = full(model)["0.weight"]
+    try:
+        opt.step()
+        raised = None
+    except FloatingPointError as e:
+        raised = str(e)
+    unchanged = bool(torch.equal(full(model)["0.weight"], before))
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"mapping": mapping.get("0.weight"), "said": said, "raised": raised,
+                   "unchanged": unchanged}, f)
+    close_process_group()
+
+
+def test_sharded_rows_feeding_running_statistics_and_a_nan_in_one_shard_are_refused(tmp_path):
+    """Under FSDP2, on every rank alike: (1) the optimizers whose rules rescale rows outside
+    their update (the sphere methods' and B-SGD's unit-normalisation, PSI-SGD's guard) are
+    refused when built where the rows are split between the ranks and feed a BatchNorm (the
+    statistics cannot follow: a rank raised alone at the rescaling, or every channel took its
+    rows' factor, silently); PSI-SGD with fixed_norm is built.  (2) ``check_finite`` finds a NaN
+    in rank 1's shard alone (the DTensor's max norm, reduced by gloo's MAX, dropped it: the
+    step wrote NaN into the weights).  (3) ``StepProbe`` is refused (its figures are of whole
+    groups: on shards they were each rank's own, silently)."""
+    out = tmp_path / "refused"
+    mp.spawn(_refusals_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    for rank in (0, 1):
+        result = json.loads(out.with_suffix(f".{rank}").read_text())
+        assert result["mapping"] == "channel", result
+        said = result["said"]
+        assert said.pop("psi-sgd") is None, result
+        assert "StepProbe takes no FSDP2-sharded parameters" in said.pop("probe"), result
+        assert all(s and "BatchNorm" in s and "FSDP2" in s for s in said.values()), result
+        assert result["raised"] and "0.weight" in result["raised"], result
+        assert result["unchanged"], result
+
+
+def _bf16_worker(rank, world, port, out):
+    """Adam-S on a bfloat16 linear→LayerNorm weight ("tensor") under FSDP2: one step, then its
+    state through ``get_state_dict``/``set_state_dict`` into a new optimizer."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 4, generator=gen).bfloat16()
+    y = torch.randint(0, 3, (4,), generator=gen)
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.LayerNorm(6), nn.ReLU(),
+                              nn.Linear(6, 3)).bfloat16()
+        fully_shard(model[0])
+        fully_shard(model)
+        return model
+
+    model = make()
+    opt = psiopt.create_optimizer(model, "adams", x)
+    nn.functional.cross_entropy(model(x).float(), y).backward()
+    opt.step()
+    saved = opt.state[model[0].weight]["exp_avg_sq"]
+    model_sd, optim_sd = get_state_dict(model, opt)
+    again = make()
+    opt2 = psiopt.create_optimizer(again, "adams", x)
+    set_state_dict(again, opt2, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    loaded = opt2.state[again[0].weight]["exp_avg_sq"]
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"saved": str(saved.dtype), "loaded": str(loaded.dtype),
+                   "equal": bool(torch.equal(loaded.full_tensor(), saved.full_tensor()))}, f)
+    close_process_group()
+
+
+def test_float32_state_of_bfloat16_shards_stays_float32_through_a_checkpoint(tmp_path):
+    """``accumulated_state`` (Adam-S's ‖g‖² average) of 16-bit parameters is kept in float32 and
+    stays so when loaded; under FSDP2 it came back as bfloat16 (torch's cast to the parameter's
+    dtype was left on DTensors), the stall that float32 state prevents."""
+    out = tmp_path / "bf16"
+    mp.spawn(_bf16_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    for rank in (0, 1):
+        result = json.loads(out.with_suffix(f".{rank}").read_text())
+        assert result == {"saved": "torch.float32", "loaded": "torch.float32", "equal": True}, result

@@ -43,7 +43,7 @@ from .geometry import (
     rows,
     split_part,
 )
-from .sharded import ShardedLayout, ShardedRows, any_sharded, is_sharded
+from .sharded import ShardedLayout, ShardedRows, any_sharded, is_sharded, stats_over_split_rows
 
 #: hyperparameter -> (low, high, low inclusive, high inclusive)
 _RANGES = {
@@ -323,6 +323,29 @@ class GroupHandling:
                 # and the rest follows lr / part_lr0 already
                 added["rest_lr"] = base.detach().clone()
 
+    def _rescales_rows(self, group: dict) -> bool:
+        """Whether the rule rescales ``group``'s rows outside its update, the running statistics
+        fed by them following (:meth:`NormStats.rescale_`): the sphere methods' and B-SGD's
+        one-time unit-normalisation, PSI-SGD's overflow guard."""
+        return False
+
+    @staticmethod
+    def _check_stats_can_follow(group: dict, params: list[Tensor], stats: list) -> None:
+        """``ValueError`` when built (every rank alike, nothing changed) where such statistics
+        are fed by rows split between FSDP2 ranks (:func:`stats_over_split_rows`: they cannot
+        follow; at the rescaling, a rank raised alone, or scaled every channel by its own rows'
+        factors, silently)."""
+        grouping = group.get("grouping")
+        for p, st in zip(params, stats):
+            norm = stats_over_split_rows(ShardedRows(p, grouping) if is_sharded(p) else None, st)
+            if norm is not None:
+                raise ValueError(
+                    f"the running statistics of a {norm} are fed by rows ({grouping}) split "
+                    "between FSDP2 ranks and cannot follow the rescaling of the rows that this "
+                    "optimizer makes (unit-normalisation, or PSI-SGD's overflow guard); use "
+                    "GroupNorm or LayerNorm, or an optimizer that does not rescale rows: "
+                    "psi-sgd with fixed_norm=True, adams, adamsrt, sgdmrt")
+
     def _validate(self, group: dict) -> None:
         """Raise ``ValueError`` if ``group`` (merged with the defaults) is not valid."""
         stats = group.get("norm_stats")
@@ -342,6 +365,8 @@ class GroupHandling:
                     + (f" (valid: {', '.join('rest_' + k for k in allowed)})" if allowed else ""))
         if stats is not None and len(stats) != len(params):
             raise ValueError("norm_stats must list the running statistics of every parameter")
+        if stats is not None and self._rescales_rows(group):
+            self._check_stats_can_follow(group, params, stats)
         eps = group.get("eps")
         if isinstance(eps, numbers.Real) and any(p.dtype == torch.float16 for p in params) \
                 and float(torch.tensor(float(eps), dtype=torch.float16)) == 0:
@@ -711,14 +736,28 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
 
     def _check_finite(self, pairs: list[tuple[Tensor, Tensor]]) -> None:
         grads = [g for _, g in pairs]
-        peaks = torch._foreach_norm(grads, math.inf)  # inf/NaN (a max cannot overflow)
-        if bool(torch.isfinite(torch.stack(peaks)).all()):
+        if any_sharded(grads):
+            finite = self._finite_shards(grads)
+        else:
+            finite = torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf)))  # inf/NaN
+        if bool(finite.all()):  # (a max cannot overflow)
             return
-        bad = [self._name(p) for (p, _), m in zip(pairs, peaks) if not torch.isfinite(m)]
+        bad = [self._name(p) for (p, _), ok in zip(pairs, finite.tolist()) if not ok]
         raise FloatingPointError(
             f"non-finite gradient in {', '.join(bad)}; nothing was updated "
             "(check the loss, lower the learning rate, or pass check_finite=False)"
         )
+
+    @staticmethod
+    def _finite_shards(grads: list[Tensor]) -> Tensor:
+        """Whether each gradient is finite, FSDP2-sharded ones over every rank's shard: each
+        rank's count of non-finite entries summed over the mesh (a DTensor's max norm, reduced
+        by a MAX that drops NaN under gloo, passed a NaN in rank 1's shard alone)."""
+        local = [g.to_local() if is_sharded(g) else g for g in grads]
+        bad = torch.stack([(~torch.isfinite(g)).sum() for g in local]).double()
+        mesh = next(g.device_mesh for g in grads if is_sharded(g))
+        dist.all_reduce(bad, group=mesh.get_group())
+        return bad == 0
 
     def _name(self, p: Tensor) -> str:
         for i, group in enumerate(self.param_groups):
@@ -934,8 +973,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
             state = self.state.get(p)
             if not state or not is_invariant(group.get("grouping")):
                 continue
-            for key, value in values.items():
-                if isinstance(value, Tensor) and key in state and not is_sharded(value):
+            for key, value in values.items():  # (an FSDP2 state's DTensor too: as sharded)
+                if isinstance(value, Tensor) and key in state:
                     state[key] = value.to(p.device, accumulate_dtype(p.dtype), copy=True)
 
     def __setstate__(self, state: dict) -> None:

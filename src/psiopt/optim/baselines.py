@@ -95,6 +95,9 @@ class BSGD(SGD):
 
     uses_row_norms = True
 
+    def _rescales_rows(self, group: dict) -> bool:
+        return is_invariant(group.get("grouping"))  # (the unit-normalisation)
+
     @torch.no_grad()
     def prepare(self) -> None:
         """Prepare now, rather than at their first step, the rows of every invariant parameter

@@ -25,6 +25,7 @@ import torch
 
 from .geometry import dot, is_invariant, norm, rows, safe_inv, sqnorm
 from .policies import NormPolicy, equilibrium_angle
+from .sharded import is_sharded
 
 
 def group_of(optimizer, p: torch.Tensor) -> dict:
@@ -108,6 +109,12 @@ class StepProbe:
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.layers = invariant_parameters(optimizer)
+        sharded = [name for name, p, _ in self.layers if is_sharded(p)]
+        if sharded:  # (its figures are of whole groups: a shard's would be other numbers)
+            raise ValueError(
+                f"StepProbe takes no FSDP2-sharded parameters ({sharded[0]}): its figures "
+                "(row norms, effective learning rates, angles) are of whole groups, and a rank "
+                "holds its own rows only")
         self.saved = {}
 
     def before(self) -> None:

@@ -75,7 +75,7 @@ from . import kernels
 from .base import run_closure, warn_unlinked
 from .discovery import _discover, rescale_rows_
 from .geometry import accumulate_dtype, dot, is_invariant, norm, rest, rows, safe_inv
-from .sharded import ShardedLayout, ShardedRows, is_sharded
+from .sharded import ShardedLayout, ShardedRows, is_sharded, stats_over_split_rows
 
 POLICIES = ("free", "fixed", "unit", "equilibrium")
 
@@ -350,18 +350,14 @@ class NormPolicy:
         statistics would have to follow rows split between ranks (psiopt's sphere optimizers
         refuse them at their first step: :meth:`NormStats.rescale_`)."""
         for _, p, grouping, stats in self._invariant(every=True):
-            shard = self._shard(p, grouping)
-            if shard is None or shard.sharded_dim is None or shard.mesh.size() == 1 \
-                    or shard.kind == "tensor":  # (one factor for the whole tensor: it can follow)
-                continue
-            for st in stats:
-                if getattr(st.norm, "running_mean", None) is not None:
-                    raise ValueError(
-                        f"NormPolicy 'unit': the running statistics of a {type(st.norm).__name__} "
-                        f"are fed by rows ({grouping}) split between FSDP2 ranks and cannot follow "
-                        "the one-time unit-normalisation; use GroupNorm or LayerNorm, or the "
-                        "'fixed', 'equilibrium' or 'free' policy (their rescaling after each step "
-                        "is part of the update: no statistics follow it)")
+            norm = stats_over_split_rows(self._shard(p, grouping), stats)
+            if norm is not None:
+                raise ValueError(
+                    f"NormPolicy 'unit': the running statistics of a {norm} are fed by rows "
+                    f"({grouping}) split between FSDP2 ranks and cannot follow the one-time "
+                    "unit-normalisation; use GroupNorm or LayerNorm, or the 'fixed', "
+                    "'equilibrium' or 'free' policy (their rescaling after each step is part of "
+                    "the update: no statistics follow it)")
 
     def _invariant(self, every: bool = False):
         """``(key, p, grouping, running statistics)`` of every invariant parameter with a gradient

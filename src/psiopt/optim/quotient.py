@@ -6,7 +6,7 @@ import torch
 
 from . import kernels
 from .base import ScaleInvariantOptimizer, momentum_buffer, new_step, readable, step_count
-from .geometry import norm, safe_inv
+from .geometry import is_invariant, norm, safe_inv
 
 
 class PSISGD(ScaleInvariantOptimizer):
@@ -190,6 +190,9 @@ class PSISGD(ScaleInvariantOptimizer):
         w.add_(step)
 
     fused_rule = True
+
+    def _rescales_rows(self, group: dict) -> bool:
+        return is_invariant(group.get("grouping")) and not group["fixed_norm"]  # (the guard)
 
     def _update_fused(self, group, ws, gs, states, stats):
         literal = not group["fixed_norm"]

@@ -242,6 +242,21 @@ class ShardedLayout(RowLayout):
         return out.reshape(rows_, cols).index_select(0, slots)
 
 
+def stats_over_split_rows(shard: ShardedRows | None, stats) -> str | None:
+    """The type of the first norm layer in ``stats`` (:class:`~psiopt.optim.discovery.NormStats`
+    of one parameter) whose running statistics are fed by rows that ``shard`` splits between
+    FSDP2 ranks, or ``None``.  Such statistics cannot follow a rescaling of the rows: each rank
+    holds the factors of its own rows only (one row per rank passed for "one factor for all";
+    a group index picked other ranks' rows), so a rule that rescales rows outside its update
+    refuses them when it is built.  A ``"tensor"`` group has one factor, the same on every
+    rank: it can follow."""
+    if shard is None or shard.sharded_dim is None or shard.mesh.size() == 1 \
+            or shard.kind == "tensor":
+        return None
+    return next((type(st.norm).__name__ for st in stats
+                 if getattr(st.norm, "running_mean", None) is not None), None)
+
+
 def grouped_norms(p: Tensor, grouping: str) -> tuple[Tensor, Tensor]:
     """``(view, norms)``: the grouped view of ``p`` (of its local shard for a DTensor) and the
     per-group norms (keepdim), complete across ranks."""

@@ -55,6 +55,9 @@ class _SphereOptimizer(ScaleInvariantOptimizer):
 
     invariant_zero = ("weight_decay",)
 
+    def _rescales_rows(self, group: dict) -> bool:
+        return is_invariant(group.get("grouping"))  # (the unit-normalisation)
+
     @torch.no_grad()
     def prepare(self) -> None:
         """Prepare now, rather than at their first step, the rows of every invariant parameter
