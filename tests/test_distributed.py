@@ -423,21 +423,28 @@ def test_two_ranks_equal_one_process_for_every_optimizer(spawned, mode):
         assert took == fused - {"sgdg", "adamg"}, (took, fused)
 
 
-def _bad_shard_worker(rank, world, port, out):
-    """bn_net under FSDP2 (float64) with one row of "0.weight" (grouping "channel", whole rows on
-    each rank) scaled by 1e200 on rank 1's shard only (its squared norm overflows): building
-    PSI-SGD, which needs ‖w‖², raises on every rank (each rank's count summed over the mesh)."""
+def _sharded_bn_net(rank, world, port):
+    """Join the 2-rank gloo group; ``(xs, ys, model, mapping)``: bn_net's data, the network
+    under FSDP2 (its conv's and linear's rows split between the ranks) and its groupings."""
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
-    xs, _ = data()
+    xs, ys = data()
     model = bn_net()
     mapping = psiopt.find_scale_invariant(model, xs[0])
     for i in (0, 4):
         fully_shard(model[i])
     fully_shard(model)
+    return xs, ys, model, mapping
+
+
+def _bad_shard_worker(rank, world, port, out):
+    """bn_net under FSDP2 (float64) with one row of "0.weight" (grouping "channel", whole rows on
+    each rank) scaled by 1e200 on rank 1's shard only (its squared norm overflows): building
+    PSI-SGD, which needs ‖w‖², raises on every rank (each rank's count summed over the mesh)."""
+    xs, _, model, mapping = _sharded_bn_net(rank, world, port)
     if rank == 1:
         with torch.no_grad():
             model[0].weight.to_local()[0].mul_(1e200)
@@ -521,17 +528,7 @@ def _refusals_worker(rank, world, port, out):
     """bn_net under FSDP2 (its conv's "channel" rows split 3 | 3 between the ranks, feeding a
     BatchNorm2d): the optimizers that rescale rows outside their update are refused when built;
     then PSI-SGD with ``check_finite`` and a NaN in rank 1's shard of the gradient alone."""
-    from torch.distributed.fsdp import fully_shard
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    torch.set_num_threads(1)
-    xs, ys = data()
-    model = bn_net()
-    mapping = psiopt.find_scale_invariant(model, xs[0])
-    for i in (0, 4):
-        fully_shard(model[i])
-    fully_shard(model)
+    xs, ys, model, mapping = _sharded_bn_net(rank, world, port)
     said, x = {}, xs[0][rank * 4: rank * 4 + 4]
     for name, kw in [("un-sgd", {}), ("b-sgd", {}), ("adamg-star", {}), ("sgdg", {}),
                      ("psi-sgd", {"fixed_norm": False}), ("psi-sgd", {})]:
