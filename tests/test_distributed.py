@@ -423,14 +423,11 @@ def test_two_ranks_equal_one_process_for_every_optimizer(spawned, mode):
         assert took == fused - {"sgdg", "adamg"}, (took, fused)
 
 
-def _sharded_bn_net(rank, world, port):
-    """Join the 2-rank gloo group; ``(xs, ys, model, mapping)``: bn_net's data, the network
-    under FSDP2 (its conv's and linear's rows split between the ranks) and its groupings."""
+def _sharded_bn_net():
+    """``(xs, ys, model, mapping)``: bn_net's data, the network under FSDP2 (its conv's and
+    linear's rows split between the ranks) and its groupings."""
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    torch.set_num_threads(1)
     xs, ys = data()
     model = bn_net()
     mapping = psiopt.find_scale_invariant(model, xs[0])
@@ -440,11 +437,11 @@ def _sharded_bn_net(rank, world, port):
     return xs, ys, model, mapping
 
 
-def _bad_shard_worker(rank, world, port, out):
+def _bad_shard(rank) -> dict:
     """bn_net under FSDP2 (float64) with one row of "0.weight" (grouping "channel", whole rows on
     each rank) scaled by 1e200 on rank 1's shard only (its squared norm overflows): building
     PSI-SGD, which needs ‖w‖², raises on every rank (each rank's count summed over the mesh)."""
-    xs, _, model, mapping = _sharded_bn_net(rank, world, port)
+    xs, _, model, mapping = _sharded_bn_net()
     if rank == 1:
         with torch.no_grad():
             model[0].weight.to_local()[0].mul_(1e200)
@@ -453,31 +450,16 @@ def _bad_shard_worker(rank, world, port, out):
         said = None
     except ValueError as e:
         said = str(e)
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump({"mapping": mapping.get("0.weight"), "said": said}, f)
-    close_process_group()
+    return {"mapping": mapping.get("0.weight"), "said": said}
 
 
-def test_a_bad_row_in_one_ranks_shard_is_refused_on_every_rank(tmp_path):
-    out = tmp_path / "bad"
-    mp.spawn(_bad_shard_worker, args=(2, _free_port(), str(out)), nprocs=2)
-    results = [json.loads((tmp_path / f"bad.{r}").read_text()) for r in (0, 1)]
-    assert all(r["mapping"] == "channel" for r in results), results
-    assert all(r["said"] and "1 group(s) (channel) have squared norms outside" in r["said"]
-               for r in results), results
-    assert "another rank's rows" in results[0]["said"] and "largest entries" in results[1]["said"]
-
-
-def _uneven_worker(rank, world, port, out):
+def _uneven(rank) -> dict:
     """PSI-SGD's literal mode (``fixed_norm=False``) on two linear→LayerNorm weights ("tensor"
     groups: each spans the ranks under FSDP2) of one parameter group, the first missing step 2
     (no gradient), so that the group's step counters are uneven from then on: two ranks against
     one process."""
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(2)
     xs = torch.randn(STEPS, 8, 6, generator=gen, dtype=torch.float64)
     ys = torch.randint(0, 3, (STEPS, 8), generator=gen)
@@ -508,27 +490,14 @@ def _uneven_worker(rank, world, port, out):
     half = slice(rank * 4, rank * 4 + 4)
     got, _ = run(model, xs[:, half], ys[:, half])
     errs = {n: float((got[n] - w).abs().max() / w.abs().max()) for n, w in want.items()}
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump({"errors": errs, "groups": groups}, f)
-    close_process_group()
+    return {"errors": errs, "groups": groups}
 
 
-def test_uneven_step_counters_of_groups_that_span_ranks_equal_one_process(tmp_path):
-    """Uneven counters step each tensor on its own; under FSDP2 their norms were taken on the
-    local shard alone (a silent wrong result: relative errors of order 1 at the time)."""
-    out = tmp_path / "uneven.json"
-    mp.spawn(_uneven_worker, args=(2, _free_port(), str(out)), nprocs=2)
-    result = json.loads(out.read_text())
-    assert result["groups"] == ["tensor"], result
-    assert max(result["errors"].values()) < 1e-12, result
-
-
-def _refusals_worker(rank, world, port, out):
+def _refusals(rank) -> dict:
     """bn_net under FSDP2 (its conv's "channel" rows split 3 | 3 between the ranks, feeding a
     BatchNorm2d): the optimizers that rescale rows outside their update are refused when built;
     then PSI-SGD with ``check_finite`` and a NaN in rank 1's shard of the gradient alone."""
-    xs, ys, model, mapping = _sharded_bn_net(rank, world, port)
+    xs, ys, model, mapping = _sharded_bn_net()
     said, x = {}, xs[0][rank * 4: rank * 4 + 4]
     for name, kw in [("un-sgd", {}), ("b-sgd", {}), ("adamg-star", {}), ("sgdg", {}),
                      ("psi-sgd", {"fixed_norm": False}), ("psi-sgd", {})]:
@@ -556,43 +525,16 @@ def _refusals_worker(rank, world, port, out):
     except FloatingPointError as e:
         raised = str(e)
     unchanged = bool(torch.equal(full(model)["0.weight"], before))
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump({"mapping": mapping.get("0.weight"), "said": said, "raised": raised,
-                   "unchanged": unchanged}, f)
-    close_process_group()
+    return {"mapping": mapping.get("0.weight"), "said": said, "raised": raised,
+            "unchanged": unchanged}
 
 
-def test_sharded_rows_feeding_running_statistics_and_a_nan_in_one_shard_are_refused(tmp_path):
-    """Under FSDP2, on every rank alike: (1) the optimizers whose rules rescale rows outside
-    their update (the sphere methods' and B-SGD's unit-normalisation, PSI-SGD's guard) are
-    refused when built where the rows are split between the ranks and feed a BatchNorm (the
-    statistics cannot follow: a rank raised alone at the rescaling, or every channel took its
-    rows' factor, silently); PSI-SGD with fixed_norm is built.  (2) ``check_finite`` finds a NaN
-    in rank 1's shard alone (the DTensor's max norm, reduced by gloo's MAX, dropped it: the
-    step wrote NaN into the weights).  (3) ``StepProbe`` is refused (its figures are of whole
-    groups: on shards they were each rank's own, silently)."""
-    out = tmp_path / "refused"
-    mp.spawn(_refusals_worker, args=(2, _free_port(), str(out)), nprocs=2)
-    for rank in (0, 1):
-        result = json.loads(out.with_suffix(f".{rank}").read_text())
-        assert result["mapping"] == "channel", result
-        said = result["said"]
-        assert said.pop("psi-sgd") is None, result
-        assert "StepProbe takes no FSDP2-sharded parameters" in said.pop("probe"), result
-        assert all(s and "BatchNorm" in s and "FSDP2" in s for s in said.values()), result
-        assert result["raised"] and "0.weight" in result["raised"], result
-        assert result["unchanged"], result
-
-
-def _bf16_worker(rank, world, port, out):
+def _bf16(rank) -> dict:
     """Adam-S on a bfloat16 linear→LayerNorm weight ("tensor") under FSDP2: one step, then its
     state through ``get_state_dict``/``set_state_dict`` into a new optimizer."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 4, generator=gen).bfloat16()
     y = torch.randint(0, 3, (4,), generator=gen)
@@ -615,18 +557,70 @@ def _bf16_worker(rank, world, port, out):
     opt2 = psiopt.create_optimizer(again, "adams", x)
     set_state_dict(again, opt2, model_state_dict=model_sd, optim_state_dict=optim_sd)
     loaded = opt2.state[again[0].weight]["exp_avg_sq"]
+    return {"saved": str(saved.dtype), "loaded": str(loaded.dtype),
+            "equal": bool(torch.equal(loaded.full_tensor(), saved.full_tensor()))}
+
+
+#: FSDP2 checks run in one spawn of two ranks (test time), in this order on every rank
+FSDP_CHECKS = {"bad_shard": _bad_shard, "uneven": _uneven, "refusals": _refusals, "bf16": _bf16}
+
+
+def _checks_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    results = {name: check(rank) for name, check in FSDP_CHECKS.items()}
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"saved": str(saved.dtype), "loaded": str(loaded.dtype),
-                   "equal": bool(torch.equal(loaded.full_tensor(), saved.full_tensor()))}, f)
+        json.dump(results, f)
     close_process_group()
 
 
-def test_float32_state_of_bfloat16_shards_stays_float32_through_a_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_checks(tmp_path_factory):
+    """Each rank's results of :data:`FSDP_CHECKS`: ``[rank 0's, rank 1's]``, by check."""
+    out = tmp_path_factory.mktemp("checks") / "checks"
+    mp.spawn(_checks_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    return [json.loads(out.with_suffix(f".{rank}").read_text()) for rank in (0, 1)]
+
+
+def test_a_bad_row_in_one_ranks_shard_is_refused_on_every_rank(fsdp_checks):
+    results = [r["bad_shard"] for r in fsdp_checks]
+    assert all(r["mapping"] == "channel" for r in results), results
+    assert all(r["said"] and "1 group(s) (channel) have squared norms outside" in r["said"]
+               for r in results), results
+    assert "another rank's rows" in results[0]["said"] and "largest entries" in results[1]["said"]
+
+
+def test_uneven_step_counters_of_groups_that_span_ranks_equal_one_process(fsdp_checks):
+    """Uneven counters step each tensor on its own; under FSDP2 their norms were taken on the
+    local shard alone (a silent wrong result: relative errors of order 1 at the time)."""
+    result = fsdp_checks[0]["uneven"]
+    assert result["groups"] == ["tensor"], result
+    assert max(result["errors"].values()) < 1e-12, result
+
+
+def test_sharded_rows_feeding_running_statistics_and_a_nan_in_one_shard_are_refused(fsdp_checks):
+    """Under FSDP2, on every rank alike: (1) the optimizers whose rules rescale rows outside
+    their update (the sphere methods' and B-SGD's unit-normalisation, PSI-SGD's guard) are
+    refused when built where the rows are split between the ranks and feed a BatchNorm (the
+    statistics cannot follow: a rank raised alone at the rescaling, or every channel took its
+    rows' factor, silently); PSI-SGD with fixed_norm is built.  (2) ``check_finite`` finds a NaN
+    in rank 1's shard alone (the DTensor's max norm, reduced by gloo's MAX, dropped it: the
+    step wrote NaN into the weights).  (3) ``StepProbe`` is refused (its figures are of whole
+    groups: on shards they were each rank's own, silently)."""
+    for result in (r["refusals"] for r in fsdp_checks):
+        assert result["mapping"] == "channel", result
+        said = result["said"]
+        assert said.pop("psi-sgd") is None, result
+        assert "StepProbe takes no FSDP2-sharded parameters" in said.pop("probe"), result
+        assert all(s and "BatchNorm" in s and "FSDP2" in s for s in said.values()), result
+        assert result["raised"] and "0.weight" in result["raised"], result
+        assert result["unchanged"], result
+
+
+def test_float32_state_of_bfloat16_shards_stays_float32_through_a_checkpoint(fsdp_checks):
     """``accumulated_state`` (Adam-S's ‖g‖² average) of 16-bit parameters is kept in float32 and
     stays so when loaded; under FSDP2 it came back as bfloat16 (torch's cast to the parameter's
     dtype was left on DTensors), the stall that float32 state prevents."""
-    out = tmp_path / "bf16"
-    mp.spawn(_bf16_worker, args=(2, _free_port(), str(out)), nprocs=2)
-    for rank in (0, 1):
-        result = json.loads(out.with_suffix(f".{rank}").read_text())
+    for result in (r["bf16"] for r in fsdp_checks):
         assert result == {"saved": "torch.float32", "loaded": "torch.float32", "equal": True}, result
