@@ -791,7 +791,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         kernel = self._wants_kernels(group) and layout is not None and not fresh and (
             shards is None or not compiling and self._kernels_take_shards(group, shards))
         if kernel and self._fused(group, ws, gs, states, stats):
-            pass
+            pass  # (stepped by the kernels; sharded state is stored back below)
         elif per_tensor:  # see compile_per_tensor
             for i, w in enumerate(ws):
                 self._update_many(group, [w], [gs[i]], [states[i]], self._layout([w]), [stats[i]])

@@ -212,10 +212,12 @@ class PSISGD(ScaleInvariantOptimizer):
 
     def _update_many(self, group, ws, gs, states, layout, stats):
         lr, rho, wd = group["lr"], group["momentum"], group["weight_decay"]
-        if self._steps(group, states, ws):  # uneven steps: each tensor on its own guard
-            for i, (w, g, st, sts) in enumerate(zip(ws, gs, states, stats)):  # schedule, its
-                self._update_many(group, [w], [g], [st], layout.single(i, w), [sts])  # norms
-            return  # reduced as the layout's are (FSDP2: across ranks; was local: wrong)
+        if self._steps(group, states, ws):
+            # uneven counters: each tensor on its own guard schedule, its norms reduced as the
+            # group's layout reduces them (under FSDP2, across ranks)
+            for i, (w, g, st, sts) in enumerate(zip(ws, gs, states, stats)):
+                self._update_many(group, [w], [g], [st], layout.single(i, w), [sts])
+            return
         if not group["fixed_norm"]:
             step_count(states)
         n = layout.norms(ws)
