@@ -354,3 +354,25 @@ def test_a_gradscaler_unscales_the_policy_once():
     opt.step = lambda *a, **k: seen.append(m[3].weight.grad.clone()) or step(*a, **k)
     scaler.step(policy)
     torch.testing.assert_close(seen[0], plain[3].weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_equilibrium_with_a_float32_tensor_lr_keeps_the_norm_and_turns_by_the_numbers_angle():
+    """The angle of a float32 ``lr`` tensor (``torch.tensor(0.05)``) is taken in float64, as the
+    number's: in float32, its cosine's ``1 + (cos − 1)`` let the norm drift 1e-8 a step."""
+    model, x, y = _setup()
+    lr = torch.tensor(0.05, dtype=torch.float32)
+    opt = torch.optim.SGD(psiopt.optimizer_groups(model, x, weight_decay=0.01, invariant_weight_decay=0.3),
+                          lr=lr, momentum=0.9)
+    policy = psiopt.NormPolicy(opt, "equilibrium", model=model, example_inputs=x)
+    invariant = [(g, p) for g in opt.param_groups if _invariant(g) for p in g["params"]]
+    angle = sgdm_angle(float(lr), 0.3, 0.9)
+    for _ in range(3):
+        before = [rows(p.detach(), g["grouping"]).clone() for g, p in invariant]
+        opt.zero_grad()
+        F.cross_entropy(model.train()(x), y).backward()
+        policy.step()
+        for (g, p), old in zip(invariant, before):
+            new = rows(p.detach(), g["grouping"])
+            assert torch.allclose(angular_update(old, new), torch.tensor(angle, dtype=torch.float64),
+                                  rtol=1e-12, atol=0)
+            assert torch.allclose(new.flatten(1).norm(dim=1), old.flatten(1).norm(dim=1), rtol=1e-13, atol=0)

@@ -248,3 +248,106 @@ def test_numbers_copied_to_a_device_once_per_distinct_values():
     assert cpu.tolist() == [0.1, 0.0, 0.0, 0.0, 0.0, 0.0] and str(cpu[1].item()) == "-0.0"
     assert rowrules.hyper_tensor((0.1, -0.0), "cpu") is not cpu
     assert kernels.scalars([(1.0, 2.0), (3.0, 4.0)]).tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_each_group_holds_its_own_tensor_lr_so_per_group_schedules_do_not_compound():
+    """One tensor ``lr`` given to ``create_optimizer`` (or ``param_groups``, or the defaults
+    that a group added later takes) becomes one tensor per group: a scheduler writes each
+    group's lr in place, and on a tensor the groups shared, ReduceLROnPlateau's halving was
+    taken once per group (0.1 → 0.0125 with three groups) and LambdaLR's last group won."""
+    runs = {}
+    for key, lr in (("float", 0.1), ("tensor", torch.tensor(0.1, dtype=torch.float64))):
+        model, opt = build("psi-sgdm", lr)
+        x, y = data()
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+        for _ in range(4):
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            plateau.step(1.0)  # no improvement: halved at every step but the first
+        runs[key] = model, opt
+    lrs = [float(g["lr"]) for g in runs["tensor"][1].param_groups if g["grouping"] != "cancelled"]
+    assert len(lrs) > 2 and lrs == [pytest.approx(0.1 * 0.5 ** 3)] * len(lrs), lrs
+    for a, b in zip(runs["float"][0].parameters(), runs["tensor"][0].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    opt = runs["tensor"][1]
+    opt.add_param_group({"params": [nn.Parameter(torch.ones(2))]})  # takes the defaults' lr
+    tensors = [g[k] for g in opt.param_groups for k in g if isinstance(g[k], torch.Tensor)]
+    assert len({id(t) for t in tensors}) == len(tensors) == len(opt.param_groups)
+    lr = torch.tensor(0.5, dtype=torch.float64)
+    groups = psiopt.param_groups(net(), data()[0], lr=lr, invariant_lr=lr)
+    assert len({id(g["lr"]) for g in groups}) == len(groups)
+    assert all(float(g["lr"]) == 0.5 for g in groups if g["grouping"] != "cancelled")
+    sgd = torch.optim.SGD(groups)  # LambdaLR, one factor per group
+    torch.optim.lr_scheduler.LambdaLR(sgd, [lambda e, i=i: 1.0 / (i + 1) for i in range(len(groups))])
+    assert [float(g["lr"]) for g in sgd.param_groups] == \
+        [0.5 / (i + 1) for i in range(len(groups))]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "b-sgd", "psi-sgdm"])
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_a_tensor_lr_written_out_of_range_is_refused_at_the_step_by_every_optimizer(name, bad):
+    """torch.optim's baselines included (their step checked only numbers: a negative tensor lr
+    took steps up the gradient, NaN or inf wrote NaN into the weights)."""
+    model, opt = build(name, torch.tensor(0.1, dtype=torch.float64))
+    x, y = data()
+    F.cross_entropy(model(x), y).backward()
+    for g in opt.param_groups:
+        g["lr"].fill_(bad)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="invalid lr"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.tensor([0.1]), "0-d"),
+    (torch.tensor(1, dtype=torch.int64), "floating-point"),
+    (torch.tensor(0.1, requires_grad=True), "require grad"),
+])
+def test_a_tensor_lr_of_the_wrong_form_written_later_is_refused_by_an_eager_step(bad, match):
+    """As when the group is added, and as a compiled step refuses it (an eager step read the
+    number first: an int64 lr that StepLR then filled with 0.5 became 0, silently)."""
+    model, opt = build("psi-sgdm", torch.tensor(0.1, dtype=torch.float64))
+    x, y = data()
+    F.cross_entropy(model(x), y).backward()
+    opt.param_groups[0]["lr"] = bad
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["adamg-star", "psi-sgdm", "adams", "un-sgd", "sgdg"])
+def test_a_float32_tensor_lr_steps_as_its_number_on_a_device(name, monkeypatch):
+    """A float32 lr tensor (``torch.tensor(1e-3)``'s dtype) on the path of a device lr (taken here
+    by making tensors unreadable, as above): the rules' arithmetic on it is float64, as on its
+    number (AdamG*'s ``1 − ηλ`` in float32 lost λ = 1e-5 entirely, so a compiled step, or one
+    with a device lr, took no weight decay).  Invariant groups compared; torch's own Adam rounds
+    a float32 lr tensor."""
+    lr32 = torch.tensor(1e-3, dtype=torch.float32)
+    kw = {"weight_decay": 1e-5} if name == "adamg-star" else {}
+    ref_model, ref_opt = build(name, float(lr32), **kw)
+    train(ref_model, ref_opt, lambda f: f, 4)
+    model, opt = build(name, lr32.clone(), **kw)
+    with monkeypatch.context() as m:
+        for mod in (base, psiopt.optim.quotient, psiopt.optim.sphere):
+            if hasattr(mod, "readable"):
+                m.setattr(mod, "readable", lambda v: not isinstance(v, torch.Tensor))
+        train(model, opt, lambda f: f, 4)
+    for g, ref_g in zip(opt.param_groups, ref_opt.param_groups):
+        if g["grouping"] not in (None, "cancelled"):
+            for a, b in zip(ref_g["params"], g["params"]):
+                torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_numbers_new_at_every_step_do_not_push_the_row_tables_out(monkeypatch):
+    """A float lr's Adam bias corrections are new numbers at every step: when the kept tensors
+    fill up, those go (were: everything, the tables and addresses copied again every 1024 steps)."""
+    from psiopt.optim import rowrules
+
+    monkeypatch.setattr(rowrules, "_KEPT", {})
+    monkeypatch.setattr(rowrules, "_KEEP", 8)
+    table = rowrules.on_device(("rows", (1, 2)), lambda: torch.zeros(2), "meta")
+    for step in range(20):
+        rowrules.numbers_on([0.1, 1 - 0.9 ** (step + 1)], "meta")
+    assert rowrules.on_device(("rows", (1, 2)), lambda: torch.zeros(2), "meta") is table
+    assert len(rowrules._KEPT) < 8

@@ -233,6 +233,23 @@ def warn_unlinked(optimizer, stacklevel: int) -> None:
         "no running statistics follow its rows", stacklevel=stacklevel)
 
 
+def own_tensor_settings(groups: list[dict]) -> None:
+    """Give each group of ``groups`` its own tensor settings: a tensor that an earlier group (or
+    key) holds is replaced by a copy.  One ``lr`` tensor given for several groups (by
+    :func:`psiopt.create_optimizer`, :func:`psiopt.param_groups`, or the defaults a group added
+    later takes) would otherwise be one object that every group's scheduler writes in place:
+    ``ReduceLROnPlateau``'s factor was taken once per group, ``LambdaLR``'s last group's value
+    set every group's."""
+    seen: set[int] = set()
+    for group in groups:
+        for key, value in group.items():
+            if key == "params" or not isinstance(value, Tensor):
+                continue
+            if id(value) in seen:
+                group[key] = value = value.detach().clone()
+            seen.add(id(value))
+
+
 def check_step_settings(group: dict) -> None:
     """Raise ``ValueError`` if a setting of ``group`` that the rules read at each step is out of
     range, without a host synchronisation: Python numbers, and tensor settings
@@ -314,6 +331,7 @@ class GroupHandling:
                 del g["param_names"]
             raise
         added = self.param_groups[-1]
+        own_tensor_settings(self.param_groups)
         if is_invariant(grouping) and split_part(grouping)[1] is not None and self.rest_rule:
             lr = added["lr"]  # (a tensor lr read once, here: the scheduler writes it in place)
             added.setdefault("part_lr0", float(lr) if isinstance(lr, Tensor) else lr)
@@ -460,6 +478,7 @@ class GroupHandling:
         super().load_state_dict(state_dict)
         for group, extra in zip(self.param_groups, kept):
             group.update(extra)
+        own_tensor_settings(self.param_groups)  # (a state dict saved when groups shared one)
 
     def _upgrade_saved_group(self, saved: dict, live: dict | None) -> dict:
         """A saved group (a copy) with the settings added since older versions filled in from
@@ -685,6 +704,8 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         :func:`readable` (a CPU tensor in an eager step: read without a device
         synchronisation, so the step is the one of that number, computed as fast)."""
         tensors = [k for k in TENSOR_KEYS if isinstance(group.get(k), Tensor) and readable(group[k])]
+        for key in tensors:  # its form first, as a traced step checks it (an int64 lr read as a
+            check_hyper(key, group[key], read=False)  # number, then filled with 0.5 by StepLR: 0)
         return {**group, **{k: group[k].item() for k in tensors}} if tensors else group
 
     def _init_group(self, group: dict, index: list[int], params: list[Tensor],

@@ -16,7 +16,7 @@ import torch
 from torch.optim.optimizer import _use_grad_for_differentiable
 from torch.optim.sgd import sgd
 
-from .base import GroupHandling, run_closure, warn_unlinked
+from .base import GroupHandling, check_hyper, run_closure, warn_unlinked
 from .diagnostics import group_of
 from .discovery import rescale_rows_
 from .geometry import CANCELLED, accumulate_dtype, is_invariant, norm, rows, safe_inv, sqnorm
@@ -39,7 +39,10 @@ def _freeze_cancelled(optimizer, args, kwargs) -> None:
 
 def _check_torch_settings(group: dict) -> None:
     """``ValueError`` for what torch.optim's constructors refuse: a negative (or NaN) ``lr``,
-    ``weight_decay``, ``eps`` or ``momentum``, ``betas`` outside ``[0, 1)``."""
+    ``weight_decay``, ``eps`` or ``momentum``, ``betas`` outside ``[0, 1)``; and, as psiopt's own
+    rules, a tensor ``lr`` of the wrong form or, read on the CPU, out of ``[0, inf)``."""
+    if isinstance(group.get("lr"), torch.Tensor):  # its form, and its value where it is read
+        check_hyper("lr", group["lr"], read=False)  # without a host synchronisation (on the CPU)
     for key in ("lr", "weight_decay", "eps", "momentum"):
         value = group.get(key)
         if isinstance(value, numbers.Real) and not value >= 0.0:

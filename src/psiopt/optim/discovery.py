@@ -31,6 +31,7 @@ except ImportError:  # a torch built without distributed support
     FSDPModule = None
 
 from ..parallel import SyncBatchNorm
+from .base import own_tensor_settings
 from .geometry import CANCELLED, is_invariant, norm, parse_grouping, part, rows, safe_inv, split_part
 from .sharded import grouped_norms, is_sharded
 from .symmetry import LABELS, Expr, Failed, Propagation, Value, compact, perturbed, record, unrecorded
@@ -123,7 +124,9 @@ class NormStats:
             return
         s = factors.reshape(-1).to(mean.dtype)
         if self.index is not None:
-            s = torch.cat([s, s.new_ones(1)])[self.index.to(s.device, non_blocking=True)]
+            if self.index.device != s.device:  # moved once (a copy at each rescaling could not
+                self.index = self.index.to(s.device, non_blocking=True)  # be captured in a graph)
+            s = torch.cat([s, s.new_ones(1)])[self.index]
         if s.numel() not in (1, mean.numel()):  # e.g. the rows of one FSDP2 shard
             raise ValueError(
                 f"{type(self.norm).__name__}: its running statistics cover {mean.numel()} channels "
@@ -495,6 +498,7 @@ def param_groups(model: nn.Module, example_inputs=None, *, mapping: dict | None 
             if example_inputs is not None:
                 group["norm_stats"] = [stats.get(n, []) for n in bucket["param_names"]]
         groups.append(group)
+    own_tensor_settings(groups)  # one tensor lr given: a tensor per group (schedulers write it)
     return groups
 
 

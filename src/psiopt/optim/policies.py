@@ -84,22 +84,28 @@ def equilibrium_angle(optimizer: Optimizer, group: dict):
     """REQ's equilibrium angular update ``η̂_r`` (radians) of ``group`` under ``optimizer``'s rule
     (module docstring): ``√(2ηλ(1 − β1)/(1 + β1))`` for AdamW (and Adam with
     ``decoupled_weight_decay``), ``√(2ηλ/(1 + α))`` for SGD (momentum ``α``, 0 included).  A
-    Python number, or a tensor where the group's settings are tensors (never read back).
+    Python number, or a float64 tensor where the group's settings are tensors (never read back;
+    a float32 lr's angle, cos and sin in float32 let the kept norm drift 1e-8 per step).
     ``ValueError`` for a rule without a formula or a weight decay that is not positive."""
     name = type(optimizer).__name__
-    decay = group.get("weight_decay", 0)
+    decay, lr = (_float64(group.get(key, 0)) for key in ("weight_decay", "lr"))
     if not isinstance(decay, torch.Tensor) and not decay > 0:
         raise ValueError(f"equilibrium: {name} group with weight_decay={decay!r}: the equilibrium "
                          "angle needs weight decay > 0 on every invariant group")
     if isinstance(optimizer, torch.optim.SGD) and not group["nesterov"] and not group["dampening"]:
-        return (2 * group["lr"] * decay / (1 + group["momentum"])) ** 0.5
+        return (2 * lr * decay / (1 + group["momentum"])) ** 0.5
     decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay")
     if isinstance(optimizer, torch.optim.Adam) and decoupled and not group["amsgrad"]:
         beta1 = group["betas"][0]
-        return (2 * group["lr"] * decay * (1 - beta1) / (1 + beta1)) ** 0.5
+        return (2 * lr * decay * (1 - beta1) / (1 + beta1)) ** 0.5
     raise ValueError(f"equilibrium: no equilibrium angle for {name} with these settings (known: "
                      "torch.optim.AdamW or Adam(decoupled_weight_decay=True) without amsgrad; "
                      "torch.optim.SGD without nesterov or dampening)")
+
+
+def _float64(x):
+    """A tensor setting in float64 (its arithmetic as a Python number's), a number as it is."""
+    return x.double() if isinstance(x, torch.Tensor) else x
 
 
 def _cos_sin(theta):

@@ -214,8 +214,12 @@ class AdamGStar(_SphereOptimizer):
 
     @staticmethod
     def _coefficients(group) -> tuple[float, float, float]:
-        """``(−η/(1 − ηλ), (1 − ηλ)⁴, 2η²(1 − ηλ)²)``: step factor on ``g/√r4`` and ``r4``'s update."""
-        lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
+        """``(−η/(1 − ηλ), (1 − ηλ)⁴, 2η²(1 − ηλ)²)``: step factor on ``g/√r4`` and ``r4``'s update.
+        A tensor ``η`` (a device lr, or a compiled step's) is taken in float64, as a number is: a
+        float32 one rounded ``1 − ηλ`` to 1 for ηλ below 6e-8 (no weight decay, silently)."""
+        lr = group["lr"]
+        lr = lr.double() if isinstance(lr, torch.Tensor) else lr
+        decay = 1.0 - lr * group["weight_decay"]
         return -lr / decay, decay**4, 2.0 * (lr * decay) ** 2
 
     def _update_one(self, group, w, g, state, stats):
