@@ -29,11 +29,13 @@ import ast
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +48,8 @@ TEST_FILES = ("tests/test_cuda.py", "tests/test_device.py")
 #: total wall-clock budget (seconds) and each step's cap within it
 BUDGET_S = 570
 CAPS_S = {"install": 120, "tests": 360, "bench": 180, "train": 120}
+#: seconds a step interrupted at its cap has to stop (pytest writes its junit file) before a kill
+INTERRUPT_GRACE_S = 15
 #: skips that are not CUDA tests being skipped: (reason pattern, condition on the GPU count)
 ALLOWED_SKIPS = (
     (r"a machine without CUDA", lambda gpus: gpus >= 1),  # CPU-only tests of test_device.py
@@ -100,18 +104,25 @@ def parse_junit(path: Path) -> TestResults:
 
 def _run(command: list[str], cap: float, log: Path, **extra_env: str) -> tuple[int | None, str]:
     """Run ``command`` in the repository with a time cap, importing this checkout's psiopt
-    (``src`` first on ``PYTHONPATH``); its output goes to ``log``.  Returns the exit status
+    (``src`` first on ``PYTHONPATH``); its output goes to ``log``.  Past the cap it is
+    interrupted (SIGINT, then killed after :data:`INTERRUPT_GRACE_S`).  Returns the exit status
     (``None`` on time-out) and the output's last 40 lines."""
     path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra_env}
     with log.open("w") as out:
         out.write("$ " + shlex.join(command) + "\n")
         out.flush()
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
-            rc = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                env=env, timeout=max(cap, 1)).returncode
-        except subprocess.TimeoutExpired:
-            rc = None
+            rc = proc.wait(timeout=max(cap, 1))
+        except subprocess.TimeoutExpired:  # interrupted as by Ctrl-C first: pytest then writes
+            rc = None                      # the junit of the tests that finished
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=INTERRUPT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
     return rc, tail
 
@@ -207,22 +218,27 @@ def extra_requirements(extra: str) -> list[str] | None:
 
 
 def _installed(requirement: str) -> bool:
-    """Whether ``requirement``'s distribution is installed, or a module of its name importable
-    (torch's nightly builds bring triton as the distribution ``pytorch-triton``: a pip install
-    of ``triton`` there would replace it, or fail on a machine without network)."""
+    """Whether ``requirement``'s distribution is installed in a version it allows, or a module of
+    its name importable (torch's nightly builds bring triton as the distribution
+    ``pytorch-triton``: a pip install of ``triton`` there would replace it, or fail on a machine
+    without network)."""
     name = re.split(r"[\s<>=!~\[;]", requirement, maxsplit=1)[0]
     try:
-        importlib.metadata.version(name)
+        version = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return importlib.util.find_spec(name.replace("-", "_")) is not None
-    return True
+    try:  # the version asked for (pip's own parser; where it is missing, any version)
+        from packaging.requirements import Requirement
+    except ImportError:
+        return True
+    return Requirement(requirement).specifier.contains(version, prereleases=True)
 
 
 def commands(python: str, work: Path, device: str, tests=TEST_FILES) -> dict[str, list[str]]:
     """The commands of the test, bench and train steps."""
     cli = [python, "-m", "psiopt.experiments.cli"]
     return {
-        "tests": [python, "-m", "pytest", "-rs", "-q", "-p", "no:cacheprovider",
+        "tests": [python, "-m", "pytest", "-rs", "-v", "-p", "no:cacheprovider",
                   f"--junitxml={work / 'junit.xml'}", *tests],
         "bench": [*cli, "bench", "--device", device, "--sets", "resnet56", "--steps", "20",
                   "--no-compile", "--out", str(work / "bench.md")],
@@ -260,12 +276,15 @@ def run_check(args) -> int:
         return min(CAPS_S[name], BUDGET_S - (time.monotonic() - start))
 
     steps.append(install_extra(args, python, work, remaining("install")))
+    write_report(args, env, steps, work)
     t = time.monotonic()
     (work / "junit.xml").unlink(missing_ok=True)  # a stale one is no result
     index = args.device.partition(":")[2]  # the tests' "cuda" is the GPU --device names
     rc, tail = _run(plan["tests"], remaining("tests"), work / "tests.log",
-                    **({"CUDA_VISIBLE_DEVICES": index} if index else {}))
-    steps.append(judge_tests(rc, tail, work / "junit.xml", env["gpus"], time.monotonic() - t))
+                    **({"CUDA_VISIBLE_DEVICES": visible_device(index)} if index else {}))
+    steps.append(judge_tests(rc, tail, work / "junit.xml", 1 if index else env["gpus"],
+                             time.monotonic() - t))
+    write_report(args, env, steps, work)  # (each step's result kept should a later one hang)
     for name in ("bench", "train"):
         t = time.monotonic()
         cap = remaining(name)
@@ -278,7 +297,11 @@ def run_check(args) -> int:
         ok = rc == 0
         summary = ("passed" if ok else f"timed out after {cap:.0f} s" if rc is None
                    else f"failed (exit {rc})")
+        why = judge_training(work / "train" / "metrics.jsonl") if ok and name == "train" else None
+        if why:
+            ok, summary = False, f"exit 0, but {why}"
         steps.append(Step(name, ok, summary, time.monotonic() - t, "" if ok else tail))
+        write_report(args, env, steps, work)
     return finish(args, env, steps, work)
 
 
@@ -299,14 +322,18 @@ def install_extra(args, python: str, work: Path, cap: float) -> Step:
 
 
 def judge_tests(rc, tail: str, junit: Path, gpus: int, seconds: float) -> Step:
-    if rc is None:
-        return Step("tests", False, f"timed out after {seconds:.0f} s", seconds, tail)
+    """The test step's result from pytest's exit status (``None``: timed out) and junit file; a
+    run that timed out fails, with the results of the tests that finished before it."""
     if not junit.exists():
-        return Step("tests", False, f"pytest wrote no results (exit {rc})", seconds, tail)
+        why = "timed out" if rc is None else f"exit {rc}"
+        return Step("tests", False, f"pytest wrote no results ({why} after {seconds:.0f} s)",
+                    seconds, tail)
     results = parse_junit(junit)
     ok, forbidden, allowed = results.judge(gpus)
     summary = (f"{len(results.passed)} passed, {len(results.failed)} failed, "
                f"{len(results.skipped)} skipped ({len(forbidden)} of them CUDA tests)")
+    if rc is None:
+        summary = f"timed out after {seconds:.0f} s, before the tests' end: {summary}"
     details = []
     if results.failed:
         details.append("Failed:\n" + "\n".join(f"- {t}" for t in results.failed))
@@ -323,9 +350,48 @@ def judge_tests(rc, tail: str, junit: Path, gpus: int, seconds: float) -> Step:
     return Step("tests", ok and rc == 0, summary, seconds, "\n\n".join(details))
 
 
+def judge_training(metrics: Path) -> str | None:
+    """Why the training run's ``metrics.jsonl`` fails the check (``None``: it passes): missing,
+    no epoch, a diverged epoch or a loss that is not a finite number (``psiopt train`` exits 0
+    when a run diverges: it records it and stops)."""
+    if not metrics.exists():
+        return f"no {metrics.name} written"
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not records:
+        return f"{metrics.name} holds no epoch"
+    for record in records:
+        loss = record.get("train_loss")
+        if record.get("diverged") or not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            return (f"epoch {record.get('epoch', '?')} diverged or has no finite train loss "
+                    f"({record.get('error') or loss!r})")
+    return None
+
+
+def visible_device(index: str) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for the tests of ``--device cuda:<index>``: that GPU alone, the
+    index read among the GPUs this process sees (an existing ``CUDA_VISIBLE_DEVICES`` list)."""
+    seen = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return seen[int(index)] if seen and int(index) < len(seen) else index
+
+
 def finish(args, env: dict, steps: list[Step], work: Path) -> int:
+    """Write the report, say what failed in one line each; the exit status."""
+    ok = write_report(args, env, steps, work, done=True)
+    for s in steps:
+        if not s.ok:
+            print(f"gpu-check: FAILED at {s.name}: {s.summary}", file=sys.stderr)
+    print(f"gpu-check: {'PASSED' if ok else 'FAILED'}; report written to {args.report}",
+          file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def write_report(args, env: dict, steps: list[Step], work: Path, done: bool = False) -> bool:
+    """The report of the steps so far (written after each step, so that a check killed later
+    leaves them; ``done``: the last); whether all passed."""
     ok = all(s.ok for s in steps)
-    lines = [f"# psiopt GPU check: {'PASSED' if ok else 'FAILED'}", "",
+    state = ("PASSED" if ok else "FAILED") if done else \
+        f"UNFINISHED ({'no' if ok else 'a'} step failed so far; the check is running or was killed)"
+    lines = [f"# psiopt GPU check: {state}", "",
              f"Written {time.strftime('%Y-%m-%d %H:%M:%S %Z')} by `scripts/gpu_check.py`; "
              f"artefacts (logs, junit.xml, bench.md, train/) in `{work}`.", "",
              "## Environment", "", "```", json.dumps(env, indent=1), "```", "",
@@ -341,16 +407,11 @@ def finish(args, env: dict, steps: list[Step], work: Path) -> int:
                   re.sub(r"^#", "##", bench.read_text().split("## How the steps run")[0],
                          flags=re.M)]
     metrics = work / "train" / "metrics.jsonl"
-    if any(s.name == "train" and s.ok for s in steps) and metrics.exists():
+    if any(s.name == "train" for s in steps) and metrics.exists():
         lines += ["", "## Training (`psiopt train --device cuda`, resnet20, synthetic data)", "",
                   "```", metrics.read_text().strip(), "```"]
     Path(args.report).write_text("\n".join(lines) + "\n")
-    for s in steps:
-        if not s.ok:
-            print(f"gpu-check: FAILED at {s.name}: {s.summary}", file=sys.stderr)
-    print(f"gpu-check: {'PASSED' if ok else 'FAILED'}; report written to {args.report}",
-          file=sys.stdout if ok else sys.stderr)
-    return 0 if ok else 1
+    return ok
 
 
 def main(argv=None) -> int:

@@ -111,3 +111,65 @@ def test_missing_prerequisites_fail_the_check_before_anything_runs(tmp_path, mon
     rc = gpu_check.main(["--workdir", str(tmp_path / "w"), "--report", str(tmp_path / "r.md")])
     report = (tmp_path / "r.md").read_text()
     assert rc == 1 and "prerequisites missing: the module surely_not_a_module_psiopt" in report
+
+
+def test_a_step_past_its_cap_is_interrupted_so_that_pytest_can_write_its_results(tmp_path, monkeypatch):
+    """SIGINT first (pytest then writes the junit of the tests that finished), a kill only after
+    the grace period: a timed-out test step still reports what ran (killed at once, it left no
+    junit and a log of dots)."""
+    monkeypatch.setattr(gpu_check, "INTERRUPT_GRACE_S", 20)
+    mark = tmp_path / "interrupted"
+    code = ("import signal, sys, time\n"
+            "def stop(*_):\n"
+            f"    open({str(mark)!r}, 'w').write('results')\n"
+            "    sys.exit(2)\n"
+            "signal.signal(signal.SIGINT, stop)\n"
+            "print('started', flush=True)\n"
+            "time.sleep(60)\n")
+    rc, tail = gpu_check._run([sys.executable, "-c", code], 2, tmp_path / "log")
+    assert rc is None and mark.read_text() == "results" and "started" in tail
+
+
+def test_a_timed_out_test_run_fails_with_the_results_it_has(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text(JUNIT.format(extra=""))
+    step = gpu_check.judge_tests(None, "tail", junit, 1, 400.0)
+    assert not step.ok and step.summary.startswith("timed out after 400 s") and "1 passed" in step.summary
+
+
+def test_training_that_diverges_fails_the_check(tmp_path):
+    """``psiopt train`` exits 0 on a diverged run (it records it and stops): the metrics decide."""
+    metrics = tmp_path / "metrics.jsonl"
+    assert "no metrics.jsonl" in gpu_check.judge_training(metrics)
+    metrics.write_text('{"epoch": 0, "train_loss": 2.1}\n{"epoch": 1, "train_loss": 1.9}\n')
+    assert gpu_check.judge_training(metrics) is None
+    metrics.write_text('{"epoch": 0, "train_loss": 2.1}\n'
+                       '{"epoch": 1, "train_loss": null, "diverged": true}\n')
+    assert "epoch 1 diverged" in gpu_check.judge_training(metrics)
+    metrics.write_text('{"epoch": 0, "train_loss": NaN}\n')
+    assert "epoch 0" in gpu_check.judge_training(metrics)
+
+
+def test_the_tests_see_the_gpu_that_device_names(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_check.visible_device("1") == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert gpu_check.visible_device("1") == "5"
+
+
+def test_an_installed_version_the_extra_does_not_allow_is_missing(monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.2.0")
+    assert not gpu_check._installed("triton>=3.3")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.6.0")
+    assert gpu_check._installed("triton>=3.3")
+
+
+def test_a_report_written_between_steps_says_the_check_is_unfinished(tmp_path):
+    args = type("Args", (), {"report": str(tmp_path / "r.md")})()
+    steps = [gpu_check.Step("environment", True, "1 GPU(s)")]
+    assert gpu_check.write_report(args, {}, steps, tmp_path)
+    assert (tmp_path / "r.md").read_text().startswith("# psiopt GPU check: UNFINISHED")
+    assert gpu_check.write_report(args, {}, steps, tmp_path, done=True)
+    assert (tmp_path / "r.md").read_text().startswith("# psiopt GPU check: PASSED")

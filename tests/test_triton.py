@@ -123,14 +123,14 @@ SPLIT = 16
 SPLIT_FORMS = {"rows", "partials", "reduce", "update"}
 
 
-def run(name, settings, grouping, dtype, steps=STEPS, device="cpu", **kw):
-    """``steps`` steps of fixed gradients on tensors of SHAPES in one group (drawn on the CPU,
-    then moved to ``device``: tests/test_cuda.py runs the same on a GPU)."""
+def run(name, settings, grouping, dtype, steps=STEPS, device="cpu", shapes=SHAPES, **kw):
+    """``steps`` steps of fixed gradients on tensors of ``shapes`` in one group (drawn on the
+    CPU, then moved to ``device``: tests/test_cuda.py runs the same on a GPU)."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
-              for s in SHAPES]
+              for s in shapes]
     grads = [[0.1 * torch.randn(s, generator=gen, dtype=torch.float64).to(device, dtype)
-              for s in SHAPES] for _ in range(steps)]
+              for s in shapes] for _ in range(steps)]
     group = {"params": params, "grouping": grouping, "norm_stats": [[] for _ in params]}
     opt = psiopt.REGISTRY[name].cls([group], **settings, **kw)
     for gs in grads:

@@ -428,7 +428,7 @@ class _Kept:
             self.event.record(self.stream)
 
 
-_KEPT: dict = {}  # on_device's tensors, by key (cleared when it grows past _KEEP)
+_KEPT: dict = {}  # on_device's tensors, by key (thinned when it grows past _KEEP: _forget)
 _CAPTURED: dict = {}  # those a CUDA graph read: never freed (a graph reads their memory)
 _KEEP = 1024
 
@@ -466,7 +466,7 @@ def on_device(key, make, device) -> torch.Tensor:
                 "equilibrium and \"fixed\" retraction) has new addresses in the capture's pool "
                 "and cannot be captured with the kernels: pass fused=False")
         if len(_KEPT) >= _KEEP:
-            _KEPT.clear()
+            _forget()
         kept = _KEPT[key] = _Kept(make().to(device, non_blocking=True))
     elif capturing:
         _CAPTURED[key] = _KEPT.pop(key, kept)
@@ -476,6 +476,15 @@ def on_device(key, make, device) -> torch.Tensor:
             stream.wait_event(kept.event)
             kept.tensor.record_stream(stream)
     return kept.tensor
+
+
+def _forget() -> None:
+    """Make room in ``_KEPT``: the numbers first (a float lr's Adam bias corrections are new at
+    every step), the tables too only where numbers were not the most of it (dropped, a table is
+    copied again at its next step)."""
+    numbers = [k for k in _KEPT if isinstance(k[1], tuple) and k[1][:1] == ("numbers",)]
+    for k in numbers if len(numbers) >= _KEEP // 2 else list(_KEPT):
+        del _KEPT[k]
 
 
 def numbers_on(values, device) -> torch.Tensor:
