@@ -689,3 +689,61 @@ def test_an_optimizer_whose_statistics_follow_a_centre_pickles():
     before = m2(batch).detach()
     opt2.prepare()
     assert torch.allclose(m2(batch), before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
+
+
+def _fused_rms_norm():
+    """RMSNorm as CUDA dispatches it: one op, ``aten._fused_rms_norm`` (input, normalized_shape,
+    weight, eps) -> (output, rstd), which the recorder sees whole.  On the CPU that op decomposes
+    before any dispatch mode (``pow``, ``mean``, ``add``, ``rsqrt``, ``mul``), so a custom op of
+    the same name and schema stands in for it (rules are looked up by the op's name)."""
+    if not hasattr(torch.ops.psiopt_test, "_fused_rms_norm"):
+        @torch.library.custom_op("psiopt_test::_fused_rms_norm", mutates_args=())
+        def op(input: torch.Tensor, normalized_shape: list[int], weight: torch.Tensor | None,
+               eps: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+            dims = tuple(range(input.dim() - len(normalized_shape), input.dim()))
+            e = torch.finfo(input.dtype).eps if eps is None else eps
+            rstd = torch.rsqrt(input.square().mean(dims, keepdim=True) + e)
+            out = input * rstd
+            return (out * weight if weight is not None else out), rstd
+    return torch.ops.psiopt_test._fused_rms_norm
+
+
+RMS_MODELS = [n for n in zoo.ZOO if "RMSNorm" in n]
+
+
+def _rms_norm_fused(monkeypatch):
+    """nn.RMSNorm (F.rms_norm) through the stand-in for CUDA's fused op (forward only)."""
+    op = _fused_rms_norm()
+    monkeypatch.setattr(F, "rms_norm", lambda x, shape, weight=None, eps=None:
+                        op(x, list(shape), weight, eps)[0])
+
+
+@pytest.mark.parametrize("name", RMS_MODELS)
+def test_rmsnorm_as_one_fused_op_is_discovered_as_its_pieces_are(name, monkeypatch):
+    """On CUDA, RMSNorm reaches the recorder as ``_fused_rms_norm`` (was: no rule for it, so
+    every weight feeding an RMSNorm was missed on a GPU): the groups found are those found in
+    the decomposed op, the numerical ground truth (zoo.compare, with torch's RMSNorm)."""
+    model, x = zoo.build(name)
+    truth = _assert_exact(model, x)
+    calls, rule = [], symmetry._RULES["_fused_rms_norm"]
+    with monkeypatch.context() as m:
+        _rms_norm_fused(m)
+        m.setitem(symmetry._RULES, "_fused_rms_norm", lambda p, o: calls.append(o) or rule(p, o))
+        fused = psiopt.find_scale_invariant(model, x)
+    assert calls, "the fused op's rule was not used"
+    assert fused == truth, (fused, truth)
+    assert fused or name.endswith(", bias"), name  # (a bias before the norm: nothing invariant)
+
+
+def test_an_offset_before_a_fused_rmsnorm_is_not_cancelled(monkeypatch):
+    """RMSNorm subtracts no mean: a bias before it is not cancelled, and the weight's rows are
+    not invariant without it; a linear map without bias is, as a whole ("tensor")."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for bias in (True, False):
+        model = nn.Sequential(nn.Linear(6, 8, bias=bias), nn.RMSNorm(8), nn.Linear(8, 3)).double()
+        truth = _assert_exact(model, x)
+        with monkeypatch.context() as m:
+            _rms_norm_fused(m)
+            assert psiopt.find_scale_invariant(model, x) == truth
+        assert truth == ({} if bias else {"0.weight": "tensor"}), truth

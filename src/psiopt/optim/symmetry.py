@@ -997,6 +997,23 @@ def _layer_norm(p: Propagation, op: Op):
     return [r] + extra
 
 
+def _rms_norm(p: Propagation, op: Op):
+    """``aten._fused_rms_norm`` (RMSNorm on CUDA, one op; on the CPU it is recorded as its pieces,
+    ``pow``, ``mean``, ``add``, ``rsqrt``, ``mul``): ``x / √(mean(x²) + eps) · weight``, and
+    ``rstd``.  A rescaling of ``x`` constant over the normalised dimensions cancels (eps aside,
+    as LayerNorm's); an offset does not (no mean is subtracted)."""
+    x, shape = op.args["input"], list(op.args["normalized_shape"])
+    dims = list(range(x.dim() - len(shape), x.dim()))
+    touched = isinstance(p.get(x), Value)
+    if touched and (p.value(x).O is not None or _const(p.value(x).F, dims) is None):
+        return [BROKEN]
+    eps = op.args.get("eps")
+    eps = torch.finfo(x.dtype).eps if eps is None else eps  # (the op's default: x's dtype's)
+    xhat = lambda: torch.nn.functional.rms_norm(_d(x), shape, eps=eps)  # noqa: E731
+    r = _affine(p, xhat, x.dim(), op.args.get("weight"), None, shape)
+    return [r, BROKEN if touched else None]
+
+
 def _batch_norm(p: Propagation, op: Op):
     x = op.args["input"]
     training = bool(op.args.get("training", "no_training" not in op.name))
@@ -1178,7 +1195,7 @@ _RULES = {
     "mm": _mm, "bmm": _mm, "mv": _product("vec"), "dot": _product("tensor"),
     "vdot": _product("other"), "addmm": _addmm, "baddbmm": _baddbmm,
     "convolution": _conv,
-    "native_layer_norm": _layer_norm,
+    "native_layer_norm": _layer_norm, "_fused_rms_norm": _rms_norm,
     "native_batch_norm": _batch_norm, "_native_batch_norm_legit": _batch_norm,
     "_native_batch_norm_legit_no_training": _batch_norm, "cudnn_batch_norm": _batch_norm,
     "miopen_batch_norm": _batch_norm,
