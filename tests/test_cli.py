@@ -361,9 +361,10 @@ def _recipe_argv(name, tmp_path, *extra):
 def _grid_ends(name):
     """The recipe, its grid cut to its two ends where its small runs repeat one setting over a
     grid of numbers (test time): arora-lr-sweep's four arms each once, two at the lr 0.01 and two
-    at 100 (the grid's ends, of five lrs), roburin-table2's lr selection at 1e-4 and 0.1 (of four); every kind of arm and
-    every optimizer still runs.  test_every_full_recipe_validates_without_data builds every arm
-    and every trial of the whole grids."""
+    at 100 (the grid's ends, of five lrs), roburin-table2's lr selection at 1e-4 and 0.1 (of
+    four); every kind of arm and every optimizer still runs.
+    test_every_full_recipe_validates_without_data builds every arm and every trial of the whole
+    grids."""
     from psiopt.experiments.recipes import RECIPES
 
     recipe = RECIPES[name]
