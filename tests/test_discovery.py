@@ -747,3 +747,162 @@ def test_an_offset_before_a_fused_rmsnorm_is_not_cancelled(monkeypatch):
             _rms_norm_fused(m)
             assert psiopt.find_scale_invariant(model, x) == truth
         assert truth == ({} if bias else {"0.weight": "tensor"}), truth
+
+
+# -- false claims found by review (each was claimed before; the checks below are the ground truth)
+
+
+class _CatBias(nn.Module):
+    """BEiT / Swin-V2's qkv bias: ``cat((q_bias, zeros_like(v_bias), v_bias))``."""
+
+    def __init__(self, d=16, heads=2):
+        super().__init__()
+        self.heads, self.qkv = heads, nn.Linear(d, 3 * d, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        q, k, v = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class _ListWeight(nn.Module):
+    """A weight used before a LayerNorm (invariant there) and also through ``torch.cat``/``stack``."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.w, self.u = op, nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8))
+        self.ln = nn.LayerNorm(8)
+
+    def forward(self, x):
+        pair = [self.w, self.u]
+        both = torch.cat(pair) if self.op == "cat" else torch.stack(pair).flatten(0, 1)
+        return torch.cat([self.ln(x @ self.w.t()), x @ both.t()], 1)
+
+
+@pytest.mark.parametrize("model", [_CatBias(), _ListWeight("cat"), _ListWeight("stack")],
+                         ids=["qkv-bias-cat", "cat", "stack"])
+def test_a_parameter_read_inside_a_list_argument_is_seen(model):
+    """The recorder swapped in its copies of the parameters only for top-level arguments: one
+    inside ``torch.cat``/``stack``'s list was read unseen (v_bias "cancelled" and never trained;
+    w "tensor" while the output moved by 1.8 at a scale of 3)."""
+    model = model.double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64) if isinstance(model, _CatBias) \
+        else torch.randn(6, 8, dtype=torch.float64)
+    r = zoo.compare(model, x)
+    assert not r["false"], r
+    assert "v_bias" not in r["found"] and "w" not in r["found"], r["found"]
+
+
+class _AttentionPool(nn.Module):
+    """A learned query pooling the tokens by softmax attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.head = nn.Parameter(torch.randn(8)), nn.Linear(8, 3)
+
+    def forward(self, x):  # (batch, tokens, 8)
+        weights = torch.softmax(x @ self.query, dim=1)
+        return self.head((weights.unsqueeze(-1) * x).sum(1))
+
+
+def test_an_example_with_one_element_along_what_a_rule_reduces_claims_nothing():
+    """Over one token, softmax removes any offset "constant" along the tokens: the query was
+    claimed "cancelled" from a one-token example, and never trained; with six tokens shifting
+    it moves the output.  Likewise a LayerNorm over one feature."""
+    torch.manual_seed(0)
+    pool = _AttentionPool().double()
+    assert psiopt.find_scale_invariant(pool, torch.randn(4, 1, 8, dtype=torch.float64)) == {}
+    assert not zoo.holds(pool, torch.randn(4, 6, 8, dtype=torch.float64), "query", "cancelled")
+    one = nn.Sequential(nn.Linear(4, 1, bias=False), nn.LayerNorm(1), nn.Linear(1, 2)).double()
+    assert "0.weight" not in psiopt.find_scale_invariant(one, torch.randn(5, 4, dtype=torch.float64))
+
+
+NORMS = {"layernorm": lambda eps: nn.LayerNorm(8, eps=eps),
+         "rmsnorm": lambda eps: nn.RMSNorm(8, eps=eps),
+         "batchnorm": lambda eps: nn.BatchNorm1d(8, eps=eps),
+         "groupnorm": lambda eps: nn.GroupNorm(2, 8, eps=eps)}
+
+
+@pytest.mark.parametrize("norm", NORMS.values(), ids=NORMS.keys())
+def test_a_normalisation_with_a_large_eps_is_not_read_as_invariant(norm):
+    """As a hand-written norm's added constant (``symmetry.EPS_MAX``): ``LayerNorm(eps=0.1)``'s
+    input rows were claimed, the output 0.1-0.35 off at a scale of 2."""
+    x = torch.randn(6, 8, dtype=torch.float64)
+    for eps, claimed in ((1e-5, True), (0.1, False), (1.0, False)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8, bias=False), norm(eps), nn.Linear(8, 3)).double()
+        assert ("0.weight" in psiopt.find_scale_invariant(model, x)) == claimed, eps
+
+
+class _ReturnsWeight(nn.Module):
+    """A cosine classifier that also hands its raw weight to a regulariser."""
+
+    def __init__(self, returned):
+        super().__init__()
+        self.returned, self.w = returned, nn.Parameter(torch.randn(5, 8))
+
+    def forward(self, x):
+        logits = 10 * F.normalize(x, dim=1) @ F.normalize(self.w, dim=1).t()
+        return {"logits": logits, "weight": self.w} if self.returned else logits
+
+
+def test_a_parameter_the_forward_returns_is_an_output():
+    x = torch.randn(6, 8, dtype=torch.float64)
+    assert psiopt.find_scale_invariant(_ReturnsWeight(False).double(), x) == {"w": "channel"}
+    assert psiopt.find_scale_invariant(_ReturnsWeight(True).double(), x) == {}
+
+
+class _Stopped(nn.Module):
+    """Rows normalised by a statistic that carries no gradient: ``mode`` "detach" (a weight over
+    its detached row norms), "no_grad" (activations over a std taken in a no_grad block),
+    "grad" (the same, differentiated: invariant)."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode, self.a, self.o = mode, nn.Linear(8, 8, bias=False), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.mode == "detach":
+            w = self.a.weight
+            return self.o(torch.relu(x @ (w / w.norm(dim=1, keepdim=True).detach()).t()))
+        h = self.a(x)
+        if self.mode == "no_grad":
+            with torch.no_grad():
+                sd = h.std(0, keepdim=True)
+        else:
+            sd = h.std(0, keepdim=True)
+        return self.o(torch.relu(h / sd))
+
+
+@pytest.mark.parametrize("mode", ["detach", "no_grad", "grad"])
+def test_a_statistic_without_gradient_is_not_read_as_a_normalisation(mode):
+    """The output is invariant, but the gradient is not that of the invariant function: rows
+    whose gradient is not orthogonal to them (|cos| up to 0.88), which every rule assumes
+    (``check_invariance`` says NOT INVARIANT); the differentiated statistic is invariant."""
+    torch.manual_seed(0)
+    model, x = _Stopped(mode).double(), torch.randn(16, 8, dtype=torch.float64)
+    found = psiopt.find_scale_invariant(model, x)
+    assert found == ({"a.weight": "channel"} if mode == "grad" else {}), found
+    if mode == "grad":
+        assert psiopt.check_invariance(model, x, found).ok
+
+
+class _GradBranch(nn.Module):
+    """A forward that takes another path when gradients are enabled (training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.ln, self.o = nn.Linear(8, 8, bias=False), nn.LayerNorm(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.o(h) if torch.is_grad_enabled() else self.o(self.ln(h))
+
+
+def test_the_training_pass_is_recorded_with_gradients_enabled():
+    """Both passes ran under no_grad, so the path training takes was never analysed ("tensor"
+    claimed; with gradients enabled a scale of 2 moves the output by 0.89)."""
+    assert psiopt.find_scale_invariant(_GradBranch().double(), torch.randn(6, 8, dtype=torch.float64)) == {}

@@ -256,7 +256,8 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, s
     keep = list(model.buffers()) + list(local.values())
     try:
         with _pristine(model, training, params=saved):
-            trace = record(lambda: _call(_unwrapped(model), example_inputs), local, keep)
+            trace = record(lambda: _call(_unwrapped(model), example_inputs), local, keep,
+                           grad=training)  # (eval: as inference runs, under no_grad)
     finally:
         for h in handles:
             h.remove()
@@ -330,6 +331,8 @@ def _holds(traces, ids: list[int], p: Tensor, grouping: str, stats_of: dict) -> 
         mine = [k for k in ids if k in trace.first]  # eval-mode network does not move
         if not mine:
             return None  # unused in this pass: claim nothing
+        if any(k in trace.outputs or id(trace.originals.get(k)) in trace.outputs for k in ids):
+            return None  # the parameter itself is returned (a head handing its weight to a loss)
         prop = Propagation(trace, follow_stats=not shift)
         try:
             env = prop.run(min(trace.first[k] for k in mine), {k: value for k in mine})

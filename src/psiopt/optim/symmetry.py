@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 #: labels are integers in [2**40, 2**41) (exact in float64, so are sums of a few of them); the
 #: concrete factor of label L is exp(KAPPA * L), in (e, e²)
@@ -140,6 +140,7 @@ class Op:
     outs: list  # the returned tensors (flattened)
     writes: list  # names of arguments the op writes
     versions: dict = field(default_factory=dict)  # id -> version when the op read (or made) it
+    grad: bool = True  # run with gradients enabled (not in a ``torch.no_grad()`` block)
 
     @property
     def name(self) -> str:
@@ -182,8 +183,10 @@ class _Recorder(TorchDispatchMode):
         if _PAUSED[0]:
             return func(*args, **(kwargs or {}))
         sub = self.substitute
-        args = tuple(sub.get(id(a), a) if isinstance(a, Tensor) else a for a in args)
-        kwargs = {k: sub.get(id(v), v) if isinstance(v, Tensor) else v for k, v in (kwargs or {}).items()}
+        swap = lambda a: sub.get(id(a), a) if isinstance(a, Tensor) else a  # noqa: E731
+        # (inside lists too: a parameter read by torch.cat/stack among others was invisible,
+        # e.g. Swin-V2's qkv bias cat((q_bias, zeros_like(v_bias), v_bias)): v_bias "cancelled")
+        args, kwargs = tree_map(swap, (tuple(args), dict(kwargs or {})))
         read = [t for t in tree_flatten([args, kwargs])[0] if isinstance(t, Tensor)]
         versions = {id(t): t._version for t in read}
         out = func(*args, **kwargs)
@@ -194,7 +197,7 @@ class _Recorder(TorchDispatchMode):
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         for t in outs:
             versions.setdefault(id(t), t._version)
-        self.ops.append(Op(func, named, outs, writes, versions))
+        self.ops.append(Op(func, named, outs, writes, versions, torch.is_grad_enabled()))
         return out
 
 
@@ -220,6 +223,7 @@ class Trace:
     bn_calls: dict[int, int]  # id(running_mean) -> batch-norm ops that read it
     last: dict[int, int]  # id -> the last op that reads or writes a tensor
     originals: dict[int, Tensor] = field(default_factory=dict)  # recorded tensor -> the model's
+    outputs: set[int] = field(default_factory=set)  # ids of the tensors the pass returned
 
     def pin(self, tensors) -> None:
         """Tensors whose values matter after the pass (never dropped as dead)."""
@@ -282,11 +286,13 @@ class Trace:
         return out.mapped(lambda t: self.originals[id(t)])
 
 
-def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
+def record(call, substitute: dict[int, Tensor], keep=(), grad: bool = False) -> Trace:
     """Run ``call()`` and record its aten ops; a tensor whose ``id`` is a key of ``substitute``
     is replaced by the value wherever an op reads it.  ``keep``: tensors whose values matter after
-    the pass (buffers, parameters), never dropped as dead."""
-    with torch.no_grad(), _Recorder(substitute) as rec:
+    the pass (buffers, parameters), never dropped as dead.  ``grad``: run with gradients enabled
+    (a training pass: its ``torch.no_grad()`` blocks and branches on ``torch.is_grad_enabled()``
+    are those training takes; each op records whether it ran under no_grad)."""
+    with torch.set_grad_enabled(grad), _Recorder(substitute) as rec:
         out = call()
     first, last, by_storage, seen = {}, {}, {}, {}
     for i, op in enumerate(rec.ops):
@@ -304,8 +310,11 @@ def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
     # what matters after the pass: the outputs, wherever they sit in the returned object, ``keep``,
     # and every first result of an op that no later op reads (a tensor stored on a module, or
     # returned inside a container the pytree cannot open)
+    # (not a ``detach`` no op reads: with gradients enabled, autograd detaches the tensors it
+    # saves for the backward pass; one left on a module is pinned by the caller)
     pinned = {id(t) for t in _tensors_in(out)} | {id(t) for t in keep}
-    pinned |= {id(op.outs[0]) for i, op in enumerate(rec.ops) if op.outs and last[id(op.outs[0])] == i}
+    pinned |= {id(op.outs[0]) for i, op in enumerate(rec.ops)
+               if op.outs and last[id(op.outs[0])] == i and op.name != "detach"}
     calls: dict[int, int] = {}
     for op in rec.ops:
         mean = op.args.get("running_mean")
@@ -316,7 +325,7 @@ def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
         if k not in pinned:
             dies.setdefault(i, []).append(k)
     storage = {k: ids for ids in by_storage.values() if len(ids) > 1 for k in ids}
-    return Trace(rec.ops, first, dies, storage, calls, last)
+    return Trace(rec.ops, first, dies, storage, calls, last, outputs={id(t) for t in _tensors_in(out)})
 
 
 def _tensors_in(obj, depth: int = 0) -> list[Tensor]:
@@ -458,6 +467,9 @@ class Propagation:
         self.dies, self.last = trace.dies, trace.last
         self.env: dict[int, Value | Broken] = {}
         self.links: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        #: transformed tensors computed without gradient (detach, a no_grad block): a
+        #: differentiated op may not read them (see :meth:`step`)
+        self.untracked: set[int] = set()
 
     def get(self, t) -> Value | Broken | None:
         return self.env.get(id(t)) if isinstance(t, Tensor) else None
@@ -482,8 +494,16 @@ class Propagation:
             for t in op.outs:  # an op of untouched tensors (or one that overwrites a tensor)
                 self._set(t, None)
             return
+        if op.name == "detach" and values[0] is BROKEN:  # (autograd detaches what it saves, e.g.
+            self._set(op.outs[0], BROKEN)                 # a norm's statistics: fails where read)
+            return
         if any(v is BROKEN for v in values):
             raise Failed(f"{op.func} reads a tensor the analysis cannot describe")
+        if op.grad and op.name != "detach" and any(
+                v is not None and id(t) in self.untracked for t, v in zip(tensors, values)):
+            # its output may be invariant, its gradient is not that of the invariant function
+            # (W / W.norm(1).detach(): rows whose gradient is not orthogonal to them)
+            raise Failed(f"{op.func} reads a transformed tensor computed without gradient")
         name = op.name.rstrip("_") if op.name.endswith("_") and not op.name.startswith("_") else op.name
         rule = _RULES.get(name) or _RULES.get(op.name)
         if rule is None:
@@ -501,6 +521,8 @@ class Propagation:
                 raise Failed(f"{op.func}: {e}") from None  # a shape the rule does not handle
         for t, v in zip(op.outs, results):
             self._set(t, v)
+            if (not op.grad or op.name == "detach") and self.get(t) is not None:
+                self.untracked.add(id(t))
         for t in op.outs[len(results):]:
             self._set(t, BROKEN)
         self._written(op)
@@ -772,7 +794,7 @@ def _spread(p: Propagation, op: Op, power: float, centred: bool):
     F = _const(v.F, dims)
     if F is None:
         return [BROKEN]
-    if v.O is not None and (not centred or _const_offset(v.O, dims) is None):
+    if v.O is not None and (not centred or _const_offset(v.O, dims) is None or _single(x, dims)):
         return [BROKEN]
     return [Value(_squeeze(F, dims, keep) * power, stat=True)]
 
@@ -799,11 +821,26 @@ def _amax(p, op):
     return [Value(_squeeze(F, dims, bool(op.args.get("keepdim", False))))]
 
 
+def _large(eps) -> bool:
+    """A normalisation layer's ``eps`` beyond :data:`EPS_MAX`: its rows are not read as
+    invariant (up to eps), as a hand-written norm's added constant is not (``LayerNorm(eps=1)``
+    was claimed, its output 0.1-0.3 off at a scale of 2)."""
+    return eps is not None and float(eps) > EPS_MAX
+
+
+def _single(x: Tensor, dims) -> bool:
+    """Whether ``x`` has one element along ``dims``: there, any offset or factor is "constant"
+    and cancels, only because the example has one token, one position of a 1×1 feature map...
+    which another input need not have (a learned pooling query over one token was claimed
+    "cancelled"); a rule that removes what is constant along ``dims`` claims nothing then."""
+    return math.prod(x.shape[d] for d in dims) == 1
+
+
 def _softmax(p: Propagation, op: Op):
     x = op.args["self"]
     d = op.args["dim"] % x.dim()
     v = p.value(x)
-    if not _zero(v.F) or v.O is None or _const_offset(v.O, [d]) is None:
+    if not _zero(v.F) or v.O is None or _const_offset(v.O, [d]) is None or _single(x, [d]):
         return [BROKEN]
     return [None]  # softmax(x + c) = softmax(x) for c constant along dim
 
@@ -988,9 +1025,9 @@ def _layer_norm(p: Propagation, op: Op):
     x, shape = op.args["input"], list(op.args["normalized_shape"])
     dims = list(range(x.dim() - len(shape), x.dim()))
     touched = isinstance(p.get(x), Value)
-    if touched and not _cancelled(p.value(x), dims):
-        return [BROKEN]
     eps = op.args["eps"]
+    if touched and (not _cancelled(p.value(x), dims) or _single(x, dims) or _large(eps)):
+        return [BROKEN]
     xhat = lambda: torch.nn.functional.layer_norm(_d(x), shape, eps=eps)  # noqa: E731
     r = _affine(p, xhat, x.dim(), op.args.get("weight"), op.args.get("bias"), shape)
     extra = [BROKEN if touched else None] * 2
@@ -1005,10 +1042,11 @@ def _rms_norm(p: Propagation, op: Op):
     x, shape = op.args["input"], list(op.args["normalized_shape"])
     dims = list(range(x.dim() - len(shape), x.dim()))
     touched = isinstance(p.get(x), Value)
-    if touched and (p.value(x).O is not None or _const(p.value(x).F, dims) is None):
-        return [BROKEN]
     eps = op.args.get("eps")
     eps = torch.finfo(x.dtype).eps if eps is None else eps  # (the op's default: x's dtype's)
+    if touched and (p.value(x).O is not None or _const(p.value(x).F, dims) is None
+                    or _single(x, dims) or _large(eps)):
+        return [BROKEN]
     xhat = lambda: torch.nn.functional.rms_norm(_d(x), shape, eps=eps)  # noqa: E731
     r = _affine(p, xhat, x.dim(), op.args.get("weight"), None, shape)
     return [r, BROKEN if touched else None]
@@ -1023,7 +1061,7 @@ def _batch_norm(p: Propagation, op: Op):
     touched = isinstance(p.get(x), Value)
     if touched:
         v = p.value(x)
-        if not _cancelled(v, dims):
+        if not _cancelled(v, dims) or _large(eps):
             return [BROKEN]
         if mean is not None and p.follow_stats:
             F = _const(v.F, dims).reshape(-1).expand(x.shape[1])
@@ -1080,7 +1118,8 @@ def _group_norm(p: Propagation, op: Op):
 
         def blocks(t):
             return t.expand(x.shape).reshape(n, G, c // G, -1)
-        if not _cancelled(Value(blocks(v.F), None if v.O is None else blocks(v.O)), [2, 3]):
+        if not _cancelled(Value(blocks(v.F), None if v.O is None else blocks(v.O)), [2, 3]) or \
+                x.numel() == n * G or _large(op.args["eps"]):  # (one element a group: _single)
             return [BROKEN]
     shape = (-1,) + (1,) * (x.dim() - 2)
     eps = op.args["eps"]
@@ -1130,7 +1169,8 @@ def _attention(p: Propagation, op: Op):
         return [BROKEN]
     if isinstance(p.get(k), Value):
         vk = p.value(k)  # an offset of the keys constant along them adds the same q·b to every score
-        if not _zero(vk.F) or vk.O is None or _const_offset(vk.O, [k.dim() - 2]) is None:
+        if not _zero(vk.F) or vk.O is None or _const_offset(vk.O, [k.dim() - 2]) is None \
+                or _single(k, [k.dim() - 2]):
             return [BROKEN]
     vv = p.value(v)
     F = _const(vv.F, [v.dim() - 2])
