@@ -906,3 +906,70 @@ def test_the_training_pass_is_recorded_with_gradients_enabled():
     """Both passes ran under no_grad, so the path training takes was never analysed ("tensor"
     claimed; with gradients enabled a scale of 2 moves the output by 0.89)."""
     assert psiopt.find_scale_invariant(_GradBranch().double(), torch.randn(6, 8, dtype=torch.float64)) == {}
+
+
+class _PositionBuffer(nn.Module):
+    """A per-position bias buffer, zero at discovery (filled later, e.g. from a checkpoint),
+    added before a BatchNorm ("bn") or a LayerNorm over the features ("ln")."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+        if norm == "bn":
+            self.c, self.n = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.register_buffer("pos", torch.zeros(1, 8, 8, 8))
+        else:
+            self.c, self.n = nn.Conv2d(3, 8, 4, stride=4, bias=False), nn.LayerNorm(8)
+            self.register_buffer("pos", torch.zeros(1, 4, 8))
+        self.o = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.norm == "bn":
+            return self.o(F.relu(self.n(self.c(x) + self.pos)).mean((2, 3)))
+        return self.o(self.n(self.c(x).flatten(2).transpose(1, 2) + self.pos).mean(1))
+
+
+@pytest.mark.parametrize("norm", ["bn", "ln"])
+def test_a_buffer_that_holds_zeros_at_discovery_is_read_as_any_value(norm):
+    """Buffers that are zero (or constant) get a perturbed copy, as parameters do: a zero
+    per-position bias made the offset it adds "constant" (rows claimed; once it was filled a
+    rescaling moved the output by 0.03-0.24).  A per-channel one stays a centre the BatchNorm
+    removes (test above)."""
+    torch.manual_seed(0)
+    model, x = _PositionBuffer(norm).double(), torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    assert psiopt.find_scale_invariant(model, x) == {}
+    with torch.no_grad():
+        model.pos.normal_()
+    assert not zoo.holds(model, x, "c.weight", "channel" if norm == "bn" else "tensor")
+
+
+class _Masked(nn.Module):
+    """A conv with bias before a BatchNorm, masked by the sequence lengths (speech, TTS, point
+    clouds), or by a boolean padding mask given as an input before an InstanceNorm."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.c, self.o = kind, nn.Conv1d(4, 8, 3, padding=1), nn.Conv1d(8, 3, 1)
+        self.n = nn.BatchNorm1d(8) if kind == "lengths" else nn.InstanceNorm1d(8, affine=True)
+
+    def forward(self, x, m):
+        if self.kind == "lengths":
+            m = (torch.arange(x.shape[-1])[None] < m[:, None]).to(x.dtype)
+        return self.o(F.relu(self.n(self.c(x) * m[:, None])))
+
+
+@pytest.mark.parametrize("kind", ["lengths", "bool"])
+def test_an_offset_times_a_mask_is_not_read_as_removed_by_the_norm(kind):
+    """A mask is the example's: all ones in a batch without padding, so that the conv's bias
+    times it looked like an offset the norm removes ("cancelled", and the weight "channel");
+    once a sequence is padded, shifting the bias moves the output (0.24-0.56)."""
+    torch.manual_seed(0)
+    model, x = _Masked(kind).double(), torch.randn(3, 4, 10, dtype=torch.float64)
+    full = torch.tensor([10, 10, 10]) if kind == "lengths" else torch.ones(3, 10, dtype=torch.bool)
+    lengths = torch.tensor([10, 6, 4])
+    padded = lengths if kind == "lengths" else torch.arange(10)[None] < lengths[:, None]
+    assert psiopt.find_scale_invariant(model, (x, full)) == {}
+    before = model(x, padded).detach()
+    with torch.no_grad():
+        model.c.bias.add_(1.0)
+    assert (model(x, padded) - before).abs().max() > 0.1 * before.abs().max()  # not cancelled

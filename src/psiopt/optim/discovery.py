@@ -239,6 +239,7 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, s
     for x in _outputs(example_inputs):
         if id(x) not in substitute:
             substitute[id(x)] = perturbed(x, gen)
+    buffers = _perturbed_buffers(model, substitute, gen)
     local = dict(substitute)
     seen = {id(local[id(p)]): name for name, p in params.items() if id(p) in local}
     owner = {(id(m), k): registered[id(p)] for m in model.modules() for k, p in m._parameters.items()
@@ -266,7 +267,29 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, s
     # what a running statistic may follow: the model's own parameters and buffers
     trace.originals = {k: params[name] for k, name in seen.items()}
     trace.originals.update({id(b): b for b in model.buffers()})
+    trace.originals.update({id(substitute[id(b)]): b for b in buffers})
     return trace, seen
+
+
+def _perturbed_buffers(model: nn.Module, substitute: dict, gen: torch.Generator) -> list[Tensor]:
+    """The float buffers whose values at discovery are not generic (zeros, a constant: a
+    positional bias filled later, e.g. from a checkpoint) get a perturbed copy in ``substitute``,
+    as parameters and inputs do, so that no claim rests on those values (a zero per-position
+    buffer before a BatchNorm made the offset it adds "constant": rows claimed invariant, the
+    output 0.03-0.24 off once the buffer was filled).  The normalisation layers' own statistics
+    are left as they are (the running-statistics links read them).  Returns the buffers
+    substituted (in this pass or the one before)."""
+    own = {id(b) for m in model.modules() if isinstance(m, _NORMS) for b in m.buffers(recurse=False)}
+    out = []
+    for b in model.buffers():
+        if id(b) in substitute:  # (by the pass before)
+            out.append(b)
+        elif id(b) not in own and b.is_floating_point() and not is_sharded(b):
+            copy = perturbed(b, gen)
+            if copy.data_ptr() != b.data_ptr():  # (a generic buffer is read as it is)
+                substitute[id(b)] = copy
+                out.append(b)
+    return out
 
 
 def candidate_groupings(p: Tensor, span: tuple[int, int] | None = None):

@@ -224,6 +224,7 @@ class Trace:
     last: dict[int, int]  # id -> the last op that reads or writes a tensor
     originals: dict[int, Tensor] = field(default_factory=dict)  # recorded tensor -> the model's
     outputs: set[int] = field(default_factory=set)  # ids of the tensors the pass returned
+    masks: set[int] = field(default_factory=set)  # ids of masks (see :func:`_masks`)
 
     def pin(self, tensors) -> None:
         """Tensors whose values matter after the pass (never dropped as dead)."""
@@ -325,7 +326,23 @@ def record(call, substitute: dict[int, Tensor], keep=(), grad: bool = False) -> 
         if k not in pinned:
             dies.setdefault(i, []).append(k)
     storage = {k: ids for ids in by_storage.values() if len(ids) > 1 for k in ids}
-    return Trace(rec.ops, first, dies, storage, calls, last, outputs={id(t) for t in _tensors_in(out)})
+    return Trace(rec.ops, first, dies, storage, calls, last, outputs={id(t) for t in _tensors_in(out)},
+                 masks=_masks(rec.ops))
+
+
+def _masks(ops: list[Op]) -> set[int]:
+    """The ids of the masks of a pass: its boolean and integer tensors (inputs, comparisons,
+    lengths, an ``arange``) and the float tensors made of them alone (a cast, a view).  Their
+    values are the example's (an input without padding gives a mask of ones), not perturbed
+    (see :func:`_binary`)."""
+    masks: set[int] = set()
+    for op in ops:
+        ins = [t for t in tree_flatten(list(op.args.values()))[0] if isinstance(t, Tensor)]
+        masks.update(id(t) for t in ins if not (t.is_floating_point() or t.is_complex()))
+        made_of_masks = bool(ins) and all(id(t) in masks for t in ins)
+        masks.update(id(t) for t in op.outs
+                     if made_of_masks or not (t.is_floating_point() or t.is_complex()))
+    return masks
 
 
 def _tensors_in(obj, depth: int = 0) -> list[Tensor]:
@@ -654,6 +671,11 @@ def _binary(p: Propagation, op: Op, x, y, kind: str):
                 _structurally_zero(p.trace, r.bias):
             r = Value(r.F)  # z − b after z = W x + b: the offset cancels whatever b is
     elif kind == "mul":
+        if any(v.O is not None and isinstance(t, Tensor) and id(t) in p.trace.masks
+               for v, t in ((va, b), (vb, a))):
+            # an offset times a mask: the mask is the example's (all ones without padding: the
+            # offset looked constant, and was not once a sequence was padded)
+            return [BROKEN]
         r = _mul(a, va, b, vb)
         if a is b and isinstance(r, Value):
             r.even = True  # x * x
