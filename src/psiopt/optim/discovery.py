@@ -167,6 +167,7 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
         traces.append(trace)
         for k, name in seen.items():
             names.setdefault(name, []).append(k)
+    traces += _traces_of_other_buffers(model, example_inputs, substitute, saved)
     stats_of = {id(m.running_mean): m for m in model.modules()
                 if isinstance(getattr(m, "running_mean", None), Tensor)}
     params = dict(model.named_parameters())
@@ -226,6 +227,38 @@ def _sharing_storage(model: nn.Module) -> set[int]:
     return out
 
 
+def _traces_of_other_buffers(model: nn.Module, example_inputs, substitute: dict, saved) -> list:
+    """Two more passes (train, eval) where the float buffers whose values are not generic
+    (zeros, a constant) read perturbed copies, as parameters and inputs do: a claim must hold in
+    them too.  A zero per-position bias before a BatchNorm made the offset it adds "constant"
+    (rows claimed; once the buffer was filled from a checkpoint a rescaling moved the output by
+    0.03-0.24); the passes with the buffers as they are keep the branches a flag buffer takes (a
+    0/1 float flag read by ``if`` takes the other one when perturbed: the perturbed passes alone
+    claimed what the model never runs).  None when no buffer needs it, or when a perturbed pass
+    fails (a float buffer used as an index)."""
+    own = {id(b) for m in model.modules() if isinstance(m, _NORMS) for b in m.buffers(recurse=False)}
+    own |= {id(getattr(m, k)) for m in model.modules() for k in ("running_mean", "running_var")
+            if isinstance(getattr(m, k, None), Tensor)}  # (a BatchNorm of the model's own)
+    gen, others = torch.Generator().manual_seed(2), dict(substitute)
+    for b in model.buffers():  # (the normalisation layers' statistics: the links read them)
+        if id(b) not in own and b.is_floating_point() and not is_sharded(b):
+            copy = perturbed(b, gen)
+            if copy.data_ptr() != b.data_ptr():  # (a generic buffer is read as it is)
+                others[id(b)] = copy
+    changed = [b for b in model.buffers() if id(b) in others and id(b) not in substitute]
+    if not changed:
+        return []
+    traces = []
+    try:
+        for training in (True, False):
+            trace, _ = _trace(model, example_inputs, training, others, saved)
+            trace.originals.update({id(others[id(b)]): b for b in changed})
+            traces.append(trace)
+    except Exception:  # noqa: BLE001 (whatever the model raises on those values: not claimed on them)
+        return []
+    return traces
+
+
 def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, saved: _Snapshot):
     """Record one forward pass (train or eval mode) on perturbed parameters and inputs; return
     the trace and ``{id of a recorded parameter tensor: its name}``.  ``substitute`` keeps the
@@ -239,7 +272,6 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, s
     for x in _outputs(example_inputs):
         if id(x) not in substitute:
             substitute[id(x)] = perturbed(x, gen)
-    buffers = _perturbed_buffers(model, substitute, gen)
     local = dict(substitute)
     seen = {id(local[id(p)]): name for name, p in params.items() if id(p) in local}
     owner = {(id(m), k): registered[id(p)] for m in model.modules() for k, p in m._parameters.items()
@@ -257,8 +289,7 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, s
     keep = list(model.buffers()) + list(local.values())
     try:
         with _pristine(model, training, params=saved):
-            trace = record(lambda: _call(_unwrapped(model), example_inputs), local, keep,
-                           grad=training)  # (eval: as inference runs, under no_grad)
+            trace = record(lambda: _call(_unwrapped(model), example_inputs), local, keep)
     finally:
         for h in handles:
             h.remove()
@@ -267,29 +298,8 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, s
     # what a running statistic may follow: the model's own parameters and buffers
     trace.originals = {k: params[name] for k, name in seen.items()}
     trace.originals.update({id(b): b for b in model.buffers()})
-    trace.originals.update({id(substitute[id(b)]): b for b in buffers})
+    trace.training = training
     return trace, seen
-
-
-def _perturbed_buffers(model: nn.Module, substitute: dict, gen: torch.Generator) -> list[Tensor]:
-    """The float buffers whose values at discovery are not generic (zeros, a constant: a
-    positional bias filled later, e.g. from a checkpoint) get a perturbed copy in ``substitute``,
-    as parameters and inputs do, so that no claim rests on those values (a zero per-position
-    buffer before a BatchNorm made the offset it adds "constant": rows claimed invariant, the
-    output 0.03-0.24 off once the buffer was filled).  The normalisation layers' own statistics
-    are left as they are (the running-statistics links read them).  Returns the buffers
-    substituted (in this pass or the one before)."""
-    own = {id(b) for m in model.modules() if isinstance(m, _NORMS) for b in m.buffers(recurse=False)}
-    out = []
-    for b in model.buffers():
-        if id(b) in substitute:  # (by the pass before)
-            out.append(b)
-        elif id(b) not in own and b.is_floating_point() and not is_sharded(b):
-            copy = perturbed(b, gen)
-            if copy.data_ptr() != b.data_ptr():  # (a generic buffer is read as it is)
-                substitute[id(b)] = copy
-                out.append(b)
-    return out
 
 
 def candidate_groupings(p: Tensor, span: tuple[int, int] | None = None):
@@ -350,8 +360,8 @@ def _holds(traces, ids: list[int], p: Tensor, grouping: str, stats_of: dict) -> 
     value, labels = _seed(p, grouping, gen)
     shift = parse_grouping(grouping)[0] == CANCELLED
     found: dict[int, list] = {}
-    for trace in traces[:1] if shift else traces:  # a cancelled parameter is never updated: the
-        mine = [k for k in ids if k in trace.first]  # eval-mode network does not move
+    for trace in [t for t in traces if t.training] if shift else traces:  # a cancelled parameter
+        mine = [k for k in ids if k in trace.first]  # is never updated: the eval-mode network stays
         if not mine:
             return None  # unused in this pass: claim nothing
         if any(k in trace.outputs or id(trace.originals.get(k)) in trace.outputs for k in ids):

@@ -140,7 +140,6 @@ class Op:
     outs: list  # the returned tensors (flattened)
     writes: list  # names of arguments the op writes
     versions: dict = field(default_factory=dict)  # id -> version when the op read (or made) it
-    grad: bool = True  # run with gradients enabled (not in a ``torch.no_grad()`` block)
 
     @property
     def name(self) -> str:
@@ -197,7 +196,7 @@ class _Recorder(TorchDispatchMode):
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         for t in outs:
             versions.setdefault(id(t), t._version)
-        self.ops.append(Op(func, named, outs, writes, versions, torch.is_grad_enabled()))
+        self.ops.append(Op(func, named, outs, writes, versions))
         return out
 
 
@@ -225,6 +224,7 @@ class Trace:
     originals: dict[int, Tensor] = field(default_factory=dict)  # recorded tensor -> the model's
     outputs: set[int] = field(default_factory=set)  # ids of the tensors the pass returned
     masks: set[int] = field(default_factory=set)  # ids of masks (see :func:`_masks`)
+    training: bool = True  # recorded in train mode
 
     def pin(self, tensors) -> None:
         """Tensors whose values matter after the pass (never dropped as dead)."""
@@ -287,13 +287,11 @@ class Trace:
         return out.mapped(lambda t: self.originals[id(t)])
 
 
-def record(call, substitute: dict[int, Tensor], keep=(), grad: bool = False) -> Trace:
+def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
     """Run ``call()`` and record its aten ops; a tensor whose ``id`` is a key of ``substitute``
     is replaced by the value wherever an op reads it.  ``keep``: tensors whose values matter after
-    the pass (buffers, parameters), never dropped as dead.  ``grad``: run with gradients enabled
-    (a training pass: its ``torch.no_grad()`` blocks and branches on ``torch.is_grad_enabled()``
-    are those training takes; each op records whether it ran under no_grad)."""
-    with torch.set_grad_enabled(grad), _Recorder(substitute) as rec:
+    the pass (buffers, parameters), never dropped as dead."""
+    with torch.no_grad(), _Recorder(substitute) as rec:
         out = call()
     first, last, by_storage, seen = {}, {}, {}, {}
     for i, op in enumerate(rec.ops):
@@ -311,11 +309,8 @@ def record(call, substitute: dict[int, Tensor], keep=(), grad: bool = False) -> 
     # what matters after the pass: the outputs, wherever they sit in the returned object, ``keep``,
     # and every first result of an op that no later op reads (a tensor stored on a module, or
     # returned inside a container the pytree cannot open)
-    # (not a ``detach`` no op reads: with gradients enabled, autograd detaches the tensors it
-    # saves for the backward pass; one left on a module is pinned by the caller)
     pinned = {id(t) for t in _tensors_in(out)} | {id(t) for t in keep}
-    pinned |= {id(op.outs[0]) for i, op in enumerate(rec.ops)
-               if op.outs and last[id(op.outs[0])] == i and op.name != "detach"}
+    pinned |= {id(op.outs[0]) for i, op in enumerate(rec.ops) if op.outs and last[id(op.outs[0])] == i}
     calls: dict[int, int] = {}
     for op in rec.ops:
         mean = op.args.get("running_mean")
@@ -484,8 +479,8 @@ class Propagation:
         self.dies, self.last = trace.dies, trace.last
         self.env: dict[int, Value | Broken] = {}
         self.links: list[tuple[Tensor, Tensor, Tensor | None]] = []
-        #: transformed tensors computed without gradient (detach, a no_grad block): a
-        #: differentiated op may not read them (see :meth:`step`)
+        #: transformed tensors detached (``detach``, ``detach_``, ``.data``): no op may read
+        #: them (see :meth:`step`)
         self.untracked: set[int] = set()
 
     def get(self, t) -> Value | Broken | None:
@@ -511,16 +506,13 @@ class Propagation:
             for t in op.outs:  # an op of untouched tensors (or one that overwrites a tensor)
                 self._set(t, None)
             return
-        if op.name == "detach" and values[0] is BROKEN:  # (autograd detaches what it saves, e.g.
-            self._set(op.outs[0], BROKEN)                 # a norm's statistics: fails where read)
-            return
         if any(v is BROKEN for v in values):
             raise Failed(f"{op.func} reads a tensor the analysis cannot describe")
-        if op.grad and op.name != "detach" and any(
-                v is not None and id(t) in self.untracked for t, v in zip(tensors, values)):
-            # its output may be invariant, its gradient is not that of the invariant function
-            # (W / W.norm(1).detach(): rows whose gradient is not orthogonal to them)
-            raise Failed(f"{op.func} reads a transformed tensor computed without gradient")
+        if any(v is not None and id(t) in self.untracked for t, v in zip(tensors, values)):
+            # its output may be invariant, but not its gradient, which is not that of the
+            # invariant function (W / W.norm(1).detach(): rows whose gradient is not
+            # orthogonal to them)
+            raise Failed(f"{op.func} reads a transformed tensor that was detached")
         name = op.name.rstrip("_") if op.name.endswith("_") and not op.name.startswith("_") else op.name
         rule = _RULES.get(name) or _RULES.get(op.name)
         if rule is None:
@@ -538,7 +530,7 @@ class Propagation:
                 raise Failed(f"{op.func}: {e}") from None  # a shape the rule does not handle
         for t, v in zip(op.outs, results):
             self._set(t, v)
-            if (not op.grad or op.name == "detach") and self.get(t) is not None:
+            if op.name in ("detach", "detach_") and self.get(t) is not None:
                 self.untracked.add(id(t))
         for t in op.outs[len(results):]:
             self._set(t, BROKEN)
@@ -816,8 +808,8 @@ def _spread(p: Propagation, op: Op, power: float, centred: bool):
     F = _const(v.F, dims)
     if F is None:
         return [BROKEN]
-    if v.O is not None and (not centred or _const_offset(v.O, dims) is None or _single(x, dims)):
-        return [BROKEN]
+    if _single(x, dims) or v.O is not None and (not centred or _const_offset(v.O, dims) is None):
+        return [BROKEN]  # (over one element: a norm of positions from a one-token example)
     return [Value(_squeeze(F, dims, keep) * power, stat=True)]
 
 
