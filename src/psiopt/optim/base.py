@@ -233,6 +233,12 @@ def warn_unlinked(optimizer, stacklevel: int) -> None:
         "no running statistics follow its rows", stacklevel=stacklevel)
 
 
+def float64_setting(x):
+    """A tensor setting in float64 (its arithmetic as a Python number's: a float32 ``lr`` rounded
+    ``1 − ηλ`` and an angle's cosine), a number as it is."""
+    return x.double() if isinstance(x, Tensor) else x
+
+
 def own_tensor_settings(groups: list[dict]) -> None:
     """Give each group of ``groups`` its own tensor settings: a tensor that an earlier group (or
     key) holds is replaced by a copy.  One ``lr`` tensor given for several groups (by

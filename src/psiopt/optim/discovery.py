@@ -236,16 +236,15 @@ def _traces_of_other_buffers(model: nn.Module, example_inputs, substitute: dict,
     0/1 float flag read by ``if`` takes the other one when perturbed: the perturbed passes alone
     claimed what the model never runs).  None when no buffer needs it, or when a perturbed pass
     fails (a float buffer used as an index)."""
-    own = {id(b) for m in model.modules() if isinstance(m, _NORMS) for b in m.buffers(recurse=False)}
-    own |= {id(getattr(m, k)) for m in model.modules() for k in ("running_mean", "running_var")
-            if isinstance(getattr(m, k, None), Tensor)}  # (a BatchNorm of the model's own)
-    gen, others = torch.Generator().manual_seed(2), dict(substitute)
-    for b in model.buffers():  # (the normalisation layers' statistics: the links read them)
-        if id(b) not in own and b.is_floating_point() and not is_sharded(b):
+    stats = {id(getattr(m, k)) for m in model.modules() for k in ("running_mean", "running_var")
+             if isinstance(getattr(m, k, None), Tensor)}  # (what the links read: left as they are)
+    gen, others, changed = torch.Generator().manual_seed(2), dict(substitute), []
+    for b in model.buffers():
+        if id(b) not in stats and b.is_floating_point() and not is_sharded(b):
             copy = perturbed(b, gen)
             if copy.data_ptr() != b.data_ptr():  # (a generic buffer is read as it is)
                 others[id(b)] = copy
-    changed = [b for b in model.buffers() if id(b) in others and id(b) not in substitute]
+                changed.append(b)
     if not changed:
         return []
     traces = []

@@ -72,7 +72,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import kernels
-from .base import run_closure, warn_unlinked
+from .base import float64_setting, run_closure, warn_unlinked
 from .discovery import _discover, rescale_rows_
 from .geometry import accumulate_dtype, dot, is_invariant, norm, rest, rows, safe_inv
 from .sharded import ShardedLayout, ShardedRows, is_sharded, stats_over_split_rows
@@ -88,7 +88,7 @@ def equilibrium_angle(optimizer: Optimizer, group: dict):
     a float32 lr's angle, cos and sin in float32 let the kept norm drift 1e-8 per step).
     ``ValueError`` for a rule without a formula or a weight decay that is not positive."""
     name = type(optimizer).__name__
-    decay, lr = (_float64(group.get(key, 0)) for key in ("weight_decay", "lr"))
+    decay, lr = (float64_setting(group.get(key, 0)) for key in ("weight_decay", "lr"))
     if not isinstance(decay, torch.Tensor) and not decay > 0:
         raise ValueError(f"equilibrium: {name} group with weight_decay={decay!r}: the equilibrium "
                          "angle needs weight decay > 0 on every invariant group")
@@ -101,11 +101,6 @@ def equilibrium_angle(optimizer: Optimizer, group: dict):
     raise ValueError(f"equilibrium: no equilibrium angle for {name} with these settings (known: "
                      "torch.optim.AdamW or Adam(decoupled_weight_decay=True) without amsgrad; "
                      "torch.optim.SGD without nesterov or dampening)")
-
-
-def _float64(x):
-    """A tensor setting in float64 (its arithmetic as a Python number's), a number as it is."""
-    return x.double() if isinstance(x, torch.Tensor) else x
 
 
 def _cos_sin(theta):

@@ -22,6 +22,7 @@ from . import kernels
 from .base import (
     ScaleInvariantOptimizer,
     add_scaled_,
+    float64_setting,
     foreach_add_scaled_,
     new_step,
     readable,
@@ -217,8 +218,7 @@ class AdamGStar(_SphereOptimizer):
         """``(−η/(1 − ηλ), (1 − ηλ)⁴, 2η²(1 − ηλ)²)``: step factor on ``g/√r4`` and ``r4``'s update.
         A tensor ``η`` (a device lr, or a compiled step's) is taken in float64, as a number is: a
         float32 one rounded ``1 − ηλ`` to 1 for ηλ below 6e-8 (no weight decay, silently)."""
-        lr = group["lr"]
-        lr = lr.double() if isinstance(lr, torch.Tensor) else lr
+        lr = float64_setting(group["lr"])
         decay = 1.0 - lr * group["weight_decay"]
         return -lr / decay, decay**4, 2.0 * (lr * decay) ** 2
 

@@ -479,8 +479,8 @@ class Propagation:
         self.dies, self.last = trace.dies, trace.last
         self.env: dict[int, Value | Broken] = {}
         self.links: list[tuple[Tensor, Tensor, Tensor | None]] = []
-        #: transformed tensors detached (``detach``, ``detach_``, ``.data``): no op may read
-        #: them (see :meth:`step`)
+        #: transformed tensors detached (``detach``, ``.data``): no op may read them (see
+        #: :meth:`step`)
         self.untracked: set[int] = set()
 
     def get(self, t) -> Value | Broken | None:
@@ -530,7 +530,7 @@ class Propagation:
                 raise Failed(f"{op.func}: {e}") from None  # a shape the rule does not handle
         for t, v in zip(op.outs, results):
             self._set(t, v)
-            if op.name in ("detach", "detach_") and self.get(t) is not None:
+            if op.name == "detach" and self.get(t) is not None:
                 self.untracked.add(id(t))
         for t in op.outs[len(results):]:
             self._set(t, BROKEN)
@@ -1035,12 +1035,19 @@ def _cancelled(v: Value, dims) -> bool:
     return _const(v.F, dims) is not None and (v.O is None or _const_offset(v.O, dims) is not None)
 
 
+def _normalised_away(v: Value, dims, reduced: int, eps) -> bool:
+    """Whether a normalisation over ``dims`` (``reduced`` elements each) removes ``v``'s factor
+    and offset: both constant there, over more than one element (:func:`_single`), with an
+    ``eps`` that is not large (:func:`_large`)."""
+    return _cancelled(v, dims) and reduced > 1 and not _large(eps)
+
+
 def _layer_norm(p: Propagation, op: Op):
     x, shape = op.args["input"], list(op.args["normalized_shape"])
     dims = list(range(x.dim() - len(shape), x.dim()))
     touched = isinstance(p.get(x), Value)
     eps = op.args["eps"]
-    if touched and (not _cancelled(p.value(x), dims) or _single(x, dims) or _large(eps)):
+    if touched and not _normalised_away(p.value(x), dims, math.prod(x.shape[d] for d in dims), eps):
         return [BROKEN]
     xhat = lambda: torch.nn.functional.layer_norm(_d(x), shape, eps=eps)  # noqa: E731
     r = _affine(p, xhat, x.dim(), op.args.get("weight"), op.args.get("bias"), shape)
@@ -1132,8 +1139,8 @@ def _group_norm(p: Propagation, op: Op):
 
         def blocks(t):
             return t.expand(x.shape).reshape(n, G, c // G, -1)
-        if not _cancelled(Value(blocks(v.F), None if v.O is None else blocks(v.O)), [2, 3]) or \
-                x.numel() == n * G or _large(op.args["eps"]):  # (one element a group: _single)
+        if not _normalised_away(Value(blocks(v.F), None if v.O is None else blocks(v.O)), [2, 3],
+                                x.numel() // (n * G), op.args["eps"]):
             return [BROKEN]
     shape = (-1,) + (1,) * (x.dim() - 2)
     eps = op.args["eps"]
