@@ -270,6 +270,11 @@ def run_check(args) -> int:
     if not env["cuda"]:
         steps.append(Step("environment", False, f"CUDA is not available: {env['why']}"))
         return finish(args, env, steps, work)
+    index = args.device.partition(":")[2]  # the tests' "cuda" is the GPU --device names
+    if index and int(index) >= env["gpus"]:
+        steps.append(Step("environment", False, f"--device {args.device}: this process sees "
+                          f"{env['gpus']} GPU(s) (cuda:0 to cuda:{env['gpus'] - 1})"))
+        return finish(args, env, steps, work)
     steps.append(Step("environment", True, f"{env['gpus']} GPU(s): {', '.join(env['gpu'])}"))
 
     def remaining(name):
@@ -279,7 +284,6 @@ def run_check(args) -> int:
     write_report(args, env, steps, work)
     t = time.monotonic()
     (work / "junit.xml").unlink(missing_ok=True)  # a stale one is no result
-    index = args.device.partition(":")[2]  # the tests' "cuda" is the GPU --device names
     rc, tail = _run(plan["tests"], remaining("tests"), work / "tests.log",
                     **({"CUDA_VISIBLE_DEVICES": visible_device(index)} if index else {}))
     steps.append(judge_tests(rc, tail, work / "junit.xml", 1 if index else env["gpus"],
@@ -371,7 +375,9 @@ def visible_device(index: str) -> str:
     """``CUDA_VISIBLE_DEVICES`` for the tests of ``--device cuda:<index>``: that GPU alone, the
     index read among the GPUs this process sees (an existing ``CUDA_VISIBLE_DEVICES`` list)."""
     seen = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return seen[int(index)] if seen and int(index) < len(seen) else index
+    if seen and int(index) >= len(seen):  # (never a GPU the list hides; run_check refuses it first)
+        raise ValueError(f"cuda:{index}: CUDA_VISIBLE_DEVICES={','.join(seen)} shows {len(seen)} GPU(s)")
+    return seen[int(index)] if seen else index
 
 
 def finish(args, env: dict, steps: list[Step], work: Path) -> int:

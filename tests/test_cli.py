@@ -429,6 +429,19 @@ def test_every_study_recipe_runs_and_its_full_protocol_binds(tmp_path, name):
     assert (tmp_path / "run" / "summary.md").read_text() == text
 
 
+@pytest.mark.parametrize("flags", [["--lr", "5"], ["--set", "betas=0.5,0.6"], ["--batch-size", "7"],
+                                   ["--exact-norms"], ["--model-kwarg", "width=3"], ["--seeds", "2"]])
+def test_a_study_refuses_the_settings_it_would_not_honour(tmp_path, capsys, monkeypatch, flags):
+    """A study fixes its own settings: any flag but --dataset/--model/--subset/--data-dir/
+    --threads/--out is refused, named, before anything runs."""
+    from psiopt.experiments import studies
+
+    monkeypatch.setattr(studies, "run_study", lambda *a: pytest.fail("the study ran"))
+    refused(capsys, ["compare", "--recipe", "effective-lr", *flags, "--out", str(tmp_path / "s")],
+            flags[0], "takes --dataset")
+    assert not (tmp_path / "s").exists()
+
+
 def test_effective_lr_of_plain_sgd_is_arora_eta_over_norm_squared(tmp_path):
     from psiopt.experiments.studies import effective_lr
 

@@ -399,6 +399,28 @@ def test_settings_a_scheduler_writes_are_checked_at_each_step():
         psiopt.create_optimizer(model, "adamg-star", x, lr=1.0, weight_decay=1.0)
 
 
+@pytest.mark.parametrize("cls", PSIOPT_CLASSES, ids=lambda c: c.__name__)
+def test_torch_settings_the_rules_do_not_implement_are_refused(cls):
+    """A group that asks for torch.optim's maximize (or Nesterov, dampening, AMSGrad...) is
+    refused, in either kind of group and when written after construction, not stepped as a plain
+    minimisation; the value torch.optim's state dicts hold (False, 0) is accepted."""
+    model = bn_net()
+    x, y = bn_data()
+    groups = psiopt.param_groups(model, x)
+    F.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    for key, value in [("maximize", True), ("nesterov", True), ("dampening", 0.5),
+                       ("amsgrad", True), ("differentiable", True)]:
+        for i in range(2):  # the invariant group, then the ordinary one
+            with pytest.raises(ValueError, match=f"does not implement torch.optim's {key}"):
+                cls([{**g, key: value} if j == i else dict(g) for j, g in enumerate(groups)])
+        opt = cls([{**g, key: type(value)(0)} for g in groups])
+        opt.param_groups[-1][key] = value
+        with pytest.raises(ValueError, match=key):
+            opt.step()
+        assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
 def test_an_optimizer_survives_pickling():
     import pickle
 

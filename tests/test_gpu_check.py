@@ -155,6 +155,18 @@ def test_the_tests_see_the_gpu_that_device_names(monkeypatch):
     assert gpu_check.visible_device("1") == "1"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert gpu_check.visible_device("1") == "5"
+    with pytest.raises(ValueError, match="shows 2 GPU"):  # never GPU 2, which the list hides
+        gpu_check.visible_device("2")
+
+
+def test_a_device_index_past_the_gpus_this_process_sees_fails_before_anything_runs(tmp_path,
+                                                                                    monkeypatch):
+    env = {"missing": [], "cuda": True, "gpus": 2, "gpu": ["A", "B"]}
+    monkeypatch.setattr(gpu_check, "environment", lambda: env)
+    monkeypatch.setattr(gpu_check, "_run", lambda *a, **k: pytest.fail("a step ran"))
+    rc = gpu_check.main(["--device", "cuda:2", "--workdir", str(tmp_path / "w"),
+                         "--report", str(tmp_path / "r.md")])
+    assert rc == 1 and "--device cuda:2: this process sees 2 GPU(s)" in (tmp_path / "r.md").read_text()
 
 
 def test_an_installed_version_the_extra_does_not_allow_is_missing(monkeypatch):

@@ -319,3 +319,25 @@ def test_param_groups_settings_of_the_others_reach_the_rest():
     assert (part["lr"], part["rest_lr"], part["rest_weight_decay"]) == (0.2, 0.05, 5e-4)
     opt = psiopt.SGDG(groups)
     assert opt._rest_settings(opt.param_groups[0])["lr"] == 0.05
+
+
+def test_a_keyword_of_create_optimizer_wins_over_the_groups_rest_settings():
+    """``create_optimizer(groups, name, lr=…)``: a keyword wins over what the groups set, for the
+    rows outside a part too (param_groups wrote ``rest_lr``/``rest_weight_decay``)."""
+    model, _, x = fused_and_separate()
+    groups = psiopt.param_groups(model, x, lr=0.05, weight_decay=5e-4)
+    opt = psiopt.create_optimizer(groups, "psi-sgdm", lr=0.01, weight_decay=1e-3, momentum=0.5)
+    part = next(g for g in opt.param_groups if g["grouping"] == "groups:4[0:32]")
+    other = next(g for g in opt.param_groups if g["grouping"] is None)
+    rest = opt._rest_settings(part)
+    assert (rest["lr"], rest["weight_decay"], rest["momentum"]) == \
+        (other["lr"], other["weight_decay"], other["momentum"]) == (0.01, 1e-3, 0.5)
+    unset = psiopt.create_optimizer(psiopt.param_groups(model, x, lr=0.05), "psi-sgdm")
+    part = next(g for g in unset.param_groups if g["grouping"] == "groups:4[0:32]")
+    assert unset._rest_settings(part)["lr"] == 0.05  # (no keyword: the group's own setting)
+    for name in ("sgd", "adamw", "b-sgd"):  # a baseline trains the tensor with the others' settings
+        groups = psiopt.param_groups(model, x, lr=0.05, invariant_lr=0.2, weight_decay=5e-4)
+        opt = psiopt.create_optimizer(groups, name)
+        part = next(g for g in opt.param_groups if g["grouping"] == "groups:4[0:32]")
+        assert (part["lr"], part["weight_decay"]) == (0.05, 5e-4)
+        assert not any(k.startswith("rest_") for k in part)

@@ -307,6 +307,12 @@ def _apply_recipe(args) -> tuple[dict, dict | None]:
     return recipe["variants"], select
 
 
+#: what a study recipe takes from the command line (``--device``/``--amp``/``--channels-last``
+#: only as their defaults, refused with their own message)
+STUDY_FLAGS = ("command", "recipe", "budget", "dataset", "model", "subset", "data_dir", "out",
+               "threads", "no_progress", "device", "amp", "channels_last")
+
+
 def cmd_study(args) -> None:
     """A recipe that is not a comparison of final accuracies (see ``studies``)."""
     from .studies import run_study
@@ -316,9 +322,13 @@ def cmd_study(args) -> None:
     for key in ("dataset", "model", "subset", "data_dir"):
         if getattr(args, key, None) is not None:
             params[key] = getattr(args, key)
-    if args.epochs is not None or args.optimizers is not None or args.seeds is not None:
-        raise UsageError(f"recipe {args.recipe} takes --dataset, --model, --subset, --data-dir "
-                         "and --out only")
+    unset = vars(parser().parse_args(["compare"]))  # (every flag at its default)
+    given = sorted("--" + key.replace("_", "-") for key, value in vars(args).items()
+                   if key not in STUDY_FLAGS and value != unset.get(key))
+    if given:
+        raise UsageError(f"recipe {args.recipe} takes --dataset, --model, --subset, --data-dir, "
+                         f"--threads and --out only (a study fixes its other settings), not "
+                         f"{', '.join(given)}")
     if args.device not in (None, "cpu") or args.amp not in (None, "none") or args.channels_last:
         raise UsageError(f"recipe {args.recipe} is a study that runs on the CPU in full "
                          "precision: leave out --device and --amp (and --channels-last)")

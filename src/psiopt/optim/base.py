@@ -256,6 +256,19 @@ def own_tensor_settings(groups: list[dict]) -> None:
             seen.add(id(value))
 
 
+#: torch.optim settings that psiopt's rules (and their ordinary counterparts) do not implement: a
+#: group that sets one (not False/0) is refused, never stepped as if it were unset
+TORCH_ONLY = ("maximize", "nesterov", "dampening", "amsgrad", "differentiable", "capturable")
+
+
+def check_torch_only(group: dict, owner: str) -> None:
+    """Raise ``ValueError`` if ``group`` sets one of :data:`TORCH_ONLY` (``owner``: the optimizer)."""
+    for key in TORCH_ONLY:
+        if group.get(key):
+            raise ValueError(f"{owner} does not implement torch.optim's {key} (the group sets "
+                             f"{key}={group[key]!r}); leave it unset, or use torch.optim")
+
+
 def check_step_settings(group: dict) -> None:
     """Raise ``ValueError`` if a setting of ``group`` that the rules read at each step is out of
     range, without a host synchronisation: Python numbers, and tensor settings
@@ -607,6 +620,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
     # -- validation (nothing is changed before every check has passed) -----------------------
     def _validate(self, group: dict) -> None:
         super()._validate(group)
+        check_torch_only(group, type(self).__name__)
         for key, value in group.items():
             if key not in ("params", "param_names") + _NOT_SAVED:
                 check_hyper(key, value)
@@ -641,6 +655,7 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         ``OneCycleLR(max_momentum=1.0)``).  No host synchronisation: Python numbers, and a tensor
         ``lr`` on the CPU outside a trace (see :func:`check_step_settings`)."""
         check_step_settings(group)
+        check_torch_only(group, type(self).__name__)
         if is_invariant(group["grouping"]):  # (not a cancelled part: an ordinary group)
             self._check_rule(group)
 

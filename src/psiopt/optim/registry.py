@@ -145,10 +145,14 @@ def create_optimizer(model_or_param_groups, name: str, example_inputs=None, *,
         grouping = group.get("grouping")
         partial = is_invariant(grouping) and split_part(grouping)[1] is not None
         side = 0 if is_invariant(grouping) and not (partial and spec.baseline) else 1
+        if partial and spec.baseline:  # one ordinary tensor: the settings of its rest (the others')
+            group.update({k[len("rest_"):]: group.pop(k) for k in list(group) if k.startswith("rest_")})
         group.update({**(invariant, other)[side], **group, **explicit[side]})
-        if partial and not spec.baseline:  # the rows outside the part: the others' settings
-            for key in REST_KEYS[spec.cls.counterpart]:
-                if key in other:
+        if partial and not spec.baseline:  # the rows outside the part: the others' settings,
+            for key in REST_KEYS[spec.cls.counterpart]:  # a keyword passed here winning again
+                if key in explicit[1]:
+                    group["rest_" + key] = explicit[1][key]
+                elif key in other:
                     group.setdefault("rest_" + key, other[key])
     for group in groups:  # cancelled biases: the others' settings (momentum: the same kind of
         if group.get("grouping") == CANCELLED:  # state, as checkpoints expect), lr and wd 0
