@@ -979,3 +979,162 @@ def test_a_zero_flag_buffer_keeps_the_branch_it_takes():
     assert psiopt.find_scale_invariant(model, x) == {}
     model.use_ln.fill_(1.0)
     assert psiopt.find_scale_invariant(model, x) == {"l.weight": "tensor"}
+
+
+class _DropPathBlock(nn.Module):
+    """conv → per-sample drop path (timm's DropPath: a ``bernoulli_`` mask) → + x → BatchNorm."""
+
+    def __init__(self, p=0.3):
+        super().__init__()
+        self.conv, self.bn, self.p = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), p
+
+    def forward(self, x):
+        b = self.conv(x)
+        if self.training:
+            mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - self.p)
+            b = b / (1 - self.p) * mask
+        return self.bn(x + b)
+
+
+def _moves_for_some_seed(model, x, name, seeds=range(8)):
+    """Whether shifting parameter ``name`` changes the train-mode output for one of ``seeds``
+    (the same random draws in both networks)."""
+    shifted = copy.deepcopy(model)
+    with torch.no_grad():
+        shifted.get_parameter(name).add_(torch.randn_like(shifted.get_parameter(name)))
+    for seed in seeds:
+        outs = []
+        for m in (model, shifted):
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                outs.append(m.train()(x))
+        if not torch.allclose(*outs, rtol=1e-9, atol=1e-9):
+            return True
+    return False
+
+
+def test_an_offset_times_a_random_mask_is_not_cancelled():
+    """The recorded pass holds one random draw: a drop-path mask that kept every sample (or a
+    dropout that dropped nothing) made a bias's offset look constant to the BatchNorm after it,
+    and the next draw does not.  A factor still passes (dropout multiplies entries)."""
+    torch.manual_seed(0)
+    block, x = _DropPathBlock().double(), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    assert _moves_for_some_seed(block, x, "conv.bias")
+    assert "conv.bias" not in psiopt.find_scale_invariant(block, x)
+    report = psiopt.check_invariance(block, x, {"conv.bias": "cancelled"})
+    assert report.checks[0].verdict == "NOT INVARIANT"  # (under seed 0's draw alone: "exact")
+    head = nn.Sequential(nn.Linear(6, 3), nn.Dropout(1e-3), nn.BatchNorm1d(3)).double()
+    z = torch.randn(16, 6, dtype=torch.float64)
+    assert _moves_for_some_seed(head, z, "0.bias", seeds=range(300))
+    assert not psiopt.find_scale_invariant(head, z)  # (the weight's rows: their bias's offset)
+    head = nn.Sequential(nn.Linear(6, 3, bias=False), nn.Dropout(0.5), nn.BatchNorm1d(3)).double()
+    assert psiopt.find_scale_invariant(head, z) == {"0.weight": "channel"}
+
+
+class _ReadsItsStatistics(nn.Module):
+    def __init__(self, reads):
+        super().__init__()
+        self.conv, self.bn, self.reads = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, eps=1e-12), reads
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.reads == "returned":
+            return y, self.bn.running_var
+        if self.reads == "added":
+            return y + self.bn.running_var.view(1, -1, 1, 1)
+        return y
+
+
+def _rows_and_statistics_scaled(model, s):
+    """conv rows × s, and the BatchNorm's statistics following them (mean × s, var × s²)."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.conv.weight.mul_(s.view(-1, 1, 1, 1))
+        m.bn.running_mean.mul_(s)
+        m.bn.running_var.mul_(s * s)
+    return m
+
+
+@pytest.mark.parametrize("reads", ["added", "returned"])
+def test_running_statistics_the_pass_reads_cannot_follow_a_rescaling(reads):
+    """The statistics follow a rescaling of the rows (what psiopt does, ``rescale_rows_``):
+    invisible to the network unless the pass reads them, or returns them."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    s = torch.rand(4, dtype=torch.float64) + 0.5
+    for kind in ("plain", reads):
+        model = _ReadsItsStatistics(kind).double()
+        model(x)  # (statistics away from their initial values)
+        scaled = _rows_and_statistics_scaled(model, s)
+        same = []
+        for training in (True, False):
+            outs = [torch.cat([t.flatten() for t in torch.utils._pytree.tree_leaves(m.train(training)(x))])
+                    for m in (copy.deepcopy(model), copy.deepcopy(scaled))]
+            same.append(torch.allclose(*outs, rtol=1e-9, atol=1e-9))
+        found = psiopt.find_scale_invariant(model, x)
+        if kind == "plain":
+            assert all(same) and found == {"conv.weight": "channel"}
+        else:
+            assert not any(same) and "conv.weight" not in found
+
+
+def test_an_output_nested_deep_in_containers_is_an_output():
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.ln = nn.Linear(8, 8, bias=False), nn.LayerNorm(8)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return {"y": self.ln(h), "aux": {"a": {"b": {"c": {"d": {"feat": [h]}}}}}}
+
+    torch.manual_seed(0)
+    model, x = Deep(), torch.randn(4, 8)
+    assert "lin.weight" not in psiopt.find_scale_invariant(model, x)
+    model.forward = lambda x: {"y": model.ln(model.lin(x))}  # (the same, h not returned)
+    assert psiopt.find_scale_invariant(model, x) == {"lin.weight": "tensor"}
+
+
+def test_a_small_offset_beside_a_huge_one_is_judged_on_its_own_scale():
+    """``LN(g x + c)`` with one sample of ``c`` near 1e10: the other sample's offset varies along
+    the features by O(1), which the LayerNorm does not remove (g is not invariant)."""
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g, self.ln = nn.Parameter(torch.tensor(1.3)), nn.LayerNorm(8, elementwise_affine=False)
+
+        def forward(self, x, c):
+            return self.ln(self.g * x + c)
+
+    torch.manual_seed(0)
+    model, (x, c) = Shifted().double(), torch.randn(2, 2, 8, dtype=torch.float64)
+    c[0] += 1e10
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled.g.mul_(2.0)
+    assert not torch.allclose(model(x, c)[1], scaled(x, c)[1], atol=1e-3)
+    assert "g" not in psiopt.find_scale_invariant(model, (x, c))
+
+
+def test_a_buffer_bound_anew_in_the_pass_is_a_result_and_is_put_back():
+    """``self.center = h.mean(0)`` (a statistic rebound, not updated in place) and a cache
+    attribute the pass adds: discovery leaves the model as it found it, and the new buffer's
+    value, which a rescaling moves, counts as a result."""
+    class Centred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.ln = nn.Linear(8, 8, bias=False), nn.LayerNorm(8)
+            self.register_buffer("center", torch.zeros(1, 8))
+
+        def forward(self, x):
+            h = self.l(x)
+            if self.training:
+                self.center = h.mean(0, keepdim=True)
+                self.cache = h.detach()
+            return self.ln(h - self.center) if self.training else self.ln(h)
+
+    torch.manual_seed(0)
+    model, x = Centred(), torch.randn(4, 8)
+    center = model.center
+    assert "l.weight" not in psiopt.find_scale_invariant(model, x)
+    assert model.center is center and not center.any() and not hasattr(model, "cache")

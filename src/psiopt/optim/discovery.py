@@ -67,9 +67,12 @@ class _Snapshot:
 @contextlib.contextmanager
 def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _Snapshot | None = None):
     """Train (or eval) mode and a fixed seed inside; modes, buffers and RNG state restored on
-    exit, and the parameters of ``params`` if the pass wrote them."""
+    exit (a buffer or tensor attribute the pass bound anew, ``self.center = h.mean(0)``, back to
+    the one it had; one it added, removed), and the parameters of ``params`` if the pass wrote
+    them."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    bound = [(m, dict(m._buffers), _tensor_attributes(m)) for m in model.modules()]
     # SyncBatchNorm normalises exactly as BatchNorm does (over the global batch): traced as the
     # local BatchNorm, with no collective during discovery
     synced = [m for m in model.modules() if isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm))]
@@ -87,6 +90,12 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _S
             del m.forward
         for m, mode in modes:
             m.training = mode
+        for m, bufs, attrs in bound:
+            m._buffers.clear()
+            m._buffers.update(bufs)
+            for k in _tensor_attributes(m).keys() - attrs.keys():
+                del m.__dict__[k]
+            m.__dict__.update(attrs)
         with torch.no_grad():
             for b, saved in buffers:
                 if not torch.equal(b, saved):  # (a copy bumps the version: only where needed)
@@ -96,6 +105,11 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _S
                     params.wrote = True
                     p.data = data
                     p.copy_(saved)
+
+
+def _tensor_attributes(m: nn.Module) -> dict:
+    """The tensors a module holds as plain attributes (neither parameters nor buffers)."""
+    return {k: v for k, v in vars(m).items() if isinstance(v, Tensor)}
 
 
 @dataclass(eq=False)
@@ -289,11 +303,12 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, s
     try:
         with _pristine(model, training, params=saved):
             trace = record(lambda: _call(_unwrapped(model), example_inputs), local, keep)
+            # tensors the pass left on its modules (a cache, a buffer bound anew) are results too
+            trace.pin([*model.buffers(), *(v for m in model.modules()
+                                           for v in _tensor_attributes(m).values())])
     finally:
         for h in handles:
             h.remove()
-    # tensors the pass left on its modules (a cache) are results too
-    trace.pin(v for m in model.modules() for v in vars(m).values() if isinstance(v, Tensor))
     # what a running statistic may follow: the model's own parameters and buffers
     trace.originals = {k: params[name] for k, name in seen.items()}
     trace.originals.update({id(b): b for b in model.buffers()})
@@ -620,7 +635,9 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
     (a group of one entry is parallel to its gradient whatever it is: the rescaling decides), for
     ``loss_fn`` or by default a fixed random projection of the outputs.  A bias declared
     ``"cancelled"`` (never updated by psiopt) gets a random offset of ``c·max(1, max|b|)`` per
-    entry instead (its ``cosine`` is reported as 0: the change of the outputs decides).
+    entry instead (its ``cosine`` is reported as 0: the change of the outputs decides).  Where
+    two random seeds give different outputs (dropout, drop path), every change is measured under
+    three seeds' draws.
 
     Each parameter gets a verdict: ``"exact"`` when both measures are within ``tol``; else the
     check is repeated with every normalisation layer's ``eps`` set to ~0, and a parameter within
@@ -659,8 +676,8 @@ def _measure(model, example_inputs, mapping, params, scales, loss_fn) -> dict:
             return loss_fn(out).reshape(1)
         return torch.cat([t.reshape(-1) for t in _outputs(out)])
 
-    def observed_at() -> Tensor:
-        with _pristine(model), torch.no_grad():
+    def observed_at(seed: int = 0) -> Tensor:
+        with _pristine(model, seed=seed), torch.no_grad():
             return observed(_call(model, example_inputs)).double()
 
     with _pristine(model), torch.enable_grad():
@@ -672,6 +689,15 @@ def _measure(model, example_inputs, mapping, params, scales, loss_fn) -> dict:
                                     allow_unused=True)
     base = out.detach().double()
     scale = base.abs().max().clamp_min(1e-12)
+    # a pass with random draws (dropout, drop path): every change measured under three draws,
+    # as a shift that one draw removes need not be removed by the next
+    bases = {0: base}
+    if not torch.equal(observed_at(1), base):
+        bases.update({seed: observed_at(seed) for seed in (1, 2)})
+
+    def moved() -> float:
+        return max(float((observed_at(seed) - b).abs().max() / scale) for seed, b in bases.items())
+
     results = {}
     for (name, grouping), grad in zip(mapping.items(), grads):
         p = params[name]
@@ -684,7 +710,7 @@ def _measure(model, example_inputs, mapping, params, scales, loss_fn) -> dict:
             offset.mul_(saved.abs().max().clamp_min(1.0))
             for c in scales:
                 p.data.add_(offset, alpha=c)
-                change = max(change, float((observed_at() - base).abs().max() / scale))
+                change = max(change, moved())
                 p.data.copy_(saved)
             results[name] = (change, 0.0, 0)
             continue
@@ -694,7 +720,7 @@ def _measure(model, example_inputs, mapping, params, scales, loss_fn) -> dict:
                 factors = torch.ones(view.shape[0], dtype=p.dtype, device=p.device)
                 factors[parity::2] = c
                 view.mul_(factors.view(-1, *[1] * (view.dim() - 1)))
-                change = max(change, float((observed_at() - base).abs().max() / scale))
+                change = max(change, moved())
                 p.data.copy_(saved)
         g = rows(grad if grad is not None else torch.zeros_like(p), grouping)
         w = view.double()

@@ -224,6 +224,9 @@ class Trace:
     originals: dict[int, Tensor] = field(default_factory=dict)  # recorded tensor -> the model's
     outputs: set[int] = field(default_factory=set)  # ids of the tensors the pass returned
     masks: set[int] = field(default_factory=set)  # ids of masks (see :func:`_masks`)
+    #: ids of running statistics that something besides a batch-norm op reads (an op, or the
+    #: caller: returned): they cannot follow a rescaling unseen
+    stats_read: set[int] = field(default_factory=set)
     training: bool = True  # recorded in train mode
 
     def pin(self, tensors) -> None:
@@ -321,41 +324,59 @@ def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
         if k not in pinned:
             dies.setdefault(i, []).append(k)
     storage = {k: ids for ids in by_storage.values() if len(ids) > 1 for k in ids}
-    return Trace(rec.ops, first, dies, storage, calls, last, outputs={id(t) for t in _tensors_in(out)},
-                 masks=_masks(rec.ops))
+    outputs = {id(t) for t in _tensors_in(out)}
+    return Trace(rec.ops, first, dies, storage, calls, last, outputs=outputs, masks=_masks(rec.ops),
+                 stats_read=_stats_read(rec.ops, outputs))
+
+
+def _stats_read(ops: list[Op], outputs: set[int]) -> set[int]:
+    """The ids of the running statistics of the pass's batch-norm ops that another op reads, or
+    that the pass returns (``bn.running_var`` added to an output: it changes when the statistics
+    follow a rescaling, which the batch-norm rule alone does not see)."""
+    names = ("running_mean", "running_var")
+    stats = {id(op.args[k]) for op in ops for k in names if isinstance(op.args.get(k), Tensor)}
+    read = {id(t) for op in ops for k, a in op.args.items() if k not in names
+            for t in tree_flatten(a)[0] if isinstance(t, Tensor) and id(t) in stats}
+    return read | (stats & outputs)
 
 
 def _masks(ops: list[Op]) -> set[int]:
     """The ids of the masks of a pass: its boolean and integer tensors (inputs, comparisons,
-    lengths, an ``arange``) and the float tensors made of them alone (a cast, a view).  Their
-    values are the example's (an input without padding gives a mask of ones), not perturbed
-    (see :func:`_binary`)."""
+    lengths, an ``arange``), the results of random ops (``bernoulli_``, ``rand_like``: a drop-path
+    mask) and the float tensors made of them alone (a cast, a view, ``mask / keep``).  Their
+    values are the example's (an input without padding gives a mask of ones; a random draw is one
+    draw of many), not perturbed (see :func:`_binary`)."""
     masks: set[int] = set()
     for op in ops:
         ins = [t for t in tree_flatten(list(op.args.values()))[0] if isinstance(t, Tensor)]
         masks.update(id(t) for t in ins if not (t.is_floating_point() or t.is_complex()))
         made_of_masks = bool(ins) and all(id(t) in masks for t in ins)
+        random = torch.Tag.nondeterministic_seeded in op.func.tags
         masks.update(id(t) for t in op.outs
-                     if made_of_masks or not (t.is_floating_point() or t.is_complex()))
+                     if made_of_masks or random or not (t.is_floating_point() or t.is_complex()))
     return masks
 
 
-def _tensors_in(obj, depth: int = 0) -> list[Tensor]:
-    """Every tensor in a returned object: pytree containers, dataclasses, namespaces, objects'
-    attributes (a few levels deep)."""
+def _tensors_in(obj, depth: int = 0, seen: set[int] | None = None) -> list[Tensor]:
+    """Every tensor in a returned object: containers (dicts, lists, tuples, sets) at any depth,
+    and the attributes of dataclasses, namespaces and other objects (a few objects deep)."""
+    seen = set() if seen is None else seen
     if isinstance(obj, Tensor):
         return [obj]
-    if depth > 4 or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+    if obj is None or isinstance(obj, (str, bytes, int, float, bool)) or id(obj) in seen:
         return []
+    seen.add(id(obj))
     if isinstance(obj, dict):
         items = list(obj.values())
-    elif isinstance(obj, (list, tuple, set)):
+    elif isinstance(obj, (list, tuple, set, frozenset)):
         items = list(obj)
-    elif hasattr(obj, "__dict__"):
-        items = list(vars(obj).values())
+    elif depth > 4:
+        return []
     else:
-        items = [getattr(obj, k, None) for k in getattr(obj, "__slots__", ())]
-    return [t for item in items for t in _tensors_in(item, depth + 1)]
+        depth += 1
+        items = list(vars(obj).values()) if hasattr(obj, "__dict__") else \
+            [getattr(obj, k, None) for k in getattr(obj, "__slots__", ())]
+    return [t for item in items for t in _tensors_in(item, depth, seen)]
 
 
 def perturbed(t: Tensor, gen: torch.Generator) -> Tensor:
@@ -403,14 +424,18 @@ def _const(F: Tensor, dims) -> Tensor | None:
 
 
 def _const_offset(O: Tensor, dims) -> Tensor | None:
-    """``O`` narrowed along ``dims`` if constant there up to rounding, else ``None``."""
+    """``O`` narrowed along ``dims`` if constant there up to rounding, else ``None``.  Rounding is
+    judged in each slice along a dimension against that slice's own magnitude (a sample of
+    offsets near 1e10 beside one near 1 must not hide the other's variation), floored at 1e-6
+    of the whole offset's (rounding noise of a slice that should hold zeros)."""
     scale = float(O.abs().max()) if O.numel() else 0.0
     if not math.isfinite(scale):
         return None
     for d in dims:
         if O.dim() > d and O.shape[d] > 1:
             first = O.narrow(d, 0, 1)
-            if float((O - first).abs().max()) > TOL * scale:
+            local = O.abs().amax(d, keepdim=True).clamp_min(1e-6 * scale)
+            if bool(((O - first).abs() > TOL * local).any()):
                 return None
             O = first
     return O
@@ -666,7 +691,8 @@ def _binary(p: Propagation, op: Op, x, y, kind: str):
         if any(v.O is not None and isinstance(t, Tensor) and id(t) in p.trace.masks
                for v, t in ((va, b), (vb, a))):
             # an offset times a mask: the mask is the example's (all ones without padding: the
-            # offset looked constant, and was not once a sequence was padded)
+            # offset looked constant, and was not once a sequence was padded; a drop-path draw
+            # that kept every sample, and not the next one)
             return [BROKEN]
         r = _mul(a, va, b, vb)
         if a is b and isinstance(r, Value):
@@ -1084,6 +1110,8 @@ def _batch_norm(p: Propagation, op: Op):
         v = p.value(x)
         if not _cancelled(v, dims) or _large(eps):
             return [BROKEN]
+        if {id(mean), id(var)} & p.trace.stats_read:
+            return [BROKEN]  # statistics that must follow, read by the pass itself (or returned)
         if mean is not None and p.follow_stats:
             F = _const(v.F, dims).reshape(-1).expand(x.shape[1])
             centre = None if v.O is None else _channel_centre(v, F, dims, x.dim())
@@ -1150,11 +1178,13 @@ def _group_norm(p: Propagation, op: Op):
 
 
 def _dropout(p: Propagation, op: Op):
+    """A factor passes (the mask multiplies entries); an offset only where no entry is dropped
+    (``p = 0``, or eval mode): times the recorded mask it is one draw's, and a later norm that
+    removed it there (no entry dropped in that draw) need not remove it in the next."""
     v = p.value(op.args["input"])
-    mask = op.outs[1]
-    keep = 1 - float(op.args["p"]) if op.args.get("train", True) else 1.0
-    O = None if v.O is None else v.O * mask.double() / keep
-    return [Value(v.F, O), None]
+    if v.O is not None and op.args.get("train", True) and float(op.args["p"]) > 0:
+        return [BROKEN, None]
+    return [Value(v.F, v.O), None]
 
 
 def _spatial(op: Op, x: Tensor) -> list[int]:
