@@ -107,3 +107,13 @@ def eval_out(model, x):
         out = model(x)
     model.train()
     return out
+
+
+def refused(capsys, argv, *words):
+    """``psiopt argv`` exits 2 with one line naming ``words``."""
+    from psiopt.experiments.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("psiopt: error:"), err
+    assert all(w in err[0] for w in words), err[0]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import psiopt
+from helpers import refused
 from psiopt.experiments import train as train_module
 from psiopt.experiments.cli import main
 from psiopt.experiments.train import RunConfig, RunError
@@ -287,13 +288,6 @@ QUICK = ["--dataset", "synthetic", "--subset", "64", "--epochs", "1", "--batch-s
 CONV = [*QUICK, "--model", "resnet20", "--optimizer", "psi-sgdm", "--threads", "1"]
 
 
-def _refused(capsys, argv, *words):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("psiopt: error:"), err
-    assert all(w in err[0] for w in words), err[0]
-
-
 def test_train_channels_last_on_the_cpu_runs_converts_and_records(tmp_path, monkeypatch):
     """``--channels-last``: the conv weights are channels_last (in the checkpoint too), every
     batch the model sees (training, evaluation, the BatchNorm recomputation) is converted, the
@@ -355,7 +349,7 @@ def test_spawned_processes_train_channels_last(tmp_path):
     ["compare", "--recipe", "yi-fig1", "--channels-last"],  # mlp-bn, a recipe with variants
 ], ids=["train", "compare", "recipe"])
 def test_a_model_without_conv_weights_is_refused_in_one_line(tmp_path, capsys, argv):
-    _refused(capsys, [*argv, "--out", str(tmp_path / "out")], "--channels-last",
+    refused(capsys, [*argv, "--out", str(tmp_path / "out")], "--channels-last",
              "no 4-D (convolution) weight", "leave the flag out")
     assert not any((tmp_path / "out").rglob("config.json"))
 
@@ -371,13 +365,13 @@ def test_inputs_that_are_not_images_are_refused():
 
 
 def test_a_study_recipe_and_a_resume_in_the_other_layout_are_refused(tmp_path, capsys):
-    _refused(capsys, ["compare", "--recipe", "roburin-thm4", "--channels-last", "--out",
+    refused(capsys, ["compare", "--recipe", "roburin-thm4", "--channels-last", "--out",
                       str(tmp_path / "s")], "study", "--channels-last")
     assert not (tmp_path / "s").exists()
     out = str(tmp_path / "run")
     assert main(["train", *CONV, "--out", out]) == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
-    _refused(capsys, ["train", *CONV, "--epochs", "2", "--resume", "--channels-last", "--out", out],
+    refused(capsys, ["train", *CONV, "--epochs", "2", "--resume", "--channels-last", "--out", out],
              "channels_last (False → True)")
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 

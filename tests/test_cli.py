@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 
+from helpers import refused
 from psiopt.experiments.cli import _pairs, main
 from psiopt.experiments.train import RunConfig, RunError, read_metrics, train
 
@@ -190,14 +191,6 @@ QUICK = ["--dataset", "synthetic", "--subset", "128", "--epochs", "1", "--no-pro
 def snapshot(directory):
     return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*"))
             if p.is_file()}
-
-
-def refused(capsys, argv, *words):
-    """``psiopt argv`` exits 2 with one line naming ``words``."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("psiopt: error:"), err
-    assert all(w in err[0] for w in words), err[0]
 
 
 def test_compare_into_a_directory_made_with_other_settings_is_refused(tmp_path, capsys):

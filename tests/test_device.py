@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import refused
 from psiopt.experiments import train as train_module
 from psiopt.experiments.cli import main
 from psiopt.experiments.data import augment_batch, batches, hold_on, load_dataset
@@ -30,14 +31,6 @@ QUICK = ["--dataset", "synthetic", "--subset", "128", "--epochs", "1", "--no-pro
 TIMINGS = ("seconds", "samples_per_s")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
-
-
-def refused(capsys, argv, *words):
-    """``psiopt argv`` exits 2 with one line naming ``words``."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("psiopt: error:"), err
-    assert all(w in err[0] for w in words), err[0]
 
 
 def timeless(metrics):
