@@ -982,17 +982,28 @@ def test_a_zero_flag_buffer_keeps_the_branch_it_takes():
 
 
 class _DropPathBlock(nn.Module):
-    """conv → per-sample drop path (timm's DropPath: a ``bernoulli_`` mask) → + x → BatchNorm."""
+    """conv → per-sample drop path (timm's DropPath: a ``bernoulli_`` mask; or the mask drawn into
+    a view, copied from a comparison, scaled) → + x → BatchNorm."""
 
-    def __init__(self, p=0.3):
+    def __init__(self, p=0.3, form="bernoulli"):
         super().__init__()
-        self.conv, self.bn, self.p = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), p
+        self.conv, self.bn, self.p, self.form = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), p, form
 
     def forward(self, x):
         b = self.conv(x)
         if self.training:
-            mask = x.new_empty(x.shape[0], 1, 1, 1).bernoulli_(1 - self.p)
-            b = b / (1 - self.p) * mask
+            keep, shape = 1 - self.p, (x.shape[0], 1, 1, 1)
+            if self.form == "bernoulli":
+                mask = x.new_empty(shape).bernoulli_(keep) / keep
+            elif self.form == "view":
+                mask = x.new_ones(shape)
+                mask.view(-1).bernoulli_(keep)
+            elif self.form == "copy":
+                mask = x.new_empty(shape)
+                mask.copy_(torch.rand(shape, dtype=x.dtype) < keep)
+            else:  # "scaled"
+                mask = 0.7 * x.new_empty(shape).bernoulli_(keep)
+            b = b * mask
         return self.bn(x + b)
 
 
@@ -1018,7 +1029,12 @@ def test_an_offset_times_a_random_mask_is_not_cancelled():
     dropout that dropped nothing) made a bias's offset look constant to the BatchNorm after it,
     and the next draw does not.  A factor still passes (dropout multiplies entries)."""
     torch.manual_seed(0)
-    block, x = _DropPathBlock().double(), torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    for form in ("view", "copy", "scaled"):
+        block = _DropPathBlock(0.5, form).double()
+        assert _moves_for_some_seed(block, x, "conv.bias")
+        assert "conv.bias" not in psiopt.find_scale_invariant(block, x), form
+    block = _DropPathBlock().double()
     assert _moves_for_some_seed(block, x, "conv.bias")
     assert "conv.bias" not in psiopt.find_scale_invariant(block, x)
     report = psiopt.check_invariance(block, x, {"conv.bias": "cancelled"})
@@ -1034,7 +1050,9 @@ def test_an_offset_times_a_random_mask_is_not_cancelled():
 class _ReadsItsStatistics(nn.Module):
     def __init__(self, reads):
         super().__init__()
-        self.conv, self.bn, self.reads = nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, eps=1e-12), reads
+        self.reads, f64 = reads, {"dtype": torch.float64}  # (not .double(): rv views bn's buffer)
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, bias=False, **f64), nn.BatchNorm2d(4, eps=1e-12, **f64)
+        self.register_buffer("rv", self.bn.running_var.view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x):
         y = self.bn(self.conv(x))
@@ -1042,35 +1060,40 @@ class _ReadsItsStatistics(nn.Module):
             return y, self.bn.running_var
         if self.reads == "added":
             return y + self.bn.running_var.view(1, -1, 1, 1)
+        if self.reads == "view":  # a buffer over the statistics' storage
+            return y + self.rv
         return y
 
 
-def _rows_and_statistics_scaled(model, s):
-    """conv rows × s, and the BatchNorm's statistics following them (mean × s, var × s²)."""
-    m = copy.deepcopy(model)
+def _output_with_rows_scaled(model, x, training, s=None):
+    """The flattened output with conv rows × ``s`` and the BatchNorm's statistics following them
+    (mean × s, var × s²; in place, as psiopt does, so that a view of them follows too); the
+    model's state put back after."""
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        m.conv.weight.mul_(s.view(-1, 1, 1, 1))
-        m.bn.running_mean.mul_(s)
-        m.bn.running_var.mul_(s * s)
-    return m
+        if s is not None:
+            model.conv.weight.mul_(s.view(-1, 1, 1, 1))
+            model.bn.running_mean.mul_(s)
+            model.bn.running_var.mul_(s * s)
+        out = torch.cat([t.flatten() for t in torch.utils._pytree.tree_leaves(model.train(training)(x))])
+    model.load_state_dict(saved)
+    return out
 
 
-@pytest.mark.parametrize("reads", ["added", "returned"])
+@pytest.mark.parametrize("reads", ["added", "returned", "view"])
 def test_running_statistics_the_pass_reads_cannot_follow_a_rescaling(reads):
     """The statistics follow a rescaling of the rows (what psiopt does, ``rescale_rows_``):
-    invisible to the network unless the pass reads them, or returns them."""
+    invisible to the network unless the pass reads them (or a view of them), or returns them."""
     torch.manual_seed(0)
     x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
     s = torch.rand(4, dtype=torch.float64) + 0.5
     for kind in ("plain", reads):
-        model = _ReadsItsStatistics(kind).double()
-        model(x)  # (statistics away from their initial values)
-        scaled = _rows_and_statistics_scaled(model, s)
-        same = []
-        for training in (True, False):
-            outs = [torch.cat([t.flatten() for t in torch.utils._pytree.tree_leaves(m.train(training)(x))])
-                    for m in (copy.deepcopy(model), copy.deepcopy(scaled))]
-            same.append(torch.allclose(*outs, rtol=1e-9, atol=1e-9))
+        model = _ReadsItsStatistics(kind)
+        with torch.no_grad():
+            model(x)  # (statistics away from their initial values)
+        same = [torch.allclose(_output_with_rows_scaled(model, x, training),
+                               _output_with_rows_scaled(model, x, training, s), rtol=1e-9, atol=1e-9)
+                for training in (True, False)]
         found = psiopt.find_scale_invariant(model, x)
         if kind == "plain":
             assert all(same) and found == {"conv.weight": "channel"}
@@ -1094,6 +1117,17 @@ def test_an_output_nested_deep_in_containers_is_an_output():
     model.forward = lambda x: {"y": model.ln(model.lin(x))}  # (the same, h not returned)
     assert psiopt.find_scale_invariant(model, x) == {"lin.weight": "tensor"}
 
+    def chained(x):  # h 600 tuples deep; and an object met first past the depth limit
+        h, ns = model.lin(x), types.SimpleNamespace
+        holder, nested = ns(h=h), (h, None)
+        for _ in range(600):
+            nested = (h, nested)
+        return {"chain": ns(a=ns(b=ns(c=ns(d=ns(e=holder))))), "holder": holder,
+                "y": model.ln(h), "nested": nested}
+
+    model.forward = chained
+    assert psiopt.find_scale_invariant(model, x) == {}
+
 
 def test_a_small_offset_beside_a_huge_one_is_judged_on_its_own_scale():
     """``LN(g x + c)`` with one sample of ``c`` near 1e10: the other sample's offset varies along
@@ -1114,6 +1148,38 @@ def test_a_small_offset_beside_a_huge_one_is_judged_on_its_own_scale():
         scaled.g.mul_(2.0)
     assert not torch.allclose(model(x, c)[1], scaled(x, c)[1], atol=1e-3)
     assert "g" not in psiopt.find_scale_invariant(model, (x, c))
+
+
+class _LazyCache(nn.Module):
+    """A cache built in forward for the longest sequence seen (rotary tables): a tensor attribute
+    that starts as None and the length it records."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.ln = nn.Linear(8, 8, bias=False), nn.LayerNorm(8)
+        self.cached_len, self.table = 0, None
+
+    def forward(self, x):
+        if x.shape[1] > self.cached_len:
+            self.cached_len = x.shape[1]
+            self.table = torch.cos(torch.arange(x.shape[1], dtype=x.dtype))[:, None]
+        return self.ln(self.fc(x) * self.table[: x.shape[1]])
+
+
+def test_a_cache_the_pass_builds_is_put_back_whole():
+    """Discovery restores a module's attributes as they were bound (the cache and the length it
+    records together): the model runs as before, on any length."""
+    torch.manual_seed(0)
+    for first in (None, 4):
+        model = _LazyCache()
+        if first:
+            model(torch.randn(2, first, 8))
+        before = dict(vars(model))
+        assert psiopt.find_scale_invariant(model, torch.randn(2, 6, 8)) == {"fc.weight": "tensor"}
+        assert vars(model) == before
+        model(torch.randn(2, 6, 8))
+        report = psiopt.check_invariance(model, torch.randn(2, 5, 8), {"fc.weight": "tensor"})
+        assert report.ok and vars(model).keys() == before.keys()
 
 
 def test_a_buffer_bound_anew_in_the_pass_is_a_result_and_is_put_back():
@@ -1138,3 +1204,128 @@ def test_a_buffer_bound_anew_in_the_pass_is_a_result_and_is_put_back():
     center = model.center
     assert "l.weight" not in psiopt.find_scale_invariant(model, x)
     assert model.center is center and not center.any() and not hasattr(model, "cache")
+
+
+def test_an_in_place_shape_op_on_a_rescaled_tensor_claims_nothing():
+    """``h.unsqueeze_(0)`` before a LayerNorm: the recorded tensor has the shape after the op
+    (its factor was read with one dimension too many, and the rows looked removed)."""
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.ln = nn.Linear(5, 6, bias=False), nn.LayerNorm(6, eps=1e-30)
+
+        def forward(self, x):
+            h = self.l(x)
+            h.unsqueeze_(0)
+            return self.ln(h)
+
+    torch.manual_seed(0)
+    model, x = InPlace().double(), torch.randn(4, 5, dtype=torch.float64)
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled.l.weight.mul_(torch.rand(6, 1, dtype=torch.float64) + 0.5)
+    assert not torch.allclose(model(x), scaled(x), atol=1e-6)  # the rows are not invariant
+    assert psiopt.find_scale_invariant(model, x).get("l.weight") in (None, "tensor")
+
+
+class _RandomRouting(nn.Module):
+    """Each sample through branch a or b, drawn (a random routing by advanced indexing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Linear(5, 3), nn.Linear(5, 3), nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        h, n = torch.stack([self.a(x), self.b(x)], 1), x.shape[0]
+        pick = (torch.rand(n, dtype=x.dtype) < 0.5).long()
+        return self.bn(h[torch.arange(n), pick])
+
+
+class _LayerDrop(nn.Module):
+    """A residual block skipped when ``torch.rand([]) < p`` in train mode (HF's LayerDrop),
+    before the BatchNorm (or after it: ``norm_first``)."""
+
+    def __init__(self, p, norm_first=False):
+        super().__init__()
+        self.inp, self.mlp, self.bn, self.p = nn.Linear(5, 4), nn.Linear(4, 4), nn.BatchNorm1d(4), p
+        self.norm_first = norm_first
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = self.bn(h) if self.norm_first else h
+        if not (self.training and torch.rand([]) < self.p):
+            h = h + F.gelu(self.mlp(h))
+        return h if self.norm_first else self.bn(h)
+
+
+def test_random_indices_and_branches_on_a_draw_claim_nothing():
+    """Indices drawn at random read the rows of one draw; a Python branch on a draw runs other
+    ops under other draws (discovery re-records the pass and claims nothing, with a warning).
+    With p = 0 the branch never changes: the claims stand."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    routing = _RandomRouting().double()
+    assert _moves_for_some_seed(routing, x, "a.bias") and _moves_for_some_seed(routing, x, "b.bias")
+    assert not psiopt.find_scale_invariant(routing, x)
+    x = torch.randn(6, 5)
+    model = _LayerDrop(0.5).double()
+    assert _moves_for_some_seed(model, x.double(), "inp.bias")  # (seed 0's draw skips the block)
+    with pytest.warns(UserWarning, match="other random draws"):
+        assert psiopt.find_scale_invariant(_LayerDrop(0.5), x) == {}
+    with pytest.warns(UserWarning, match="other random draws"):  # (true either way: not seen)
+        assert psiopt.find_scale_invariant(_LayerDrop(0.5, norm_first=True), x) == {}
+    expected = {"inp.weight": "channel", "inp.bias": "cancelled"}
+    assert psiopt.find_scale_invariant(_LayerDrop(0.0, norm_first=True), x) == expected
+
+
+def test_a_bias_constant_within_each_head_is_read_through_a_perturbed_copy():
+    """A bias whose values repeat (constant within each head) made a per-head LayerNorm remove
+    the offset of rescaled heads; true of that bias only, not after a step moved it."""
+    class PerHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.ln = nn.Linear(5, 8), nn.LayerNorm(4, eps=1e-30)
+            with torch.no_grad():
+                self.proj.bias.copy_(torch.tensor([1.0, 2.0]).repeat_interleave(4))
+
+        def forward(self, x):
+            return self.ln(self.proj(x).unflatten(-1, (2, 4))).flatten(-2)
+
+    torch.manual_seed(0)
+    model, x = PerHead().double(), torch.randn(6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        moved = copy.deepcopy(model)
+        moved.proj.bias.add_(1e-2 * torch.randn(8, dtype=torch.float64))
+        scaled = copy.deepcopy(moved)
+        scaled.proj.weight.mul_(torch.tensor([3.0] * 4 + [0.2] * 4, dtype=torch.float64)[:, None])
+    assert not torch.allclose(moved(x), scaled(x), atol=1e-3)
+    assert "proj.weight" not in psiopt.find_scale_invariant(model, x)
+
+
+def test_discovery_leaves_the_models_generators_and_pythons_random_as_they_were():
+    import random
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.bn, self.gen = nn.Linear(5, 4), nn.BatchNorm1d(4), torch.Generator().manual_seed(1)
+
+        def forward(self, x):
+            random.random()
+            return self.bn(self.l(x + 0.1 * torch.randn(x.shape, generator=self.gen)))
+
+    model, x = Noisy(), torch.randn(6, 5)
+    state, python = model.gen.get_state(), random.getstate()
+    assert psiopt.find_scale_invariant(model, x) == {"l.weight": "channel", "l.bias": "cancelled"}
+    assert torch.equal(model.gen.get_state(), state) and random.getstate() == python
+
+
+def test_attention_and_dropout_that_drop_nothing_are_not_draws():
+    """torch tags scaled_dot_product_attention's kernels random whatever dropout_p is: with 0
+    (and dropout with p = 0) nothing is drawn, no pass is recorded again, nothing is a mask."""
+    q = torch.randn(1, 2, 3, 4)
+    for p, drawn in ((0.0, False), (0.5, True)):
+        trace = symmetry.record(lambda p=p: F.scaled_dot_product_attention(q, q, q, dropout_p=p), {})
+        assert bool(trace.random) is drawn and bool(trace.masks) is drawn
+        trace = symmetry.record(lambda p=p: torch.ops.aten.native_dropout(q, p, True)[0], {})
+        assert bool(trace.random) is drawn

@@ -341,3 +341,12 @@ def test_a_keyword_of_create_optimizer_wins_over_the_groups_rest_settings():
         part = next(g for g in opt.param_groups if g["grouping"] == "groups:4[0:32]")
         assert (part["lr"], part["weight_decay"]) == (0.05, 5e-4)
         assert not any(k.startswith("rest_") for k in part)
+    groups = psiopt.param_groups(model, x)  # no rest_ settings: a baseline takes the others'
+    part = next(g for g in groups if g["grouping"] == "groups:4[0:32]")
+    part["lr"] = 0.05
+    opt = psiopt.create_optimizer(groups, "sgd")
+    lrs = {g["grouping"]: g["lr"] for g in opt.param_groups}
+    assert lrs["groups:4[0:32]"] == lrs[None] != 0.05
+    part["rest_lr"] = torch.tensor(0.01)  # a tensor lr: torch's Adam then takes it (not foreach)
+    opt = psiopt.create_optimizer(groups, "adam")
+    train(model, opt, x, steps=1)

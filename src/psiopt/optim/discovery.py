@@ -15,6 +15,7 @@ what discovery cannot find with ``overrides`` and confirm it with :func:`check_i
 from __future__ import annotations
 
 import contextlib
+import random
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -67,12 +68,16 @@ class _Snapshot:
 @contextlib.contextmanager
 def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _Snapshot | None = None):
     """Train (or eval) mode and a fixed seed inside; modes, buffers and RNG state restored on
-    exit (a buffer or tensor attribute the pass bound anew, ``self.center = h.mean(0)``, back to
-    the one it had; one it added, removed), and the parameters of ``params`` if the pass wrote
-    them."""
+    exit, and each module's attributes as they were bound (a buffer the pass bound anew,
+    ``self.center = h.mean(0)``, a cache and the length it records, a flag: back to what they
+    were; one it added, removed; what a container attribute holds is not restored), and the
+    parameters of ``params`` if the pass wrote them."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    bound = [(m, dict(m._buffers), _tensor_attributes(m)) for m in model.modules()]
+    bound = [(m, dict(vars(m)), dict(m._buffers)) for m in model.modules()]
+    generators = [(g, g.get_state()) for m in model.modules() for g in vars(m).values()
+                  if isinstance(g, torch.Generator)]  # (the model's own random streams)
+    python_random = random.getstate()
     # SyncBatchNorm normalises exactly as BatchNorm does (over the global batch): traced as the
     # local BatchNorm, with no collective during discovery
     synced = [m for m in model.modules() if isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm))]
@@ -90,12 +95,14 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _S
             del m.forward
         for m, mode in modes:
             m.training = mode
-        for m, bufs, attrs in bound:
+        for m, attrs, bufs in bound:
+            vars(m).clear()
+            vars(m).update(attrs)
             m._buffers.clear()
             m._buffers.update(bufs)
-            for k in _tensor_attributes(m).keys() - attrs.keys():
-                del m.__dict__[k]
-            m.__dict__.update(attrs)
+        for g, state in generators:
+            g.set_state(state)
+        random.setstate(python_random)
         with torch.no_grad():
             for b, saved in buffers:
                 if not torch.equal(b, saved):  # (a copy bumps the version: only where needed)
@@ -181,7 +188,14 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
         traces.append(trace)
         for k, name in seen.items():
             names.setdefault(name, []).append(k)
-    traces += _traces_of_other_buffers(model, example_inputs, substitute, saved)
+    redrawn = _redrawn(model, example_inputs, traces[0], substitute, saved)
+    if any([op.func for op in t.ops] != [op.func for op in traces[0].ops] for t in redrawn):
+        warnings.warn(f"{type(model).__name__}'s forward pass takes other ops under other random "
+                      "draws (a branch on torch.rand: LayerDrop?): discovery sees one draw's ops "
+                      "and claims nothing; declare groups with overrides= and check them with "
+                      "psiopt.check_invariance", stacklevel=3)
+        return {}, {}
+    traces += redrawn + _traces_of_other_buffers(model, example_inputs, substitute, saved)
     stats_of = {id(m.running_mean): m for m in model.modules()
                 if isinstance(getattr(m, "running_mean", None), Tensor)}
     params = dict(model.named_parameters())
@@ -205,6 +219,18 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
         if found is not None:
             mapping[name], stats[name] = found
     return mapping, {k: v for k, v in stats.items() if v}
+
+
+def _redrawn(model, example_inputs, trace, substitute: dict, saved) -> list:
+    """The train-mode pass recorded again under other random draws, where it draws (dropout,
+    drop path: two more seeds; four where Python reads a value made from a draw, ``if
+    torch.rand([]) < p``): a claim must hold under every draw (an offset that one draw's mask made
+    constant for the norm after it need not be under the next), and another draw must run the
+    same ops (LayerDrop with p > 0 does not; with p = 0, as HF models draw by default, it does)."""
+    if not trace.random:
+        return []
+    seeds = range(1, 5 if trace.branches_on_random else 3)
+    return [_trace(model, example_inputs, True, substitute, saved, seed)[0] for seed in seeds]
 
 
 def _first_holding(traces, ids, p, candidates, stats_of) -> tuple[str, list] | None:
@@ -272,10 +298,12 @@ def _traces_of_other_buffers(model: nn.Module, example_inputs, substitute: dict,
     return traces
 
 
-def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, saved: _Snapshot):
-    """Record one forward pass (train or eval mode) on perturbed parameters and inputs; return
-    the trace and ``{id of a recorded parameter tensor: its name}``.  ``substitute`` keeps the
-    copies of the registered parameters and inputs for the next pass."""
+def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, saved: _Snapshot,
+           seed: int = 0):
+    """Record one forward pass (train or eval mode, random draws from ``seed``) on perturbed
+    parameters and inputs; return the trace and ``{id of a recorded parameter tensor: its
+    name}``.  ``substitute`` keeps the copies of the registered parameters and inputs for the
+    next pass."""
     gen = torch.Generator().manual_seed(0)
     params = dict(model.named_parameters())
     registered = {id(p): name for name, p in params.items()}
@@ -301,7 +329,7 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, s
     handles = [m.register_forward_pre_hook(on_start) for m in model.modules() if m._parameters]
     keep = list(model.buffers()) + list(local.values())
     try:
-        with _pristine(model, training, params=saved):
+        with _pristine(model, training, seed, params=saved):
             trace = record(lambda: _call(_unwrapped(model), example_inputs), local, keep)
             # tensors the pass left on its modules (a cache, a buffer bound anew) are results too
             trace.pin([*model.buffers(), *(v for m in model.modules()

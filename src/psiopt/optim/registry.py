@@ -145,9 +145,17 @@ def create_optimizer(model_or_param_groups, name: str, example_inputs=None, *,
         grouping = group.get("grouping")
         partial = is_invariant(grouping) and split_part(grouping)[1] is not None
         side = 0 if is_invariant(grouping) and not (partial and spec.baseline) else 1
-        if partial and spec.baseline:  # one ordinary tensor: the settings of its rest (the others')
-            group.update({k[len("rest_"):]: group.pop(k) for k in list(group) if k.startswith("rest_")})
+        if partial and spec.baseline:  # one ordinary tensor: the settings of its rest (rest_<key>,
+            kind = "adam" if issubclass(spec.cls, torch.optim.Adam) else "sgd"  # else the others')
+            for key in REST_KEYS[kind]:
+                if "rest_" + key in group:
+                    group[key] = group.pop("rest_" + key)
+                else:
+                    group.pop(key, None)
         group.update({**(invariant, other)[side], **group, **explicit[side]})
+        if spec.baseline and issubclass(spec.cls, torch.optim.Adam) and \
+                isinstance(group.get("lr"), torch.Tensor) and "foreach" not in explicit[side]:
+            group["foreach"] = None  # (torch's Adam refuses a tensor lr with foreach=True: see settings)
         if partial and not spec.baseline:  # the rows outside the part: the others' settings,
             for key in REST_KEYS[spec.cls.counterpart]:  # a keyword passed here winning again
                 if key in explicit[1]:

@@ -205,6 +205,8 @@ _SHAPE_OPS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "e
               "squeeze", "clone", "alias", "detach", "flatten", "unflatten", "contiguous"}
 _MIXING = {"addmm", "mm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution", "add",
            "mul", "sub", "div"}
+#: ops whose offsets are products with the other operands (see Propagation.step)
+_PRODUCTS = {"mm", "bmm", "mv", "dot", "vdot", "addmm", "baddbmm", "convolution", "_convolution"}
 _SPLITS = {"split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "unbind", "slice",
            "select", "narrow", "chunk", "unsafe_chunk"}
 
@@ -224,6 +226,10 @@ class Trace:
     originals: dict[int, Tensor] = field(default_factory=dict)  # recorded tensor -> the model's
     outputs: set[int] = field(default_factory=set)  # ids of the tensors the pass returned
     masks: set[int] = field(default_factory=set)  # ids of masks (see :func:`_masks`)
+    random: set[int] = field(default_factory=set)  # ids of tensors that depend on a random draw
+    #: whether Python read a value that depends on a random draw (``if torch.rand([]) < p``:
+    #: LayerDrop), so that another draw may take other ops
+    branches_on_random: bool = False
     #: ids of running statistics that something besides a batch-norm op reads (an op, or the
     #: caller: returned): they cannot follow a rescaling unseen
     stats_read: set[int] = field(default_factory=set)
@@ -325,68 +331,114 @@ def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
             dies.setdefault(i, []).append(k)
     storage = {k: ids for ids in by_storage.values() if len(ids) > 1 for k in ids}
     outputs = {id(t) for t in _tensors_in(out)}
-    return Trace(rec.ops, first, dies, storage, calls, last, outputs=outputs, masks=_masks(rec.ops),
-                 stats_read=_stats_read(rec.ops, outputs))
+    masks, random = _masks(rec.ops)
+    branches = any(op.name in _TO_PYTHON and any(id(t) in random for t in op.args.values()
+                                                 if isinstance(t, Tensor)) for op in rec.ops)
+    return Trace(rec.ops, first, dies, storage, calls, last, outputs=outputs, masks=masks,
+                 random=random, branches_on_random=branches,
+                 stats_read=_stats_read(rec.ops, outputs, storage))
 
 
-def _stats_read(ops: list[Op], outputs: set[int]) -> set[int]:
+#: ops that hand a tensor's value to Python (``.item()``, ``if t:``)
+_TO_PYTHON = {"_local_scalar_dense", "is_nonzero", "item", "equal"}
+
+
+def _stats_read(ops: list[Op], outputs: set[int], storage: dict[int, list[int]]) -> set[int]:
     """The ids of the running statistics of the pass's batch-norm ops that another op reads, or
-    that the pass returns (``bn.running_var`` added to an output: it changes when the statistics
-    follow a rescaling, which the batch-norm rule alone does not see)."""
+    that the pass returns, themselves or a tensor over their storage (``bn.running_var`` added
+    to an output, or a view of it: it changes when the statistics follow a rescaling, which the
+    batch-norm rule alone does not see)."""
     names = ("running_mean", "running_var")
     stats = {id(op.args[k]) for op in ops for k in names if isinstance(op.args.get(k), Tensor)}
+    alias = {k: s for s in stats for k in storage.get(s, [s])}  # tensor -> the statistic it views
     read = {id(t) for op in ops for k, a in op.args.items() if k not in names
-            for t in tree_flatten(a)[0] if isinstance(t, Tensor) and id(t) in stats}
-    return read | (stats & outputs)
+            for t in tree_flatten(a)[0] if isinstance(t, Tensor) and id(t) in alias}
+    return {alias[k] for k in read | (alias.keys() & outputs)}
 
 
-def _masks(ops: list[Op]) -> set[int]:
+def _draws(op: Op) -> bool:
+    """Whether ``op`` draws at random: torch tags it ``nondeterministic_seeded``, and, for dropout
+    and attention (tagged whatever their probability), it drops with a probability above 0."""
+    if torch.Tag.nondeterministic_seeded not in op.func.tags:
+        return False
+    if any(a.name == "dropout_p" for a in op.func._schema.arguments):  # attention's kernels
+        return float(op.args.get("dropout_p", 0.0)) > 0
+    if op.name == "native_dropout":
+        return bool(op.args.get("train", True)) and float(op.args["p"]) > 0
+    return True
+
+
+def _masks(ops: list[Op]) -> tuple[set[int], set[int]]:
     """The ids of the masks of a pass: its boolean and integer tensors (inputs, comparisons,
-    lengths, an ``arange``), the results of random ops (``bernoulli_``, ``rand_like``: a drop-path
-    mask) and the float tensors made of them alone (a cast, a view, ``mask / keep``).  Their
-    values are the example's (an input without padding gives a mask of ones; a random draw is one
-    draw of many), not perturbed (see :func:`_binary`)."""
+    lengths, an ``arange``), its random draws (ops torch tags ``nondeterministic_seeded``:
+    ``bernoulli_``, ``rand_like``; a draw written into a view marks every tensor over that
+    storage) and the float tensors made of them alone (a cast, a view, ``mask / keep``, a copy).
+    Their values are the example's (an input without padding gives a mask of ones; a random
+    draw is one draw of many), not perturbed (see :func:`_binary`).  Also returns what depends
+    on a random draw in any way (random routing indices, a value Python branches on: see
+    :func:`_shape`, ``Trace.branches_on_random``)."""
     masks: set[int] = set()
+    random: set[int] = set()
+    drawn: set = set()  # storages a random draw was written into
+
+    def where(t):
+        return (t.device, t.untyped_storage().data_ptr()) if t.layout == torch.strided else None
+
     for op in ops:
         ins = [t for t in tree_flatten(list(op.args.values()))[0] if isinstance(t, Tensor)]
-        masks.update(id(t) for t in ins if not (t.is_floating_point() or t.is_complex()))
-        made_of_masks = bool(ins) and all(id(t) in masks for t in ins)
-        random = torch.Tag.nondeterministic_seeded in op.func.tags
-        masks.update(id(t) for t in op.outs
-                     if made_of_masks or random or not (t.is_floating_point() or t.is_complex()))
-    return masks
-
-
-def _tensors_in(obj, depth: int = 0, seen: set[int] | None = None) -> list[Tensor]:
+        masks.update(id(t) for t in ins if not (t.is_floating_point() or t.is_complex())
+                     or where(t) in drawn)
+        written = [op.args[k] for k in op.writes if isinstance(op.args.get(k), Tensor)]
+        read = [t for t in ins if op.name != "copy_" or all(t is not w for w in written)]
+        made_of_masks = bool(read) and all(id(t) in masks for t in read)
+        draw = _draws(op)
+        for t in op.outs + (written if draw or made_of_masks else []):
+            if made_of_masks or draw or not (t.is_floating_point() or t.is_complex()):
+                masks.add(id(t))
+            if draw and where(t) is not None:
+                drawn.add(where(t))
+        if draw or any(id(t) in random or where(t) in drawn for t in ins):
+            random.update(id(t) for t in op.outs + written)
+    return masks, random
+def _tensors_in(obj) -> list[Tensor]:
     """Every tensor in a returned object: containers (dicts, lists, tuples, sets) at any depth,
-    and the attributes of dataclasses, namespaces and other objects (a few objects deep)."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, Tensor):
-        return [obj]
-    if obj is None or isinstance(obj, (str, bytes, int, float, bool)) or id(obj) in seen:
-        return []
-    seen.add(id(obj))
-    if isinstance(obj, dict):
-        items = list(obj.values())
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        items = list(obj)
-    elif depth > 4:
-        return []
-    else:
-        depth += 1
-        items = list(vars(obj).values()) if hasattr(obj, "__dict__") else \
-            [getattr(obj, k, None) for k in getattr(obj, "__slots__", ())]
-    return [t for item in items for t in _tensors_in(item, depth, seen)]
+    and the attributes of dataclasses, namespaces and other objects up to five objects deep (an
+    object reached again nearer the top is opened again there)."""
+    found, nearest, stack = [], {}, [(obj, 0)]
+    while stack:
+        x, depth = stack.pop()
+        if isinstance(x, Tensor):
+            found.append(x)
+            continue
+        if x is None or isinstance(x, (str, bytes, int, float, bool)) or nearest.get(id(x), 99) <= depth:
+            continue
+        nearest[id(x)] = depth
+        if isinstance(x, dict):
+            items = list(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            items = list(x)
+        elif depth >= 5:
+            continue
+        else:
+            try:
+                items = list(vars(x).values())
+            except TypeError:  # (no __dict__)
+                items = [getattr(x, k, None) for k in getattr(x, "__slots__", ())]
+            depth += 1
+        stack.extend((item, depth) for item in items)
+    return found
 
 
 def perturbed(t: Tensor, gen: torch.Generator) -> Tensor:
-    """``t`` itself where its values are already generic; else (a constant tensor, or one with an
-    exact zero: zero or one initialisations, identity matrices) a copy with every entry moved by
-    about 5 % of the tensor's RMS and of itself."""
+    """``t`` itself where its values are already generic; else (a constant tensor, one with an
+    exact zero: zero or one initialisations, identity matrices; or, up to 2¹⁶ entries, one with
+    a repeated value: a bias constant within each head) a copy with every entry moved by about
+    5 % of the tensor's RMS and of itself."""
     x = t.detach()
     if not x.is_floating_point() or x.numel() == 0:
         return x
-    if x.numel() > 1 and bool((x.amin() != x.amax()) & (x != 0).all()):
+    if x.numel() > 1 and bool((x.amin() != x.amax()) & (x != 0).all()) and not (
+            x.numel() <= 1 << 16 and torch.unique(x).numel() < x.numel()):
         return x
     noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
     rms = x.float().square().mean().sqrt()
@@ -533,12 +585,17 @@ class Propagation:
             return
         if any(v is BROKEN for v in values):
             raise Failed(f"{op.func} reads a tensor the analysis cannot describe")
+        if op.name in _PRODUCTS and any(v is not None and v.O is not None for v in values) and any(
+                v is None and id(t) in self.trace.masks for t, v in zip(tensors, values)):
+            for t in op.outs:  # an offset through a product with a mask (see _binary): one draw's
+                self._set(t, BROKEN)
+            return
         if any(v is not None and id(t) in self.untracked for t, v in zip(tensors, values)):
             # its output may be invariant, but not its gradient, which is not that of the
             # invariant function (W / W.norm(1).detach(): rows whose gradient is not
             # orthogonal to them)
             raise Failed(f"{op.func} reads a transformed tensor that was detached")
-        name = op.name.rstrip("_") if op.name.endswith("_") and not op.name.startswith("_") else op.name
+        name = op.name.rstrip("_") if _in_place(op) else op.name
         rule = _RULES.get(name) or _RULES.get(op.name)
         if rule is None:
             first = next(iter(op.args), None)
@@ -745,15 +802,18 @@ def _clamp_min(p: Propagation, op: Op):
 
 
 def _shape(p: Propagation, op: Op):
-    """Views, copies, indexing, concatenation: the same op applied to F and O."""
+    """Views, copies, indexing, concatenation: the same op applied to F and O.  Not in place
+    (``unsqueeze_``: the recorded tensor has the shape after the op), nor with indices drawn at
+    random (a random routing or top-k: the recorded draw reads rows the next one does not)."""
     first = next(iter(op.args))
     src = op.args[first]
     many = isinstance(src, (list, tuple))
     srcs = list(src) if many else [src]
     rest = [v for k, v in op.args.items() if k != first]
-    if any(isinstance(p.get(t), Value) for t in tree_flatten(rest)[0] if isinstance(t, Tensor)) or \
-            any(name != first for name in op.writes):
-        return [BROKEN] * len(op.outs)  # transformed indices or fill values, an out= argument
+    if any(isinstance(p.get(t), Value) or id(t) in p.trace.random
+           for t in tree_flatten(rest)[0] if isinstance(t, Tensor)) or \
+            any(name != first for name in op.writes) or _in_place(op):
+        return [BROKEN] * len(op.outs)  # transformed or random indices or fill values, out=
 
     def full(t, part):
         if not isinstance(t, Tensor):
@@ -1257,9 +1317,13 @@ def _copy(p: Propagation, op: Op):
     return [v]
 
 
+def _in_place(op: Op) -> bool:
+    return op.name.endswith("_") and not op.name.startswith("_")
+
+
 def _embedding(p: Propagation, op: Op):
     w, idx = op.args["weight"], op.args["indices"]
-    if isinstance(p.get(idx), Value):
+    if isinstance(p.get(idx), Value) or id(idx) in p.trace.random:
         return [BROKEN]
     v = p.value(w)
     F = torch.nn.functional.embedding(idx, v.F.expand(w.shape))
