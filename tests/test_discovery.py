@@ -1329,3 +1329,130 @@ def test_attention_and_dropout_that_drop_nothing_are_not_draws():
         assert bool(trace.random) is drawn and bool(trace.masks) is drawn
         trace = symmetry.record(lambda p=p: torch.ops.aten.native_dropout(q, p, True)[0], {})
         assert bool(trace.random) is drawn
+
+
+class _DrawnInPython(nn.Module):
+    """LayerDrop drawn from Python's random, numpy's, or a generator the module holds."""
+
+    def __init__(self, source):
+        super().__init__()
+        self.inp, self.mlp, self.bn, self.source = nn.Linear(5, 4), nn.Linear(4, 4), nn.BatchNorm1d(4), source
+        self.gen = torch.Generator().manual_seed(5)
+
+    def draw(self):
+        import random
+
+        import numpy as np
+
+        if self.source == "random":
+            return random.random()
+        if self.source == "numpy":
+            return float(np.random.rand())
+        return float(torch.rand([], generator=self.gen))
+
+    def forward(self, x):
+        h = self.inp(x)
+        if not (self.training and self.draw() < 0.5):
+            h = h + F.gelu(self.mlp(h))
+        return self.bn(h)
+
+
+@pytest.mark.parametrize("source", ["random", "numpy", "generator"])
+def test_a_branch_on_a_draw_outside_torchs_generator_claims_nothing(source):
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="other random draws"):
+        assert psiopt.find_scale_invariant(_DrawnInPython(source), torch.randn(6, 5)) == {}
+
+
+def test_a_drop_path_made_by_dropout_of_ones_is_a_mask():
+    """``x * F.dropout(torch.ones(B, 1, 1, 1), p)``: the mask is ones times a draw."""
+    class DropOnes(_DropPathBlock):
+        def forward(self, x):
+            b = self.conv(x)
+            if self.training:
+                b = b * F.dropout(torch.ones(x.shape[0], 1, 1, 1, dtype=x.dtype), self.p)
+            return self.bn(x + b)
+
+    torch.manual_seed(0)
+    block, x = DropOnes(0.02).double(), torch.randn(4, 4, 3, 3, dtype=torch.float64)
+    assert _moves_for_some_seed(block, x, "conv.bias", seeds=range(200))
+    assert "conv.bias" not in psiopt.find_scale_invariant(block, x)
+
+
+class _CachedInADict(nn.Module):
+    """A table built on the first call into a dict attribute, then dropout: the pass is recorded
+    again under other draws, and the dict's contents are put back after each pass (else only the
+    first pass built the table, and the passes ran other ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn, self.drop, self.head = nn.Linear(5, 4, bias=False), nn.BatchNorm1d(4), \
+            nn.Dropout(0.1), nn.Linear(4, 2)
+        self.cache = {}
+
+    def forward(self, x):
+        if "table" not in self.cache:
+            self.cache["table"] = torch.linspace(0.5, 1.5, 4, dtype=x.dtype)
+        return self.head(self.drop(self.bn(self.lin(x)) * self.cache["table"]))
+
+
+def test_a_cache_in_a_dict_and_dropout_keep_the_claims():
+    torch.manual_seed(0)
+    model = _CachedInADict()
+    assert psiopt.find_scale_invariant(model, torch.randn(6, 5)) == {"lin.weight": "channel"}
+    assert model.cache == {}
+
+
+def test_a_forward_that_registers_parameters_is_refused():
+    """A module built by its first batch (or a lazy one): its parameters do not exist yet, so an
+    optimizer built now would miss them; discovery says so, and leaves the model as it was."""
+    class Built(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.ln = None, nn.LayerNorm(4)
+
+        def forward(self, x):
+            if self.w is None:
+                self.w = nn.Parameter(torch.randn(4, x.shape[-1]))
+            return self.ln(x @ self.w.t())
+
+    model = Built()
+    with pytest.raises(ValueError, match="registers parameters"):
+        psiopt.find_scale_invariant(model, torch.randn(3, 5))
+    assert model.w is None and "w" not in dict(model.named_parameters())
+    model(torch.randn(3, 5))
+    assert psiopt.find_scale_invariant(model, torch.randn(3, 5)) == {"w": "tensor"}
+    with pytest.raises(ValueError, match="not yet initialised"):
+        psiopt.find_scale_invariant(nn.Sequential(nn.LazyLinear(4), nn.LayerNorm(4)), torch.randn(3, 5))
+
+
+def test_a_hook_registered_once_in_forward_is_not_left_twice():
+    class HookOnce(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.ln, self.handle = nn.Linear(5, 4, bias=False), nn.LayerNorm(4), None
+
+        def forward(self, x):
+            if self.handle is None:
+                self.handle = self.lin.register_forward_hook(lambda m, i, o: None)
+            return self.ln(self.lin(x))
+
+    model = HookOnce()
+    assert psiopt.find_scale_invariant(model, torch.randn(3, 5)) == {"lin.weight": "tensor"}
+    assert model.handle is None and not model.lin._forward_hooks  # (as found)
+    model(torch.randn(3, 5))
+    assert len(model.lin._forward_hooks) == 1
+
+
+def test_attention_dropout_through_the_math_path_keeps_the_key_bias_cancelled():
+    """On the CPU, scaled_dot_product_attention with dropout runs ``_safe_softmax``."""
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x), dropout_p=0.1)
+
+    torch.manual_seed(0)
+    assert psiopt.find_scale_invariant(Attention(), torch.randn(2, 5, 8)).get("k.bias") == "cancelled"

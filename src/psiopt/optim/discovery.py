@@ -14,8 +14,11 @@ what discovery cannot find with ``overrides`` and confirm it with :func:`check_i
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import random
+import sys
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -67,42 +70,36 @@ class _Snapshot:
 
 @contextlib.contextmanager
 def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _Snapshot | None = None):
-    """Train (or eval) mode and a fixed seed inside; modes, buffers and RNG state restored on
-    exit, and each module's attributes as they were bound (a buffer the pass bound anew,
-    ``self.center = h.mean(0)``, a cache and the length it records, a flag: back to what they
-    were; one it added, removed; what a container attribute holds is not restored), and the
-    parameters of ``params`` if the pass wrote them."""
+    """Train (or eval) mode and a fixed seed inside; on exit modes, buffers, the RNG states and
+    each module's attributes restored (see :class:`_Bound`), and the parameters of ``params`` if
+    the pass wrote them.  ``seed`` seeds torch's generator, Python's ``random`` and numpy's;
+    other than 0 (a redrawn pass, see :func:`_redrawn`), the modules' own ``torch.Generator``s too.
+    ``ValueError`` if the pass registered parameters (a module built in its first forward)."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    bound = [(m, dict(vars(m)), dict(m._buffers)) for m in model.modules()]
-    generators = [(g, g.get_state()) for m in model.modules() for g in vars(m).values()
-                  if isinstance(g, torch.Generator)]  # (the model's own random streams)
-    python_random = random.getstate()
+    bound = _Bound.of(model)
+    registered = {id(p) for p in model.parameters()}
     # SyncBatchNorm normalises exactly as BatchNorm does (over the global batch): traced as the
     # local BatchNorm, with no collective during discovery
     synced = [m for m in model.modules() if isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm))]
     for m in synced:
         m.forward = types.MethodType(_BatchNorm.forward, m)
     devices = sorted({p.device.index for p in model.parameters() if p.is_cuda})
+    added = set()
     try:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
+            bound.seed(seed)
             model.train(training)
-            yield
+            yield bound
     finally:
-        _reshard(model)
+        _reshard(model)  # (FSDP2's unsharded parameters back to the registered ones, then:)
+        added = {id(p) for p in model.parameters()} - registered
         for m in synced:
             del m.forward
         for m, mode in modes:
             m.training = mode
-        for m, attrs, bufs in bound:
-            vars(m).clear()
-            vars(m).update(attrs)
-            m._buffers.clear()
-            m._buffers.update(bufs)
-        for g, state in generators:
-            g.set_state(state)
-        random.setstate(python_random)
+        bound.restore()
         with torch.no_grad():
             for b, saved in buffers:
                 if not torch.equal(b, saved):  # (a copy bumps the version: only where needed)
@@ -112,6 +109,63 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _S
                     params.wrote = True
                     p.data = data
                     p.copy_(saved)
+    if added:
+        raise ValueError(f"{type(model).__name__}'s forward pass registers parameters (a module "
+                         "built by its first batch): run one forward pass before discovery and "
+                         "before building the optimizer, so that every parameter exists")
+
+
+@dataclass(eq=False)
+class _Bound:
+    """What a forward pass may change besides tensors' values, put back after it: each module's
+    attributes as they were bound (a buffer bound anew, ``self.center = h.mean(0)``; a cache
+    and the length it records; a flag; a hook handle), the contents of the dicts, lists and sets
+    a module holds (its registries of parameters, buffers, submodules and hooks; a cache dict),
+    the states of the ``torch.Generator``s the modules hold, Python's ``random`` and numpy's."""
+
+    attrs: list
+    containers: list
+    generators: list
+    python: object
+    numpy: object
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Bound:
+        mods = list(model.modules())
+        np = sys.modules.get("numpy")
+        return cls([(m, dict(vars(m))) for m in mods],
+                   [(v, copy.copy(v)) for m in mods for v in vars(m).values()
+                    if type(v) in (dict, collections.OrderedDict, list, set)],
+                   [(g, g.get_state()) for m in mods for g in vars(m).values()
+                    if isinstance(g, torch.Generator)],
+                   random.getstate(), np.random.get_state() if np else None)
+
+    def seed(self, seed: int) -> None:
+        random.seed(seed)
+        if self.numpy is not None:
+            sys.modules["numpy"].random.seed(seed)
+        for i, (g, _) in enumerate(self.generators if seed else ()):
+            g.manual_seed(1_000_003 * seed + i)
+
+    def python_state(self):
+        np = sys.modules.get("numpy")
+        return random.getstate(), (np.random.get_state()[1].tobytes() if np else None)
+
+    def restore(self) -> None:
+        for m, attrs in self.attrs:
+            vars(m).clear()
+            vars(m).update(attrs)
+        for v, saved in self.containers:
+            if isinstance(v, list):
+                v[:] = saved
+            else:
+                v.clear()
+                v.update(saved)
+        for g, state in self.generators:
+            g.set_state(state)
+        random.setstate(self.python)
+        if self.numpy is not None:
+            sys.modules["numpy"].random.set_state(self.numpy)
 
 
 def _tensor_attributes(m: nn.Module) -> dict:
@@ -182,20 +236,30 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     the running statistics each invariant parameter feeds."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    traces, names, substitute, saved = [], {}, {}, _Snapshot.of(model)
-    for training in (True, False):
-        trace, seen = _trace(model, example_inputs, training, substitute, saved)
-        traces.append(trace)
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(f"{type(model).__name__} has parameters not yet initialised (lazy modules: "
+                         f"{', '.join(lazy[:3])}{', ...' if len(lazy) > 3 else ''}): run one "
+                         "forward pass before discovery and before building the optimizer")
+    names, substitute, saved = {}, {}, _Snapshot.of(model)
+
+    def recorded(training: bool, seed: int = 0, values: dict = substitute):
+        """One pass, its parameters' recorded tensors credited to their names (under FSDP2 each
+        pass has its own unsharded copies)."""
+        trace, seen = _trace(model, example_inputs, training, values, saved, seed)
         for k, name in seen.items():
             names.setdefault(name, []).append(k)
-    redrawn = _redrawn(model, example_inputs, traces[0], substitute, saved)
-    if any([op.func for op in t.ops] != [op.func for op in traces[0].ops] for t in redrawn):
+        return trace
+
+    traces = [recorded(True), recorded(False)]
+    redrawn = _redrawn(traces[0], recorded)
+    if redrawn is None:
         warnings.warn(f"{type(model).__name__}'s forward pass takes other ops under other random "
                       "draws (a branch on torch.rand: LayerDrop?): discovery sees one draw's ops "
                       "and claims nothing; declare groups with overrides= and check them with "
                       "psiopt.check_invariance", stacklevel=3)
         return {}, {}
-    traces += redrawn + _traces_of_other_buffers(model, example_inputs, substitute, saved)
+    traces += redrawn + _traces_of_other_buffers(model, substitute, recorded)
     stats_of = {id(m.running_mean): m for m in model.modules()
                 if isinstance(getattr(m, "running_mean", None), Tensor)}
     params = dict(model.named_parameters())
@@ -221,16 +285,21 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     return mapping, {k: v for k, v in stats.items() if v}
 
 
-def _redrawn(model, example_inputs, trace, substitute: dict, saved) -> list:
+def _redrawn(trace, recorded) -> list | None:
     """The train-mode pass recorded again under other random draws, where it draws (dropout,
-    drop path: two more seeds; four where Python reads a value made from a draw, ``if
-    torch.rand([]) < p``): a claim must hold under every draw (an offset that one draw's mask made
-    constant for the norm after it need not be under the next), and another draw must run the
-    same ops (LayerDrop with p > 0 does not; with p = 0, as HF models draw by default, it does)."""
-    if not trace.random:
+    drop path: two more seeds): a claim must hold under every draw (an offset that one draw's
+    mask made constant for the norm after it need not be under the next).  Where Python reads a
+    value made from a draw (``if torch.rand([]) < p``, ``random.random()``), seeds 0 to 4, which
+    must run the same ops (LayerDrop with p > 0 does not: ``None``; with p = 0, as HF models draw
+    by default, they do).  (Seed 0 again: the first pass may have run a lazy initialisation,
+    FSDP2's, with ops of its own.)"""
+    if not (trace.random or trace.branches_on_random):
         return []
-    seeds = range(1, 5 if trace.branches_on_random else 3)
-    return [_trace(model, example_inputs, True, substitute, saved, seed)[0] for seed in seeds]
+    if not trace.branches_on_random:
+        return [recorded(True, seed) for seed in (1, 2)]
+    again = [recorded(True, seed) for seed in range(5)]
+    ops = [[op.func for op in t.ops] for t in again]
+    return None if any(o != ops[0] for o in ops[1:]) else again[1:]
 
 
 def _first_holding(traces, ids, p, candidates, stats_of) -> tuple[str, list] | None:
@@ -267,7 +336,7 @@ def _sharing_storage(model: nn.Module) -> set[int]:
     return out
 
 
-def _traces_of_other_buffers(model: nn.Module, example_inputs, substitute: dict, saved) -> list:
+def _traces_of_other_buffers(model: nn.Module, substitute: dict, recorded) -> list:
     """Two more passes (train, eval) where the float buffers whose values are not generic
     (zeros, a constant) read perturbed copies, as parameters and inputs do: a claim must hold in
     them too.  A zero per-position bias before a BatchNorm made the offset it adds "constant"
@@ -281,16 +350,16 @@ def _traces_of_other_buffers(model: nn.Module, example_inputs, substitute: dict,
     gen, others, changed = torch.Generator().manual_seed(2), dict(substitute), []
     for b in model.buffers():
         if id(b) not in stats and b.is_floating_point() and not is_sharded(b):
-            copy = perturbed(b, gen)
-            if copy.data_ptr() != b.data_ptr():  # (a generic buffer is read as it is)
-                others[id(b)] = copy
+            moved = perturbed(b, gen)
+            if moved.data_ptr() != b.data_ptr():  # (a generic buffer is read as it is)
+                others[id(b)] = moved
                 changed.append(b)
     if not changed:
         return []
     traces = []
     try:
         for training in (True, False):
-            trace, _ = _trace(model, example_inputs, training, others, saved)
+            trace = recorded(training, values=others)
             trace.originals.update({id(others[id(b)]): b for b in changed})
             traces.append(trace)
     except Exception:  # noqa: BLE001 (whatever the model raises on those values: not claimed on them)
@@ -329,8 +398,11 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, s
     handles = [m.register_forward_pre_hook(on_start) for m in model.modules() if m._parameters]
     keep = list(model.buffers()) + list(local.values())
     try:
-        with _pristine(model, training, seed, params=saved):
+        with _pristine(model, training, seed, params=saved) as bound:
+            python = bound.python_state()
             trace = record(lambda: _call(_unwrapped(model), example_inputs), local, keep)
+            # a draw from Python's random or numpy's (``if random.random() < p``): as a branch
+            trace.branches_on_random |= bound.python_state() != python
             # tensors the pass left on its modules (a cache, a buffer bound anew) are results too
             trace.pin([*model.buffers(), *(v for m in model.modules()
                                            for v in _tensor_attributes(m).values())])

@@ -152,6 +152,8 @@ def create_optimizer(model_or_param_groups, name: str, example_inputs=None, *,
                     group[key] = group.pop("rest_" + key)
                 else:
                     group.pop(key, None)
+            for key in [k for k in group if k.startswith("rest_")]:  # (the other kind's: moot)
+                del group[key]
         group.update({**(invariant, other)[side], **group, **explicit[side]})
         if spec.baseline and issubclass(spec.cls, torch.optim.Adam) and \
                 isinstance(group.get("lr"), torch.Tensor) and "foreach" not in explicit[side]:

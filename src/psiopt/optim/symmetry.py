@@ -372,7 +372,8 @@ def _masks(ops: list[Op]) -> tuple[set[int], set[int]]:
     """The ids of the masks of a pass: its boolean and integer tensors (inputs, comparisons,
     lengths, an ``arange``), its random draws (ops torch tags ``nondeterministic_seeded``:
     ``bernoulli_``, ``rand_like``; a draw written into a view marks every tensor over that
-    storage) and the float tensors made of them alone (a cast, a view, ``mask / keep``, a copy).
+    storage) and the float tensors made of them alone (a cast, a view, ``mask / keep``, a copy,
+    ``F.dropout(torch.ones(...))``: constants the pass makes count as masks).
     Their values are the example's (an input without padding gives a mask of ones; a random
     draw is one draw of many), not perturbed (see :func:`_binary`).  Also returns what depends
     on a random draw in any way (random routing indices, a value Python branches on: see
@@ -390,7 +391,10 @@ def _masks(ops: list[Op]) -> tuple[set[int], set[int]]:
                      or where(t) in drawn)
         written = [op.args[k] for k in op.writes if isinstance(op.args.get(k), Tensor)]
         read = [t for t in ins if op.name != "copy_" or all(t is not w for w in written)]
-        made_of_masks = bool(read) and all(id(t) in masks for t in read)
+        if op.name.rstrip("_") in _VALUE_FREE:  # (its first argument gives a shape only)
+            read = [t for k, t in op.args.items() if k != next(iter(op.args)) and isinstance(t, Tensor)]
+        # (a constant the pass makes, ``torch.ones``, is made of masks: of nothing)
+        made_of_masks = all(id(t) in masks for t in read)
         draw = _draws(op)
         for t in op.outs + (written if draw or made_of_masks else []):
             if made_of_masks or draw or not (t.is_floating_point() or t.is_complex()):
@@ -1346,7 +1350,8 @@ _RULES = {
     "sum": _reduce, "mean": _reduce,
     "var": _var, "std": _std, "linalg_vector_norm": _vector_norm, "norm": _vector_norm,
     "amax": _amax, "amin": _amax,
-    "_softmax": _softmax, "softmax": _softmax, "_log_softmax": _softmax, "log_softmax": _softmax,
+    "_softmax": _softmax, "softmax": _softmax, "_safe_softmax": _softmax, "_log_softmax": _softmax,
+    "log_softmax": _softmax,
     "mm": _mm, "bmm": _mm, "mv": _product("vec"), "dot": _product("tensor"),
     "vdot": _product("other"), "addmm": _addmm, "baddbmm": _baddbmm,
     "convolution": _conv,
