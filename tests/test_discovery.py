@@ -1417,7 +1417,7 @@ def test_a_forward_that_registers_parameters_is_refused():
             return self.ln(x @ self.w.t())
 
     model = Built()
-    with pytest.raises(ValueError, match="registers parameters"):
+    with pytest.raises(ValueError, match=r"registers trainable parameters \(w\)"):
         psiopt.find_scale_invariant(model, torch.randn(3, 5))
     assert model.w is None and "w" not in dict(model.named_parameters())
     model(torch.randn(3, 5))
@@ -1456,3 +1456,80 @@ def test_attention_dropout_through_the_math_path_keeps_the_key_bias_cancelled():
 
     torch.manual_seed(0)
     assert psiopt.find_scale_invariant(Attention(), torch.randn(2, 5, 8)).get("k.bias") == "cancelled"
+
+
+def test_a_constant_added_by_addmm_or_baddbmm_is_not_a_factor():
+    """``F.linear(h, W, torch.zeros(8))`` and ``baddbmm(empty, q, kᵀ, beta=0)`` (GPT-2's
+    upcast attention): the constant is added, not multiplied; the claims stand."""
+    class Scores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            empty = torch.empty(x.shape[0], x.shape[1], x.shape[1], dtype=x.dtype)
+            w = torch.baddbmm(empty, self.q(x), self.k(x).transpose(1, 2), beta=0, alpha=0.25)
+            return w.softmax(-1) @ self.v(x)
+
+    class ZeroBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.w2, self.bn = nn.Linear(8, 8), nn.Parameter(torch.randn(8, 8)), nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return self.bn(F.linear(self.l1(x), self.w2, torch.zeros(8, dtype=x.dtype)))
+
+    torch.manual_seed(0)
+    assert psiopt.find_scale_invariant(Scores(), torch.randn(2, 5, 16)) == {"k.bias": "cancelled"}
+    assert psiopt.find_scale_invariant(ZeroBias(), torch.randn(6, 8)) == \
+        {"w2": "channel", "l1.weight": "tensor", "l1.bias": "cancelled"}
+
+
+@pytest.mark.parametrize("kind", ["random", "numpy"])
+def test_a_random_stream_the_module_holds_is_redrawn_and_restored(kind):
+    import random
+
+    import numpy as np
+
+    class Held(_DrawnInPython):
+        def draw(self):
+            return self.rng.random()
+
+    model = Held("held")
+    model.rng = random.Random(0) if kind == "random" else np.random.default_rng(0)
+    before = repr(model.rng.getstate() if kind == "random" else model.rng.bit_generator.state)
+    with pytest.warns(UserWarning, match="other random draws"):
+        assert psiopt.find_scale_invariant(model, torch.randn(6, 5)) == {}
+    assert repr(model.rng.getstate() if kind == "random" else model.rng.bit_generator.state) == before
+
+
+def test_a_frozen_parameter_rebuilt_in_forward_is_allowed_and_a_trainable_one_is_named():
+    class Table(nn.Module):
+        def __init__(self, trainable):
+            super().__init__()
+            self.l, self.n = nn.Linear(8, 8, bias=False), nn.LayerNorm(8)
+            self.pe, self.trainable = None, trainable
+
+        def forward(self, x):
+            if self.pe is None or self.pe.shape[0] < x.shape[1]:
+                self.pe = nn.Parameter(torch.ones(x.shape[1], 8), requires_grad=self.trainable)
+            return self.n(self.l(x)) + self.pe[: x.shape[1]]
+
+    for trainable in (False, True):
+        model = Table(trainable)
+        model(torch.randn(2, 3, 8))
+        if trainable:
+            with pytest.raises(ValueError, match=r"registers trainable parameters \(pe\)"):
+                psiopt.find_scale_invariant(model, torch.randn(2, 5, 8))
+        else:
+            assert psiopt.find_scale_invariant(model, torch.randn(2, 5, 8)) == {"l.weight": "tensor"}
+        assert model.pe.shape[0] == 3  # (as found)
+
+
+def test_discovery_inside_parametrize_cached_leaves_the_cache_as_it_was():
+    from torch.nn.utils import parametrize
+
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)), nn.Linear(8, 2))
+    with parametrize.cached():
+        psiopt.find_scale_invariant(model, torch.randn(6, 8))
+        assert not parametrize._cache

@@ -14,7 +14,6 @@ what discovery cannot find with ``overrides`` and confirm it with :func:`check_i
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import random
@@ -27,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
 try:
@@ -94,7 +94,7 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _S
             yield bound
     finally:
         _reshard(model)  # (FSDP2's unsharded parameters back to the registered ones, then:)
-        added = {id(p) for p in model.parameters()} - registered
+        added = [n for n, p in model.named_parameters() if id(p) not in registered and p.requires_grad]
         for m in synced:
             del m.forward
         for m, mode in modes:
@@ -110,9 +110,11 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _S
                     p.data = data
                     p.copy_(saved)
     if added:
-        raise ValueError(f"{type(model).__name__}'s forward pass registers parameters (a module "
-                         "built by its first batch): run one forward pass before discovery and "
-                         "before building the optimizer, so that every parameter exists")
+        raise ValueError(f"{type(model).__name__}'s forward pass registers trainable parameters "
+                         f"({', '.join(added[:3])}{', ...' if len(added) > 3 else ''}): an "
+                         "optimizer built before they exist would miss them; for a module built "
+                         "by its first batch, run one forward pass before discovery and before "
+                         "building the optimizer")
 
 
 @dataclass(eq=False)
@@ -125,31 +127,38 @@ class _Bound:
 
     attrs: list
     containers: list
-    generators: list
+    generators: list  # (generator, its state): torch's, and Python's and numpy's the modules hold
     python: object
     numpy: object
+    parametrize: tuple  # torch.nn.utils.parametrize's cache: off during the pass, then as it was
 
     @classmethod
     def of(cls, model: nn.Module) -> _Bound:
         mods = list(model.modules())
         np = sys.modules.get("numpy")
-        return cls([(m, dict(vars(m))) for m in mods],
-                   [(v, copy.copy(v)) for m in mods for v in vars(m).values()
-                    if type(v) in (dict, collections.OrderedDict, list, set)],
-                   [(g, g.get_state()) for m in mods for g in vars(m).values()
-                    if isinstance(g, torch.Generator)],
-                   random.getstate(), np.random.get_state() if np else None)
+        held = [v for m in mods for v in vars(m).values() if _random_stream(v)]
+        bound = cls([(m, dict(vars(m))) for m in mods],
+                    [(v, copy.copy(v)) for m in mods for v in vars(m).values()
+                     if isinstance(v, (dict, list, set))],
+                    [(g, _stream_state(g)) for g in held],
+                    random.getstate(), np.random.get_state() if np else None,
+                    (parametrize._cache_enabled, dict(parametrize._cache)))
+        parametrize._cache_enabled = 0
+        return bound
 
     def seed(self, seed: int) -> None:
         random.seed(seed)
         if self.numpy is not None:
             sys.modules["numpy"].random.seed(seed)
         for i, (g, _) in enumerate(self.generators if seed else ()):
-            g.manual_seed(1_000_003 * seed + i)
+            _seed_stream(g, 1_000_003 * seed + i)
 
     def python_state(self):
+        """What the pass's Python-level draws change (Python's random, numpy's, the streams the
+        modules hold): a pass that draws there may branch on it."""
         np = sys.modules.get("numpy")
-        return random.getstate(), (np.random.get_state()[1].tobytes() if np else None)
+        return (random.getstate(), np.random.get_state()[1].tobytes() if np else None,
+                [repr(_stream_state(g)) for g, _ in self.generators if not isinstance(g, torch.Generator)])
 
     def restore(self) -> None:
         for m, attrs in self.attrs:
@@ -162,10 +171,49 @@ class _Bound:
                 v.clear()
                 v.update(saved)
         for g, state in self.generators:
-            g.set_state(state)
+            _set_stream_state(g, state)
         random.setstate(self.python)
         if self.numpy is not None:
             sys.modules["numpy"].random.set_state(self.numpy)
+        parametrize._cache_enabled = self.parametrize[0]
+        parametrize._cache.clear()
+        parametrize._cache.update(self.parametrize[1])
+
+
+def _random_stream(v) -> bool:
+    """A random stream a module holds: a ``torch.Generator``, a ``random.Random``, numpy's
+    ``Generator`` or ``RandomState``."""
+    np = sys.modules.get("numpy")
+    return isinstance(v, (torch.Generator, random.Random)) or (
+        np is not None and isinstance(v, (np.random.Generator, np.random.RandomState)))
+
+
+def _stream_state(g):
+    if isinstance(g, torch.Generator):
+        return g.get_state()
+    if isinstance(g, random.Random):
+        return g.getstate()
+    return g.get_state() if hasattr(g, "get_state") else copy.deepcopy(g.bit_generator.state)
+
+
+def _set_stream_state(g, state) -> None:
+    if isinstance(g, torch.Generator):
+        g.set_state(state)
+    elif isinstance(g, random.Random):
+        g.setstate(state)
+    elif hasattr(g, "set_state"):
+        g.set_state(state)
+    else:
+        g.bit_generator.state = state
+
+
+def _seed_stream(g, seed: int) -> None:
+    if isinstance(g, torch.Generator):
+        g.manual_seed(seed)
+    elif isinstance(g, random.Random) or hasattr(g, "set_state"):
+        g.seed(seed)
+    else:
+        g.bit_generator.state = type(g.bit_generator)(seed).state
 
 
 def _tensor_attributes(m: nn.Module) -> dict:

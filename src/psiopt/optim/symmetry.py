@@ -205,8 +205,12 @@ _SHAPE_OPS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "e
               "squeeze", "clone", "alias", "detach", "flatten", "unflatten", "contiguous"}
 _MIXING = {"addmm", "mm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution", "add",
            "mul", "sub", "div"}
-#: ops whose offsets are products with the other operands (see Propagation.step)
-_PRODUCTS = {"mm", "bmm", "mv", "dot", "vdot", "addmm", "baddbmm", "convolution", "_convolution"}
+#: products (see Propagation.step): the arguments each multiplies (not the term addmm/baddbmm
+#: add, nor a conv's bias)
+_FACTORS = {"mm": ("self", "mat2"), "bmm": ("self", "mat2"), "mv": ("self", "vec"),
+            "dot": ("self", "tensor"), "vdot": ("self", "other"), "addmm": ("mat1", "mat2"),
+            "baddbmm": ("batch1", "batch2"), "convolution": ("input", "weight"),
+            "_convolution": ("input", "weight")}
 _SPLITS = {"split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "unbind", "slice",
            "select", "narrow", "chunk", "unsafe_chunk"}
 
@@ -589,8 +593,9 @@ class Propagation:
             return
         if any(v is BROKEN for v in values):
             raise Failed(f"{op.func} reads a tensor the analysis cannot describe")
-        if op.name in _PRODUCTS and any(v is not None and v.O is not None for v in values) and any(
-                v is None and id(t) in self.trace.masks for t, v in zip(tensors, values)):
+        if op.name in _FACTORS and any(v is not None and v.O is not None for v in values) and any(
+                isinstance(t, Tensor) and self.get(t) is None and id(t) in self.trace.masks
+                for t in map(op.args.get, _FACTORS[op.name])):
             for t in op.outs:  # an offset through a product with a mask (see _binary): one draw's
                 self._set(t, BROKEN)
             return
