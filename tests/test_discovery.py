@@ -1533,3 +1533,11 @@ def test_discovery_inside_parametrize_cached_leaves_the_cache_as_it_was():
     with parametrize.cached():
         psiopt.find_scale_invariant(model, torch.randn(6, 8))
         assert not parametrize._cache
+
+
+def test_a_system_random_the_module_holds_is_left_alone():
+    import random
+
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.LayerNorm(4))
+    model[1].rng = random.SystemRandom()  # (no state to save: not a stream discovery reseeds)
+    assert psiopt.find_scale_invariant(model, torch.randn(3, 4)) == {"0.weight": "tensor"}

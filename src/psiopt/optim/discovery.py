@@ -182,10 +182,10 @@ class _Bound:
 
 def _random_stream(v) -> bool:
     """A random stream a module holds: a ``torch.Generator``, a ``random.Random``, numpy's
-    ``Generator`` or ``RandomState``."""
+    ``Generator`` or ``RandomState`` (not ``random.SystemRandom``, which keeps no state)."""
     np = sys.modules.get("numpy")
-    return isinstance(v, (torch.Generator, random.Random)) or (
-        np is not None and isinstance(v, (np.random.Generator, np.random.RandomState)))
+    return isinstance(v, (torch.Generator, random.Random)) and not isinstance(v, random.SystemRandom) \
+        or (np is not None and isinstance(v, (np.random.Generator, np.random.RandomState)))
 
 
 def _stream_state(g):
