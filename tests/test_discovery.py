@@ -1541,3 +1541,18 @@ def test_a_system_random_the_module_holds_is_left_alone():
     model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.LayerNorm(4))
     model[1].rng = random.SystemRandom()  # (no state to save: not a stream discovery reseeds)
     assert psiopt.find_scale_invariant(model, torch.randn(3, 4)) == {"0.weight": "tensor"}
+
+
+def test_held_streams_of_any_bit_generator_and_immutable_containers_are_left_as_found():
+    """A numpy ``RandomState`` over PCG64 (only MT19937 re-seeds the legacy way), and a container
+    attribute that refuses mutation (fx's ``immutable_dict``): restored only where changed."""
+    import numpy as np
+    from torch.fx.immutable_collections import immutable_dict
+
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Dropout(0.1), nn.LayerNorm(4))
+    model[0].rs = np.random.RandomState(np.random.PCG64(0))
+    model[0].frozen = immutable_dict({"a": 1})
+    state = repr(model[0].rs.get_state(legacy=False))
+    assert psiopt.find_scale_invariant(model, torch.randn(3, 4)) == {"0.weight": "tensor"}
+    assert psiopt.check_invariance(model, torch.randn(3, 4), {"0.weight": "tensor"}).ok
+    assert repr(model[0].rs.get_state(legacy=False)) == state and model[0].frozen == {"a": 1}

@@ -161,23 +161,35 @@ class _Bound:
                 [repr(_stream_state(g)) for g, _ in self.generators if not isinstance(g, torch.Generator)])
 
     def restore(self) -> None:
-        for m, attrs in self.attrs:
-            vars(m).clear()
-            vars(m).update(attrs)
-        for v, saved in self.containers:
-            if isinstance(v, list):
-                v[:] = saved
-            else:
-                v.clear()
-                v.update(saved)
-        for g, state in self.generators:
-            _set_stream_state(g, state)
-        random.setstate(self.python)
-        if self.numpy is not None:
-            sys.modules["numpy"].random.set_state(self.numpy)
-        parametrize._cache_enabled = self.parametrize[0]
-        parametrize._cache.clear()
-        parametrize._cache.update(self.parametrize[1])
+        try:
+            for g, state in self.generators:
+                _set_stream_state(g, state)
+            random.setstate(self.python)
+            if self.numpy is not None:
+                sys.modules["numpy"].random.set_state(self.numpy)
+        finally:
+            parametrize._cache_enabled = self.parametrize[0]
+            parametrize._cache.clear()
+            parametrize._cache.update(self.parametrize[1])
+            for m, attrs in self.attrs:
+                vars(m).clear()
+                vars(m).update(attrs)
+            for v, saved in self.containers:  # (only what changed: some refuse any mutation)
+                if _changed(v, saved) and isinstance(v, list):
+                    v[:] = saved
+                elif _changed(v, saved):
+                    v.clear()
+                    v.update(saved)
+
+
+def _changed(v, saved) -> bool:
+    """Whether a container holds other objects than its copy ``saved`` (compared by identity:
+    tensors do not compare as booleans)."""
+    if isinstance(v, dict):
+        return v.keys() != saved.keys() or any(v[k] is not saved[k] for k in saved)
+    if isinstance(v, list):
+        return len(v) != len(saved) or any(a is not b for a, b in zip(v, saved))
+    return {id(x) for x in v} != {id(x) for x in saved}
 
 
 def _random_stream(v) -> bool:
@@ -188,12 +200,17 @@ def _random_stream(v) -> bool:
         or (np is not None and isinstance(v, (np.random.Generator, np.random.RandomState)))
 
 
+def _bits(g):
+    """A numpy ``Generator``'s or ``RandomState``'s bit generator (any kind: PCG64, MT19937…)."""
+    return getattr(g, "bit_generator", None) or g._bit_generator
+
+
 def _stream_state(g):
     if isinstance(g, torch.Generator):
         return g.get_state()
     if isinstance(g, random.Random):
         return g.getstate()
-    return g.get_state() if hasattr(g, "get_state") else copy.deepcopy(g.bit_generator.state)
+    return copy.deepcopy(_bits(g).state)
 
 
 def _set_stream_state(g, state) -> None:
@@ -201,19 +218,17 @@ def _set_stream_state(g, state) -> None:
         g.set_state(state)
     elif isinstance(g, random.Random):
         g.setstate(state)
-    elif hasattr(g, "set_state"):
-        g.set_state(state)
     else:
-        g.bit_generator.state = state
+        _bits(g).state = state
 
 
 def _seed_stream(g, seed: int) -> None:
     if isinstance(g, torch.Generator):
         g.manual_seed(seed)
-    elif isinstance(g, random.Random) or hasattr(g, "set_state"):
+    elif isinstance(g, random.Random):
         g.seed(seed)
     else:
-        g.bit_generator.state = type(g.bit_generator)(seed).state
+        _bits(g).state = type(_bits(g))(seed).state
 
 
 def _tensor_attributes(m: nn.Module) -> dict:
