@@ -73,7 +73,7 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _S
     """Train (or eval) mode and a fixed seed inside; on exit modes, buffers, the RNG states and
     each module's attributes restored (see :class:`_Bound`), and the parameters of ``params`` if
     the pass wrote them.  ``seed`` seeds torch's generator, Python's ``random`` and numpy's;
-    other than 0 (a redrawn pass, see :func:`_redrawn`), the modules' own ``torch.Generator``s too.
+    other than 0 (a redrawn pass, see :func:`_redrawn`), the random streams the modules hold.
     ``ValueError`` if the pass registered parameters (a module built in its first forward)."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
@@ -111,10 +111,15 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _S
                     p.copy_(saved)
     if added:
         raise ValueError(f"{type(model).__name__}'s forward pass registers trainable parameters "
-                         f"({', '.join(added[:3])}{', ...' if len(added) > 3 else ''}): an "
+                         f"({_some(added)}): an "
                          "optimizer built before they exist would miss them; for a module built "
                          "by its first batch, run one forward pass before discovery and before "
                          "building the optimizer")
+
+
+def _some(names: list[str]) -> str:
+    """The first three of ``names``, and "..." for more."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 @dataclass(eq=False)
@@ -123,11 +128,12 @@ class _Bound:
     attributes as they were bound (a buffer bound anew, ``self.center = h.mean(0)``; a cache
     and the length it records; a flag; a hook handle), the contents of the dicts, lists and sets
     a module holds (its registries of parameters, buffers, submodules and hooks; a cache dict),
-    the states of the ``torch.Generator``s the modules hold, Python's ``random`` and numpy's."""
+    the random streams the modules hold, Python's ``random``, numpy's, and torch's parametrize
+    cache (off during the pass)."""
 
     attrs: list
     containers: list
-    generators: list  # (generator, its state): torch's, and Python's and numpy's the modules hold
+    generators: list  # (stream, its state): see _random_stream
     python: object
     numpy: object
     parametrize: tuple  # torch.nn.utils.parametrize's cache: off during the pass, then as it was
@@ -137,16 +143,17 @@ class _Bound:
         mods = list(model.modules())
         np = sys.modules.get("numpy")
         held = [v for m in mods for v in vars(m).values() if _random_stream(v)]
-        bound = cls([(m, dict(vars(m))) for m in mods],
-                    [(v, copy.copy(v)) for m in mods for v in vars(m).values()
-                     if isinstance(v, (dict, list, set))],
-                    [(g, _stream_state(g)) for g in held],
-                    random.getstate(), np.random.get_state() if np else None,
-                    (parametrize._cache_enabled, dict(parametrize._cache)))
-        parametrize._cache_enabled = 0
-        return bound
+        return cls([(m, dict(vars(m))) for m in mods],
+                   [(v, copy.copy(v)) for m in mods for v in vars(m).values()
+                    if isinstance(v, (dict, list, set))],
+                   [(g, _stream_state(g)) for g in held],
+                   random.getstate(), np.random.get_state() if np else None,
+                   (parametrize._cache_enabled, dict(parametrize._cache)))
 
     def seed(self, seed: int) -> None:
+        """Seed the pass's draws (the streams the modules hold only for a redrawn pass: seed 0
+        is the user's own draw); parametrize's cache off."""
+        parametrize._cache_enabled = 0
         random.seed(seed)
         if self.numpy is not None:
             sys.modules["numpy"].random.seed(seed)
@@ -174,10 +181,12 @@ class _Bound:
             for m, attrs in self.attrs:
                 vars(m).clear()
                 vars(m).update(attrs)
-            for v, saved in self.containers:  # (only what changed: some refuse any mutation)
-                if _changed(v, saved) and isinstance(v, list):
+            for v, saved in self.containers:
+                if not _changed(v, saved):  # (some refuse any mutation: fx's immutable_dict)
+                    continue
+                if isinstance(v, list):
                     v[:] = saved
-                elif _changed(v, saved):
+                else:
                     v.clear()
                     v.update(saved)
 
@@ -302,7 +311,7 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
     if lazy:
         raise ValueError(f"{type(model).__name__} has parameters not yet initialised (lazy modules: "
-                         f"{', '.join(lazy[:3])}{', ...' if len(lazy) > 3 else ''}): run one "
+                         f"{_some(lazy)}): run one "
                          "forward pass before discovery and before building the optimizer")
     names, substitute, saved = {}, {}, _Snapshot.of(model)
 

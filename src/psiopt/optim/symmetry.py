@@ -408,6 +408,8 @@ def _masks(ops: list[Op]) -> tuple[set[int], set[int]]:
         if draw or any(id(t) in random or where(t) in drawn for t in ins):
             random.update(id(t) for t in op.outs + written)
     return masks, random
+
+
 def _tensors_in(obj) -> list[Tensor]:
     """Every tensor in a returned object: containers (dicts, lists, tuples, sets) at any depth,
     and the attributes of dataclasses, namespaces and other objects up to five objects deep (an
