@@ -1024,6 +1024,13 @@ def _moves_for_some_seed(model, x, name, seeds=range(8)):
     return False
 
 
+def _checked(model, x, found):
+    """``found``, once ``check_invariance`` (the numerical ground truth, train mode, under three
+    draws where the model draws) has confirmed every claim in it."""
+    assert not psiopt.check_invariance(model, x, found).failures
+    return found
+
+
 def test_an_offset_times_a_random_mask_is_not_cancelled():
     """The recorded pass holds one random draw: a drop-path mask that kept every sample (or a
     dropout that dropped nothing) made a bias's offset look constant to the BatchNorm after it,
@@ -1115,7 +1122,7 @@ def test_an_output_nested_deep_in_containers_is_an_output():
     model, x = Deep(), torch.randn(4, 8)
     assert "lin.weight" not in psiopt.find_scale_invariant(model, x)
     model.forward = lambda x: {"y": model.ln(model.lin(x))}  # (the same, h not returned)
-    assert psiopt.find_scale_invariant(model, x) == {"lin.weight": "tensor"}
+    assert _checked(model, x, psiopt.find_scale_invariant(model, x)) == {"lin.weight": "tensor"}
 
     def chained(x):  # h 600 tuples deep; and an object met first past the depth limit
         h, ns = model.lin(x), types.SimpleNamespace
@@ -1275,7 +1282,8 @@ def test_random_indices_and_branches_on_a_draw_claim_nothing():
     with pytest.warns(UserWarning, match="other random draws"):  # (true either way: not seen)
         assert psiopt.find_scale_invariant(_LayerDrop(0.5, norm_first=True), x) == {}
     expected = {"inp.weight": "channel", "inp.bias": "cancelled"}
-    assert psiopt.find_scale_invariant(_LayerDrop(0.0, norm_first=True), x) == expected
+    model = _LayerDrop(0.0, norm_first=True)
+    assert _checked(model, x, psiopt.find_scale_invariant(model, x)) == expected
 
 
 def test_a_bias_constant_within_each_head_is_read_through_a_perturbed_copy():
@@ -1398,8 +1406,8 @@ class _CachedInADict(nn.Module):
 
 def test_a_cache_in_a_dict_and_dropout_keep_the_claims():
     torch.manual_seed(0)
-    model = _CachedInADict()
-    assert psiopt.find_scale_invariant(model, torch.randn(6, 5)) == {"lin.weight": "channel"}
+    model, x = _CachedInADict(), torch.randn(6, 5)
+    assert _checked(model, x, psiopt.find_scale_invariant(model, x)) == {"lin.weight": "channel"}
     assert model.cache == {}
 
 
@@ -1421,7 +1429,8 @@ def test_a_forward_that_registers_parameters_is_refused():
         psiopt.find_scale_invariant(model, torch.randn(3, 5))
     assert model.w is None and "w" not in dict(model.named_parameters())
     model(torch.randn(3, 5))
-    assert psiopt.find_scale_invariant(model, torch.randn(3, 5)) == {"w": "tensor"}
+    x = torch.randn(3, 5)
+    assert _checked(model, x, psiopt.find_scale_invariant(model, x)) == {"w": "tensor"}
     with pytest.raises(ValueError, match="not yet initialised"):
         psiopt.find_scale_invariant(nn.Sequential(nn.LazyLinear(4), nn.LayerNorm(4)), torch.randn(3, 5))
 
@@ -1437,8 +1446,8 @@ def test_a_hook_registered_once_in_forward_is_not_left_twice():
                 self.handle = self.lin.register_forward_hook(lambda m, i, o: None)
             return self.ln(self.lin(x))
 
-    model = HookOnce()
-    assert psiopt.find_scale_invariant(model, torch.randn(3, 5)) == {"lin.weight": "tensor"}
+    model, x = HookOnce(), torch.randn(3, 5)
+    assert _checked(model, x, psiopt.find_scale_invariant(model, x)) == {"lin.weight": "tensor"}
     assert model.handle is None and not model.lin._forward_hooks  # (as found)
     model(torch.randn(3, 5))
     assert len(model.lin._forward_hooks) == 1
@@ -1480,9 +1489,10 @@ def test_a_constant_added_by_addmm_or_baddbmm_is_not_a_factor():
             return self.bn(F.linear(self.l1(x), self.w2, torch.zeros(8, dtype=x.dtype)))
 
     torch.manual_seed(0)
-    assert psiopt.find_scale_invariant(Scores(), torch.randn(2, 5, 16)) == {"k.bias": "cancelled"}
-    assert psiopt.find_scale_invariant(ZeroBias(), torch.randn(6, 8)) == \
-        {"w2": "channel", "l1.weight": "tensor", "l1.bias": "cancelled"}
+    for model, x, expected in ((Scores(), torch.randn(2, 5, 16), {"k.bias": "cancelled"}),
+                               (ZeroBias(), torch.randn(6, 8),
+                                {"w2": "channel", "l1.weight": "tensor", "l1.bias": "cancelled"})):
+        assert _checked(model, x, psiopt.find_scale_invariant(model, x)) == expected
 
 
 @pytest.mark.parametrize("kind", ["random", "numpy"])
@@ -1522,7 +1532,8 @@ def test_a_frozen_parameter_rebuilt_in_forward_is_allowed_and_a_trainable_one_is
             with pytest.raises(ValueError, match=r"registers trainable parameters \(pe\)"):
                 psiopt.find_scale_invariant(model, torch.randn(2, 5, 8))
         else:
-            assert psiopt.find_scale_invariant(model, torch.randn(2, 5, 8)) == {"l.weight": "tensor"}
+            x = torch.randn(2, 5, 8)
+            assert _checked(model, x, psiopt.find_scale_invariant(model, x)) == {"l.weight": "tensor"}
         assert model.pe.shape[0] == 3  # (as found)
 
 
@@ -1540,7 +1551,8 @@ def test_a_system_random_the_module_holds_is_left_alone():
 
     model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.LayerNorm(4))
     model[1].rng = random.SystemRandom()  # (no state to save: not a stream discovery reseeds)
-    assert psiopt.find_scale_invariant(model, torch.randn(3, 4)) == {"0.weight": "tensor"}
+    x = torch.randn(3, 4)
+    assert _checked(model, x, psiopt.find_scale_invariant(model, x)) == {"0.weight": "tensor"}
 
 
 def test_held_streams_of_any_bit_generator_and_immutable_containers_are_left_as_found():
