@@ -1568,3 +1568,126 @@ def test_held_streams_of_any_bit_generator_and_immutable_containers_are_left_as_
     assert psiopt.find_scale_invariant(model, torch.randn(3, 4)) == {"0.weight": "tensor"}
     assert psiopt.check_invariance(model, torch.randn(3, 4), {"0.weight": "tensor"}).ok
     assert repr(model[0].rs.get_state(legacy=False)) == state and model[0].frozen == {"a": 1}
+
+
+class _ContextBranch(nn.Module):
+    """A conv plus a per-sample context term (from the sample's mean), then a BatchNorm: the
+    term is constant over positions but not over samples, so it is not cancelled."""
+
+    def __init__(self, gain: bool):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1, bias=gain)
+        self.ctx = nn.Linear(3, 8)
+        self.g = nn.Parameter(torch.randn(8)) if gain else None
+        self.bn = nn.BatchNorm2d(8, track_running_stats=gain)  # (without: no eval-mode pass)
+        self.o = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.ctx(x.mean((2, 3)))[:, :, None, None]
+        h = self.c(x) + (h if self.g is None else self.g.view(1, 8, 1, 1) * h)
+        return self.o(F.relu(self.bn(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("gain", [False, True])
+def test_a_batch_of_one_does_not_show_a_per_sample_offset_constant(gain):
+    """From a batch-1 example, a per-sample offset was constant over the batch "as seen" and the
+    BatchNorm was read as removing it: ``c.weight`` "channel" or ``g`` "cancelled" (false for a
+    batch of four, ground truth).  A conv's own bias stays cancelled from a batch of one."""
+    torch.manual_seed(0)
+    model = _ContextBranch(gain).double()
+    one, four = (torch.randn(n, 3, 6, 6, dtype=torch.float64) for n in (1, 4))
+    wrong = {"g": "cancelled"} if gain else {"c.weight": "channel"}
+    name, grouping = next(iter(wrong.items()))
+    assert not zoo.holds(model, four, name, grouping)
+    assert psiopt.check_invariance(model, four, wrong).failures
+    assert name not in psiopt.find_scale_invariant(model, one)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)).double()
+    assert _checked(plain, four, psiopt.find_scale_invariant(plain, one)) == \
+        {"0.weight": "channel", "0.bias": "cancelled"}
+
+
+def test_a_one_by_one_map_does_not_show_a_padded_conv_keeps_an_offset_constant():
+    """A bias before a zero-padded 3×3 conv of a 1×1 map: only the centre tap sees it, so its
+    offset after the conv looked constant over positions (``c1.bias`` "cancelled", ``c1.weight``
+    "tensor"), which no larger map has (ground truth on 8×8).  The bias of the conv before the
+    BatchNorm is a bias on any map."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8)).double()
+    small, big = torch.randn(4, 3, 2, 2, dtype=torch.float64), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    assert not zoo.holds(model, big, "0.bias", "cancelled")
+    assert not zoo.holds(model, big, "0.weight", "tensor")
+    assert _checked(model, big, psiopt.find_scale_invariant(model, small)) == \
+        {"1.weight": "channel", "1.bias": "cancelled"}
+
+
+def test_a_frozen_batchnorm_is_traced_as_it_trains():
+    """``model.train(); bn.eval()`` (fine-tuning with frozen statistics): the train-mode pass
+    put the BatchNorm back in train mode, and the conv before it was claimed ("channel", its bias
+    "cancelled", so never trained) though in the mode the model trains in a shift of the bias
+    moves the output and the rows' gradients are not orthogonal to them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 16, 2)).double()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 6, 6, dtype=torch.float64))
+    model.train()
+    model[1].eval()
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        model[0].bias.add_(1.0)
+        moved = float((model(x) - before).abs().max())
+        model[0].bias.sub_(1.0)
+    assert moved > 1e-3
+    assert psiopt.check_invariance(model, x, {"0.weight": "channel", "0.bias": "cancelled"}).failures
+    assert psiopt.find_scale_invariant(model, x) == {}
+    assert not model[1].training and model[0].training  # (the modes as they were)
+    model.train()  # every module in train mode: the usual claims
+    assert _checked(model, x, psiopt.find_scale_invariant(model, x)) == \
+        {"0.weight": "channel", "0.bias": "cancelled"}
+
+
+def test_a_parameter_read_through_a_view_kept_in_a_list_is_not_claimed():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.bn = nn.Linear(6, 6, bias=False), nn.BatchNorm1d(6)
+            self.views = [self.l.weight.t()]  # (made once; a list discovery does not search)
+
+        def forward(self, x):
+            return self.bn(self.l(x)) + x @ self.views[0]
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(8, 6)
+    assert psiopt.check_invariance(model, x, {"l.weight": "channel"}).failures
+    assert psiopt.find_scale_invariant(model, x) == {}
+
+
+def test_check_invariance_reads_outputs_in_dataclasses_and_refuses_inference_mode():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Out:
+        y: torch.Tensor
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.bn = nn.Linear(4, 4), nn.BatchNorm1d(4)
+            self.empty = nn.Parameter(torch.zeros(0))
+
+        def forward(self, x):
+            return Out(self.bn(self.l(x)) + self.empty.sum())
+
+    model, x = Net(), torch.randn(6, 4)
+    found = psiopt.find_scale_invariant(model, x)
+    assert found == {"l.weight": "channel", "l.bias": "cancelled"}  # (not the empty parameter)
+    assert psiopt.check_invariance(model, x, found).ok
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="inference_mode"):
+            psiopt.find_scale_invariant(model, x)
+        built = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    with pytest.raises(RuntimeError, match=r"0\.weight, 0\.bias, 1\.weight.*inference_mode"):
+        psiopt.check_invariance(built, x, {"0.weight": "channel"})

@@ -38,7 +38,19 @@ from ..parallel import SyncBatchNorm
 from .base import own_tensor_settings
 from .geometry import CANCELLED, is_invariant, norm, parse_grouping, part, rows, safe_inv, split_part
 from .sharded import grouped_norms, is_sharded
-from .symmetry import LABELS, Expr, Failed, Propagation, Value, compact, perturbed, record, unrecorded
+from .symmetry import (
+    EVERYWHERE,
+    LABELS,
+    Expr,
+    Failed,
+    Propagation,
+    Value,
+    compact,
+    perturbed,
+    record,
+    tensors_in,
+    unrecorded,
+)
 
 _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
@@ -52,7 +64,9 @@ def _call(model: nn.Module, example_inputs):
 
 
 def _outputs(out) -> list[Tensor]:
-    return [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point()]
+    """The floating-point tensors ``out`` holds, wherever discovery finds them
+    (:func:`~psiopt.optim.symmetry.tensors_in`: containers, dataclasses, other objects)."""
+    return [t for t in tensors_in(out) if t.is_floating_point()]
 
 
 @dataclass(eq=False)
@@ -72,9 +86,12 @@ class _Snapshot:
 def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _Snapshot | None = None):
     """Train (or eval) mode and a fixed seed inside; on exit modes, buffers, the RNG states and
     each module's attributes restored (see :class:`_Bound`), and the parameters of ``params`` if
-    the pass wrote them.  ``seed`` seeds torch's generator, Python's ``random`` and numpy's;
-    other than 0 (a redrawn pass, see :func:`_redrawn`), the random streams the modules hold.
-    ``ValueError`` if the pass registered parameters (a module built in its first forward)."""
+    the pass wrote them.  Train mode is the modes the model trains in: a model already in train
+    mode keeps each module's own (``model.train(); bn.eval()``: a frozen BatchNorm stays in eval
+    mode, where its input's bias is not cancelled); otherwise every module is put in it.
+    ``seed`` seeds torch's generator, Python's ``random`` and numpy's; other than 0 (a redrawn
+    pass, see :func:`_redrawn`), the random streams the modules hold.  ``ValueError`` if the
+    pass registered parameters (a module built in its first forward)."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     bound = _Bound.of(model)
@@ -90,7 +107,8 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _S
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             bound.seed(seed)
-            model.train(training)
+            if not (training and model.training):  # (in train mode: the modes it trains in,
+                model.train(training)  # a frozen BatchNorm left in eval mode)
             yield bound
     finally:
         _reshard(model)  # (FSDP2's unsharded parameters back to the registered ones, then:)
@@ -303,6 +321,20 @@ def _has_running_stats(module: nn.Module) -> bool:
     return getattr(module, "running_mean", None) is not None
 
 
+def _outside_inference_mode(model: nn.Module, what: str) -> None:
+    """``RuntimeError`` under ``torch.inference_mode()``, or for a model built under it: the
+    passes record versions of tensors and take gradients, which inference tensors do not have."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{what} cannot run under torch.inference_mode() (it records tensor "
+                           "versions and takes gradients): call it outside")
+    built = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+             if not isinstance(t, nn.parameter.UninitializedTensorMixin) and t.is_inference()]
+    if built:
+        raise RuntimeError(f"{what}: {_some(built)} of {type(model).__name__} were made under "
+                           "torch.inference_mode() (inference tensors have no versions nor "
+                           "gradients): build the model outside it")
+
+
 def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[str, list[NormStats]]]:
     """``(mapping, stats)``: the grouping of every invariant parameter and cancelled one, and
     the running statistics each invariant parameter feeds."""
@@ -313,6 +345,7 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
         raise ValueError(f"{type(model).__name__} has parameters not yet initialised (lazy modules: "
                          f"{_some(lazy)}): run one "
                          "forward pass before discovery and before building the optimizer")
+    _outside_inference_mode(model, "discovery")
     names, substitute, saved = {}, {}, _Snapshot.of(model)
 
     def recorded(training: bool, seed: int = 0, values: dict = substitute):
@@ -335,7 +368,7 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     stats_of = {id(m.running_mean): m for m in model.modules()
                 if isinstance(getattr(m, "running_mean", None), Tensor)}
     params = dict(model.named_parameters())
-    shared = _sharing_storage(model)
+    shared = _sharing_storage(model) | _read_through_other_tensors(model, traces)
     if saved.wrote:
         warnings.warn(f"{type(model).__name__}'s forward pass writes its own parameters (an "
                       "exponential average through .data?): discovery cannot follow that and "
@@ -344,8 +377,8 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
     mapping, stats = {}, {}
     for name, p in params.items():
         ids = names.get(name)
-        if not ids or not p.is_floating_point() or not p.requires_grad or id(p) in shared:
-            continue  # unused, frozen (nothing to train), or one storage for two parameters
+        if not ids or not p.is_floating_point() or not p.requires_grad or not p.numel() or id(p) in shared:
+            continue  # unused, frozen (nothing to train), empty, or one storage for two parameters
         found = _first_holding(traces, ids, p, candidate_groupings(p), stats_of)
         split = found is None and any(t.split_after(ids) for t in traces)
         for span in part_spans(p) if split else ():  # a part: the largest that holds
@@ -405,6 +438,26 @@ def _sharing_storage(model: nn.Module) -> set[int]:
     for t in others:
         if t.layout == torch.strided and t.numel() and not is_sharded(t):
             out |= owners.get((t.device, t.untyped_storage().data_ptr()), set())
+    return out
+
+
+def _read_through_other_tensors(model: nn.Module, traces) -> set[int]:
+    """Parameters (``id``) whose storage a pass read through a tensor that no recorded op made
+    and discovery did not substitute: a view made once and kept where :func:`_sharing_storage`
+    does not look (``self.views = [w.t()]``, a closure), which the trace reads as a constant
+    (``l.weight`` was claimed "channel" while ``x @ views[0]`` moved with it)."""
+    params = {(p.device, p.untyped_storage().data_ptr()): id(p) for p in model.parameters()
+              if not is_sharded(p) and p.numel() and p.layout == torch.strided}
+    out = set()
+    for trace in traces:
+        known = {id(t) for op in trace.ops for t in op.outs} | trace.originals.keys()
+        for op in trace.ops:
+            for t in tree_leaves(list(op.args.values())):
+                if isinstance(t, Tensor) and id(t) not in known and t.layout == torch.strided \
+                        and t.numel() and not is_sharded(t):
+                    k = params.get((t.device, t.untyped_storage().data_ptr()))
+                    if k is not None:
+                        out.add(k)
     return out
 
 
@@ -524,7 +577,7 @@ def _seed(p: Tensor, grouping: str, gen: torch.Generator) -> tuple[Value, dict[f
         shifted = part(offset, grouping)
         shifted.copy_(torch.randn(shifted.shape, generator=gen, dtype=torch.float64))
         return Value(torch.zeros((1,) * p.dim(), dtype=torch.float64, device=p.device),
-                     offset.to(p.device)), {}
+                     offset.to(p.device), fixed=EVERYWHERE), {}
     view = rows(torch.empty(p.shape, device="meta"), grouping)
     count = view.shape[0]
     while True:  # distinct random labels
@@ -797,7 +850,8 @@ def _no_eps(model: nn.Module):
 
 def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
                      scales=(0.5, 2.0, 10.0), tol: float = 1e-3, loss_fn=None) -> InvarianceReport:
-    """Check declared scale-invariant groups numerically, in train mode.
+    """Check declared scale-invariant groups numerically, in train mode (the modes the model
+    trains in: see :func:`find_scale_invariant`).
 
     For every declared parameter and every ``c`` in ``scales``, the even-indexed groups and then
     the odd-indexed groups are multiplied by ``c`` (so a wrong ``"channel"`` declaration on a
@@ -817,6 +871,7 @@ def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,
     layer's eps, e.g. with a tiny batch: relative effect about ``eps/σ²``); otherwise ``"NOT
     INVARIANT"`` (a failure).  The model's parameters, buffers and modes are restored.
     """
+    _outside_inference_mode(model, "check_invariance")
     mapping = _mapping(model, groups_or_mapping)
     if not mapping:
         raise ValueError("check_invariance: nothing to check: no parameter is declared "

@@ -120,6 +120,14 @@ class Value:
     stat: bool = False
     #: an even power (a square): a mean or sum of it is a statistic
     even: bool = False
+    #: how far the offset is known to be the same for any input (a shift of parameters, carried
+    #: by ops that read no input; see :func:`_offset_fixed`): :data:`ANY_INPUT` nowhere,
+    #: :data:`EVERY_SAMPLE`, or :data:`EVERYWHERE` (every sample and position: a bias reshaped to
+    #: broadcast)
+    fixed: int = 0
+
+
+ANY_INPUT, EVERY_SAMPLE, EVERYWHERE = 0, 1, 2
 
 
 class Broken:
@@ -322,7 +330,7 @@ def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
     # what matters after the pass: the outputs, wherever they sit in the returned object, ``keep``,
     # and every first result of an op that no later op reads (a tensor stored on a module, or
     # returned inside a container the pytree cannot open)
-    pinned = {id(t) for t in _tensors_in(out)} | {id(t) for t in keep}
+    pinned = {id(t) for t in tensors_in(out)} | {id(t) for t in keep}
     pinned |= {id(op.outs[0]) for i, op in enumerate(rec.ops) if op.outs and last[id(op.outs[0])] == i}
     calls: dict[int, int] = {}
     for op in rec.ops:
@@ -334,7 +342,7 @@ def record(call, substitute: dict[int, Tensor], keep=()) -> Trace:
         if k not in pinned:
             dies.setdefault(i, []).append(k)
     storage = {k: ids for ids in by_storage.values() if len(ids) > 1 for k in ids}
-    outputs = {id(t) for t in _tensors_in(out)}
+    outputs = {id(t) for t in tensors_in(out)}
     masks, random = _masks(rec.ops)
     branches = any(op.name in _TO_PYTHON and any(id(t) in random for t in op.args.values()
                                                  if isinstance(t, Tensor)) for op in rec.ops)
@@ -410,7 +418,7 @@ def _masks(ops: list[Op]) -> tuple[set[int], set[int]]:
     return masks, random
 
 
-def _tensors_in(obj) -> list[Tensor]:
+def tensors_in(obj) -> list[Tensor]:
     """Every tensor in a returned object: containers (dicts, lists, tuples, sets) at any depth,
     and the attributes of dataclasses, namespaces and other objects up to five objects deep (an
     object reached again nearer the top is opened again there)."""
@@ -661,7 +669,7 @@ class Propagation:
         if v is None:
             return _identity(ndim, device)
         return Value(_aligned(v.F, ndim), None if v.O is None else _aligned(v.O, ndim), v.bias, v.stat,
-                     v.even)
+                     v.even, v.fixed)
 
 
 # -- rules -------------------------------------------------------------------------------------
@@ -674,14 +682,16 @@ def _add(a, va: Value, b, vb: Value, alpha: float = 1.0, concrete=None, exprs=No
     get_a = (concrete or {}).get("a", lambda: _d(a))
     get_b = (concrete or {}).get("b", lambda: _d(b))
     Ob = None if vb.O is None else vb.O * alpha
+    fixed = min(v.fixed for v in (va, vb) if v.O is not None) if Ob is not None or va.O is not None \
+        else ANY_INPUT
     if fa and fb:
         O = _add_offsets(va.O, Ob)
-        return None if O is None else Value(va.F if va.F.dim() >= vb.F.dim() else vb.F, O)
+        return None if O is None else Value(va.F if va.F.dim() >= vb.F.dim() else vb.F, O, fixed=fixed)
     if not isinstance(b, Tensor) and not fa and va.stat and abs(alpha * b) <= EPS_MAX:
         return va  # a normalisation's eps, added to a statistic
     if torch.equal(*torch.broadcast_tensors(va.F, vb.F)):
         F = torch.broadcast_tensors(va.F, vb.F)[0]
-        return Value(F, _add_offsets(va.O, Ob))
+        return Value(F, _add_offsets(va.O, Ob), fixed=fixed)
     if fb:  # b unscaled: (s a + Oa) + α(b + Ob) = s(a + αb) + Oa + αOb + (1 − s)αb
         rest = (1 - _factor(va.F)) * (alpha * get_b())
         centre = _apply(functools.partial(_scaled, alpha), exprs.get("b", _leaf(b))) \
@@ -855,7 +865,9 @@ def _shape(p: Propagation, op: Op):
             template["value"] = 0
         centres = [_apply(functools.partial(_shaped, _op_name(op.func), template, first, tuple(src.shape), i),
                           p.get(src).bias) for i in range(len(Fs))]
-    return [Value(F, O, c) for F, O, c in zip(Fs, Os, centres)]
+    fixed = min((p.get(t).fixed for t in srcs if isinstance(p.get(t), Value) and p.get(t).O is not None),
+                default=ANY_INPUT)
+    return [Value(F, O, c, fixed=min(fixed, EVERY_SAMPLE)) for F, O, c in zip(Fs, Os, centres)]
 
 
 def _shaped(name: str, template: dict, first: str, shape: tuple, pos: int, c: Tensor) -> Tensor:
@@ -905,7 +917,7 @@ def _spread(p: Propagation, op: Op, power: float, centred: bool):
     F = _const(v.F, dims)
     if F is None:
         return [BROKEN]
-    if _single(x, dims) or v.O is not None and (not centred or _const_offset(v.O, dims) is None):
+    if _single(x, dims) or v.O is not None and (not centred or not _cancelled(p, v, x.shape, dims, dims)):
         return [BROKEN]  # (over one element: a norm of positions from a one-token example)
     return [Value(_squeeze(F, dims, keep) * power, stat=True)]
 
@@ -1086,13 +1098,14 @@ def _conv(p: Propagation, op: Op):
     params = tuple(op.args[k] for k in ("stride", "padding", "dilation", "transposed", "output_padding",
                                         "groups"))
     conv = functools.partial(_convolution, params)
-    prod = Value(F, _matmul_offset(x, vx, w, vw, conv), _matmul_centre(x, vx, w, vw, conv))
+    prod = Value(F, _matmul_offset(x, vx, w, vw, conv), _matmul_centre(x, vx, w, vw, conv),
+                 fixed=min(vx.fixed, EVERY_SAMPLE) if _untouched_model_tensor(p, w) else ANY_INPUT)
     if bias is None:
         return [prod]
     vb = p.value(bias)
     shape = (1, -1) + (1,) * (nd - 2)
     vb = Value(vb.F.expand(bias.shape).reshape(shape),
-               None if vb.O is None else vb.O.expand(bias.shape).reshape(shape))
+               None if vb.O is None else vb.O.expand(bias.shape).reshape(shape), fixed=vb.fixed)
     concrete = {"a": lambda: _d(out) - _d(bias).reshape(shape), "b": lambda: _d(bias).reshape(shape)}
     exprs = {"b": _apply(functools.partial(_reshaped, shape), _leaf(bias))}
     return [_add(None, prod, bias, vb, 1.0, concrete, exprs)]
@@ -1121,22 +1134,72 @@ def _affine(p: Propagation, xhat, ndim: int, weight, bias, shape) -> Value | Non
     if bias is not None and isinstance(p.get(bias), Value):
         vb = p.value(bias)
         vb = Value(_aligned(vb.F.expand(bias.shape).reshape(shape), ndim),
-                   None if vb.O is None else vb.O.expand(bias.shape).reshape(shape))
+                   None if vb.O is None else vb.O.expand(bias.shape).reshape(shape), fixed=vb.fixed)
         va = r or _identity(ndim, bias.device)
         scaled = lambda: xhat() * (_d(weight).reshape(shape) if weight is not None else 1)  # noqa: E731
         r = _add(None, va, bias, vb, 1.0, {"a": scaled, "b": lambda: _d(bias).reshape(shape)})
     return r
 
 
-def _cancelled(v: Value, dims) -> bool:
-    return _const(v.F, dims) is not None and (v.O is None or _const_offset(v.O, dims) is not None)
+def _cancelled(p: Propagation, v: Value, shape, dims, unseen=(), samples=()) -> bool:
+    """Whether ``v``'s factor and offset are constant along ``dims`` (of a tensor of ``shape``).
+    ``unseen``: the dimensions among them whose size is the input's, not the model's (a batch,
+    positions): where the example has one entry there, it shows nothing, and the offset must
+    be the same for any input (:func:`_offset_fixed`; ``samples``: those that are the batch)."""
+    if _const(v.F, dims) is None:
+        return False
+    if v.O is None:
+        return True
+    if _const_offset(v.O, dims) is None:
+        return False
+    ones = [d for d in unseen if shape[d] == 1]
+    return not ones or _offset_fixed(p, v, all(d in samples for d in ones))
 
 
-def _normalised_away(v: Value, dims, reduced: int, eps) -> bool:
+def _offset_fixed(p: Propagation, v: Value, samples_only: bool) -> bool:
+    """Whether ``v``'s offset is the same for any input: its centre is a function of the model's
+    tensors alone (:meth:`Trace.bind`), so the same for every sample, and, along positions
+    (not ``samples_only``), computed without the example's shape (:func:`_shape_free`: a bias
+    reshaped to broadcast is constant on any feature map; a bias through a zero-padded
+    convolution of a 1×1 map is not, on a larger one).  From a batch-1 example an offset
+    computed from the sample itself looked constant over the batch, and BatchNorm was read
+    as removing it."""
+    if v.fixed >= (EVERY_SAMPLE if samples_only else EVERYWHERE):
+        return True  # a shift of parameters
+    bound = None if v.bias is None else p.trace.bind(v.bias)
+    return bound is not None and (samples_only or _shape_free(bound))
+
+
+def _untouched_model_tensor(p: Propagation, t) -> bool:
+    """Whether ``t`` is one of the model's tensors (a parameter, a buffer), not transformed."""
+    return isinstance(t, Tensor) and p.get(t) is None and id(t) in p.trace.originals
+
+
+#: the ops a centre may be replayed with (:meth:`Trace.bind`) and still not depend on the
+#: example's shape: entry-wise arithmetic and views that keep every size
+_SHAPE_FREE_OPS = frozenset(f"aten::{n}" for n in (
+    "add", "sub", "mul", "div", "neg", "clone", "alias", "detach", "_to_copy", "lift_fresh",
+    "unsqueeze", "squeeze", "permute", "transpose", "t"))
+
+
+def _shape_free(e: Expr) -> bool:
+    """Whether the centre ``e`` is computed without the example's shape: leaves, arithmetic,
+    a bias reshaped to broadcast, and the ops of :data:`_SHAPE_FREE_OPS`."""
+    if e.fn is None:
+        return True
+    fn = e.fn.func if isinstance(e.fn, functools.partial) else e.fn
+    if fn is _invoke:
+        ok = e.fn.args[0].rpartition(".")[0] in _SHAPE_FREE_OPS
+    else:
+        ok = fn in (_reshaped, _scaled, torch.add, torch.sub, torch.mul, torch.div)
+    return ok and all(_shape_free(a) for a in e.args)
+
+
+def _normalised_away(p: Propagation, v: Value, shape, dims, reduced: int, eps, unseen=()) -> bool:
     """Whether a normalisation over ``dims`` (``reduced`` elements each) removes ``v``'s factor
-    and offset: both constant there, over more than one element (:func:`_single`), with an
-    ``eps`` that is not large (:func:`_large`)."""
-    return _cancelled(v, dims) and reduced > 1 and not _large(eps)
+    and offset: both constant there (:func:`_cancelled`), over more than one element
+    (:func:`_single`), with an ``eps`` that is not large (:func:`_large`)."""
+    return _cancelled(p, v, shape, dims, unseen) and reduced > 1 and not _large(eps)
 
 
 def _layer_norm(p: Propagation, op: Op):
@@ -1144,7 +1207,8 @@ def _layer_norm(p: Propagation, op: Op):
     dims = list(range(x.dim() - len(shape), x.dim()))
     touched = isinstance(p.get(x), Value)
     eps = op.args["eps"]
-    if touched and not _normalised_away(p.value(x), dims, math.prod(x.shape[d] for d in dims), eps):
+    if touched and not _normalised_away(p, p.value(x), x.shape, dims, math.prod(x.shape[d] for d in dims),
+                                        eps):  # (normalized_shape is the model's: all seen)
         return [BROKEN]
     xhat = lambda: torch.nn.functional.layer_norm(_d(x), shape, eps=eps)  # noqa: E731
     r = _affine(p, xhat, x.dim(), op.args.get("weight"), op.args.get("bias"), shape)
@@ -1179,8 +1243,10 @@ def _batch_norm(p: Propagation, op: Op):
     touched = isinstance(p.get(x), Value)
     if touched:
         v = p.value(x)
-        if not _cancelled(v, dims) or _large(eps):
+        if not _cancelled(p, v, x.shape, dims, unseen=dims, samples=(0,)) or _large(eps):
             return [BROKEN]
+        if p.trace.training and not training:
+            return [BROKEN]  # frozen in the mode the model trains in: its statistics are fixed
         if {id(mean), id(var)} & p.trace.stats_read:
             return [BROKEN]  # statistics that must follow, read by the pass itself (or returned)
         if mean is not None and p.follow_stats:
@@ -1238,8 +1304,9 @@ def _group_norm(p: Propagation, op: Op):
 
         def blocks(t):
             return t.expand(x.shape).reshape(n, G, c // G, -1)
-        if not _normalised_away(Value(blocks(v.F), None if v.O is None else blocks(v.O)), [2, 3],
-                                x.numel() // (n * G), op.args["eps"]):
+        b = Value(blocks(v.F), None if v.O is None else blocks(v.O), v.bias)
+        if not _normalised_away(p, b, (n, G, c // G, x.numel() // (n * c)), [2, 3],
+                                x.numel() // (n * G), op.args["eps"], unseen=[3]):
             return [BROKEN]
     shape = (-1,) + (1,) * (x.dim() - 2)
     eps = op.args["eps"]
