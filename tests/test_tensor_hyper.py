@@ -351,3 +351,35 @@ def test_numbers_new_at_every_step_do_not_push_the_row_tables_out(monkeypatch):
         rowrules.numbers_on([0.1, 1 - 0.9 ** (step + 1)], "meta")
     assert rowrules.on_device(("rows", (1, 2)), lambda: torch.zeros(2), "meta") is table
     assert len(rowrules._KEPT) < 8
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_a_group_added_with_a_tensor_lr_steps_as_torch_s_adam_does(name):
+    """The registry's Adam/AdamW default to foreach=True, which torch's Adam refuses with a
+    tensor lr: a group added later with one took it from the defaults, and the next step
+    updated the other groups before torch raised (a partial step).  Such a group now leaves
+    foreach to torch, as create_optimizer's own groups do; one that sets foreach=True itself is
+    refused before any parameter is stepped."""
+    x, y = data()
+    for explicit in (False, True):
+        model, opt = build(name, 1e-3)
+        extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        group = {"params": [extra], "lr": torch.tensor(1e-2, dtype=torch.float64)}
+        opt.add_param_group({**group, "foreach": True} if explicit else group)
+        model.zero_grad()
+        F.cross_entropy(model(x) + extra, y).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        if explicit:
+            with pytest.raises(ValueError, match="foreach=True"):
+                opt.step()
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+            continue
+        twin = extra.detach().clone().requires_grad_()
+        twin.grad = extra.grad.clone()
+        added = opt.param_groups[-1]  # (its weight decay moves nothing: the parameter is zero)
+        torch.optim.Adam([twin], lr=torch.tensor(1e-2, dtype=torch.float64), betas=added["betas"],
+                         eps=added["eps"]).step()
+        opt.step()
+        assert added["foreach"] is None
+        assert torch.allclose(extra, twin, rtol=1e-12, atol=0) and bool(extra.ne(0).all())
+        assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before) if p.grad is not None)

@@ -48,6 +48,10 @@ def _check_torch_settings(group: dict) -> None:
         if isinstance(value, numbers.Real) and not value >= 0.0:
             raise ValueError(f"invalid {key}: {value!r} (must be >= 0; written after the group "
                              "was added, e.g. by a learning-rate scheduler)")
+    if isinstance(group.get("lr"), torch.Tensor) and "betas" in group and group.get("foreach") \
+            and not group.get("capturable") and not group.get("fused"):
+        raise ValueError("lr as a tensor with foreach=True: torch.optim.Adam/AdamW refuse it "
+                         "(but with capturable=True); pass foreach=None or a float lr")
     betas = group.get("betas")
     if isinstance(betas, (tuple, list)) and any(
             isinstance(b, numbers.Real) and not 0.0 <= b < 1.0 for b in betas):
@@ -70,6 +74,17 @@ class _Baseline(GroupHandling):
     def _hook(self) -> None:
         if _freeze_cancelled not in self._optimizer_step_pre_hooks.values():
             self.register_step_pre_hook(_freeze_cancelled)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch.optim's; a group with a tensor ``lr`` that does not set ``foreach`` leaves the
+        choice to torch (``None``) where the defaults say ``foreach=True``, which
+        torch.optim.Adam/AdamW refuse with a tensor ``lr`` (``create_optimizer`` does the same
+        for the groups it builds)."""
+        if isinstance(param_group, dict) and isinstance(param_group.get("lr"), torch.Tensor) and \
+                "foreach" not in param_group and self.defaults.get("foreach") and \
+                isinstance(self, torch.optim.Adam) and not self.defaults.get("capturable"):
+            param_group = {**param_group, "foreach": None}
+        super().add_param_group(param_group)
 
 
 class SGD(_Baseline, torch.optim.SGD):
