@@ -1691,3 +1691,112 @@ def test_check_invariance_reads_outputs_in_dataclasses_and_refuses_inference_mod
         built = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     with pytest.raises(RuntimeError, match=r"0\.weight, 0\.bias, 1\.weight.*inference_mode"):
         psiopt.check_invariance(built, x, {"0.weight": "channel"})
+
+
+class _GatheredBias(nn.Module):
+    """A per-position bias picked for each sample by an index read from the input (a sequence's
+    argmax), added to a conv before a BatchNorm: an offset that differs between samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(6))
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        seq = x[:, 3, 0, :6]
+        picked = (seq + self.pos).gather(1, seq.argmax(1, keepdim=True))
+        return self.bn(self.conv(x[:, :3]) + picked[:, :, None, None])
+
+
+class _HandNorm(nn.Module):
+    """conv(bias) → zero-padded conv → a hand-written instance norm over the positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.c2(self.c1(x))
+        u = y.mean((2, 3), keepdim=True)
+        return (y - u) / ((y - u).pow(2).mean((2, 3), keepdim=True) + 1e-5).sqrt()
+
+
+class _ShapeReadLN(nn.Module):
+    """A LayerNorm over (C, H, W) whose shape is read from the input (``y.shape[1:]``), after a
+    zero-padded conv to one channel, repeated."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 1, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.c2(self.c1(x)).repeat(1, 4, 1, 1)
+        return F.layer_norm(y, y.shape[1:])
+
+
+@pytest.mark.parametrize("model, name, grouping, small", [
+    (_GatheredBias, "pos", "cancelled", (1, 4, 8, 8)),
+    (_HandNorm, "c1.bias", "cancelled", (2, 3, 1, 1)),
+    (_ShapeReadLN, "c1.bias", "cancelled", (2, 3, 1, 1)),
+])
+def test_offsets_a_one_entry_dimension_hides_are_not_claimed_anywhere(model, name, grouping, small):
+    """The same blind spot as a batch of one before BatchNorm, elsewhere: an offset selected by
+    an index from the input (its "fixed" level is not carried through the gather), a
+    hand-written norm whose mean over a 1×1 map is the map itself (``y − y.mean`` is 0 there,
+    whatever the offset), a LayerNorm whose normalised shape is the input's.  Each claim was
+    made from the small example and is false on a larger one (ground truth)."""
+    torch.manual_seed(0)
+    m = model().double()
+    big = torch.randn(4, *small[1:-2], 8, 8, dtype=torch.float64)
+    assert not zoo.holds(m, big, name, grouping)
+    assert name not in psiopt.find_scale_invariant(m, torch.randn(*small, dtype=torch.float64))
+
+
+def test_claims_a_batch_of_one_can_show_are_kept():
+    """An offset that is a shift of parameters stays constant over samples through a linear map
+    and over positions where nothing mixes them: from a batch of one, a LayerNorm's bias before
+    a linear and a BatchNorm (the zoo's LeViT-style tokens), a conv's bias before average
+    pooling or an upsampling and a BatchNorm, and, at any batch, an InstanceNorm (whose batch
+    norm runs on a one-sample view) after a gated conv keep their claims (confirmed by
+    check_invariance on a batch of four)."""
+    model, x = zoo.build("tokens: LN → linear → BN (LeViT-style)")
+    found = psiopt.find_scale_invariant(model, x[:1])
+    assert _checked(model, x, found) == psiopt.find_scale_invariant(model, x) and "norm.bias" in found
+    torch.manual_seed(0)
+    for resample in (nn.AvgPool2d(2), nn.Upsample(scale_factor=2, mode="bilinear")):
+        pooled = nn.Sequential(nn.Conv2d(3, 4, 3), resample, nn.BatchNorm2d(4)).double()
+        found = psiopt.find_scale_invariant(pooled, torch.randn(1, 3, 6, 6, dtype=torch.float64))
+        assert _checked(pooled, torch.randn(4, 3, 6, 6, dtype=torch.float64), found)["0.bias"] == "cancelled"
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc, self.n = nn.Conv2d(3, 4, 3), nn.Linear(3, 4), nn.InstanceNorm2d(4)
+
+        def forward(self, x):
+            return self.n(self.c(x) * torch.sigmoid(self.fc(x.mean((2, 3))))[:, :, None, None])
+
+    gated, x = Gated().double(), torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    assert _checked(gated, x, psiopt.find_scale_invariant(gated, x)) == \
+        {"c.weight": "channel", "c.bias": "cancelled"}
+
+
+def test_layers_a_model_s_own_train_freezes_are_traced_frozen():
+    """mmdetection's ``norm_eval``: ``train()`` overridden to keep the BatchNorms in eval mode.
+    Discovery called ``model.train()`` only where the model was not already in train mode, so a
+    fresh model's BatchNorm was traced in train mode: its conv claimed "channel", the bias
+    "cancelled" (both false as the model trains) and check_invariance agreed."""
+    class Frozen(nn.Sequential):
+        def train(self, mode=True):
+            super().train(mode)
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+            return self
+
+    torch.manual_seed(0)
+    model = Frozen(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    assert model[1].training  # (built: in train mode until train() is called)
+    assert psiopt.check_invariance(model, x, {"0.weight": "channel", "0.bias": "cancelled"}).failures
+    assert psiopt.find_scale_invariant(model, x) == {}

@@ -383,3 +383,23 @@ def test_a_group_added_with_a_tensor_lr_steps_as_torch_s_adam_does(name):
         assert added["foreach"] is None
         assert torch.allclose(extra, twin, rtol=1e-12, atol=0) and bool(extra.ne(0).all())
         assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before) if p.grad is not None)
+
+
+def test_a_group_added_with_tensor_betas_steps_and_an_explicit_foreach_is_refused_first():
+    """As a tensor lr: torch's foreach Adam refuses tensor betas only once it reaches that group,
+    after stepping the others."""
+    x, y = data()
+    betas = (torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.999, dtype=torch.float64))
+    for foreach in ({}, {"foreach": True}):
+        model, opt = build("adam", 1e-3)
+        extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        opt.add_param_group({"params": [extra], "betas": betas, **foreach})
+        F.cross_entropy(model(x) + extra, y).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        if foreach:
+            with pytest.raises(ValueError, match="beta1 and beta2 as a tensor with foreach=True"):
+                opt.step()
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        else:
+            opt.step()
+            assert opt.param_groups[-1]["foreach"] is None and bool(extra.ne(0).all())

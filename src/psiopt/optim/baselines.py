@@ -48,15 +48,24 @@ def _check_torch_settings(group: dict) -> None:
         if isinstance(value, numbers.Real) and not value >= 0.0:
             raise ValueError(f"invalid {key}: {value!r} (must be >= 0; written after the group "
                              "was added, e.g. by a learning-rate scheduler)")
-    if isinstance(group.get("lr"), torch.Tensor) and "betas" in group and group.get("foreach") \
-            and not group.get("capturable") and not group.get("fused"):
-        raise ValueError("lr as a tensor with foreach=True: torch.optim.Adam/AdamW refuse it "
-                         "(but with capturable=True); pass foreach=None or a float lr")
+    tensors = _tensor_adam_settings(group)
+    if tensors and group.get("foreach") and not group.get("capturable") and not group.get("fused"):
+        raise ValueError(f"{' and '.join(tensors)} as a tensor with foreach=True: torch.optim.Adam/"
+                         "AdamW refuse it (but with capturable=True); pass foreach=None or numbers")
     betas = group.get("betas")
     if isinstance(betas, (tuple, list)) and any(
             isinstance(b, numbers.Real) and not 0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"invalid betas: {betas!r} (each must lie in [0, 1); written after the "
                          "group was added, e.g. by OneCycleLR's max_momentum)")
+
+
+def _tensor_adam_settings(group: dict) -> list[str]:
+    """The settings of an Adam/AdamW group given as tensors (``lr``, ``beta1``, ``beta2``), which
+    torch's foreach Adam refuses (but capturable)."""
+    if "betas" not in group:
+        return []
+    names = ["lr"] if isinstance(group.get("lr"), torch.Tensor) else []
+    return names + [f"beta{i}" for i, b in enumerate(group["betas"] or (), 1) if isinstance(b, torch.Tensor)]
 
 
 class _Baseline(GroupHandling):
@@ -74,17 +83,6 @@ class _Baseline(GroupHandling):
     def _hook(self) -> None:
         if _freeze_cancelled not in self._optimizer_step_pre_hooks.values():
             self.register_step_pre_hook(_freeze_cancelled)
-
-    def add_param_group(self, param_group: dict) -> None:
-        """As torch.optim's; a group with a tensor ``lr`` that does not set ``foreach`` leaves the
-        choice to torch (``None``) where the defaults say ``foreach=True``, which
-        torch.optim.Adam/AdamW refuse with a tensor ``lr`` (``create_optimizer`` does the same
-        for the groups it builds)."""
-        if isinstance(param_group, dict) and isinstance(param_group.get("lr"), torch.Tensor) and \
-                "foreach" not in param_group and self.defaults.get("foreach") and \
-                isinstance(self, torch.optim.Adam) and not self.defaults.get("capturable"):
-            param_group = {**param_group, "foreach": None}
-        super().add_param_group(param_group)
 
 
 class SGD(_Baseline, torch.optim.SGD):
@@ -201,7 +199,23 @@ def _local_rows(p, t, grouping: str):
     return rows(t, grouping)
 
 
-class Adam(_Baseline, torch.optim.Adam):
+class _AdamGroups:
+    """Added groups of the Adam baselines."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch.optim's; a group with a tensor ``lr`` or beta that does not set ``foreach``
+        leaves the choice to torch (``None``) where the defaults say ``foreach=True``, which
+        torch's Adam refuses with a tensor setting (``create_optimizer`` does the same for the
+        groups it builds; one that sets ``foreach=True`` itself is refused at the step, before
+        any group is stepped)."""
+        if isinstance(param_group, dict) and "foreach" not in param_group and \
+                self.defaults.get("foreach") and not self.defaults.get("capturable") and \
+                _tensor_adam_settings({"betas": self.defaults.get("betas"), **param_group}):
+            param_group = {**param_group, "foreach": None}
+        super().add_param_group(param_group)
+
+
+class Adam(_AdamGroups, _Baseline, torch.optim.Adam):
     """torch.optim.Adam (coupled L2)."""
 
     def scheduling_beta(self, p, view, before):
@@ -212,7 +226,7 @@ class Adam(_Baseline, torch.optim.Adam):
         return norm(b) / math.sqrt(b[0].numel())
 
 
-class AdamW(_Baseline, torch.optim.AdamW):
+class AdamW(_AdamGroups, _Baseline, torch.optim.AdamW):
     """torch.optim.AdamW (decoupled weight decay: not of the form ``x − η a ⊘ b``)."""
 
     def scheduling_beta(self, p, view, before):

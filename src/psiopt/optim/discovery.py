@@ -86,9 +86,10 @@ class _Snapshot:
 def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _Snapshot | None = None):
     """Train (or eval) mode and a fixed seed inside; on exit modes, buffers, the RNG states and
     each module's attributes restored (see :class:`_Bound`), and the parameters of ``params`` if
-    the pass wrote them.  Train mode is the modes the model trains in: a model already in train
-    mode keeps each module's own (``model.train(); bn.eval()``: a frozen BatchNorm stays in eval
-    mode, where its input's bias is not cancelled); otherwise every module is put in it.
+    the pass wrote them.  Train mode is the modes the model trains in: ``model.train()`` (which
+    may freeze layers itself: mmdetection's ``norm_eval``), and where the model was already in
+    train mode the modules that were in eval mode stay there (``model.train(); bn.eval()``: a
+    frozen BatchNorm, where its input's bias is not cancelled).
     ``seed`` seeds torch's generator, Python's ``random`` and numpy's; other than 0 (a redrawn
     pass, see :func:`_redrawn`), the random streams the modules hold.  ``ValueError`` if the
     pass registered parameters (a module built in its first forward)."""
@@ -107,8 +108,11 @@ def _pristine(model: nn.Module, training: bool = True, seed: int = 0, params: _S
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             bound.seed(seed)
-            if not (training and model.training):  # (in train mode: the modes it trains in,
-                model.train(training)  # a frozen BatchNorm left in eval mode)
+            model.train(training)  # (the model's own train(), which may freeze layers itself)
+            if training and modes[0][1]:  # (modes[0]: the model's own)
+                for m, mode in modes:  # layers the user froze in a model in train mode
+                    if not mode:
+                        m.training = False
             yield bound
     finally:
         _reshard(model)  # (FSDP2's unsharded parameters back to the registered ones, then:)

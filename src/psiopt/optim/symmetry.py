@@ -246,6 +246,21 @@ class Trace:
     #: caller: returned): they cannot follow a rescaling unseen
     stats_read: set[int] = field(default_factory=set)
     training: bool = True  # recorded in train mode
+    _producers: dict | None = field(default=None, repr=False)
+    _input_free: dict = field(default_factory=dict, repr=False)
+
+    def input_free(self, t: Tensor) -> bool:
+        """Whether ``t`` is computed from the model's tensors alone (:meth:`bind`): the same for
+        any input (a parameter, ``weight.t()``)."""
+        if id(t) not in self._input_free:
+            self._input_free[id(t)] = self.bind(_leaf(t)) is not None
+        return self._input_free[id(t)]
+
+    def producer(self, t: Tensor) -> Op | None:
+        """The recorded op that made ``t`` (``None``: an input, a parameter, a constant)."""
+        if self._producers is None:
+            self._producers = {id(o): op for op in self.ops for o in op.outs}
+        return self._producers.get(id(t))
 
     def pin(self, tensors) -> None:
         """Tensors whose values matter after the pass (never dropped as dead)."""
@@ -279,15 +294,13 @@ class Trace:
         model's tensors.  ``None`` when a leaf depends on anything else (the input, a random
         op, an op that writes) or when replaying those ops does not give the leaf's value (it
         was written in place after it was made)."""
-        producer = {id(t): op for op in self.ops for t in op.outs}
-
         def replayed(e: Expr, depth: int) -> Expr | None:
             if e.fn is not None:
                 return _apply(e.fn, *(replayed(a, depth) for a in e.args))
             t = e.args[0]
             if id(t) in self.originals:
                 return e if usable(self.originals[id(t)]) else None
-            op = producer.get(id(t))
+            op = self.producer(t)
             if op is None or depth > 64 or op.writes or \
                     torch.Tag.nondeterministic_seeded in op.func.tags or any(
                         isinstance(a, Tensor) for v in op.args.values() if isinstance(v, (list, tuple))
@@ -682,8 +695,7 @@ def _add(a, va: Value, b, vb: Value, alpha: float = 1.0, concrete=None, exprs=No
     get_a = (concrete or {}).get("a", lambda: _d(a))
     get_b = (concrete or {}).get("b", lambda: _d(b))
     Ob = None if vb.O is None else vb.O * alpha
-    fixed = min(v.fixed for v in (va, vb) if v.O is not None) if Ob is not None or va.O is not None \
-        else ANY_INPUT
+    fixed = _least_fixed(va, vb)
     if fa and fb:
         O = _add_offsets(va.O, Ob)
         return None if O is None else Value(va.F if va.F.dim() >= vb.F.dim() else vb.F, O, fixed=fixed)
@@ -865,9 +877,9 @@ def _shape(p: Propagation, op: Op):
             template["value"] = 0
         centres = [_apply(functools.partial(_shaped, _op_name(op.func), template, first, tuple(src.shape), i),
                           p.get(src).bias) for i in range(len(Fs))]
-    fixed = min((p.get(t).fixed for t in srcs if isinstance(p.get(t), Value) and p.get(t).O is not None),
-                default=ANY_INPUT)
-    return [Value(F, O, c, fixed=min(fixed, EVERY_SAMPLE)) for F, O, c in zip(Fs, Os, centres)]
+    fixed = ANY_INPUT if any(isinstance(t, Tensor) for t in tree_flatten(rest)[0]) else \
+        min(_least_fixed(*(p.get(t) for t in srcs if isinstance(p.get(t), Value))), EVERY_SAMPLE)
+    return [Value(F, O, c, fixed=fixed) for F, O, c in zip(Fs, Os, centres)]  # (indices: any input's)
 
 
 def _shaped(name: str, template: dict, first: str, shape: tuple, pos: int, c: Tensor) -> Tensor:
@@ -900,8 +912,10 @@ def _reduce(p: Propagation, op: Op):
         return [BROKEN]
     O = None
     if v.O is not None:
+        if any(x.shape[d] == 1 for d in dims) and not _offset_fixed(p, v, False):
+            return [BROKEN]  # (x − x.mean(0) is 0 on a batch of one, whatever the offset)
         O = op.func.overloadpacket(v.O.expand(x.shape), dims, keep)
-    return [Value(_squeeze(F, dims, keep), O, stat=v.even and O is None)]
+    return [Value(_squeeze(F, dims, keep), O, stat=v.even and O is None, fixed=v.fixed)]
 
 
 def _spread(p: Propagation, op: Op, power: float, centred: bool):
@@ -1036,7 +1050,8 @@ def _product(second: str):
             return [BROKEN]
         F = Fa + Fb if b.dim() > 1 else Fa.squeeze(-1) + Fb.squeeze(-1)
         return [Value(F, _matmul_offset(a, va, b, vb, torch.matmul, broadcasts=True),
-                      _matmul_centre(a, va, b, vb, torch.matmul, broadcasts=True))]
+                      _matmul_centre(a, va, b, vb, torch.matmul, broadcasts=True),
+                      fixed=_fixed_product(p, a, va, b, vb, EVERYWHERE))]  # (positions: not mixed)
     return rule
 
 
@@ -1053,7 +1068,7 @@ def _addmm(p: Propagation, op: Op):
         prod.O = prod.O * alpha
     vbias = p.value(bias)
     if beta != 1:
-        vbias = Value(vbias.F, None if vbias.O is None else vbias.O * beta)
+        vbias = Value(vbias.F, None if vbias.O is None else vbias.O * beta, fixed=vbias.fixed)
     concrete = {"a": lambda: _d(out) - beta * _d(bias), "b": lambda: beta * _d(bias)}
     exprs = {"b": _leaf(bias) if beta == 1 else None}
     return [_add(None, prod, bias, vbias, 1.0, concrete, exprs)]
@@ -1099,7 +1114,7 @@ def _conv(p: Propagation, op: Op):
                                         "groups"))
     conv = functools.partial(_convolution, params)
     prod = Value(F, _matmul_offset(x, vx, w, vw, conv), _matmul_centre(x, vx, w, vw, conv),
-                 fixed=min(vx.fixed, EVERY_SAMPLE) if _untouched_model_tensor(p, w) else ANY_INPUT)
+                 fixed=_fixed_product(p, x, vx, w, vw, EVERY_SAMPLE))
     if bias is None:
         return [prod]
     vb = p.value(bias)
@@ -1171,8 +1186,25 @@ def _offset_fixed(p: Propagation, v: Value, samples_only: bool) -> bool:
 
 
 def _untouched_model_tensor(p: Propagation, t) -> bool:
-    """Whether ``t`` is one of the model's tensors (a parameter, a buffer), not transformed."""
-    return isinstance(t, Tensor) and p.get(t) is None and id(t) in p.trace.originals
+    """Whether ``t`` is not transformed and computed from the model's tensors alone (a
+    parameter, a buffer, ``weight.t()``: :meth:`Trace.input_free`)."""
+    return isinstance(t, Tensor) and p.get(t) is None and p.trace.input_free(t)
+
+
+def _least_fixed(*values: Value) -> int:
+    """The :attr:`Value.fixed` level of a sum of ``values``' offsets: the least of theirs."""
+    return min((v.fixed for v in values if v.O is not None), default=ANY_INPUT)
+
+
+def _fixed_product(p: Propagation, a, va: Value, b, vb: Value, most: int) -> int:
+    """The :attr:`Value.fixed` level of the offset of a product (a linear map, a convolution)
+    of ``a`` and ``b``: the transformed operand's where the other is an untouched tensor of the
+    model, at most ``most`` (:data:`EVERY_SAMPLE` where positions are mixed); else none."""
+    if va.O is not None and vb.O is None and _untouched_model_tensor(p, b):
+        return min(va.fixed, most)
+    if vb.O is not None and va.O is None and _untouched_model_tensor(p, a):
+        return min(vb.fixed, most)
+    return ANY_INPUT
 
 
 #: the ops a centre may be replayed with (:meth:`Trace.bind`) and still not depend on the
@@ -1208,7 +1240,7 @@ def _layer_norm(p: Propagation, op: Op):
     touched = isinstance(p.get(x), Value)
     eps = op.args["eps"]
     if touched and not _normalised_away(p, p.value(x), x.shape, dims, math.prod(x.shape[d] for d in dims),
-                                        eps):  # (normalized_shape is the model's: all seen)
+                                        eps, unseen=dims):  # (normalized_shape may be the input's)
         return [BROKEN]
     xhat = lambda: torch.nn.functional.layer_norm(_d(x), shape, eps=eps)  # noqa: E731
     r = _affine(p, xhat, x.dim(), op.args.get("weight"), op.args.get("bias"), shape)
@@ -1243,7 +1275,9 @@ def _batch_norm(p: Propagation, op: Op):
     touched = isinstance(p.get(x), Value)
     if touched:
         v = p.value(x)
-        if not _cancelled(p, v, x.shape, dims, unseen=dims, samples=(0,)) or _large(eps):
+        folded = _instance_view(p, x)  # (InstanceNorm: the batch folded into the channels)
+        if not _cancelled(p, v, x.shape, dims, unseen=dims[1:] if folded else dims,
+                          samples=() if folded else (0,)) or _large(eps):
             return [BROKEN]
         if p.trace.training and not training:
             return [BROKEN]  # frozen in the mode the model trains in: its statistics are fixed
@@ -1268,6 +1302,18 @@ def _batch_norm(p: Propagation, op: Op):
     if r is not None and r is not BROKEN:
         r.F = _aligned(r.F, x.dim())
     return [r] + [BROKEN if touched else None] * (len(op.outs) - 1)
+
+
+def _instance_view(p: Propagation, x: Tensor) -> bool:
+    """Whether ``x``, the input of a batch norm, is ``y.view(1, N·C, …)`` of a ``(N, C, …)`` tensor
+    ``y``: InstanceNorm's (``F.instance_norm`` batch-normalises that view), whose dimension 0 is
+    one entry whatever the batch, not a batch of one."""
+    op = p.trace.producer(x)
+    if op is None or op.name not in ("view", "_unsafe_view", "reshape") or x.shape[0] != 1:
+        return False
+    y = op.args.get("self")
+    return isinstance(y, Tensor) and y.dim() == x.dim() and y.shape[0] * y.shape[1] == x.shape[1] \
+        and y.shape[2:] == x.shape[2:]
 
 
 def _channel_centre(v: Value, F: Tensor, dims: list[int], ndim: int) -> Expr | None:
@@ -1304,7 +1350,7 @@ def _group_norm(p: Propagation, op: Op):
 
         def blocks(t):
             return t.expand(x.shape).reshape(n, G, c // G, -1)
-        b = Value(blocks(v.F), None if v.O is None else blocks(v.O), v.bias)
+        b = Value(blocks(v.F), None if v.O is None else blocks(v.O), v.bias, fixed=v.fixed)
         if not _normalised_away(p, b, (n, G, c // G, x.numel() // (n * c)), [2, 3],
                                 x.numel() // (n * G), op.args["eps"], unseen=[3]):
             return [BROKEN]
@@ -1322,7 +1368,7 @@ def _dropout(p: Propagation, op: Op):
     v = p.value(op.args["input"])
     if v.O is not None and op.args.get("train", True) and float(op.args["p"]) > 0:
         return [BROKEN, None]
-    return [Value(v.F, v.O), None]
+    return [Value(v.F, v.O, fixed=v.fixed), None]
 
 
 def _spatial(op: Op, x: Tensor) -> list[int]:
@@ -1348,7 +1394,7 @@ def _pool_linear(p: Propagation, op: Op):
     if F is None or op.writes:
         return [BROKEN] * len(op.outs)
     O = None if v.O is None else op.call({next(iter(op.args)): v.O.expand(x.shape)})
-    return [Value(F, O)]
+    return [Value(F, O, fixed=min(v.fixed, EVERY_SAMPLE))]  # (padding, borders: positions mixed)
 
 
 def _attention(p: Propagation, op: Op):
@@ -1416,7 +1462,7 @@ _RULES = {
     "mul": lambda p, op: _binary(p, op, "self", "other", "mul"),
     "div": lambda p, op: _binary(p, op, "self", "other", "div"),
     "neg": lambda p, op: [Value(p.value(op.args["self"]).F, None if p.value(op.args["self"]).O is None
-                                else -p.value(op.args["self"]).O)],
+                                else -p.value(op.args["self"]).O, fixed=p.value(op.args["self"]).fixed)],
     "sqrt": _unary_power(0.5), "rsqrt": _unary_power(-0.5), "reciprocal": _unary_power(-1.0),
     "square": _unary_power(2.0), "pow": _pow,
     "relu": _homogeneous, "abs": _homogeneous, "leaky_relu": _homogeneous,
