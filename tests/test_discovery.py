@@ -1800,3 +1800,80 @@ def test_layers_a_model_s_own_train_freezes_are_traced_frozen():
     assert model[1].training  # (built: in train mode until train() is called)
     assert psiopt.check_invariance(model, x, {"0.weight": "channel", "0.bias": "cancelled"}).failures
     assert psiopt.find_scale_invariant(model, x) == {}
+
+
+class _Experts(nn.Module):
+    """Experts picked per token by its values (experts 2 and 3 only where ``x[:, 1] > 3``), their
+    outputs added to the token, a loop over the experts some token is routed to (as Hugging
+    Face's eager experts): scaling an expert moves the tokens it serves."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 6, 6) / 3)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        top = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 3).long()
+        out = x
+        for e in top.unique().tolist():
+            rows = (top == e).nonzero().squeeze(1)
+            out = out.index_add(0, rows, x[rows] @ self.w[e])
+        return self.head(out)
+
+
+def test_experts_the_example_routes_no_token_to_are_not_claimed():
+    """A part of the experts' weights that no recorded op read (the example routed no token to
+    experts 2 and 3) held with nothing to check: "channel[2:4]" was claimed (as Qwen3-MoE's eager
+    experts from a one-token example), and scaling them moves every token routed there."""
+    torch.manual_seed(0)
+    model = _Experts().double()
+    small = torch.randn(4, 6, dtype=torch.float64).clamp(max=2.0)
+    big = torch.randn(16, 6, dtype=torch.float64)
+    big[::2, 1] = 4.0
+    assert not zoo.holds(model, big, "w", "channel[2:4]")
+    assert psiopt.find_scale_invariant(model, small) == {}
+
+
+def test_a_cache_the_forward_appends_to_is_left_as_given():
+    """An input object whose tensor the forward rebinds (a KV cache appending to itself, as Hugging
+    Face's ``DynamicCache``): each pass appended to the caller's cache, so later passes saw other
+    inputs, and a freed input tensor's id, the key of its perturbed copy, could be taken by a
+    later tensor (Hugging Face models then failed with mismatched shapes)."""
+    class Cache:
+        def __init__(self, k):
+            self.k = k
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.n = nn.Linear(6, 6, bias=False), nn.LayerNorm(6)
+
+        def forward(self, x, cache):
+            cache.k = torch.cat([cache.k, x])
+            return self.n(self.l(x)) + cache.k.mean(0)
+
+    torch.manual_seed(0)
+    model, cache = Net(), Cache(torch.randn(3, 6))
+    x = (torch.randn(2, 6), cache)
+    assert _checked(model, x, psiopt.find_scale_invariant(model, x)) == {"l.weight": "tensor"}
+    assert cache.k.shape[0] == 3
+
+
+def test_check_invariance_sets_the_eps_hugging_face_norms_keep_in_variance_epsilon():
+    """Hugging Face's RMSNorms keep eps in ``variance_epsilon``: the re-check without eps left it,
+    and a claim that holds up to eps was reported NOT INVARIANT."""
+    class HFRMSNorm(nn.Module):
+        def __init__(self, d, eps=1e-3):
+            super().__init__()
+            self.weight, self.variance_epsilon = nn.Parameter(torch.ones(d)), eps
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6, bias=False), HFRMSNorm(6), nn.Linear(6, 2)).double()
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)  # (rows whose mean square is not large against eps)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    report = psiopt.check_invariance(model, x, {"0.weight": "tensor"})
+    assert not report.failures and report.up_to_eps and model[1].variance_epsilon == 1e-3

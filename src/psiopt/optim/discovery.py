@@ -56,6 +56,9 @@ _NORMS = (_BatchNorm, _InstanceNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm)
 
 
 def _call(model: nn.Module, example_inputs):
+    """``model`` on ``example_inputs`` (a dict: keywords; a tuple or list: arguments), their
+    containers fresh (:func:`_fresh_containers`)."""
+    example_inputs = _fresh_containers(example_inputs)
     if isinstance(example_inputs, dict):
         return model(**example_inputs)
     if isinstance(example_inputs, (tuple, list)):
@@ -496,6 +499,18 @@ def _traces_of_other_buffers(model: nn.Module, substitute: dict, recorded) -> li
     return traces
 
 
+def _fresh_containers(example_inputs):
+    """``example_inputs`` with its containers and objects copied, holding the same tensors: a
+    pass that rebinds what they hold (a KV cache appending to itself) changes neither the
+    caller's inputs nor the next pass's, and frees no input tensor (whose ``id``, the key of its
+    perturbed copy, a later tensor could take: a Hugging Face ``DynamicCache`` given as input
+    made discovery multiply mismatched shapes).  As given where it cannot be copied."""
+    try:
+        return copy.deepcopy(example_inputs, {id(t): t for t in tensors_in(example_inputs)})
+    except Exception:  # (an object deepcopy cannot copy: a lock, a generator, a C handle)
+        return example_inputs
+
+
 def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, saved: _Snapshot,
            seed: int = 0):
     """Record one forward pass (train or eval mode, random draws from ``seed``) on perturbed
@@ -614,8 +629,8 @@ def _holds(traces, ids: list[int], p: Tensor, grouping: str, stats_of: dict) -> 
             env = prop.run(min(trace.first[k] for k in mine), {k: value for k in mine})
         except Failed:
             return None
-        if env.keys() - set(mine):  # a transformed output, buffer or other parameter
-            return None
+        if env.keys() - set(mine) or not prop.reached:  # a transformed output, buffer or other
+            return None  # parameter; or no op saw the transformation (rows the pass never read)
         counted: dict[int, int] = {}
         for mean, F, centre in prop.links:
             counted[id(mean)] = counted.get(id(mean), 0) + 1
@@ -840,16 +855,22 @@ class InvarianceReport:
 @contextlib.contextmanager
 def _no_eps(model: nn.Module):
     """Every float ``eps`` attribute of the model's modules (normalisation layers) set to 1e-30
-    inside (``nn.RMSNorm``'s ``None`` too); restored on exit."""
-    saved = [(m, m.eps) for m in model.modules()
-             if isinstance(getattr(m, "eps", None), float) or isinstance(m, nn.RMSNorm)]
+    inside (``nn.RMSNorm``'s ``None`` too), and the other names norms keep it under
+    (:data:`EPS_NAMES`: Hugging Face's RMSNorms and T5's LayerNorm use ``variance_epsilon``);
+    restored on exit."""
+    saved = [(m, k, getattr(m, k)) for m in model.modules() for k in EPS_NAMES
+             if isinstance(getattr(m, k, None), float) or (k == "eps" and isinstance(m, nn.RMSNorm))]
     try:
-        for m, _ in saved:
-            m.eps = 1e-30
+        for m, k, _ in saved:
+            setattr(m, k, 1e-30)
         yield
     finally:
-        for m, eps in saved:
-            m.eps = eps
+        for m, k, eps in saved:
+            setattr(m, k, eps)
+
+
+#: the attributes a normalisation layer keeps its eps in
+EPS_NAMES = ("eps", "variance_epsilon")
 
 
 def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,

@@ -590,6 +590,9 @@ class Propagation:
         #: transformed tensors detached (``detach``, ``.data``): no op may read them (see
         #: :meth:`step`)
         self.untracked: set[int] = set()
+        #: whether an op's output was transformed: a candidate that reaches none (a part of an
+        #: MoE's experts that the example routes no token to) is shown nothing by the pass
+        self.reached = False
 
     def get(self, t) -> Value | Broken | None:
         return self.env.get(id(t)) if isinstance(t, Tensor) else None
@@ -657,6 +660,7 @@ class Propagation:
             self.env.pop(id(t), None)
         else:
             self.env[id(t)] = v
+            self.reached = True
 
     def _written(self, op: Op) -> None:
         """An in-place write reaches every other view of the same storage: those views are lost
