@@ -353,6 +353,24 @@ def test_numbers_new_at_every_step_do_not_push_the_row_tables_out(monkeypatch):
     assert len(rowrules._KEPT) < 8
 
 
+def _added_group(name, setting: dict, explicit: bool):
+    """``create_optimizer(…, name)`` with a zero parameter added in a group with ``setting`` (and
+    ``foreach=True`` where ``explicit``), every gradient taken: ``(model, opt, the added
+    parameter, the model's parameters before the step)``."""
+    x, y = data()
+    model, opt = build(name, 1e-3)
+    extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt.add_param_group({"params": [extra], **setting, **({"foreach": True} if explicit else {})})
+    F.cross_entropy(model(x) + extra, y).backward()
+    return model, opt, extra, [p.detach().clone() for p in model.parameters()]
+
+
+def _refused_before_any_step(model, opt, before, match):
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_a_group_added_with_a_tensor_lr_steps_as_torch_s_adam_does(name):
     """The registry's Adam/AdamW default to foreach=True, which torch's Adam refuses with a
@@ -360,46 +378,26 @@ def test_a_group_added_with_a_tensor_lr_steps_as_torch_s_adam_does(name):
     updated the other groups before torch raised (a partial step).  Such a group now leaves
     foreach to torch, as create_optimizer's own groups do; one that sets foreach=True itself is
     refused before any parameter is stepped."""
-    x, y = data()
-    for explicit in (False, True):
-        model, opt = build(name, 1e-3)
-        extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-        group = {"params": [extra], "lr": torch.tensor(1e-2, dtype=torch.float64)}
-        opt.add_param_group({**group, "foreach": True} if explicit else group)
-        model.zero_grad()
-        F.cross_entropy(model(x) + extra, y).backward()
-        before = [p.detach().clone() for p in model.parameters()]
-        if explicit:
-            with pytest.raises(ValueError, match="foreach=True"):
-                opt.step()
-            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-            continue
-        twin = extra.detach().clone().requires_grad_()
-        twin.grad = extra.grad.clone()
-        added = opt.param_groups[-1]  # (its weight decay moves nothing: the parameter is zero)
-        torch.optim.Adam([twin], lr=torch.tensor(1e-2, dtype=torch.float64), betas=added["betas"],
-                         eps=added["eps"]).step()
-        opt.step()
-        assert added["foreach"] is None
-        assert torch.allclose(extra, twin, rtol=1e-12, atol=0) and bool(extra.ne(0).all())
-        assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before) if p.grad is not None)
+    lr = {"lr": torch.tensor(1e-2, dtype=torch.float64)}
+    model, opt, _, before = _added_group(name, lr, True)
+    _refused_before_any_step(model, opt, before, "lr as a tensor with foreach=True")
+    model, opt, extra, before = _added_group(name, lr, False)
+    twin = extra.detach().clone().requires_grad_()
+    twin.grad = extra.grad.clone()
+    added = opt.param_groups[-1]  # (its weight decay moves nothing: the parameter is zero)
+    torch.optim.Adam([twin], lr=lr["lr"], betas=added["betas"], eps=added["eps"]).step()
+    opt.step()
+    assert added["foreach"] is None
+    assert torch.allclose(extra, twin, rtol=1e-12, atol=0) and bool(extra.ne(0).all())
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before) if p.grad is not None)
 
 
 def test_a_group_added_with_tensor_betas_steps_and_an_explicit_foreach_is_refused_first():
     """As a tensor lr: torch's foreach Adam refuses tensor betas only once it reaches that group,
     after stepping the others."""
-    x, y = data()
-    betas = (torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.999, dtype=torch.float64))
-    for foreach in ({}, {"foreach": True}):
-        model, opt = build("adam", 1e-3)
-        extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
-        opt.add_param_group({"params": [extra], "betas": betas, **foreach})
-        F.cross_entropy(model(x) + extra, y).backward()
-        before = [p.detach().clone() for p in model.parameters()]
-        if foreach:
-            with pytest.raises(ValueError, match="beta1 and beta2 as a tensor with foreach=True"):
-                opt.step()
-            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-        else:
-            opt.step()
-            assert opt.param_groups[-1]["foreach"] is None and bool(extra.ne(0).all())
+    betas = {"betas": (torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.999, dtype=torch.float64))}
+    model, opt, _, before = _added_group("adam", betas, True)
+    _refused_before_any_step(model, opt, before, "beta1 and beta2 as a tensor with foreach=True")
+    _, opt, extra, _ = _added_group("adam", betas, False)
+    opt.step()
+    assert opt.param_groups[-1]["foreach"] is None and bool(extra.ne(0).all())
