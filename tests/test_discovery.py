@@ -1024,6 +1024,21 @@ def _moves_for_some_seed(model, x, name, seeds=range(8)):
     return False
 
 
+def _shift_moves(model, inputs, name) -> bool:
+    """Whether shifting parameter ``name`` changes the train-mode output on ``inputs`` (a tuple:
+    the arguments)."""
+    return _moves_for_some_seed(_Unpacked(model), inputs, f"m.{name}", seeds=[0])
+
+
+class _Unpacked(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, args):
+        return self.m(*args)
+
+
 def _checked(model, x, found):
     """``found``, once ``check_invariance`` (the numerical ground truth, train mode, under three
     draws where the model draws) has confirmed every claim in it."""
@@ -1807,26 +1822,28 @@ class _Experts(nn.Module):
     outputs added to the token, a loop over the experts some token is routed to (as Hugging
     Face's eager experts): scaling an expert moves the tokens it serves."""
 
-    def __init__(self):
+    def __init__(self, transposed=False):
         super().__init__()
         self.w = nn.Parameter(torch.randn(4, 6, 6) / 3)
-        self.head = nn.Linear(6, 2)
+        self.head, self.transposed = nn.Linear(6, 2), transposed
 
     def forward(self, x):
         top = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 3).long()
-        out = x
+        out, w = x, self.w.transpose(1, 2) if self.transposed else self.w
         for e in top.unique().tolist():
             rows = (top == e).nonzero().squeeze(1)
-            out = out.index_add(0, rows, x[rows] @ self.w[e])
+            out = out.index_add(0, rows, x[rows] @ w[e])
         return self.head(out)
 
 
-def test_experts_the_example_routes_no_token_to_are_not_claimed():
-    """A part of the experts' weights that no recorded op read (the example routed no token to
-    experts 2 and 3) held with nothing to check: "channel[2:4]" was claimed (as Qwen3-MoE's eager
-    experts from a one-token example), and scaling them moves every token routed there."""
+@pytest.mark.parametrize("transposed", [False, True])
+def test_experts_the_example_routes_no_token_to_are_not_claimed(transposed):
+    """A part of the experts' weights that no recorded op but views read (the example routed no
+    token to experts 2 and 3; the whole tensor transposed first, or not) held with nothing to
+    check: "channel[2:4]" was claimed (as Qwen3-MoE's eager experts from a one-token example),
+    and scaling them moves every token routed there."""
     torch.manual_seed(0)
-    model = _Experts().double()
+    model = _Experts(transposed).double()
     small = torch.randn(4, 6, dtype=torch.float64).clamp(max=2.0)
     big = torch.randn(16, 6, dtype=torch.float64)
     big[::2, 1] = 4.0
@@ -1877,3 +1894,67 @@ def test_check_invariance_sets_the_eps_hugging_face_norms_keep_in_variance_epsil
     x = torch.randn(8, 6, dtype=torch.float64)
     report = psiopt.check_invariance(model, x, {"0.weight": "tensor"})
     assert not report.failures and report.up_to_eps and model[1].variance_epsilon == 1e-3
+
+
+class _Gated(nn.Module):
+    """A conv times a per-sample gate from a second input, reshaped to its own shape, then a
+    BatchNorm: on a batch of one the reshape looked like InstanceNorm's one-sample view."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.cond, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(5, 4), nn.BatchNorm2d(4)
+
+    def forward(self, x, z):
+        h = self.conv(x) * torch.sigmoid(self.cond(z))[:, :, None, None]
+        return self.bn(h.reshape(h.shape))
+
+
+class _Mixed(nn.Module):
+    """An unbatched sequence mixed over its positions by a parameter on the left, then centred
+    over them: a linear map by a model's tensor on the left contracts positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.mix = nn.Linear(3, 4), nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x):
+        h = self.mix[:x.shape[0], :x.shape[0]] @ self.l(x)
+        return h - h.mean(0, keepdim=True)
+
+
+@pytest.mark.parametrize("model, small, big", [
+    (_Gated, ((1, 3, 6, 6), (1, 5)), ((6, 3, 9, 9), (6, 5))),
+    (_Mixed, ((1, 3),), ((7, 3),)),
+])
+def test_offsets_that_depend_on_the_sample_are_not_passed_for_fixed_ones(model, small, big):
+    """Holes in the check above: a reshape of a batch of one read as InstanceNorm's view (the
+    batch then not counted), and a product by a parameter on the left kept an offset "the same
+    everywhere" though it mixes positions; each bias was claimed "cancelled", false on a larger
+    input (ground truth)."""
+    torch.manual_seed(0)
+    m = model().double()
+    name = "conv.bias" if model is _Gated else "l.bias"
+    small, big = (tuple(torch.randn(*s, dtype=torch.float64) for s in shapes) for shapes in (small, big))
+    assert _shift_moves(m, big, name)
+    assert name not in psiopt.find_scale_invariant(m, small)
+
+
+def test_a_generator_given_as_input_draws_anew_in_each_pass():
+    """A generator among the inputs (``model(x, generator=g)`` skipping a layer at random) was
+    deep-copied with the inputs' containers, so every pass drew the same: discovery no longer saw
+    that the forward takes other ops under other draws, and claimed the conv before the
+    skipped BatchNorm."""
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x, generator):
+            h = self.conv(x)
+            return self.bn(h) if not self.training or torch.rand((), generator=generator) < 0.5 else h
+
+    torch.manual_seed(0)
+    model, x = Skip().double(), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match="other ops under other random"):
+        assert psiopt.find_scale_invariant(model, (x, g)) == {}

@@ -500,15 +500,22 @@ def _traces_of_other_buffers(model: nn.Module, substitute: dict, recorded) -> li
 
 
 def _fresh_containers(example_inputs):
-    """``example_inputs`` with its containers and objects copied, holding the same tensors: a
-    pass that rebinds what they hold (a KV cache appending to itself) changes neither the
-    caller's inputs nor the next pass's, and frees no input tensor (whose ``id``, the key of its
-    perturbed copy, a later tensor could take: a Hugging Face ``DynamicCache`` given as input
-    made discovery multiply mismatched shapes).  As given where it cannot be copied."""
+    """``example_inputs`` with its containers and objects copied, holding the same tensors,
+    random generators and modules (:data:`_SHARED`): a pass that rebinds what they hold (a KV
+    cache appending to itself) neither changes the caller's containers nor the next pass's
+    inputs, and frees no input tensor (whose ``id``, the key of its perturbed copy, a later
+    tensor could take: a Hugging Face ``DynamicCache`` given as input made discovery multiply
+    mismatched shapes).  A generator is not copied, so that each pass draws anew from it.  A
+    tensor written in place (a static cache's) is written as in any forward pass.  As given
+    where it cannot be copied."""
     try:
-        return copy.deepcopy(example_inputs, {id(t): t for t in tensors_in(example_inputs)})
-    except Exception:  # (an object deepcopy cannot copy: a lock, a generator, a C handle)
+        return copy.deepcopy(example_inputs, {id(t): t for t in tensors_in(example_inputs, _SHARED)})
+    except Exception:  # (an object deepcopy cannot copy: a lock, a C handle)
         return example_inputs
+
+
+#: what :func:`_fresh_containers` leaves shared: tensors, random generators, modules
+_SHARED = (Tensor, torch.Generator, random.Random, nn.Module)
 
 
 def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, saved: _Snapshot,
@@ -852,6 +859,10 @@ class InvarianceReport:
         return "\n".join(lines)
 
 
+#: the attributes a normalisation layer keeps its eps in
+EPS_NAMES = ("eps", "variance_epsilon")
+
+
 @contextlib.contextmanager
 def _no_eps(model: nn.Module):
     """Every float ``eps`` attribute of the model's modules (normalisation layers) set to 1e-30
@@ -867,10 +878,6 @@ def _no_eps(model: nn.Module):
     finally:
         for m, k, eps in saved:
             setattr(m, k, eps)
-
-
-#: the attributes a normalisation layer keeps its eps in
-EPS_NAMES = ("eps", "variance_epsilon")
 
 
 def check_invariance(model: nn.Module, example_inputs, groups_or_mapping, *,

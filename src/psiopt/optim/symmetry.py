@@ -431,14 +431,15 @@ def _masks(ops: list[Op]) -> tuple[set[int], set[int]]:
     return masks, random
 
 
-def tensors_in(obj) -> list[Tensor]:
-    """Every tensor in a returned object: containers (dicts, lists, tuples, sets) at any depth,
-    and the attributes of dataclasses, namespaces and other objects up to five objects deep (an
-    object reached again nearer the top is opened again there)."""
+def tensors_in(obj, kinds=Tensor) -> list:
+    """Every tensor (every object of ``kinds``, not opened) in a returned object: containers
+    (dicts, lists, tuples, sets) at any depth, and the attributes of dataclasses, namespaces and
+    other objects up to five objects deep (an object reached again nearer the top is opened again
+    there)."""
     found, nearest, stack = [], {}, [(obj, 0)]
     while stack:
         x, depth = stack.pop()
-        if isinstance(x, Tensor):
+        if isinstance(x, kinds):
             found.append(x)
             continue
         if x is None or isinstance(x, (str, bytes, int, float, bool)) or nearest.get(id(x), 99) <= depth:
@@ -590,8 +591,9 @@ class Propagation:
         #: transformed tensors detached (``detach``, ``.data``): no op may read them (see
         #: :meth:`step`)
         self.untracked: set[int] = set()
-        #: whether an op's output was transformed: a candidate that reaches none (a part of an
-        #: MoE's experts that the example routes no token to) is shown nothing by the pass
+        #: whether an op other than a view or a part made a transformed output: a candidate that
+        #: reaches none (a part of an MoE's experts the example routes no token to, transposed
+        #: first or not) is shown nothing by the pass
         self.reached = False
 
     def get(self, t) -> Value | Broken | None:
@@ -649,6 +651,8 @@ class Propagation:
             self._set(t, v)
             if op.name == "detach" and self.get(t) is not None:
                 self.untracked.add(id(t))
+        if name not in _SHAPE_OPS and name not in _SPLITS and any(self.get(t) is not None for t in op.outs):
+            self.reached = True  # (a view, a transpose or a part of the candidate reads nothing)
         for t in op.outs[len(results):]:
             self._set(t, BROKEN)
         self._written(op)
@@ -660,7 +664,6 @@ class Propagation:
             self.env.pop(id(t), None)
         else:
             self.env[id(t)] = v
-            self.reached = True
 
     def _written(self, op: Op) -> None:
         """An in-place write reaches every other view of the same storage: those views are lost
@@ -881,9 +884,14 @@ def _shape(p: Propagation, op: Op):
             template["value"] = 0
         centres = [_apply(functools.partial(_shaped, _op_name(op.func), template, first, tuple(src.shape), i),
                           p.get(src).bias) for i in range(len(Fs))]
-    fixed = ANY_INPUT if any(isinstance(t, Tensor) for t in tree_flatten(rest)[0]) else \
-        min(_least_fixed(*(p.get(t) for t in srcs if isinstance(p.get(t), Value))), EVERY_SAMPLE)
-    return [Value(F, O, c, fixed=fixed) for F, O, c in zip(Fs, Os, centres)]  # (indices: any input's)
+    fixed = _least_fixed(*(p.get(t) for t in srcs if isinstance(p.get(t), Value)))
+    if any(isinstance(t, Tensor) for t in tree_flatten(rest)[0]):
+        fixed = ANY_INPUT  # indices, read from the input perhaps
+    elif op.name in _SHAPE_OPS:  # a rearrangement may move positions into the batch dimension
+        fixed = fixed if fixed == EVERYWHERE else ANY_INPUT  # (a constant stays one)
+    else:  # a part, a concatenation, a padding: the same for every sample, not everywhere
+        fixed = min(fixed, EVERY_SAMPLE)
+    return [Value(F, O, c, fixed=fixed) for F, O, c in zip(Fs, Os, centres)]
 
 
 def _shaped(name: str, template: dict, first: str, shape: tuple, pos: int, c: Tensor) -> Tensor:
@@ -1053,9 +1061,10 @@ def _product(second: str):
         if Fa is None or Fb is None:
             return [BROKEN]
         F = Fa + Fb if b.dim() > 1 else Fa.squeeze(-1) + Fb.squeeze(-1)
+        mixes = vb.O is not None  # (transformed rows of the right operand are contracted)
         return [Value(F, _matmul_offset(a, va, b, vb, torch.matmul, broadcasts=True),
                       _matmul_centre(a, va, b, vb, torch.matmul, broadcasts=True),
-                      fixed=_fixed_product(p, a, va, b, vb, EVERYWHERE))]  # (positions: not mixed)
+                      fixed=_fixed_product(p, a, va, b, vb, EVERY_SAMPLE if mixes else EVERYWHERE))]
     return rule
 
 
@@ -1310,14 +1319,16 @@ def _batch_norm(p: Propagation, op: Op):
 
 def _instance_view(p: Propagation, x: Tensor) -> bool:
     """Whether ``x``, the input of a batch norm, is ``y.view(1, N·C, …)`` of a ``(N, C, …)`` tensor
-    ``y``: InstanceNorm's (``F.instance_norm`` batch-normalises that view), whose dimension 0 is
-    one entry whatever the batch, not a batch of one."""
+    ``y`` with ``N > 1``: InstanceNorm's shape (``F.instance_norm`` batch-normalises that view),
+    whose dimension 0 is one entry whatever the batch, not a batch of one.  Judged by shapes
+    alone, so only where ``N > 1`` (with ``N = 1`` the view is any reshape of a batch of one:
+    InstanceNorm's is then read as a batch norm of one sample, which claims less)."""
     op = p.trace.producer(x)
     if op is None or op.name not in ("view", "_unsafe_view", "reshape") or x.shape[0] != 1:
         return False
     y = op.args.get("self")
-    return isinstance(y, Tensor) and y.dim() == x.dim() and y.shape[0] * y.shape[1] == x.shape[1] \
-        and y.shape[2:] == x.shape[2:]
+    return isinstance(y, Tensor) and y.dim() == x.dim() and y.shape[0] > 1 and \
+        y.shape[0] * y.shape[1] == x.shape[1] and y.shape[2:] == x.shape[2:]
 
 
 def _channel_centre(v: Value, F: Tensor, dims: list[int], ndim: int) -> Expr | None:
