@@ -701,6 +701,10 @@ def find_scale_invariant(model: nn.Module, example_inputs) -> dict[str, str]:
     ``"cancelled"`` for a bias that the following normalisation removes (its gradient is rounding
     noise: psiopt optimizers never update it).  Parameters absent from the result are not
     scale-invariant.
+
+    The model is traced in eval mode and in the modes it trains in: ``model.train()`` (an
+    override that freezes layers runs), and where the model was in train mode already, the
+    modules the user put in eval mode stay there (a frozen BatchNorm cancels nothing).
     """
     return _discover(model, example_inputs)[0]
 
