@@ -1769,14 +1769,15 @@ def test_offsets_a_one_entry_dimension_hides_are_not_claimed_anywhere(model, nam
 
 def test_claims_a_batch_of_one_can_show_are_kept():
     """An offset that is a shift of parameters stays constant over samples through a linear map
-    and over positions where nothing mixes them: from a batch of one, a LayerNorm's bias before
-    a linear and a BatchNorm (the zoo's LeViT-style tokens), a conv's bias before average
+    and over positions where nothing mixes them: from a batch of one or one token, a LayerNorm
+    before a linear and a BatchNorm (the zoo's LeViT-style tokens), a conv's bias before average
     pooling or an upsampling and a BatchNorm, and, at any batch, an InstanceNorm (whose batch
     norm runs on a one-sample view) after a gated conv keep their claims (confirmed by
     check_invariance on a batch of four)."""
     model, x = zoo.build("tokens: LN → linear → BN (LeViT-style)")
-    found = psiopt.find_scale_invariant(model, x[:1])
-    assert _checked(model, x, found) == psiopt.find_scale_invariant(model, x) and "norm.bias" in found
+    for small in (x[:1], x[:, :1]):  # (a batch of one; one token: a linear map keeps positions)
+        found = psiopt.find_scale_invariant(model, small)
+        assert _checked(model, x, found) == psiopt.find_scale_invariant(model, x) and "norm.weight" in found
     torch.manual_seed(0)
     for resample in (nn.AvgPool2d(2), nn.Upsample(scale_factor=2, mode="bilinear")):
         pooled = nn.Sequential(nn.Conv2d(3, 4, 3), resample, nn.BatchNorm2d(4)).double()

@@ -1220,21 +1220,24 @@ def _fixed_product(p: Propagation, a, va: Value, b, vb: Value, most: int) -> int
     return ANY_INPUT
 
 
-#: the ops a centre may be replayed with (:meth:`Trace.bind`) and still not depend on the
-#: example's shape: entry-wise arithmetic and views that keep every size
-_SHAPE_FREE_OPS = frozenset(f"aten::{n}" for n in (
-    "add", "sub", "mul", "div", "neg", "clone", "alias", "detach", "_to_copy", "lift_fresh",
-    "unsqueeze", "squeeze", "permute", "transpose", "t"))
+#: the ops a centre may be replayed or reshaped with (:meth:`Trace.bind`, :func:`_shaped`) and
+#: still not vary along positions where the example has one: entry-wise arithmetic and
+#: rearrangements (views, transposes, expansions: they move values, and make none that depends
+#: on a position, as a padded convolution or a padding does)
+_SHAPE_FREE_OPS = frozenset(("add", "sub", "mul", "div", "neg", "_to_copy", "lift_fresh")) | _SHAPE_OPS
 
 
 def _shape_free(e: Expr) -> bool:
     """Whether the centre ``e`` is computed without the example's shape: leaves, arithmetic,
-    a bias reshaped to broadcast, and the ops of :data:`_SHAPE_FREE_OPS`."""
+    a bias reshaped to broadcast, a linear map of its last dimension, and the ops of
+    :data:`_SHAPE_FREE_OPS`."""
     if e.fn is None:
         return True
     fn = e.fn.func if isinstance(e.fn, functools.partial) else e.fn
-    if fn is _invoke:
-        ok = e.fn.args[0].rpartition(".")[0] in _SHAPE_FREE_OPS
+    if fn in (_invoke, _shaped):  # a recorded op (its name "aten::view.default")
+        ok = e.fn.args[0].partition("::")[2].rpartition(".")[0] in _SHAPE_FREE_OPS
+    elif fn is _spread_centre:  # a linear map of the centre's last dimension (not a convolution,
+        ok = e.fn.args[0] is torch.matmul and e.fn.args[3] == 0  # nor a contraction of positions)
     else:
         ok = fn in (_reshaped, _scaled, torch.add, torch.sub, torch.mul, torch.div)
     return ok and all(_shape_free(a) for a in e.args)
