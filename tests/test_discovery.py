@@ -1769,15 +1769,14 @@ def test_offsets_a_one_entry_dimension_hides_are_not_claimed_anywhere(model, nam
 
 def test_claims_a_batch_of_one_can_show_are_kept():
     """An offset that is a shift of parameters stays constant over samples through a linear map
-    and over positions where nothing mixes them: from a batch of one or one token, a LayerNorm
-    before a linear and a BatchNorm (the zoo's LeViT-style tokens), a conv's bias before average
+    and over positions where nothing mixes them: from a batch of one, a LayerNorm before a
+    linear and a BatchNorm (the zoo's LeViT-style tokens), a conv's bias before average
     pooling or an upsampling and a BatchNorm, and, at any batch, an InstanceNorm (whose batch
     norm runs on a one-sample view) after a gated conv keep their claims (confirmed by
     check_invariance on a batch of four)."""
     model, x = zoo.build("tokens: LN → linear → BN (LeViT-style)")
-    for small in (x[:1], x[:, :1]):  # (a batch of one; one token: a linear map keeps positions)
-        found = psiopt.find_scale_invariant(model, small)
-        assert _checked(model, x, found) == psiopt.find_scale_invariant(model, x) and "norm.weight" in found
+    found = psiopt.find_scale_invariant(model, x[:1])
+    assert _checked(model, x, found) == psiopt.find_scale_invariant(model, x) and "norm.bias" in found
     torch.manual_seed(0)
     for resample in (nn.AvgPool2d(2), nn.Upsample(scale_factor=2, mode="bilinear")):
         pooled = nn.Sequential(nn.Conv2d(3, 4, 3), resample, nn.BatchNorm2d(4)).double()
@@ -1959,3 +1958,80 @@ def test_a_generator_given_as_input_draws_anew_in_each_pass():
     g = torch.Generator().manual_seed(0)
     with pytest.warns(UserWarning, match="other ops under other random"):
         assert psiopt.find_scale_invariant(model, (x, g)) == {}
+
+
+class _ChannelsToPositions(nn.Module):
+    """A reshape that, on more than one position, moves channels into positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(3, 4, 1), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y.reshape(y.shape[0], -1, 4).transpose(1, 2))
+
+
+class _HeadsInBatch(nn.Module):
+    """A gated conv with its heads folded into the batch dimension and back, then a BatchNorm:
+    on a batch of one, the fold has InstanceNorm's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.cond, self.bn = nn.Conv1d(3, 8, 3, padding=1), nn.Linear(5, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x, z):
+        n, _, length = x.shape
+        h = (self.conv(x) * torch.sigmoid(self.cond(z))[:, :, None]).view(n * 2, 4, length)
+        return self.bn(h.view(n, 8, length))
+
+
+class _BoxResidual(nn.Module):
+    """A map minus its 3×3 box sum (zero-padded): 0 on a 1×1 map, whatever the bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y - F.avg_pool2d(y, 3, 1, 1, divisor_override=1))
+
+
+@pytest.mark.parametrize("model, name, small, big", [
+    (_ChannelsToPositions, "conv.bias", ((4, 3, 1),), ((6, 3, 5),)),
+    (_HeadsInBatch, "conv.bias", ((1, 3, 6), (1, 5)), ((6, 3, 6), (6, 5))),
+    (_BoxResidual, "conv.bias", ((4, 3, 1, 1),), ((4, 3, 5, 5),)),
+])
+def test_offsets_a_one_entry_dimension_hides_behind_shape_ops_and_pooling_are_not_claimed(
+        model, name, small, big):
+    """A shift of the bias kept "the same everywhere" through a reshape that moves channels into
+    positions; heads folded into the batch read as InstanceNorm's view (shapes alone); a box
+    sum of a 1×1 map is the map, so y minus it was 0: each bias was claimed "cancelled", false
+    on a larger input (ground truth)."""
+    torch.manual_seed(0)
+    m = model().double()
+    small, big = (tuple(torch.randn(*s, dtype=torch.float64) for s in shapes) for shapes in (small, big))
+    assert _shift_moves(m, big, name)
+    assert name not in psiopt.find_scale_invariant(m, small if len(small) > 1 else small[0])
+
+
+def test_an_expert_stacked_with_others_and_never_routed_to_is_not_claimed():
+    """Experts as separate parameters, stacked and indexed by the router: the stack counted as
+    an op that read the expert the example routed no token to, which was claimed "channel"."""
+    class Stacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e0, self.e1 = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4, 4))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            w = torch.stack([self.e0, self.e1])[(x[:, 0] > 3).long()]
+            return self.head(x + torch.bmm(x[:, None, :], w).squeeze(1))
+
+    torch.manual_seed(0)
+    model = Stacked().double()
+    big = torch.randn(8, 4, dtype=torch.float64)
+    big[::2, 0] = 4.0
+    assert not zoo.holds(model, big, "e1", "channel")
+    assert "e1" not in psiopt.find_scale_invariant(model, torch.randn(4, 4, dtype=torch.float64).clamp(max=2))

@@ -546,7 +546,14 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, s
                     local[id(t)] = perturbed(t, gen).clone()  # part of the recorded pass
                 seen[id(local[id(t)])] = name
 
+    instance_inputs: list = []  # (the tensors themselves: alive, so their ids stay theirs)
+
+    def on_instance_norm(module, args):
+        instance_inputs.extend(a for a in args[:1] if isinstance(a, Tensor))
+
     handles = [m.register_forward_pre_hook(on_start) for m in model.modules() if m._parameters]
+    handles += [m.register_forward_pre_hook(on_instance_norm) for m in model.modules()
+                if isinstance(m, _InstanceNorm)]
     keep = list(model.buffers()) + list(local.values())
     try:
         with _pristine(model, training, seed, params=saved) as bound:
@@ -563,6 +570,7 @@ def _trace(model: nn.Module, example_inputs, training: bool, substitute: dict, s
     # what a running statistic may follow: the model's own parameters and buffers
     trace.originals = {k: params[name] for k, name in seen.items()}
     trace.originals.update({id(b): b for b in model.buffers()})
+    trace.instance_inputs = {id(t) for t in instance_inputs}
     trace.training = training
     return trace, seen
 

@@ -211,6 +211,8 @@ class _Recorder(TorchDispatchMode):
 #: for :meth:`Trace.split_after`: ops that only move entries, ops that map or combine, ops that split
 _SHAPE_OPS = {"view", "_unsafe_view", "reshape", "t", "transpose", "permute", "expand", "unsqueeze",
               "squeeze", "clone", "alias", "detach", "flatten", "unflatten", "contiguous"}
+#: shape ops that move no dimension: a dimension added or dropped, a copy, a broadcast
+_IN_PLACE_OF_DIMS = frozenset(("unsqueeze", "squeeze", "clone", "alias", "detach", "contiguous", "expand"))
 _MIXING = {"addmm", "mm", "bmm", "baddbmm", "matmul", "linear", "convolution", "_convolution", "add",
            "mul", "sub", "div"}
 #: products (see Propagation.step): the arguments each multiplies (not the term addmm/baddbmm
@@ -247,6 +249,8 @@ class Trace:
     stats_read: set[int] = field(default_factory=set)
     training: bool = True  # recorded in train mode
     _producers: dict | None = field(default=None, repr=False)
+    #: ids of the tensors ``nn.InstanceNorm`` modules were called on (see :func:`_instance_view`)
+    instance_inputs: set[int] = field(default_factory=set)
     _input_free: dict = field(default_factory=dict, repr=False)
 
     def input_free(self, t: Tensor) -> bool:
@@ -591,9 +595,10 @@ class Propagation:
         #: transformed tensors detached (``detach``, ``.data``): no op may read them (see
         #: :meth:`step`)
         self.untracked: set[int] = set()
-        #: whether an op other than a view or a part made a transformed output: a candidate that
-        #: reaches none (a part of an MoE's experts the example routes no token to, transposed
-        #: first or not) is shown nothing by the pass
+        #: whether an op other than a shape op (a view, a part, a stack, an index) made a
+        #: transformed output: a candidate that reaches none (a part of an MoE's experts the
+        #: example routes no token to, transposed or stacked first or not) is shown nothing
+        #: by the pass
         self.reached = False
 
     def get(self, t) -> Value | Broken | None:
@@ -651,8 +656,8 @@ class Propagation:
             self._set(t, v)
             if op.name == "detach" and self.get(t) is not None:
                 self.untracked.add(id(t))
-        if name not in _SHAPE_OPS and name not in _SPLITS and any(self.get(t) is not None for t in op.outs):
-            self.reached = True  # (a view, a transpose or a part of the candidate reads nothing)
+        if rule not in (_shape, _passthrough) and any(self.get(t) is not None for t in op.outs):
+            self.reached = True  # (a view, a copy, a part, a stack or an index reads nothing)
         for t in op.outs[len(results):]:
             self._set(t, BROKEN)
         self._written(op)
@@ -887,10 +892,10 @@ def _shape(p: Propagation, op: Op):
     fixed = _least_fixed(*(p.get(t) for t in srcs if isinstance(p.get(t), Value)))
     if any(isinstance(t, Tensor) for t in tree_flatten(rest)[0]):
         fixed = ANY_INPUT  # indices, read from the input perhaps
-    elif op.name in _SHAPE_OPS:  # a rearrangement may move positions into the batch dimension
-        fixed = fixed if fixed == EVERYWHERE else ANY_INPUT  # (a constant stays one)
-    else:  # a part, a concatenation, a padding: the same for every sample, not everywhere
-        fixed = min(fixed, EVERY_SAMPLE)
+    elif op.name in _IN_PLACE_OF_DIMS:  # (a dimension added or dropped, a copy, a broadcast)
+        pass
+    else:  # a rearrangement may move channels into positions (not a shift of parameters into
+        fixed = min(fixed, EVERY_SAMPLE)  # one that depends on the sample); a part, a padding
     return [Value(F, O, c, fixed=fixed) for F, O, c in zip(Fs, Os, centres)]
 
 
@@ -1061,10 +1066,9 @@ def _product(second: str):
         if Fa is None or Fb is None:
             return [BROKEN]
         F = Fa + Fb if b.dim() > 1 else Fa.squeeze(-1) + Fb.squeeze(-1)
-        mixes = vb.O is not None  # (transformed rows of the right operand are contracted)
         return [Value(F, _matmul_offset(a, va, b, vb, torch.matmul, broadcasts=True),
                       _matmul_centre(a, va, b, vb, torch.matmul, broadcasts=True),
-                      fixed=_fixed_product(p, a, va, b, vb, EVERY_SAMPLE if mixes else EVERYWHERE))]
+                      fixed=_fixed_product(p, a, va, b, vb, EVERY_SAMPLE))]  # (it may contract positions)
     return rule
 
 
@@ -1221,23 +1225,22 @@ def _fixed_product(p: Propagation, a, va: Value, b, vb: Value, most: int) -> int
 
 
 #: the ops a centre may be replayed or reshaped with (:meth:`Trace.bind`, :func:`_shaped`) and
-#: still not vary along positions where the example has one: entry-wise arithmetic and
-#: rearrangements (views, transposes, expansions: they move values, and make none that depends
-#: on a position, as a padded convolution or a padding does)
-_SHAPE_FREE_OPS = frozenset(("add", "sub", "mul", "div", "neg", "_to_copy", "lift_fresh")) | _SHAPE_OPS
+#: still not vary along positions where the example has one: entry-wise arithmetic, transposes
+#: and :data:`_IN_PLACE_OF_DIMS` (not a view or reshape to sizes read from the example, which
+#: can move channels into positions; not a padded convolution or a padding)
+_SHAPE_FREE_OPS = frozenset(("add", "sub", "mul", "div", "neg", "_to_copy", "lift_fresh", "permute",
+                             "transpose", "t")) | _IN_PLACE_OF_DIMS
 
 
 def _shape_free(e: Expr) -> bool:
     """Whether the centre ``e`` is computed without the example's shape: leaves, arithmetic,
-    a bias reshaped to broadcast, a linear map of its last dimension, and the ops of
-    :data:`_SHAPE_FREE_OPS`."""
+    a bias reshaped to broadcast, and the ops of :data:`_SHAPE_FREE_OPS` (not a linear map:
+    the dimension it contracts may be positions)."""
     if e.fn is None:
         return True
     fn = e.fn.func if isinstance(e.fn, functools.partial) else e.fn
     if fn in (_invoke, _shaped):  # a recorded op (its name "aten::view.default")
         ok = e.fn.args[0].partition("::")[2].rpartition(".")[0] in _SHAPE_FREE_OPS
-    elif fn is _spread_centre:  # a linear map of the centre's last dimension (not a convolution,
-        ok = e.fn.args[0] is torch.matmul and e.fn.args[3] == 0  # nor a contraction of positions)
     else:
         ok = fn in (_reshaped, _scaled, torch.add, torch.sub, torch.mul, torch.div)
     return ok and all(_shape_free(a) for a in e.args)
@@ -1321,17 +1324,19 @@ def _batch_norm(p: Propagation, op: Op):
 
 
 def _instance_view(p: Propagation, x: Tensor) -> bool:
-    """Whether ``x``, the input of a batch norm, is ``y.view(1, N·C, …)`` of a ``(N, C, …)`` tensor
-    ``y`` with ``N > 1``: InstanceNorm's shape (``F.instance_norm`` batch-normalises that view),
-    whose dimension 0 is one entry whatever the batch, not a batch of one.  Judged by shapes
-    alone, so only where ``N > 1`` (with ``N = 1`` the view is any reshape of a batch of one:
-    InstanceNorm's is then read as a batch norm of one sample, which claims less)."""
+    """Whether ``x``, the input of a batch norm, is InstanceNorm's ``y.view(1, N·C, …)`` of the
+    input ``y`` of an ``nn.InstanceNorm`` module (:attr:`Trace.instance_inputs`; its copy where
+    it was not contiguous): dimension 0 is then one entry whatever the batch, not a batch of one.
+    (``F.instance_norm`` called directly is read as a batch norm of one sample, which claims
+    less; shapes alone do not tell it from heads folded into the batch.)"""
     op = p.trace.producer(x)
     if op is None or op.name not in ("view", "_unsafe_view", "reshape") or x.shape[0] != 1:
         return False
     y = op.args.get("self")
-    return isinstance(y, Tensor) and y.dim() == x.dim() and y.shape[0] > 1 and \
-        y.shape[0] * y.shape[1] == x.shape[1] and y.shape[2:] == x.shape[2:]
+    made = p.trace.producer(y) if isinstance(y, Tensor) else None
+    if made is not None and made.name in ("clone", "contiguous"):
+        y = next(iter(made.args.values()))
+    return isinstance(y, Tensor) and id(y) in p.trace.instance_inputs
 
 
 def _channel_centre(v: Value, F: Tensor, dims: list[int], ndim: int) -> Expr | None:
@@ -1411,6 +1416,10 @@ def _pool_linear(p: Propagation, op: Op):
     F = _const(v.F, _spatial(op, x))
     if F is None or op.writes:
         return [BROKEN] * len(op.outs)
+    if v.O is not None and any(x.shape[d] == 1 for d in _spatial(op, x)) and (
+            "pool" in op.name or not _offset_fixed(p, v, False)):
+        return [BROKEN] * len(op.outs)  # (a window over a 1×1 map is the map: y − pool(y) is 0,
+        # and on a larger one a padded window's borders see fewer entries)
     O = None if v.O is None else op.call({next(iter(op.args)): v.O.expand(x.shape)})
     return [Value(F, O, fixed=min(v.fixed, EVERY_SAMPLE))]  # (padding, borders: positions mixed)
 
