@@ -1030,6 +1030,16 @@ def _shift_moves(model, inputs, name) -> bool:
     return _moves_for_some_seed(_Unpacked(model), inputs, f"m.{name}", seeds=[0])
 
 
+def _shifted_bias_moves_and_is_not_claimed(model, name, small, big):
+    """``model()``'s parameter ``name`` shifted moves the output on inputs of the ``big`` shapes
+    (ground truth), and discovery from inputs of the ``small`` shapes does not claim it."""
+    torch.manual_seed(0)
+    m = model().double()
+    small, big = (tuple(torch.randn(*s, dtype=torch.float64) for s in shapes) for shapes in (small, big))
+    assert _shift_moves(m, big, name)
+    assert name not in psiopt.find_scale_invariant(m, small if len(small) > 1 else small[0])
+
+
 class _Unpacked(nn.Module):
     def __init__(self, m):
         super().__init__()
@@ -1931,12 +1941,7 @@ def test_offsets_that_depend_on_the_sample_are_not_passed_for_fixed_ones(model, 
     batch then not counted), and a product by a parameter on the left kept an offset "the same
     everywhere" though it mixes positions; each bias was claimed "cancelled", false on a larger
     input (ground truth)."""
-    torch.manual_seed(0)
-    m = model().double()
-    name = "conv.bias" if model is _Gated else "l.bias"
-    small, big = (tuple(torch.randn(*s, dtype=torch.float64) for s in shapes) for shapes in (small, big))
-    assert _shift_moves(m, big, name)
-    assert name not in psiopt.find_scale_invariant(m, small)
+    _shifted_bias_moves_and_is_not_claimed(model, "conv.bias" if model is _Gated else "l.bias", small, big)
 
 
 def test_a_generator_given_as_input_draws_anew_in_each_pass():
@@ -2009,11 +2014,7 @@ def test_offsets_a_one_entry_dimension_hides_behind_shape_ops_and_pooling_are_no
     positions; heads folded into the batch read as InstanceNorm's view (shapes alone); a box
     sum of a 1×1 map is the map, so y minus it was 0: each bias was claimed "cancelled", false
     on a larger input (ground truth)."""
-    torch.manual_seed(0)
-    m = model().double()
-    small, big = (tuple(torch.randn(*s, dtype=torch.float64) for s in shapes) for shapes in (small, big))
-    assert _shift_moves(m, big, name)
-    assert name not in psiopt.find_scale_invariant(m, small if len(small) > 1 else small[0])
+    _shifted_bias_moves_and_is_not_claimed(model, name, small, big)
 
 
 def test_an_expert_stacked_with_others_and_never_routed_to_is_not_claimed():

@@ -892,10 +892,8 @@ def _shape(p: Propagation, op: Op):
     fixed = _least_fixed(*(p.get(t) for t in srcs if isinstance(p.get(t), Value)))
     if any(isinstance(t, Tensor) for t in tree_flatten(rest)[0]):
         fixed = ANY_INPUT  # indices, read from the input perhaps
-    elif op.name in _IN_PLACE_OF_DIMS:  # (a dimension added or dropped, a copy, a broadcast)
-        pass
-    else:  # a rearrangement may move channels into positions (not a shift of parameters into
-        fixed = min(fixed, EVERY_SAMPLE)  # one that depends on the sample); a part, a padding
+    elif op.name not in _IN_PLACE_OF_DIMS:  # a rearrangement may move channels into positions,
+        fixed = min(fixed, EVERY_SAMPLE)  # a part or a padding make them differ (not per sample)
     return [Value(F, O, c, fixed=fixed) for F, O, c in zip(Fs, Os, centres)]
 
 
@@ -929,7 +927,7 @@ def _reduce(p: Propagation, op: Op):
         return [BROKEN]
     O = None
     if v.O is not None:
-        if any(x.shape[d] == 1 for d in dims) and not _offset_fixed(p, v, False):
+        if _hidden_offset(p, v, x, dims):
             return [BROKEN]  # (x − x.mean(0) is 0 on a batch of one, whatever the offset)
         O = op.func.overloadpacket(v.O.expand(x.shape), dims, keep)
     return [Value(_squeeze(F, dims, keep), O, stat=v.even and O is None, fixed=v.fixed)]
@@ -1202,6 +1200,13 @@ def _offset_fixed(p: Propagation, v: Value, samples_only: bool) -> bool:
     return bound is not None and (samples_only or _shape_free(bound))
 
 
+def _hidden_offset(p: Propagation, v: Value, x: Tensor, dims) -> bool:
+    """Whether ``v`` has an offset that a reduction of ``x`` over ``dims`` cannot be shown to
+    treat alike on any input: the example has one entry along one of them, and the offset is
+    not the same everywhere (:func:`_offset_fixed`)."""
+    return v.O is not None and any(x.shape[d] == 1 for d in dims) and not _offset_fixed(p, v, False)
+
+
 def _untouched_model_tensor(p: Propagation, t) -> bool:
     """Whether ``t`` is not transformed and computed from the model's tensors alone (a
     parameter, a buffer, ``weight.t()``: :meth:`Trace.input_free`)."""
@@ -1416,8 +1421,8 @@ def _pool_linear(p: Propagation, op: Op):
     F = _const(v.F, _spatial(op, x))
     if F is None or op.writes:
         return [BROKEN] * len(op.outs)
-    if v.O is not None and any(x.shape[d] == 1 for d in _spatial(op, x)) and (
-            "pool" in op.name or not _offset_fixed(p, v, False)):
+    if "pool" in op.name and v.O is not None and any(x.shape[d] == 1 for d in _spatial(op, x)) \
+            or _hidden_offset(p, v, x, _spatial(op, x)):
         return [BROKEN] * len(op.outs)  # (a window over a 1×1 map is the map: y − pool(y) is 0,
         # and on a larger one a padded window's borders see fewer entries)
     O = None if v.O is None else op.call({next(iter(op.args)): v.O.expand(x.shape)})
