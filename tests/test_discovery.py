@@ -2036,3 +2036,126 @@ def test_an_expert_stacked_with_others_and_never_routed_to_is_not_claimed():
     big[::2, 0] = 4.0
     assert not zoo.holds(model, big, "e1", "channel")
     assert "e1" not in psiopt.find_scale_invariant(model, torch.randn(4, 4, dtype=torch.float64).clamp(max=2))
+
+
+def _pad_same(x, k=2, s=2):
+    """TF's (timm's ``pad_same``) "same" padding: its amount is computed from the input's size
+    (0 on an 8×8 map, 1 row and column on a 9×9 one)."""
+    ih, iw = x.shape[-2:]
+    ph = max((-(-ih // s) - 1) * s + k - ih, 0)
+    pw = max((-(-iw // s) - 1) * s + k - iw, 0)
+    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+
+class _SamePadded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.down = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 2, 2, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.down(_pad_same(self.c1(x))))
+
+
+class _UNetSkip(nn.Module):
+    """The upsampled map zero-padded to the skip's size (by nothing at even sizes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.up = nn.Conv2d(3, 4, 2, 2), nn.ConvTranspose2d(4, 4, 2, 2)
+        self.skip, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        s, u = self.skip(x), self.up(torch.relu(self.down(x)))
+        dy, dx = s.shape[2] - u.shape[2], s.shape[3] - u.shape[3]
+        return self.bn(torch.cat([s, F.pad(u, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])], 1))
+
+
+class _GatedOverTokens(nn.Module):
+    """Tokens centred over the sequence (0 on one token), then a bilinear unit: a1(h) * a2(h)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.a1, self.a2 = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 8, bias=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h - h.mean(1, keepdim=True)
+        return self.head((h + self.a1(h) * self.a2(h))[:, 0])
+
+
+class _Upsampled(nn.Module):
+    """A BatchNorm after nearest upsampling, then centred over positions: from a 1×1 map the
+    2×2 map holds one value repeated."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        h = self.bn(F.interpolate(self.c(x), scale_factor=2, mode="nearest"))
+        return (h - h.mean((2, 3), keepdim=True)).pow(2).mean((2, 3))
+
+
+class _MixedToLongest(nn.Module):
+    """Tokens padded to the longest length, mixed by a linear map over positions, cut back to
+    the input's length: the rows past it are computed, then dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mix, self.head = nn.Linear(5, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = x.shape[1]
+        h = self.mix(F.pad(self.inp(x), [0, 0, 0, 8 - t]).transpose(1, 2)).transpose(1, 2)[:, :t]
+        return self.head(F.gelu(h).mean(1))
+
+
+@pytest.mark.parametrize("model, name, grouping, small, big", [
+    (_SamePadded, "c1.bias", "cancelled", (4, 3, 8, 8), (4, 3, 9, 9)),
+    (_SamePadded, "c1.weight", "tensor", (4, 3, 8, 8), (4, 3, 9, 9)),
+    (_UNetSkip, "up.bias", "cancelled", (4, 3, 8, 8), (4, 3, 9, 9)),
+    (_GatedOverTokens, "a1.bias", "cancelled", (2, 1, 5), (2, 4, 5)),
+    (_Upsampled, "bn.weight", "cancelled", (4, 3, 1, 1), (4, 3, 4, 4)),
+    (_MixedToLongest, "mix.bias", "cancelled[4:8]", (4, 4, 5), (4, 6, 5)),
+    (_MixedToLongest, "mix.weight", "channel[4:8]", (4, 4, 5), (4, 6, 5)),
+])
+def test_what_the_example_cannot_show_is_not_claimed(model, name, grouping, small, big):
+    """Each claim held on the example and was made; another input shows it false (ground
+    truth): a zero padding of nothing whose amount depends on the input's size; an offset
+    times a product that is 0 on one token; an offset centred over a map that repeats one
+    value; rows a projection computes and a slice to the example's length drops."""
+    torch.manual_seed(0)
+    m = model().double()
+    small, big = torch.randn(small, dtype=torch.float64), torch.randn(big, dtype=torch.float64)
+    assert zoo.holds(m, small, name, grouping)  # the example shows nothing wrong
+    assert not zoo.holds(m, big, name, grouping)
+    assert name not in psiopt.find_scale_invariant(m, small)
+
+
+class _TextConv(nn.Module):
+    def __init__(self, gain):
+        super().__init__()
+        self.emb, self.bn = nn.Embedding(50, 8), nn.BatchNorm1d(8)
+        self.g = nn.Parameter(torch.randn(8)) if gain else None
+
+    def forward(self, ids):
+        h = self.emb(ids) if self.g is None else self.emb(ids) * self.g
+        return self.bn(h.transpose(1, 2))
+
+
+@pytest.mark.parametrize("gain", [False, True])
+def test_token_ids_that_all_read_one_row_show_nothing_about_other_rows(gain):
+    """Token ids of zeros (a common placeholder) read one embedding row everywhere: per-row
+    factors (``emb.weight`` "channel"), and offsets made from that row (``g`` "cancelled"),
+    looked constant to the BatchNorm and were claimed; on random ids they are false (ground
+    truth).  What is claimed from zeros holds on random ids, and varied ids keep true claims."""
+    torch.manual_seed(0)
+    m = _TextConv(gain).double()
+    zeros, ids = torch.zeros(4, 12, dtype=torch.long), torch.randint(0, 50, (4, 12))
+    for name, grouping in [("emb.weight", "channel")] + [("g", "cancelled")] * gain:
+        assert not zoo.holds(m, ids, name, grouping)
+    assert all(zoo.holds(m, ids, n, g) for n, g in psiopt.find_scale_invariant(m, zeros).items())
+    varied = psiopt.find_scale_invariant(m, ids)
+    assert "emb.weight" in varied and all(zoo.holds(m, ids, n, g) for n, g in varied.items())

@@ -644,8 +644,8 @@ def _holds(traces, ids: list[int], p: Tensor, grouping: str, stats_of: dict) -> 
             env = prop.run(min(trace.first[k] for k in mine), {k: value for k in mine})
         except Failed:
             return None
-        if env.keys() - set(mine) or not prop.reached:  # a transformed output, buffer or other
-            return None  # parameter; or no op saw the transformation (rows the pass never read)
+        if env.keys() - set(mine) or not prop.removed:  # a transformed output, buffer or other
+            return None  # parameter; or no op removed it (rows the pass never read, or dropped)
         counted: dict[int, int] = {}
         for mean, F, centre in prop.links:
             counted[id(mean)] = counted.get(id(mean), 0) + 1

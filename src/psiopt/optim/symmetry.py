@@ -595,11 +595,12 @@ class Propagation:
         #: transformed tensors detached (``detach``, ``.data``): no op may read them (see
         #: :meth:`step`)
         self.untracked: set[int] = set()
-        #: whether an op other than a shape op (a view, a part, a stack, an index) made a
-        #: transformed output: a candidate that reaches none (a part of an MoE's experts the
-        #: example routes no token to, transposed or stacked first or not) is shown nothing
-        #: by the pass
-        self.reached = False
+        #: whether an op other than a shape op (a view, a part, a stack, an index) read a
+        #: transformed tensor and made an untransformed floating output (a normalisation, a
+        #: softmax, a difference that cancels): a candidate that none removes (a part of an
+        #: MoE's experts the example routes no token to; rows a projection computes that a slice
+        #: to the example's length drops) is shown nothing by the pass
+        self.removed = False
 
     def get(self, t) -> Value | Broken | None:
         return self.env.get(id(t)) if isinstance(t, Tensor) else None
@@ -656,10 +657,11 @@ class Propagation:
             self._set(t, v)
             if op.name == "detach" and self.get(t) is not None:
                 self.untracked.add(id(t))
-        if rule not in (_shape, _passthrough) and any(self.get(t) is not None for t in op.outs):
-            self.reached = True  # (a view, a copy, a part, a stack or an index reads nothing)
         for t in op.outs[len(results):]:
             self._set(t, BROKEN)
+        if rule not in (None, _shape, _passthrough) and any(
+                t.is_floating_point() and self.get(t) is None for t in op.outs):
+            self.removed = True  # (a view, a copy, a part, a stack or an index removes nothing)
         self._written(op)
 
     def _set(self, t: Tensor, v) -> None:
@@ -751,6 +753,13 @@ def _mul(a, va: Value, b, vb: Value) -> Value | Broken:
     return BROKEN
 
 
+def _example_zeros(p: Propagation, t) -> bool:
+    """Whether ``t`` is an untransformed tensor computed from the input that holds only zeros
+    (a model's own zeros are read through perturbed copies; an input's may be the example's)."""
+    return isinstance(t, Tensor) and t.numel() > 0 and p.get(t) is None and \
+        not p.trace.input_free(t) and not bool(t.any())
+
+
 def _structurally_zero(trace: Trace, centre: Expr | None) -> bool:
     """Is ``centre`` zero whatever the model's tensors are (``b − b``, not a buffer that happens
     to hold zeros now)?  Bound to the model's tensors (:meth:`Trace.bind`) and evaluated twice
@@ -795,6 +804,10 @@ def _binary(p: Propagation, op: Op, x, y, kind: str):
             # an offset times a mask: the mask is the example's (all ones without padding: the
             # offset looked constant, and was not once a sequence was padded; a drop-path draw
             # that kept every sample, and not the next one)
+            return [BROKEN]
+        if any(v.O is not None and _example_zeros(p, t) for v, t in ((va, b), (vb, a))):
+            # an offset times a tensor of the example that is 0 everywhere (h − h.mean(1) over
+            # one token, then a linear map without bias): the offset vanished here only
             return [BROKEN]
         r = _mul(a, va, b, vb)
         if a is b and isinstance(r, Value):
@@ -859,6 +872,13 @@ def _shape(p: Propagation, op: Op):
            for t in tree_flatten(rest)[0] if isinstance(t, Tensor)) or \
             any(name != first for name in op.writes) or _in_place(op):
         return [BROKEN] * len(op.outs)  # transformed or random indices or fill values, out=
+    if op.name == "constant_pad_nd" and not any(op.args["pad"]) and \
+            any(isinstance(p.get(t), Value) and p.get(t).O is not None for t in srcs):
+        # a padding of nothing: its amount is computed from the input's size (TF's "same"
+        # padding, a U-Net's skip), and an offset would meet zeros on another input
+        return [BROKEN] * len(op.outs)
+    if _degenerate_indices(rest) and any(isinstance(p.get(t), Value) for t in srcs):
+        return [BROKEN] * len(op.outs)
 
     def full(t, part):
         if not isinstance(t, Tensor):
@@ -946,7 +966,7 @@ def _spread(p: Propagation, op: Op, power: float, centred: bool):
     F = _const(v.F, dims)
     if F is None:
         return [BROKEN]
-    if _single(x, dims) or v.O is not None and (not centred or not _cancelled(p, v, x.shape, dims, dims)):
+    if _single(x, dims) or v.O is not None and (not centred or not _cancelled(p, v, x, dims, dims)):
         return [BROKEN]  # (over one element: a norm of positions from a one-token example)
     return [Value(_squeeze(F, dims, keep) * power, stat=True)]
 
@@ -1155,8 +1175,13 @@ def _affine(p: Propagation, xhat, ndim: int, weight, bias, shape) -> Value | Non
         vw = p.get(weight)
         if isinstance(vw, Value):
             vw = p.value(weight)
-            r = Value(_aligned(vw.F.expand(weight.shape).reshape(shape), ndim),
-                      None if vw.O is None else vw.O.expand(weight.shape).reshape(shape) * xhat())
+            O = None
+            if vw.O is not None:
+                xh = xhat()
+                if not bool(xh.any()):
+                    return BROKEN  # a gain's shift times x̂ = 0: the example's input is constant
+                O = vw.O.expand(weight.shape).reshape(shape) * xh
+            r = Value(_aligned(vw.F.expand(weight.shape).reshape(shape), ndim), O)
     if bias is not None and r is not None:  # a rescaled gain: the bias is an offset
         unscaled = {"b": lambda: _d(bias).reshape(shape)}
         exprs = {"b": _apply(functools.partial(_reshaped, tuple(shape)), _leaf(bias))}
@@ -1171,18 +1196,19 @@ def _affine(p: Propagation, xhat, ndim: int, weight, bias, shape) -> Value | Non
     return r
 
 
-def _cancelled(p: Propagation, v: Value, shape, dims, unseen=(), samples=()) -> bool:
-    """Whether ``v``'s factor and offset are constant along ``dims`` (of a tensor of ``shape``).
+def _cancelled(p: Propagation, v: Value, x: Tensor, dims, unseen=(), samples=()) -> bool:
+    """Whether ``v``'s factor and offset are constant along ``dims`` (of the example's ``x``).
     ``unseen``: the dimensions among them whose size is the input's, not the model's (a batch,
-    positions): where the example has one entry there, it shows nothing, and the offset must
-    be the same for any input (:func:`_offset_fixed`; ``samples``: those that are the batch)."""
+    positions): where the example has one entry there, or one value repeated
+    (:func:`_uniform`), it shows nothing, and the offset must be the same for any input
+    (:func:`_offset_fixed`; ``samples``: those that are the batch)."""
     if _const(v.F, dims) is None:
         return False
     if v.O is None:
         return True
     if _const_offset(v.O, dims) is None:
         return False
-    ones = [d for d in unseen if shape[d] == 1]
+    ones = [d for d in unseen if _uniform(x, d)]
     return not ones or _offset_fixed(p, v, all(d in samples for d in ones))
 
 
@@ -1202,9 +1228,17 @@ def _offset_fixed(p: Propagation, v: Value, samples_only: bool) -> bool:
 
 def _hidden_offset(p: Propagation, v: Value, x: Tensor, dims) -> bool:
     """Whether ``v`` has an offset that a reduction of ``x`` over ``dims`` cannot be shown to
-    treat alike on any input: the example has one entry along one of them, and the offset is
-    not the same everywhere (:func:`_offset_fixed`)."""
-    return v.O is not None and any(x.shape[d] == 1 for d in dims) and not _offset_fixed(p, v, False)
+    treat alike on any input: the example has one entry along one of them (or one value
+    repeated, :func:`_uniform`), and the offset is not the same everywhere
+    (:func:`_offset_fixed`)."""
+    return v.O is not None and any(_uniform(x, d) for d in dims) and not _offset_fixed(p, v, False)
+
+
+def _uniform(x: Tensor, d: int) -> bool:
+    """Whether the example's ``x`` shows one value along dimension ``d``: one entry, or one
+    repeated (a 1×1 map upsampled, a batch of one sample repeated), where anything computed
+    from it looks constant there."""
+    return x.shape[d] == 1 or bool((x == x.narrow(d, 0, 1)).all())
 
 
 def _untouched_model_tensor(p: Propagation, t) -> bool:
@@ -1251,11 +1285,11 @@ def _shape_free(e: Expr) -> bool:
     return ok and all(_shape_free(a) for a in e.args)
 
 
-def _normalised_away(p: Propagation, v: Value, shape, dims, reduced: int, eps, unseen=()) -> bool:
+def _normalised_away(p: Propagation, v: Value, x: Tensor, dims, reduced: int, eps, unseen=()) -> bool:
     """Whether a normalisation over ``dims`` (``reduced`` elements each) removes ``v``'s factor
     and offset: both constant there (:func:`_cancelled`), over more than one element
     (:func:`_single`), with an ``eps`` that is not large (:func:`_large`)."""
-    return _cancelled(p, v, shape, dims, unseen) and reduced > 1 and not _large(eps)
+    return _cancelled(p, v, x, dims, unseen) and reduced > 1 and not _large(eps)
 
 
 def _layer_norm(p: Propagation, op: Op):
@@ -1263,7 +1297,7 @@ def _layer_norm(p: Propagation, op: Op):
     dims = list(range(x.dim() - len(shape), x.dim()))
     touched = isinstance(p.get(x), Value)
     eps = op.args["eps"]
-    if touched and not _normalised_away(p, p.value(x), x.shape, dims, math.prod(x.shape[d] for d in dims),
+    if touched and not _normalised_away(p, p.value(x), x, dims, math.prod(x.shape[d] for d in dims),
                                         eps, unseen=dims):  # (normalized_shape may be the input's)
         return [BROKEN]
     xhat = lambda: torch.nn.functional.layer_norm(_d(x), shape, eps=eps)  # noqa: E731
@@ -1300,7 +1334,7 @@ def _batch_norm(p: Propagation, op: Op):
     if touched:
         v = p.value(x)
         folded = _instance_view(p, x)  # (InstanceNorm: the batch folded into the channels)
-        if not _cancelled(p, v, x.shape, dims, unseen=dims[1:] if folded else dims,
+        if not _cancelled(p, v, x, dims, unseen=dims[1:] if folded else dims,
                           samples=() if folded else (0,)) or _large(eps):
             return [BROKEN]
         if p.trace.training and not training:
@@ -1379,7 +1413,7 @@ def _group_norm(p: Propagation, op: Op):
         def blocks(t):
             return t.expand(x.shape).reshape(n, G, c // G, -1)
         b = Value(blocks(v.F), None if v.O is None else blocks(v.O), v.bias, fixed=v.fixed)
-        if not _normalised_away(p, b, (n, G, c // G, x.numel() // (n * c)), [2, 3],
+        if not _normalised_away(p, b, x.reshape(n, G, c // G, -1), [2, 3],
                                 x.numel() // (n * G), op.args["eps"], unseen=[3]):
             return [BROKEN]
     shape = (-1,) + (1,) * (x.dim() - 2)
@@ -1477,9 +1511,18 @@ def _in_place(op: Op) -> bool:
     return op.name.endswith("_") and not op.name.startswith("_")
 
 
+def _degenerate_indices(args) -> bool:
+    """Whether ``args`` hold an integer index tensor of several entries that all read the same
+    row (token ids of zeros, a common placeholder): every position then reads one row's factor
+    and offset, which look constant to a later normalisation over positions; another input
+    reads different rows."""
+    return any(isinstance(t, Tensor) and not t.is_floating_point() and t.dtype != torch.bool
+               and t.numel() > 1 and bool((t == t.flatten()[0]).all()) for t in tree_flatten(args)[0])
+
+
 def _embedding(p: Propagation, op: Op):
     w, idx = op.args["weight"], op.args["indices"]
-    if isinstance(p.get(idx), Value) or id(idx) in p.trace.random:
+    if isinstance(p.get(idx), Value) or id(idx) in p.trace.random or _degenerate_indices([idx]):
         return [BROKEN]
     v = p.value(w)
     F = torch.nn.functional.embedding(idx, v.F.expand(w.shape))
