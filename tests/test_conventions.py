@@ -401,7 +401,8 @@ def test_settings_a_scheduler_writes_are_checked_at_each_step():
 
 @pytest.mark.parametrize("cls", PSIOPT_CLASSES, ids=lambda c: c.__name__)
 def test_torch_settings_the_rules_do_not_implement_are_refused(cls):
-    """A group that asks for torch.optim's maximize (or Nesterov, dampening, AMSGrad...) is
+    """A group that asks for torch.optim's maximize (or Nesterov, dampening, AMSGrad, Adam's
+    decoupled weight decay (was: accepted, and stepped as coupled L2)...) is
     refused, in either kind of group and when written after construction, not stepped as a plain
     minimisation; the value torch.optim's state dicts hold (False, 0) is accepted."""
     model = bn_net()
@@ -410,7 +411,7 @@ def test_torch_settings_the_rules_do_not_implement_are_refused(cls):
     F.cross_entropy(model(x), y).backward()
     before = [p.detach().clone() for p in model.parameters()]
     for key, value in [("maximize", True), ("nesterov", True), ("dampening", 0.5),
-                       ("amsgrad", True), ("differentiable", True)]:
+                       ("amsgrad", True), ("differentiable", True), ("decoupled_weight_decay", True)]:
         for i in range(2):  # the invariant group, then the ordinary one
             with pytest.raises(ValueError, match=f"does not implement torch.optim's {key}"):
                 cls([{**g, key: value} if j == i else dict(g) for j, g in enumerate(groups)])

@@ -188,6 +188,32 @@ def test_half_precision_tangent_norm_survives_a_nearly_radial_gradient(name, dty
     torch.testing.assert_close(half.double().view(-1), ref.view(-1), rtol=0.05, atol=0)
 
 
+@pytest.mark.parametrize("name", sorted(set(psiopt.list_optimizers()) - {"sgd", "adam", "adamw"}))
+def test_float16_rows_whose_norm_grows_past_256_stay_finite_on_the_reference_path(name):
+    """A float16 tensor of norm 16 (accepted: ‖w‖² is in float16's range) that a step moves to
+    norm 320 (‖w‖² ≈ 1e5 > 65504): PSI-SGD's reference path took ‖w‖² in float16 (inf, then
+    NaN weights; also the path a group mixing dtypes takes by default); SGD-MRT (which keeps the
+    norm, and accepts rows of any norm) from norm 320, its transport's inner products.  Both
+    paths stay finite and agree to float16's precision."""
+    gen = torch.Generator().manual_seed(0)
+    w0 = torch.randn(16, 16, generator=gen, dtype=torch.float64) * (20 if name == "sgdmrt" else 1)
+    hs = [torch.randn(16, 16, generator=gen, dtype=torch.float64) for _ in range(3)]
+    extra = {"eps": 1e-4} if name in ADAM_TYPE else {}
+    ends = []
+    for foreach in (False, True):
+        w = nn.Parameter(w0.half())
+        opt = psiopt.create_optimizer([{"params": [w], "grouping": "tensor"}], name, foreach=foreach,
+                                      **extra)
+        for h in hs:  # the gradient of a scale-invariant loss: orthogonal to w, 20/‖w‖ long
+            x = w.detach().double()
+            u, h = x / x.norm(), h * (20 / h.norm())
+            w.grad = ((h - (h * u).sum() * u) / x.norm()).half()
+            opt.step()
+        assert torch.isfinite(w).all(), foreach
+        ends.append(w.detach().double())
+    torch.testing.assert_close(ends[0], ends[1], rtol=0.02, atol=0.02 * float(ends[1].abs().max()))
+
+
 @pytest.mark.parametrize("foreach", [None, False], ids=["vectorized", "reference"])
 def test_psi_norm_state_made_mid_run_is_in_the_parameter_dtype(foreach):
     """PSI-SGD with ``fixed_norm`` switched on mid-run takes each row's norm then; the state is in

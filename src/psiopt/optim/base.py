@@ -259,7 +259,7 @@ def own_tensor_settings(groups: list[dict]) -> None:
 #: torch.optim settings that psiopt's rules (and their ordinary counterparts) do not implement: a
 #: group that sets one (not False/0) is refused, never stepped as if it were unset.  (Not
 #: ``capturable``: psiopt decides it, and torch.compile writes ``True`` into the groups it traces.)
-TORCH_ONLY = ("maximize", "nesterov", "dampening", "amsgrad", "differentiable")
+TORCH_ONLY = ("maximize", "nesterov", "dampening", "amsgrad", "differentiable", "decoupled_weight_decay")
 
 
 def check_torch_only(group: dict, owner: str) -> None:

@@ -222,10 +222,12 @@ def add_orthogonality_residual(g: Tensor, y: Tensor, alpha: float) -> Tensor:
 
 
 def rescale_transport(a: Tensor, x_old: Tensor, x_new: Tensor) -> Tensor:
-    """Roburin eq. (18): ``(<x_new, x_old> a − <x_new, a> x_old) / <x_new, x_new>`` (new tensor)."""
-    out = a * dot(x_new, x_old)
-    out.addcmul_(x_old, dot(x_new, a), value=-1.0)
-    return out.mul_(safe_inv(sqnorm(x_new)))
+    """Roburin eq. (18): ``(<x_new, x_old> a − <x_new, a> x_old) / <x_new, x_new>`` (new tensor;
+    the inner products in :func:`accumulate_dtype`: ‖x‖² leaves float16's range past 256)."""
+    wide = x_new.to(accumulate_dtype(x_new.dtype))
+    out = a * dot(wide, x_old)
+    out.addcmul_(x_old, dot(wide, a), value=-1.0)
+    return out.mul_(safe_inv(sqnorm(wide)))
 
 
 class RowLayout:

@@ -6,7 +6,7 @@ import torch
 
 from . import kernels
 from .base import ScaleInvariantOptimizer, momentum_buffer, new_step, readable, step_count
-from .geometry import is_invariant, norm, safe_inv
+from .geometry import accumulate_dtype, is_invariant, norm, safe_inv
 
 
 class PSISGD(ScaleInvariantOptimizer):
@@ -170,9 +170,9 @@ class PSISGD(ScaleInvariantOptimizer):
         self._steps(group, [state], [w])
         if not group["fixed_norm"]:
             step_count([state])
-        n = norm(w)
+        n = norm(w, accumulate_dtype(w.dtype))  # (‖w‖² leaves float16's range past 256)
         if group["fixed_norm"]:
-            state.setdefault("norm", n.clone())
+            state.setdefault("norm", n.to(w.dtype, copy=True))  # (as the vectorized path keeps it)
         s, follow = self._factor(group, n, [state], state.get("norm"))
         coef = n.square().mul_(-lr)
         if s is not None:
