@@ -710,3 +710,26 @@ def test_a_malformed_cifar_batch_is_named(tmp_path, capsys, broken, words):
                                                           b"labels": [0, 1, 2, 3]}))
     one_line(capsys, train_on("cifar10", tmp_path), *words)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("grouping", ["tensor", "channel"])
+@pytest.mark.parametrize("path", [{"foreach": False}, {}, {"fused": True}], ids=["reference", "default", "fused"])
+@pytest.mark.parametrize("name", psiopt.list_optimizers())
+def test_an_empty_parameter_in_a_group_changes_nothing(name, path, grouping):
+    """A (0, 4) parameter (a layer with no output) beside a (6, 4) one: the step is that of the
+    group without it (Adam-S and Adam-SRT divided by its group size, 0, and raised
+    ZeroDivisionError; torch's Adam steps it)."""
+    if path.get("fused") and not getattr(psiopt.REGISTRY[name].cls, "fused_rule", False):
+        pytest.skip("no fused kernel")
+    gen = torch.Generator().manual_seed(0)
+    w0, gs = torch.randn(6, 4, generator=gen), [torch.randn(6, 4, generator=gen) for _ in range(2)]
+    ends = []
+    for empty in (False, True):
+        w, e = nn.Parameter(w0.clone()), nn.Parameter(torch.zeros(0, 4))
+        opt = psiopt.create_optimizer([{"params": [w, e] if empty else [w], "grouping": grouping}], name,
+                                      **path)
+        for g in gs:
+            w.grad, e.grad = g.clone(), torch.zeros(0, 4)
+            opt.step()
+        ends.append(w.detach())
+    torch.testing.assert_close(ends[1], ends[0], rtol=1e-6, atol=1e-7)

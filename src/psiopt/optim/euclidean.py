@@ -170,7 +170,7 @@ class AdamS(ScaleInvariantOptimizer):
         if group["weight_decay"]:
             g = g.add(w, alpha=group["weight_decay"])
         m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).add_(sqnorm(g, v.dtype), alpha=(1 - beta2) / group_size(w))
+        v.mul_(beta2).add_(sqnorm(g, v.dtype), alpha=(1 - beta2) / max(group_size(w), 1))  # (an empty tensor: no entry)
         lr_hat, v_hat = self._hyper(group, step_value(state["step"]))
         coef = -lr_hat / (v.sqrt() * v_hat + group["eps"])
         old = w.clone() if self._transport else None
@@ -189,7 +189,7 @@ class AdamS(ScaleInvariantOptimizer):
         torch._foreach_lerp_(ms, gs, 1 - beta1)
         pairs = [(gs, gs)] + ([(ws, ws), (ws, ms), (ms, ms)] if self._transport else [])
         g2, *sums = layout.sums(pairs)
-        layout.scale_per_tensor_(g2, [(1 - beta2) / d for d in layout.group_sizes])
+        layout.scale_per_tensor_(g2, [(1 - beta2) / max(d, 1) for d in layout.group_sizes])
         v = layout.gather(vs).mul_(beta2).add_(g2)
         hyper = [self._hyper(group, step_value(s)) for s in steps]
         denom = layout.scale_per_tensor_(v.sqrt(), [vh for _, vh in hyper]).add_(group["eps"])
