@@ -569,3 +569,15 @@ def test_summary_says_when_the_bn_recomputed_figure_covers_only_some_seeds():
     assert "85.00 ± 7.07 (BN recomputed: 95.00, 1 of 2 seeds)" in partial
     whole = summary_table({"sgd": [(config, [record(0.80, 0.85)]), (config, [record(0.90, 0.95)])]})
     assert "85.00 ± 7.07 (BN recomputed: 90.00)" in whole
+
+
+def test_a_setting_a_rule_cannot_honour_is_refused_before_any_run_trains(tmp_path, capsys):
+    """``compare --optimizers sgd,un-sgd --momentum 0.9``: UN-SGD's invariant groups take no
+    momentum.  Refused in one line before anything runs (sgd trained and wrote its run first)."""
+    out = tmp_path / "cmp"
+    assert main(["compare", "--dataset", "synthetic", "--model", "mlp-bn", "--epochs", "1",
+                 "--subset", "64", "--optimizers", "sgd,un-sgd", "--momentum", "0.9",
+                 "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "un-sgd: invalid momentum for an invariant group" in err[0], err
+    assert not out.exists() or not any(out.rglob("*"))

@@ -713,7 +713,8 @@ def test_a_malformed_cifar_batch_is_named(tmp_path, capsys, broken, words):
 
 
 @pytest.mark.parametrize("grouping", ["tensor", "channel"])
-@pytest.mark.parametrize("path", [{"foreach": False}, {}, {"fused": True}], ids=["reference", "default", "fused"])
+@pytest.mark.parametrize("path", [{"foreach": False}, {}, {"fused": True}],
+                         ids=["reference", "default", "fused"])
 @pytest.mark.parametrize("name", psiopt.list_optimizers())
 def test_an_empty_parameter_in_a_group_changes_nothing(name, path, grouping):
     """A (0, 4) parameter (a layer with no output) beside a (6, 4) one: the step is that of the

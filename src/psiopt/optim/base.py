@@ -660,24 +660,28 @@ class ScaleInvariantOptimizer(GroupHandling, Optimizer):
         if is_invariant(group["grouping"]):  # (not a cancelled part: an ordinary group)
             self._check_rule(group)
 
-    def _check_rule(self, group: dict) -> None:
-        """Raise ``ValueError`` if an invariant group sets what the rule cannot honour."""
-        if group.get("fused") and is_invariant(group["grouping"]):
-            self._check_fused(group)
-        for key in self.invariant_zero:
+    @classmethod
+    def _check_rule(cls, group: dict) -> None:
+        """Raise ``ValueError`` if an invariant group sets what the rule cannot honour (a class
+        method: :func:`psiopt.optim.registry.settings` checks a run's settings with it, before
+        anything is built; a group without ``params`` skips the checks of ``fused=True``)."""
+        if group.get("fused") and is_invariant(group["grouping"]) and "params" in group:
+            cls._check_fused(group)
+        for key in cls.invariant_zero:
             if group.get(key):
                 raise ValueError(
-                    f"invalid {key} for an invariant group of {type(self).__name__}: "
+                    f"invalid {key} for an invariant group of {cls.__name__}: "
                     f"{group[key]!r} (it has no meaning there; use 0, or set it for the other "
                     f"parameters only with other_{key})")
 
-    def _check_fused(self, group: dict) -> None:
+    @classmethod
+    def _check_fused(cls, group: dict) -> None:
         """``fused=True``: refused with ``foreach`` set, for a rule without a kernel, or for tensors
         the kernels do not take (``ValueError``); ``RuntimeError`` if they cannot be built."""
         if group["foreach"] is not None:
             raise ValueError(f"fused=True and foreach={group['foreach']!r} cannot be set together")
-        if not self.fused_rule:
-            raise ValueError(f"fused=True: {type(self).__name__} has no fused kernel")
+        if not cls.fused_rule:
+            raise ValueError(f"fused=True: {cls.__name__} has no fused kernel")
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else params
         for p in params:

@@ -170,7 +170,8 @@ class AdamS(ScaleInvariantOptimizer):
         if group["weight_decay"]:
             g = g.add(w, alpha=group["weight_decay"])
         m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).add_(sqnorm(g, v.dtype), alpha=(1 - beta2) / max(group_size(w), 1))  # (an empty tensor: no entry)
+        d = max(group_size(w), 1)  # (an empty tensor: no entry)
+        v.mul_(beta2).add_(sqnorm(g, v.dtype), alpha=(1 - beta2) / d)
         lr_hat, v_hat = self._hyper(group, step_value(state["step"]))
         coef = -lr_hat / (v.sqrt() * v_hat + group["eps"])
         old = w.clone() if self._transport else None

@@ -79,7 +79,8 @@ class PSISGD(ScaleInvariantOptimizer):
     #: the overflow guard's settings where they are left unset (literal mode only)
     MAX_NORM, GUARD_EVERY = 1e4, 16
 
-    def _check_rule(self, group):
+    @classmethod
+    def _check_rule(cls, group):
         super()._check_rule(group)
         if group["fixed_norm"]:
             unused = [k for k in ("max_norm", "guard_every") if group.get(k) is not None]

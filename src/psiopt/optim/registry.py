@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base import REST_KEYS, check_hyper
+from .base import REST_KEYS, ScaleInvariantOptimizer, check_hyper
 from .baselines import BSGD, SGD, Adam, AdamW
 from .discovery import param_groups
 from .euclidean import SGDMRT, AdamS, AdamSRT, ProjectedSGD
@@ -111,6 +111,11 @@ def settings(name: str, **hyper) -> tuple[dict, dict]:
         raise ValueError(f"{name}: unknown hyperparameter(s) {unknown}; valid: {sorted(signature)}")
     for key, value in [*invariant.items(), *other.items()]:
         check_hyper(key, value)
+    if issubclass(spec.cls, ScaleInvariantOptimizer):
+        try:  # what the rule cannot honour, before anything is built (fused=True: when built)
+            spec.cls._check_rule({**invariant, "grouping": "channel"})
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     return invariant, other
 
 

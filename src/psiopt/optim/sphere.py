@@ -186,7 +186,8 @@ class AdamGStar(_SphereOptimizer):
                                       grouping=grouping, check_finite=check_finite,
                                       foreach=foreach, fused=fused))
 
-    def _check_rule(self, group):
+    @classmethod
+    def _check_rule(cls, group):
         super()._check_rule(group)
         lr = group["lr"]  # (a tensor on a device, or traced: checked when the group was added)
         if readable(lr) and lr * group["weight_decay"] >= 1.0:
