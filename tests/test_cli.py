@@ -581,3 +581,19 @@ def test_a_setting_a_rule_cannot_honour_is_refused_before_any_run_trains(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "un-sgd: invalid momentum for an invariant group" in err[0], err
     assert not out.exists() or not any(out.rglob("*"))
+
+
+@pytest.mark.parametrize("flags", [["--optimizers", "sgd"], ["--invariant-weight-decay", "0.001"],
+                                   ["--set", "fixed_norm=true"]])
+def test_a_flag_a_recipe_variant_sets_otherwise_is_refused(tmp_path, capsys, flags):
+    """yi-table2's variants set their optimizers, Yi's L2 and fixed_norm=false: a flag the user
+    gives for one of them was replaced by the variant's, while the recipe printed "your flags
+    kept" (the psi arm ran psi-sgd and psi-sgdm with L2 5e-4); refused in one line, nothing
+    written."""
+    out = tmp_path / "rt2"
+    assert main(["compare", "--recipe", "yi-table2", "--dataset", "synthetic", "--model", "mlp-bn",
+                 "--epochs", "1", "--subset", "64", "--seeds", "1", *flags, "--out", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "which your " + flags[0] + " would replace" in err[0], err
+    assert not out.exists()

@@ -313,6 +313,20 @@ def _apply_recipe(args) -> tuple[dict, dict | None]:
     return recipe["variants"], select
 
 
+def _check_variants(args, variants: dict, given: set[str]) -> None:
+    """Refuse a flag the user gave that a recipe's variant sets otherwise: the variant would
+    replace it (a recipe fills in only the flags you did not give, and a variant is defined by
+    its own)."""
+    for variant, flags in variants.items():
+        for key, value in flags.items():
+            if key in given and getattr(args, key) != value:
+                flag = "--" + key.replace("_", "-")
+                raise UsageError(f"recipe {args.recipe}: its variant {variant!r} runs with {flag} "
+                                 f"{value if not isinstance(value, list) else ' '.join(value)}, "
+                                 f"which your {flag} would replace; drop the flag, or run compare "
+                                 "without --recipe")
+
+
 #: what a study recipe takes from the command line (``--device``/``--amp``/``--channels-last``
 #: only as their defaults, refused with their own message)
 STUDY_FLAGS = ("command", "recipe", "budget", "dataset", "model", "subset", "data_dir", "out",
@@ -357,7 +371,9 @@ def torch_threads(n: int) -> None:
 def cmd_compare(args) -> None:
     if args.recipe and "study" in RECIPES.get(args.recipe, {}):
         return cmd_study(args)
+    given = {k for k, v in vars(args).items() if v is not None}  # (before the recipe fills in)
     variants, select = _apply_recipe(args) if args.recipe else ({}, None)
+    _check_variants(args, variants, given)
     _fill_defaults(args)
     if not 1 <= args.seeds <= MAX_SEED + 1:
         raise UsageError(f"invalid --seeds: {args.seeds} (seeds 0..N-1: N must lie in "
