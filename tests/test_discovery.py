@@ -2159,3 +2159,113 @@ def test_token_ids_that_all_read_one_row_show_nothing_about_other_rows(gain):
     assert all(zoo.holds(m, ids, n, g) for n, g in psiopt.find_scale_invariant(m, zeros).items())
     varied = psiopt.find_scale_invariant(m, ids)
     assert "emb.weight" in varied and all(zoo.holds(m, ids, n, g) for n, g in varied.items())
+
+
+class _WindowPadded(nn.Module):
+    """Padding to a window's multiple by a concatenated zero block or a zero buffer written
+    over (by nothing on an 8×8 map, by zeros on 7×9)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.c, self.bn = how, nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        h = self.c(x)
+        b, c, hh, ww = h.shape
+        ph, pw = (-hh) % 4, (-ww) % 4
+        if self.how == "cat":
+            h = torch.cat([h, h.new_zeros(b, c, hh, pw)], 3)
+            return self.bn(torch.cat([h, h.new_zeros(b, c, ph, ww + pw)], 2))
+        buf = h.new_zeros(b, c, hh + ph, ww + pw)
+        buf[:, :, :hh, :ww] = h
+        return self.bn(buf)
+
+
+class _PyramidTop(nn.Module):
+    """An FPN's top level, 1×1 on an 8×8 image, upsampled and added under a gain before an
+    InstanceNorm: the sum varies, the top level repeats one value."""
+
+    def __init__(self):
+        super().__init__()
+        self.down4, self.down5 = nn.Conv2d(3, 8, 4, stride=4), nn.Conv2d(8, 8, 2, stride=2)
+        self.lat, self.gamma = nn.Conv2d(8, 8, 1), nn.Parameter(torch.rand(8) + 0.5)
+        self.norm = nn.InstanceNorm2d(8, affine=True)
+
+    def forward(self, x):
+        c4 = torch.relu(self.down4(x))
+        up = F.interpolate(self.down5(c4), size=c4.shape[-2:], mode="nearest")
+        return self.norm(self.lat(c4) + self.gamma[:, None, None] * up)
+
+
+class _ThroughBmm(_GatedOverTokens):
+    """_GatedOverTokens' product taken by bmm: (a bᵀ) h."""
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h - h.mean(1, keepdim=True)
+        return self.head((h + torch.bmm(torch.bmm(self.a1(h), self.a2(h).transpose(1, 2)), h))[:, 0])
+
+
+@pytest.mark.parametrize("model, name, grouping, small, big", [
+    (lambda: _WindowPadded("cat"), "c.bias", "cancelled", (2, 3, 8, 8), (2, 3, 7, 9)),
+    (lambda: _WindowPadded("buffer"), "c.bias", "cancelled", (2, 3, 8, 8), (2, 3, 7, 9)),
+    (lambda: _WindowPadded("buffer"), "c.weight", "channel", (2, 3, 8, 8), (2, 3, 7, 9)),
+    (_PyramidTop, "gamma", "cancelled", (2, 3, 8, 8), (2, 3, 16, 16)),
+    (_PyramidTop, "lat.weight", "channel", (2, 3, 8, 8), (2, 3, 16, 16)),
+    (_ThroughBmm, "a1.bias", "cancelled", (2, 1, 5), (2, 4, 5)),
+])
+def test_what_degenerate_example_data_cannot_show_is_not_claimed(model, name, grouping, small, big):
+    """As above, through other ops: a padding by an empty block or a buffer written whole; an
+    offset made of a summand that repeats one value (an upsampled 1×1 level), and one times
+    an input-made zero through bmm."""
+    test_what_the_example_cannot_show_is_not_claimed(model, name, grouping, small, big)
+
+
+class _Conditioned(nn.Module):
+    """A class embedding under a gain, added to a conv's map before a BatchNorm; labels of
+    zeros read one row for every sample."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.c = how, nn.Conv2d(3, 8, 3, padding=1)
+        self.table, self.g, self.bn = nn.Parameter(torch.randn(10, 8)), nn.Parameter(torch.rand(8) + 0.5), \
+            nn.BatchNorm2d(8)
+        self.register_buffer("x", torch.randn(4, 3, 6, 6))
+
+    def forward(self, y):
+        e = F.one_hot(y, 10).to(self.table.dtype) @ self.table if self.how == "one_hot" \
+            else self.table.index_select(0, y)
+        return self.bn(self.c(self.x) + (self.g * e)[:, :, None, None])
+
+
+@pytest.mark.parametrize("how", ["one_hot", "index_select"])
+def test_rows_that_labels_of_zeros_read_under_a_gain_are_not_claimed(how):
+    """The table is not the candidate: the gain's shift times the one row every sample reads
+    looked constant over the batch ("g" was claimed "cancelled"); labels 0-3 show it false."""
+    torch.manual_seed(0)
+    m = _Conditioned(how).double()
+    zeros, labels = torch.zeros(4, dtype=torch.long), torch.arange(4)
+    assert not zoo.holds(m, labels, "g", "cancelled")
+    assert all(zoo.holds(m, labels, n, g) for n, g in psiopt.find_scale_invariant(m, zeros).items())
+
+
+def test_a_rescaling_of_a_whole_tensor_read_through_one_repeated_index_is_kept():
+    """Pooling on the last real token: without padding every length is the same, one index
+    repeated.  A tensor rescaled as a whole reads the same through any index, so ``lin``'s
+    "tensor" claim stands (it was lost with the first guard against repeated indices)."""
+    class LastToken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lin, self.norm = nn.Embedding(20, 8), nn.Linear(8, 8, bias=False), nn.LayerNorm(8)
+
+        def forward(self, ids):
+            h = self.lin(self.emb(ids))
+            return self.norm(h[torch.arange(ids.shape[0]), (ids != 0).sum(1) - 1])
+
+    torch.manual_seed(0)
+    m = LastToken().double()
+    found = psiopt.find_scale_invariant(m, torch.randint(1, 20, (3, 6)))
+    padded = torch.randint(1, 20, (3, 6))
+    padded[0, 4:] = 0
+    assert found.get("lin.weight") == "tensor"
+    assert all(zoo.holds(m, padded, n, g) for n, g in found.items())

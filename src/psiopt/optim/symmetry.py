@@ -701,9 +701,11 @@ class Propagation:
 
 # -- rules -------------------------------------------------------------------------------------
 
-def _add(a, va: Value, b, vb: Value, alpha: float = 1.0, concrete=None, exprs=None) -> Value | None:
+def _add(a, va: Value, b, vb: Value, alpha: float = 1.0, concrete=None, exprs=None,
+         p: Propagation | None = None) -> Value | None:
     """``a + alpha·b`` (``concrete``: callables giving a, b as float64 when an offset needs them;
-    ``exprs``: :class:`Expr` of a, b where they are not the tensors themselves)."""
+    ``exprs``: :class:`Expr` of a, b where they are not the tensors themselves; ``p``: the
+    propagation, to refuse degenerate example data, :func:`_degenerate_data`)."""
     fa, fb = _zero(va.F), _zero(vb.F)
     exprs = exprs or {}
     get_a = (concrete or {}).get("a", lambda: _d(a))
@@ -719,11 +721,15 @@ def _add(a, va: Value, b, vb: Value, alpha: float = 1.0, concrete=None, exprs=No
         F = torch.broadcast_tensors(va.F, vb.F)[0]
         return Value(F, _add_offsets(va.O, Ob), fixed=fixed)
     if fb:  # b unscaled: (s a + Oa) + α(b + Ob) = s(a + αb) + Oa + αOb + (1 − s)αb
+        if p is not None and _degenerate_data(p, b):
+            return BROKEN  # (its offset (1 − s)αb would look constant where b repeats a value)
         rest = (1 - _factor(va.F)) * (alpha * get_b())
         centre = _apply(functools.partial(_scaled, alpha), exprs.get("b", _leaf(b))) \
             if alpha in (1, -1) else None  # (another alpha: a number, see _times)
         return Value(va.F, _add_offsets(va.O, Ob, rest), _centre(va, vb, centre))
     if fa:
+        if p is not None and _degenerate_data(p, a):
+            return BROKEN
         rest = (1 - _factor(vb.F)) * get_a()
         return Value(vb.F, _add_offsets(va.O, Ob, rest), _centre(vb, va, exprs.get("a", _leaf(a))))
     return BROKEN
@@ -753,11 +759,18 @@ def _mul(a, va: Value, b, vb: Value) -> Value | Broken:
     return BROKEN
 
 
-def _example_zeros(p: Propagation, t) -> bool:
-    """Whether ``t`` is an untransformed tensor computed from the input that holds only zeros
-    (a model's own zeros are read through perturbed copies; an input's may be the example's)."""
-    return isinstance(t, Tensor) and t.numel() > 0 and p.get(t) is None and \
-        not p.trace.input_free(t) and not bool(t.any())
+def _degenerate_data(p: Propagation, t) -> bool:
+    """Whether ``t`` is an untransformed float tensor computed from the input whose example
+    values are degenerate: all zeros, or one value repeated along a dimension of several
+    entries (not a broadcast: a 1×1 map upsampled, the rows one index picks for every sample).
+    An offset that meets it (times it, or as what a rescaled tensor is added to) may vanish or
+    look constant there only on this example (a model's own tensors are read through
+    perturbed copies instead)."""
+    if not isinstance(t, Tensor) or not t.is_floating_point() or t.numel() == 0 or \
+            p.get(t) is not None or p.trace.input_free(t):
+        return False
+    return not bool(t.any()) or any(
+        t.shape[d] > 1 and t.stride(d) != 0 and _uniform(t, d) for d in range(t.dim()))
 
 
 def _structurally_zero(trace: Trace, centre: Expr | None) -> bool:
@@ -794,7 +807,7 @@ def _binary(p: Propagation, op: Op, x, y, kind: str):
     va, vb = p.value(a), p.value(b)
     if kind in ("add", "sub", "rsub"):
         alpha = op.args.get("alpha", 1) * (1 if kind == "add" else -1)
-        r = _add(b, vb, a, va, alpha) if kind == "rsub" else _add(a, va, b, vb, alpha)
+        r = _add(b, vb, a, va, alpha, p=p) if kind == "rsub" else _add(a, va, b, vb, alpha, p=p)
         if isinstance(r, Value) and r.O is not None and not bool(r.O.any()) and \
                 _structurally_zero(p.trace, r.bias):
             r = Value(r.F)  # z − b after z = W x + b: the offset cancels whatever b is
@@ -805,9 +818,9 @@ def _binary(p: Propagation, op: Op, x, y, kind: str):
             # offset looked constant, and was not once a sequence was padded; a drop-path draw
             # that kept every sample, and not the next one)
             return [BROKEN]
-        if any(v.O is not None and _example_zeros(p, t) for v, t in ((va, b), (vb, a))):
-            # an offset times a tensor of the example that is 0 everywhere (h − h.mean(1) over
-            # one token, then a linear map without bias): the offset vanished here only
+        if any(v.O is not None and _degenerate_data(p, t) for v, t in ((va, b), (vb, a))):
+            # an offset times degenerate example data (0 everywhere: h − h.mean(1) over one
+            # token, then a linear map without bias; or one value repeated along positions)
             return [BROKEN]
         r = _mul(a, va, b, vb)
         if a is b and isinstance(r, Value):
@@ -877,7 +890,10 @@ def _shape(p: Propagation, op: Op):
         # a padding of nothing: its amount is computed from the input's size (TF's "same"
         # padding, a U-Net's skip), and an offset would meet zeros on another input
         return [BROKEN] * len(op.outs)
-    if _degenerate_indices(rest) and any(isinstance(p.get(t), Value) for t in srcs):
+    if op.name == "cat" and any(isinstance(t, Tensor) and t.numel() == 0 for t in srcs) and \
+            any(isinstance(p.get(t), Value) and p.get(t).O is not None for t in srcs):
+        return [BROKEN] * len(op.outs)  # a padding by an empty piece (as by nothing, above)
+    if _degenerate_indices(rest) and any(_varies(p.get(t)) for t in srcs):
         return [BROKEN] * len(op.outs)
 
     def full(t, part):
@@ -1081,8 +1097,9 @@ def _product(second: str):
         a, b = op.args["self"], op.args[second]
         va, vb = p.value(a), p.value(b)
         Fa, Fb = _const(va.F, [a.dim() - 1]), _const(vb.F, [max(b.dim() - 2, 0)])
-        if Fa is None or Fb is None:
-            return [BROKEN]
+        if Fa is None or Fb is None or (va.O is not None and _degenerate_data(p, b)) or \
+                (vb.O is not None and _degenerate_data(p, a)):
+            return [BROKEN]  # (an offset times degenerate example data: see _binary)
         F = Fa + Fb if b.dim() > 1 else Fa.squeeze(-1) + Fb.squeeze(-1)
         return [Value(F, _matmul_offset(a, va, b, vb, torch.matmul, broadcasts=True),
                       _matmul_centre(a, va, b, vb, torch.matmul, broadcasts=True),
@@ -1178,8 +1195,9 @@ def _affine(p: Propagation, xhat, ndim: int, weight, bias, shape) -> Value | Non
             O = None
             if vw.O is not None:
                 xh = xhat()
-                if not bool(xh.any()):
-                    return BROKEN  # a gain's shift times x̂ = 0: the example's input is constant
+                if not bool(xh.any()) or any(xh.shape[d] > 1 and _uniform(xh, d) for d in range(xh.dim())):
+                    return BROKEN  # a gain's shift times x̂ = 0, or x̂ repeating one value: the
+                    #                example's input is constant or repeats along a dimension
                 O = vw.O.expand(weight.shape).reshape(shape) * xh
             r = Value(_aligned(vw.F.expand(weight.shape).reshape(shape), ndim), O)
     if bias is not None and r is not None:  # a rescaled gain: the bias is an offset
@@ -1499,10 +1517,22 @@ def _weight_norm(p: Propagation, op: Op):
     return [Value(_aligned(vg.F, v.dim()), O), BROKEN]
 
 
+#: ops that make a tensor filled with one value (a padding buffer)
+_FILLED = frozenset(("zeros", "new_zeros", "zeros_like", "full", "new_full", "full_like", "ones",
+                     "new_ones", "ones_like"))
+
+
 def _copy(p: Propagation, op: Op):
-    """``dst.copy_(src)``: ``dst`` takes ``src``'s value (not into an integer tensor)."""
+    """``dst.copy_(src)``: ``dst`` takes ``src``'s value (not into an integer tensor).  Not an
+    offset copied over the whole of a filled buffer: ``buf = h.new_zeros(…, H + ph, W + pw);
+    buf[:, :, :H, :W] = h`` pads to a window's multiple, by nothing on the example (the
+    whole buffer written), by zeros on other sizes."""
     v = p.get(op.args["src"])
     if v is not None and not op.args["self"].is_floating_point():
+        return [BROKEN]
+    dst = op.args["self"]
+    if isinstance(v, Value) and v.O is not None and any(
+            o is dst and made.name in _FILLED for made in p.ops for o in made.outs):
         return [BROKEN]
     return [v]
 
@@ -1520,9 +1550,16 @@ def _degenerate_indices(args) -> bool:
                and t.numel() > 1 and bool((t == t.flatten()[0]).all()) for t in tree_flatten(args)[0])
 
 
+def _varies(v) -> bool:
+    """Whether ``v`` (a :class:`Value`) may differ from row to row: an offset, or factor labels
+    that are not all one (a tensor rescaled as a whole reads the same through any index)."""
+    return isinstance(v, Value) and (v.O is not None or not bool((v.F == v.F.flatten()[0]).all()))
+
+
 def _embedding(p: Propagation, op: Op):
     w, idx = op.args["weight"], op.args["indices"]
-    if isinstance(p.get(idx), Value) or id(idx) in p.trace.random or _degenerate_indices([idx]):
+    if isinstance(p.get(idx), Value) or id(idx) in p.trace.random or \
+            (_degenerate_indices([idx]) and _varies(p.get(w))):
         return [BROKEN]
     v = p.value(w)
     F = torch.nn.functional.embedding(idx, v.F.expand(w.shape))
