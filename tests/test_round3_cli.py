@@ -82,6 +82,23 @@ def test_the_report_names_each_runs_own_settings(tmp_path):
     assert "tensor" not in other and "eps" not in other
 
 
+def test_runs_of_one_optimizer_with_other_hyperparameters_are_rows_of_their_own(tmp_path):
+    """Two ``train`` runs of sgd into one directory, one with ``--lr 2 --set nesterov=true``:
+    the summary averaged them as two seeds of one row and listed the first's settings only;
+    nesterov=True, set, was never listed.  Each is a row, named by what differs."""
+    assert main(["train", *QUICK, "--optimizer", "sgd", "--lr", "0.1", "--out", str(tmp_path / "a")]) == 0
+    assert main(["train", *QUICK, "--optimizer", "sgd", "--lr", "2", "--set", "nesterov=true",
+                 "--out", str(tmp_path / "b")]) == 0
+    assert main(["report", str(tmp_path)]) == 0
+    summary = (tmp_path / "summary.md").read_text()
+    rows = [line for line in summary.splitlines() if line.startswith("| sgd")]
+    assert len(rows) == 4, summary  # a results row and a settings row each
+    assert sum(line.startswith("| sgd (lr=2, nesterov=True) |") for line in rows) == 2
+    assert sum(line.startswith("| sgd (lr=0.1, nesterov=—) |") for line in rows) == 2
+    settings = summary.split("## Settings")[1]
+    assert "nesterov=True" in next(line for line in settings.splitlines() if "lr=2" in line)
+
+
 # -- item 9: the samples that were used --------------------------------------------------------------
 def test_a_subset_larger_than_the_set_is_recorded_as_what_ran(tmp_path):
     full = load_dataset("synthetic")

@@ -12,8 +12,8 @@ from .train import RunError, read_metrics, read_run_config
 
 #: hyperparameters shown in the settings table (the others are listed when set)
 _SHOWN = ("lr", "momentum", "weight_decay")
-_QUIET = {"foreach", "check_finite", "maximize", "differentiable", "fused", "capturable",
-          "dampening", "nesterov", "amsgrad", "decoupled_weight_decay"}
+#: (how a step is computed, not what it computes: never listed)
+_QUIET = {"foreach", "check_finite", "differentiable", "fused", "capturable"}
 
 
 def split_of(config: dict) -> str:
@@ -39,7 +39,31 @@ def load_runs(root: str | Path, split: str | None = None) -> dict[str, list[tupl
     if not found.get(split):
         raise RunError(f"no runs with metrics under {root}"
                        + (" evaluated on the validation split" if split == "val" else ""))
-    return found[split]
+    return _told_apart(found[split])
+
+
+def _told_apart(runs: dict) -> dict:
+    """Runs of one optimizer with other hyperparameters (``train`` runs into one directory, an
+    lr selection) as rows of their own, named by what differs (``sgd (lr=2)``), not averaged
+    as seeds of one row."""
+    out = {}
+    for name, seeds in runs.items():
+        kinds: dict[str, list] = {}
+        for config, metrics in seeds:
+            key = json.dumps([config.get("hyper"), config.get("optimizer_settings")], sort_keys=True,
+                             default=str)
+            kinds.setdefault(key, []).append((config, metrics))
+        if len(kinds) == 1:
+            out[name] = seeds
+            continue
+        hypers = [group[0][0].get("hyper") or {} for group in kinds.values()]
+        differ = sorted({k for h in hypers for k in h
+                         if len({json.dumps(x.get(k), default=str) for x in hypers}) > 1})
+        for i, (hyper, group) in enumerate(zip(hypers, kinds.values())):
+            label = ", ".join(f"{k}={hyper[k]:g}" if isinstance(hyper.get(k), float)
+                              else f"{k}={hyper.get(k, '—')}" for k in differ)
+            out[f"{name} ({label or f'settings {i + 1}'})"] = group
+    return out
 
 
 def _split(runs) -> str:
