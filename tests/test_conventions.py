@@ -489,3 +489,30 @@ def test_named_parameters_are_taken_as_torch_does():
                          {"params": model[1:].named_parameters()}])
     assert opt.param_groups[0]["param_names"] == ["weight"]
     assert len(opt.param_groups[1]["params"]) == len(list(model[1:].parameters()))
+
+
+@pytest.mark.parametrize("name", ["sgd", "b-sgd", "adam", "adamw"])
+def test_fused_baselines_refuse_a_parameter_that_is_not_contiguous(name):
+    """torch's fused SGD/Adam (2.13, CPU) read the gradient with the parameter's strides: a
+    ``[..., :1]`` slice of a larger tensor was stepped wrongly, silently (0.79 off the
+    ``fused=False`` step for SGD with momentum); with fused=True it is refused, nothing updated,
+    and the default steps it as torch's unfused step does."""
+    torch.manual_seed(0)
+    base = torch.randn(4, 3, 5, 5)
+    grads = [torch.randn(4, 3, 5, 1) for _ in range(2)]
+    ends = []
+    for kw in ({"fused": True}, {}, {"foreach": False}):
+        p = torch.nn.Parameter(base.clone()[:, :, :, :1])
+        opt = psiopt.create_optimizer([p], name, lr=0.1, **kw)
+        before = p.detach().clone()
+        for g in grads:
+            p.grad = g.clone()
+            if kw.get("fused"):
+                with pytest.raises(ValueError, match="not contiguous"):
+                    opt.step()
+                assert torch.equal(p.detach(), before)
+                break
+            opt.step()
+        else:
+            ends.append(p.detach().clone())
+    torch.testing.assert_close(ends[0], ends[1])

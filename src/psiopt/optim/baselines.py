@@ -35,6 +35,20 @@ def _freeze_cancelled(optimizer, args, kwargs) -> None:
             group["weight_decay"] = 0.0
         else:
             _check_torch_settings(group)
+        if group.get("fused"):
+            _check_fused_layout(group)
+
+
+def _check_fused_layout(group: dict) -> None:
+    """``ValueError`` for ``fused=True`` on a parameter or gradient that is not contiguous:
+    torch's fused SGD and Adam (torch 2.13, CPU) read the gradient and state with the
+    parameter's strides, and stepped such a parameter wrongly, silently (a ``[..., :1]`` slice
+    of a larger tensor: 0.79 off torch's own ``fused=False`` step after two steps)."""
+    for p in group["params"]:
+        if not p.is_contiguous() or (p.grad is not None and not p.grad.is_contiguous()):
+            raise ValueError(f"fused=True: a parameter of shape {tuple(p.shape)} (or its gradient) is "
+                             "not contiguous, which torch's fused step mishandles; pass fused=None "
+                             "(psiopt then takes the foreach step for it) or make it contiguous")
 
 
 def _check_torch_settings(group: dict) -> None:
