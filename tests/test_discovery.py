@@ -2269,3 +2269,67 @@ def test_a_rescaling_of_a_whole_tensor_read_through_one_repeated_index_is_kept()
     padded[0, 4:] = 0
     assert found.get("lin.weight") == "tensor"
     assert all(zoo.holds(m, padded, n, g) for n, g in found.items())
+
+
+class _PooledTokens(nn.Module):
+    """Attention pooling over the tokens of a map upsampled ×2 from stride 8 (one value repeated
+    on an 8×8 image): scores ``t @ q`` (aten: ``mv`` of a (B·T, C) view), or ``(w(t) + b) /
+    ‖t‖``, then a softmax over the tokens."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how, self.c = how, nn.Conv2d(3, 8, 8, stride=8)
+        self.q, self.b = nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(1))
+        self.w = nn.Linear(8, 1, bias=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = F.interpolate(torch.relu(self.c(x)), scale_factor=2, mode="nearest").flatten(2).transpose(1, 2)
+        scores = t @ self.q if self.how == "mv" else (self.w(t)[..., 0] + self.b) / t.norm(dim=-1)
+        return self.head((torch.softmax(scores, dim=1).unsqueeze(-1) * t).sum(1))
+
+
+class _PyramidTopBicubic(_PyramidTop):
+    def forward(self, x):
+        c4 = torch.relu(self.down4(x))
+        up = F.interpolate(self.down5(c4), size=c4.shape[-2:], mode="bicubic")
+        return self.norm(self.lat(c4) + self.gamma[:, None, None] * up)
+
+
+class _BufferPadded(_WindowPadded):
+    """The padding buffer made by ``new_empty().zero_()``: no op of the zeros family."""
+
+    def forward(self, x):
+        h = self.c(x)
+        b, c, hh, ww = h.shape
+        buf = h.new_empty(b, c, hh + (-hh) % 4, ww + (-ww) % 4).zero_()
+        buf[:, :, :hh, :ww] = h
+        return self.bn(buf)
+
+
+@pytest.mark.parametrize("model, name, grouping, small, big", [
+    (lambda: _PooledTokens("mv"), "q", "cancelled", (2, 3, 8, 8), (2, 3, 16, 16)),
+    (lambda: _PooledTokens("div"), "b", "cancelled", (2, 3, 8, 8), (2, 3, 16, 16)),
+    (_PyramidTopBicubic, "gamma", "cancelled", (2, 3, 8, 8), (2, 3, 16, 16)),
+    (lambda: _BufferPadded("buffer"), "c.bias", "cancelled", (2, 3, 8, 8), (2, 3, 7, 9)),
+])
+def test_what_degenerate_data_hides_behind_views_divisions_and_rounding_is_not_claimed(
+        model, name, grouping, small, big):
+    """Holes in the checks above: tokens that repeat within each sample but not across the
+    batch, seen through a (B·T, C) view by ``mv`` and read by a softmax; an offset divided by
+    degenerate data; bicubic upsampling of a 1×1 map, uniform up to float64 rounding; a zero
+    buffer made by ``new_empty().zero_()`` and written whole."""
+    test_what_the_example_cannot_show_is_not_claimed(model, name, grouping, small, big)
+
+
+def test_an_empty_example_or_a_model_on_the_meta_device_is_refused_in_one_line():
+    """An example without entries made every candidate hold vacuously (an embedding of no
+    token "removed" its rows: "channel" claimed); a model on the meta device failed inside
+    the recording on ``.item()``."""
+    m = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.LayerNorm(8))
+    with pytest.raises(ValueError, match="empty tensor .shape \\(0, 5\\)"):
+        psiopt.find_scale_invariant(m, torch.zeros(0, 5, dtype=torch.long))
+    with torch.device("meta"):
+        meta = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    with pytest.raises(ValueError, match="meta device"):
+        psiopt.find_scale_invariant(meta, torch.randn(2, 3, 8, 8, device="meta"))

@@ -352,6 +352,17 @@ def _discover(model: nn.Module, example_inputs) -> tuple[dict[str, str], dict[st
         raise ValueError(f"{type(model).__name__} has parameters not yet initialised (lazy modules: "
                          f"{_some(lazy)}): run one "
                          "forward pass before discovery and before building the optimizer")
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(f"{type(model).__name__} has tensors on the meta device ({_some(meta)}): "
+                         "discovery runs the model on example_inputs and reads the values; "
+                         "discover on a materialised copy (to_empty and initialise), then build "
+                         "the optimizer from its mapping")
+    empty = [tuple(t.shape) for t in tensors_in(example_inputs) if t.numel() == 0]
+    if empty:
+        raise ValueError(f"example_inputs hold an empty tensor (shape {empty[0]}): an example "
+                         "without entries shows nothing about the model (every claim would hold "
+                         "vacuously); give one with samples and positions")
     _outside_inference_mode(model, "discovery")
     names, substitute, saved = {}, {}, _Snapshot.of(model)
 

@@ -766,10 +766,10 @@ def _degenerate_data(p: Propagation, t) -> bool:
     An offset that meets it (times it, or as what a rescaled tensor is added to) may vanish or
     look constant there only on this example (a model's own tensors are read through
     perturbed copies instead)."""
-    if not isinstance(t, Tensor) or not t.is_floating_point() or t.numel() == 0 or \
-            p.get(t) is not None or p.trace.input_free(t):
+    if not isinstance(t, Tensor) or not t.is_floating_point() or p.get(t) is not None or \
+            p.trace.input_free(t):
         return False
-    return not bool(t.any()) or any(
+    return t.numel() == 0 or not bool(t.any()) or any(
         t.shape[d] > 1 and t.stride(d) != 0 and _uniform(t, d) for d in range(t.dim()))
 
 
@@ -828,7 +828,9 @@ def _binary(p: Propagation, op: Op, x, y, kind: str):
     else:  # div
         if op.args.get("rounding_mode") is not None:
             raise Failed(f"{op.func} rounds")
-        if vb.O is None and _zero(vb.F):
+        if va.O is not None and _degenerate_data(p, b):
+            r = BROKEN  # an offset over degenerate example data (see mul)
+        elif vb.O is None and _zero(vb.F):
             r = Value(va.F, None if va.O is None else va.O / _d(b), _times(va.bias, b, torch.div))
         elif va.O is None and vb.O is None:
             r = Value(_sum_aligned(va.F, -vb.F))
@@ -893,7 +895,7 @@ def _shape(p: Propagation, op: Op):
     if op.name == "cat" and any(isinstance(t, Tensor) and t.numel() == 0 for t in srcs) and \
             any(isinstance(p.get(t), Value) and p.get(t).O is not None for t in srcs):
         return [BROKEN] * len(op.outs)  # a padding by an empty piece (as by nothing, above)
-    if _degenerate_indices(rest) and any(_varies(p.get(t)) for t in srcs):
+    if _degenerate_indices(p, rest) and any(_varies(p.get(t)) for t in srcs):
         return [BROKEN] * len(op.outs)
 
     def full(t, part):
@@ -982,7 +984,8 @@ def _spread(p: Propagation, op: Op, power: float, centred: bool):
     F = _const(v.F, dims)
     if F is None:
         return [BROKEN]
-    if _single(x, dims) or v.O is not None and (not centred or not _cancelled(p, v, x, dims, dims)):
+    if _single(x, dims) or v.O is not None and (not centred or not _cancelled(p, v, x, dims, dims)
+                                                or _one_value(x, dims)):
         return [BROKEN]  # (over one element: a norm of positions from a one-token example)
     return [Value(_squeeze(F, dims, keep) * power, stat=True)]
 
@@ -1017,18 +1020,27 @@ def _large(eps) -> bool:
 
 
 def _single(x: Tensor, dims) -> bool:
-    """Whether ``x`` has one element along ``dims``: there, any offset or factor is "constant"
-    and cancels, only because the example has one token, one position of a 1×1 feature map...
-    which another input need not have (a learned pooling query over one token was claimed
-    "cancelled"); a rule that removes what is constant along ``dims`` claims nothing then."""
-    return math.prod(x.shape[d] for d in dims) == 1
+    """Whether ``x`` has one element along ``dims`` (or none): there, any offset or factor is
+    "constant" and cancels, only because the example has one token, one position of a 1×1
+    feature map... which another input need not have (a learned pooling query over one token
+    was claimed "cancelled"); a rule that removes what is constant along ``dims`` claims
+    nothing then."""
+    return math.prod(x.shape[d] for d in dims) <= 1
+
+
+def _one_value(x: Tensor, dims) -> bool:
+    """Whether ``x`` shows one value along ``dims``: :func:`_single`, or one value repeated
+    (:func:`_uniform`: the tokens of an upsampled 1×1 map).  An offset computed from it looks
+    constant there on this example only.  (Factors are labels, compared exactly whatever the
+    values: an input that repeats one value hides no factor.)"""
+    return _single(x, dims) or all(_uniform(x, d) for d in dims)
 
 
 def _softmax(p: Propagation, op: Op):
     x = op.args["self"]
     d = op.args["dim"] % x.dim()
     v = p.value(x)
-    if not _zero(v.F) or v.O is None or _const_offset(v.O, [d]) is None or _single(x, [d]):
+    if not _zero(v.F) or v.O is None or _const_offset(v.O, [d]) is None or _one_value(x, [d]):
         return [BROKEN]
     return [None]  # softmax(x + c) = softmax(x) for c constant along dim
 
@@ -1253,10 +1265,15 @@ def _hidden_offset(p: Propagation, v: Value, x: Tensor, dims) -> bool:
 
 
 def _uniform(x: Tensor, d: int) -> bool:
-    """Whether the example's ``x`` shows one value along dimension ``d``: one entry, or one
-    repeated (a 1×1 map upsampled, a batch of one sample repeated), where anything computed
-    from it looks constant there."""
-    return x.shape[d] == 1 or bool((x == x.narrow(d, 0, 1)).all())
+    """Whether the example's ``x`` shows one value along dimension ``d``: no entry or one, or
+    one repeated up to the rounding offsets are judged by (:func:`_const_offset`: a 1×1 map
+    upsampled, bicubic included; a batch of one sample repeated), where anything computed from
+    it looks constant there."""
+    if x.shape[d] <= 1:
+        return True
+    if not (x.is_floating_point() or x.is_complex()):
+        return bool((x == x.narrow(d, 0, 1)).all())
+    return _const_offset(x.detach().to(torch.float64), [d]) is not None
 
 
 def _untouched_model_tensor(p: Propagation, t) -> bool:
@@ -1307,7 +1324,8 @@ def _normalised_away(p: Propagation, v: Value, x: Tensor, dims, reduced: int, ep
     """Whether a normalisation over ``dims`` (``reduced`` elements each) removes ``v``'s factor
     and offset: both constant there (:func:`_cancelled`), over more than one element
     (:func:`_single`), with an ``eps`` that is not large (:func:`_large`)."""
-    return _cancelled(p, v, x, dims, unseen) and reduced > 1 and not _large(eps)
+    return _cancelled(p, v, x, dims, unseen) and reduced > 1 and not _large(eps) and \
+        not (v.O is not None and _one_value(x, dims))
 
 
 def _layer_norm(p: Propagation, op: Op):
@@ -1517,23 +1535,17 @@ def _weight_norm(p: Propagation, op: Op):
     return [Value(_aligned(vg.F, v.dim()), O), BROKEN]
 
 
-#: ops that make a tensor filled with one value (a padding buffer)
-_FILLED = frozenset(("zeros", "new_zeros", "zeros_like", "full", "new_full", "full_like", "ones",
-                     "new_ones", "ones_like"))
-
-
 def _copy(p: Propagation, op: Op):
     """``dst.copy_(src)``: ``dst`` takes ``src``'s value (not into an integer tensor).  Not an
-    offset copied over the whole of a filled buffer: ``buf = h.new_zeros(…, H + ph, W + pw);
-    buf[:, :, :H, :W] = h`` pads to a window's multiple, by nothing on the example (the
-    whole buffer written), by zeros on other sizes."""
+    offset copied over the whole of a tensor (not a view of one): ``buf = h.new_zeros(…, H +
+    ph, W + pw); buf[:, :, :H, :W] = h`` pads to a window's multiple, by nothing on the
+    example (the whole buffer written), by zeros on other sizes."""
     v = p.get(op.args["src"])
     if v is not None and not op.args["self"].is_floating_point():
         return [BROKEN]
     dst = op.args["self"]
-    if isinstance(v, Value) and v.O is not None and any(
-            o is dst and made.name in _FILLED for made in p.ops for o in made.outs):
-        return [BROKEN]
+    if isinstance(v, Value) and v.O is not None and not dst._is_view():
+        return [BROKEN]  # (however the buffer was made: zeros, new_empty().zero_(), .to(), a clone)
     return [v]
 
 
@@ -1541,13 +1553,17 @@ def _in_place(op: Op) -> bool:
     return op.name.endswith("_") and not op.name.startswith("_")
 
 
-def _degenerate_indices(args) -> bool:
-    """Whether ``args`` hold an integer index tensor of several entries that all read the same
-    row (token ids of zeros, a common placeholder): every position then reads one row's factor
-    and offset, which look constant to a later normalisation over positions; another input
-    reads different rows."""
+def _degenerate_indices(p: Propagation, args) -> bool:
+    """Whether ``args`` hold an integer index tensor made from the input whose entries repeat
+    one row along a dimension of several entries, or everywhere (token ids of zeros, a common
+    placeholder; each sample's one id): the positions then read one row's factor and offset,
+    which look constant to a later normalisation over them; another input reads different
+    rows.  (Indices made without the input, ``arange(T).repeat(B, 1)``, repeat on any input.)"""
     return any(isinstance(t, Tensor) and not t.is_floating_point() and t.dtype != torch.bool
-               and t.numel() > 1 and bool((t == t.flatten()[0]).all()) for t in tree_flatten(args)[0])
+               and t.numel() > 1 and not p.trace.input_free(t)
+               and (bool((t == t.flatten()[0]).all())
+                    or any(t.shape[d] > 1 and t.stride(d) != 0 and _uniform(t, d) for d in range(t.dim())))
+               for t in tree_flatten(args)[0])
 
 
 def _varies(v) -> bool:
@@ -1559,7 +1575,7 @@ def _varies(v) -> bool:
 def _embedding(p: Propagation, op: Op):
     w, idx = op.args["weight"], op.args["indices"]
     if isinstance(p.get(idx), Value) or id(idx) in p.trace.random or \
-            (_degenerate_indices([idx]) and _varies(p.get(w))):
+            (_degenerate_indices(p, [idx]) and _varies(p.get(w))):
         return [BROKEN]
     v = p.value(w)
     F = torch.nn.functional.embedding(idx, v.F.expand(w.shape))
