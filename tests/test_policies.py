@@ -376,3 +376,67 @@ def test_equilibrium_with_a_float32_tensor_lr_keeps_the_norm_and_turns_by_the_nu
             assert torch.allclose(angular_update(old, new), torch.tensor(angle, dtype=torch.float64),
                                   rtol=1e-12, atol=0)
             assert torch.allclose(new.flatten(1).norm(dim=1), old.flatten(1).norm(dim=1), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+@pytest.mark.parametrize("policy, project", [("fixed", False), ("unit", False), ("equilibrium", False),
+                                             ("free", True)])
+def test_a_policy_refuses_rows_whose_squared_norm_leaves_the_dtypes_range(policy, project, scale):
+    """float32 rows ×1e20 (‖w‖² overflows) or ×1e-25 (underflows): psiopt's own rules refuse
+    them when built; a policy that reads row norms stepped them to NaN or to zero rows.  It
+    refuses them too; "free" without the projection reads no norm and takes them."""
+    torch.manual_seed(0)
+    model, x = zoo.build("vgg (conv-BN)")
+    with torch.no_grad():
+        model[0].weight.mul_(scale)
+    groups = psiopt.optimizer_groups(model, x)
+    with pytest.raises(ValueError, match="squared norms outside the range of float32"):
+        psiopt.NormPolicy(torch.optim.SGD(groups, lr=0.05), policy, project=project)
+    psiopt.NormPolicy(torch.optim.SGD(psiopt.optimizer_groups(model, x), lr=0.05), "free")
+
+
+def _eval_change_after_unit(model, x, groups):
+    """Max change of the eval-mode output after one "unit" step at lr 0 (BatchNorm eps 1e-14,
+    running statistics estimated first): the one-time unit-normalisation alone."""
+    for m in model.modules():
+        if hasattr(m, "eps"):
+            m.eps = 1e-14
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            model(x)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    policy = psiopt.NormPolicy(torch.optim.SGD(groups(model), lr=0.0), "unit", model=model, example_inputs=x)
+    model(x).square().sum().backward()
+    policy.step()
+    with torch.no_grad():
+        return float((model(x) - before).abs().max() / before.abs().max())
+
+
+def test_unit_on_a_tensor_part_that_feeds_a_batchnorm_keeps_the_eval_network():
+    """"tensor[0:4]" (what --grouping tensor makes of "channel[0:4]"): the running statistics
+    took one factor per channel of the part and raised IndexError mid-step, after the rows had
+    been unit-normalised (the eval network changed by 0.055)."""
+    torch.manual_seed(0)
+    model, x = zoo.build("conv split: half → BN")
+    mapping = {"conv.weight": "tensor[0:4]", "conv.bias": "cancelled[0:4]"}
+    assert _eval_change_after_unit(model, x, lambda m: psiopt.optimizer_groups(m, x, mapping=mapping)) < 1e-5
+
+
+def test_unit_finds_the_statistics_of_groups_without_param_names():
+    """Groups without ``param_names`` (hand-built, or added with torch's add_param_group): the
+    statistics were looked up by name only, none were found, nothing warned, and the
+    unit-normalisation changed the eval network by 0.37 (of 0.21)."""
+    torch.manual_seed(0)
+    model, x = zoo.build("vgg (conv-BN)")
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+
+    def unnamed(m):
+        groups = psiopt.optimizer_groups(m, x)
+        for g in groups:
+            g.pop("param_names")
+        return groups
+    assert _eval_change_after_unit(model, x, unnamed) < 1e-5

@@ -298,7 +298,10 @@ class NormStats:
         if self.index is not None:
             if self.index.device != s.device:  # moved once (a copy at each rescaling could not
                 self.index = self.index.to(s.device, non_blocking=True)  # be captured in a graph)
-            s = torch.cat([s, s.new_ones(1)])[self.index]
+            if s.numel() == 1:  # one factor for the whole tensor (or part): "tensor[0:4]"
+                s = torch.where(self.index >= 0, s, s.new_ones(()))
+            else:
+                s = torch.cat([s, s.new_ones(1)])[self.index]
         if s.numel() not in (1, mean.numel()):  # e.g. the rows of one FSDP2 shard
             raise ValueError(
                 f"{type(self.norm).__name__}: its running statistics cover {mean.numel()} channels "
@@ -318,10 +321,11 @@ class NormStats:
 @torch.no_grad()
 def rescale_rows_(view: Tensor, factors: Tensor, stats=()) -> None:
     """Multiply the groups of ``view`` by ``factors`` (keepdim, one per group) in place, and let
-    the running statistics in ``stats`` (:class:`NormStats`) follow."""
-    view.mul_(factors)
+    the running statistics in ``stats`` (:class:`NormStats`) follow (first: a layer whose
+    statistics cannot follow raises before the rows change)."""
     for st in stats:
         st.rescale_(factors)
+    view.mul_(factors)
 
 
 def _has_running_stats(module: nn.Module) -> bool:

@@ -72,7 +72,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import kernels
-from .base import float64_setting, run_closure, warn_unlinked
+from .base import check_row_scale, float64_setting, run_closure, warn_unlinked
 from .discovery import _discover, rescale_rows_
 from .geometry import accumulate_dtype, dot, is_invariant, norm, rest, rows, safe_inv
 from .sharded import ShardedLayout, ShardedRows, is_sharded, stats_over_split_rows
@@ -302,8 +302,15 @@ class NormPolicy:
         self._stats: dict[str, list] = {}
         self._shards: dict = {}  # (id(p), grouping) -> (p, ShardedRows) of FSDP2-sharded p
         self._layouts: dict = {}  # ShardedLayouts of the sharded views (see _Sums)
+        self._scale_checked: set = set()  # (id(p), grouping) whose row scale was checked
+        #: each group's parameter names at construction (its ``param_names``, else the model's
+        #: names of its tensors): the running statistics are found by name
+        self._names: list[list] = []
         if self._linked:
             self._stats = _discover(model, example_inputs)[1]
+            named = {id(p): n for n, p in model.named_parameters()}
+            self._names = [list(g.get("param_names") or [named.get(id(p)) for p in g["params"]])
+                           for g in optimizer.param_groups]
         self._check_groupings()
         if policy == "unit":
             self._check_sharded_stats()
@@ -331,12 +338,23 @@ class NormPolicy:
 
     def _check_groupings(self) -> None:
         """``ValueError`` before anything changes if a grouping does not fit its parameter (or a
-        sharded parameter's placement is not one psiopt can update)."""
+        sharded parameter's placement is not one psiopt can update), or, where the policy reads
+        row norms, if a row's squared norm leaves the range of the dtype it is summed in
+        (:func:`check_row_scale`, once per tensor: it reads the values; float32 for 16-bit
+        rows: rows ×1e20 in float32 became NaN, rows ×1e-25 zero, as psiopt's own rules
+        refuse)."""
+        norms = self.policy != "free" or self.project
         for group in self.optimizer.param_groups:
             if is_invariant(group.get("grouping")):
-                for p in group["params"]:
+                names = group.get("param_names") or [f"parameter {i}" for i in range(len(group["params"]))]
+                for p, name in zip(group["params"], names):
                     rows(torch.empty(p.shape, device="meta"), group["grouping"])
                     self._shard(p, group["grouping"])
+                    if norms and (id(p), group["grouping"]) not in self._scale_checked:
+                        wide = accumulate_dtype(p.dtype)  # (16-bit rows are summed in float32)
+                        check_row_scale(p if p.dtype == wide or is_sharded(p) else p.detach().to(wide),
+                                        group["grouping"], name)
+                        self._scale_checked.add((id(p), group["grouping"]))
 
     def _shard(self, p: torch.Tensor, grouping: str):
         """The cached :class:`ShardedRows` of an FSDP2-sharded ``p``, else ``None``."""
@@ -367,11 +385,19 @@ class NormPolicy:
             grouping = group.get("grouping")
             if not is_invariant(grouping):
                 continue
-            names = group.get("param_names") or [None] * len(group["params"])
+            names = group.get("param_names") or self._names_of(i)
             own = group.get("norm_stats") or [()] * len(group["params"])
             for j, (p, name) in enumerate(zip(group["params"], names)):
                 if every or p.grad is not None:
                     yield (i, j), p, grouping, self._stats.get(name, own[j])
+
+    def _names_of(self, i: int) -> list:
+        """The names group ``i``'s tensors had at construction (``None`` each for a group added
+        later without ``param_names``)."""
+        group = self.optimizer.param_groups[i]
+        if i < len(self._names) and len(self._names[i]) == len(group["params"]):
+            return self._names[i]
+        return [None] * len(group["params"])
 
     @staticmethod
     def _view(t: torch.Tensor, grouping: str, shard) -> torch.Tensor:
@@ -449,8 +475,10 @@ class NormPolicy:
             .norms([ws[i] for i in fresh])
         for i, n in zip(fresh, norms):
             key, _, _, stats = work[i]
-            if not stats and not self._linked and "norm_stats" not in self.param_groups[key[0]]:
-                warn_unlinked(self, stacklevel=5)
+            group = self.param_groups[key[0]]
+            if not stats and "norm_stats" not in group and (not self._linked or (
+                    group.get("param_names") or self._names_of(key[0]))[key[1]] is None):
+                warn_unlinked(self, stacklevel=5)  # (linked: a tensor no name finds, added later)
             n = n.to(ws[i].dtype)
             rescale_rows_(ws[i], safe_inv(n), stats)
             self.prepared.add(key)
