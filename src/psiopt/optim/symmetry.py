@@ -1273,7 +1273,14 @@ def _uniform(x: Tensor, d: int) -> bool:
         return True
     if not (x.is_floating_point() or x.is_complex()):
         return bool((x == x.narrow(d, 0, 1)).all())
-    return _const_offset(x.detach().to(torch.float64), [d]) is not None
+    x = x.detach()
+    scale = float(x.abs().max())
+    if not math.isfinite(scale):
+        return False
+    local = x.abs().amax(d, keepdim=True).clamp_min(1e-6 * scale).to(torch.float64)
+    if bool(((x.narrow(d, 1, 1).double() - x.narrow(d, 0, 1).double()).abs() > TOL * local).any()):
+        return False  # (the first two entries differ, as _const_offset judges: the common case)
+    return _const_offset(x.to(torch.float64), [d]) is not None
 
 
 def _untouched_model_tensor(p: Propagation, t) -> bool:
