@@ -2324,3 +2324,35 @@ def test_an_empty_example_or_a_model_on_the_meta_device_is_refused_in_one_line()
         meta = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
     with pytest.raises(ValueError, match="meta device"):
         psiopt.find_scale_invariant(meta, torch.randn(2, 3, 8, 8, device="meta"))
+
+
+def test_the_ancestry_of_a_deep_residual_stream_is_replayed_once_per_tensor(monkeypatch):
+    """Whether a tensor is made from the model's tensors alone (:meth:`Trace.input_free`, asked
+    for the data an offset meets) replayed its ancestry without memory: ``h = h + l(h)``
+    thirty times is 2³⁰ paths (HF's TextNet took minutes, not a second).  Counted, not timed:
+    the recorded ops looked up stay a small multiple of the ops."""
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(30))
+            self.g, self.norm = nn.Parameter(torch.rand(8) + 0.5), nn.LayerNorm(8)
+
+        def forward(self, x):
+            h = x
+            for layer in self.layers:
+                h = h + layer(h)
+            return self.norm(h * self.g)
+
+    calls, cap = [0], 200_000
+    producer = symmetry.Trace.producer
+
+    def counted(self, t):
+        calls[0] += 1
+        if calls[0] > cap:
+            raise RuntimeError("too many lookups")
+        return producer(self, t)
+
+    monkeypatch.setattr(symmetry.Trace, "producer", counted)
+    torch.manual_seed(0)
+    psiopt.find_scale_invariant(Deep().double(), torch.randn(4, 8, dtype=torch.float64))
+    assert calls[0] < cap

@@ -298,12 +298,25 @@ class Trace:
         model's tensors.  ``None`` when a leaf depends on anything else (the input, a random
         op, an op that writes) or when replaying those ops does not give the leaf's value (it
         was written in place after it was made)."""
+        memo: dict[int, Expr | None] = {}  # each recorded tensor replayed once (a residual
+        #                                    network's shared ancestry: exponential otherwise)
+
         def replayed(e: Expr, depth: int) -> Expr | None:
             if e.fn is not None:
-                return _apply(e.fn, *(replayed(a, depth) for a in e.args))
+                args = []
+                for a in e.args:  # (the first that cannot be replayed ends it)
+                    args.append(replayed(a, depth))
+                    if args[-1] is None:
+                        return None
+                return Expr(e.fn, tuple(args))
             t = e.args[0]
+            if id(t) not in memo:
+                memo[id(t)] = leaf(t, depth)
+            return memo[id(t)]
+
+        def leaf(t: Tensor, depth: int) -> Expr | None:
             if id(t) in self.originals:
-                return e if usable(self.originals[id(t)]) else None
+                return _leaf(t) if usable(self.originals[id(t)]) else None
             op = self.producer(t)
             if op is None or depth > 64 or op.writes or \
                     torch.Tag.nondeterministic_seeded in op.func.tags or any(
@@ -313,8 +326,8 @@ class Trace:
             names = tuple(k for k, v in op.args.items() if isinstance(v, Tensor))
             template = {k: v for k, v in op.args.items() if k not in names}
             pos = next(i for i, o in enumerate(op.outs) if o is t)
-            return _apply(functools.partial(_invoke, _op_name(op.func), template, names, pos),
-                          *(replayed(_leaf(op.args[k]), depth + 1) for k in names))
+            return replayed(Expr(functools.partial(_invoke, _op_name(op.func), template, names, pos),
+                                 tuple(_leaf(op.args[k]) for k in names)), depth + 1)
 
         out = replayed(expr, 0)
         if out is None:
