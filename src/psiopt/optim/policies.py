@@ -346,12 +346,12 @@ class NormPolicy:
         norms = self.policy != "free" or self.project
         for group in self.optimizer.param_groups:
             if is_invariant(group.get("grouping")):
-                names = group.get("param_names") or [f"parameter {i}" for i in range(len(group["params"]))]
-                for p, name in zip(group["params"], names):
+                for j, p in enumerate(group["params"]):
                     rows(torch.empty(p.shape, device="meta"), group["grouping"])
                     self._shard(p, group["grouping"])
                     if norms and (id(p), group["grouping"]) not in self._scale_checked:
                         wide = accumulate_dtype(p.dtype)  # (16-bit rows are summed in float32)
+                        name = (group.get("param_names") or [None] * (j + 1))[j] or f"parameter {j}"
                         check_row_scale(p if p.dtype == wide or is_sharded(p) else p.detach().to(wide),
                                         group["grouping"], name)
                         self._scale_checked.add((id(p), group["grouping"]))
